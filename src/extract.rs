@@ -1,0 +1,3 @@
+//! stub (being written)
+/// stub
+pub enum KeySource {}

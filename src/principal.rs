@@ -1,0 +1,296 @@
+//! The verified identity behind a request.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use crate::scope::{Requirement, ScopeSet};
+
+/// A per-key rate limit, as the key service reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RateLimit {
+    /// Requests allowed per period.
+    pub limit: u64,
+    /// The period in seconds.
+    pub period_s: u64,
+}
+
+/// Who is calling: the key's id, owner, scopes and roles, as the verifier found them.
+///
+/// The layer puts a `Principal` into the request's extensions; axum handlers take it
+/// as an extractor (`Principal`, or `Option<Principal>` on routes behind
+/// [`ApiKeyLayer::optional`](crate::ApiKeyLayer::optional)). Cloning is one atomic
+/// increment: the data sits behind an `Arc`.
+///
+/// ```
+/// use keygate::{Principal, ScopeSet};
+///
+/// let p = Principal::builder("key_123")
+///     .owner("acme")
+///     .scopes(ScopeSet::parse(["reports:read"]).unwrap())
+///     .roles(["analyst"])
+///     .build();
+/// assert_eq!(p.key_id(), "key_123");
+/// assert!(p.has_role("analyst"));
+/// ```
+#[derive(Clone)]
+pub struct Principal {
+    inner: Arc<Inner>,
+}
+
+#[derive(Serialize)]
+struct Inner {
+    key_id: Arc<str>,
+    owner: Arc<str>,
+    name: String,
+    scopes: ScopeSet,
+    roles: Vec<Arc<str>>,
+    environment: String,
+    #[serde(with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
+    meta: serde_json::Value,
+    ratelimit: Option<RateLimit>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    fail_open: bool,
+}
+
+impl Principal {
+    /// Starts a principal for `key_id`; every other field defaults to empty.
+    pub fn builder(key_id: impl Into<Arc<str>>) -> PrincipalBuilder {
+        PrincipalBuilder {
+            inner: Inner {
+                key_id: key_id.into(),
+                owner: Arc::from(""),
+                name: String::new(),
+                scopes: ScopeSet::new(),
+                roles: Vec::new(),
+                environment: String::new(),
+                expires_at: None,
+                meta: serde_json::Value::Null,
+                ratelimit: None,
+                fail_open: false,
+            },
+        }
+    }
+
+    /// The anonymous principal a fail-open verifier lets through while the key service
+    /// is down: no scopes, no roles, [`is_fail_open`](Principal::is_fail_open) true.
+    pub fn fail_open() -> Self {
+        let mut b = Self::builder("");
+        b.inner.fail_open = true;
+        b.build()
+    }
+
+    /// The key's id (not secret).
+    pub fn key_id(&self) -> &str {
+        &self.inner.key_id
+    }
+
+    /// The key's id as a shared string (cheap to keep in events and spans).
+    pub fn key_id_arc(&self) -> &Arc<str> {
+        &self.inner.key_id
+    }
+
+    /// Who owns the key.
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+
+    /// The owner as a shared string.
+    pub fn owner_arc(&self) -> &Arc<str> {
+        &self.inner.owner
+    }
+
+    /// The key's human name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Effective scopes (the key's own plus its roles').
+    pub fn scopes(&self) -> &ScopeSet {
+        &self.inner.scopes
+    }
+
+    /// Role names.
+    pub fn roles(&self) -> &[Arc<str>] {
+        &self.inner.roles
+    }
+
+    /// Whether the key carries `role`.
+    pub fn has_role(&self, role: &str) -> bool {
+        self.inner.roles.iter().any(|r| &**r == role)
+    }
+
+    /// `live`, `test`, or whatever the key service uses.
+    pub fn environment(&self) -> &str {
+        &self.inner.environment
+    }
+
+    /// When the key stops working, if ever.
+    pub fn expires_at(&self) -> Option<OffsetDateTime> {
+        self.inner.expires_at
+    }
+
+    /// Free-form metadata from the key service.
+    pub fn meta(&self) -> &serde_json::Value {
+        &self.inner.meta
+    }
+
+    /// The key's own rate limit, if it carries one.
+    pub fn ratelimit(&self) -> Option<RateLimit> {
+        self.inner.ratelimit
+    }
+
+    /// True for the anonymous principal of a fail-open verifier.
+    pub fn is_fail_open(&self) -> bool {
+        self.inner.fail_open
+    }
+
+    /// Whether the principal meets `requirement`.
+    pub fn satisfies(&self, requirement: &Requirement) -> bool {
+        requirement.is_satisfied_by(&self.inner.scopes, &self.inner.roles)
+    }
+
+    /// Whether the key has expired at `now`.
+    pub fn is_expired_at(&self, now: OffsetDateTime) -> bool {
+        self.inner.expires_at.is_some_and(|e| e <= now)
+    }
+}
+
+impl fmt::Debug for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Principal")
+            .field("key_id", &self.inner.key_id)
+            .field("owner", &self.inner.owner)
+            .field("scopes", &self.inner.scopes)
+            .field("roles", &self.inner.roles)
+            .field("fail_open", &self.inner.fail_open)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Serialize for Principal {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.inner.serialize(s)
+    }
+}
+
+/// Builds a [`Principal`]; see [`Principal::builder`].
+#[must_use]
+pub struct PrincipalBuilder {
+    inner: Inner,
+}
+
+impl PrincipalBuilder {
+    /// The owner.
+    pub fn owner(mut self, owner: impl Into<Arc<str>>) -> Self {
+        self.inner.owner = owner.into();
+        self
+    }
+    /// The key's human name.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.inner.name = name.into();
+        self
+    }
+    /// Effective scopes.
+    pub fn scopes(mut self, scopes: ScopeSet) -> Self {
+        self.inner.scopes = scopes;
+        self
+    }
+    /// Role names.
+    pub fn roles<I, S>(mut self, roles: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<Arc<str>>,
+    {
+        self.inner.roles = roles.into_iter().map(Into::into).collect();
+        self
+    }
+    /// Environment (`live`, `test`).
+    pub fn environment(mut self, env: impl Into<String>) -> Self {
+        self.inner.environment = env.into();
+        self
+    }
+    /// Expiry.
+    pub fn expires_at(mut self, at: Option<OffsetDateTime>) -> Self {
+        self.inner.expires_at = at;
+        self
+    }
+    /// Metadata.
+    pub fn meta(mut self, meta: serde_json::Value) -> Self {
+        self.inner.meta = meta;
+        self
+    }
+    /// Rate limit.
+    pub fn ratelimit(mut self, rl: Option<RateLimit>) -> Self {
+        self.inner.ratelimit = rl;
+        self
+    }
+    /// Finishes the principal.
+    pub fn build(self) -> Principal {
+        Principal { inner: Arc::new(self.inner) }
+    }
+}
+
+#[cfg(feature = "axum")]
+mod extractor {
+    use axum::extract::{FromRequestParts, OptionalFromRequestParts};
+    use axum::response::{IntoResponse, Response};
+    use http::request::Parts;
+
+    use super::Principal;
+
+    /// The rejection when a handler asks for a [`Principal`] but no keygate layer ran
+    /// in front of it: a server misconfiguration, answered with 500 and a clear message.
+    #[derive(Debug, Clone, Copy, thiserror::Error)]
+    #[error("no keygate principal in the request: is ApiKeyLayer applied to this route?")]
+    pub struct MissingPrincipal;
+
+    impl IntoResponse for MissingPrincipal {
+        fn into_response(self) -> Response {
+            tracing::error!("{self}");
+            let body = serde_json::json!({
+                "type": "about:blank",
+                "title": "Internal Server Error",
+                "status": 500,
+                "detail": self.to_string(),
+            });
+            (
+                http::StatusCode::INTERNAL_SERVER_ERROR,
+                [(http::header::CONTENT_TYPE, "application/problem+json")],
+                body.to_string(),
+            )
+                .into_response()
+        }
+    }
+
+    impl<S: Send + Sync> FromRequestParts<S> for Principal {
+        type Rejection = MissingPrincipal;
+
+        async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+            parts.extensions.get::<Principal>().cloned().ok_or(MissingPrincipal)
+        }
+    }
+
+    /// `Option<Principal>`: `None` on routes an [`optional`](crate::ApiKeyLayer::optional)
+    /// layer let through without a key. Without any keygate layer it is still an error,
+    /// so that a forgotten layer never looks like an anonymous caller.
+    impl<S: Send + Sync> OptionalFromRequestParts<S> for Principal {
+        type Rejection = MissingPrincipal;
+
+        async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Option<Self>, Self::Rejection> {
+            if let Some(p) = parts.extensions.get::<Principal>() {
+                return Ok(Some(p.clone()));
+            }
+            if parts.extensions.get::<crate::layer::Anonymous>().is_some() {
+                return Ok(None);
+            }
+            Err(MissingPrincipal)
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+pub use extractor::MissingPrincipal;

@@ -1,0 +1,126 @@
+//! Usage events: one per decided request, allowed or denied.
+//!
+//! The layer builds a [`UsageEvent`] when the response head is ready (or when it
+//! rejects) and hands it to a [`UsageSink`] without blocking.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// What happened to a request, as precisely as keygate knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Authenticated and authorized; the inner service answered.
+    Allowed,
+    /// Let through without a key by an optional layer.
+    Anonymous,
+    /// Let through by a fail-open verifier while the key service was down.
+    FailOpen,
+    /// No credential.
+    NoKey,
+    /// Credentials in more than one place, or a repeated credential.
+    Conflict,
+    /// Empty, too long, bad bytes, or failed the format check.
+    Malformed,
+    /// Unknown key.
+    NotFound,
+    /// Revoked key.
+    Revoked,
+    /// Expired key.
+    Expired,
+    /// Disabled key.
+    Disabled,
+    /// Valid key without the scope the route needs.
+    InsufficientScope,
+    /// The key service could not answer and nothing stale was usable.
+    Unavailable,
+    /// The key's own rate limit was exceeded.
+    RateLimited,
+}
+
+impl Outcome {
+    /// Whether the request reached the inner service.
+    pub fn is_allowed(self) -> bool {
+        matches!(self, Self::Allowed | Self::Anonymous | Self::FailOpen)
+    }
+
+    /// The snake_case name used on the wire and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Anonymous => "anonymous",
+            Self::FailOpen => "fail_open",
+            Self::NoKey => "no_key",
+            Self::Conflict => "conflict",
+            Self::Malformed => "malformed",
+            Self::NotFound => "not_found",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+            Self::Disabled => "disabled",
+            Self::InsufficientScope => "insufficient_scope",
+            Self::Unavailable => "unavailable",
+            Self::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// One request's usage record. Never carries the key: only its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageEvent {
+    /// When the request arrived.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The key's id, when a key was verified.
+    pub key_id: Option<Arc<str>>,
+    /// The key's owner, when a key was verified.
+    pub owner: Option<Arc<str>>,
+    /// Allowed, or the precise denial.
+    pub outcome: Outcome,
+    /// HTTP method.
+    pub method: String,
+    /// Route template (`/reports/{id}`), gRPC method path, or the raw path cut short.
+    pub route: Arc<str>,
+    /// Response status (for gRPC rejections, the HTTP status the case maps to).
+    pub status: u16,
+    /// Request start to response head (`latency_ms` on the wire, fractional).
+    #[serde(rename = "latency_ms", with = "duration_ms")]
+    pub latency: Duration,
+    /// Client address, when configured.
+    pub client_ip: Option<IpAddr>,
+    /// `x-request-id`, when present.
+    pub request_id: Option<Arc<str>>,
+}
+
+/// Receives usage events. `record` must not block or wait: drop and count instead.
+pub trait UsageSink: Send + Sync + 'static {
+    /// Takes one event.
+    fn record(&self, event: UsageEvent);
+}
+
+impl<S: UsageSink + ?Sized> UsageSink for Arc<S> {
+    fn record(&self, event: UsageEvent) {
+        (**self).record(event)
+    }
+}
+
+mod duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64() * 1000.0)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let ms = f64::deserialize(d)?;
+        if !ms.is_finite() || ms < 0.0 {
+            return Err(serde::de::Error::custom("latency must be a non-negative number of milliseconds"));
+        }
+        Ok(Duration::from_secs_f64(ms / 1000.0))
+    }
+}
