@@ -229,8 +229,7 @@ impl AuthError {
 impl axum::response::IntoResponse for AuthError {
     /// Renders as HTTP with the realm `api`.
     fn into_response(self) -> axum::response::Response {
-        self.to_http_response::<axum::body::Body>(crate::layer::DEFAULT_REALM)
-            .map(axum::body::Body::new)
+        self.to_http_response::<axum::body::Body>(crate::layer::DEFAULT_REALM).map(axum::body::Body::new)
     }
 }
 
@@ -265,9 +264,7 @@ pub(crate) fn grpc_percent_encode(s: &str) -> String {
 
 /// Whether a request is gRPC (its `content-type` starts with `application/grpc`).
 pub fn is_grpc<B>(req: &http::Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 #[cfg(test)]

@@ -321,11 +321,7 @@ impl KeyFormat {
         }
         let split = key.len() - CHECKSUM_LEN;
         let expected = checksum(&key.as_bytes()[..split]);
-        if bool::from(expected.ct_eq(&key.as_bytes()[split..])) {
-            Ok(())
-        } else {
-            Err(FormatError::BadChecksum)
-        }
+        if bool::from(expected.ct_eq(&key.as_bytes()[split..])) { Ok(()) } else { Err(FormatError::BadChecksum) }
     }
 }
 
