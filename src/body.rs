@@ -15,16 +15,15 @@ pin_project! {
     /// body is either. It works with axum's and tonic's bodies alike, and any other
     /// whose data is [`Bytes`].
     #[project = KeygateBodyProj]
+    #[allow(missing_docs)] // fields are described on their variants
     pub enum KeygateBody<B> {
         /// The inner service's body.
         Inner {
-            /// The body.
             #[pin]
             body: B,
         },
         /// A rejection body (`None` once sent, or for an empty body).
         Rejection {
-            /// The rest of the data.
             data: Option<Bytes>,
         },
     }
