@@ -1,3 +1,338 @@
-//! stub (being written)
-/// stub
-pub struct RequireScopes;
+//! [`RequireScopes`]: what a route (or a gRPC method) needs from the key.
+//!
+//! For axum, add it with `route_layer` so that it is attached to what the router
+//! matched, never re-derived from the raw path (path tricks like `/a/../b`, `%2F` or a
+//! trailing slash then either match the route, requirement included, or match nothing):
+//!
+//! ```
+//! use axum::{Router, routing::get};
+//! use keygate::{ApiKeyLayer, RequireScopes, StaticVerifier};
+//!
+//! let app: Router = Router::new()
+//!     .route("/reports", get(|| async { "reports" }))
+//!     .route_layer(RequireScopes::expr("reports:read AND (billing:write OR admin)"))
+//!     .route("/health", get(|| async { "ok" }))
+//!     .layer(ApiKeyLayer::new(StaticVerifier::new()).optional());
+//! ```
+//!
+//! For tonic, one layer maps gRPC method paths to requirements; methods not in the map
+//! are denied unless told otherwise:
+//!
+//! ```
+//! use keygate::RequireScopes;
+//!
+//! let policy = RequireScopes::methods()
+//!     .method("/reports.Reports/Get", "reports:read")
+//!     .method("/reports.Reports/Delete", "reports:write AND admin");
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::KeygateBody;
+use crate::error::{AuthError, is_grpc};
+use crate::layer::{Anonymous, DEFAULT_REALM};
+use crate::principal::Principal;
+use crate::scope::{Requirement, RequirementError};
+
+/// A per-route (or per-gRPC-method) requirement, checked against the request's
+/// [`Principal`]. Missing scope: 403 `insufficient_scope` with `scope="…"`. No principal
+/// because an optional [`ApiKeyLayer`](crate::ApiKeyLayer) let an anonymous request
+/// through: 401. No keygate layer in front at all: 500 (a misconfiguration, never
+/// silently allowed).
+#[derive(Clone)]
+pub struct RequireScopes {
+    policy: Arc<Policy>,
+}
+
+#[derive(Debug)]
+struct Policy {
+    rule: Rule,
+    realm: String,
+}
+
+#[derive(Debug)]
+enum Rule {
+    Route(Requirement),
+    Methods { map: HashMap<String, Requirement>, unlisted: Unlisted },
+}
+
+#[derive(Debug, Clone)]
+enum Unlisted {
+    Deny,
+    Allow,
+    Require(Requirement),
+}
+
+impl std::fmt::Debug for RequireScopes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RequireScopes").field(&self.policy.rule).finish()
+    }
+}
+
+impl RequireScopes {
+    /// Every term (scope `a:b` or role name) must hold. Panics on an invalid term, so a
+    /// bad requirement stops the service at startup; [`try_all`](Self::try_all) returns
+    /// the error instead.
+    pub fn all<I, S>(terms: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::try_all(terms).unwrap_or_else(|e| panic!("RequireScopes::all: {e}"))
+    }
+
+    /// At least one term must hold. Panics on an invalid term; see [`try_any`](Self::try_any).
+    pub fn any<I, S>(terms: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Self::try_any(terms).unwrap_or_else(|e| panic!("RequireScopes::any: {e}"))
+    }
+
+    /// An expression such as `reports:read AND (billing:write OR admin)`. Panics on a
+    /// parse error, with its position; see [`try_expr`](Self::try_expr).
+    pub fn expr(expr: &str) -> Self {
+        Self::try_expr(expr).unwrap_or_else(|e| panic!("RequireScopes::expr({expr:?}): {e}"))
+    }
+
+    /// [`all`](Self::all), returning the error.
+    pub fn try_all<I, S>(terms: I) -> Result<Self, RequirementError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Requirement::all(terms).map(Self::requirement)
+    }
+
+    /// [`any`](Self::any), returning the error.
+    pub fn try_any<I, S>(terms: I) -> Result<Self, RequirementError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        Requirement::any(terms).map(Self::requirement)
+    }
+
+    /// [`expr`](Self::expr), returning the error.
+    pub fn try_expr(expr: &str) -> Result<Self, RequirementError> {
+        Requirement::parse(expr).map(Self::requirement)
+    }
+
+    /// A requirement built elsewhere.
+    pub fn requirement(requirement: Requirement) -> Self {
+        Self::from_rule(Rule::Route(requirement))
+    }
+
+    /// A map from gRPC method path (`/package.Service/Method`) to requirement, empty to
+    /// start with. Methods not in the map are denied (403 / `PERMISSION_DENIED`) unless
+    /// [`allow_unlisted_methods`](Self::allow_unlisted_methods) or
+    /// [`unlisted_methods`](Self::unlisted_methods) says otherwise.
+    pub fn methods() -> Self {
+        Self::from_rule(Rule::Methods { map: HashMap::new(), unlisted: Unlisted::Deny })
+    }
+
+    /// Adds a method and its requirement expression. Panics on a parse error, or when
+    /// called on a route requirement rather than [`methods`](Self::methods).
+    pub fn method(self, path: &str, expr: &str) -> Self {
+        let req = Requirement::parse(expr).unwrap_or_else(|e| panic!("RequireScopes::method({path:?}): {e}"));
+        self.method_requirement(path, req)
+    }
+
+    /// Adds a method with a requirement built elsewhere.
+    pub fn method_requirement(self, path: &str, requirement: Requirement) -> Self {
+        assert!(path.starts_with('/'), "RequireScopes::method: gRPC paths look like /package.Service/Method");
+        self.edit(|rule| match rule {
+            Rule::Methods { map, .. } => {
+                map.insert(path.to_owned(), requirement);
+            }
+            Rule::Route(_) => panic!("RequireScopes::method: start from RequireScopes::methods()"),
+        })
+    }
+
+    /// Methods not in the map only need a verified key.
+    pub fn allow_unlisted_methods(self) -> Self {
+        self.set_unlisted(Unlisted::Allow)
+    }
+
+    /// Methods not in the map need `requirement`.
+    pub fn unlisted_methods(self, requirement: Requirement) -> Self {
+        self.set_unlisted(Unlisted::Require(requirement))
+    }
+
+    /// The realm in `WWW-Authenticate` (default `api`; keep it equal to the
+    /// [`ApiKeyLayer`](crate::ApiKeyLayer)'s).
+    pub fn realm(self, realm: impl Into<String>) -> Self {
+        let realm = realm.into();
+        let mut policy = self.into_policy();
+        policy.realm = realm;
+        Self { policy: Arc::new(policy) }
+    }
+
+    fn set_unlisted(self, u: Unlisted) -> Self {
+        self.edit(|rule| match rule {
+            Rule::Methods { unlisted, .. } => *unlisted = u,
+            Rule::Route(_) => panic!("RequireScopes: unlisted methods only apply to RequireScopes::methods()"),
+        })
+    }
+
+    fn from_rule(rule: Rule) -> Self {
+        Self { policy: Arc::new(Policy { rule, realm: DEFAULT_REALM.to_owned() }) }
+    }
+
+    fn into_policy(self) -> Policy {
+        Arc::try_unwrap(self.policy).unwrap_or_else(|arc| Policy {
+            rule: match &arc.rule {
+                Rule::Route(r) => Rule::Route(r.clone()),
+                Rule::Methods { map, unlisted } => Rule::Methods { map: map.clone(), unlisted: unlisted.clone() },
+            },
+            realm: arc.realm.clone(),
+        })
+    }
+
+    fn edit(self, f: impl FnOnce(&mut Rule)) -> Self {
+        let mut policy = self.into_policy();
+        f(&mut policy.rule);
+        Self { policy: Arc::new(policy) }
+    }
+
+    /// Checks a request; `Ok` lets it through.
+    fn check<B>(&self, req: &Request<B>) -> Result<(), AuthError> {
+        let requirement = match &self.policy.rule {
+            Rule::Route(r) => Some(r),
+            Rule::Methods { map, unlisted } => match map.get(req.uri().path()) {
+                Some(r) => Some(r),
+                None => match unlisted {
+                    Unlisted::Deny => {
+                        return Err(AuthError::InsufficientScope {
+                            required: "a method the policy lists".into(),
+                            scopes: Vec::new(),
+                        });
+                    }
+                    Unlisted::Allow => None,
+                    Unlisted::Require(r) => Some(r),
+                },
+            },
+        };
+        let Some(principal) = req.extensions().get::<Principal>() else {
+            if req.extensions().get::<Anonymous>().is_some() {
+                return Err(AuthError::MissingCredentials);
+            }
+            return Err(AuthError::Misconfigured("RequireScopes needs an ApiKeyLayer in front of it"));
+        };
+        match requirement {
+            Some(r) if !principal.satisfies(r) => Err(AuthError::InsufficientScope {
+                required: r.to_string(),
+                scopes: r.scopes().iter().map(|s| s.as_str().to_owned()).collect(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl<S> Layer<S> for RequireScopes {
+    type Service = RequireScopesService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequireScopesService { inner, policy: self.clone() }
+    }
+}
+
+/// The service [`RequireScopes`] builds.
+#[derive(Clone, Debug)]
+pub struct RequireScopesService<S> {
+    inner: S,
+    policy: RequireScopes,
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for RequireScopesService<S>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+{
+    type Response = Response<KeygateBody<ResB>>;
+    type Error = S::Error;
+    type Future = RequireScopesFuture<S::Future, ResB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        let route = matched_path(&req);
+        match self.policy.check(&req) {
+            Ok(()) => RequireScopesFuture { kind: Kind::Inner { fut: self.inner.call(req) }, route },
+            Err(err) => {
+                if let AuthError::Misconfigured(what) = &err {
+                    tracing::error!("keygate: {what}");
+                } else {
+                    tracing::debug!(reason = %err, "keygate: requirement not met");
+                }
+                let mut res = err.to_response(&self.policy.policy.realm, is_grpc(&req));
+                res.extensions_mut().insert(err.outcome());
+                RequireScopesFuture { kind: Kind::Rejected { res: Some(res) }, route }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+type Route = Option<axum::extract::MatchedPath>;
+#[cfg(not(feature = "axum"))]
+type Route = Option<()>;
+
+#[cfg(feature = "axum")]
+fn matched_path<B>(req: &Request<B>) -> Route {
+    req.extensions().get::<axum::extract::MatchedPath>().cloned()
+}
+
+#[cfg(not(feature = "axum"))]
+fn matched_path<B>(_: &Request<B>) -> Route {
+    None
+}
+
+pin_project! {
+    /// The future of [`RequireScopesService`].
+    pub struct RequireScopesFuture<F, ResB> {
+        #[pin]
+        kind: Kind<F, ResB>,
+        route: Route,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, ResB> {
+        Inner { #[pin] fut: F },
+        Rejected { res: Option<Response<KeygateBody<ResB>>> },
+    }
+}
+
+impl<F, ResB, E> Future for RequireScopesFuture<F, ResB>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+{
+    type Output = Result<Response<KeygateBody<ResB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut res = match this.kind.project() {
+            KindProj::Inner { fut } => ready!(fut.poll(cx))?.map(KeygateBody::inner),
+            KindProj::Rejected { res } => res.take().expect("RequireScopesFuture polled after completion"),
+        };
+        // The outer ApiKeyLayer reads the route template from here for usage events:
+        // with `Router::layer` it runs before routing and never sees `MatchedPath`.
+        if let Some(route) = this.route.take() {
+            res.extensions_mut().insert(route);
+        }
+        Poll::Ready(Ok(res))
+    }
+}

@@ -1,3 +1,377 @@
-//! stub (being written)
-/// stub
-pub enum KeySource {}
+//! Finding the key in a request.
+//!
+//! Sources are tried in the configured order; the default is
+//! `Authorization: Bearer <key>` then the `x-api-key` header. The query parameter and
+//! cookie sources are opt-in (keys in URLs leak into logs: RFC 6750 §2.3).
+//!
+//! A credential found twice (two `Authorization` headers, a repeated parameter, or keys
+//! in two sources), equal or not, is a 400 `invalid_request`, never first-wins. An empty
+//! key, one longer than the maximum, or one with bytes outside visible ASCII is a 401
+//! `invalid_token` before anything is hashed or looked up.
+//!
+//! ```
+//! use keygate::KeySource;
+//!
+//! let sources = [KeySource::bearer(), KeySource::header("x-api-key"), KeySource::query("api_key")];
+//! # let _ = sources;
+//! ```
+
+use std::borrow::Cow;
+
+use http::header::{AUTHORIZATION, COOKIE};
+use http::{HeaderName, HeaderValue, Request, Uri};
+use percent_encoding::percent_decode_str;
+
+use crate::error::{AuthError, InvalidKey};
+use crate::key::ApiKey;
+
+/// Default maximum key length in bytes.
+pub const DEFAULT_MAX_KEY_LEN: usize = 256;
+
+/// Where a key may be found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// `Authorization: Bearer <key>` (scheme case-insensitive, one or more spaces).
+    Bearer,
+    /// A named header carrying the key alone (default `x-api-key`).
+    Header(HeaderName),
+    /// A query parameter (opt-in). It is removed from the URI before the inner service
+    /// sees the request.
+    Query(String),
+    /// A cookie (opt-in). It is removed from the `Cookie` header before the inner
+    /// service sees the request.
+    Cookie(String),
+}
+
+impl KeySource {
+    /// `Authorization: Bearer`.
+    pub fn bearer() -> Self {
+        Self::Bearer
+    }
+
+    /// A named header. Panics if `name` is not a valid header name (a configuration
+    /// error caught at startup).
+    pub fn header(name: &str) -> Self {
+        Self::Header(HeaderName::from_bytes(name.as_bytes()).expect("KeySource::header: invalid header name"))
+    }
+
+    /// A query parameter.
+    pub fn query(name: impl Into<String>) -> Self {
+        Self::Query(name.into())
+    }
+
+    /// A cookie.
+    pub fn cookie(name: impl Into<String>) -> Self {
+        Self::Cookie(name.into())
+    }
+
+    /// The default sources: Bearer, then `x-api-key`.
+    pub fn defaults() -> Vec<Self> {
+        vec![Self::Bearer, Self::Header(HeaderName::from_static("x-api-key"))]
+    }
+}
+
+/// A key found in a request, and where.
+#[derive(Debug)]
+pub struct Found {
+    /// The key.
+    pub key: ApiKey,
+    /// Index into the configured sources.
+    pub source: usize,
+}
+
+/// Looks for the key in every source. `Ok(None)`: no credential at all.
+///
+/// Every source is examined even after a key is found, so that a second credential
+/// anywhere is a conflict rather than silently ignored.
+pub fn find_key<B>(req: &Request<B>, sources: &[KeySource], max_len: usize) -> Result<Option<Found>, AuthError> {
+    let mut found: Option<(Cow<'_, str>, usize)> = None;
+    for (i, source) in sources.iter().enumerate() {
+        let candidate = match source {
+            KeySource::Bearer => from_bearer(req, max_len)?,
+            KeySource::Header(name) => from_header(req, name, max_len)?,
+            KeySource::Query(name) => from_query(req.uri(), name, max_len)?,
+            KeySource::Cookie(name) => from_cookie(req, name, max_len)?,
+        };
+        if let Some(raw) = candidate {
+            if found.is_some() {
+                return Err(AuthError::ConflictingCredentials("a key was presented in more than one place"));
+            }
+            found = Some((raw, i));
+        }
+    }
+    match found {
+        None => Ok(None),
+        Some((raw, source)) => {
+            check_bytes(raw.as_bytes(), max_len)?;
+            Ok(Some(Found { key: ApiKey::new(raw.into_owned()), source }))
+        }
+    }
+}
+
+fn malformed(what: &'static str) -> AuthError {
+    AuthError::InvalidKey(InvalidKey::Malformed(what))
+}
+
+/// Length and character checks on a candidate key, before any hashing.
+fn check_bytes(raw: &[u8], max_len: usize) -> Result<(), AuthError> {
+    if raw.is_empty() {
+        return Err(malformed("empty key"));
+    }
+    if raw.len() > max_len {
+        return Err(malformed("key longer than the maximum"));
+    }
+    // Visible ASCII only: this turns away NUL, CR/LF, tabs, obs-text and every
+    // non-ASCII look-alike or zero-width character; nothing is normalized.
+    if !raw.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(malformed("key has characters outside visible ASCII"));
+    }
+    Ok(())
+}
+
+fn single<'a, B>(req: &'a Request<B>, name: &HeaderName) -> Result<Option<&'a HeaderValue>, AuthError> {
+    let mut values = req.headers().get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(AuthError::ConflictingCredentials("the credential header was sent more than once"));
+    }
+    Ok(first)
+}
+
+fn from_bearer<B>(req: &Request<B>, max_len: usize) -> Result<Option<Cow<'_, str>>, AuthError> {
+    let Some(value) = single(req, &AUTHORIZATION)? else { return Ok(None) };
+    let bytes = value.as_bytes();
+    // "Bearer" (6) + separator + key: anything longer cannot hold a valid key, and is
+    // rejected before it is looked at further.
+    if bytes.len() > max_len + 64 {
+        return if is_bearer_scheme(bytes) { Err(malformed("key longer than the maximum")) } else { Ok(None) };
+    }
+    if !is_bearer_scheme(bytes) {
+        // Another scheme (Basic, Digest…) is not ours to judge.
+        return Ok(None);
+    }
+    let rest = &bytes[6..];
+    if rest.is_empty() {
+        return Err(malformed("`Bearer` without a key"));
+    }
+    if rest[0] != b' ' {
+        return Err(malformed("the Bearer scheme must be followed by a space"));
+    }
+    let token = &rest[rest.iter().position(|&b| b != b' ').unwrap_or(rest.len())..];
+    if token.is_empty() {
+        return Err(malformed("`Bearer` without a key"));
+    }
+    check_bytes(token, max_len)?;
+    // Visible ASCII was just checked, so this is valid UTF-8.
+    Ok(Some(Cow::Borrowed(std::str::from_utf8(token).map_err(|_| malformed("not ASCII"))?)))
+}
+
+/// `Bearer` case-insensitively, followed by the end or a non-token byte.
+fn is_bearer_scheme(bytes: &[u8]) -> bool {
+    bytes.len() >= 6
+        && bytes[..6].eq_ignore_ascii_case(b"bearer")
+        && bytes.get(6).is_none_or(|b| !b.is_ascii_alphanumeric())
+}
+
+fn from_header<'a, B>(
+    req: &'a Request<B>,
+    name: &HeaderName,
+    max_len: usize,
+) -> Result<Option<Cow<'a, str>>, AuthError> {
+    let Some(value) = single(req, name)? else { return Ok(None) };
+    let bytes = value.as_bytes();
+    check_bytes(bytes, max_len)?;
+    Ok(Some(Cow::Borrowed(std::str::from_utf8(bytes).map_err(|_| malformed("not ASCII"))?)))
+}
+
+/// Whether a decoded query name is `name` itself or an array/map form of it
+/// (`name[]`, `name[0]`), which must never be read as a key but is still a credential
+/// attempt.
+fn query_name_matches(decoded: &str, name: &str) -> bool {
+    decoded == name || decoded.strip_prefix(name).is_some_and(|rest| rest.starts_with('['))
+}
+
+fn decode(s: &str) -> Cow<'_, str> {
+    // `+` is a space in form encoding; a space is never valid in a key, so decoding it
+    // as one makes such keys fail the character check rather than change meaning.
+    if s.contains('+') {
+        Cow::Owned(percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned())
+    } else {
+        percent_decode_str(s).decode_utf8_lossy()
+    }
+}
+
+fn from_query<'a>(uri: &'a Uri, name: &str, max_len: usize) -> Result<Option<Cow<'a, str>>, AuthError> {
+    let Some(query) = uri.query() else { return Ok(None) };
+    let mut found = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if !query_name_matches(&decode(k), name) {
+            continue;
+        }
+        if found.is_some() {
+            return Err(AuthError::ConflictingCredentials("the key parameter was sent more than once"));
+        }
+        if decode(k) != name {
+            return Err(AuthError::ConflictingCredentials("the key parameter must be a single plain value"));
+        }
+        if v.len() > max_len * 3 {
+            return Err(malformed("key longer than the maximum"));
+        }
+        found = Some(decode(v));
+    }
+    Ok(found)
+}
+
+fn from_cookie<'a, B>(req: &'a Request<B>, name: &str, max_len: usize) -> Result<Option<Cow<'a, str>>, AuthError> {
+    let mut found = None;
+    for header in req.headers().get_all(COOKIE) {
+        // Cookie headers that are not text hold nothing we could accept.
+        let Ok(text) = header.to_str() else { continue };
+        for pair in text.split(';') {
+            let (k, v) = pair.trim_start().split_once('=').unwrap_or((pair.trim(), ""));
+            if k != name {
+                continue;
+            }
+            if found.is_some() {
+                return Err(AuthError::ConflictingCredentials("the key cookie was sent more than once"));
+            }
+            let v = v.trim_end();
+            // RFC 6265 allows the value in double quotes.
+            let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+            check_bytes(v.as_bytes(), max_len)?;
+            found = Some(Cow::Borrowed(v));
+        }
+    }
+    Ok(found)
+}
+
+/// Removes the credential that `source` named from the request, so that the inner
+/// service, its handlers and its logging layers never see the key.
+pub fn strip_credential<B>(req: &mut Request<B>, source: &KeySource) {
+    match source {
+        KeySource::Bearer => {
+            req.headers_mut().remove(AUTHORIZATION);
+        }
+        KeySource::Header(name) => {
+            req.headers_mut().remove(name);
+        }
+        KeySource::Query(name) => {
+            if let Some(uri) = strip_query(req.uri(), name) {
+                *req.uri_mut() = uri;
+            }
+        }
+        KeySource::Cookie(name) => {
+            let kept: Vec<String> = req
+                .headers()
+                .get_all(COOKIE)
+                .iter()
+                .filter_map(|h| h.to_str().ok())
+                .flat_map(|t| t.split(';'))
+                .map(str::trim)
+                .filter(|pair| !pair.is_empty() && pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+                .map(str::to_owned)
+                .collect();
+            req.headers_mut().remove(COOKIE);
+            if !kept.is_empty() {
+                if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+                    req.headers_mut().insert(COOKIE, v);
+                }
+            }
+        }
+    }
+}
+
+fn strip_query(uri: &Uri, name: &str) -> Option<Uri> {
+    let query = uri.query()?;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !query_name_matches(&decode(pair.split_once('=').map_or(*pair, |(k, _)| k)), name))
+        .collect();
+    let path = uri.path();
+    let pq = if kept.is_empty() { path.to_owned() } else { format!("{path}?{}", kept.join("&")) };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &[u8])], uri: &str) -> Request<()> {
+        let mut b = Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, HeaderValue::from_bytes(v).unwrap());
+        }
+        b.body(()).unwrap()
+    }
+
+    fn all() -> Vec<KeySource> {
+        vec![KeySource::bearer(), KeySource::header("x-api-key"), KeySource::query("key"), KeySource::cookie("k")]
+    }
+
+    fn find(r: &Request<()>) -> Result<Option<String>, AuthError> {
+        find_key(r, &all(), 256).map(|f| f.map(|f| f.key.expose_secret().to_owned()))
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_key_exact() {
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            let v = format!("{scheme} AbC_xyz");
+            assert_eq!(find(&req(&[("authorization", v.as_bytes())], "/")).unwrap().as_deref(), Some("AbC_xyz"));
+        }
+        assert_eq!(find(&req(&[("authorization", b"Bearer    k1")], "/")).unwrap().as_deref(), Some("k1"));
+    }
+
+    #[test]
+    fn bad_bearer_shapes_are_invalid_token() {
+        for v in [&b"Bearer"[..], b"Bearer ", b"Bearer\tk1", b"Bearer \tk1", b"Bearer k1 k2"] {
+            let err = find(&req(&[("authorization", v)], "/")).unwrap_err();
+            assert!(matches!(err, AuthError::InvalidKey(_)), "{:?} gave {err:?}", String::from_utf8_lossy(v));
+        }
+        // Other schemes are not ours.
+        assert_eq!(find(&req(&[("authorization", b"Basic dXNlcjpwYXNz")], "/")).unwrap(), None);
+        assert_eq!(find(&req(&[("authorization", b"Bearerx k")], "/")).unwrap(), None);
+    }
+
+    #[test]
+    fn conflicts_are_400() {
+        let two = req(&[("authorization", b"Bearer a"), ("authorization", b"Bearer a")], "/");
+        assert!(matches!(find(&two), Err(AuthError::ConflictingCredentials(_))));
+        let mixed = req(&[("authorization", b"Bearer a")], "/?key=a");
+        assert!(matches!(find(&mixed), Err(AuthError::ConflictingCredentials(_))));
+        assert!(matches!(find(&req(&[], "/?key=a&key=a")), Err(AuthError::ConflictingCredentials(_))));
+        assert!(matches!(find(&req(&[], "/?key%5B%5D=a")), Err(AuthError::ConflictingCredentials(_))));
+        assert!(matches!(find(&req(&[], "/?key[]=a")), Err(AuthError::ConflictingCredentials(_))));
+        assert!(matches!(find(&req(&[("cookie", b"k=a; k=b")], "/")), Err(AuthError::ConflictingCredentials(_))));
+    }
+
+    #[test]
+    fn bad_bytes_and_lengths_are_invalid_token() {
+        assert!(matches!(find(&req(&[], "/?key=a%00b")), Err(AuthError::InvalidKey(_))));
+        assert!(matches!(find(&req(&[], "/?key=a%E2%80%8Bb")), Err(AuthError::InvalidKey(_))));
+        assert!(matches!(find(&req(&[], "/?key=a+b")), Err(AuthError::InvalidKey(_))));
+        assert!(matches!(find(&req(&[("x-api-key", b"a\xffb")], "/")), Err(AuthError::InvalidKey(_))));
+        let long = vec![b'a'; 257];
+        assert!(matches!(find(&req(&[("x-api-key", &long)], "/")), Err(AuthError::InvalidKey(_))));
+        assert!(matches!(find(&req(&[("x-api-key", b"")], "/")), Err(AuthError::InvalidKey(_))));
+    }
+
+    #[test]
+    fn query_and_cookie_are_found_and_stripped() {
+        let mut r = req(&[("cookie", b"a=1; k=sekrit; b=2")], "/p?x=1");
+        let f = find_key(&r, &all(), 256).unwrap().unwrap();
+        assert_eq!(f.key.expose_secret(), "sekrit");
+        strip_credential(&mut r, &all()[f.source]);
+        assert_eq!(r.headers()[COOKIE], "a=1; b=2");
+
+        let mut r = req(&[], "/p?x=1&key=sekrit&y=2");
+        let f = find_key(&r, &all(), 256).unwrap().unwrap();
+        strip_credential(&mut r, &all()[f.source]);
+        assert_eq!(r.uri().to_string(), "/p?x=1&y=2");
+        let mut r = req(&[], "/p?key=sekrit");
+        strip_credential(&mut r, &KeySource::query("key"));
+        assert_eq!(r.uri().to_string(), "/p");
+    }
+}

@@ -1,10 +1,560 @@
-//! stub (being written)
-/// Marker in request extensions for requests let through without a key.
+//! [`ApiKeyLayer`]: authenticate every request with an API key.
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//! use keygate::{ApiKey, ApiKeyLayer, Principal, RequireScopes, ScopeSet, StaticVerifier};
+//!
+//! # async fn run() {
+//! let key = ApiKey::generate("kg").unwrap();
+//! let verifier = StaticVerifier::new().with_key(
+//!     &key,
+//!     Principal::builder("key_1").owner("acme").scopes(ScopeSet::parse(["reports:read"]).unwrap()).build(),
+//! );
+//!
+//! let app = Router::new()
+//!     .route("/reports", get(|p: Principal| async move { format!("hello {}", p.owner()) }))
+//!     .route_layer(RequireScopes::all(["reports:read"]))
+//!     .layer(ApiKeyLayer::new(verifier));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! axum::serve(listener, app).await.unwrap();
+//! # }
+//! ```
+//!
+//! # What happens to a request
+//! 1. The key is looked for in every configured [`KeySource`] (default: Bearer, then
+//!    `x-api-key`). None: 401, unless the layer is [`optional`](ApiKeyLayer::optional).
+//!    Two credentials anywhere: 400. Empty, over [`max_key_len`](ApiKeyLayer::max_key_len)
+//!    or non-visible-ASCII: 401. No verifier call in any of these cases.
+//! 2. The key is checked against the [`KeyFormat`] (prefix, length, checksum): a key
+//!    that fails is a 401 with no verifier call.
+//! 3. The credential is removed from the request (header, query parameter or cookie)
+//!    unless [`keep_credentials`](ApiKeyLayer::keep_credentials) is set.
+//! 4. The [`Verifier`] decides: valid keys put a [`Principal`] into the request's
+//!    extensions; invalid keys are 401; a verifier error is 503 with `Retry-After`.
+//! 5. When the response head is ready, a [`UsageEvent`] goes to the usage sink.
+//!
+//! # HEAD, OPTIONS and CORS
+//! Every method is authenticated, HEAD and OPTIONS included: keygate never guesses that
+//! a request is harmless. A CORS preflight carries no credentials, so put tower-http's
+//! `CorsLayer` *outside* keygate (added after it with `Router::layer`, so it runs first)
+//! to answer preflights before authentication.
+//!
+//! # gRPC
+//! Requests whose `content-type` starts with `application/grpc` are answered in gRPC
+//! terms: HTTP 200, trailers-only, `grpc-status` 16/3/7/14/8 and a percent-encoded
+//! `grpc-message`. The same layer works in `tonic::transport::Server::builder().layer(..)`.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use http::{HeaderName, Request, Response};
+use pin_project_lite::pin_project;
+use time::OffsetDateTime;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::KeygateBody;
+use crate::error::{AuthError, InvalidKey, is_grpc};
+use crate::extract::{DEFAULT_MAX_KEY_LEN, KeySource, find_key, strip_credential};
+use crate::key::KeyFormat;
+use crate::principal::Principal;
+use crate::usage::{Outcome, UsageEvent, UsageSink};
+use crate::verify::{Reason, Verdict, Verifier, VerifyError};
+
+/// The realm in `WWW-Authenticate` unless [`ApiKeyLayer::realm`] says otherwise.
+pub const DEFAULT_REALM: &str = "api";
+/// `Retry-After` for 503 answers unless [`ApiKeyLayer::retry_after`] says otherwise.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Longest raw path kept as a usage event's route when no route template is known.
+pub const MAX_RAW_ROUTE_LEN: usize = 128;
+
+/// Marker in a request's extensions: an [`optional`](ApiKeyLayer::optional) layer let
+/// it through without a key. `Option<Principal>` reads it as `None`.
 #[derive(Debug, Clone, Copy)]
 pub struct Anonymous;
-/// Default realm.
-pub const DEFAULT_REALM: &str = "api";
-/// stub
-pub struct ApiKeyLayer;
-/// stub
-pub struct ApiKeyService;
+
+type BoxVerify = Pin<Box<dyn Future<Output = Result<Verdict, VerifyError>> + Send>>;
+
+/// Where a usage event's client IP comes from.
+#[derive(Debug, Clone, Default)]
+enum ClientIp {
+    #[default]
+    None,
+    Peer,
+    Header(HeaderName),
+}
+
+#[derive(Clone)]
+struct Config {
+    sources: Vec<KeySource>,
+    format: KeyFormat,
+    max_key_len: usize,
+    optional: bool,
+    keep_credentials: bool,
+    realm: String,
+    retry_after: Duration,
+    usage: Option<Arc<dyn UsageSink>>,
+    client_ip: ClientIp,
+}
+
+struct Shared<V> {
+    verifier: Arc<V>,
+    config: Config,
+}
+
+/// Authenticates every request with an API key; see the [module docs](self).
+///
+/// Defaults: sources Bearer then `x-api-key`; keygate key format with any prefix;
+/// keys up to 256 bytes; a key is required; credentials are stripped; realm `api`;
+/// `Retry-After: 5` on 503; no usage sink.
+pub struct ApiKeyLayer<V> {
+    verifier: Arc<V>,
+    config: Config,
+}
+
+impl<V> Clone for ApiKeyLayer<V> {
+    fn clone(&self) -> Self {
+        Self { verifier: self.verifier.clone(), config: self.config.clone() }
+    }
+}
+
+impl<V: Verifier> ApiKeyLayer<V> {
+    /// A layer that asks `verifier` about every well-formed key.
+    pub fn new(verifier: V) -> Self {
+        Self::from_arc(Arc::new(verifier))
+    }
+
+    /// Like [`new`](ApiKeyLayer::new), sharing a verifier the caller keeps too (to
+    /// invalidate its cache, read its counters, or revoke static keys).
+    pub fn from_arc(verifier: Arc<V>) -> Self {
+        Self {
+            verifier,
+            config: Config {
+                sources: KeySource::defaults(),
+                format: KeyFormat::default(),
+                max_key_len: DEFAULT_MAX_KEY_LEN,
+                optional: false,
+                keep_credentials: false,
+                realm: DEFAULT_REALM.to_owned(),
+                retry_after: DEFAULT_RETRY_AFTER,
+                usage: None,
+                client_ip: ClientIp::None,
+            },
+        }
+    }
+
+    /// Where to look for the key, in order. Panics on an empty list (a configuration
+    /// error: nothing could ever authenticate).
+    pub fn sources(mut self, sources: impl IntoIterator<Item = KeySource>) -> Self {
+        self.config.sources = sources.into_iter().collect();
+        assert!(!self.config.sources.is_empty(), "ApiKeyLayer::sources: at least one source is needed");
+        self
+    }
+
+    /// The local format check (default: keygate keys with any prefix).
+    pub fn format(mut self, format: KeyFormat) -> Self {
+        self.config.format = format;
+        self
+    }
+
+    /// Longest key accepted, in bytes (default 256). Longer keys are 401 before hashing.
+    pub fn max_key_len(mut self, bytes: usize) -> Self {
+        self.config.max_key_len = bytes;
+        self
+    }
+
+    /// Let requests without any key through with no principal (handlers take
+    /// `Option<Principal>`). A key that is present but bad is still rejected.
+    pub fn optional(mut self) -> Self {
+        self.config.optional = true;
+        self
+    }
+
+    /// Keep the credential in the request for the inner service (default `false`:
+    /// handlers and their logs never see a key).
+    pub fn keep_credentials(mut self, keep: bool) -> Self {
+        self.config.keep_credentials = keep;
+        self
+    }
+
+    /// The realm in `WWW-Authenticate` (default `api`).
+    pub fn realm(mut self, realm: impl Into<String>) -> Self {
+        self.config.realm = realm.into();
+        self
+    }
+
+    /// `Retry-After` on 503 answers (default 5 s).
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.config.retry_after = after;
+        self
+    }
+
+    /// Send a [`UsageEvent`] for every decided request to `sink`.
+    pub fn usage(mut self, sink: impl UsageSink) -> Self {
+        self.config.usage = Some(Arc::new(sink));
+        self
+    }
+
+    /// Take usage events' client IP from the peer address (axum's `ConnectInfo`).
+    pub fn client_ip_from_peer(mut self) -> Self {
+        self.config.client_ip = ClientIp::Peer;
+        self
+    }
+
+    /// Take usage events' client IP from a header set by a proxy you trust (the last
+    /// address in it, the one that proxy added). Panics on an invalid header name.
+    pub fn client_ip_from_header(mut self, name: &str) -> Self {
+        let name = HeaderName::from_bytes(name.as_bytes()).expect("client_ip_from_header: invalid header name");
+        self.config.client_ip = ClientIp::Header(name);
+        self
+    }
+
+    /// The verifier this layer asks.
+    pub fn verifier(&self) -> &Arc<V> {
+        &self.verifier
+    }
+}
+
+impl<S, V: Verifier> Layer<S> for ApiKeyLayer<V> {
+    type Service = ApiKeyService<S, V>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ApiKeyService {
+            inner,
+            shared: Arc::new(Shared { verifier: self.verifier.clone(), config: self.config.clone() }),
+        }
+    }
+}
+
+/// The service [`ApiKeyLayer`] builds.
+pub struct ApiKeyService<S, V> {
+    inner: S,
+    // One Arc: axum clones route services for every request.
+    shared: Arc<Shared<V>>,
+}
+
+impl<S: Clone, V> Clone for ApiKeyService<S, V> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone(), shared: self.shared.clone() }
+    }
+}
+
+impl<S, V, ReqB, ResB> Service<Request<ReqB>> for ApiKeyService<S, V>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    V: Verifier,
+    ReqB: Send + 'static,
+{
+    type Response = Response<KeygateBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let config = &self.shared.config;
+        let grpc = is_grpc(&req);
+        let record = config.usage.as_ref().map(|_| Box::new(Record::start(&req, grpc, &config.client_ip)));
+        let span = tracing::debug_span!("keygate", key_id = tracing::field::Empty);
+        let done = |err: AuthError, record| ResponseFuture::rejected(&self.shared, err, grpc, record, span.clone());
+
+        let found = match find_key(&req, &config.sources, config.max_key_len) {
+            Ok(found) => found,
+            Err(err) => return done(err, record),
+        };
+        let Some(found) = found else {
+            if !config.optional {
+                return done(AuthError::MissingCredentials, record);
+            }
+            req.extensions_mut().insert(Anonymous);
+            let inner = take_ready(&mut self.inner);
+            return ResponseFuture::call_inner(&self.shared, inner, req, grpc, record, Outcome::Anonymous, span);
+        };
+        if let Err(e) = config.format.check(&found.key) {
+            return done(AuthError::InvalidKey(InvalidKey::Format(e)), record);
+        }
+        if !config.keep_credentials {
+            strip_credential(&mut req, &config.sources[found.source]);
+        }
+        let shared = self.shared.clone();
+        let key = found.key;
+        let verify: BoxVerify = Box::pin(async move { shared.verifier.verify(&key).await });
+        let inner = take_ready(&mut self.inner);
+        ResponseFuture {
+            state: State::Verify { fut: verify, pending: Some((inner, req)) },
+            shared: self.shared.clone(),
+            grpc,
+            record,
+            span,
+        }
+    }
+}
+
+/// The service that was driven to readiness goes with the request; a clone stays.
+fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
+/// What a usage event needs from the request, captured only when a sink is set.
+struct Record {
+    start: Instant,
+    at: OffsetDateTime,
+    method: http::Method,
+    route: Arc<str>,
+    client_ip: Option<IpAddr>,
+    request_id: Option<Arc<str>>,
+    principal: Option<Principal>,
+}
+
+impl Record {
+    fn start<B>(req: &Request<B>, grpc: bool, client_ip: &ClientIp) -> Self {
+        Self {
+            start: Instant::now(),
+            at: OffsetDateTime::now_utc(),
+            method: req.method().clone(),
+            route: route_of(req, grpc),
+            client_ip: match client_ip {
+                ClientIp::None => None,
+                ClientIp::Peer => peer_ip(req),
+                ClientIp::Header(name) => req
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.rsplit(',').next())
+                    .and_then(|v| v.trim().parse().ok()),
+            },
+            request_id: req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| Arc::from(&v[..v.len().min(128)])),
+            principal: None,
+        }
+    }
+
+    fn finish(self, sink: &dyn UsageSink, status: u16, outcome: Outcome, route: Option<Arc<str>>) {
+        sink.record(UsageEvent {
+            at: self.at,
+            key_id: self.principal.as_ref().map(|p| p.key_id_arc().clone()),
+            owner: self.principal.as_ref().map(|p| p.owner_arc().clone()),
+            outcome,
+            method: self.method.as_str().to_owned(),
+            route: route.unwrap_or(self.route),
+            status,
+            latency: self.start.elapsed(),
+            client_ip: self.client_ip,
+            request_id: self.request_id,
+        });
+    }
+}
+
+#[cfg(feature = "axum")]
+fn peer_ip<B>(req: &Request<B>) -> Option<IpAddr> {
+    req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
+}
+
+#[cfg(not(feature = "axum"))]
+fn peer_ip<B>(_: &Request<B>) -> Option<IpAddr> {
+    None
+}
+
+/// The route template when routing already happened, the gRPC method, or the raw
+/// path cut short (it may carry ids; it is never the query).
+fn route_of<B>(req: &Request<B>, grpc: bool) -> Arc<str> {
+    #[cfg(feature = "axum")]
+    if let Some(m) = req.extensions().get::<axum::extract::MatchedPath>() {
+        return Arc::from(m.as_str());
+    }
+    let path = req.uri().path();
+    let _ = grpc;
+    let mut end = path.len().min(MAX_RAW_ROUTE_LEN);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    Arc::from(&path[..end])
+}
+
+pin_project! {
+    /// The future of [`ApiKeyService`].
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S, B>,
+        shared: Arc<dyn SharedConfig>,
+        grpc: bool,
+        record: Option<Box<Record>>,
+        span: tracing::Span,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        Verify { fut: BoxVerify, pending: Option<(S, Request<B>)> },
+        Inner { #[pin] fut: S::Future, outcome: Outcome },
+        Rejected { err: Option<AuthError> },
+    }
+}
+
+/// The parts of the layer's configuration its futures need, without the verifier type.
+trait SharedConfig: Send + Sync {
+    fn config(&self) -> &Config;
+}
+
+impl<V: Verifier> SharedConfig for Shared<V> {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl<S, B> ResponseFuture<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn rejected<V: Verifier>(
+        shared: &Arc<Shared<V>>,
+        err: AuthError,
+        grpc: bool,
+        record: Option<Box<Record>>,
+        span: tracing::Span,
+    ) -> Self {
+        Self { state: State::Rejected { err: Some(err) }, shared: shared.clone(), grpc, record, span }
+    }
+
+    fn call_inner<V: Verifier>(
+        shared: &Arc<Shared<V>>,
+        mut inner: S,
+        req: Request<B>,
+        grpc: bool,
+        record: Option<Box<Record>>,
+        outcome: Outcome,
+        span: tracing::Span,
+    ) -> Self {
+        let fut = span.in_scope(|| inner.call(req));
+        Self { state: State::Inner { fut, outcome }, shared: shared.clone(), grpc, record, span }
+    }
+}
+
+/// Turns a verifier's answer into a principal or a rejection.
+fn decide(result: Result<Verdict, VerifyError>, retry_after: Duration) -> Result<Principal, AuthError> {
+    match result {
+        Ok(Verdict::Valid(p)) if p.is_expired_at(OffsetDateTime::now_utc()) => Err(AuthError::Expired),
+        Ok(Verdict::Valid(p)) => Ok(p),
+        Ok(Verdict::Invalid(Reason::Expired)) => Err(AuthError::Expired),
+        Ok(Verdict::Invalid(reason)) => Err(AuthError::InvalidKey(InvalidKey::Rejected(reason))),
+        Err(e) => {
+            tracing::warn!(error = %e, "keygate: key service unavailable, failing closed");
+            Err(AuthError::Unavailable { retry_after })
+        }
+    }
+}
+
+impl<S, B, ResB> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+{
+    type Output = Result<Response<KeygateBody<ResB>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let _entered = this.span.enter();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Verify { fut, pending } => {
+                    let result = ready!(fut.as_mut().poll(cx));
+                    let Some((mut inner, mut req)) = pending.take() else {
+                        panic!("keygate ResponseFuture polled after completion");
+                    };
+                    match decide(result, this.shared.config().retry_after) {
+                        Ok(principal) => {
+                            this.span.record("key_id", principal.key_id());
+                            let outcome = if principal.is_fail_open() { Outcome::FailOpen } else { Outcome::Allowed };
+                            if let Some(r) = this.record.as_mut() {
+                                r.principal = Some(principal.clone());
+                            }
+                            req.extensions_mut().insert(principal);
+                            let fut = inner.call(req);
+                            this.state.set(State::Inner { fut, outcome });
+                        }
+                        Err(err) => this.state.set(State::Rejected { err: Some(err) }),
+                    }
+                }
+                StateProj::Inner { fut, outcome } => {
+                    let outcome = *outcome;
+                    let res = ready!(fut.poll(cx))?;
+                    if let (Some(record), Some(sink)) = (this.record.take(), this.shared.config().usage.as_ref()) {
+                        // An inner RequireScopes reports its denial and the route template
+                        // through the response's extensions.
+                        let outcome = res.extensions().get::<Outcome>().copied().unwrap_or(outcome);
+                        let route = matched_route(&res);
+                        let status = grpc_aware_status(&res, *this.grpc);
+                        record.finish(&**sink, status, outcome, route);
+                    }
+                    return Poll::Ready(Ok(res.map(KeygateBody::inner)));
+                }
+                StateProj::Rejected { err } => {
+                    let Some(err) = err.take() else {
+                        panic!("keygate ResponseFuture polled after completion");
+                    };
+                    let config = this.shared.config();
+                    log_rejection(&err);
+                    if let (Some(record), Some(sink)) = (this.record.take(), config.usage.as_ref()) {
+                        record.finish(&**sink, err.status().as_u16(), err.outcome(), None);
+                    }
+                    return Poll::Ready(Ok(err.to_response(&config.realm, *this.grpc)));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+fn matched_route<B>(res: &Response<B>) -> Option<Arc<str>> {
+    res.extensions().get::<axum::extract::MatchedPath>().map(|m| Arc::from(m.as_str()))
+}
+
+#[cfg(not(feature = "axum"))]
+fn matched_route<B>(_: &Response<B>) -> Option<Arc<str>> {
+    None
+}
+
+/// For gRPC answers the HTTP status is 200 whatever happened; the event reports the
+/// HTTP status the `grpc-status` corresponds to so that status classes stay meaningful.
+fn grpc_aware_status<B>(res: &Response<B>, grpc: bool) -> u16 {
+    if !grpc {
+        return res.status().as_u16();
+    }
+    match res.headers().get("grpc-status").and_then(|v| v.to_str().ok()) {
+        Some("16") => 401,
+        Some("7") => 403,
+        Some("3") => 400,
+        Some("14") => 503,
+        Some("8") => 429,
+        Some("0") | None => res.status().as_u16(),
+        Some(_) => 500,
+    }
+}
+
+fn log_rejection(err: &AuthError) {
+    // The precise reason goes to the log at debug level; the client sees the generic one.
+    match err {
+        AuthError::InvalidKey(InvalidKey::Malformed(why)) => tracing::debug!(reason = why, "keygate: malformed key"),
+        AuthError::InvalidKey(InvalidKey::Format(e)) => {
+            tracing::debug!(reason = %e, "keygate: key failed format check")
+        }
+        AuthError::InvalidKey(InvalidKey::Rejected(r)) => tracing::debug!(reason = r.code(), "keygate: key rejected"),
+        other => tracing::debug!(reason = %other, outcome = other.outcome().as_str(), "keygate: request rejected"),
+    }
+}
