@@ -39,7 +39,7 @@ use tower_service::Service;
 
 use crate::body::KeygateBody;
 use crate::error::{AuthError, is_grpc};
-use crate::layer::{Anonymous, DEFAULT_REALM};
+use crate::layer::{Anonymous, DEFAULT_REALM, LayerRealm};
 use crate::principal::Principal;
 use crate::scope::{Requirement, RequirementError};
 
@@ -56,7 +56,8 @@ pub struct RequireScopes {
 #[derive(Debug)]
 struct Policy {
     rule: Rule,
-    realm: String,
+    /// `None`: the ApiKeyLayer's realm.
+    realm: Option<String>,
 }
 
 #[derive(Debug)]
@@ -169,12 +170,12 @@ impl RequireScopes {
         self.set_unlisted(Unlisted::Require(requirement))
     }
 
-    /// The realm in `WWW-Authenticate` (default `api`; keep it equal to the
-    /// [`ApiKeyLayer`](crate::ApiKeyLayer)'s).
+    /// The realm in `WWW-Authenticate` (default: the realm of the
+    /// [`ApiKeyLayer`](crate::ApiKeyLayer) in front, `api` unless set there).
     pub fn realm(self, realm: impl Into<String>) -> Self {
         let realm = realm.into();
         let mut policy = self.into_policy();
-        policy.realm = realm;
+        policy.realm = Some(realm);
         Self { policy: Arc::new(policy) }
     }
 
@@ -186,7 +187,7 @@ impl RequireScopes {
     }
 
     fn from_rule(rule: Rule) -> Self {
-        Self { policy: Arc::new(Policy { rule, realm: DEFAULT_REALM.to_owned() }) }
+        Self { policy: Arc::new(Policy { rule, realm: None }) }
     }
 
     fn into_policy(self) -> Policy {
@@ -276,7 +277,12 @@ where
                 } else {
                     tracing::debug!(reason = %err, "keygate: requirement not met");
                 }
-                let mut res = err.to_response(&self.policy.policy.realm, is_grpc(&req));
+                let realm = match (&self.policy.policy.realm, req.extensions().get::<LayerRealm>()) {
+                    (Some(own), _) => own.as_str(),
+                    (None, Some(LayerRealm(layer))) => layer,
+                    (None, None) => DEFAULT_REALM,
+                };
+                let mut res = err.to_response(realm, is_grpc(&req));
                 res.extensions_mut().insert(err.outcome());
                 RequireScopesFuture { kind: Kind::Rejected { res: Some(res) }, route }
             }

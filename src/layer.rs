@@ -77,6 +77,11 @@ pub const MAX_RAW_ROUTE_LEN: usize = 128;
 #[derive(Debug, Clone, Copy)]
 pub struct Anonymous;
 
+/// In a request's extensions when the layer's realm is not the default, so that
+/// [`RequireScopes`](crate::RequireScopes) answers with the same realm.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerRealm(pub(crate) Arc<str>);
+
 type BoxVerify = Pin<Box<dyn Future<Output = Result<Verdict, VerifyError>> + Send>>;
 
 /// Where a usage event's client IP comes from.
@@ -96,6 +101,7 @@ struct Config {
     optional: bool,
     keep_credentials: bool,
     realm: String,
+    realm_ext: Option<LayerRealm>,
     retry_after: Duration,
     usage: Option<Arc<dyn UsageSink>>,
     client_ip: ClientIp,
@@ -140,6 +146,7 @@ impl<V: Verifier> ApiKeyLayer<V> {
                 optional: false,
                 keep_credentials: false,
                 realm: DEFAULT_REALM.to_owned(),
+                realm_ext: None,
                 retry_after: DEFAULT_RETRY_AFTER,
                 usage: None,
                 client_ip: ClientIp::None,
@@ -184,6 +191,8 @@ impl<V: Verifier> ApiKeyLayer<V> {
     /// The realm in `WWW-Authenticate` (default `api`).
     pub fn realm(mut self, realm: impl Into<String>) -> Self {
         self.config.realm = realm.into();
+        self.config.realm_ext =
+            (self.config.realm != DEFAULT_REALM).then(|| LayerRealm(Arc::from(self.config.realm.as_str())));
         self
     }
 
@@ -264,6 +273,9 @@ where
         let span = tracing::debug_span!("keygate", key_id = tracing::field::Empty);
         let done = |err: AuthError, record| ResponseFuture::rejected(&self.shared, err, grpc, record, span.clone());
 
+        if let Some(realm) = &config.realm_ext {
+            req.extensions_mut().insert(realm.clone());
+        }
         let found = match find_key(&req, &config.sources, config.max_key_len) {
             Ok(found) => found,
             Err(err) => return done(err, record),
