@@ -159,6 +159,10 @@ impl AuthError {
             Self::InvalidKey(_) => format!("{base}, error=\"invalid_token\""),
             Self::Expired => format!("{base}, error=\"invalid_token\", error_description=\"key expired\""),
             Self::ConflictingCredentials(_) => format!("{base}, error=\"invalid_request\""),
+            // A requirement that names only roles has no scope to list.
+            Self::InsufficientScope { scopes, .. } if scopes.is_empty() => {
+                format!("{base}, error=\"insufficient_scope\"")
+            }
             Self::InsufficientScope { scopes, .. } => {
                 format!("{base}, error=\"insufficient_scope\", scope=\"{}\"", quote(&scopes.join(" ")))
             }
