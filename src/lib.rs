@@ -40,3 +40,6 @@ pub use verify::{Reason, StaticVerifier, Verdict, Verifier, VerifyError};
 
 // --- re-exports owned by the cache/remote work (src/verify/cached.rs, http.rs, events.rs)
 // --- re-exports owned by the usage pipeline work (src/usage/pipeline.rs, exporter.rs)
+#[cfg(feature = "remote")]
+pub use usage::HttpUsageExporter;
+pub use usage::{ChannelSink, PipelineHandle, PipelineStats, TracingSink, UsageBatch, UsageExporter, UsagePipeline};

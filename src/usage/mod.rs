@@ -124,3 +124,17 @@ mod duration_ms {
         Ok(Duration::from_secs_f64(ms / 1000.0))
     }
 }
+
+mod exporter;
+#[cfg(feature = "remote")]
+mod http;
+pub mod pipeline;
+mod sinks;
+
+pub use exporter::{ExportError, UsageBatch, UsageExporter};
+#[cfg(feature = "remote")]
+pub use http::{HttpExporterBuildError, HttpUsageExporter, HttpUsageExporterBuilder};
+pub use pipeline::{
+    FlushError, PipelineBuildError, PipelineHandle, PipelineStats, UsagePipeline, UsagePipelineBuilder,
+};
+pub use sinks::{ChannelSink, TracingSink};
