@@ -39,6 +39,10 @@ pub use usage::{Outcome, UsageEvent, UsageSink};
 pub use verify::{Reason, StaticVerifier, Verdict, Verifier, VerifyError};
 
 // --- re-exports owned by the cache/remote work (src/verify/cached.rs, http.rs, events.rs)
+#[cfg(feature = "cache")]
+pub use verify::{CacheStats, CachedVerifier, FailurePolicy};
+#[cfg(feature = "remote")]
+pub use verify::{HttpVerifier, RemoteConfigError, RevocationListener};
 // --- re-exports owned by the usage pipeline work (src/usage/pipeline.rs, exporter.rs)
 #[cfg(feature = "remote")]
 pub use usage::HttpUsageExporter;

@@ -102,3 +102,27 @@ impl<V: Verifier> Verifier for Arc<V> {
         (**self).verify(key)
     }
 }
+
+#[cfg(feature = "cache")]
+mod cached;
+#[cfg(feature = "cache")]
+pub use cached::{
+    CacheStats, CachedVerifier, CachedVerifierBuilder, DEFAULT_CAPACITY, DEFAULT_NEGATIVE_CAPACITY,
+    DEFAULT_NEGATIVE_TTL, DEFAULT_POSITIVE_TTL, DEFAULT_STALE_IF_ERROR, DEFAULT_STALE_RETRY_INTERVAL, FailurePolicy,
+};
+
+#[cfg(feature = "remote")]
+mod http;
+#[cfg(feature = "remote")]
+pub use http::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HttpVerifier, HttpVerifierBuilder,
+    KeyServiceUrls, RemoteConfigError,
+};
+
+#[cfg(feature = "remote")]
+mod events;
+#[cfg(feature = "remote")]
+pub use events::{
+    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_LINE_BYTES, ListenerStats,
+    RevocationListener, RevocationListenerBuilder,
+};
