@@ -195,7 +195,7 @@ impl AuthError {
             h.insert(header::WWW_AUTHENTICATE, v);
         }
         if let Some(after) = self.retry_after() {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+            h.insert(header::RETRY_AFTER, retry_after_value(after));
         }
         res
     }
@@ -210,7 +210,7 @@ impl AuthError {
             h.insert("grpc-message", v);
         }
         if let Some(after) = self.retry_after() {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+            h.insert(header::RETRY_AFTER, retry_after_value(after));
         }
         res
     }
@@ -235,6 +235,11 @@ impl axum::response::IntoResponse for AuthError {
     fn into_response(self) -> axum::response::Response {
         self.to_http_response::<axum::body::Body>(crate::layer::DEFAULT_REALM).map(axum::body::Body::new)
     }
+}
+
+/// Whole seconds, rounded up so that a client waiting that long is never early.
+fn retry_after_value(after: Duration) -> HeaderValue {
+    HeaderValue::from(after.as_millis().div_ceil(1000).max(1) as u64)
 }
 
 /// Escapes a quoted-string's `"` and `\`; drops control characters.

@@ -142,7 +142,7 @@ impl fmt::Display for ApiKey {
 ///
 /// Equality is constant-time. `Debug` prints the first 8 hex digits only, which is
 /// enough to correlate and useless for guessing.
-#[derive(Clone, Copy, Hash)]
+#[derive(Clone, Copy)]
 pub struct KeyDigest([u8; 32]);
 
 impl KeyDigest {
@@ -193,6 +193,13 @@ impl PartialEq for KeyDigest {
 }
 
 impl Eq for KeyDigest {}
+
+impl std::hash::Hash for KeyDigest {
+    // Hashes the same bytes equality compares, so the Hash/Eq contract holds.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
 
 impl fmt::Debug for KeyDigest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -62,6 +62,7 @@ use crate::error::{AuthError, InvalidKey, is_grpc};
 use crate::extract::{DEFAULT_MAX_KEY_LEN, KeySource, find_key, strip_credential};
 use crate::key::KeyFormat;
 use crate::principal::Principal;
+use crate::ratelimit::RateLimiter;
 use crate::usage::{Outcome, UsageEvent, UsageSink};
 use crate::verify::{Reason, Verdict, Verifier, VerifyError};
 
@@ -105,6 +106,9 @@ struct Config {
     retry_after: Duration,
     usage: Option<Arc<dyn UsageSink>>,
     client_ip: ClientIp,
+    // Shared by every route the layer is applied to: a key's limit is per process,
+    // not per route.
+    rate_limiter: Option<Arc<RateLimiter>>,
 }
 
 struct Shared<V> {
@@ -150,6 +154,7 @@ impl<V: Verifier> ApiKeyLayer<V> {
                 retry_after: DEFAULT_RETRY_AFTER,
                 usage: None,
                 client_ip: ClientIp::None,
+                rate_limiter: Some(Arc::new(RateLimiter::default())),
             },
         }
     }
@@ -199,6 +204,14 @@ impl<V: Verifier> ApiKeyLayer<V> {
     /// `Retry-After` on 503 answers (default 5 s).
     pub fn retry_after(mut self, after: Duration) -> Self {
         self.config.retry_after = after;
+        self
+    }
+
+    /// Enforce the rate limit a key's principal carries (default `true`): 429 with
+    /// `Retry-After` once a key exceeds it. Limits are counted per process; see
+    /// [`RateLimiter`].
+    pub fn rate_limits(mut self, enforce: bool) -> Self {
+        self.config.rate_limiter = enforce.then(|| Arc::new(RateLimiter::default()));
         self
     }
 
@@ -460,10 +473,17 @@ where
 }
 
 /// Turns a verifier's answer into a principal or a rejection.
-fn decide(result: Result<Verdict, VerifyError>, retry_after: Duration) -> Result<Principal, AuthError> {
+fn decide(result: Result<Verdict, VerifyError>, config: &Config) -> Result<Principal, AuthError> {
+    let retry_after = config.retry_after;
     match result {
         Ok(Verdict::Valid(p)) if p.is_expired_at(OffsetDateTime::now_utc()) => Err(AuthError::Expired),
-        Ok(Verdict::Valid(p)) => Ok(p),
+        Ok(Verdict::Valid(p)) => match (p.ratelimit(), &config.rate_limiter) {
+            (Some(limit), Some(limiter)) => match limiter.check(p.key_id_arc(), limit) {
+                Ok(()) => Ok(p),
+                Err(retry_after) => Err(AuthError::RateLimited { retry_after }),
+            },
+            _ => Ok(p),
+        },
         Ok(Verdict::Invalid(Reason::Expired)) => Err(AuthError::Expired),
         Ok(Verdict::Invalid(reason)) => Err(AuthError::InvalidKey(InvalidKey::Rejected(reason))),
         Err(e) => {
@@ -489,13 +509,16 @@ where
                     let Some((mut inner, mut req)) = pending.take() else {
                         panic!("keygate ResponseFuture polled after completion");
                     };
-                    match decide(result, this.shared.config().retry_after) {
+                    if let Ok(Verdict::Valid(p)) = &result {
+                        this.span.record("key_id", p.key_id());
+                        // Even a rate-limited or expired key's event names the key.
+                        if let Some(r) = this.record.as_mut() {
+                            r.principal = Some(p.clone());
+                        }
+                    }
+                    match decide(result, this.shared.config()) {
                         Ok(principal) => {
-                            this.span.record("key_id", principal.key_id());
                             let outcome = if principal.is_fail_open() { Outcome::FailOpen } else { Outcome::Allowed };
-                            if let Some(r) = this.record.as_mut() {
-                                r.principal = Some(principal.clone());
-                            }
                             req.extensions_mut().insert(principal);
                             let fut = inner.call(req);
                             this.state.set(State::Inner { fut, outcome });

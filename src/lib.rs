@@ -18,6 +18,7 @@ pub mod extract;
 pub mod key;
 pub mod layer;
 pub mod principal;
+pub mod ratelimit;
 pub mod scope;
 pub mod usage;
 pub mod verify;

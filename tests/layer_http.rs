@@ -474,3 +474,23 @@ async fn revoked_and_disabled_reasons_reach_the_verdict() {
     assert!(matches!(v.verify(&app.keys.revoked).await, Ok(Verdict::Invalid(Reason::Revoked))));
     assert!(matches!(v.verify(&app.keys.disabled).await, Ok(Verdict::Invalid(Reason::Disabled))));
 }
+
+#[tokio::test]
+async fn a_key_over_its_rate_limit_gets_429_with_retry_after() {
+    let key = ApiKey::generate("kg").unwrap();
+    let limited = Principal::builder("key_limited")
+        .scopes(ScopeSet::parse(["reports:read"]).unwrap())
+        .ratelimit(Some(keygate::RateLimit { limit: 2, period_s: 60 }))
+        .build();
+    let base = serve(routes().layer(ApiKeyLayer::new(StaticVerifier::new().with_key(&key, limited)))).await;
+    let client = reqwest::Client::new();
+    let get = || client.get(format!("{base}/reports")).header("x-api-key", key.expose_secret()).send();
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(get().await.unwrap().status(), StatusCode::OK);
+    let res = get().await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((29..=31).contains(&wait), "retry-after {wait}");
+    assert!(res.headers().get(WWW_AUTHENTICATE).is_none());
+    assert_eq!(problem(res).await["status"], 429);
+}

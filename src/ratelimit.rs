@@ -1,0 +1,109 @@
+//! Per-key rate limits, for keys whose principal carries a [`RateLimit`].
+//!
+//! GCRA (the generic cell rate algorithm): one atomic "theoretical arrival time" per
+//! key id, so checking a limit is a read lock and a compare-and-swap. A key may send
+//! `limit` requests in a burst and then one every `period / limit`.
+//!
+//! Limits are enforced per process: with N replicas of a service a key can make up to
+//! N × `limit` requests per period in total.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::principal::RateLimit;
+
+/// Most keys tracked at once unless configured otherwise.
+pub const DEFAULT_MAX_TRACKED_KEYS: usize = 100_000;
+
+/// Tracks per-key request rates.
+#[derive(Debug)]
+pub struct RateLimiter {
+    epoch: Instant,
+    max_keys: usize,
+    keys: RwLock<HashMap<Arc<str>, Arc<AtomicU64>>>,
+}
+
+impl Default for RateLimiter {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_TRACKED_KEYS)
+    }
+}
+
+impl RateLimiter {
+    /// A limiter tracking at most `max_keys` keys (idle keys are forgotten first).
+    pub fn new(max_keys: usize) -> Self {
+        Self { epoch: Instant::now(), max_keys, keys: RwLock::new(HashMap::new()) }
+    }
+
+    /// Counts one request for `key_id`; `Err(wait)` when over the limit.
+    pub fn check(&self, key_id: &Arc<str>, limit: RateLimit) -> Result<(), Duration> {
+        if limit.limit == 0 {
+            return Err(Duration::from_secs(limit.period_s.max(1)));
+        }
+        let period = Duration::from_secs(limit.period_s.max(1)).as_nanos() as u64;
+        let interval = (period / limit.limit).max(1);
+        let tolerance = period.saturating_sub(interval);
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let Some(tat) = self.slot(key_id, now) else { return Ok(()) };
+        let mut current = tat.load(Ordering::Acquire);
+        loop {
+            let start = current.max(now);
+            if start - now > tolerance {
+                return Err(Duration::from_nanos(start - now - tolerance));
+            }
+            match tat.compare_exchange_weak(current, start + interval, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(()),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    fn slot(&self, key_id: &Arc<str>, now: u64) -> Option<Arc<AtomicU64>> {
+        if let Some(slot) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(key_id) {
+            return Some(slot.clone());
+        }
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        if keys.len() >= self.max_keys {
+            // A key whose arrival time has passed is fully replenished: forgetting it
+            // changes nothing.
+            keys.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
+            if keys.len() >= self.max_keys {
+                tracing::warn!(max_keys = self.max_keys, "keygate: rate limiter full, not limiting a new key");
+                return None;
+            }
+        }
+        Some(keys.entry(key_id.clone()).or_insert_with(|| Arc::new(AtomicU64::new(0))).clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allows_a_burst_of_limit_then_refuses() {
+        let rl = RateLimiter::default();
+        let key: Arc<str> = Arc::from("key_1");
+        let limit = RateLimit { limit: 5, period_s: 60 };
+        for _ in 0..5 {
+            assert!(rl.check(&key, limit).is_ok());
+        }
+        let wait = rl.check(&key, limit).unwrap_err();
+        assert!(wait > Duration::from_secs(10) && wait <= Duration::from_secs(12), "{wait:?}");
+        // Other keys are independent.
+        assert!(rl.check(&Arc::from("key_2"), limit).is_ok());
+    }
+
+    #[test]
+    fn full_limiter_forgets_idle_keys() {
+        let rl = RateLimiter::new(2);
+        let limit = RateLimit { limit: 1, period_s: 3600 };
+        assert!(rl.check(&Arc::from("a"), limit).is_ok());
+        assert!(rl.check(&Arc::from("b"), limit).is_ok());
+        // Both are busy for an hour, so a third key cannot be tracked and passes.
+        assert!(rl.check(&Arc::from("c"), limit).is_ok());
+        assert!(rl.check(&Arc::from("a"), limit).is_err());
+    }
+}
