@@ -1,1 +1,421 @@
-//! The reference key service.
+//! The reference key service (feature `server`): the other side of keygate's wire
+//! protocol (DESIGN.md §4), as a library and as the binary `keygate-server`.
+//!
+//! It issues, stores, rotates, revokes and verifies keys; stores only `SHA-256(key)`
+//! and a display prefix (`kg_3fA9`); expands roles into effective scopes on verify;
+//! keeps an append-only audit log; pushes invalidations to middlewares over
+//! Server-Sent Events ([`events`]); aggregates usage per key and minute; and raises
+//! anomaly [`alerts`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use keygate::server::{AdminClient, KeyServer, NewKey};
+//!
+//! let server = KeyServer::builder()
+//!     .database("sqlite::memory:")
+//!     .service_token("svc")
+//!     .admin_token("adm")
+//!     .listen("127.0.0.1:0".parse()?)
+//!     .start()
+//!     .await?;
+//! let admin = AdminClient::new(server.url(), "adm")?;
+//! let created = admin
+//!     .create_key(NewKey { owner: "acme".into(), name: "ci".into(), scopes: vec!["reports:read".into()], ..Default::default() })
+//!     .await?;
+//! println!("{} (shown once)", created.key.expose_secret());
+//! server.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! **Rotation** keeps the key id: `POST /v1/keys/{id}/rotate` adds a new secret to the
+//! same key, and the previous secrets keep working until now + `grace_s` (verify then
+//! reports that time as `expires_at`, so no cache outlives it). One id per key means
+//! audit, usage and invalidation (`rotated`, by key id) follow the key across rotations.
+//!
+//! **Verdict precedence**: `REVOKED`, then `DISABLED`, then `EXPIRED`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub mod alerts;
+mod api;
+mod auth;
+mod client;
+pub mod error;
+pub mod events;
+pub mod model;
+pub mod store;
+mod usage;
+
+pub use alerts::AlertConfig;
+pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};
+pub use auth::{Admin, Service};
+pub use client::{AdminClient, ClientError, CreatedKey};
+pub use error::{ApiError, ServerError};
+pub use events::EventHub;
+pub use model::{Alert, AlertKind, AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageBucket, UsageReport};
+pub use store::{Store, StoreError};
+pub use usage::network_of;
+
+use auth::Tokens;
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
+/// Default heartbeat interval on `GET /v1/events`.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+/// Default per-subscriber event buffer.
+pub const DEFAULT_EVENT_BUFFER: usize = 1024;
+/// Default prefix of issued keys.
+pub const DEFAULT_KEY_PREFIX: &str = "kg";
+
+/// Counters of a running key service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// `POST /v1/keys/verify` requests handled (past token check).
+    pub verify_calls: u64,
+    /// Verify answers `valid: true`.
+    pub verify_valid: u64,
+    /// Verify answers `valid: false`.
+    pub verify_invalid: u64,
+    /// Usage batches stored.
+    pub usage_batches: u64,
+    /// Usage events stored.
+    pub usage_events: u64,
+    /// Usage events without a key id (counted, not stored per key).
+    pub usage_unattributed: u64,
+    /// Events middlewares reported as dropped.
+    pub usage_dropped_reported: u64,
+    /// SSE events published.
+    pub events_published: u64,
+    /// SSE streams open now.
+    pub event_subscribers: u64,
+    /// Alerts raised.
+    pub alerts_raised: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub verify_calls: AtomicU64,
+    pub verify_valid: AtomicU64,
+    pub verify_invalid: AtomicU64,
+    pub usage_batches: AtomicU64,
+    pub usage_events: AtomicU64,
+    pub usage_unattributed: AtomicU64,
+    pub usage_dropped_reported: AtomicU64,
+    pub alerts_raised: AtomicU64,
+}
+
+/// Everything the routes share: store, tokens, event hub, counters, settings.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct ServerState {
+    pub(crate) inner: Arc<StateInner>,
+}
+
+pub(crate) struct StateInner {
+    pub store: Arc<dyn Store>,
+    pub tokens: Tokens,
+    pub hub: EventHub,
+    pub stats: Stats,
+    pub alerts: AlertConfig,
+    pub key_prefix: String,
+}
+
+impl ServerState {
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The event hub behind `GET /v1/events`.
+    pub fn events(&self) -> &EventHub {
+        &self.inner.hub
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ServerStats {
+        let s = &self.inner.stats;
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ServerStats {
+            verify_calls: get(&s.verify_calls),
+            verify_valid: get(&s.verify_valid),
+            verify_invalid: get(&s.verify_invalid),
+            usage_batches: get(&s.usage_batches),
+            usage_events: get(&s.usage_events),
+            usage_unattributed: get(&s.usage_unattributed),
+            usage_dropped_reported: get(&s.usage_dropped_reported),
+            events_published: self.inner.hub.published(),
+            event_subscribers: self.inner.hub.subscribers(),
+            alerts_raised: get(&s.alerts_raised),
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState").field("stats", &self.stats()).finish_non_exhaustive()
+    }
+}
+
+/// Builds and starts a key service. See the [module docs](self).
+#[must_use]
+pub struct KeyServer {
+    database: String,
+    store: Option<Arc<dyn Store>>,
+    service_token: Option<String>,
+    admin_token: Option<String>,
+    listen: SocketAddr,
+    key_prefix: String,
+    heartbeat: Duration,
+    event_buffer: usize,
+    alerts: AlertConfig,
+}
+
+impl std::fmt::Debug for KeyServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyServer")
+            .field("listen", &self.listen)
+            .field("key_prefix", &self.key_prefix)
+            .field("heartbeat", &self.heartbeat)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyServer {
+    /// Defaults: database `sqlite::memory:`, listen `127.0.0.1:7700`, key prefix `kg`,
+    /// heartbeat 15 s, event buffer 1 024 per subscriber, [`AlertConfig::default`], and
+    /// tokens generated at start when not given (read them from [`RunningKeyServer`]).
+    pub fn builder() -> Self {
+        Self {
+            database: "sqlite::memory:".into(),
+            store: None,
+            service_token: None,
+            admin_token: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            key_prefix: DEFAULT_KEY_PREFIX.into(),
+            heartbeat: DEFAULT_HEARTBEAT,
+            event_buffer: DEFAULT_EVENT_BUFFER,
+            alerts: AlertConfig::default(),
+        }
+    }
+
+    /// The database URL: `sqlite://path` (created if missing), `sqlite::memory:`, or
+    /// with feature `postgres`, `postgres://...`.
+    pub fn database(mut self, url: impl Into<String>) -> Self {
+        self.database = url.into();
+        self
+    }
+
+    /// Uses an already open store instead of [`database`](Self::database).
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The token middlewares send to verify, report usage and follow events.
+    pub fn service_token(mut self, token: impl Into<String>) -> Self {
+        self.service_token = Some(token.into());
+        self
+    }
+
+    /// The token of the admin API.
+    pub fn admin_token(mut self, token: impl Into<String>) -> Self {
+        self.admin_token = Some(token.into());
+        self
+    }
+
+    /// Where to listen (port 0 picks a free one).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// Prefix of issued keys (`[a-z][a-z0-9]{0,15}`, default `kg`).
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Heartbeat interval of `GET /v1/events` (default 15 s).
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every;
+        self
+    }
+
+    /// Events buffered per subscriber before it is told to `reset` (default 1 024).
+    pub fn event_buffer(mut self, events: usize) -> Self {
+        self.event_buffer = events;
+        self
+    }
+
+    /// Alert thresholds.
+    pub fn alerts(mut self, config: AlertConfig) -> Self {
+        self.alerts = config;
+        self
+    }
+
+    fn tokens(&mut self) -> Result<(String, String), ServerError> {
+        let gen_token = |prefix: &str| {
+            crate::key::ApiKey::generate(prefix)
+                .map(|k| k.expose_secret().to_owned())
+                .map_err(|e| ServerError::Config(e.to_string()))
+        };
+        let service = match self.service_token.take() {
+            Some(t) => t,
+            None => gen_token("kgsvc")?,
+        };
+        let admin = match self.admin_token.take() {
+            Some(t) => t,
+            None => gen_token("kgadmin")?,
+        };
+        for (name, t) in [("service", &service), ("admin", &admin)] {
+            if t.len() < 3 || t.len() > 1024 || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ServerError::Config(format!(
+                    "the {name} token must be 3 to 1024 visible ASCII characters"
+                )));
+            }
+        }
+        if service == admin {
+            return Err(ServerError::Config("the service and admin tokens must differ".into()));
+        }
+        Ok((service, admin))
+    }
+
+    /// Opens the store and builds the shared state, without listening: for embedding
+    /// [`router`] into another server. Returns the state and the (service, admin) tokens.
+    pub async fn build(mut self) -> Result<(ServerState, String, String), ServerError> {
+        crate::key::validate_prefix(&self.key_prefix)
+            .map_err(|e| ServerError::Config(format!("key prefix `{}`: {e}", self.key_prefix)))?;
+        let (service, admin) = self.tokens()?;
+        let store = match self.store.take() {
+            Some(s) => s,
+            None => store::open(&self.database).await?,
+        };
+        let state = ServerState {
+            inner: Arc::new(StateInner {
+                store,
+                tokens: Tokens::new(&service, &admin),
+                hub: EventHub::new(self.event_buffer, self.heartbeat),
+                stats: Stats::default(),
+                alerts: self.alerts.clone(),
+                key_prefix: self.key_prefix.clone(),
+            }),
+        };
+        Ok((state, service, admin))
+    }
+
+    /// Opens the store, runs migrations, binds and starts serving in the background.
+    pub async fn start(self) -> Result<RunningKeyServer, ServerError> {
+        let listen = self.listen;
+        let (state, service_token, admin_token) = self.build().await?;
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: listen, source })?;
+        let app = router(state.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let hub = state.inner.hub.clone();
+        let task = tokio::spawn(async move {
+            let stop = async move {
+                let _ = stop_rx.await;
+                // Event streams never end on their own: end them so that the graceful
+                // shutdown does not wait for them.
+                hub.disconnect_all();
+            };
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "key service stopped with an error");
+            }
+        });
+        tracing::info!(%addr, "key service listening");
+        Ok(RunningKeyServer { addr, state, stop: Some(stop_tx), task: Some(task), service_token, admin_token })
+    }
+}
+
+/// A key service serving in the background. Dropping it starts a graceful shutdown;
+/// [`shutdown`](Self::shutdown) also waits for it.
+pub struct RunningKeyServer {
+    addr: SocketAddr,
+    state: ServerState,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    service_token: String,
+    admin_token: String,
+}
+
+impl std::fmt::Debug for RunningKeyServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningKeyServer").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl RunningKeyServer {
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://{addr}`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> ServerStats {
+        self.state.stats()
+    }
+
+    /// The shared state (store, event hub).
+    pub fn state(&self) -> &ServerState {
+        &self.state
+    }
+
+    /// The service token (configured or generated).
+    pub fn service_token(&self) -> &str {
+        &self.service_token
+    }
+
+    /// The admin token (configured or generated).
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// Ends every open `GET /v1/events` stream now; subscribers may reconnect.
+    pub fn disconnect_event_streams(&self) {
+        self.state.inner.hub.disconnect_all();
+    }
+
+    /// Waits for `signal`, then shuts down gracefully.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        self.shutdown().await;
+    }
+
+    /// Stops accepting connections, ends event streams, lets in-flight requests finish
+    /// (for up to 10 s) and returns.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut task) = self.task.take() {
+            if tokio::time::timeout(Duration::from_secs(10), &mut task).await.is_err() {
+                tracing::warn!("graceful shutdown timed out; aborting open connections");
+                task.abort();
+            }
+        }
+        tracing::info!(addr = %self.addr, "key service stopped");
+    }
+}
+
+impl Drop for RunningKeyServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}

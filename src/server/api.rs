@@ -1,0 +1,552 @@
+//! The HTTP API of protocol v1 (DESIGN.md §4) as an axum [`Router`].
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::response::sse::Sse;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Router, http::StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use super::ServerState;
+use super::auth::{Admin, Service};
+use super::error::{ApiError, shown};
+use super::events::KeyEvent;
+use super::model::{
+    DEFAULT_ENVIRONMENT, KeyInfo, KeyPatch, MAX_GRACE_S, NewKey, RoleRequest, RotateRequest, UsageBatch, UsageReport,
+    validate_environment, validate_expiry, validate_meta, validate_ratelimit, validate_role_name, validate_roles,
+    validate_scopes, validate_text,
+};
+use super::store::{NewKeyRecord, NewSecret, now_ms};
+use crate::key::ApiKey;
+use crate::principal::RateLimit;
+use crate::verify::Reason;
+
+/// Largest admin or verify request body: 64 KiB.
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// Largest `POST /v1/usage` body: 4 MiB.
+pub const USAGE_BODY_LIMIT: usize = 4 * 1024 * 1024;
+/// Most events in one `POST /v1/usage` batch.
+pub const MAX_USAGE_EVENTS: usize = 10_000;
+/// Most records one `GET /v1/audit`, `/v1/alerts` or `/v1/keys` answer holds.
+pub const MAX_RECORDS: u32 = 1000;
+/// Most minutes one `GET /v1/usage` answer holds: 7 days.
+pub const MAX_USAGE_MINUTES: u32 = 7 * 24 * 60;
+/// Longer keys cannot be ours: answered `NOT_FOUND` without a lookup.
+const MAX_VERIFY_KEY_LEN: usize = 1024;
+/// A role change touching more keys than this publishes one `reset` instead of one
+/// `updated` per key, so that it cannot overflow subscribers' buffers.
+const MAX_EVENTS_PER_CHANGE: usize = 256;
+
+/// The key service's routes, with `state` applied.
+///
+/// | route | token |
+/// | --- | --- |
+/// | `POST /v1/keys/verify`, `POST /v1/usage`, `GET /v1/events` | service |
+/// | `POST/GET /v1/keys`, `GET/PATCH /v1/keys/{id}`, `POST /v1/keys/{id}/rotate`, `POST /v1/keys/{id}/revoke`, `PUT /v1/roles/{name}`, `GET /v1/roles`, `GET /v1/audit`, `GET /v1/usage`, `GET /v1/alerts` | admin |
+/// | `GET /healthz` | none |
+pub fn router(state: ServerState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/keys/verify", post(verify))
+        .route("/v1/keys", post(create_key).get(list_keys))
+        .route("/v1/keys/{id}", get(get_key).patch(patch_key))
+        .route("/v1/keys/{id}/rotate", post(rotate_key))
+        .route("/v1/keys/{id}/revoke", post(revoke_key))
+        .route("/v1/roles", get(list_roles))
+        .route("/v1/roles/{name}", put(put_role))
+        .route("/v1/audit", get(audit))
+        .route("/v1/usage", post(ingest_usage).get(read_usage))
+        .route("/v1/alerts", get(alerts))
+        .route("/v1/events", get(events))
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::invalid("method_not_allowed", "this route does not accept that method")
+        })
+        .with_state(state)
+}
+
+/// A JSON body read with a size limit, whose every failure is an [`ApiError`]:
+/// 413 over `LIMIT` bytes, 400 with serde's position and reason otherwise.
+/// The content type is not checked: the body is JSON or it is refused.
+pub struct JsonBody<T, const LIMIT: usize = BODY_LIMIT>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S> for JsonBody<T, LIMIT> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > LIMIT as u64) {
+            return Err(ApiError::TooLarge(LIMIT));
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), LIMIT).await.map_err(|e| {
+            if is_length_limit(&e) {
+                ApiError::TooLarge(LIMIT)
+            } else {
+                ApiError::invalid("invalid_request", "the request body could not be read")
+            }
+        })?;
+        parse_json(&bytes).map(JsonBody)
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::invalid("invalid_json", "the request body is empty; expected a JSON object"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::invalid("invalid_request", e.to_string()),
+        _ => ApiError::invalid("invalid_json", format!("malformed JSON: {e}")),
+    })
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(t)| t).map_err(|e| ApiError::invalid("invalid_query", e.body_text()))
+}
+
+fn path(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|Path(s)| s).map_err(|e| ApiError::invalid("invalid_request", e.body_text()))
+}
+
+fn parse_time(field: &str, s: &str) -> Result<OffsetDateTime, ApiError> {
+    OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|_| {
+        ApiError::invalid("invalid_query", format!("`{field}` must be an RFC 3339 time, got `{}`", shown(s)))
+    })
+}
+
+async fn healthz(State(state): State<ServerState>) -> Response {
+    match state.inner.store.ping().await {
+        Ok(()) => Json(json!({ "status": "ok" })).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "health check failed");
+            ApiError::Unavailable.into_response()
+        }
+    }
+}
+
+// ---- verify
+
+#[derive(Deserialize)]
+struct VerifyRequest {
+    key: String,
+}
+
+/// `POST /v1/keys/verify` answer for a valid key.
+#[derive(Serialize)]
+struct Valid<'a> {
+    valid: bool,
+    key_id: &'a str,
+    owner: &'a str,
+    name: &'a str,
+    scopes: Vec<String>,
+    roles: &'a [String],
+    environment: &'a str,
+    #[serde(with = "time::serde::rfc3339::option")]
+    expires_at: Option<OffsetDateTime>,
+    meta: &'a Value,
+    ratelimit: Option<RateLimit>,
+}
+
+async fn verify(
+    State(state): State<ServerState>,
+    _: Service,
+    body: Result<JsonBody<VerifyRequest>, ApiError>,
+) -> Response {
+    state.inner.stats.verify_calls.fetch_add(1, Ordering::Relaxed);
+    // A data error could echo the key back in serde's message: keep it generic here.
+    let body = match body {
+        Ok(JsonBody(b)) => b,
+        Err(ApiError::Invalid { .. }) => {
+            return ApiError::invalid("invalid_request", "expected a JSON object {\"key\": \"<key>\"}").into_response();
+        }
+        Err(e) => return e.into_response(),
+    };
+    let key = ApiKey::new(body.key);
+    let answer = match decide(&state, &key).await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let counter = if answer.is_ok() { &state.inner.stats.verify_valid } else { &state.inner.stats.verify_invalid };
+    counter.fetch_add(1, Ordering::Relaxed);
+    match answer {
+        Ok(json) => json,
+        Err(reason) => Json(json!({ "valid": false, "code": reason.code() })).into_response(),
+    }
+}
+
+async fn decide(state: &ServerState, key: &ApiKey) -> Result<Result<Response, Reason>, ApiError> {
+    if key.is_empty() || key.len() > MAX_VERIFY_KEY_LEN {
+        return Ok(Err(Reason::NotFound));
+    }
+    let Some(found) = state.inner.store.find_by_digest(&key.digest()).await? else {
+        tracing::debug!("verify: no such key");
+        return Ok(Err(Reason::NotFound));
+    };
+    let k = &found.key;
+    let now = OffsetDateTime::now_utc();
+    // A rotated-away secret stops at the end of its grace; the answer carries that
+    // time so that no cache keeps it longer.
+    let expires_at = match (k.expires_at, found.secret_expires_at) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let reason = if k.revoked {
+        Some(Reason::Revoked)
+    } else if k.disabled {
+        Some(Reason::Disabled)
+    } else if expires_at.is_some_and(|e| e <= now) {
+        Some(Reason::Expired)
+    } else {
+        None
+    };
+    tracing::debug!(key_id = %k.key_id, outcome = reason.map_or("VALID", Reason::code), "verify");
+    if let Some(reason) = reason {
+        return Ok(Err(reason));
+    }
+    let scopes: BTreeSet<&String> = k.scopes.iter().chain(found.role_scopes.iter()).collect();
+    let answer = Valid {
+        valid: true,
+        key_id: &k.key_id,
+        owner: &k.owner,
+        name: &k.name,
+        scopes: scopes.into_iter().cloned().collect(),
+        roles: &k.roles,
+        environment: &k.environment,
+        expires_at,
+        meta: &k.meta,
+        ratelimit: k.ratelimit,
+    };
+    Ok(Ok(Json(answer).into_response()))
+}
+
+// ---- keys
+
+/// Create and rotate answers: the raw key, shown once, plus the key's fields.
+#[derive(Serialize)]
+struct Created<'a> {
+    key: &'a str,
+    #[serde(flatten)]
+    info: &'a KeyInfo,
+    #[serde(skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    previous_expires_at: Option<OffsetDateTime>,
+}
+
+fn new_secret(state: &ServerState) -> Result<(ApiKey, NewSecret), ApiError> {
+    let key = ApiKey::generate(&state.inner.key_prefix).map_err(|e| {
+        tracing::error!(error = %e, "cannot generate a key");
+        ApiError::Internal
+    })?;
+    let secret = NewSecret { digest: key.digest(), key_prefix: key.display_prefix() };
+    Ok((key, secret))
+}
+
+async fn create_key(
+    State(state): State<ServerState>,
+    _: Admin,
+    JsonBody(req): JsonBody<NewKey>,
+) -> Result<Response, ApiError> {
+    let now = now_ms();
+    validate_text("owner", &req.owner)?;
+    validate_text("name", &req.name)?;
+    let scopes = validate_scopes("scopes", &req.scopes)?;
+    let roles = validate_roles(&req.roles)?;
+    let environment = req.environment.unwrap_or_else(|| DEFAULT_ENVIRONMENT.to_owned());
+    validate_environment(&environment)?;
+    if let Some(at) = req.expires_at {
+        validate_expiry(at, now)?;
+    }
+    let meta = req.meta.unwrap_or_else(|| json!({}));
+    validate_meta(&meta)?;
+    if let Some(rl) = &req.ratelimit {
+        validate_ratelimit(rl)?;
+    }
+    let (key, secret) = new_secret(&state)?;
+    let record = NewKeyRecord {
+        key_id: format!("key_{}", random_base62(22)?),
+        secret,
+        owner: req.owner,
+        name: req.name,
+        scopes,
+        roles,
+        environment,
+        expires_at: req.expires_at.map(truncate_ms),
+        meta,
+        ratelimit: req.ratelimit,
+        created_at: now,
+    };
+    let info = state.inner.store.create_key(&record, Admin::ACTOR).await?;
+    tracing::info!(key_id = %info.key_id, owner = %info.owner, "key created");
+    let body = Created { key: key.expose_secret(), info: &info, previous_expires_at: None };
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    owner: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list_keys(
+    State(state): State<ServerState>,
+    _: Admin,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(MAX_RECORDS).clamp(1, MAX_RECORDS);
+    let keys = state.inner.store.list_keys(q.owner.as_deref(), limit).await?;
+    Ok(Json(json!({ "keys": keys })))
+}
+
+async fn load(state: &ServerState, id: &str) -> Result<KeyInfo, ApiError> {
+    let found = if looks_like_key_id(id) { state.inner.store.get_key(id).await? } else { None };
+    found.ok_or_else(|| ApiError::NotFound(format!("no key with id `{}`", shown(id))))
+}
+
+fn looks_like_key_id(id: &str) -> bool {
+    id.len() <= 64 && id.starts_with("key_") && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+async fn get_key(
+    State(state): State<ServerState>,
+    _: Admin,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<KeyInfo>, ApiError> {
+    Ok(Json(load(&state, &path(id)?).await?))
+}
+
+async fn patch_key(
+    State(state): State<ServerState>,
+    _: Admin,
+    id: Result<Path<String>, PathRejection>,
+    JsonBody(mut patch): JsonBody<KeyPatch>,
+) -> Result<Json<KeyInfo>, ApiError> {
+    let id = path(id)?;
+    let now = now_ms();
+    if patch.is_empty() {
+        return Err(ApiError::invalid(
+            "invalid_request",
+            "nothing to change: send one or more of name, scopes, roles, disabled, meta, expires_at, ratelimit",
+        ));
+    }
+    if let Some(name) = &patch.name {
+        validate_text("name", name)?;
+    }
+    if let Some(scopes) = &patch.scopes {
+        patch.scopes = Some(validate_scopes("scopes", scopes)?);
+    }
+    if let Some(roles) = &patch.roles {
+        patch.roles = Some(validate_roles(roles)?);
+    }
+    if let Some(meta) = &patch.meta {
+        validate_meta(meta)?;
+    }
+    if let Some(Some(at)) = patch.expires_at {
+        validate_expiry(at, now)?;
+        patch.expires_at = Some(Some(truncate_ms(at)));
+    }
+    if let Some(Some(rl)) = &patch.ratelimit {
+        validate_ratelimit(rl)?;
+    }
+    load(&state, &id).await?;
+    let info = state.inner.store.update_key(&id, &patch, Admin::ACTOR, now).await?;
+    tracing::info!(key_id = %id, "key updated");
+    state.inner.hub.key(KeyEvent::Updated, &id);
+    Ok(Json(info))
+}
+
+async fn rotate_key(
+    State(state): State<ServerState>,
+    _: Admin,
+    id: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let id = path(id)?;
+    // An empty body means the defaults (`grace_s` 0).
+    let bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT).await.map_err(|_| ApiError::TooLarge(BODY_LIMIT))?;
+    let req: RotateRequest =
+        if bytes.iter().all(u8::is_ascii_whitespace) { RotateRequest::default() } else { parse_json(&bytes)? };
+    if req.grace_s > MAX_GRACE_S {
+        return Err(ApiError::invalid("invalid_grace", format!("`grace_s` must be at most {MAX_GRACE_S} (30 days)")));
+    }
+    load(&state, &id).await?;
+    let now = now_ms();
+    let grace_until = now + time::Duration::seconds(req.grace_s as i64);
+    let (key, secret) = new_secret(&state)?;
+    let info = state.inner.store.rotate_key(&id, &secret, grace_until, Admin::ACTOR, now).await?;
+    tracing::info!(key_id = %id, grace_s = req.grace_s, "key rotated");
+    state.inner.hub.key(KeyEvent::Rotated, &id);
+    let body = Created { key: key.expose_secret(), info: &info, previous_expires_at: Some(grace_until) };
+    Ok(Json(body).into_response())
+}
+
+async fn revoke_key(
+    State(state): State<ServerState>,
+    _: Admin,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<KeyInfo>, ApiError> {
+    let id = path(id)?;
+    load(&state, &id).await?;
+    let info = state.inner.store.revoke_key(&id, Admin::ACTOR, now_ms()).await?;
+    tracing::info!(key_id = %id, "key revoked");
+    state.inner.hub.key(KeyEvent::Revoked, &id);
+    Ok(Json(info))
+}
+
+// ---- roles
+
+async fn put_role(
+    State(state): State<ServerState>,
+    _: Admin,
+    name: Result<Path<String>, PathRejection>,
+    JsonBody(req): JsonBody<RoleRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let name = path(name)?;
+    validate_role_name(&name).map_err(|m| ApiError::invalid("invalid_role", m))?;
+    let scopes = validate_scopes("scopes", &req.scopes)?;
+    let (role, affected) = state.inner.store.put_role(&name, &scopes, Admin::ACTOR, now_ms()).await?;
+    tracing::info!(role = %name, keys = affected.len(), "role put");
+    if affected.len() > MAX_EVENTS_PER_CHANGE {
+        state.inner.hub.reset("bulk");
+    } else {
+        for key_id in &affected {
+            state.inner.hub.key(KeyEvent::Updated, key_id);
+        }
+    }
+    Ok(Json(
+        json!({ "name": role.name, "scopes": role.scopes, "updated_at": super::store::rfc3339(Some(role.updated_at)), "keys_affected": affected.len() }),
+    ))
+}
+
+async fn list_roles(State(state): State<ServerState>, _: Admin) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!({ "roles": state.inner.store.list_roles().await? })))
+}
+
+// ---- audit, usage, alerts
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SinceQuery {
+    since: Option<String>,
+}
+
+async fn audit(
+    State(state): State<ServerState>,
+    _: Admin,
+    q: Result<Query<SinceQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let since = query(q)?.since.map(|s| parse_time("since", &s)).transpose()?;
+    Ok(Json(json!({ "records": state.inner.store.audit(since, MAX_RECORDS).await? })))
+}
+
+async fn alerts(
+    State(state): State<ServerState>,
+    _: Admin,
+    q: Result<Query<SinceQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let since = query(q)?.since.map(|s| parse_time("since", &s)).transpose()?;
+    Ok(Json(json!({ "alerts": state.inner.store.alerts(since, MAX_RECORDS).await? })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    key_id: Option<String>,
+    since: Option<String>,
+}
+
+async fn read_usage(
+    State(state): State<ServerState>,
+    _: Admin,
+    q: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Json<UsageReport>, ApiError> {
+    let q = query(q)?;
+    let key_id = q.key_id.ok_or_else(|| ApiError::invalid("invalid_query", "`key_id` is required"))?;
+    let since = match q.since {
+        Some(s) => parse_time("since", &s)?,
+        None => OffsetDateTime::now_utc() - time::Duration::hours(24),
+    };
+    let buckets = state.inner.store.usage(&key_id, since, MAX_USAGE_MINUTES).await?;
+    Ok(Json(UsageReport { key_id, buckets }))
+}
+
+async fn ingest_usage(
+    State(state): State<ServerState>,
+    _: Service,
+    JsonBody(batch): JsonBody<UsageBatch, USAGE_BODY_LIMIT>,
+) -> Result<Response, ApiError> {
+    if batch.events.len() > MAX_USAGE_EVENTS {
+        return Err(ApiError::invalid(
+            "too_many_events",
+            format!("a batch holds at most {MAX_USAGE_EVENTS} events, got {}", batch.events.len()),
+        ));
+    }
+    let stats = &state.inner.stats;
+    if batch.dropped > 0 {
+        tracing::warn!(dropped = batch.dropped, "a middleware reports dropped usage events");
+        stats.usage_dropped_reported.fetch_add(batch.dropped, Ordering::Relaxed);
+    }
+    let folded = super::usage::fold(&batch.events);
+    state.inner.store.record_usage(&folded.rows, &folded.last_used).await?;
+    stats.usage_batches.fetch_add(1, Ordering::Relaxed);
+    stats.usage_events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
+    stats.usage_unattributed.fetch_add(folded.unattributed, Ordering::Relaxed);
+    // The batch is stored: an alert evaluation failure must not make the middleware resend it.
+    if let Err(e) = super::alerts::evaluate(&state, &folded).await {
+        tracing::error!(error = %e, "alert evaluation failed");
+    }
+    Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": batch.events.len() }))).into_response())
+}
+
+// ---- events
+
+async fn events(State(state): State<ServerState>, _: Service) -> impl IntoResponse {
+    // Heartbeats are events of their own (see the `events` module): no keep-alive comments.
+    Sse::new(state.inner.hub.subscribe())
+}
+
+// ---- helpers
+
+fn truncate_ms(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000).unwrap_or(t)
+}
+
+/// `n` characters of base62 from the operating system's CSPRNG.
+fn random_base62(n: usize) -> Result<String, ApiError> {
+    const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut out = String::with_capacity(n);
+    let mut buf = [0u8; 64];
+    while out.len() < n {
+        getrandom::fill(&mut buf).map_err(|_| ApiError::Internal)?;
+        // 248 = 4 × 62: rejection sampling keeps the characters uniform.
+        for &b in buf.iter().filter(|&&b| b < 248) {
+            if out.len() == n {
+                break;
+            }
+            out.push(ALPHABET[(b % 62) as usize] as char);
+        }
+    }
+    Ok(out)
+}

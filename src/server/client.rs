@@ -1,0 +1,225 @@
+//! [`AdminClient`]: the admin API over HTTP, for the CLI, examples and tests.
+
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+
+use super::model::{Alert, AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageReport};
+use crate::key::ApiKey;
+
+/// What an admin call can fail with.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The key service could not be reached or the transfer failed.
+    #[error("request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The key service refused the call.
+    #[error("HTTP {status} {code}: {message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The `error` code.
+        code: String,
+        /// The `message`.
+        message: String,
+    },
+    /// The answer could not be understood.
+    #[error("unexpected answer: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an [`Api`](Self::Api) error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A created or rotated key: the raw key (shown this once) and the key's fields.
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    /// The key's id.
+    pub key_id: String,
+    /// The raw key. Store it now: the key service cannot show it again.
+    pub key: ApiKey,
+    /// The key's fields.
+    pub info: KeyInfo,
+    /// After a rotation: when the previous secret stops working.
+    pub previous_expires_at: Option<OffsetDateTime>,
+}
+
+impl<'de> Deserialize<'de> for CreatedKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Wire {
+            key: String,
+            #[serde(flatten)]
+            info: KeyInfo,
+            #[serde(default, with = "time::serde::rfc3339::option")]
+            previous_expires_at: Option<OffsetDateTime>,
+        }
+        let w = Wire::deserialize(d)?;
+        Ok(Self {
+            key_id: w.info.key_id.clone(),
+            key: ApiKey::new(w.key),
+            info: w.info,
+            previous_expires_at: w.previous_expires_at,
+        })
+    }
+}
+
+/// A client of the key service's admin API.
+///
+/// Timeouts: connect 2 s, whole request 10 s.
+#[derive(Clone)]
+pub struct AdminClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminClient").field("base", &self.base).finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct Keys {
+    keys: Vec<KeyInfo>,
+}
+#[derive(Deserialize)]
+struct Roles {
+    roles: Vec<RoleInfo>,
+}
+#[derive(Deserialize)]
+struct Records {
+    records: Vec<AuditRecord>,
+}
+#[derive(Deserialize)]
+struct Alerts {
+    alerts: Vec<Alert>,
+}
+
+fn rfc3339(t: OffsetDateTime) -> Result<String, ClientError> {
+    t.format(&time::format_description::well_known::Rfc3339).map_err(|e| ClientError::Decode(e.to_string()))
+}
+
+impl AdminClient {
+    /// A client of the key service at `url` (`http://127.0.0.1:7700`).
+    pub fn new(url: impl Into<String>, admin_token: impl Into<String>) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        Ok(Self { http, base: url.into().trim_end_matches('/').to_owned(), token: admin_token.into() })
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T, ClientError> {
+        let res = req.send().await?;
+        let status = res.status();
+        let bytes = res.bytes().await?;
+        if !status.is_success() {
+            #[derive(Deserialize)]
+            struct ErrorBody {
+                error: String,
+                message: String,
+            }
+            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(b) => (b.error, b.message),
+                Err(_) => (String::new(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
+            };
+            return Err(ClientError::Api { status: status.as_u16(), code, message });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// `POST /v1/keys`.
+    pub async fn create_key(&self, key: NewKey) -> Result<CreatedKey, ClientError> {
+        self.send(self.request(Method::POST, "/v1/keys").json(&key)).await
+    }
+
+    /// `GET /v1/keys/{id}`.
+    pub async fn get_key(&self, key_id: &str) -> Result<KeyInfo, ClientError> {
+        self.send(self.request(Method::GET, &format!("/v1/keys/{}", encode(key_id)))).await
+    }
+
+    /// `GET /v1/keys?owner=`: up to 1 000 keys, oldest first.
+    pub async fn list_keys(&self, owner: Option<&str>) -> Result<Vec<KeyInfo>, ClientError> {
+        let mut req = self.request(Method::GET, "/v1/keys");
+        if let Some(owner) = owner {
+            req = req.query(&[("owner", owner)]);
+        }
+        Ok(self.send::<Keys>(req).await?.keys)
+    }
+
+    /// `PATCH /v1/keys/{id}`.
+    pub async fn update_key(&self, key_id: &str, patch: &KeyPatch) -> Result<KeyInfo, ClientError> {
+        self.send(self.request(Method::PATCH, &format!("/v1/keys/{}", encode(key_id))).json(patch)).await
+    }
+
+    /// `POST /v1/keys/{id}/rotate`: a new secret; the old one works `grace_s` more seconds.
+    pub async fn rotate(&self, key_id: &str, grace_s: u64) -> Result<CreatedKey, ClientError> {
+        let body = serde_json::json!({ "grace_s": grace_s });
+        self.send(self.request(Method::POST, &format!("/v1/keys/{}/rotate", encode(key_id))).json(&body)).await
+    }
+
+    /// `POST /v1/keys/{id}/revoke`.
+    pub async fn revoke(&self, key_id: &str) -> Result<KeyInfo, ClientError> {
+        self.send(self.request(Method::POST, &format!("/v1/keys/{}/revoke", encode(key_id)))).await
+    }
+
+    /// `PUT /v1/roles/{name}`.
+    pub async fn put_role<I, S>(&self, name: &str, scopes: I) -> Result<RoleInfo, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let scopes: Vec<String> = scopes.into_iter().map(Into::into).collect();
+        let body = serde_json::json!({ "scopes": scopes });
+        self.send(self.request(Method::PUT, &format!("/v1/roles/{}", encode(name))).json(&body)).await
+    }
+
+    /// `GET /v1/roles`.
+    pub async fn list_roles(&self) -> Result<Vec<RoleInfo>, ClientError> {
+        Ok(self.send::<Roles>(self.request(Method::GET, "/v1/roles")).await?.roles)
+    }
+
+    /// `GET /v1/audit?since=`: from `since` on, or the newest 1 000 records.
+    pub async fn audit(&self, since: Option<OffsetDateTime>) -> Result<Vec<AuditRecord>, ClientError> {
+        let mut req = self.request(Method::GET, "/v1/audit");
+        if let Some(since) = since {
+            req = req.query(&[("since", rfc3339(since)?)]);
+        }
+        Ok(self.send::<Records>(req).await?.records)
+    }
+
+    /// `GET /v1/usage?key_id=&since=`: per-minute usage (default: the last 24 hours).
+    pub async fn usage(&self, key_id: &str, since: Option<OffsetDateTime>) -> Result<UsageReport, ClientError> {
+        let mut req = self.request(Method::GET, "/v1/usage").query(&[("key_id", key_id)]);
+        if let Some(since) = since {
+            req = req.query(&[("since", rfc3339(since)?)]);
+        }
+        self.send(req).await
+    }
+
+    /// `GET /v1/alerts`: the newest 1 000 alerts.
+    pub async fn alerts(&self) -> Result<Vec<Alert>, ClientError> {
+        Ok(self.send::<Alerts>(self.request(Method::GET, "/v1/alerts")).await?.alerts)
+    }
+}
+
+fn encode(segment: &str) -> String {
+    percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
