@@ -91,3 +91,62 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A minimal SSE reader over a real `GET /v1/events` connection.
+pub struct Events {
+    res: reqwest::Response,
+    buf: String,
+}
+
+impl Events {
+    pub async fn connect(t: &TestServer) -> Self {
+        let res = t.http_stream().get(t.url("/v1/events")).bearer_auth(SERVICE).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        Self { res, buf: String::new() }
+    }
+
+    /// The next event as `(name, data)` (comments skipped); `None` when the stream
+    /// ends; panics after `limit`.
+    pub async fn next(&mut self, limit: Duration) -> Option<(String, String)> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let (mut name, mut data) = (String::new(), Vec::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim_start().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push(v.trim_start().to_owned());
+                    }
+                }
+                if !name.is_empty() || !data.is_empty() {
+                    return Some((name, data.join("\n")));
+                }
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.res.chunk()).await.expect("event in time");
+            match chunk.unwrap() {
+                Some(bytes) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+                None => return None,
+            }
+        }
+    }
+
+    /// The next event that is not a heartbeat.
+    pub async fn next_change(&mut self, limit: Duration) -> Option<(String, Value)> {
+        loop {
+            let (name, data) = self.next(limit).await?;
+            if name != "heartbeat" {
+                return Some((name, serde_json::from_str(&data).unwrap()));
+            }
+        }
+    }
+}
+
+impl TestServer {
+    /// A client without a whole-request timeout, for streams.
+    pub fn http_stream(&self) -> reqwest::Client {
+        reqwest::Client::new()
+    }
+}
