@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use super::Verifier;
 use super::cached::{CachedVerifier, Shared};
-use super::http::{DEFAULT_CONNECT_TIMEOUT, Endpoint, KeyServiceUrls, RemoteConfigError, bearer, endpoints};
+use super::http::{DEFAULT_CONNECT_TIMEOUT, Endpoint, KeyServiceUrls, RemoteConfigError, bearer, describe, endpoints};
 
 /// Default interval at which the key service sends heartbeats: 15 s. The stream is
 /// declared dead when nothing arrives for twice this long.
@@ -346,7 +346,7 @@ async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &S
         .send();
     let mut response = match tokio::time::timeout(dead_after, request).await {
         Err(_) => return Ended::NotConnected(format!("no answer within {dead_after:?}")),
-        Ok(Err(e)) => return Ended::NotConnected(e.without_url().to_string()),
+        Ok(Err(e)) => return Ended::NotConnected(describe(&e)),
         Ok(Ok(r)) => r,
     };
     if response.status() != reqwest::StatusCode::OK {
@@ -392,7 +392,7 @@ async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &S
                 }
                 continue;
             }
-            Ok(Err(e)) => return Ended::Lost { lasted: connected_at.elapsed(), why: e.without_url().to_string() },
+            Ok(Err(e)) => return Ended::Lost { lasted: connected_at.elapsed(), why: describe(&e) },
             Ok(Ok(None)) => return Ended::Lost { lasted: connected_at.elapsed(), why: "closed by the server".into() },
             Ok(Ok(Some(chunk))) => chunk,
         };

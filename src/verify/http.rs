@@ -461,7 +461,7 @@ impl Inner {
 }
 
 /// The error and its causes, without the URL.
-fn describe(e: &reqwest::Error) -> String {
+pub(crate) fn describe(e: &reqwest::Error) -> String {
     let mut out = String::new();
     let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
     while let Some(s) = source {
