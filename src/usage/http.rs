@@ -189,6 +189,11 @@ impl fmt::Debug for HttpUsageExporterBuilder {
 ///
 /// The body is encoded once per batch. `Debug` never shows the service token.
 ///
+/// The reference key service takes at most 10 000 events and 4 MiB per batch and answers
+/// 400 or 413 beyond that, which is not retried: keep the pipeline's
+/// [`batch_size`](crate::usage::UsagePipelineBuilder::batch_size) at or below 10 000 (the
+/// default 1 000 encodes to about 300 KB).
+///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// use keygate::usage::{HttpUsageExporter, UsagePipeline};

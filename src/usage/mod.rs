@@ -2,6 +2,13 @@
 //!
 //! The layer builds a [`UsageEvent`] when the response head is ready (or when it
 //! rejects) and hands it to a [`UsageSink`] without blocking.
+//!
+//! | sink or exporter | what it does |
+//! | --- | --- |
+//! | [`UsagePipeline`] | a bounded lock-free queue (default 65 536 events) drained by a background task into batches (1 000 events, or whatever is queued every 1 s) for a [`UsageExporter`]; drops and counts when full, never blocks |
+//! | `HttpUsageExporter` (feature `remote`) | `POST /v1/usage` to the key service, with bounded retries and backoff |
+//! | [`TracingSink`] | one `tracing` event per request (target `keygate::usage`) |
+//! | [`ChannelSink`] | a bounded Tokio channel, for tests and custom consumers |
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -190,8 +190,8 @@ impl Default for UsagePipelineBuilder {
 impl UsagePipelineBuilder {
     /// How many events the queue holds before new ones are dropped. Default 65 536.
     ///
-    /// The queue is allocated once, up front: about `capacity × 160` bytes (10 MiB at the
-    /// default), and never grows.
+    /// The queue is allocated once, up front, and never grows: 152 bytes per slot on 64-bit
+    /// targets, so about 10 MB at the default.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
