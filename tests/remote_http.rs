@@ -89,7 +89,13 @@ async fn calls_go_round_robin_and_fail_over() {
     let key = ApiKey::generate("kg").unwrap();
     a.add_key(&key, "key_1", &[]);
     b.add_key(&key, "key_1", &[]);
-    let v = verifier(vec![a.url(), b.url()]);
+    let cooldown = Duration::from_secs(2);
+    let v = HttpVerifier::builder([a.url(), b.url()])
+        .service_token(TOKEN)
+        .timeout(TIMEOUT)
+        .failover_cooldown(cooldown)
+        .build()
+        .unwrap();
     for _ in 0..10 {
         assert!(matches!(verify(&v, &key).await, Ok(Verdict::Valid(_))));
     }
@@ -101,8 +107,18 @@ async fn calls_go_round_robin_and_fail_over() {
     }
     assert_eq!((a.calls(), b.calls()), (5, 15));
 
-    // A replica that answers badly is not skipped: that is an answer, not an outage.
+    // Back, but cooling down: tried only after b.
+    let stopped_at = Instant::now();
     a.restart().await;
+    assert!(stopped_at.elapsed() < cooldown / 2, "restart took {:?}", stopped_at.elapsed());
+    for _ in 0..4 {
+        assert!(matches!(verify(&v, &key).await, Ok(Verdict::Valid(_))));
+    }
+    assert_eq!((a.calls(), b.calls()), (5, 19));
+
+    // Once cooled down it takes its share again. A replica that answers badly is not
+    // skipped: that is an answer, not an outage.
+    tokio::time::sleep(cooldown.saturating_sub(stopped_at.elapsed())).await;
     a.set(Mode::Status500);
     let results: Vec<_> = futures_collect(&v, &key, 4).await;
     assert_eq!(results.iter().filter(|r| matches!(r, Err(VerifyError::Status(500)))).count(), 2);

@@ -262,3 +262,49 @@ async fn disconnected_streams_reconnect_and_heartbeats_keep_a_stream_alive() {
     eventually("reconnected", LIMIT, async || listener.reconnects() == 1 && listener.is_connected()).await;
     assert_eq!(listener.stats().cache_drops, 2);
 }
+
+/// Two replicas on one database: with replica A killed, verifications move to B with no
+/// failed request, and the event listener follows B (issue 6, middleware side).
+#[tokio::test]
+async fn when_a_replica_dies_verification_and_events_move_to_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let a = start(&db, "127.0.0.1:0".parse().unwrap()).await;
+    let b = start(&db, "127.0.0.1:0".parse().unwrap()).await;
+    let urls = vec![a.url(), b.url()];
+    let admin_b = AdminClient::new(b.url(), ADMIN).unwrap();
+    let mut keys = Vec::new();
+    for _ in 0..20 {
+        keys.push(admin_b.create_key(new_key(&["reports:read"])).await.unwrap());
+    }
+
+    let http = HttpVerifier::builder(urls.clone()).service_token(SERVICE).build().unwrap();
+    let cache = CachedVerifier::builder(http).positive_ttl(Duration::from_secs(600)).build();
+    let listener = RevocationListener::builder(urls, SERVICE)
+        .backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .spawn(&cache)
+        .unwrap();
+    let app = app(&cache);
+    eventually("connected to a", LIMIT, async || listener.is_connected() && listener.current_endpoint() == 0).await;
+    for k in &keys[..10] {
+        assert_eq!(call(&app, &k.key).await, StatusCode::OK);
+    }
+    let (on_a, on_b) = (a.stats().verify_calls, b.stats().verify_calls);
+    assert_eq!(on_a + on_b, 10);
+    assert!(on_a >= 4 && on_b >= 4, "spread across replicas: {on_a} / {on_b}");
+
+    a.shutdown().await;
+    for k in &keys[10..] {
+        assert_eq!(call(&app, &k.key).await, StatusCode::OK, "no failed request with b up");
+    }
+    assert_eq!(b.stats().verify_calls, on_b + 10);
+    eventually("listener moved to b", LIMIT, async || listener.is_connected() && listener.current_endpoint() == 1)
+        .await;
+
+    admin_b.revoke(&keys[0].key_id).await.unwrap();
+    eventually("revocation through b", Duration::from_secs(1), async || {
+        call(&app, &keys[0].key).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    b.shutdown().await;
+}

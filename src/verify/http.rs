@@ -3,8 +3,8 @@
 use std::error::Error as _;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
@@ -24,6 +24,10 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default largest answer read from the key service: 64 KiB.
 pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// Default time a key-service URL that refused a connection is tried last: 2 s.
+pub const DEFAULT_FAILOVER_COOLDOWN: Duration = Duration::from_secs(2);
+/// Most key-service URLs one verifier or listener takes.
+pub const MAX_URLS: usize = 64;
 
 /// Why a remote verifier or listener could not be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -127,6 +131,9 @@ pub(crate) fn endpoints(urls: Vec<String>, path: &str) -> Result<Box<[Endpoint]>
     if urls.is_empty() {
         return Err(RemoteConfigError::NoUrl);
     }
+    if urls.len() > MAX_URLS {
+        return Err(RemoteConfigError::InvalidUrl { index: MAX_URLS, reason: "at most 64 URLs" });
+    }
     let invalid = |index, reason| RemoteConfigError::InvalidUrl { index, reason };
     urls.iter()
         .enumerate()
@@ -197,8 +204,10 @@ pub(crate) fn bearer(token: Option<&str>) -> Result<HeaderValue, RemoteConfigErr
 ///
 /// Given several base URLs (replicas of one key service), calls go round robin; a call
 /// whose connection cannot be established (refused, unreachable, connect timeout) moves
-/// to the next URL, until each was tried once. `timeout` bounds the whole call,
-/// retry and failover included.
+/// to the next URL, until each was tried once. A URL that failed to connect is then
+/// tried last for `failover_cooldown` (default 2 s), so that a dead replica does not
+/// cost every other request a connect timeout. `timeout` bounds the whole call, retry
+/// and failover included.
 ///
 /// # Secrets
 ///
@@ -225,6 +234,10 @@ struct Inner {
     client: reqwest::Client,
     endpoints: Box<[Endpoint]>,
     next: AtomicUsize,
+    /// Per endpoint: milliseconds after `origin` until which it is tried last.
+    down_until_ms: Box<[AtomicU64]>,
+    origin: Instant,
+    failover_cooldown: Duration,
     auth: HeaderValue,
     timeout: Duration,
     connect_timeout: Duration,
@@ -239,6 +252,7 @@ impl fmt::Debug for HttpVerifier {
             .field("connect_timeout", &self.inner.connect_timeout)
             .field("timeout", &self.inner.timeout)
             .field("max_response_bytes", &self.inner.max_response_bytes)
+            .field("failover_cooldown", &self.inner.failover_cooldown)
             .finish()
     }
 }
@@ -251,6 +265,7 @@ pub struct HttpVerifierBuilder {
     connect_timeout: Duration,
     timeout: Duration,
     max_response_bytes: usize,
+    failover_cooldown: Duration,
     client: Option<reqwest::Client>,
 }
 
@@ -277,6 +292,7 @@ impl HttpVerifier {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             timeout: DEFAULT_TIMEOUT,
             max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            failover_cooldown: DEFAULT_FAILOVER_COOLDOWN,
             client: None,
         }
     }
@@ -310,6 +326,13 @@ impl HttpVerifierBuilder {
         self
     }
 
+    /// With several URLs: how long one that refused a connection is tried only after
+    /// the others (default 2 s).
+    pub fn failover_cooldown(mut self, cooldown: Duration) -> Self {
+        self.failover_cooldown = cooldown;
+        self
+    }
+
     /// Uses this reqwest client (for custom TLS roots, proxies, ...) instead of building
     /// one. The connect timeout is then the client's own; `timeout` still applies.
     pub fn client(mut self, client: reqwest::Client) -> Self {
@@ -320,6 +343,7 @@ impl HttpVerifierBuilder {
     /// Checks the URLs and the token and builds the verifier.
     pub fn build(self) -> Result<HttpVerifier, RemoteConfigError> {
         let endpoints = endpoints(self.urls, "/v1/keys/verify")?;
+        let down_until_ms = endpoints.iter().map(|_| AtomicU64::new(0)).collect();
         let auth = bearer(self.token.as_deref().map(String::as_str))?;
         let client = match self.client {
             Some(client) => client,
@@ -335,6 +359,9 @@ impl HttpVerifierBuilder {
                 client,
                 endpoints,
                 next: AtomicUsize::new(0),
+                down_until_ms,
+                origin: Instant::now(),
+                failover_cooldown: self.failover_cooldown,
                 auth,
                 timeout: self.timeout,
                 connect_timeout: self.connect_timeout,
@@ -381,20 +408,28 @@ impl Verifier for HttpVerifier {
 impl Inner {
     async fn call(&self, body: Bytes) -> Result<Verdict, VerifyError> {
         let n = self.endpoints.len();
-        let mut index = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let mut unreachable = 0;
+        let mut cursor = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let mut tried: u64 = 0;
         let mut retried = false;
-        loop {
+        let mut last = None;
+        while let Some(index) = self.pick(cursor, tried) {
             let endpoint = &self.endpoints[index];
             match self.attempt(endpoint, body.clone()).await {
-                Ok(verdict) => return Ok(verdict),
+                Ok(verdict) => {
+                    self.down_until_ms[index].store(0, Ordering::Relaxed);
+                    return Ok(verdict);
+                }
                 Err(Failure::Final(err)) => return Err(err),
                 Err(Failure::Connect(err)) => {
-                    unreachable += 1;
-                    tracing::debug!(endpoint = %endpoint.label, error = %err, "key service: no connection");
-                    if unreachable >= n {
-                        return Err(err);
+                    tried |= 1 << index;
+                    let now = self.now_ms();
+                    let cooldown = u64::try_from(self.failover_cooldown.as_millis()).unwrap_or(u64::MAX);
+                    if self.down_until_ms[index].swap(now.saturating_add(cooldown), Ordering::Relaxed) <= now && n > 1 {
+                        tracing::warn!(endpoint = %endpoint.label, error = %err, "key service unreachable; trying the others first");
+                    } else {
+                        tracing::debug!(endpoint = %endpoint.label, error = %err, "key service: no connection");
                     }
+                    last = Some(err);
                 }
                 Err(Failure::Reset(err)) => {
                     tracing::debug!(endpoint = %endpoint.label, error = %err, "key service: connection reset");
@@ -402,10 +437,31 @@ impl Inner {
                         return Err(err);
                     }
                     retried = true;
+                    if n > 1 {
+                        tried |= 1 << index;
+                    }
+                    last = Some(err);
                 }
             }
-            index = (index + 1) % n;
+            cursor = index + 1;
         }
+        Err(last.unwrap_or_else(|| VerifyError::Unreachable("no key service to ask".into())))
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The next endpoint from `cursor` on not yet tried in this call: one that is not
+    /// cooling down if there is one, else any.
+    fn pick(&self, cursor: usize, tried: u64) -> Option<usize> {
+        let n = self.endpoints.len();
+        let now = self.now_ms();
+        let untried = (0..n).map(|i| (cursor + i) % n).filter(|&i| tried & (1 << i) == 0);
+        untried
+            .clone()
+            .find(|&i| self.down_until_ms[i].load(Ordering::Relaxed) <= now)
+            .or_else(|| untried.clone().next())
     }
 
     async fn attempt(&self, endpoint: &Endpoint, body: Bytes) -> Result<Verdict, Failure> {
@@ -594,6 +650,24 @@ mod tests {
             assert!(endpoints(vec![bad.into()], "/x").is_err(), "{bad}");
         }
         assert_eq!(endpoints(vec![], "/x").unwrap_err(), RemoteConfigError::NoUrl);
+    }
+
+    #[test]
+    fn endpoints_that_refused_are_tried_last() {
+        let v = HttpVerifier::builder(["http://127.0.0.1:1", "http://127.0.0.1:2", "http://127.0.0.1:3"])
+            .service_token("t")
+            .build()
+            .unwrap();
+        let inner = &v.inner;
+        assert_eq!(inner.pick(0, 0), Some(0));
+        assert_eq!(inner.pick(2, 0), Some(2));
+        inner.down_until_ms[0].store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(inner.pick(0, 0), Some(1));
+        assert_eq!(inner.pick(2, 0), Some(2));
+        assert_eq!(inner.pick(2, 0b100), Some(1));
+        assert_eq!(inner.pick(1, 0b110), Some(0), "a cooling endpoint is still the last resort");
+        assert_eq!(inner.pick(0, 0b111), None);
+        assert!(HttpVerifier::builder(vec!["http://127.0.0.1:1"; 65]).service_token("t").build().is_err());
     }
 
     #[test]

@@ -115,8 +115,8 @@ pub use cached::{
 mod http;
 #[cfg(feature = "remote")]
 pub use http::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HttpVerifier, HttpVerifierBuilder,
-    KeyServiceUrls, RemoteConfigError,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAILOVER_COOLDOWN, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HttpVerifier,
+    HttpVerifierBuilder, KeyServiceUrls, MAX_URLS, RemoteConfigError,
 };
 
 #[cfg(feature = "remote")]
