@@ -1,1 +1,128 @@
-fn main() {}
+//! What keygate costs per request, next to no auth and a fixed bearer token.
+//!
+//! ```sh
+//! cargo bench --bench request_path
+//! ```
+//!
+//! All variants call the same axum route in-process (`Router::oneshot`, no sockets), so
+//! the differences are the middleware's own cost:
+//! - `no_auth`: the bare route;
+//! - `static_bearer`: tower-http's `ValidateRequestHeaderLayer::bearer` (one fixed token,
+//!   the floor of any auth layer);
+//! - `keygate_static`: `ApiKeyLayer` + `RequireScopes` over a `StaticVerifier`;
+//! - `keygate_cached_usage`: `ApiKeyLayer` + `RequireScopes` over a warm
+//!   `CachedVerifier` holding 10 000 keys, with usage events into a `UsagePipeline`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderValue, Request};
+use keygate::usage::ExportError;
+use keygate::{
+    ApiKey, ApiKeyLayer, CachedVerifier, Principal, RequireScopes, ScopeSet, StaticVerifier, UsageBatch, UsageExporter,
+    UsagePipeline, Verifier,
+};
+use tower::ServiceExt;
+
+const KEYS: usize = 10_000;
+
+struct Discard;
+
+impl UsageExporter for Discard {
+    async fn export(&self, batch: UsageBatch) -> Result<(), ExportError> {
+        black_box(batch);
+        Ok(())
+    }
+}
+
+fn route() -> Router {
+    Router::new().route("/reports", get(|| async { "ok" }))
+}
+
+fn keyed_route() -> Router {
+    Router::new().route("/reports", get(|| async { "ok" }).route_layer(RequireScopes::all(["reports:read"])))
+}
+
+fn keys() -> (Vec<HeaderValue>, StaticVerifier) {
+    let verifier = StaticVerifier::new();
+    let scopes = ScopeSet::parse(["reports:read", "reports:write"]).unwrap();
+    let headers = (0..KEYS)
+        .map(|i| {
+            let key = ApiKey::generate("kg").unwrap();
+            verifier.insert(&key, Principal::builder(format!("key_{i}")).owner("acme").scopes(scopes.clone()).build());
+            HeaderValue::from_str(&format!("Bearer {}", key.expose_secret())).unwrap()
+        })
+        .collect();
+    (headers, verifier)
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut group = c.benchmark_group("request_path");
+    group.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+
+    let run = |router: Router, header: Option<Vec<HeaderValue>>| {
+        let mut i = 0usize;
+        move || {
+            let mut req = Request::get("/reports");
+            if let Some(h) = &header {
+                i = (i + 1) % h.len();
+                req = req.header("authorization", h[i].clone());
+            }
+            let router = router.clone();
+            async move {
+                let res = router.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+                assert_eq!(res.status(), 200);
+                black_box(res)
+            }
+        }
+    };
+
+    group.bench_function("no_auth", |b| b.to_async(&rt).iter(run(route(), None)));
+
+    #[allow(deprecated)] // the deprecated layer is the point of comparison, not a dependency
+    let bearer = tower_http::validate_request::ValidateRequestHeaderLayer::bearer("fixed-token-0123456789");
+    let token = vec![HeaderValue::from_static("Bearer fixed-token-0123456789")];
+    group.bench_function("static_bearer", |b| {
+        b.to_async(&rt).iter(run(route().layer(bearer.clone()), Some(token.clone())))
+    });
+
+    let (headers, verifier) = keys();
+    let verifier = Arc::new(verifier);
+    let layer = ApiKeyLayer::from_arc(verifier.clone());
+    group.bench_function("keygate_static", |b| {
+        b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), Some(headers.clone())))
+    });
+
+    let cached =
+        CachedVerifier::builder(verifier.clone()).max_capacity(100_000).positive_ttl(Duration::from_secs(3600)).build();
+    // The pipeline's worker runs on its own runtime thread, as it would beside a
+    // multi-threaded server: the benchmark's single thread never yields to it.
+    let background = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let (pipeline, handle) = background.block_on(async { UsagePipeline::builder().build(Discard).unwrap() });
+    let cached = Arc::new(cached);
+    rt.block_on(async {
+        // Warm: every key verified once through the cache.
+        for h in &headers {
+            let key = ApiKey::new(h.to_str().unwrap().trim_start_matches("Bearer "));
+            cached.verify(&key).await.unwrap();
+        }
+    });
+    let layer = ApiKeyLayer::from_arc(cached.clone()).usage(pipeline);
+    group.bench_function("keygate_cached_usage", |b| {
+        b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), Some(headers.clone())))
+    });
+    group.finish();
+    let stats = cached.stats();
+    println!("cache after the run: {stats:?}");
+    println!("usage pipeline after the run: {:?}", handle.stats());
+    background.block_on(handle.shutdown());
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -39,7 +39,7 @@ use tower_service::Service;
 
 use crate::body::KeygateBody;
 use crate::error::{AuthError, is_grpc};
-use crate::layer::{Anonymous, DEFAULT_REALM, LayerRealm};
+use crate::layer::{Anonymous, DEFAULT_REALM, LayerRealm, WantsRoute};
 use crate::principal::Principal;
 use crate::scope::{Requirement, RequirementError};
 
@@ -268,7 +268,8 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        let route = matched_path(&req);
+        // Only worth a clone and an insert when someone records usage.
+        let route = if req.extensions().get::<WantsRoute>().is_some() { matched_path(&req) } else { None };
         match self.policy.check(&req) {
             Ok(()) => RequireScopesFuture { kind: Kind::Inner { fut: self.inner.call(req) }, route },
             Err(err) => {

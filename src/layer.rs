@@ -83,6 +83,11 @@ pub struct Anonymous;
 #[derive(Debug, Clone)]
 pub(crate) struct LayerRealm(pub(crate) Arc<str>);
 
+/// In a request's extensions when usage events are on: asks an inner
+/// [`RequireScopes`](crate::RequireScopes) to hand back the matched route template.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WantsRoute;
+
 type BoxVerify = Pin<Box<dyn Future<Output = Result<Verdict, VerifyError>> + Send>>;
 
 /// Where a usage event's client IP comes from.
@@ -122,13 +127,14 @@ struct Shared<V> {
 /// keys up to 256 bytes; a key is required; credentials are stripped; realm `api`;
 /// `Retry-After: 5` on 503; no usage sink.
 pub struct ApiKeyLayer<V> {
-    verifier: Arc<V>,
-    config: Config,
+    // Built once: axum may call `layer` for every request on routes whose handlers
+    // are turned into services late, so `layer` must be an Arc clone and nothing more.
+    shared: Arc<Shared<V>>,
 }
 
 impl<V> Clone for ApiKeyLayer<V> {
     fn clone(&self) -> Self {
-        Self { verifier: self.verifier.clone(), config: self.config.clone() }
+        Self { shared: self.shared.clone() }
     }
 }
 
@@ -141,69 +147,77 @@ impl<V: Verifier> ApiKeyLayer<V> {
     /// Like [`new`](ApiKeyLayer::new), sharing a verifier the caller keeps too (to
     /// invalidate its cache, read its counters, or revoke static keys).
     pub fn from_arc(verifier: Arc<V>) -> Self {
-        Self {
-            verifier,
-            config: Config {
-                sources: KeySource::defaults(),
-                format: KeyFormat::default(),
-                max_key_len: DEFAULT_MAX_KEY_LEN,
-                optional: false,
-                keep_credentials: false,
-                realm: DEFAULT_REALM.to_owned(),
-                realm_ext: None,
-                retry_after: DEFAULT_RETRY_AFTER,
-                usage: None,
-                client_ip: ClientIp::None,
-                rate_limiter: Some(Arc::new(RateLimiter::default())),
-            },
+        let config = Config {
+            sources: KeySource::defaults(),
+            format: KeyFormat::default(),
+            max_key_len: DEFAULT_MAX_KEY_LEN,
+            optional: false,
+            keep_credentials: false,
+            realm: DEFAULT_REALM.to_owned(),
+            realm_ext: None,
+            retry_after: DEFAULT_RETRY_AFTER,
+            usage: None,
+            client_ip: ClientIp::None,
+            rate_limiter: Some(Arc::new(RateLimiter::default())),
+        };
+        Self { shared: Arc::new(Shared { verifier, config }) }
+    }
+
+    /// The configuration, copied first if a clone of this layer shares it.
+    fn config_mut(&mut self) -> &mut Config {
+        if Arc::get_mut(&mut self.shared).is_none() {
+            let copy = Shared { verifier: self.shared.verifier.clone(), config: self.shared.config.clone() };
+            self.shared = Arc::new(copy);
         }
+        &mut Arc::get_mut(&mut self.shared).expect("just made unique").config
     }
 
     /// Where to look for the key, in order. Panics on an empty list (a configuration
     /// error: nothing could ever authenticate).
     pub fn sources(mut self, sources: impl IntoIterator<Item = KeySource>) -> Self {
-        self.config.sources = sources.into_iter().collect();
-        assert!(!self.config.sources.is_empty(), "ApiKeyLayer::sources: at least one source is needed");
+        let config = self.config_mut();
+        config.sources = sources.into_iter().collect();
+        assert!(!config.sources.is_empty(), "ApiKeyLayer::sources: at least one source is needed");
         self
     }
 
     /// The local format check (default: keygate keys with any prefix).
     pub fn format(mut self, format: KeyFormat) -> Self {
-        self.config.format = format;
+        self.config_mut().format = format;
         self
     }
 
     /// Longest key accepted, in bytes (default 256). Longer keys are 401 before hashing.
     pub fn max_key_len(mut self, bytes: usize) -> Self {
-        self.config.max_key_len = bytes;
+        self.config_mut().max_key_len = bytes;
         self
     }
 
     /// Let requests without any key through with no principal (handlers take
     /// `Option<Principal>`). A key that is present but bad is still rejected.
     pub fn optional(mut self) -> Self {
-        self.config.optional = true;
+        self.config_mut().optional = true;
         self
     }
 
     /// Keep the credential in the request for the inner service (default `false`:
     /// handlers and their logs never see a key).
     pub fn keep_credentials(mut self, keep: bool) -> Self {
-        self.config.keep_credentials = keep;
+        self.config_mut().keep_credentials = keep;
         self
     }
 
     /// The realm in `WWW-Authenticate` (default `api`).
     pub fn realm(mut self, realm: impl Into<String>) -> Self {
-        self.config.realm = realm.into();
-        self.config.realm_ext =
-            (self.config.realm != DEFAULT_REALM).then(|| LayerRealm(Arc::from(self.config.realm.as_str())));
+        let config = self.config_mut();
+        config.realm = realm.into();
+        config.realm_ext = (config.realm != DEFAULT_REALM).then(|| LayerRealm(Arc::from(config.realm.as_str())));
         self
     }
 
     /// `Retry-After` on 503 answers (default 5 s).
     pub fn retry_after(mut self, after: Duration) -> Self {
-        self.config.retry_after = after;
+        self.config_mut().retry_after = after;
         self
     }
 
@@ -211,19 +225,19 @@ impl<V: Verifier> ApiKeyLayer<V> {
     /// `Retry-After` once a key exceeds it. Limits are counted per process; see
     /// [`RateLimiter`].
     pub fn rate_limits(mut self, enforce: bool) -> Self {
-        self.config.rate_limiter = enforce.then(|| Arc::new(RateLimiter::default()));
+        self.config_mut().rate_limiter = enforce.then(|| Arc::new(RateLimiter::default()));
         self
     }
 
     /// Send a [`UsageEvent`] for every decided request to `sink`.
     pub fn usage(mut self, sink: impl UsageSink) -> Self {
-        self.config.usage = Some(Arc::new(sink));
+        self.config_mut().usage = Some(Arc::new(sink));
         self
     }
 
     /// Take usage events' client IP from the peer address (axum's `ConnectInfo`).
     pub fn client_ip_from_peer(mut self) -> Self {
-        self.config.client_ip = ClientIp::Peer;
+        self.config_mut().client_ip = ClientIp::Peer;
         self
     }
 
@@ -231,13 +245,13 @@ impl<V: Verifier> ApiKeyLayer<V> {
     /// address in it, the one that proxy added). Panics on an invalid header name.
     pub fn client_ip_from_header(mut self, name: &str) -> Self {
         let name = HeaderName::from_bytes(name.as_bytes()).expect("client_ip_from_header: invalid header name");
-        self.config.client_ip = ClientIp::Header(name);
+        self.config_mut().client_ip = ClientIp::Header(name);
         self
     }
 
     /// The verifier this layer asks.
     pub fn verifier(&self) -> &Arc<V> {
-        &self.verifier
+        &self.shared.verifier
     }
 }
 
@@ -245,10 +259,7 @@ impl<S, V: Verifier> Layer<S> for ApiKeyLayer<V> {
     type Service = ApiKeyService<S, V>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ApiKeyService {
-            inner,
-            shared: Arc::new(Shared { verifier: self.verifier.clone(), config: self.config.clone() }),
-        }
+        ApiKeyService { inner, shared: self.shared.clone() }
     }
 }
 
@@ -282,8 +293,17 @@ where
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         let config = &self.shared.config;
         let grpc = is_grpc(&req);
-        let record = config.usage.as_ref().map(|_| Box::new(Record::start(&req, grpc, &config.client_ip)));
-        let span = tracing::debug_span!("keygate", key_id = tracing::field::Empty);
+        let record = config.usage.as_ref().map(|_| {
+            req.extensions_mut().insert(WantsRoute);
+            Box::new(Record::start(&req, grpc, &config.client_ip))
+        });
+        // A disabled span still costs a callsite check per use; skip it entirely when
+        // nobody listens at debug level.
+        let span = if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!("keygate", key_id = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
         let done = |err: AuthError, record| ResponseFuture::rejected(&self.shared, err, grpc, record, span.clone());
 
         if let Some(realm) = &config.realm_ext {
@@ -476,7 +496,10 @@ where
 fn decide(result: Result<Verdict, VerifyError>, config: &Config) -> Result<Principal, AuthError> {
     let retry_after = config.retry_after;
     match result {
-        Ok(Verdict::Valid(p)) if p.is_expired_at(OffsetDateTime::now_utc()) => Err(AuthError::Expired),
+        // Only keys that expire pay for reading the clock.
+        Ok(Verdict::Valid(p)) if p.expires_at().is_some_and(|at| at <= OffsetDateTime::now_utc()) => {
+            Err(AuthError::Expired)
+        }
         Ok(Verdict::Valid(p)) => match (p.ratelimit(), &config.rate_limiter) {
             (Some(limit), Some(limiter)) => match limiter.check(p.key_id_arc(), limit) {
                 Ok(()) => Ok(p),
