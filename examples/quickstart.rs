@@ -1,71 +1,147 @@
-//! keygate in one file: an axum app with public, scoped and role-protected routes.
+//! keygate end to end in one process: the reference key service, a protected axum app
+//! verifying against it through a cache, instant revocation, and usage reporting.
 //!
 //! ```sh
 //! cargo run --example quickstart
 //! ```
 //!
-//! It starts on an ephemeral loopback port, calls itself with no key, a bad key, a good
-//! key and a key without the needed scope, prints each answer and exits.
+//! 1. starts the key service on an ephemeral loopback port (in-memory SQLite);
+//! 2. creates a role and two keys through the admin API;
+//! 3. starts an app protected by `ApiKeyLayer` over `CachedVerifier<HttpVerifier>`,
+//!    following the key service's event stream, and recording usage events;
+//! 4. calls it: no key, garbage, good key, wrong scope, role route;
+//! 5. revokes a key and shows the very next request refused, long before the cache TTL;
+//! 6. prints the usage the key service recorded for each key, and exits.
+
+use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use keygate::{ApiKey, ApiKeyLayer, Principal, RequireScopes, ScopeSet, StaticVerifier};
+use keygate::server::{AdminClient, KeyServer, NewKey};
+use keygate::verify::RevocationListener;
+use keygate::{ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, Principal, RequireScopes, UsagePipeline};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // Keys as the key service would issue them: `kg_` + 30 random + 6 checksum chars.
-    let analyst = ApiKey::generate("kg")?;
-    let admin = ApiKey::generate("kg")?;
-    let verifier = StaticVerifier::new()
-        .with_key(
-            &analyst,
-            Principal::builder("key_analyst").owner("acme").scopes(ScopeSet::parse(["reports:read"])?).build(),
-        )
-        .with_key(&admin, Principal::builder("key_admin").owner("acme").roles(["admin"]).build());
+    // 1. The key service.
+    let keys = KeyServer::builder()
+        .database("sqlite::memory:")
+        .service_token("demo-service-token")
+        .admin_token("demo-admin-token")
+        .listen("127.0.0.1:0".parse()?)
+        .start()
+        .await?;
+    println!("key service on {}", keys.url());
+
+    // 2. A role and two keys, through the admin API.
+    let admin = AdminClient::new(keys.url(), "demo-admin-token")?;
+    admin.put_role("auditor", vec!["audit:read".to_owned()]).await?;
+    let analyst = admin
+        .create_key(NewKey {
+            owner: "acme".into(),
+            name: "analyst laptop".into(),
+            scopes: vec!["reports:read".into()],
+            ..Default::default()
+        })
+        .await?;
+    let auditor = admin
+        .create_key(NewKey {
+            owner: "acme".into(),
+            name: "audit job".into(),
+            roles: vec!["auditor".into()],
+            ..Default::default()
+        })
+        .await?;
+    println!("created {} (reports:read) and {} (role auditor)\n", analyst.key_id, auditor.key_id);
+
+    // 3. The protected app: remote verification behind a cache (a 10-minute TTL, to
+    // show that revocation does not wait for it), the event stream, usage events.
+    let remote = HttpVerifier::builder(vec![keys.url()]).service_token("demo-service-token").build()?;
+    let verifier = CachedVerifier::builder(remote).positive_ttl(Duration::from_secs(600)).build();
+    let events = RevocationListener::builder(vec![keys.url()], "demo-service-token").spawn(&verifier)?;
+    let exporter = HttpUsageExporter::builder(keys.url(), "demo-service-token").build()?;
+    let (usage, pipeline) = UsagePipeline::builder().flush_interval(Duration::from_millis(200)).build(exporter)?;
 
     let app = Router::new()
-        .route("/health", get(|| async { "ok" }))
-        .route("/whoami", get(|p: Option<Principal>| async move { format!("{p:?}") }))
         .route(
             "/reports",
             get(|p: Principal| async move { format!("reports for {} (key {})", p.owner(), p.key_id()) })
                 .route_layer(RequireScopes::all(["reports:read"])),
         )
-        .route("/admin", get(|| async { "admin area" }).route_layer(RequireScopes::expr("admin")))
-        // `optional`: requests without a key pass with no principal; any key present
-        // must be good, and scoped routes still need one.
-        .layer(ApiKeyLayer::new(verifier).optional());
-
+        .route("/billing", get(|| async { "billing" }).route_layer(RequireScopes::all(["billing:write"])))
+        .route("/audit", get(|| async { "audit log" }).route_layer(RequireScopes::expr("auditor OR audit:read")))
+        .layer(ApiKeyLayer::new(verifier.clone()).usage(usage));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
-    println!("keygate quickstart listening on {base}\n");
+    println!("protected app on {base}\n");
 
+    // 4. Calls.
     let client = reqwest::Client::new();
-    let bad = "kg_thisisnotarealkeyatallxxxxxxxxxxxxxxx".to_owned();
-    let calls: [(&str, &str, Option<&str>); 6] = [
-        ("public route, no key", "/health", None),
-        ("scoped route, no key", "/reports", None),
-        ("scoped route, garbage key", "/reports", Some(&bad)),
-        ("scoped route, good key", "/reports", Some(analyst.expose_secret())),
-        ("admin route, analyst key (missing role)", "/admin", Some(analyst.expose_secret())),
-        ("admin route, admin key", "/admin", Some(admin.expose_secret())),
-    ];
-    for (what, path, key) in calls {
-        let mut req = client.get(format!("{base}{path}"));
-        if let Some(key) = key {
-            req = req.bearer_auth(key);
+    let call = |what: &'static str, path: &'static str, key: Option<String>| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            let mut req = client.get(format!("{base}{path}"));
+            if let Some(key) = key {
+                req = req.bearer_auth(key);
+            }
+            let res = req.send().await?;
+            let status = res.status();
+            let www = res.headers().get("www-authenticate").map(|v| v.to_str().unwrap_or("?").to_owned());
+            let body = res.text().await?;
+            println!("{what}\n  GET {path} -> {status}");
+            if let Some(www) = www {
+                println!("  WWW-Authenticate: {www}");
+            }
+            println!("  {body}\n");
+            Ok::<_, reqwest::Error>(status)
         }
-        let res = req.send().await?;
-        let status = res.status();
-        let www = res.headers().get("www-authenticate").map(|v| v.to_str().unwrap_or("?").to_owned());
-        let body = res.text().await?;
-        println!("{what}\n  GET {path} -> {status}");
-        if let Some(www) = www {
-            println!("  WWW-Authenticate: {www}");
+    };
+    let good = Some(analyst.key.expose_secret().to_owned());
+    let garbage = Some("kg_thisisnotarealkeyatallxxxxxxxxxxxxxxx".to_owned());
+    call("no key", "/reports", None).await?;
+    call("garbage key (fails its checksum: no call to the key service)", "/reports", garbage).await?;
+    call("good key", "/reports", good.clone()).await?;
+    call("good key, again (served from the cache)", "/reports", good.clone()).await?;
+    call("good key, wrong scope", "/billing", good.clone()).await?;
+    call("role key on a route that names the role", "/audit", Some(auditor.key.expose_secret().to_owned())).await?;
+
+    // 5. Revocation reaches the cache through the event stream, not the 10-minute TTL.
+    admin.revoke(&analyst.key_id).await?;
+    println!("revoked {} through the admin API", analyst.key_id);
+    let mut refused = false;
+    for _ in 0..50 {
+        let res = client.get(format!("{base}/reports")).bearer_auth(analyst.key.expose_secret()).send().await?;
+        if res.status() == 401 {
+            refused = true;
+            break;
         }
-        println!("  {body}\n");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    println!("{}\n", if refused { "  the revoked key is refused on the next request" } else { "  NOT refused!" });
+    call("revoked key", "/reports", good).await?;
+    println!("cache: {:?}", verifier.stats());
+
+    // 6. Usage, as the key service aggregated it.
+    pipeline.flush().await?;
+    for (name, key_id) in [("analyst", &analyst.key_id), ("auditor", &auditor.key_id)] {
+        let report = admin.usage(key_id, None).await?;
+        let (mut requests, mut allowed, mut denied) = (0, 0, 0);
+        for b in &report.buckets {
+            requests += b.requests;
+            allowed += b.allowed;
+            denied += b.denied;
+        }
+        println!("usage of {name} ({key_id}): {requests} requests, {allowed} allowed, {denied} denied");
+    }
+
+    pipeline.shutdown().await;
+    events.shutdown().await;
     server.abort();
+    keys.shutdown().await;
+    if !refused {
+        return Err("revocation was not seen".into());
+    }
     Ok(())
 }
