@@ -55,6 +55,10 @@ const LIVENESS_TICK: Duration = Duration::from_secs(1);
 ///
 /// While disconnected the cache keeps serving under its TTL and stale-if-error rules.
 ///
+/// Metrics: the gauge `keygate_events_connected` (0 or 1) and the counters
+/// `keygate_events_reconnects_total`, `keygate_events_connect_failures_total`,
+/// `keygate_events_invalidations_total` and `keygate_events_invalidation_failures_total`.
+///
 /// ```no_run
 /// use keygate::{CachedVerifier, HttpVerifier, verify::RevocationListener};
 ///
@@ -300,7 +304,7 @@ async fn run<V: Verifier>(cache: Weak<Shared<V>>, config: Config, state: Arc<Sta
             _ = stop.changed() => break,
             ended = follow(&cache, &config, &state, endpoint) => ended,
         };
-        state.connected.store(false, Ordering::Release);
+        set_connected(&state, false);
         match ended {
             Ended::VerifierGone => break,
             Ended::NotConnected(why) => {
@@ -323,8 +327,13 @@ async fn run<V: Verifier>(cache: Weak<Shared<V>>, config: Config, state: Arc<Sta
             _ = tokio::time::sleep(delay) => {}
         }
     }
-    state.connected.store(false, Ordering::Release);
+    set_connected(&state, false);
     tracing::debug!("event stream listener stopped");
+}
+
+fn set_connected(state: &State, connected: bool) {
+    state.connected.store(connected, Ordering::Release);
+    metrics::gauge!("keygate_events_connected").set(if connected { 1.0 } else { 0.0 });
 }
 
 /// Full jitter: uniform in `[0, min(max, initial × 2^failures)]`.
@@ -367,7 +376,7 @@ async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &S
     shared.core.invalidate_all();
     drop(shared);
     state.cache_drops.fetch_add(1, Ordering::Relaxed);
-    state.connected.store(true, Ordering::Release);
+    set_connected(state, true);
     if connects > 1 {
         state.reconnects.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("keygate_events_reconnects_total").increment(1);
