@@ -12,6 +12,7 @@
 //! - `keygate_static`: `ApiKeyLayer` + `RequireScopes` over a `StaticVerifier`;
 //! - `keygate_cached_usage`: `ApiKeyLayer` + `RequireScopes` over a warm
 //!   `CachedVerifier` holding 10 000 keys, with usage events into a `UsagePipeline`.
+#![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use std::hint::black_box;
 use std::sync::Arc;

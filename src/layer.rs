@@ -295,7 +295,7 @@ where
         let grpc = is_grpc(&req);
         let record = config.usage.as_ref().map(|_| {
             req.extensions_mut().insert(WantsRoute);
-            Box::new(Record::start(&req, grpc, &config.client_ip))
+            Record::start(&req, grpc, &config.client_ip)
         });
         // A disabled span still costs a callsite check per use; skip it entirely when
         // nobody listens at debug level.
@@ -390,13 +390,24 @@ impl Record {
             key_id: self.principal.as_ref().map(|p| p.key_id_arc().clone()),
             owner: self.principal.as_ref().map(|p| p.owner_arc().clone()),
             outcome,
-            method: self.method.as_str().to_owned(),
+            method: method_name(&self.method),
             route: route.unwrap_or(self.route),
             status,
             latency: self.start.elapsed(),
             client_ip: self.client_ip,
             request_id: self.request_id,
         });
+    }
+}
+
+/// Standard methods as static strings; only extension methods allocate.
+fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
+    use http::Method as M;
+    let known = [M::GET, M::POST, M::PUT, M::DELETE, M::PATCH, M::HEAD, M::OPTIONS, M::CONNECT, M::TRACE];
+    const NAMES: [&str; 9] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE"];
+    match known.iter().position(|k| k == m) {
+        Some(i) => std::borrow::Cow::Borrowed(NAMES[i]),
+        None => std::borrow::Cow::Owned(m.as_str().to_owned()),
     }
 }
 
@@ -436,7 +447,7 @@ pin_project! {
         state: State<S, B>,
         shared: Arc<dyn SharedConfig>,
         grpc: bool,
-        record: Option<Box<Record>>,
+        record: Option<Record>,
         span: tracing::Span,
     }
 }
@@ -472,7 +483,7 @@ where
         shared: &Arc<Shared<V>>,
         err: AuthError,
         grpc: bool,
-        record: Option<Box<Record>>,
+        record: Option<Record>,
         span: tracing::Span,
     ) -> Self {
         Self { state: State::Rejected { err: Some(err) }, shared: shared.clone(), grpc, record, span }
@@ -483,7 +494,7 @@ where
         mut inner: S,
         req: Request<B>,
         grpc: bool,
-        record: Option<Box<Record>>,
+        record: Option<Record>,
         outcome: Outcome,
         span: tracing::Span,
     ) -> Self {

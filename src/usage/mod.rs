@@ -89,7 +89,8 @@ pub struct UsageEvent {
     /// Allowed, or the precise denial.
     pub outcome: Outcome,
     /// HTTP method.
-    pub method: String,
+    /// (Standard methods are static strings: recording them allocates nothing.)
+    pub method: std::borrow::Cow<'static, str>,
     /// Route template (`/reports/{id}`), gRPC method path, or the raw path cut short.
     pub route: Arc<str>,
     /// Response status (for gRPC rejections, the HTTP status the case maps to).

@@ -51,7 +51,7 @@ macro_rules! log_event {
             key_id = $e.key_id.as_deref(),
             owner = $e.owner.as_deref(),
             outcome = $e.outcome.as_str(),
-            method = $e.method.as_str(),
+            method = &*$e.method,
             route = &*$e.route,
             status = $e.status,
             latency_ms = $e.latency.as_secs_f64() * 1000.0,
