@@ -494,3 +494,31 @@ async fn a_key_over_its_rate_limit_gets_429_with_retry_after() {
     assert!(res.headers().get(WWW_AUTHENTICATE).is_none());
     assert_eq!(problem(res).await["status"], 429);
 }
+
+#[tokio::test]
+async fn principal_extractor_without_the_layer_is_a_clear_500() {
+    let app = Router::new().route("/me", get(|p: Principal| async move { p.key_id().to_owned() }));
+    let base = serve(app).await;
+    let res = reqwest::Client::new().get(format!("{base}/me")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(problem(res).await["detail"].as_str().unwrap().contains("is ApiKeyLayer applied"));
+}
+
+#[tokio::test]
+async fn opaque_format_accepts_foreign_keys_and_prefixed_format_limits_prefixes() {
+    let foreign = ApiKey::new("sk-live-3f9a2b7c1d");
+    let verifier = StaticVerifier::new().with_key(&foreign, principal("key_foreign", &["reports:read"], &[]));
+    let base = serve(routes().layer(ApiKeyLayer::new(verifier).format(keygate::KeyFormat::opaque()))).await;
+    let client = reqwest::Client::new();
+    let res = client.get(format!("{base}/reports")).bearer_auth(foreign.expose_secret()).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    // A keygate key with another service's prefix is turned away before verification.
+    let other = ApiKey::generate("other").unwrap();
+    let verifier = Arc::new(Counting { inner: StaticVerifier::new(), calls: AtomicUsize::new(0) });
+    let layer = ApiKeyLayer::from_arc(verifier.clone()).format(keygate::KeyFormat::prefixed("kg").unwrap());
+    let base = serve(routes().layer(layer)).await;
+    let res = client.get(format!("{base}/reports")).bearer_auth(other.expose_secret()).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(verifier.calls.load(Ordering::SeqCst), 0);
+}
