@@ -17,6 +17,7 @@
 //! ```
 
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -351,6 +352,29 @@ fn checksum(bytes: &[u8]) -> [u8; CHECKSUM_LEN] {
         n /= 62;
     }
     out
+}
+
+/// SHA-256 digests are uniformly random already: their first eight bytes are a hash
+/// as good as SipHash of them, at no cost. (Keys are attacker-chosen, their digests
+/// are not, so this opens no hash-flooding door.)
+pub(crate) type DigestHash = BuildHasherDefault<DigestHasher>;
+
+#[derive(Default)]
+pub(crate) struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as its length then its bytes; keep the first 8 bytes of data.
+        if bytes.len() >= 8 && self.0 == 0 {
+            self.0 = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        }
+    }
+
+    fn write_usize(&mut self, _: usize) {}
 }
 
 #[cfg(test)]

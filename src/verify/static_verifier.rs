@@ -1,11 +1,10 @@
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::RwLock;
 
 use time::OffsetDateTime;
 
 use super::{Reason, Verdict, Verifier, VerifyError};
-use crate::key::{ApiKey, KeyDigest};
+use crate::key::{ApiKey, DigestHash, KeyDigest};
 use crate::principal::Principal;
 
 /// Keys held in memory, stored by digest: for tests, demos and small deployments.
@@ -117,27 +116,4 @@ impl Verifier for StaticVerifier {
     async fn verify(&self, key: &ApiKey) -> Result<Verdict, VerifyError> {
         Ok(self.lookup(key))
     }
-}
-
-/// SHA-256 digests are uniformly random already: their first eight bytes are a hash
-/// as good as SipHash of them, at no cost. (Keys are attacker-chosen, their digests
-/// are not, so this opens no hash-flooding door.)
-type DigestHash = BuildHasherDefault<DigestHasher>;
-
-#[derive(Default)]
-struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // `[u8; 32]` hashes as its length then its bytes; keep the first 8 bytes of data.
-        if bytes.len() >= 8 && self.0 == 0 {
-            self.0 = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
-        }
-    }
-
-    fn write_usize(&mut self, _: usize) {}
 }
