@@ -1,4 +1,8 @@
-//! Key lifecycle against the real key service over HTTP (DESIGN.md §4, issue 3).
+//! Key lifecycle against the real key service over HTTP (DESIGN.md §4, issue 3), on
+//! every store: each test body below takes the database it runs on, and
+//! `on_every_store!` runs it once on a SQLite file (`sqlite::…`) and once on a
+//! PostgreSQL schema of its own (`postgres::…`, when `KEYGATE_TEST_POSTGRES_URL` is
+//! set; skipped with a notice otherwise). One suite, two stores.
 
 mod server_support;
 
@@ -6,12 +10,46 @@ use std::time::Duration;
 
 use keygate::server::{KeyPatch, NewKey};
 use serde_json::json;
-use server_support::{TestServer, eventually, new_key};
+use server_support::{TestDb, TestServer, eventually, new_key};
 use time::OffsetDateTime;
 
-#[tokio::test]
-async fn create_then_verify_returns_effective_scopes() {
-    let t = TestServer::start().await;
+/// Runs each named `async fn(TestDb)` as a test per store.
+macro_rules! on_every_store {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::TestDb::sqlite()).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if let Some(db) = super::TestDb::postgres().await {
+                        super::$name(db).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    create_then_verify_returns_effective_scopes,
+    unknown_revoked_disabled_and_expired_keys,
+    rotation_keeps_the_id_and_the_old_key_until_the_grace_ends,
+    role_changes_and_patches_show_in_verify,
+    audit_has_one_record_per_admin_action_and_no_secret,
+    the_database_holds_no_raw_key,
+    a_restart_on_the_same_database_keeps_everything,
+    list_filters_by_owner_and_counts_verify_calls,
+);
+
+async fn create_then_verify_returns_effective_scopes(db: TestDb) {
+    let t = TestServer::start_on(db, |b| b).await;
     t.admin.put_role("analyst", ["reports:read", "dashboards:read"]).await.unwrap();
     let mut req = new_key("acme", &["reports:read", "billing:write"]);
     req.roles = vec!["analyst".into()];
@@ -45,9 +83,8 @@ async fn create_then_verify_returns_effective_scopes() {
     assert!(!body.contains(&created.key.digest().to_hex()));
 }
 
-#[tokio::test]
-async fn unknown_revoked_disabled_and_expired_keys() {
-    let t = TestServer::start().await;
+async fn unknown_revoked_disabled_and_expired_keys(db: TestDb) {
+    let t = TestServer::start_on(db, |b| b).await;
     let unknown = keygate::ApiKey::generate("kg").unwrap();
     assert_eq!(t.code(unknown.expose_secret()).await, "NOT_FOUND");
     assert_eq!(t.code("").await, "NOT_FOUND");
@@ -76,9 +113,8 @@ async fn unknown_revoked_disabled_and_expired_keys() {
     assert!(eventually(Duration::from_secs(5), || async { t.code(&key).await == "EXPIRED" }).await);
 }
 
-#[tokio::test]
-async fn rotation_keeps_the_id_and_the_old_key_until_the_grace_ends() {
-    let t = TestServer::start().await;
+async fn rotation_keeps_the_id_and_the_old_key_until_the_grace_ends(db: TestDb) {
+    let t = TestServer::start_on(db, |b| b).await;
     let old = t.admin.create_key(new_key("acme", &["a:b"])).await.unwrap();
     let new = t.admin.rotate(&old.key_id, 2).await.unwrap();
     assert_eq!(new.key_id, old.key_id, "rotation keeps the key id");
@@ -105,9 +141,8 @@ async fn rotation_keeps_the_id_and_the_old_key_until_the_grace_ends() {
     assert_eq!(t.code(newer.key.expose_secret()).await, "VALID");
 }
 
-#[tokio::test]
-async fn role_changes_and_patches_show_in_verify() {
-    let t = TestServer::start().await;
+async fn role_changes_and_patches_show_in_verify(db: TestDb) {
+    let t = TestServer::start_on(db, |b| b).await;
     t.admin.put_role("ops", ["deploy:run"]).await.unwrap();
     let k = t
         .admin
@@ -130,9 +165,8 @@ async fn role_changes_and_patches_show_in_verify() {
     assert_eq!(v["roles"], json!([]));
 }
 
-#[tokio::test]
-async fn audit_has_one_record_per_admin_action_and_no_secret() {
-    let t = TestServer::start().await;
+async fn audit_has_one_record_per_admin_action_and_no_secret(db: TestDb) {
+    let t = TestServer::start_on(db, |b| b).await;
     let start = OffsetDateTime::now_utc() - time::Duration::seconds(1);
     t.admin.put_role("ops", ["deploy:run"]).await.unwrap();
     let k = t.admin.create_key(new_key("acme", &["a:b"])).await.unwrap();
@@ -161,9 +195,8 @@ async fn audit_has_one_record_per_admin_action_and_no_secret() {
     }
 }
 
-#[tokio::test]
-async fn the_database_file_holds_no_raw_key() {
-    let t = TestServer::start().await;
+async fn the_database_holds_no_raw_key(db: TestDb) {
+    let t = TestServer::start_on(db, |b| b).await;
     let mut keys = Vec::new();
     for i in 0..20 {
         let k = t.admin.create_key(new_key(&format!("owner{i}"), &["a:b"])).await.unwrap();
@@ -172,14 +205,7 @@ async fn the_database_file_holds_no_raw_key() {
             keys.push(t.admin.rotate(&k.key_id, 30).await.unwrap().key);
         }
     }
-    let mut bytes = Vec::new();
-    for suffix in ["", "-wal", "-shm"] {
-        let mut p = t.db_path().into_os_string();
-        p.push(suffix);
-        if let Ok(b) = std::fs::read(&p) {
-            bytes.extend(b);
-        }
-    }
+    let bytes = t.db.stored_bytes().await;
     assert!(bytes.len() > 4096, "read the database");
     let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
     for key in &keys {
@@ -193,17 +219,16 @@ async fn the_database_file_holds_no_raw_key() {
     }
 }
 
-#[tokio::test]
-async fn a_restart_on_the_same_file_keeps_everything() {
-    let t = TestServer::start().await;
+async fn a_restart_on_the_same_database_keeps_everything(db: TestDb) {
+    let t = TestServer::start_on(db, |b| b).await;
     t.admin.put_role("ops", ["deploy:run"]).await.unwrap();
     let live = t.admin.create_key(NewKey { roles: vec!["ops".into()], ..new_key("acme", &["a:b"]) }).await.unwrap();
     let gone = t.admin.create_key(new_key("acme", &["a:b"])).await.unwrap();
     t.admin.revoke(&gone.key_id).await.unwrap();
-    let TestServer { server, dir, .. } = t;
+    let TestServer { server, db, .. } = t;
     server.shutdown().await;
 
-    let t = TestServer::start_in(dir, |b| b).await;
+    let t = TestServer::start_on(db, |b| b).await;
     let v = t.verify(live.key.expose_secret()).await;
     assert_eq!(v["valid"], true);
     assert_eq!(v["scopes"], json!(["a:b", "deploy:run"]));
@@ -212,9 +237,8 @@ async fn a_restart_on_the_same_file_keeps_everything() {
     assert_eq!(t.admin.audit(None).await.unwrap().len(), 4);
 }
 
-#[tokio::test]
-async fn list_filters_by_owner_and_counts_verify_calls() {
-    let t = TestServer::start().await;
+async fn list_filters_by_owner_and_counts_verify_calls(db: TestDb) {
+    let t = TestServer::start_on(db, |b| b).await;
     t.admin.create_key(new_key("a", &["x:y"])).await.unwrap();
     let b = t.admin.create_key(new_key("b", &["x:y"])).await.unwrap();
     let listed = t.admin.list_keys(Some("b")).await.unwrap();

@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use super::ServerState;
 use super::auth::{Admin, Service};
 use super::error::{ApiError, shown};
-use super::events::KeyEvent;
+use super::events::{KeyEvent, MAX_EVENTS_PER_CHANGE, looks_like_key_id};
 use super::model::{
     DEFAULT_ENVIRONMENT, KeyInfo, KeyPatch, MAX_GRACE_S, NewKey, RoleRequest, RotateRequest, UsageBatch, UsageReport,
     validate_environment, validate_expiry, validate_meta, validate_ratelimit, validate_role_name, validate_roles,
@@ -41,9 +41,6 @@ pub const MAX_RECORDS: u32 = 1000;
 pub const MAX_USAGE_MINUTES: u32 = 7 * 24 * 60;
 /// Longer keys cannot be ours: answered `NOT_FOUND` without a lookup.
 const MAX_VERIFY_KEY_LEN: usize = 1024;
-/// A role change touching more keys than this publishes one `reset` instead of one
-/// `updated` per key, so that it cannot overflow subscribers' buffers.
-const MAX_EVENTS_PER_CHANGE: usize = 256;
 
 /// The key service's routes, with `state` applied.
 ///
@@ -323,10 +320,6 @@ async fn list_keys(
 async fn load(state: &ServerState, id: &str) -> Result<KeyInfo, ApiError> {
     let found = if looks_like_key_id(id) { state.inner.store.get_key(id).await? } else { None };
     found.ok_or_else(|| ApiError::NotFound(format!("no key with id `{}`", shown(id))))
-}
-
-fn looks_like_key_id(id: &str) -> bool {
-    id.len() <= 64 && id.starts_with("key_") && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 async fn get_key(

@@ -73,6 +73,8 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 pub const DEFAULT_EVENT_BUFFER: usize = 1024;
 /// Default prefix of issued keys.
 pub const DEFAULT_KEY_PREFIX: &str = "kg";
+/// How long starting waits for the feed of other replicas' changes to connect.
+const FEED_START_WAIT: Duration = Duration::from_secs(5);
 
 /// Counters of a running key service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -98,6 +100,14 @@ pub struct ServerStats {
     pub event_subscribers: u64,
     /// Alerts raised.
     pub alerts_raised: u64,
+    /// Changes made through other replicas and forwarded to this one's event streams
+    /// (a store shared by several replicas only).
+    pub events_forwarded: u64,
+    /// Whether the feed of other replicas' changes is connected (always `false` for a
+    /// store only one replica uses).
+    pub change_feed_connected: bool,
+    /// Times the feed of other replicas' changes reconnected (each followed by `reset`).
+    pub change_feed_reconnects: u64,
 }
 
 #[derive(Debug, Default)]
@@ -126,6 +136,8 @@ pub(crate) struct StateInner {
     pub stats: Stats,
     pub alerts: AlertConfig,
     pub key_prefix: String,
+    /// Other replicas' changes, forwarded into `hub`; stops when the state is dropped.
+    pub feed: Option<events::ChangeFeed>,
 }
 
 impl ServerState {
@@ -143,6 +155,7 @@ impl ServerState {
     pub fn stats(&self) -> ServerStats {
         let s = &self.inner.stats;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let feed = self.inner.feed.as_ref().map(events::ChangeFeed::stats).unwrap_or_default();
         ServerStats {
             verify_calls: get(&s.verify_calls),
             verify_valid: get(&s.verify_valid),
@@ -154,6 +167,9 @@ impl ServerState {
             events_published: self.inner.hub.published(),
             event_subscribers: self.inner.hub.subscribers(),
             alerts_raised: get(&s.alerts_raised),
+            events_forwarded: feed.forwarded,
+            change_feed_connected: feed.connected,
+            change_feed_reconnects: feed.reconnects,
         }
     }
 }
@@ -207,7 +223,9 @@ impl KeyServer {
     }
 
     /// The database URL: `sqlite://path` (created if missing), `sqlite::memory:`, or
-    /// with feature `postgres`, `postgres://...`.
+    /// with feature `postgres`, `postgres://...`: several replicas may share one
+    /// PostgreSQL database (or one schema of it, chosen with `?options=-c
+    /// search_path=<schema>`), and each hears about the others' changes.
     pub fn database(mut self, url: impl Into<String>) -> Self {
         self.database = url.into();
         self
@@ -298,14 +316,24 @@ impl KeyServer {
             Some(s) => s,
             None => store::open(&self.database).await?,
         };
+        let hub = EventHub::new(self.event_buffer, self.heartbeat);
+        let feed = store.follow_changes(&hub);
+        if let Some(feed) = &feed {
+            // Serving before the feed listens would let another replica's change slip by
+            // unnoticed; a feed that is late publishes `reset` when it connects.
+            if !feed.wait_connected(FEED_START_WAIT).await {
+                tracing::warn!("the feed of other replicas' changes is not connected yet; starting anyway");
+            }
+        }
         let state = ServerState {
             inner: Arc::new(StateInner {
                 store,
                 tokens: Tokens::new(&service, &admin),
-                hub: EventHub::new(self.event_buffer, self.heartbeat),
+                hub,
                 stats: Stats::default(),
                 alerts: self.alerts.clone(),
                 key_prefix: self.key_prefix.clone(),
+                feed,
             }),
         };
         Ok((state, service, admin))

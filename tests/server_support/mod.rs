@@ -1,8 +1,10 @@
 //! Shared setup of the key-service tests: a real server on an ephemeral loopback port
-//! over a temporary SQLite file.
+//! over a temporary SQLite file, or over a PostgreSQL schema of its own
+//! (`KEYGATE_TEST_POSTGRES_URL`).
 #![allow(dead_code)]
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use keygate::server::{AdminClient, KeyServer, NewKey, RunningKeyServer};
@@ -11,34 +13,199 @@ use serde_json::{Value, json};
 pub const SERVICE: &str = "svc-test-token";
 pub const ADMIN: &str = "adm-test-token";
 
+/// Where a test server keeps its data. Clones share it (replicas of one deployment).
+#[derive(Clone)]
+pub enum TestDb {
+    /// A SQLite file in a temporary directory.
+    Sqlite(Arc<tempfile::TempDir>),
+    /// A PostgreSQL schema created for the test, dropped when the last clone goes.
+    Postgres(Arc<PgSchema>),
+}
+
+impl TestDb {
+    pub fn sqlite() -> Self {
+        Self::Sqlite(Arc::new(tempfile::tempdir().unwrap()))
+    }
+
+    /// A fresh schema on `KEYGATE_TEST_POSTGRES_URL`; `None` (with a notice) when unset.
+    pub async fn postgres() -> Option<Self> {
+        PgSchema::create().await.map(|s| Self::Postgres(Arc::new(s)))
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            Self::Sqlite(dir) => format!("sqlite://{}", dir.path().join("keys.db").display()),
+            Self::Postgres(schema) => schema.url(),
+        }
+    }
+
+    /// Every byte the database keeps at rest: the SQLite file and its WAL; for
+    /// PostgreSQL, the schema's table, index and TOAST files after a checkpoint (when
+    /// the test role may read them) and every row as text, with BYTEA columns raw.
+    pub async fn stored_bytes(&self) -> Vec<u8> {
+        match self {
+            Self::Sqlite(dir) => {
+                let mut bytes = Vec::new();
+                for suffix in ["", "-wal", "-shm"] {
+                    if let Ok(b) = std::fs::read(dir.path().join(format!("keys.db{suffix}"))) {
+                        bytes.extend(b);
+                    }
+                }
+                bytes
+            }
+            Self::Postgres(schema) => schema.stored_bytes().await,
+        }
+    }
+}
+
+/// A schema of its own on the test PostgreSQL, so that parallel tests see neither each
+/// other's rows nor each other's notifications (the channel follows the schema).
+pub struct PgSchema {
+    pub base: String,
+    pub name: String,
+}
+
+pub const POSTGRES_ENV: &str = "KEYGATE_TEST_POSTGRES_URL";
+
+impl PgSchema {
+    pub async fn create() -> Option<Self> {
+        let Ok(base) = std::env::var(POSTGRES_ENV) else {
+            eprintln!("{POSTGRES_ENV} is not set: skipping the PostgreSQL part of this test");
+            return None;
+        };
+        let name = format!("kg_test_{:016x}", getrandom::u64().unwrap());
+        let mut conn = Self::connect(&base).await;
+        sqlx::query(&format!("CREATE SCHEMA {name}")).execute(&mut conn).await.expect("create the test schema");
+        Some(Self { base, name })
+    }
+
+    async fn connect(base: &str) -> sqlx::PgConnection {
+        use sqlx::Connection;
+        let connect = sqlx::PgConnection::connect(base);
+        match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => panic!("{POSTGRES_ENV} is set but PostgreSQL cannot be reached: {e}"),
+            Err(_) => panic!("{POSTGRES_ENV} is set but PostgreSQL does not answer"),
+        }
+    }
+
+    /// The base URL with `search_path` set to this schema.
+    pub fn url(&self) -> String {
+        let sep = if self.base.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options=-c%20search_path%3D{}", self.base, self.name)
+    }
+
+    /// A connection to the base database (search path not set).
+    pub async fn admin_connection(&self) -> sqlx::PgConnection {
+        Self::connect(&self.base).await
+    }
+
+    async fn stored_bytes(&self) -> Vec<u8> {
+        let mut conn = self.admin_connection().await;
+        let mut bytes = Vec::new();
+        // Physical files, readable by a superuser (as on the CI and developer machines).
+        let files: Vec<String> = sqlx::query_scalar(
+            "SELECT pg_relation_filepath(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relkind IN ('r', 'i') \
+             UNION ALL SELECT pg_relation_filepath(c.reltoastrelid) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.reltoastrelid <> 0",
+        )
+        .bind(&self.name)
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        if sqlx::query("CHECKPOINT").execute(&mut conn).await.is_ok() {
+            for file in files {
+                let b: Option<Vec<u8>> = sqlx::query_scalar("SELECT pg_read_binary_file($1, 0, 1073741824, true)")
+                    .bind(&file)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap_or(None);
+                bytes.extend(b.unwrap_or_default());
+            }
+        } else {
+            eprintln!("not a superuser: checking the rows only, not the files");
+        }
+        let tables: Vec<String> =
+            sqlx::query_scalar("SELECT table_name::text FROM information_schema.tables WHERE table_schema = $1")
+                .bind(&self.name)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        for table in tables {
+            let rows: Option<String> = sqlx::query_scalar(&format!(
+                "SELECT string_agg(row_to_json(t)::text, E'\\n') FROM {}.{table} t",
+                self.name
+            ))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            bytes.extend(rows.unwrap_or_default().into_bytes());
+        }
+        let digests: Vec<Vec<u8>> = sqlx::query_scalar(&format!("SELECT digest FROM {}.key_secrets", self.name))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default();
+        bytes.extend(digests.concat());
+        bytes
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (base, name) = (self.base.clone(), self.name.clone());
+        // A runtime of its own: the test's may be gone or busy.
+        let dropped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                use sqlx::Connection;
+                let mut conn = sqlx::PgConnection::connect(&base).await?;
+                sqlx::query("SET lock_timeout = '10s'").execute(&mut conn).await?;
+                sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE")).execute(&mut conn).await?;
+                conn.close().await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test schema {}", self.name);
+        }
+    }
+}
+
 pub struct TestServer {
     pub server: RunningKeyServer,
     pub admin: AdminClient,
     pub http: reqwest::Client,
-    pub dir: tempfile::TempDir,
+    pub db: TestDb,
 }
 
 impl TestServer {
     pub async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        Self::start_in(dir, |b| b).await
+        Self::start_on(TestDb::sqlite(), |b| b).await
     }
 
     pub async fn start_in(dir: tempfile::TempDir, configure: impl FnOnce(KeyServer) -> KeyServer) -> Self {
-        let url = format!("sqlite://{}", dir.path().join("keys.db").display());
+        Self::start_on(TestDb::Sqlite(Arc::new(dir)), configure).await
+    }
+
+    pub async fn start_on(db: TestDb, configure: impl FnOnce(KeyServer) -> KeyServer) -> Self {
         let builder = KeyServer::builder()
-            .database(url)
+            .database(db.url())
             .service_token(SERVICE)
             .admin_token(ADMIN)
             .listen("127.0.0.1:0".parse().unwrap());
         let server = configure(builder).start().await.expect("server starts");
         let admin = AdminClient::new(server.url(), ADMIN).unwrap();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-        Self { server, admin, http, dir }
+        Self { server, admin, http, db }
     }
 
+    /// The SQLite file (SQLite servers only).
     pub fn db_path(&self) -> PathBuf {
-        self.dir.path().join("keys.db")
+        match &self.db {
+            TestDb::Sqlite(dir) => dir.path().join("keys.db"),
+            TestDb::Postgres(_) => panic!("not a SQLite server"),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -109,6 +276,11 @@ impl Events {
     /// The next event as `(name, data)` (comments skipped); `None` when the stream
     /// ends; panics after `limit`.
     pub async fn next(&mut self, limit: Duration) -> Option<(String, String)> {
+        self.within(limit).await.expect("event in time")
+    }
+
+    /// Like [`next`](Self::next), but `Err` after `limit` instead of a panic.
+    pub async fn within(&mut self, limit: Duration) -> Result<Option<(String, String)>, tokio::time::error::Elapsed> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             while let Some(end) = self.buf.find("\n\n") {
@@ -122,13 +294,13 @@ impl Events {
                     }
                 }
                 if !name.is_empty() || !data.is_empty() {
-                    return Some((name, data.join("\n")));
+                    return Ok(Some((name, data.join("\n"))));
                 }
             }
-            let chunk = tokio::time::timeout_at(deadline, self.res.chunk()).await.expect("event in time");
+            let chunk = tokio::time::timeout_at(deadline, self.res.chunk()).await?;
             match chunk.unwrap() {
                 Some(bytes) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
-                None => return None,
+                None => return Ok(None),
             }
         }
     }

@@ -15,9 +15,16 @@ use crate::key::KeyDigest;
 use crate::principal::RateLimit;
 
 use super::error::ServerError;
+use super::events::{ChangeFeed, EventHub};
 use super::model::{Alert, AuditRecord, KeyInfo, KeyPatch, RoleInfo, UsageBucket};
 
+#[cfg(feature = "postgres")]
+mod postgres;
+mod rows;
 mod sqlite;
+mod writes;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// A boxed, `Send` future: what [`Store`] methods return, so that `dyn Store` works.
@@ -56,6 +63,9 @@ pub enum StoreError {
     /// A stored value could not be read back.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// The database is not set up as the store needs (no schema to create tables in, ...).
+    #[error("database configuration: {0}")]
+    Config(String),
     /// A migration failed.
     #[error("migration {version}: {source}")]
     Migration {
@@ -249,13 +259,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// Alerts, oldest first: from `since` on, or the newest `limit` without it.
     fn alerts(&self, since: Option<OffsetDateTime>, limit: u32) -> BoxFuture<'_, Result<Vec<Alert>, StoreError>>;
+
+    /// For a store that several key-service replicas share: starts forwarding the
+    /// changes made through the other replicas (revocations, updates, rotations, role
+    /// changes, resets, alerts) into `hub`, so that this replica's event-stream
+    /// subscribers hear about them. `None` (the default) for a store only one replica
+    /// uses, such as SQLite. Called from within a Tokio runtime.
+    fn follow_changes(&self, hub: &EventHub) -> Option<ChangeFeed> {
+        let _ = hub;
+        None
+    }
 }
 
 /// Opens the store a URL names (`sqlite://path`, `sqlite::memory:`, and with feature
-/// `postgres`, `postgres://...`) and runs its migrations.
+/// `postgres`, `postgres://...` or `postgresql://...`) and runs its migrations.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, ServerError> {
     if url.starts_with("sqlite:") {
         return Ok(Arc::new(SqliteStore::open(url).await?));
+    }
+    #[cfg(feature = "postgres")]
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Arc::new(PostgresStore::open(url).await?));
     }
     let scheme = url.split(':').next().unwrap_or_default();
     Err(ServerError::UnsupportedDatabase(format!("{scheme}:…")))

@@ -11,18 +11,20 @@ use sqlx::sqlite::{
 use sqlx::{Row, Transaction};
 use time::OffsetDateTime;
 
+use super::rows::{
+    ALERT_COLUMNS, AUDIT_COLUMNS, KEY_COLUMNS, USAGE_COLUMNS, alert_from_row, audit_from_row, bucket_from_row,
+    key_from_row,
+};
 use super::{
-    BoxFuture, Found, MinuteRow, NetworkSeen, NewKeyRecord, NewSecret, Store, StoreError, action, apply_patch,
-    create_changes, from_ms, from_ms_opt, parse_json, parse_json_list, ratelimit_from, to_ms,
+    BoxFuture, Found, MinuteRow, NetworkSeen, NewKeyRecord, NewSecret, Store, StoreError, action, apply_patch, from_ms,
+    from_ms_opt, parse_json_list, to_ms,
 };
 use crate::key::KeyDigest;
-use crate::server::model::{Alert, AlertKind, AuditRecord, KeyInfo, KeyPatch, RoleInfo, UsageBucket};
+use crate::server::model::{Alert, AuditRecord, KeyInfo, KeyPatch, RoleInfo, UsageBucket};
+
+super::writes::shared_writes!(SqliteConnection);
 
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/sqlite_0001_initial.sql"))];
-
-const KEY_COLUMNS: &str = "k.key_id, k.owner, k.name, k.scopes, k.roles, k.environment, k.expires_at, k.disabled, \
-     k.revoked_at, k.meta, k.ratelimit_limit, k.ratelimit_period_s, k.key_prefix, k.created_at, k.updated_at, \
-     k.last_used_at";
 
 /// A [`Store`] on SQLite.
 ///
@@ -132,28 +134,6 @@ async fn finish_change(
     Ok(())
 }
 
-fn key_from_row(row: &SqliteRow) -> Result<KeyInfo, StoreError> {
-    let revoked_at = from_ms_opt(row.try_get("revoked_at")?)?;
-    Ok(KeyInfo {
-        key_id: row.try_get("key_id")?,
-        owner: row.try_get("owner")?,
-        name: row.try_get("name")?,
-        scopes: parse_json_list(row.try_get("scopes")?)?,
-        roles: parse_json_list(row.try_get("roles")?)?,
-        environment: row.try_get("environment")?,
-        expires_at: from_ms_opt(row.try_get("expires_at")?)?,
-        disabled: row.try_get("disabled")?,
-        revoked: revoked_at.is_some(),
-        revoked_at,
-        meta: parse_json(row.try_get("meta")?)?,
-        ratelimit: ratelimit_from(row.try_get("ratelimit_limit")?, row.try_get("ratelimit_period_s")?),
-        created_at: from_ms(row.try_get("created_at")?)?,
-        updated_at: from_ms_opt(row.try_get("updated_at")?)?,
-        last_used_at: from_ms_opt(row.try_get("last_used_at")?)?,
-        key_prefix: row.try_get("key_prefix")?,
-    })
-}
-
 async fn load_key(conn: &mut SqliteConnection, key_id: &str) -> Result<KeyInfo, StoreError> {
     let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM keys k WHERE k.key_id = $1"))
         .bind(key_id)
@@ -170,84 +150,6 @@ fn refuse_revoked(key: &KeyInfo) -> Result<(), StoreError> {
     Ok(())
 }
 
-async fn write_audit(
-    conn: &mut SqliteConnection,
-    at: OffsetDateTime,
-    actor: &str,
-    action: &str,
-    key_id: Option<&str>,
-    changes: &Value,
-) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO audit (at, actor, action, key_id, changes) VALUES ($1, $2, $3, $4, $5)")
-        .bind(to_ms(at))
-        .bind(actor)
-        .bind(action)
-        .bind(key_id)
-        .bind(changes.to_string())
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-async fn write_key(conn: &mut SqliteConnection, key: &KeyInfo) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE keys SET name = $2, scopes = $3, roles = $4, expires_at = $5, disabled = $6, revoked_at = $7, \
-         meta = $8, ratelimit_limit = $9, ratelimit_period_s = $10, key_prefix = $11, updated_at = $12 \
-         WHERE key_id = $1",
-    )
-    .bind(&key.key_id)
-    .bind(&key.name)
-    .bind(Value::from(key.scopes.clone()).to_string())
-    .bind(Value::from(key.roles.clone()).to_string())
-    .bind(key.expires_at.map(to_ms))
-    .bind(key.disabled)
-    .bind(key.revoked_at.map(to_ms))
-    .bind(key.meta.to_string())
-    .bind(key.ratelimit.map(|r| r.limit as i64))
-    .bind(key.ratelimit.map(|r| r.period_s as i64))
-    .bind(&key.key_prefix)
-    .bind(key.updated_at.map(to_ms))
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
-}
-
-async fn write_roles(conn: &mut SqliteConnection, key_id: &str, roles: &[String]) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM key_roles WHERE key_id = $1").bind(key_id).execute(&mut *conn).await?;
-    for role in roles {
-        sqlx::query("INSERT INTO key_roles (key_id, role) VALUES ($1, $2)")
-            .bind(key_id)
-            .bind(role)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
-}
-
-fn alert_from_row(row: &SqliteRow) -> Result<Alert, StoreError> {
-    let kind: String = row.try_get("kind")?;
-    Ok(Alert {
-        at: from_ms(row.try_get("at")?)?,
-        key_id: row.try_get("key_id")?,
-        kind: AlertKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("alert kind `{kind}`")))?,
-        minute: from_ms(row.try_get::<i64, _>("minute")? * 1000)?,
-        observed: row.try_get::<i64, _>("observed")?.max(0) as u64,
-        baseline: row.try_get("baseline")?,
-        threshold: row.try_get("threshold")?,
-        detail: row.try_get("detail")?,
-    })
-}
-
-fn audit_from_row(row: &SqliteRow) -> Result<AuditRecord, StoreError> {
-    Ok(AuditRecord {
-        at: from_ms(row.try_get("at")?)?,
-        actor: row.try_get("actor")?,
-        action: row.try_get("action")?,
-        key_id: row.try_get("key_id")?,
-        changes: parse_json(row.try_get("changes")?)?,
-    })
-}
-
 impl Store for SqliteStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
@@ -259,36 +161,7 @@ impl Store for SqliteStore {
     fn create_key<'a>(&'a self, key: &'a NewKeyRecord, actor: &'a str) -> BoxFuture<'a, Result<KeyInfo, StoreError>> {
         Box::pin(async move {
             let mut tx = self.write().await?;
-            let created = to_ms(key.created_at);
-            sqlx::query(
-                "INSERT INTO keys (key_id, owner, name, scopes, roles, environment, expires_at, disabled, meta, \
-                 ratelimit_limit, ratelimit_period_s, key_prefix, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $12)",
-            )
-            .bind(&key.key_id)
-            .bind(&key.owner)
-            .bind(&key.name)
-            .bind(Value::from(key.scopes.clone()).to_string())
-            .bind(Value::from(key.roles.clone()).to_string())
-            .bind(&key.environment)
-            .bind(key.expires_at.map(to_ms))
-            .bind(key.meta.to_string())
-            .bind(key.ratelimit.map(|r| r.limit as i64))
-            .bind(key.ratelimit.map(|r| r.period_s as i64))
-            .bind(&key.secret.key_prefix)
-            .bind(created)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("INSERT INTO key_secrets (digest, key_id, key_prefix, created_at) VALUES ($1, $2, $3, $4)")
-                .bind(&key.secret.digest.as_bytes()[..])
-                .bind(&key.key_id)
-                .bind(&key.secret.key_prefix)
-                .bind(created)
-                .execute(&mut *tx)
-                .await?;
-            write_roles(&mut tx, &key.key_id, &key.roles).await?;
-            write_audit(&mut tx, key.created_at, actor, action::KEY_CREATE, Some(&key.key_id), &create_changes(key))
-                .await?;
+            insert_key(&mut tx, key, actor).await?;
             let info = load_key(&mut tx, &key.key_id).await?;
             tx.commit().await?;
             Ok(info)
@@ -349,22 +222,7 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'a, Result<KeyInfo, StoreError>> {
         Box::pin(async move {
             let (mut tx, mut key) = self.begin_change(key_id).await?;
-            // Older secrets still in an earlier grace keep their (earlier) end.
-            sqlx::query(
-                "UPDATE key_secrets SET expires_at = CASE WHEN expires_at IS NULL OR expires_at > $2 THEN $2 \
-                 ELSE expires_at END WHERE key_id = $1",
-            )
-            .bind(key_id)
-            .bind(to_ms(grace_until))
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("INSERT INTO key_secrets (digest, key_id, key_prefix, created_at) VALUES ($1, $2, $3, $4)")
-                .bind(&secret.digest.as_bytes()[..])
-                .bind(key_id)
-                .bind(&secret.key_prefix)
-                .bind(to_ms(at))
-                .execute(&mut *tx)
-                .await?;
+            replace_secret(&mut tx, key_id, secret, grace_until, at).await?;
             let changes = serde_json::json!({
                 "key_prefix": { "from": key.key_prefix, "to": secret.key_prefix },
                 "previous_expires_at": super::rfc3339(Some(grace_until)),
@@ -478,7 +336,7 @@ impl Store for SqliteStore {
 
     fn audit(&self, since: Option<OffsetDateTime>, limit: u32) -> BoxFuture<'_, Result<Vec<AuditRecord>, StoreError>> {
         Box::pin(async move {
-            let rows = self.recent("audit", "id, at, actor, action, key_id, changes", since, limit).await?;
+            let rows = self.recent("audit", AUDIT_COLUMNS, since, limit).await?;
             rows.iter().map(audit_from_row).collect()
         })
     }
@@ -536,31 +394,15 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<UsageBucket>, StoreError>> {
         Box::pin(async move {
-            let rows = sqlx::query(
-                "SELECT minute, requests, allowed, denied, status_2xx, status_4xx, status_5xx, latency_us_sum, \
-                 latency_us_max FROM usage_minutes WHERE key_id = $1 AND minute >= $2 ORDER BY minute LIMIT $3",
-            )
+            let rows = sqlx::query(&format!(
+                "SELECT {USAGE_COLUMNS} FROM usage_minutes WHERE key_id = $1 AND minute >= $2 ORDER BY minute LIMIT $3"
+            ))
             .bind(key_id)
             .bind(since.unix_timestamp() - since.unix_timestamp().rem_euclid(60))
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
-            rows.iter()
-                .map(|row| {
-                    let n = |c: &str| row.try_get::<i64, _>(c).map(|v| v.max(0) as u64);
-                    Ok(UsageBucket {
-                        start: from_ms(row.try_get::<i64, _>("minute")? * 1000)?,
-                        requests: n("requests")?,
-                        allowed: n("allowed")?,
-                        denied: n("denied")?,
-                        status_2xx: n("status_2xx")?,
-                        status_4xx: n("status_4xx")?,
-                        status_5xx: n("status_5xx")?,
-                        latency_ms_sum: n("latency_us_sum")? as f64 / 1000.0,
-                        latency_ms_max: n("latency_us_max")? as f64 / 1000.0,
-                    })
-                })
-                .collect()
+            rows.iter().map(bucket_from_row).collect()
         })
     }
 
@@ -625,8 +467,7 @@ impl Store for SqliteStore {
 
     fn alerts(&self, since: Option<OffsetDateTime>, limit: u32) -> BoxFuture<'_, Result<Vec<Alert>, StoreError>> {
         Box::pin(async move {
-            let cols = "id, at, key_id, kind, minute, observed, baseline, threshold, detail";
-            let rows = self.recent("alerts", cols, since, limit).await?;
+            let rows = self.recent("alerts", ALERT_COLUMNS, since, limit).await?;
             rows.iter().map(alert_from_row).collect()
         })
     }

@@ -1,0 +1,123 @@
+//! Reading rows back into the model, shared by every backend: the column names and
+//! the encodings (times as Unix milliseconds, lists and objects as JSON text) are the
+//! same everywhere, only the row type differs.
+
+use sqlx::Row;
+
+use super::{StoreError, from_ms, from_ms_opt, parse_json, parse_json_list, ratelimit_from};
+use crate::server::model::{Alert, AlertKind, AuditRecord, KeyInfo, UsageBucket};
+
+/// The columns [`key_from_row`] reads, from `keys k`.
+pub(crate) const KEY_COLUMNS: &str = "k.key_id, k.owner, k.name, k.scopes, k.roles, k.environment, k.expires_at, \
+     k.disabled, k.revoked_at, k.meta, k.ratelimit_limit, k.ratelimit_period_s, k.key_prefix, k.created_at, \
+     k.updated_at, k.last_used_at";
+
+/// The columns [`bucket_from_row`] reads, from `usage_minutes`.
+pub(crate) const USAGE_COLUMNS: &str =
+    "minute, requests, allowed, denied, status_2xx, status_4xx, status_5xx, latency_us_sum, latency_us_max";
+
+/// The columns [`alert_from_row`] reads, from `alerts`.
+pub(crate) const ALERT_COLUMNS: &str = "id, at, key_id, kind, minute, observed, baseline, threshold, detail";
+
+/// The columns [`audit_from_row`] reads, from `audit`.
+pub(crate) const AUDIT_COLUMNS: &str = "id, at, actor, action, key_id, changes";
+
+/// Typed column access, the same for every backend's row.
+pub(crate) trait Get {
+    fn text(&self, col: &str) -> Result<String, sqlx::Error>;
+    fn opt_text(&self, col: &str) -> Result<Option<String>, sqlx::Error>;
+    fn int(&self, col: &str) -> Result<i64, sqlx::Error>;
+    fn opt_int(&self, col: &str) -> Result<Option<i64>, sqlx::Error>;
+    fn flag(&self, col: &str) -> Result<bool, sqlx::Error>;
+    fn real(&self, col: &str) -> Result<f64, sqlx::Error>;
+}
+
+macro_rules! impl_get {
+    ($row:ty) => {
+        impl Get for $row {
+            fn text(&self, col: &str) -> Result<String, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn opt_text(&self, col: &str) -> Result<Option<String>, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn int(&self, col: &str) -> Result<i64, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn opt_int(&self, col: &str) -> Result<Option<i64>, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn flag(&self, col: &str) -> Result<bool, sqlx::Error> {
+                self.try_get(col)
+            }
+            fn real(&self, col: &str) -> Result<f64, sqlx::Error> {
+                self.try_get(col)
+            }
+        }
+    };
+}
+
+impl_get!(sqlx::sqlite::SqliteRow);
+#[cfg(feature = "postgres")]
+impl_get!(sqlx::postgres::PgRow);
+
+pub(crate) fn key_from_row(row: &impl Get) -> Result<KeyInfo, StoreError> {
+    let revoked_at = from_ms_opt(row.opt_int("revoked_at")?)?;
+    Ok(KeyInfo {
+        key_id: row.text("key_id")?,
+        owner: row.text("owner")?,
+        name: row.text("name")?,
+        scopes: parse_json_list(&row.text("scopes")?)?,
+        roles: parse_json_list(&row.text("roles")?)?,
+        environment: row.text("environment")?,
+        expires_at: from_ms_opt(row.opt_int("expires_at")?)?,
+        disabled: row.flag("disabled")?,
+        revoked: revoked_at.is_some(),
+        revoked_at,
+        meta: parse_json(&row.text("meta")?)?,
+        ratelimit: ratelimit_from(row.opt_int("ratelimit_limit")?, row.opt_int("ratelimit_period_s")?),
+        created_at: from_ms(row.int("created_at")?)?,
+        updated_at: from_ms_opt(row.opt_int("updated_at")?)?,
+        last_used_at: from_ms_opt(row.opt_int("last_used_at")?)?,
+        key_prefix: row.text("key_prefix")?,
+    })
+}
+
+pub(crate) fn alert_from_row(row: &impl Get) -> Result<Alert, StoreError> {
+    let kind = row.text("kind")?;
+    Ok(Alert {
+        at: from_ms(row.int("at")?)?,
+        key_id: row.text("key_id")?,
+        kind: AlertKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("alert kind `{kind}`")))?,
+        minute: from_ms(row.int("minute")?.saturating_mul(1000))?,
+        observed: row.int("observed")?.max(0) as u64,
+        baseline: row.real("baseline")?,
+        threshold: row.real("threshold")?,
+        detail: row.text("detail")?,
+    })
+}
+
+pub(crate) fn audit_from_row(row: &impl Get) -> Result<AuditRecord, StoreError> {
+    Ok(AuditRecord {
+        at: from_ms(row.int("at")?)?,
+        actor: row.text("actor")?,
+        action: row.text("action")?,
+        key_id: row.opt_text("key_id")?,
+        changes: parse_json(&row.text("changes")?)?,
+    })
+}
+
+pub(crate) fn bucket_from_row(row: &impl Get) -> Result<UsageBucket, StoreError> {
+    let n = |c: &str| row.int(c).map(|v| v.max(0) as u64);
+    Ok(UsageBucket {
+        start: from_ms(row.int("minute")?.saturating_mul(1000))?,
+        requests: n("requests")?,
+        allowed: n("allowed")?,
+        denied: n("denied")?,
+        status_2xx: n("status_2xx")?,
+        status_4xx: n("status_4xx")?,
+        status_5xx: n("status_5xx")?,
+        latency_ms_sum: n("latency_us_sum")? as f64 / 1000.0,
+        latency_ms_max: n("latency_us_max")? as f64 / 1000.0,
+    })
+}
