@@ -116,8 +116,9 @@ impl PostgresStore {
             StoreError::Config("no schema of the search_path exists: create it, or fix `search_path`".into())
         })?;
         let channel = channel_for(&schema);
-        let listen_options = options.application_name(&listen_application_name(&channel));
-        let store = Self { inner: Arc::new(Inner { pool, listen_options, schema, channel, origin: replica_id() }) };
+        let origin = replica_id();
+        let listen_options = options.application_name(&listen_application_name(&origin, &channel));
+        let store = Self { inner: Arc::new(Inner { pool, listen_options, schema, channel, origin }) };
         store.migrate().await?;
         Ok(store)
     }
@@ -137,9 +138,15 @@ impl PostgresStore {
         &self.inner.channel
     }
 
-    /// The `application_name` of the `LISTEN` connection: `keygate-listen <channel>`.
+    /// This replica's id, which tags its notes to the others.
+    pub fn replica_id(&self) -> &str {
+        &self.inner.origin
+    }
+
+    /// The `application_name` of the `LISTEN` connection (find it in
+    /// `pg_stat_activity`): `keygate-listen <replica id> <channel>`, cut to 63 bytes.
     pub fn listen_application_name(&self) -> String {
-        listen_application_name(&self.inner.channel)
+        listen_application_name(&self.inner.origin, &self.inner.channel)
     }
 
     /// Closes the pool.
@@ -320,8 +327,7 @@ impl PostgresStore {
 
 /// `keygate_events` for schema `public`; `keygate_events_<schema>` for another schema
 /// whose name is plain (`[a-z0-9_]`, at most 32 bytes); otherwise a name derived from
-/// a digest of the schema's. Always a valid identifier, and short enough for the
-/// `application_name` of the `LISTEN` connection (63 bytes).
+/// a digest of the schema's. Always a valid identifier of at most 47 bytes.
 fn channel_for(schema: &str) -> String {
     if schema == "public" {
         return "keygate_events".into();
@@ -334,8 +340,11 @@ fn channel_for(schema: &str) -> String {
     format!("keygate_events_{}", &digest[..16])
 }
 
-fn listen_application_name(channel: &str) -> String {
-    format!("keygate-listen {channel}")
+/// What PostgreSQL keeps of an `application_name` (it cuts at 63 bytes); ASCII only.
+fn listen_application_name(origin: &str, channel: &str) -> String {
+    let mut name = format!("keygate-listen {origin} {channel}");
+    name.truncate(63);
+    name
 }
 
 /// A replica's id in its notes: random, or (no randomness) the time and process id,
@@ -787,7 +796,8 @@ mod tests {
             let c = channel_for(odd);
             assert!(c.len() <= 63 && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'), "{c}");
         }
-        assert!(listen_application_name(&channel_for(&"y".repeat(63))).len() <= 63);
+        assert!(listen_application_name(&replica_id(), &channel_for(&"y".repeat(63))).len() <= 63);
+        assert!(channel_for(&"y".repeat(32)).len() <= 47);
     }
 
     #[test]
