@@ -70,6 +70,8 @@ use crate::verify::{Reason, Verdict, Verifier, VerifyError};
 pub const DEFAULT_REALM: &str = "api";
 /// `Retry-After` for 503 answers unless [`ApiKeyLayer::retry_after`] says otherwise.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Longest raw path kept as a usage event's route when no route template is known.
 pub const MAX_RAW_ROUTE_LEN: usize = 128;
 
@@ -327,17 +329,26 @@ where
         if !config.keep_credentials {
             strip_credential(&mut req, &config.sources[found.source]);
         }
-        let shared = self.shared.clone();
         let key = found.key;
-        let verify: BoxVerify = Box::pin(async move { shared.verifier.verify(&key).await });
-        let inner = take_ready(&mut self.inner);
-        ResponseFuture {
-            state: State::Verify { fut: verify, pending: Some((inner, req)) },
-            shared: self.shared.clone(),
-            grpc,
-            record,
-            span,
-        }
+        let mut inner = take_ready(&mut self.inner);
+        // A verdict the verifier already holds (a cache hit) needs no future at all.
+        let state = match self.shared.verifier.verify_now(&key) {
+            Some(result) => {
+                let mut record = record;
+                let next = admit(result, &mut req, config, &span, &mut record);
+                let state = match next {
+                    Ok(outcome) => State::Inner { fut: span.in_scope(|| inner.call(req)), outcome },
+                    Err(err) => State::Rejected { err: Some(err) },
+                };
+                return ResponseFuture { state, shared: self.shared.clone(), grpc, record, span };
+            }
+            None => {
+                let shared = self.shared.clone();
+                let verify: BoxVerify = Box::pin(async move { shared.verifier.verify(&key).await });
+                State::Verify { fut: verify, pending: Some((inner, req)) }
+            }
+        };
+        ResponseFuture { state, shared: self.shared.clone(), grpc, record, span }
     }
 }
 
@@ -377,7 +388,7 @@ impl Record {
             },
             request_id: req
                 .headers()
-                .get("x-request-id")
+                .get(X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(|v| Arc::from(&v[..v.len().min(128)])),
             principal: None,
@@ -503,6 +514,28 @@ where
     }
 }
 
+/// Applies a verdict to the request: the principal goes into its extensions, or the
+/// rejection comes back. The usage record and the span learn the key id either way.
+fn admit<B>(
+    result: Result<Verdict, VerifyError>,
+    req: &mut Request<B>,
+    config: &Config,
+    span: &tracing::Span,
+    record: &mut Option<Record>,
+) -> Result<Outcome, AuthError> {
+    if let Ok(Verdict::Valid(p)) = &result {
+        span.record("key_id", p.key_id());
+        // Even a rate-limited or expired key's event names the key.
+        if let Some(r) = record.as_mut() {
+            r.principal = Some(p.clone());
+        }
+    }
+    let principal = decide(result, config)?;
+    let outcome = if principal.is_fail_open() { Outcome::FailOpen } else { Outcome::Allowed };
+    req.extensions_mut().insert(principal);
+    Ok(outcome)
+}
+
 /// Turns a verifier's answer into a principal or a rejection.
 fn decide(result: Result<Verdict, VerifyError>, config: &Config) -> Result<Principal, AuthError> {
     let retry_after = config.retry_after;
@@ -543,22 +576,12 @@ where
                     let Some((mut inner, mut req)) = pending.take() else {
                         panic!("keygate ResponseFuture polled after completion");
                     };
-                    if let Ok(Verdict::Valid(p)) = &result {
-                        this.span.record("key_id", p.key_id());
-                        // Even a rate-limited or expired key's event names the key.
-                        if let Some(r) = this.record.as_mut() {
-                            r.principal = Some(p.clone());
-                        }
-                    }
-                    match decide(result, this.shared.config()) {
-                        Ok(principal) => {
-                            let outcome = if principal.is_fail_open() { Outcome::FailOpen } else { Outcome::Allowed };
-                            req.extensions_mut().insert(principal);
-                            let fut = inner.call(req);
-                            this.state.set(State::Inner { fut, outcome });
-                        }
-                        Err(err) => this.state.set(State::Rejected { err: Some(err) }),
-                    }
+                    let next = admit(result, &mut req, this.shared.config(), this.span, this.record);
+                    let next = match next {
+                        Ok(outcome) => State::Inner { fut: inner.call(req), outcome },
+                        Err(err) => State::Rejected { err: Some(err) },
+                    };
+                    this.state.set(next);
                 }
                 StateProj::Inner { fut, outcome } => {
                     let outcome = *outcome;

@@ -635,6 +635,22 @@ impl Drop for FlightGuard<'_> {
 }
 
 impl<V: Verifier> Verifier for CachedVerifier<V> {
+    fn verify_now(&self, key: &ApiKey) -> Option<Result<Verdict, VerifyError>> {
+        // Fresh hits only: anything stale, missing or failing takes the async path.
+        let core = &self.shared.core;
+        let digest = key.digest();
+        if let Some(entry) = core.positive.get(&digest) {
+            if Instant::now() < entry.fresh_until {
+                count!(core.counters, hits, "keygate_cache_hits_total");
+                return Some(Ok(Verdict::Valid(entry.principal.clone())));
+            }
+            return None;
+        }
+        let reason = core.negative.get(&digest)?;
+        count!(core.counters, negative_hits, "keygate_cache_negative_hits_total");
+        Some(Ok(Verdict::Invalid(reason)))
+    }
+
     async fn verify(&self, key: &ApiKey) -> Result<Verdict, VerifyError> {
         let shared = &*self.shared;
         let core = &shared.core;

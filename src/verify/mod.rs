@@ -95,11 +95,24 @@ pub enum VerifyError {
 pub trait Verifier: Send + Sync + 'static {
     /// Verifies one key.
     fn verify(&self, key: &ApiKey) -> impl Future<Output = Result<Verdict, VerifyError>> + Send;
+
+    /// The verdict, if it is known without waiting (a cache hit, an in-memory table).
+    ///
+    /// The layer asks this first and builds a future only when it answers `None`. It
+    /// must agree with [`verify`](Verifier::verify); the default knows nothing.
+    fn verify_now(&self, key: &ApiKey) -> Option<Result<Verdict, VerifyError>> {
+        let _ = key;
+        None
+    }
 }
 
 impl<V: Verifier> Verifier for Arc<V> {
     fn verify(&self, key: &ApiKey) -> impl Future<Output = Result<Verdict, VerifyError>> + Send {
         (**self).verify(key)
+    }
+
+    fn verify_now(&self, key: &ApiKey) -> Option<Result<Verdict, VerifyError>> {
+        (**self).verify_now(key)
     }
 }
 

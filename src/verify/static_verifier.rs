@@ -116,4 +116,8 @@ impl Verifier for StaticVerifier {
     async fn verify(&self, key: &ApiKey) -> Result<Verdict, VerifyError> {
         Ok(self.lookup(key))
     }
+
+    fn verify_now(&self, key: &ApiKey) -> Option<Result<Verdict, VerifyError>> {
+        Some(Ok(self.lookup(key)))
+    }
 }
