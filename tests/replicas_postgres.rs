@@ -387,3 +387,26 @@ async fn replica_a_killed_verifications_move_to_b_and_the_event_listener_follows
     .await;
     println!("revocation through B refused after {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn an_alert_raised_by_one_replica_reaches_the_streams_of_the_others() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let a = TestServer::start_on(db.clone(), |b| b).await;
+    let b = TestServer::start_on(db.clone(), |b| b).await;
+    let k = a.admin.create_key(new_key("acme", &["a:b"])).await.unwrap();
+    let mut on_a = Events::connect(&a).await;
+    let now = OffsetDateTime::now_utc();
+    for ip in ["203.0.113.7", "198.51.100.9"] {
+        let mut event = usage_event(&k.key_id, now, true, 1);
+        event.client_ip = Some(ip.parse().unwrap());
+        let req = b.http.post(b.url("/v1/usage")).bearer_auth(SERVICE);
+        let res = req.json(&json!({ "events": [event], "dropped": 0 })).send().await.unwrap();
+        assert_eq!(res.status(), 202);
+    }
+    let (name, alert) = change(&mut on_a).await;
+    assert_eq!(name, "alert");
+    assert_eq!(alert["key_id"], k.key_id.as_str());
+    assert_eq!(alert["kind"], "new_network");
+    assert_eq!(b.server.stats().alerts_raised, 1);
+    no_more_changes(&mut on_a, Duration::from_millis(300)).await;
+}
