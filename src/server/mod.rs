@@ -33,6 +33,11 @@
 //! audit, usage and invalidation (`rotated`, by key id) follow the key across rotations.
 //!
 //! **Verdict precedence**: `REVOKED`, then `DISABLED`, then `EXPIRED`.
+//!
+//! **Replicas.** With feature `postgres`, several key-service processes share one
+//! PostgreSQL database ([`store::PostgresStore`], chosen by a `postgres://` URL): each
+//! change is sent to the others with `NOTIFY` in its transaction, and each replica's
+//! event stream carries the changes made through every replica (see [`events`]).
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,26 +1,5 @@
-//! PostgreSQL (feature `postgres`): the store several key-service replicas share.
-//!
-//! - **Schema.** The tables of the SQLite store with PostgreSQL types (`BIGINT`,
-//!   `BYTEA`, `BOOLEAN`), created in the first schema of the `search_path`; pick one
-//!   with `?options=-c%20search_path%3D<schema>` on the URL.
-//! - **Migrations** run at start inside one transaction holding
-//!   `pg_advisory_xact_lock`, keyed by the schema: replicas starting together take
-//!   turns, and the later ones find the work done. DDL is transactional in PostgreSQL,
-//!   so a failed migration leaves nothing half applied, and the lock cannot leak.
-//! - **Writes** lock what they change (`SELECT … FOR UPDATE` on the key, an advisory
-//!   lock per role name or per key for networks), so that concurrent changes through
-//!   different replicas serialize exactly as they do on SQLite.
-//! - **Usage** is added with one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO UPDATE
-//!   SET n = t.n + EXCLUDED.n, max = GREATEST(…)` per batch, rows in key order so that
-//!   two replicas ingesting the same keys cannot deadlock; a batch that still loses a
-//!   deadlock or serialization race is retried (it was rolled back as a whole).
-//! - **Fan-out.** Every change that affects verification sends `NOTIFY` on the
-//!   deployment's channel in the transaction that makes it, so it is delivered exactly
-//!   when it commits. Each replica's [`follow_changes`](Store::follow_changes) task
-//!   `LISTEN`s on a connection of its own and forwards the other replicas' notes into
-//!   its [`EventHub`]; its own notes are skipped (the API published them already). The
-//!   channel is `keygate_events` in schema `public` and `keygate_events_<schema>` in
-//!   another one, so deployments in different schemas of one database stay apart.
+//! PostgreSQL (feature `postgres`): the store several key-service replicas share;
+//! see [`PostgresStore`].
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -49,7 +28,7 @@ super::writes::shared_writes!(PgConnection);
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/postgres_0001_initial.sql"))];
 
 /// Default most connections one replica opens (plus one for `LISTEN`).
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 /// `statement_timeout` set on every connection unless the URL's `options` set one.
 const STATEMENT_TIMEOUT: &str = "30s";
 /// Advisory lock namespaces (first key of the two-key form).
@@ -71,7 +50,28 @@ const FEED_BACKOFF_MAX: Duration = Duration::from_secs(10);
 const FEED_STABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// A [`Store`] on PostgreSQL, for several key-service replicas sharing one database.
-/// See the [module docs](self) for schema, locking and fan-out.
+///
+/// - **Schema.** The tables of the SQLite store with PostgreSQL types (`BIGINT`,
+///   `BYTEA`, `BOOLEAN`), created in the first schema of the `search_path`; pick one
+///   with `?options=-c%20search_path%3D<schema>` on the URL.
+/// - **Migrations** run at start inside one transaction holding
+///   `pg_advisory_xact_lock`, keyed by the schema: replicas starting together take
+///   turns, and the later ones find the work done. DDL is transactional in PostgreSQL,
+///   so a failed migration leaves nothing half applied, and the lock cannot leak.
+/// - **Writes** lock what they change (`SELECT … FOR UPDATE` on the key, an advisory
+///   lock per role name or per key for networks), so that concurrent changes through
+///   different replicas serialize exactly as they do on SQLite.
+/// - **Usage** is added with one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO UPDATE
+///   SET n = t.n + EXCLUDED.n, max = GREATEST(…)` per batch, rows in key order so that
+///   two replicas ingesting the same keys cannot deadlock; a batch that still loses a
+///   deadlock or serialization race is retried (it was rolled back as a whole).
+/// - **Fan-out.** Every change that affects verification sends `NOTIFY` on the
+///   deployment's channel in the transaction that makes it, so it is delivered exactly
+///   when it commits. Each replica's [`follow_changes`](Store::follow_changes) task
+///   `LISTEN`s on a connection of its own and forwards the other replicas' notes into
+///   its [`EventHub`]; its own notes are skipped (the API published them already). The
+///   channel is `keygate_events` in schema `public` and `keygate_events_<schema>` in
+///   another one, so deployments in different schemas of one database stay apart.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
@@ -87,8 +87,8 @@ struct Inner {
 }
 
 impl PostgresStore {
-    /// Connects to `url` (`postgres://user@host:port/db?options=...`) with up to
-    /// [`DEFAULT_MAX_CONNECTIONS`] connections and runs the migrations.
+    /// Connects to `url` (`postgres://user@host:port/db?options=...`) with up to 10
+    /// pooled connections (plus one for `LISTEN`) and runs the migrations.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("cannot read the PostgreSQL URL: {e}")))?;
