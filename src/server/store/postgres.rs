@@ -72,6 +72,8 @@ const FEED_STABLE_AFTER: Duration = Duration::from_secs(10);
 ///   its [`EventHub`]; its own notes are skipped (the API published them already). The
 ///   channel is `keygate_events` in schema `public` and `keygate_events_<schema>` in
 ///   another one, so deployments in different schemas of one database stay apart.
+///   Open one store per replica: the id that tags a replica's notes is the store's, so
+///   two key servers sharing one store value would skip each other's notes.
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
