@@ -20,9 +20,9 @@ use super::model::{Alert, AuditRecord, KeyInfo, KeyPatch, RoleInfo, UsageBucket}
 
 #[cfg(feature = "postgres")]
 mod postgres;
+mod queries;
 mod rows;
 mod sqlite;
-mod writes;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -337,6 +337,56 @@ pub(crate) fn create_changes(key: &NewKeyRecord) -> Value {
 
 pub(crate) fn rfc3339(t: Option<OffsetDateTime>) -> Value {
     t.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()).map_or(Value::Null, Value::String)
+}
+
+/// A change of an existing, unrevoked key: what `update_key`, `rotate_key` and
+/// `revoke_key` have in common, so that every backend makes them in one place.
+pub(crate) enum KeyChange<'a> {
+    /// A validated patch.
+    Update(&'a KeyPatch),
+    /// A new secret; the previous ones end at `grace_until` at the latest.
+    Rotate {
+        /// The new secret.
+        secret: &'a NewSecret,
+        /// The end of the previous secrets' grace.
+        grace_until: OffsetDateTime,
+    },
+    /// Revocation, for good.
+    Revoke,
+}
+
+impl KeyChange<'_> {
+    /// The audit action.
+    pub(crate) fn action(&self) -> &'static str {
+        match self {
+            Self::Update(_) => action::KEY_UPDATE,
+            Self::Rotate { .. } => action::KEY_ROTATE,
+            Self::Revoke => action::KEY_REVOKE,
+        }
+    }
+
+    /// Applies the change to the key as stored and returns the audit `changes`. The
+    /// rows besides the key's (roles, secrets) are the caller's to write.
+    pub(crate) fn apply(&self, key: &mut KeyInfo, at: OffsetDateTime) -> Value {
+        let changes = match self {
+            Self::Update(patch) => apply_patch(key, patch),
+            Self::Rotate { secret, grace_until } => {
+                let changes = json!({
+                    "key_prefix": { "from": key.key_prefix, "to": secret.key_prefix },
+                    "previous_expires_at": rfc3339(Some(*grace_until)),
+                });
+                key.key_prefix.clone_from(&secret.key_prefix);
+                changes
+            }
+            Self::Revoke => {
+                key.revoked = true;
+                key.revoked_at = Some(at);
+                json!({ "revoked": { "from": false, "to": true } })
+            }
+        };
+        key.updated_at = Some(at);
+        changes
+    }
 }
 
 /// Applies a validated patch to a key and returns `{"field": {"from", "to"}}` for

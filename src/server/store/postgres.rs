@@ -6,24 +6,16 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use sqlx::Transaction;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use time::OffsetDateTime;
 
-use super::rows::{
-    ALERT_COLUMNS, AUDIT_COLUMNS, KEY_COLUMNS, USAGE_COLUMNS, alert_from_row, audit_from_row, bucket_from_row,
-    key_from_row,
-};
-use super::{
-    BoxFuture, Found, MinuteRow, NetworkSeen, NewKeyRecord, NewSecret, Store, StoreError, action, apply_patch, from_ms,
-    from_ms_opt, parse_json_list, to_ms,
-};
+use super::{BoxFuture, Found, KeyChange, MinuteRow, NetworkSeen, NewKeyRecord, NewSecret, Store, StoreError, to_ms};
 use crate::key::KeyDigest;
 use crate::server::events::{ChangeFeed, ChangeNote, EventHub, FeedCounters, KeyEvent, MAX_EVENTS_PER_CHANGE};
 use crate::server::model::{Alert, AuditRecord, KeyInfo, KeyPatch, RoleInfo, UsageBucket};
 
-super::writes::shared_writes!(PgConnection);
+super::queries::shared_queries!(sqlx::Postgres, row_lock = " FOR UPDATE");
 
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/postgres_0001_initial.sql"))];
 
@@ -169,17 +161,9 @@ impl PostgresStore {
         )
         .execute(&mut *tx)
         .await?;
-        let current: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM keygate_migrations").fetch_one(&mut *tx).await?;
-        for &(version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-            sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(|source| StoreError::Migration { version, source })?;
-            sqlx::query("INSERT INTO keygate_migrations (version, applied_at) VALUES ($1, $2)")
-                .bind(version)
-                .bind(to_ms(OffsetDateTime::now_utc()))
-                .execute(&mut *tx)
-                .await?;
-            tracing::info!(version, schema = %self.inner.schema, "applied migration");
-        }
+        let schema = &self.inner.schema;
+        shared::migrate(&mut tx, MIGRATIONS, |version| tracing::info!(version, schema = %schema, "applied migration"))
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -188,49 +172,24 @@ impl PostgresStore {
         Ok(self.inner.pool.begin().await?)
     }
 
-    /// Rows of an append-only table, oldest first: from `since` on, or the newest `limit`.
-    async fn recent(
+    /// Makes a change of a key, holding its row lock, and tells the other replicas.
+    async fn change_key(
         &self,
-        table: &str,
-        cols: &str,
-        since: Option<OffsetDateTime>,
-        limit: u32,
-    ) -> Result<Vec<PgRow>, StoreError> {
-        let sql = format!(
-            "SELECT * FROM (SELECT {cols} FROM {table} WHERE $1::BIGINT IS NULL OR at >= $1 \
-             ORDER BY CASE WHEN $1::BIGINT IS NULL THEN -id ELSE id END LIMIT $2) AS r ORDER BY id"
-        );
-        Ok(sqlx::query(&sql).bind(since.map(to_ms)).bind(i64::from(limit)).fetch_all(&self.inner.pool).await?)
-    }
-
-    /// Starts a change of an unrevoked key: the transaction, holding the key's row lock,
-    /// and the key as stored.
-    async fn begin_change(&self, key_id: &str) -> Result<(Transaction<'static, sqlx::Postgres>, KeyInfo), StoreError> {
-        let mut tx = self.write().await?;
-        let key = load_key(&mut tx, key_id, true).await?;
-        if key.revoked {
-            return Err(StoreError::Conflict(format!("key `{}` is revoked; revocation is final", key.key_id)));
-        }
-        Ok((tx, key))
-    }
-
-    /// Ends a change: the key's row, its audit record, the note to the other replicas,
-    /// commit.
-    async fn finish_change(
-        &self,
-        mut tx: Transaction<'static, sqlx::Postgres>,
-        key: &KeyInfo,
-        action: &str,
+        key_id: &str,
+        change: KeyChange<'_>,
         actor: &str,
-        event: KeyEvent,
-        changes: &Value,
-    ) -> Result<(), StoreError> {
-        let at = key.updated_at.unwrap_or_else(OffsetDateTime::now_utc);
-        write_key(&mut tx, key).await?;
-        write_audit(&mut tx, at, actor, action, Some(&key.key_id), changes).await?;
+        at: OffsetDateTime,
+    ) -> Result<KeyInfo, StoreError> {
+        let mut tx = self.write().await?;
+        let key = shared::change_key(&mut tx, key_id, &change, actor, at).await?;
+        let event = match change {
+            KeyChange::Update(_) => KeyEvent::Updated,
+            KeyChange::Rotate { .. } => KeyEvent::Rotated,
+            KeyChange::Revoke => KeyEvent::Revoked,
+        };
         self.notify(&mut tx, &ChangeNote::Key(event, key.key_id.clone())).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(key)
     }
 
     /// Queues a note to the other replicas: sent when `conn`'s transaction commits.
@@ -364,16 +323,6 @@ fn is_retryable(e: &StoreError) -> bool {
     err.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "40001" || c == "40P01")
 }
 
-async fn load_key(conn: &mut PgConnection, key_id: &str, lock: bool) -> Result<KeyInfo, StoreError> {
-    let lock = if lock { " FOR UPDATE" } else { "" };
-    let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM keys k WHERE k.key_id = $1{lock}"))
-        .bind(key_id)
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| StoreError::NotFound(format!("no key with id `{key_id}`")))?;
-    key_from_row(&row)
-}
-
 impl Store for PostgresStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
@@ -385,35 +334,18 @@ impl Store for PostgresStore {
     fn create_key<'a>(&'a self, key: &'a NewKeyRecord, actor: &'a str) -> BoxFuture<'a, Result<KeyInfo, StoreError>> {
         Box::pin(async move {
             let mut tx = self.write().await?;
-            insert_key(&mut tx, key, actor).await?;
-            let info = load_key(&mut tx, &key.key_id, false).await?;
+            let info = shared::create_key(&mut tx, key, actor).await?;
             tx.commit().await?;
             Ok(info)
         })
     }
 
     fn get_key<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<Option<KeyInfo>, StoreError>> {
-        Box::pin(async move {
-            let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM keys k WHERE k.key_id = $1"))
-                .bind(key_id)
-                .fetch_optional(&self.inner.pool)
-                .await?;
-            row.as_ref().map(key_from_row).transpose()
-        })
+        Box::pin(shared::get_key(&self.inner.pool, key_id))
     }
 
     fn list_keys<'a>(&'a self, owner: Option<&'a str>, limit: u32) -> BoxFuture<'a, Result<Vec<KeyInfo>, StoreError>> {
-        Box::pin(async move {
-            let rows = sqlx::query(&format!(
-                "SELECT {KEY_COLUMNS} FROM keys k WHERE ($1::TEXT IS NULL OR k.owner = $1) \
-                 ORDER BY k.created_at, k.key_id LIMIT $2"
-            ))
-            .bind(owner)
-            .bind(i64::from(limit))
-            .fetch_all(&self.inner.pool)
-            .await?;
-            rows.iter().map(key_from_row).collect()
-        })
+        Box::pin(shared::list_keys(&self.inner.pool, owner, limit))
     }
 
     fn update_key<'a>(
@@ -423,17 +355,7 @@ impl Store for PostgresStore {
         actor: &'a str,
         at: OffsetDateTime,
     ) -> BoxFuture<'a, Result<KeyInfo, StoreError>> {
-        Box::pin(async move {
-            let (mut tx, mut key) = self.begin_change(key_id).await?;
-            let roles_before = key.roles.clone();
-            let changes = apply_patch(&mut key, patch);
-            key.updated_at = Some(at);
-            if key.roles != roles_before {
-                write_roles(&mut tx, key_id, &key.roles).await?;
-            }
-            self.finish_change(tx, &key, action::KEY_UPDATE, actor, KeyEvent::Updated, &changes).await?;
-            Ok(key)
-        })
+        Box::pin(self.change_key(key_id, KeyChange::Update(patch), actor, at))
     }
 
     fn rotate_key<'a>(
@@ -444,18 +366,7 @@ impl Store for PostgresStore {
         actor: &'a str,
         at: OffsetDateTime,
     ) -> BoxFuture<'a, Result<KeyInfo, StoreError>> {
-        Box::pin(async move {
-            let (mut tx, mut key) = self.begin_change(key_id).await?;
-            replace_secret(&mut tx, key_id, secret, grace_until, at).await?;
-            let changes = serde_json::json!({
-                "key_prefix": { "from": key.key_prefix, "to": secret.key_prefix },
-                "previous_expires_at": super::rfc3339(Some(grace_until)),
-            });
-            key.key_prefix.clone_from(&secret.key_prefix);
-            key.updated_at = Some(at);
-            self.finish_change(tx, &key, action::KEY_ROTATE, actor, KeyEvent::Rotated, &changes).await?;
-            Ok(key)
-        })
+        Box::pin(self.change_key(key_id, KeyChange::Rotate { secret, grace_until }, actor, at))
     }
 
     fn revoke_key<'a>(
@@ -464,15 +375,7 @@ impl Store for PostgresStore {
         actor: &'a str,
         at: OffsetDateTime,
     ) -> BoxFuture<'a, Result<KeyInfo, StoreError>> {
-        Box::pin(async move {
-            let (tx, mut key) = self.begin_change(key_id).await?;
-            key.revoked = true;
-            key.revoked_at = Some(at);
-            key.updated_at = Some(at);
-            let changes = serde_json::json!({ "revoked": { "from": false, "to": true } });
-            self.finish_change(tx, &key, action::KEY_REVOKE, actor, KeyEvent::Revoked, &changes).await?;
-            Ok(key)
-        })
+        Box::pin(self.change_key(key_id, KeyChange::Revoke, actor, at))
     }
 
     fn put_role<'a>(
@@ -490,30 +393,7 @@ impl Store for PostgresStore {
                 .bind(name)
                 .execute(&mut *tx)
                 .await?;
-            let before: Option<String> = sqlx::query_scalar("SELECT scopes FROM roles WHERE name = $1")
-                .bind(name)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let before = before.as_deref().map(parse_json_list).transpose()?;
-            let scopes_json = Value::from(scopes.to_vec()).to_string();
-            sqlx::query(
-                "INSERT INTO roles (name, scopes, updated_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (name) DO UPDATE SET scopes = EXCLUDED.scopes, updated_at = EXCLUDED.updated_at",
-            )
-            .bind(name)
-            .bind(&scopes_json)
-            .bind(to_ms(at))
-            .execute(&mut *tx)
-            .await?;
-            let affected: Vec<String> = sqlx::query_scalar(
-                "SELECT kr.key_id FROM key_roles kr JOIN keys k ON k.key_id = kr.key_id \
-                 WHERE kr.role = $1 AND k.revoked_at IS NULL ORDER BY kr.key_id",
-            )
-            .bind(name)
-            .fetch_all(&mut *tx)
-            .await?;
-            let changes = serde_json::json!({ "role": name, "scopes": { "from": before, "to": scopes } });
-            write_audit(&mut tx, at, actor, action::ROLE_PUT, None, &changes).await?;
+            let (role, affected) = shared::put_role(&mut tx, name, scopes, actor, at).await?;
             // The same notes the API publishes locally (see `api::put_role`).
             if affected.len() > MAX_EVENTS_PER_CHANGE {
                 self.notify(&mut tx, &ChangeNote::Reset("bulk".into())).await?;
@@ -523,57 +403,20 @@ impl Store for PostgresStore {
                 }
             }
             tx.commit().await?;
-            Ok((RoleInfo { name: name.to_owned(), scopes: scopes.to_vec(), updated_at: at }, affected))
+            Ok((role, affected))
         })
     }
 
     fn list_roles(&self) -> BoxFuture<'_, Result<Vec<RoleInfo>, StoreError>> {
-        Box::pin(async move {
-            let rows: Vec<(String, String, i64)> =
-                sqlx::query_as("SELECT name, scopes, updated_at FROM roles ORDER BY name LIMIT 10000")
-                    .fetch_all(&self.inner.pool)
-                    .await?;
-            rows.into_iter()
-                .map(|(name, scopes, updated_at)| {
-                    Ok(RoleInfo { name, scopes: parse_json_list(&scopes)?, updated_at: from_ms(updated_at)? })
-                })
-                .collect()
-        })
+        Box::pin(shared::list_roles(&self.inner.pool))
     }
 
     fn find_by_digest<'a>(&'a self, digest: &'a KeyDigest) -> BoxFuture<'a, Result<Option<Found>, StoreError>> {
-        Box::pin(async move {
-            // One round trip: the roles' scope lists come back newline-joined (JSON
-            // arrays never contain a raw newline).
-            let row = sqlx::query(&format!(
-                "SELECT {KEY_COLUMNS}, s.expires_at AS secret_expires_at, \
-                 (SELECT string_agg(r.scopes, E'\\n') FROM key_roles kr JOIN roles r ON r.name = kr.role \
-                  WHERE kr.key_id = k.key_id) AS role_scopes \
-                 FROM key_secrets s JOIN keys k ON k.key_id = s.key_id WHERE s.digest = $1"
-            ))
-            .bind(&digest.as_bytes()[..])
-            .fetch_optional(&self.inner.pool)
-            .await?;
-            let Some(row) = row else { return Ok(None) };
-            let mut role_scopes = Vec::new();
-            if let Some(lists) = sqlx::Row::try_get::<Option<String>, _>(&row, "role_scopes")? {
-                for list in lists.lines() {
-                    role_scopes.extend(parse_json_list(list)?);
-                }
-            }
-            Ok(Some(Found {
-                key: key_from_row(&row)?,
-                secret_expires_at: from_ms_opt(sqlx::Row::try_get(&row, "secret_expires_at")?)?,
-                role_scopes,
-            }))
-        })
+        Box::pin(shared::find_by_digest(&self.inner.pool, digest))
     }
 
     fn audit(&self, since: Option<OffsetDateTime>, limit: u32) -> BoxFuture<'_, Result<Vec<AuditRecord>, StoreError>> {
-        Box::pin(async move {
-            let rows = self.recent("audit", AUDIT_COLUMNS, since, limit).await?;
-            rows.iter().map(audit_from_row).collect()
-        })
+        Box::pin(shared::audit(&self.inner.pool, since, limit))
     }
 
     fn record_usage<'a>(
@@ -601,17 +444,7 @@ impl Store for PostgresStore {
         since: OffsetDateTime,
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<UsageBucket>, StoreError>> {
-        Box::pin(async move {
-            let rows = sqlx::query(&format!(
-                "SELECT {USAGE_COLUMNS} FROM usage_minutes WHERE key_id = $1 AND minute >= $2 ORDER BY minute LIMIT $3"
-            ))
-            .bind(key_id)
-            .bind(since.unix_timestamp() - since.unix_timestamp().rem_euclid(60))
-            .bind(i64::from(limit))
-            .fetch_all(&self.inner.pool)
-            .await?;
-            rows.iter().map(bucket_from_row).collect()
-        })
+        Box::pin(shared::usage(&self.inner.pool, key_id, since, limit))
     }
 
     fn note_network<'a>(
@@ -621,13 +454,7 @@ impl Store for PostgresStore {
         at: OffsetDateTime,
     ) -> BoxFuture<'a, Result<NetworkSeen, StoreError>> {
         Box::pin(async move {
-            let known: Option<i64> =
-                sqlx::query_scalar("SELECT 1::BIGINT FROM key_networks WHERE key_id = $1 AND network = $2")
-                    .bind(key_id)
-                    .bind(network)
-                    .fetch_optional(&self.inner.pool)
-                    .await?;
-            if known.is_some() {
+            if shared::network_known(&self.inner.pool, key_id, network).await? {
                 return Ok(NetworkSeen::Known);
             }
             let mut tx = self.write().await?;
@@ -638,46 +465,16 @@ impl Store for PostgresStore {
                 .bind(key_id)
                 .execute(&mut *tx)
                 .await?;
-            let inserted = sqlx::query(
-                "INSERT INTO key_networks (key_id, network, first_seen) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-            )
-            .bind(key_id)
-            .bind(network)
-            .bind(to_ms(at))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM key_networks WHERE key_id = $1")
-                .bind(key_id)
-                .fetch_one(&mut *tx)
-                .await?;
+            let seen = shared::add_network(&mut tx, key_id, network, at).await?;
             tx.commit().await?;
-            Ok(match (inserted, count) {
-                (0, _) => NetworkSeen::Known,
-                (_, 1) => NetworkSeen::First,
-                _ => NetworkSeen::New,
-            })
+            Ok(seen)
         })
     }
 
     fn insert_alert<'a>(&'a self, alert: &'a Alert) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             let mut tx = self.write().await?;
-            let done = sqlx::query(
-                "INSERT INTO alerts (at, key_id, kind, minute, observed, baseline, threshold, detail) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key_id, kind, minute) DO NOTHING",
-            )
-            .bind(to_ms(alert.at))
-            .bind(&alert.key_id)
-            .bind(alert.kind.as_str())
-            .bind(alert.minute.unix_timestamp())
-            .bind(i64::try_from(alert.observed).unwrap_or(i64::MAX))
-            .bind(alert.baseline)
-            .bind(alert.threshold)
-            .bind(&alert.detail)
-            .execute(&mut *tx)
-            .await?;
-            let stored = done.rows_affected() == 1;
+            let stored = shared::insert_alert(&mut *tx, alert).await?;
             if stored {
                 self.notify(&mut tx, &ChangeNote::Alert(Box::new(alert.clone()))).await?;
             }
@@ -687,10 +484,7 @@ impl Store for PostgresStore {
     }
 
     fn alerts(&self, since: Option<OffsetDateTime>, limit: u32) -> BoxFuture<'_, Result<Vec<Alert>, StoreError>> {
-        Box::pin(async move {
-            let rows = self.recent("alerts", ALERT_COLUMNS, since, limit).await?;
-            rows.iter().map(alert_from_row).collect()
-        })
+        Box::pin(shared::alerts(&self.inner.pool, since, limit))
     }
 
     fn follow_changes(&self, hub: &EventHub) -> Option<ChangeFeed> {

@@ -4,8 +4,8 @@
 
 use sqlx::Row;
 
-use super::{StoreError, from_ms, from_ms_opt, parse_json, parse_json_list, ratelimit_from};
-use crate::server::model::{Alert, AlertKind, AuditRecord, KeyInfo, UsageBucket};
+use super::{Found, StoreError, from_ms, from_ms_opt, parse_json, parse_json_list, ratelimit_from};
+use crate::server::model::{Alert, AlertKind, AuditRecord, KeyInfo, RoleInfo, UsageBucket};
 
 /// The columns [`key_from_row`] reads, from `keys k`.
 pub(crate) const KEY_COLUMNS: &str = "k.key_id, k.owner, k.name, k.scopes, k.roles, k.environment, k.expires_at, \
@@ -18,6 +18,9 @@ pub(crate) const USAGE_COLUMNS: &str =
 
 /// The columns [`alert_from_row`] reads, from `alerts`.
 pub(crate) const ALERT_COLUMNS: &str = "id, at, key_id, kind, minute, observed, baseline, threshold, detail";
+
+/// The columns [`role_from_row`] reads, from `roles`.
+pub(crate) const ROLE_COLUMNS: &str = "name, scopes, updated_at";
 
 /// The columns [`audit_from_row`] reads, from `audit`.
 pub(crate) const AUDIT_COLUMNS: &str = "id, at, actor, action, key_id, changes";
@@ -80,6 +83,30 @@ pub(crate) fn key_from_row(row: &impl Get) -> Result<KeyInfo, StoreError> {
         updated_at: from_ms_opt(row.opt_int("updated_at")?)?,
         last_used_at: from_ms_opt(row.opt_int("last_used_at")?)?,
         key_prefix: row.text("key_prefix")?,
+    })
+}
+
+/// A key's row with its secret's `secret_expires_at` and its roles' scope lists,
+/// newline-joined, as `role_scopes`.
+pub(crate) fn found_from_row(row: &impl Get) -> Result<Found, StoreError> {
+    let mut role_scopes = Vec::new();
+    if let Some(lists) = row.opt_text("role_scopes")? {
+        for list in lists.lines() {
+            role_scopes.extend(parse_json_list(list)?);
+        }
+    }
+    Ok(Found {
+        key: key_from_row(row)?,
+        secret_expires_at: from_ms_opt(row.opt_int("secret_expires_at")?)?,
+        role_scopes,
+    })
+}
+
+pub(crate) fn role_from_row(row: &impl Get) -> Result<RoleInfo, StoreError> {
+    Ok(RoleInfo {
+        name: row.text("name")?,
+        scopes: parse_json_list(&row.text("scopes")?)?,
+        updated_at: from_ms(row.int("updated_at")?)?,
     })
 }
 

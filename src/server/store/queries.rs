@@ -1,0 +1,438 @@
+//! The statements every backend runs alike: the same tables, the same encodings and
+//! SQL that both SQLite and PostgreSQL accept (`$n` placeholders, `CAST(… AS …)`,
+//! `string_agg`). [`shared_queries!`] generates them once per database type: spelled
+//! out generically, sqlx's executor, encode and decode bounds would bury the SQL.
+//!
+//! What the backends add around these (transactions and how they begin, PostgreSQL's
+//! locks and `NOTIFY`) stays in the backend: a function here never commits.
+
+/// Defines the module `shared` of the functions every backend calls, for the
+/// `sqlx::Database` given, in the module that invokes it. `row_lock` is the clause
+/// that locks the key rows a change reads, until the transaction ends.
+macro_rules! shared_queries {
+    ($db:ty, row_lock = $row_lock:literal) => {
+        mod shared {
+            use ::serde_json::Value;
+            use ::sqlx::Executor;
+            use ::time::OffsetDateTime;
+
+            use $crate::key::KeyDigest;
+            use $crate::server::model::{Alert, AuditRecord, KeyInfo, RoleInfo, UsageBucket};
+            use $crate::server::store::rows::{
+                ALERT_COLUMNS, AUDIT_COLUMNS, KEY_COLUMNS, ROLE_COLUMNS, USAGE_COLUMNS, alert_from_row,
+                audit_from_row, bucket_from_row, found_from_row, key_from_row, role_from_row,
+            };
+            use $crate::server::store::{
+                Found, KeyChange, NetworkSeen, NewKeyRecord, NewSecret, StoreError, action, create_changes,
+                parse_json_list, to_ms,
+            };
+
+            type Conn = <$db as ::sqlx::Database>::Connection;
+            type Row = <$db as ::sqlx::Database>::Row;
+
+            /// Applies the migrations newer than the newest applied, reporting each
+            /// version to `applied`. The caller creates `keygate_migrations`.
+            pub(super) async fn migrate(
+                conn: &mut Conn,
+                migrations: &[(i64, &str)],
+                applied: impl Fn(i64),
+            ) -> Result<(), StoreError> {
+                let current: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM keygate_migrations")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                for &(version, sql) in migrations.iter().filter(|(v, _)| *v > current) {
+                    sqlx::raw_sql(sql)
+                        .execute(&mut *conn)
+                        .await
+                        .map_err(|source| StoreError::Migration { version, source })?;
+                    sqlx::query("INSERT INTO keygate_migrations (version, applied_at) VALUES ($1, $2)")
+                        .bind(version)
+                        .bind(to_ms(OffsetDateTime::now_utc()))
+                        .execute(&mut *conn)
+                        .await?;
+                    applied(version);
+                }
+                Ok(())
+            }
+
+            pub(super) async fn get_key<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                key_id: &str,
+            ) -> Result<Option<KeyInfo>, StoreError> {
+                select_key(ex, key_id, "").await
+            }
+
+            async fn select_key<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                key_id: &str,
+                lock: &str,
+            ) -> Result<Option<KeyInfo>, StoreError> {
+                let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM keys k WHERE k.key_id = $1{lock}"))
+                    .bind(key_id)
+                    .fetch_optional(ex)
+                    .await?;
+                row.as_ref().map(key_from_row).transpose()
+            }
+
+            async fn load_key(conn: &mut Conn, key_id: &str, lock: &str) -> Result<KeyInfo, StoreError> {
+                select_key(conn, key_id, lock)
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound(format!("no key with id `{key_id}`")))
+            }
+
+            pub(super) async fn list_keys<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                owner: Option<&str>,
+                limit: u32,
+            ) -> Result<Vec<KeyInfo>, StoreError> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {KEY_COLUMNS} FROM keys k WHERE (CAST($1 AS TEXT) IS NULL OR k.owner = $1) \
+                     ORDER BY k.created_at, k.key_id LIMIT $2"
+                ))
+                .bind(owner)
+                .bind(i64::from(limit))
+                .fetch_all(ex)
+                .await?;
+                rows.iter().map(key_from_row).collect()
+            }
+
+            /// A new key: its row, its secret, its roles and the `key.create` audit
+            /// record. Returns the key as stored.
+            pub(super) async fn create_key(
+                conn: &mut Conn,
+                key: &NewKeyRecord,
+                actor: &str,
+            ) -> Result<KeyInfo, StoreError> {
+                let created = to_ms(key.created_at);
+                sqlx::query(
+                    "INSERT INTO keys (key_id, owner, name, scopes, roles, environment, expires_at, disabled, meta, \
+                     ratelimit_limit, ratelimit_period_s, key_prefix, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                )
+                .bind(&key.key_id)
+                .bind(&key.owner)
+                .bind(&key.name)
+                .bind(Value::from(key.scopes.clone()).to_string())
+                .bind(Value::from(key.roles.clone()).to_string())
+                .bind(&key.environment)
+                .bind(key.expires_at.map(to_ms))
+                .bind(false)
+                .bind(key.meta.to_string())
+                .bind(key.ratelimit.map(|r| r.limit as i64))
+                .bind(key.ratelimit.map(|r| r.period_s as i64))
+                .bind(&key.secret.key_prefix)
+                .bind(created)
+                .execute(&mut *conn)
+                .await?;
+                insert_secret(conn, &key.key_id, &key.secret, created).await?;
+                write_roles(conn, &key.key_id, &key.roles).await?;
+                let changes = create_changes(key);
+                write_audit(conn, key.created_at, actor, action::KEY_CREATE, Some(&key.key_id), &changes).await?;
+                load_key(conn, &key.key_id, "").await
+            }
+
+            /// Changes an unrevoked key, holding its row lock, and writes the audit
+            /// record. Returns the key as changed.
+            pub(super) async fn change_key(
+                conn: &mut Conn,
+                key_id: &str,
+                change: &KeyChange<'_>,
+                actor: &str,
+                at: OffsetDateTime,
+            ) -> Result<KeyInfo, StoreError> {
+                let mut key = load_key(conn, key_id, $row_lock).await?;
+                if key.revoked {
+                    return Err(StoreError::Conflict(format!("key `{}` is revoked; revocation is final", key.key_id)));
+                }
+                let roles_before = key.roles.clone();
+                let changes = change.apply(&mut key, at);
+                match change {
+                    KeyChange::Update(_) if key.roles != roles_before => write_roles(conn, key_id, &key.roles).await?,
+                    KeyChange::Rotate { secret, grace_until } => {
+                        replace_secret(conn, key_id, secret, *grace_until, at).await?
+                    }
+                    _ => {}
+                }
+                write_key(conn, &key).await?;
+                write_audit(conn, at, actor, change.action(), Some(&key.key_id), &changes).await?;
+                Ok(key)
+            }
+
+            /// Creates or replaces a role and writes `role.put`. Returns the role and
+            /// the unrevoked keys that hold it.
+            pub(super) async fn put_role(
+                conn: &mut Conn,
+                name: &str,
+                scopes: &[String],
+                actor: &str,
+                at: OffsetDateTime,
+            ) -> Result<(RoleInfo, Vec<String>), StoreError> {
+                let before: Option<String> = sqlx::query_scalar("SELECT scopes FROM roles WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                let before = before.as_deref().map(parse_json_list).transpose()?;
+                sqlx::query(
+                    "INSERT INTO roles (name, scopes, updated_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO UPDATE SET scopes = EXCLUDED.scopes, updated_at = EXCLUDED.updated_at",
+                )
+                .bind(name)
+                .bind(Value::from(scopes.to_vec()).to_string())
+                .bind(to_ms(at))
+                .execute(&mut *conn)
+                .await?;
+                let affected: Vec<String> = sqlx::query_scalar(
+                    "SELECT kr.key_id FROM key_roles kr JOIN keys k ON k.key_id = kr.key_id \
+                     WHERE kr.role = $1 AND k.revoked_at IS NULL ORDER BY kr.key_id",
+                )
+                .bind(name)
+                .fetch_all(&mut *conn)
+                .await?;
+                let changes = ::serde_json::json!({ "role": name, "scopes": { "from": before, "to": scopes } });
+                write_audit(conn, at, actor, action::ROLE_PUT, None, &changes).await?;
+                Ok((RoleInfo { name: name.to_owned(), scopes: scopes.to_vec(), updated_at: at }, affected))
+            }
+
+            pub(super) async fn list_roles<'e>(
+                ex: impl Executor<'e, Database = $db>,
+            ) -> Result<Vec<RoleInfo>, StoreError> {
+                let rows = sqlx::query(&format!("SELECT {ROLE_COLUMNS} FROM roles ORDER BY name LIMIT 10000"))
+                    .fetch_all(ex)
+                    .await?;
+                rows.iter().map(role_from_row).collect()
+            }
+
+            pub(super) async fn find_by_digest<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                digest: &KeyDigest,
+            ) -> Result<Option<Found>, StoreError> {
+                // One round trip: the roles' scope lists come back newline-joined (JSON
+                // arrays never contain a raw newline). SQLite has had `string_agg`
+                // since 3.44; the one sqlx bundles is newer.
+                let row = sqlx::query(&format!(
+                    "SELECT {KEY_COLUMNS}, s.expires_at AS secret_expires_at, \
+                     (SELECT string_agg(r.scopes, '\n') FROM key_roles kr JOIN roles r ON r.name = kr.role \
+                      WHERE kr.key_id = k.key_id) AS role_scopes \
+                     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id WHERE s.digest = $1"
+                ))
+                .bind(&digest.as_bytes()[..])
+                .fetch_optional(ex)
+                .await?;
+                row.as_ref().map(found_from_row).transpose()
+            }
+
+            pub(super) async fn audit<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                since: Option<OffsetDateTime>,
+                limit: u32,
+            ) -> Result<Vec<AuditRecord>, StoreError> {
+                let rows = recent(ex, "audit", AUDIT_COLUMNS, since, limit).await?;
+                rows.iter().map(audit_from_row).collect()
+            }
+
+            pub(super) async fn alerts<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                since: Option<OffsetDateTime>,
+                limit: u32,
+            ) -> Result<Vec<Alert>, StoreError> {
+                let rows = recent(ex, "alerts", ALERT_COLUMNS, since, limit).await?;
+                rows.iter().map(alert_from_row).collect()
+            }
+
+            /// Rows of an append-only table, oldest first: from `since` on, or the
+            /// newest `limit`.
+            async fn recent<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                table: &str,
+                cols: &str,
+                since: Option<OffsetDateTime>,
+                limit: u32,
+            ) -> Result<Vec<Row>, StoreError> {
+                // The casts type `$1` for PostgreSQL when it is NULL.
+                let sql = format!(
+                    "SELECT * FROM (SELECT {cols} FROM {table} WHERE CAST($1 AS BIGINT) IS NULL OR at >= $1 \
+                     ORDER BY CASE WHEN CAST($1 AS BIGINT) IS NULL THEN -id ELSE id END LIMIT $2) AS r ORDER BY id"
+                );
+                Ok(sqlx::query(&sql).bind(since.map(to_ms)).bind(i64::from(limit)).fetch_all(ex).await?)
+            }
+
+            pub(super) async fn usage<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                key_id: &str,
+                since: OffsetDateTime,
+                limit: u32,
+            ) -> Result<Vec<UsageBucket>, StoreError> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {USAGE_COLUMNS} FROM usage_minutes WHERE key_id = $1 AND minute >= $2 \
+                     ORDER BY minute LIMIT $3"
+                ))
+                .bind(key_id)
+                .bind(since.unix_timestamp() - since.unix_timestamp().rem_euclid(60))
+                .bind(i64::from(limit))
+                .fetch_all(ex)
+                .await?;
+                rows.iter().map(bucket_from_row).collect()
+            }
+
+            /// Whether `key_id` was used from `network` before: the cheap check that
+            /// spares a write transaction on nearly every call.
+            pub(super) async fn network_known<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                key_id: &str,
+                network: &str,
+            ) -> Result<bool, StoreError> {
+                let known: Option<i64> =
+                    sqlx::query_scalar("SELECT CAST(1 AS BIGINT) FROM key_networks WHERE key_id = $1 AND network = $2")
+                        .bind(key_id)
+                        .bind(network)
+                        .fetch_optional(ex)
+                        .await?;
+                Ok(known.is_some())
+            }
+
+            pub(super) async fn add_network(
+                conn: &mut Conn,
+                key_id: &str,
+                network: &str,
+                at: OffsetDateTime,
+            ) -> Result<NetworkSeen, StoreError> {
+                let inserted = sqlx::query(
+                    "INSERT INTO key_networks (key_id, network, first_seen) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                )
+                .bind(key_id)
+                .bind(network)
+                .bind(to_ms(at))
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM key_networks WHERE key_id = $1")
+                    .bind(key_id)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                Ok(match (inserted, count) {
+                    (0, _) => NetworkSeen::Known,
+                    (_, 1) => NetworkSeen::First,
+                    _ => NetworkSeen::New,
+                })
+            }
+
+            /// Stores an alert unless one of the same key, kind and minute exists;
+            /// true if stored.
+            pub(super) async fn insert_alert<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                alert: &Alert,
+            ) -> Result<bool, StoreError> {
+                let done = sqlx::query(
+                    "INSERT INTO alerts (at, key_id, kind, minute, observed, baseline, threshold, detail) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key_id, kind, minute) DO NOTHING",
+                )
+                .bind(to_ms(alert.at))
+                .bind(&alert.key_id)
+                .bind(alert.kind.as_str())
+                .bind(alert.minute.unix_timestamp())
+                .bind(i64::try_from(alert.observed).unwrap_or(i64::MAX))
+                .bind(alert.baseline)
+                .bind(alert.threshold)
+                .bind(&alert.detail)
+                .execute(ex)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn write_audit(
+                conn: &mut Conn,
+                at: OffsetDateTime,
+                actor: &str,
+                action: &str,
+                key_id: Option<&str>,
+                changes: &Value,
+            ) -> Result<(), StoreError> {
+                sqlx::query("INSERT INTO audit (at, actor, action, key_id, changes) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(to_ms(at))
+                    .bind(actor)
+                    .bind(action)
+                    .bind(key_id)
+                    .bind(changes.to_string())
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            }
+
+            async fn write_key(conn: &mut Conn, key: &KeyInfo) -> Result<(), StoreError> {
+                sqlx::query(
+                    "UPDATE keys SET name = $2, scopes = $3, roles = $4, expires_at = $5, disabled = $6, \
+                     revoked_at = $7, meta = $8, ratelimit_limit = $9, ratelimit_period_s = $10, key_prefix = $11, \
+                     updated_at = $12 WHERE key_id = $1",
+                )
+                .bind(&key.key_id)
+                .bind(&key.name)
+                .bind(Value::from(key.scopes.clone()).to_string())
+                .bind(Value::from(key.roles.clone()).to_string())
+                .bind(key.expires_at.map(to_ms))
+                .bind(key.disabled)
+                .bind(key.revoked_at.map(to_ms))
+                .bind(key.meta.to_string())
+                .bind(key.ratelimit.map(|r| r.limit as i64))
+                .bind(key.ratelimit.map(|r| r.period_s as i64))
+                .bind(&key.key_prefix)
+                .bind(key.updated_at.map(to_ms))
+                .execute(&mut *conn)
+                .await?;
+                Ok(())
+            }
+
+            async fn write_roles(conn: &mut Conn, key_id: &str, roles: &[String]) -> Result<(), StoreError> {
+                sqlx::query("DELETE FROM key_roles WHERE key_id = $1").bind(key_id).execute(&mut *conn).await?;
+                for role in roles {
+                    sqlx::query("INSERT INTO key_roles (key_id, role) VALUES ($1, $2)")
+                        .bind(key_id)
+                        .bind(role)
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                Ok(())
+            }
+
+            async fn insert_secret(
+                conn: &mut Conn,
+                key_id: &str,
+                secret: &NewSecret,
+                at_ms: i64,
+            ) -> Result<(), StoreError> {
+                sqlx::query(
+                    "INSERT INTO key_secrets (digest, key_id, key_prefix, created_at) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(&secret.digest.as_bytes()[..])
+                .bind(key_id)
+                .bind(&secret.key_prefix)
+                .bind(at_ms)
+                .execute(&mut *conn)
+                .await?;
+                Ok(())
+            }
+
+            /// Rotation: the previous secrets end at `grace_until` at the latest (older
+            /// ones still in an earlier grace keep their earlier end), and `secret` is
+            /// added.
+            async fn replace_secret(
+                conn: &mut Conn,
+                key_id: &str,
+                secret: &NewSecret,
+                grace_until: OffsetDateTime,
+                at: OffsetDateTime,
+            ) -> Result<(), StoreError> {
+                sqlx::query(
+                    "UPDATE key_secrets SET expires_at = CASE WHEN expires_at IS NULL OR expires_at > $2 THEN $2 \
+                     ELSE expires_at END WHERE key_id = $1",
+                )
+                .bind(key_id)
+                .bind(to_ms(grace_until))
+                .execute(&mut *conn)
+                .await?;
+                insert_secret(conn, key_id, secret, to_ms(at)).await
+            }
+        }
+    };
+}
+
+pub(crate) use shared_queries;
