@@ -11,7 +11,9 @@
 //!   the floor of any auth layer);
 //! - `keygate_static`: `ApiKeyLayer` + `RequireScopes` over a `StaticVerifier`;
 //! - `keygate_cached_usage`: `ApiKeyLayer` + `RequireScopes` over a warm
-//!   `CachedVerifier` holding 10 000 keys, with usage events into a `UsagePipeline`.
+//!   `CachedVerifier` holding 10 000 keys, with usage events into a `UsagePipeline`,
+//!   requests rotating over all 10 000 keys (cold memory: the worst case);
+//! - `keygate_cached_usage_hot_key`: the same, one key calling.
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use std::hint::black_box;
@@ -117,6 +119,11 @@ fn bench(c: &mut Criterion) {
     let layer = ApiKeyLayer::from_arc(cached.clone()).usage(pipeline);
     group.bench_function("keygate_cached_usage", |b| {
         b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), Some(headers.clone())))
+    });
+    // The same cache of 10 000 keys, but one hot key calling: the common production
+    // shape, where the key's cache lines stay warm.
+    group.bench_function("keygate_cached_usage_hot_key", |b| {
+        b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), Some(vec![headers[0].clone()])))
     });
     group.finish();
     let stats = cached.stats();
