@@ -367,6 +367,8 @@ struct Record {
     client_ip: Option<IpAddr>,
     request_id: Option<Arc<str>>,
     principal: Option<Principal>,
+    /// The id of an existing key that was refused (revoked, disabled, expired).
+    denied_key_id: Option<Arc<str>>,
 }
 
 impl Record {
@@ -392,13 +394,14 @@ impl Record {
                 .and_then(|v| v.to_str().ok())
                 .map(|v| Arc::from(&v[..v.len().min(128)])),
             principal: None,
+            denied_key_id: None,
         }
     }
 
     fn finish(self, sink: &dyn UsageSink, status: u16, outcome: Outcome, route: Option<Arc<str>>) {
         sink.record(UsageEvent {
             at: self.at,
-            key_id: self.principal.as_ref().map(|p| p.key_id_arc().clone()),
+            key_id: self.principal.as_ref().map(|p| p.key_id_arc().clone()).or(self.denied_key_id),
             owner: self.principal.as_ref().map(|p| p.owner_arc().clone()),
             outcome,
             method: method_name(&self.method),
@@ -523,12 +526,21 @@ fn admit<B>(
     span: &tracing::Span,
     record: &mut Option<Record>,
 ) -> Result<Outcome, AuthError> {
-    if let Ok(Verdict::Valid(p)) = &result {
-        span.record("key_id", p.key_id());
-        // Even a rate-limited or expired key's event names the key.
-        if let Some(r) = record.as_mut() {
-            r.principal = Some(p.clone());
+    match &result {
+        Ok(Verdict::Valid(p)) => {
+            span.record("key_id", p.key_id());
+            // Even a rate-limited or expired key's event names the key.
+            if let Some(r) = record.as_mut() {
+                r.principal = Some(p.clone());
+            }
         }
+        Ok(Verdict::Invalid { key_id: Some(id), .. }) => {
+            span.record("key_id", &**id);
+            if let Some(r) = record.as_mut() {
+                r.denied_key_id = Some(id.clone());
+            }
+        }
+        _ => {}
     }
     let principal = decide(result, config)?;
     let outcome = if principal.is_fail_open() { Outcome::FailOpen } else { Outcome::Allowed };
@@ -551,8 +563,8 @@ fn decide(result: Result<Verdict, VerifyError>, config: &Config) -> Result<Princ
             },
             _ => Ok(p),
         },
-        Ok(Verdict::Invalid(Reason::Expired)) => Err(AuthError::Expired),
-        Ok(Verdict::Invalid(reason)) => Err(AuthError::InvalidKey(InvalidKey::Rejected(reason))),
+        Ok(Verdict::Invalid { reason: Reason::Expired, .. }) => Err(AuthError::Expired),
+        Ok(Verdict::Invalid { reason, .. }) => Err(AuthError::InvalidKey(InvalidKey::Rejected(reason))),
         Err(e) => {
             tracing::warn!(error = %e, "keygate: key service unavailable, failing closed");
             Err(AuthError::Unavailable { retry_after })

@@ -76,7 +76,7 @@ fn is_valid(r: &Result<Verdict, VerifyError>) -> bool {
 }
 
 fn is_invalid(r: &Result<Verdict, VerifyError>, reason: Reason) -> bool {
-    matches!(r, Ok(Verdict::Invalid(got)) if *got == reason)
+    matches!(r, Ok(Verdict::Invalid { reason: got, .. }) if *got == reason)
 }
 
 async fn verify<V: Verifier>(v: &CachedVerifier<V>, key: &ApiKey) -> Result<Verdict, VerifyError> {

@@ -471,8 +471,8 @@ async fn revoked_and_disabled_reasons_reach_the_verdict() {
     // The verdicts differ even though the responses do not.
     let app = start().await;
     let v = &app.verifier.inner;
-    assert!(matches!(v.verify(&app.keys.revoked).await, Ok(Verdict::Invalid(Reason::Revoked))));
-    assert!(matches!(v.verify(&app.keys.disabled).await, Ok(Verdict::Invalid(Reason::Disabled))));
+    assert!(matches!(v.verify(&app.keys.revoked).await, Ok(Verdict::Invalid { reason: Reason::Revoked, .. })));
+    assert!(matches!(v.verify(&app.keys.disabled).await, Ok(Verdict::Invalid { reason: Reason::Disabled, .. })));
 }
 
 #[tokio::test]

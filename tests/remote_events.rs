@@ -48,7 +48,7 @@ where
 }
 
 fn refused(r: &Result<Verdict, VerifyError>) -> bool {
-    matches!(r, Ok(Verdict::Invalid(Reason::Revoked)))
+    matches!(r, Ok(Verdict::Invalid { reason: Reason::Revoked, .. }))
 }
 
 #[tokio::test]

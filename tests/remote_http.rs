@@ -35,9 +35,9 @@ async fn valid_and_invalid_answers() {
         other => panic!("{other:?}"),
     }
     let unknown = ApiKey::generate("kg").unwrap();
-    assert!(matches!(verify(&v, &unknown).await, Ok(Verdict::Invalid(Reason::NotFound))));
+    assert!(matches!(verify(&v, &unknown).await, Ok(Verdict::Invalid { reason: Reason::NotFound, .. })));
     server.revoke_silently(&key);
-    assert!(matches!(verify(&v, &key).await, Ok(Verdict::Invalid(Reason::Revoked))));
+    assert!(matches!(verify(&v, &key).await, Ok(Verdict::Invalid { reason: Reason::Revoked, .. })));
 }
 
 #[tokio::test]

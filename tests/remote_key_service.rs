@@ -308,3 +308,25 @@ async fn when_a_replica_dies_verification_and_events_move_to_the_other() {
     .await;
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn refused_keys_that_exist_are_named_in_the_verdict_and_unknown_ones_are_not() {
+    use keygate::{Reason, Verdict, Verifier};
+    let rig = rig().await;
+    let created = rig.admin.create_key(new_key(&["reports:read"])).await.unwrap();
+    rig.admin.revoke(&created.key_id).await.unwrap();
+    let http = HttpVerifier::builder(rig.server.url()).service_token(SERVICE).build().unwrap();
+    match http.verify(&created.key).await {
+        Ok(Verdict::Invalid { reason: Reason::Revoked, key_id: Some(id) }) => assert_eq!(&*id, created.key_id.as_str()),
+        other => panic!("expected a named revocation, got {other:?}"),
+    }
+    let unknown = ApiKey::generate("kg").unwrap();
+    assert!(matches!(http.verify(&unknown).await, Ok(Verdict::Invalid { reason: Reason::NotFound, key_id: None })));
+    // Through the cache the name survives a negative hit.
+    let cached = cache(&rig.server.url(), Duration::from_secs(30));
+    for _ in 0..2 {
+        let v = cached.verify(&created.key).await.unwrap();
+        assert!(matches!(v, Verdict::Invalid { key_id: Some(ref id), .. } if **id == *created.key_id));
+    }
+    assert_eq!(cached.stats().negative_hits, 1);
+}

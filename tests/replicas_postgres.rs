@@ -51,7 +51,7 @@ fn middleware(urls: &[&str], ttl: Duration) -> (HttpVerifier, CachedVerifier<Htt
 async fn code(v: &impl Verifier, key: &ApiKey) -> Result<&'static str, String> {
     match tokio::time::timeout(LIMIT, v.verify(key)).await.expect("verify hung") {
         Ok(Verdict::Valid(_)) => Ok("VALID"),
-        Ok(Verdict::Invalid(reason)) => Ok(reason.code()),
+        Ok(Verdict::Invalid { reason, .. }) => Ok(reason.code()),
         Err(e) => Err(e.to_string()),
     }
 }

@@ -140,19 +140,22 @@ async fn every_decision_emits_one_event_with_the_right_fields() {
             client.get(format!("{base}/reports/1")).header("authorization", bearer(&keys.revoked)),
             401,
             Outcome::Revoked,
-            None,
+            // A refused key that exists is still named (never to the client).
+            Some("key_revoked"),
         ),
         (
             client.get(format!("{base}/reports/1")).header("authorization", bearer(&keys.disabled)),
             401,
             Outcome::Disabled,
-            None,
+            // A refused key that exists is still named (never to the client).
+            Some("key_disabled"),
         ),
         (
             client.get(format!("{base}/reports/1")).header("authorization", bearer(&keys.expired)),
             401,
             Outcome::Expired,
-            None,
+            // A refused key that exists is still named (never to the client).
+            Some("key_expired"),
         ),
         (
             client.get(format!("{base}/admin")).header("authorization", bearer(&keys.reader)),

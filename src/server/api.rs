@@ -189,17 +189,23 @@ async fn verify(
     counter.fetch_add(1, Ordering::Relaxed);
     match answer {
         Ok(json) => json,
-        Err(reason) => Json(json!({ "valid": false, "code": reason.code() })).into_response(),
+        // The key id of a refused but existing key lets the middleware attribute its
+        // denials (usage, alerts); only the middleware sees it, never the client.
+        Err((reason, Some(key_id))) => {
+            Json(json!({ "valid": false, "code": reason.code(), "key_id": key_id })).into_response()
+        }
+        Err((reason, None)) => Json(json!({ "valid": false, "code": reason.code() })).into_response(),
     }
 }
 
-async fn decide(state: &ServerState, key: &ApiKey) -> Result<Result<Response, Reason>, ApiError> {
+/// `Err((reason, key id))`: the key id is known for every reason but `NOT_FOUND`.
+async fn decide(state: &ServerState, key: &ApiKey) -> Result<Result<Response, (Reason, Option<String>)>, ApiError> {
     if key.is_empty() || key.len() > MAX_VERIFY_KEY_LEN {
-        return Ok(Err(Reason::NotFound));
+        return Ok(Err((Reason::NotFound, None)));
     }
     let Some(found) = state.inner.store.find_by_digest(&key.digest()).await? else {
         tracing::debug!("verify: no such key");
-        return Ok(Err(Reason::NotFound));
+        return Ok(Err((Reason::NotFound, None)));
     };
     let k = &found.key;
     let now = OffsetDateTime::now_utc();
@@ -220,7 +226,7 @@ async fn decide(state: &ServerState, key: &ApiKey) -> Result<Result<Response, Re
     };
     tracing::debug!(key_id = %k.key_id, outcome = reason.map_or("VALID", Reason::code), "verify");
     if let Some(reason) = reason {
-        return Ok(Err(reason));
+        return Ok(Err((reason, Some(k.key_id.clone()))));
     }
     let scopes: BTreeSet<&String> = k.scopes.iter().chain(found.role_scopes.iter()).collect();
     let answer = Valid {

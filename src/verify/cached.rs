@@ -177,7 +177,8 @@ pub(crate) struct Shared<V> {
 /// Everything that does not depend on the wrapped verifier's type.
 pub(crate) struct Core {
     positive: Cache<KeyDigest, Arc<Positive>, DigestHash>,
-    negative: Cache<KeyDigest, Reason, DigestHash>,
+    // The key id rides along so that a cached denial still names its key in usage.
+    negative: Cache<KeyDigest, (Reason, Option<Arc<str>>), DigestHash>,
     /// key id → digests of the valid entries held for it, so that one key id can be
     /// invalidated at once. Kept in step with `positive` by the eviction listener; its
     /// size is bounded by the positive capacity.
@@ -539,12 +540,12 @@ impl Core {
         }
     }
 
-    async fn store_invalid(&self, digest: KeyDigest, reason: Reason, epoch: u64) {
+    async fn store_invalid(&self, digest: KeyDigest, reason: Reason, key_id: Option<Arc<str>>, epoch: u64) {
         self.positive.invalidate(&digest);
         if self.config.negative_ttl.is_zero() || self.epoch.load(Ordering::Acquire) != epoch {
             return;
         }
-        self.negative.insert(digest, reason);
+        self.negative.insert(digest, (reason, key_id));
     }
 
     fn serve_stale(&self, entry: &Positive) -> Verdict {
@@ -590,14 +591,14 @@ impl<V: Verifier> Shared<V> {
         if let Some(entry) = core.positive.get(&digest).filter(|e| Instant::now() < e.fresh_until) {
             return Ok(Verdict::Valid(entry.principal.clone()));
         }
-        if let Some(reason) = core.negative.get(&digest) {
-            return Ok(Verdict::Invalid(reason));
+        if let Some((reason, key_id)) = core.negative.get(&digest) {
+            return Ok(Verdict::Invalid { reason, key_id });
         }
         let epoch = core.epoch.load(Ordering::Acquire);
         let result = self.inner.verify(key).await;
         match &result {
             Ok(Verdict::Valid(principal)) => core.store_valid(digest, principal, epoch).await,
-            Ok(Verdict::Invalid(reason)) => core.store_invalid(digest, *reason, epoch).await,
+            Ok(Verdict::Invalid { reason, key_id }) => core.store_invalid(digest, *reason, key_id.clone(), epoch).await,
             Err(err) => {
                 count!(core.counters, remote_errors, "keygate_cache_remote_errors_total");
                 tracing::debug!(error = %err, digest = ?digest, "cache: verifier failed");
@@ -646,9 +647,9 @@ impl<V: Verifier> Verifier for CachedVerifier<V> {
             }
             return None;
         }
-        let reason = core.negative.get(&digest)?;
+        let (reason, key_id) = core.negative.get(&digest)?;
         count!(core.counters, negative_hits, "keygate_cache_negative_hits_total");
-        Some(Ok(Verdict::Invalid(reason)))
+        Some(Ok(Verdict::Invalid { reason, key_id }))
     }
 
     async fn verify(&self, key: &ApiKey) -> Result<Verdict, VerifyError> {
@@ -672,9 +673,9 @@ impl<V: Verifier> Verifier for CachedVerifier<V> {
                 Some(entry)
             }
             None => {
-                if let Some(reason) = core.negative.get(&digest) {
+                if let Some((reason, key_id)) = core.negative.get(&digest) {
                     count!(core.counters, negative_hits, "keygate_cache_negative_hits_total");
-                    return Ok(Verdict::Invalid(reason));
+                    return Ok(Verdict::Invalid { reason, key_id });
                 }
                 None
             }

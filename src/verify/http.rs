@@ -188,7 +188,9 @@ pub(crate) fn bearer(token: Option<&str>) -> Result<HeaderValue, RemoteConfigErr
 ///
 /// A 200 answer `{"valid": true, ...}` becomes [`Verdict::Valid`] (scopes parsed with
 /// [`ScopeSet::parse`], `expires_at` as RFC 3339); `{"valid": false, "code": ...}`
-/// becomes [`Verdict::Invalid`] with the matching [`Reason`]. Everything else is a
+/// becomes [`Verdict::Invalid`] with the matching [`Reason`], and the `key_id` the key
+/// service adds for refused keys that exist (an extension of protocol v1 that older
+/// services simply leave out). Everything else is a
 /// [`VerifyError`], never a denial: another status ([`VerifyError::Status`]), a body
 /// that does not parse, has an unknown `code`, or is larger than
 /// `max_response_bytes` ([`VerifyError::BadAnswer`]), no answer within `timeout`
@@ -559,7 +561,10 @@ pub(crate) fn parse_answer(body: &[u8]) -> Result<Verdict, VerifyError> {
             Some(other) => return Err(bad(format!("unknown code {:?}", truncate(other)))),
             None => return Err(bad("an invalid answer without a code".into())),
         };
-        return Ok(Verdict::Invalid(reason));
+        // A key id that comes with a denial is kept for usage events; a malformed one
+        // is dropped rather than failing a verdict that is otherwise clear.
+        let key_id = answer.key_id.filter(|id| !id.is_empty() && id.len() <= 128).map(Arc::<str>::from);
+        return Ok(Verdict::Invalid { reason, key_id });
     }
     let key_id =
         answer.key_id.filter(|id| !id.is_empty()).ok_or_else(|| bad("a valid answer without key_id".into()))?;
@@ -619,7 +624,9 @@ mod tests {
             ("DISABLED", Reason::Disabled),
         ] {
             let body = format!(r#"{{"valid":false,"code":"{code}"}}"#);
-            assert!(matches!(parse_answer(body.as_bytes()), Ok(Verdict::Invalid(r)) if r == reason));
+            assert!(
+                matches!(parse_answer(body.as_bytes()), Ok(Verdict::Invalid { reason: r, key_id: None }) if r == reason)
+            );
         }
     }
 

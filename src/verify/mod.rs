@@ -20,7 +20,25 @@ pub enum Verdict {
     /// The key is good; here is who it belongs to.
     Valid(Principal),
     /// The key is not good, and why.
-    Invalid(Reason),
+    Invalid {
+        /// Why.
+        reason: Reason,
+        /// The key's id when the key exists (revoked, disabled, expired), so that usage
+        /// events and alerts can name it. Never shown to the client.
+        key_id: Option<Arc<str>>,
+    },
+}
+
+impl Verdict {
+    /// An invalid verdict for a key whose id is unknown (or not to be told).
+    pub fn invalid(reason: Reason) -> Self {
+        Self::Invalid { reason, key_id: None }
+    }
+
+    /// An invalid verdict for an existing key.
+    pub fn invalid_key(reason: Reason, key_id: impl Into<Arc<str>>) -> Self {
+        Self::Invalid { reason, key_id: Some(key_id.into()) }
+    }
 }
 
 /// Why a key is not valid. Clients see one 401 for all of these except `Expired`;
@@ -87,7 +105,7 @@ pub enum VerifyError {
 ///         Ok(if key.digest() == self.0.digest() {
 ///             Verdict::Valid(Principal::builder("key_1").build())
 ///         } else {
-///             Verdict::Invalid(Reason::NotFound)
+///             Verdict::invalid(Reason::NotFound)
 ///         })
 ///     }
 /// }

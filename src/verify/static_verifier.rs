@@ -22,7 +22,7 @@ use crate::principal::Principal;
 /// let verifier = StaticVerifier::new().with_key(&key, Principal::builder("key_1").build());
 /// assert!(matches!(verifier.verify(&key).await, Ok(Verdict::Valid(_))));
 /// verifier.revoke("key_1");
-/// assert!(matches!(verifier.verify(&key).await, Ok(Verdict::Invalid(Reason::Revoked))));
+/// assert!(matches!(verifier.verify(&key).await, Ok(Verdict::Invalid { reason: Reason::Revoked, .. })));
 /// # }) }
 /// ```
 #[derive(Debug, Default)]
@@ -100,12 +100,14 @@ impl StaticVerifier {
         let digest = key.digest();
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
         match keys.get(digest.as_bytes()) {
-            None => Verdict::Invalid(Reason::NotFound),
-            Some(Entry { state: Some(reason), .. }) => Verdict::Invalid(*reason),
+            None => Verdict::invalid(Reason::NotFound),
+            Some(Entry { state: Some(reason), principal }) => {
+                Verdict::invalid_key(*reason, principal.key_id_arc().clone())
+            }
             Some(Entry { principal, .. })
                 if principal.expires_at().is_some_and(|at| at <= OffsetDateTime::now_utc()) =>
             {
-                Verdict::Invalid(Reason::Expired)
+                Verdict::invalid_key(Reason::Expired, principal.key_id_arc().clone())
             }
             Some(Entry { principal, .. }) => Verdict::Valid(principal.clone()),
         }
