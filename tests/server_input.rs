@@ -258,3 +258,18 @@ async fn oversized_bodies_are_413() {
     let events = json!({ "events": [], "dropped": 0, "pad": "x".repeat(5 * 1024 * 1024) }).to_string();
     assert_eq!(call(&t, Method::POST, "/v1/usage", Some(SERVICE), Some(&events)).await.0, 413);
 }
+
+#[tokio::test]
+async fn usage_latencies_too_large_for_a_duration_are_400_not_a_panic() {
+    let t = TestServer::start().await;
+    for ms in ["1e300", "1e23"] {
+        let events = format!(
+            r#"{{"events":[{{"at":"2024-01-01T00:00:00Z","key_id":"key_a","owner":null,"outcome":"allowed",
+                "method":"GET","route":"/","status":200,"latency_ms":{ms},"client_ip":null,"request_id":null}}],"dropped":0}}"#
+        );
+        let got = call(&t, Method::POST, "/v1/usage", Some(SERVICE), Some(&events)).await;
+        assert_error(&got, 400, "invalid_request", "latency");
+    }
+    // The server is still up.
+    assert_eq!(call(&t, Method::GET, "/healthz", None, None).await.0, 200);
+}

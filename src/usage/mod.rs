@@ -126,10 +126,9 @@ mod duration_ms {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let ms = f64::deserialize(d)?;
-        if !ms.is_finite() || ms < 0.0 {
-            return Err(serde::de::Error::custom("latency must be a non-negative number of milliseconds"));
-        }
-        Ok(Duration::from_secs_f64(ms / 1000.0))
+        // `try_from`: a finite value too large for a `Duration` is refused, not a panic.
+        Duration::try_from_secs_f64(ms / 1000.0)
+            .map_err(|_| serde::de::Error::custom("latency must be a non-negative number of milliseconds"))
     }
 }
 
