@@ -439,3 +439,61 @@ async fn clones_share_one_cache_and_debug_shows_no_secrets() {
     assert!(!debug.contains(&key.expose_secret()[3..]));
     assert!(debug.contains("positive_ttl"));
 }
+
+/// A backend whose answer is decided when the call arrives, then held at a gate: an
+/// answer computed before a revocation and delivered after it.
+struct Snapshot {
+    keys: StaticVerifier,
+    calls: AtomicUsize,
+    gate: watch::Sender<bool>,
+}
+
+impl Verifier for Snapshot {
+    async fn verify(&self, key: &ApiKey) -> Result<Verdict, VerifyError> {
+        let verdict = self.keys.verify(key).await;
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut gate = self.gate.subscribe();
+        let _ = gate.wait_for(|open| *open).await;
+        verdict
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_after_an_invalidation_does_not_join_a_call_from_before_it() {
+    let backend =
+        Arc::new(Snapshot { keys: StaticVerifier::new(), calls: AtomicUsize::new(0), gate: watch::channel(false).0 });
+    let key = ApiKey::generate("kg").unwrap();
+    backend.keys.insert(&key, Principal::builder("k1").build());
+    let v = CachedVerifier::builder(Arc::clone(&backend)).build();
+    let calls = |n: usize| {
+        let backend = Arc::clone(&backend);
+        async move {
+            timeout(LIMIT, async {
+                while backend.calls.load(Ordering::SeqCst) < n {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+            .await
+            .expect("the backend was not asked")
+        }
+    };
+    // A lookup is in flight with the backend's answer from before the revocation.
+    let before = tokio::spawn({
+        let (v, key) = (v.clone(), key.clone());
+        async move { v.verify(&key).await }
+    });
+    calls(1).await;
+    backend.keys.revoke("k1");
+    v.invalidate_key_id("k1").await;
+    // A lookup that starts after the invalidation returned must ask again.
+    let after = tokio::spawn({
+        let (v, key) = (v.clone(), key.clone());
+        async move { v.verify(&key).await }
+    });
+    let asked_again = timeout(Duration::from_millis(500), calls(2)).await.is_ok();
+    backend.gate.send_replace(true);
+    let _ = timeout(LIMIT, before).await.unwrap().unwrap();
+    let after = timeout(LIMIT, after).await.unwrap().unwrap();
+    assert!(asked_again, "the later lookup joined the call made before the invalidation");
+    assert!(is_invalid(&after, Reason::Revoked), "a revoked key was served as {after:?}");
+}

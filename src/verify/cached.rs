@@ -183,9 +183,10 @@ pub(crate) struct Core {
     /// invalidated at once. Kept in step with `positive` by the eviction listener; its
     /// size is bounded by the positive capacity.
     index: Arc<Mutex<Index>>,
-    /// Calls to the wrapped verifier in progress, by digest. Bounded by the number of
-    /// lookups in progress: every holder of a flight removes it when done or cancelled.
-    flights: Mutex<HashMap<KeyDigest, Arc<Flight>>>,
+    /// Calls to the wrapped verifier in progress, by digest, with the epoch each was
+    /// started in. Bounded by the number of lookups in progress: every holder of a
+    /// flight removes it when done or cancelled.
+    flights: Mutex<Flights>,
     /// Bumped by every invalidation: a verdict fetched across a bump is not cached.
     epoch: AtomicU64,
     serial: AtomicU64,
@@ -196,6 +197,7 @@ pub(crate) struct Core {
 }
 
 type Flight = OnceCell<Result<Verdict, VerifyError>>;
+type Flights = HashMap<KeyDigest, (u64, Arc<Flight>)>;
 
 #[derive(Debug, Clone, Copy)]
 struct Config {
@@ -571,17 +573,34 @@ impl<V: Verifier> Shared<V> {
     /// its answer.
     async fn flight(&self, digest: KeyDigest, key: &ApiKey) -> Result<Verdict, VerifyError> {
         let core = &self.core;
-        let cell = match lock(&core.flights).entry(digest) {
-            MapEntry::Occupied(o) => {
-                count!(core.counters, coalesced_waits, "keygate_cache_coalesced_waits_total");
-                Arc::clone(o.get())
-            }
-            MapEntry::Vacant(v) => Arc::clone(v.insert(Arc::new(OnceCell::new()))),
-        };
+        let cell = self.join_or_start(digest);
         let guard = FlightGuard { flights: &core.flights, digest, cell: Some(cell) };
         // If the caller running the initializer is cancelled, `get_or_init` lets the
         // next waiter run its own.
         guard.cell().get_or_init(|| self.load(digest, key)).await.clone()
+    }
+
+    /// The flight to wait on: the one in progress if it started in the current epoch,
+    /// else a new one. A flight started before an invalidation may carry an answer from
+    /// before it, which a lookup starting after the invalidation must not get.
+    fn join_or_start(&self, digest: KeyDigest) -> Arc<Flight> {
+        let core = &self.core;
+        let mut flights = lock(&core.flights);
+        let epoch = core.epoch.load(Ordering::Acquire);
+        match flights.entry(digest) {
+            MapEntry::Occupied(o) if o.get().0 == epoch => {
+                count!(core.counters, coalesced_waits, "keygate_cache_coalesced_waits_total");
+                Arc::clone(&o.get().1)
+            }
+            // The older flight's holders still get its answer; their guards see that it
+            // is no longer the one in the map and leave the map alone.
+            MapEntry::Occupied(mut o) => {
+                let cell = Arc::new(OnceCell::new());
+                o.insert((epoch, Arc::clone(&cell)));
+                cell
+            }
+            MapEntry::Vacant(v) => Arc::clone(&v.insert((epoch, Arc::new(OnceCell::new()))).1),
+        }
     }
 
     async fn load(&self, digest: KeyDigest, key: &ApiKey) -> Result<Verdict, VerifyError> {
@@ -612,7 +631,7 @@ impl<V: Verifier> Shared<V> {
 /// outside the map belongs to a guard and is dropped under the map's lock, so the
 /// strong count seen there is exact.
 struct FlightGuard<'a> {
-    flights: &'a Mutex<HashMap<KeyDigest, Arc<Flight>>>,
+    flights: &'a Mutex<Flights>,
     digest: KeyDigest,
     cell: Option<Arc<Flight>>,
 }
@@ -628,7 +647,7 @@ impl Drop for FlightGuard<'_> {
         let Some(cell) = self.cell.take() else { return };
         let mut flights = lock(self.flights);
         let done_or_abandoned = cell.initialized() || Arc::strong_count(&cell) == 2;
-        if done_or_abandoned && flights.get(&self.digest).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+        if done_or_abandoned && flights.get(&self.digest).is_some_and(|(_, c)| Arc::ptr_eq(c, &cell)) {
             flights.remove(&self.digest);
         }
         drop(cell);
