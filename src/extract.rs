@@ -237,21 +237,26 @@ fn from_query<'a>(uri: &'a Uri, name: &str, max_len: usize) -> Result<Option<Cow
 fn from_cookie<'a, B>(req: &'a Request<B>, name: &str, max_len: usize) -> Result<Option<Cow<'a, str>>, AuthError> {
     let mut found = None;
     for header in req.headers().get_all(COOKIE) {
-        // Cookie headers that are not text hold nothing we could accept.
-        let Ok(text) = header.to_str() else { continue };
-        for pair in text.split(';') {
-            let (k, v) = pair.trim_start().split_once('=').unwrap_or((pair.trim(), ""));
-            if k != name {
+        // Read as bytes: a header with a non-ASCII byte in some other cookie still holds
+        // ours, and must not be skipped (that would turn a conflict into first-wins).
+        for pair in header.as_bytes().split(|&b| b == b';') {
+            let (k, v) = match pair.iter().position(|&b| b == b'=') {
+                Some(i) => (&pair[..i], &pair[i + 1..]),
+                None => (pair, &b""[..]),
+            };
+            // Cookie parsers trim the name (the `cookie` crate does): so do we, so that
+            // ` k =…` is our cookie here exactly when it is for the application.
+            if k.trim_ascii() != name.as_bytes() {
                 continue;
             }
             if found.is_some() {
                 return Err(AuthError::ConflictingCredentials("the key cookie was sent more than once"));
             }
-            let v = v.trim_end();
+            let v = v.trim_ascii_end();
             // RFC 6265 allows the value in double quotes.
-            let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
-            check_len(v.as_bytes(), max_len)?;
-            found = Some(Cow::Borrowed(v));
+            let v = v.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(v);
+            check_len(v, max_len)?;
+            found = Some(ascii(v)?);
         }
     }
     Ok(found)
@@ -280,7 +285,7 @@ pub fn strip_credential<B>(req: &mut Request<B>, source: &KeySource) {
                 .filter_map(|h| h.to_str().ok())
                 .flat_map(|t| t.split(';'))
                 .map(str::trim)
-                .filter(|pair| !pair.is_empty() && pair.split_once('=').map_or(*pair, |(k, _)| k) != name)
+                .filter(|pair| !pair.is_empty() && pair.split_once('=').map_or(*pair, |(k, _)| k).trim() != name)
                 .map(str::to_owned)
                 .collect();
             req.headers_mut().remove(COOKIE);

@@ -522,3 +522,22 @@ async fn opaque_format_accepts_foreign_keys_and_prefixed_format_limits_prefixes(
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(verifier.calls.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn a_cookie_key_beside_a_bearer_key_is_a_conflict_however_the_cookie_is_written() {
+    let app = start_with(|l| l.sources([KeySource::bearer(), KeySource::cookie("kg_session")])).await;
+    let (reader, admin) = (app.keys.reader.expose_secret(), app.keys.admin.expose_secret());
+    // Spaces around the name: cookie parsers (the `cookie` crate, axum-extra) trim them.
+    let res = app
+        .get("/reports", &[("authorization", &bearer(&app.keys.reader)), ("cookie", &format!("kg_session ={admin}"))])
+        .await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    // A Cookie header with a non-ASCII byte elsewhere in it still holds the key.
+    let mut head = format!(
+        "GET /reports HTTP/1.1\r\nhost: x\r\nconnection: close\r\nauthorization: Bearer {reader}\r\ncookie: kg_session={admin}; theme=caf"
+    )
+    .into_bytes();
+    head.extend_from_slice(b"\xe9\r\n\r\n");
+    assert_eq!(raw_status(&app.base, &head).await, 400);
+    assert_eq!(app.calls(), 0);
+}
