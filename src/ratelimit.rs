@@ -42,10 +42,12 @@ impl RateLimiter {
         if limit.limit == 0 {
             return Err(Duration::from_secs(limit.period_s.max(1)));
         }
-        let period = Duration::from_secs(limit.period_s.max(1)).as_nanos() as u64;
+        // Saturating throughout: a key service may send any u64, and an absurd period
+        // must mean "very slow", never an overflow.
+        let period = limit.period_s.max(1).saturating_mul(1_000_000_000);
         let interval = (period / limit.limit).max(1);
         let tolerance = period.saturating_sub(interval);
-        let now = self.epoch.elapsed().as_nanos() as u64;
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let Some(tat) = self.slot(key_id, now) else { return Ok(()) };
         let mut current = tat.load(Ordering::Acquire);
         loop {
@@ -53,7 +55,12 @@ impl RateLimiter {
             if start - now > tolerance {
                 return Err(Duration::from_nanos(start - now - tolerance));
             }
-            match tat.compare_exchange_weak(current, start + interval, Ordering::AcqRel, Ordering::Acquire) {
+            match tat.compare_exchange_weak(
+                current,
+                start.saturating_add(interval),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
                 Ok(_) => return Ok(()),
                 Err(actual) => current = actual,
             }
@@ -94,6 +101,16 @@ mod tests {
         assert!(wait > Duration::from_secs(10) && wait <= Duration::from_secs(12), "{wait:?}");
         // Other keys are independent.
         assert!(rl.check(&Arc::from("key_2"), limit).is_ok());
+    }
+
+    #[test]
+    fn absurd_limits_neither_panic_nor_overflow() {
+        let rl = RateLimiter::default();
+        let key: Arc<str> = Arc::from("key_1");
+        assert!(rl.check(&key, RateLimit { limit: 1, period_s: u64::MAX }).is_ok());
+        assert!(rl.check(&key, RateLimit { limit: 1, period_s: u64::MAX }).is_err());
+        assert!(rl.check(&Arc::from("key_2"), RateLimit { limit: u64::MAX, period_s: u64::MAX }).is_ok());
+        assert!(rl.check(&Arc::from("key_3"), RateLimit { limit: 0, period_s: 1 }).is_err());
     }
 
     #[test]
