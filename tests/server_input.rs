@@ -131,6 +131,13 @@ async fn malformed_and_invalid_bodies_are_400_with_a_precise_message() {
         "invalid_request",
         "ratelimit",
     );
+    // A limit the store could not keep is refused rather than silently lost.
+    assert_error(
+        &post(r#"{"owner":"a","name":"n","ratelimit":{"limit":18446744073709551615,"period_s":1}}"#).await,
+        400,
+        "invalid_request",
+        "ratelimit",
+    );
     // Nothing was half-written.
     assert!(t.admin.list_keys(None).await.unwrap().is_empty());
     assert!(t.admin.audit(None).await.unwrap().is_empty());

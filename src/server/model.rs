@@ -356,10 +356,16 @@ pub(crate) fn validate_meta(meta: &serde_json::Value) -> Result<(), ApiError> {
 }
 
 pub(crate) fn validate_ratelimit(rl: &RateLimit) -> Result<(), ApiError> {
-    if rl.limit == 0 || rl.period_s == 0 || rl.period_s > MAX_RATELIMIT_PERIOD_S {
+    // The store keeps the limit in a signed 64-bit column: larger values would come
+    // back as "no limit".
+    let too_large = rl.limit > i64::MAX as u64;
+    if rl.limit == 0 || too_large || rl.period_s == 0 || rl.period_s > MAX_RATELIMIT_PERIOD_S {
         return Err(ApiError::invalid(
             "invalid_request",
-            format!("`ratelimit` needs limit >= 1 and period_s between 1 and {MAX_RATELIMIT_PERIOD_S}"),
+            format!(
+                "`ratelimit` needs limit between 1 and {} and period_s between 1 and {MAX_RATELIMIT_PERIOD_S}",
+                i64::MAX
+            ),
         ));
     }
     Ok(())
