@@ -497,3 +497,25 @@ async fn a_lookup_after_an_invalidation_does_not_join_a_call_from_before_it() {
     assert!(asked_again, "the later lookup joined the call made before the invalidation");
     assert!(is_invalid(&after, Reason::Revoked), "a revoked key was served as {after:?}");
 }
+
+#[tokio::test]
+async fn invalidating_a_key_id_drops_its_refusals_too() {
+    let backend = Backend::new(Duration::ZERO);
+    let key = backend.add("k1");
+    let other = backend.add("k2");
+    backend.keys.set_disabled("k1", true);
+    backend.keys.set_disabled("k2", true);
+    let v = cache(&backend).negative_ttl(Duration::from_secs(60)).build();
+    assert!(is_invalid(&v.verify(&key).await, Reason::Disabled));
+    assert!(is_invalid(&v.verify(&other).await, Reason::Disabled));
+    assert!(is_invalid(&v.verify(&key).await, Reason::Disabled));
+    assert_eq!(backend.calls(), 2, "the refusals were cached");
+
+    // Enabled again and announced: the next lookup asks again and passes at once,
+    // while the other key's refusal stays cached.
+    backend.keys.set_disabled("k1", false);
+    v.invalidate_key_id("k1").await;
+    assert!(is_valid(&v.verify(&key).await));
+    assert!(is_invalid(&v.verify(&other).await, Reason::Disabled));
+    assert_eq!(backend.calls(), 3);
+}

@@ -372,7 +372,9 @@ impl<V: Verifier> CachedVerifierBuilder<V> {
                     lock(&listener_index).remove_exact(entry.principal.key_id(), &digest, entry.serial);
                 }
             });
-        let mut negative = Cache::builder().max_capacity(config.negative_capacity);
+        // Invalidation closures: a refusal that names a key id is dropped with that key
+        // id (a disabled key enabled again must not stay refused for the negative TTL).
+        let mut negative = Cache::builder().max_capacity(config.negative_capacity).support_invalidation_closures();
         if !config.negative_ttl.is_zero() {
             negative = negative.time_to_live(config.negative_ttl);
         }
@@ -485,6 +487,13 @@ impl Core {
         let digests = lock(&self.index).take(key_id);
         for (digest, _) in &digests {
             self.positive.invalidate(digest);
+        }
+        let id: Arc<str> = Arc::from(key_id);
+        // moka applies the predicate to every read from here on, so no later lookup
+        // sees a matching refusal; a failure here means closures were not enabled.
+        if let Err(e) = self.negative.invalidate_entries_if(move |_, (_, named)| named.as_deref() == Some(&*id)) {
+            tracing::error!(error = %e, "cache: could not drop the key id's refusals; dropping all refusals");
+            self.negative.invalidate_all();
         }
         tracing::debug!(key_id, entries = digests.len(), "cache: invalidated key id");
         digests.len()
