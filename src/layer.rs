@@ -297,7 +297,7 @@ where
         let grpc = is_grpc(&req);
         let record = config.usage.as_ref().map(|_| {
             req.extensions_mut().insert(WantsRoute);
-            Record::start(&req, grpc, &config.client_ip)
+            Record::start(&req, &config.client_ip)
         });
         // A disabled span still costs a callsite check per use; skip it entirely when
         // nobody listens at debug level.
@@ -320,8 +320,9 @@ where
                 return done(AuthError::MissingCredentials, record);
             }
             req.extensions_mut().insert(Anonymous);
-            let inner = take_ready(&mut self.inner);
-            return ResponseFuture::call_inner(&self.shared, inner, req, grpc, record, Outcome::Anonymous, span);
+            let fut = span.in_scope(|| self.inner.call(req));
+            let state = State::Inner { fut, outcome: Outcome::Anonymous };
+            return ResponseFuture { state, shared: self.shared.clone(), grpc, record, span };
         };
         if let Err(e) = config.format.check(&found.key) {
             return done(AuthError::InvalidKey(InvalidKey::Format(e)), record);
@@ -330,14 +331,15 @@ where
             strip_credential(&mut req, &config.sources[found.source]);
         }
         let key = found.key;
-        let mut inner = take_ready(&mut self.inner);
-        // A verdict the verifier already holds (a cache hit) needs no future at all.
+        // A verdict the verifier already holds (a cache hit) needs no future at all, and
+        // the inner service that was just driven to readiness takes the request at once:
+        // no clone of it either.
         let state = match self.shared.verifier.verify_now(&key) {
             Some(result) => {
                 let mut record = record;
                 let next = admit(result, &mut req, config, &span, &mut record);
                 let state = match next {
-                    Ok(outcome) => State::Inner { fut: span.in_scope(|| inner.call(req)), outcome },
+                    Ok(outcome) => State::Inner { fut: span.in_scope(|| self.inner.call(req)), outcome },
                     Err(err) => State::Rejected { err: Some(err) },
                 };
                 return ResponseFuture { state, shared: self.shared.clone(), grpc, record, span };
@@ -345,7 +347,7 @@ where
             None => {
                 let shared = self.shared.clone();
                 let verify: BoxVerify = Box::pin(async move { shared.verifier.verify(&key).await });
-                State::Verify { fut: verify, pending: Some((inner, req)) }
+                State::Verify { fut: verify, pending: Some((take_ready(&mut self.inner), req)) }
             }
         };
         ResponseFuture { state, shared: self.shared.clone(), grpc, record, span }
@@ -363,7 +365,9 @@ struct Record {
     start: Instant,
     at: OffsetDateTime,
     method: http::Method,
-    route: Arc<str>,
+    // Resolved to text only when the event is built: an inner RequireScopes usually
+    // supplies the template, and then the request's own path is never copied.
+    route: RouteSource,
     client_ip: Option<IpAddr>,
     request_id: Option<Arc<str>>,
     principal: Option<Principal>,
@@ -372,12 +376,12 @@ struct Record {
 }
 
 impl Record {
-    fn start<B>(req: &Request<B>, grpc: bool, client_ip: &ClientIp) -> Self {
+    fn start<B>(req: &Request<B>, client_ip: &ClientIp) -> Self {
         Self {
             start: Instant::now(),
             at: OffsetDateTime::now_utc(),
             method: req.method().clone(),
-            route: route_of(req, grpc),
+            route: route_of(req),
             client_ip: match client_ip {
                 ClientIp::None => None,
                 ClientIp::Peer => peer_ip(req),
@@ -405,7 +409,7 @@ impl Record {
             owner: self.principal.as_ref().map(|p| p.owner_arc().clone()),
             outcome,
             method: method_name(&self.method),
-            route: route.unwrap_or(self.route),
+            route: route.unwrap_or_else(|| self.route.resolve()),
             status,
             latency: self.start.elapsed(),
             client_ip: self.client_ip,
@@ -435,20 +439,41 @@ fn peer_ip<B>(_: &Request<B>) -> Option<IpAddr> {
     None
 }
 
-/// The route template when routing already happened, the gRPC method, or the raw
-/// path cut short (it may carry ids; it is never the query).
-fn route_of<B>(req: &Request<B>, grpc: bool) -> Arc<str> {
+/// Where a usage event's route comes from, kept cheaply until the event is built.
+enum RouteSource {
+    /// The template axum matched (when keygate runs inside routing).
+    #[cfg(feature = "axum")]
+    Matched(axum::extract::MatchedPath),
+    /// The request's URI: its path is the gRPC method, or the raw path.
+    Uri(http::Uri),
+}
+
+impl RouteSource {
+    /// The template, the gRPC method, or the raw path cut short (it may carry ids; it
+    /// is never the query).
+    fn resolve(self) -> Arc<str> {
+        match self {
+            #[cfg(feature = "axum")]
+            Self::Matched(m) => Arc::from(m.as_str()),
+            Self::Uri(uri) => {
+                let path = uri.path();
+                let mut end = path.len().min(MAX_RAW_ROUTE_LEN);
+                while !path.is_char_boundary(end) {
+                    end -= 1;
+                }
+                Arc::from(&path[..end])
+            }
+        }
+    }
+}
+
+fn route_of<B>(req: &Request<B>) -> RouteSource {
     #[cfg(feature = "axum")]
     if let Some(m) = req.extensions().get::<axum::extract::MatchedPath>() {
-        return Arc::from(m.as_str());
+        return RouteSource::Matched(m.clone());
     }
-    let path = req.uri().path();
-    let _ = grpc;
-    let mut end = path.len().min(MAX_RAW_ROUTE_LEN);
-    while !path.is_char_boundary(end) {
-        end -= 1;
-    }
-    Arc::from(&path[..end])
+    // A clone of a parsed URI shares its bytes: no copy here.
+    RouteSource::Uri(req.uri().clone())
 }
 
 pin_project! {
@@ -501,19 +526,6 @@ where
         span: tracing::Span,
     ) -> Self {
         Self { state: State::Rejected { err: Some(err) }, shared: shared.clone(), grpc, record, span }
-    }
-
-    fn call_inner<V: Verifier>(
-        shared: &Arc<Shared<V>>,
-        mut inner: S,
-        req: Request<B>,
-        grpc: bool,
-        record: Option<Record>,
-        outcome: Outcome,
-        span: tracing::Span,
-    ) -> Self {
-        let fut = span.in_scope(|| inner.call(req));
-        Self { state: State::Inner { fut, outcome }, shared: shared.clone(), grpc, record, span }
     }
 }
 
