@@ -71,6 +71,28 @@ fn cache(backend: &Arc<Backend>) -> keygate::verify::CachedVerifierBuilder<Arc<B
         .stale_retry_interval(Duration::ZERO)
 }
 
+/// Closes the backend's gate, starts a lookup and waits until the backend holds its
+/// call: the lookup's answer is then in flight for as long as the test keeps the gate shut.
+async fn spawn_held(
+    backend: &Arc<Backend>,
+    v: &CachedVerifier<Arc<Backend>>,
+    key: &ApiKey,
+) -> tokio::task::JoinHandle<Result<Verdict, VerifyError>> {
+    backend.gate.send_replace(false);
+    let handle = tokio::spawn({
+        let (v, key) = (v.clone(), key.clone());
+        async move { v.verify(&key).await }
+    });
+    timeout(LIMIT, async {
+        while backend.calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    handle
+}
+
 fn is_valid(r: &Result<Verdict, VerifyError>) -> bool {
     matches!(r, Ok(Verdict::Valid(p)) if !p.is_fail_open())
 }
@@ -297,18 +319,7 @@ async fn an_answer_from_before_an_invalidation_is_not_cached() {
     let backend = Backend::new(Duration::ZERO);
     let key = backend.add("k1");
     let v = cache(&backend).positive_ttl(Duration::from_secs(60)).build();
-    backend.gate.send_replace(false);
-    let pending = tokio::spawn({
-        let (v, key) = (v.clone(), key.clone());
-        async move { v.verify(&key).await }
-    });
-    timeout(LIMIT, async {
-        while backend.calls() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap();
+    let pending = spawn_held(&backend, &v, &key).await;
     // The key is revoked while the backend's (older) answer is on its way.
     v.invalidate_key_id("k1").await;
     backend.gate.send_replace(true);
@@ -392,18 +403,7 @@ async fn a_cancelled_caller_hands_the_call_over() {
     let backend = Backend::new(Duration::ZERO);
     let key = backend.add("k1");
     let v = cache(&backend).build();
-    backend.gate.send_replace(false);
-    let leader = tokio::spawn({
-        let (v, key) = (v.clone(), key.clone());
-        async move { v.verify(&key).await }
-    });
-    timeout(LIMIT, async {
-        while backend.calls() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap();
+    let leader = spawn_held(&backend, &v, &key).await;
     let waiter = tokio::spawn({
         let (v, key) = (v.clone(), key.clone());
         async move { v.verify(&key).await }
