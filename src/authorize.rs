@@ -37,7 +37,7 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::KeygateBody;
+use crate::body::RejectionBody;
 use crate::error::{AuthError, is_grpc};
 use crate::layer::{Anonymous, DEFAULT_REALM, LayerRealm, WantsRoute};
 use crate::principal::Principal;
@@ -208,9 +208,19 @@ impl RequireScopes {
 
     /// Checks a request; `Ok` lets it through.
     fn check<B>(&self, req: &Request<B>) -> Result<(), AuthError> {
+        let principal = req.extensions().get::<Principal>();
+        if principal.is_none() && req.extensions().get::<Anonymous>().is_none() {
+            return Err(AuthError::Misconfigured("RequireScopes needs an ApiKeyLayer in front of it"));
+        }
+        self.check_principal(req.uri().path(), principal)
+    }
+
+    /// The policy applied to a request for `path` made with `principal` (`None`: an
+    /// optional layer let it through without a key).
+    pub(crate) fn check_principal(&self, path: &str, principal: Option<&Principal>) -> Result<(), AuthError> {
         let requirement = match &self.policy.rule {
             Rule::Route(r) => Some(r),
-            Rule::Methods { map, unlisted } => match map.get(req.uri().path()) {
+            Rule::Methods { map, unlisted } => match map.get(path) {
                 Some(r) => Some(r),
                 None => match unlisted {
                     Unlisted::Deny => {
@@ -224,11 +234,8 @@ impl RequireScopes {
                 },
             },
         };
-        let Some(principal) = req.extensions().get::<Principal>() else {
-            if req.extensions().get::<Anonymous>().is_some() {
-                return Err(AuthError::MissingCredentials);
-            }
-            return Err(AuthError::Misconfigured("RequireScopes needs an ApiKeyLayer in front of it"));
+        let Some(principal) = principal else {
+            return Err(AuthError::MissingCredentials);
         };
         match requirement {
             Some(r) if !principal.satisfies(r) => Err(AuthError::InsufficientScope {
@@ -237,6 +244,11 @@ impl RequireScopes {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// The realm this policy answers with, when it has its own.
+    pub(crate) fn own_realm(&self) -> Option<&str> {
+        self.policy.realm.as_deref()
     }
 }
 
@@ -258,8 +270,9 @@ pub struct RequireScopesService<S> {
 impl<S, ReqB, ResB> Service<Request<ReqB>> for RequireScopesService<S>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: RejectionBody,
 {
-    type Response = Response<KeygateBody<ResB>>;
+    type Response = Response<ResB>;
     type Error = S::Error;
     type Future = RequireScopesFuture<S::Future, ResB>;
 
@@ -319,7 +332,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<F, ResB> {
         Inner { #[pin] fut: F },
-        Rejected { res: Option<Response<KeygateBody<ResB>>> },
+        Rejected { res: Option<Response<ResB>> },
     }
 }
 
@@ -327,12 +340,12 @@ impl<F, ResB, E> Future for RequireScopesFuture<F, ResB>
 where
     F: Future<Output = Result<Response<ResB>, E>>,
 {
-    type Output = Result<Response<KeygateBody<ResB>>, E>;
+    type Output = Result<Response<ResB>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut res = match this.kind.project() {
-            KindProj::Inner { fut } => ready!(fut.poll(cx))?.map(KeygateBody::inner),
+            KindProj::Inner { fut } => ready!(fut.poll(cx))?,
             KindProj::Rejected { res } => res.take().expect("RequireScopesFuture polled after completion"),
         };
         // The outer ApiKeyLayer reads the route template from here for usage events:

@@ -20,7 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::body::KeygateBody;
+use crate::body::RejectionBody;
 use crate::key::FormatError;
 use crate::usage::Outcome;
 use crate::verify::Reason;
@@ -185,8 +185,8 @@ impl AuthError {
     }
 
     /// Renders as an HTTP response (problem+json, `WWW-Authenticate`, `Retry-After`).
-    pub fn to_http_response<B>(&self, realm: &str) -> Response<KeygateBody<B>> {
-        let mut res = Response::new(KeygateBody::full(self.problem_json()));
+    pub fn to_http_response<B: RejectionBody>(&self, realm: &str) -> Response<B> {
+        let mut res = Response::new(B::rejection(self.problem_json()));
         *res.status_mut() = self.status();
         let h = res.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
@@ -201,8 +201,8 @@ impl AuthError {
     }
 
     /// Renders as a gRPC trailers-only response (HTTP 200, `grpc-status`, `grpc-message`).
-    pub fn to_grpc_response<B>(&self) -> Response<KeygateBody<B>> {
-        let mut res = Response::new(KeygateBody::empty());
+    pub fn to_grpc_response<B: RejectionBody>(&self) -> Response<B> {
+        let mut res = Response::new(B::rejection(Bytes::new()));
         let h = res.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         h.insert("grpc-status", HeaderValue::from(self.grpc_code() as u16));
@@ -217,7 +217,7 @@ impl AuthError {
 
     /// Renders for the protocol of the request: gRPC when its `content-type` starts
     /// with `application/grpc`, HTTP otherwise.
-    pub fn to_response<B>(&self, realm: &str, grpc: bool) -> Response<KeygateBody<B>> {
+    pub fn to_response<B: RejectionBody>(&self, realm: &str, grpc: bool) -> Response<B> {
         if grpc { self.to_grpc_response() } else { self.to_http_response(realm) }
     }
 
@@ -233,7 +233,7 @@ impl AuthError {
 impl axum::response::IntoResponse for AuthError {
     /// Renders as HTTP with the realm `api`.
     fn into_response(self) -> axum::response::Response {
-        self.to_http_response::<axum::body::Body>(crate::layer::DEFAULT_REALM).map(axum::body::Body::new)
+        self.to_http_response(crate::layer::DEFAULT_REALM)
     }
 }
 

@@ -57,7 +57,8 @@ use time::OffsetDateTime;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::body::KeygateBody;
+use crate::authorize::RequireScopes;
+use crate::body::RejectionBody;
 use crate::error::{AuthError, InvalidKey, is_grpc};
 use crate::extract::{DEFAULT_MAX_KEY_LEN, KeySource, find_key, strip_credential};
 use crate::key::KeyFormat;
@@ -90,7 +91,8 @@ pub(crate) struct LayerRealm(pub(crate) Arc<str>);
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WantsRoute;
 
-type BoxVerify = Pin<Box<dyn Future<Output = Result<Verdict, VerifyError>> + Send>>;
+/// The verifier's answer, with the ready service and the request it will take.
+type BoxVerify<S, B> = Pin<Box<dyn Future<Output = (Result<Verdict, VerifyError>, S, Request<B>)> + Send>>;
 
 /// Where a usage event's client IP comes from.
 #[derive(Debug, Clone, Default)]
@@ -116,6 +118,7 @@ struct Config {
     // Shared by every route the layer is applied to: a key's limit is per process,
     // not per route.
     rate_limiter: Option<Arc<RateLimiter>>,
+    policy: Option<RequireScopes>,
 }
 
 struct Shared<V> {
@@ -161,6 +164,7 @@ impl<V: Verifier> ApiKeyLayer<V> {
             usage: None,
             client_ip: ClientIp::None,
             rate_limiter: Some(Arc::new(RateLimiter::default())),
+            policy: None,
         };
         Self { shared: Arc::new(Shared { verifier, config }) }
     }
@@ -231,6 +235,28 @@ impl<V: Verifier> ApiKeyLayer<V> {
         self
     }
 
+    /// Also enforce `policy` in this layer, as a [`RequireScopes`] right behind it would:
+    /// one layer per route instead of two.
+    ///
+    /// This is the cheapest way to protect a route: axum adds a boxed future and a
+    /// service clone for every layer a request passes. Keep one layer for the router
+    /// and [`RequireScopes`] per route when the routes share a layer; use this when
+    /// each route gets its own:
+    ///
+    /// ```
+    /// use axum::{Router, routing::get};
+    /// use keygate::{ApiKeyLayer, RequireScopes, StaticVerifier};
+    ///
+    /// let auth = ApiKeyLayer::new(StaticVerifier::new());
+    /// let app: Router = Router::new()
+    ///     .route("/reports", get(|| async { "reports" }).layer(auth.clone().require(RequireScopes::all(["reports:read"]))))
+    ///     .route("/admin", get(|| async { "admin" }).layer(auth.require(RequireScopes::all(["admin"]))));
+    /// ```
+    pub fn require(mut self, policy: RequireScopes) -> Self {
+        self.config_mut().policy = Some(policy);
+        self
+    }
+
     /// Send a [`UsageEvent`] for every decided request to `sink`.
     pub fn usage(mut self, sink: impl UsageSink) -> Self {
         self.config_mut().usage = Some(Arc::new(sink));
@@ -283,8 +309,9 @@ where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
     V: Verifier,
     ReqB: Send + 'static,
+    ResB: RejectionBody,
 {
-    type Response = Response<KeygateBody<ResB>>;
+    type Response = Response<ResB>;
     type Error = S::Error;
     type Future = ResponseFuture<S, ReqB>;
 
@@ -295,10 +322,7 @@ where
     fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         let config = &self.shared.config;
         let grpc = is_grpc(&req);
-        let record = config.usage.as_ref().map(|_| {
-            req.extensions_mut().insert(WantsRoute);
-            Record::start(&req, &config.client_ip)
-        });
+        let record = config.usage.as_ref().map(|_| Record::start(&mut req, &config.client_ip));
         // A disabled span still costs a callsite check per use; skip it entirely when
         // nobody listens at debug level.
         let span = if tracing::enabled!(tracing::Level::DEBUG) {
@@ -306,26 +330,29 @@ where
         } else {
             tracing::Span::none()
         };
-        let done = |err: AuthError, record| ResponseFuture::rejected(&self.shared, err, grpc, record, span.clone());
+        let future = |state, record, span| ResponseFuture { state, shared: self.shared.clone(), grpc, record, span };
+        let rejected = |err| State::Rejected { err: Some(err) };
 
         if let Some(realm) = &config.realm_ext {
             req.extensions_mut().insert(realm.clone());
         }
         let found = match find_key(&req, &config.sources, config.max_key_len) {
             Ok(found) => found,
-            Err(err) => return done(err, record),
+            Err(err) => return future(rejected(err), record, span),
         };
         let Some(found) = found else {
             if !config.optional {
-                return done(AuthError::MissingCredentials, record);
+                return future(rejected(AuthError::MissingCredentials), record, span);
+            }
+            if let Err(err) = check_policy(config, &req, None) {
+                return future(rejected(err), record, span);
             }
             req.extensions_mut().insert(Anonymous);
-            let fut = span.in_scope(|| self.inner.call(req));
-            let state = State::Inner { fut, outcome: Outcome::Anonymous };
-            return ResponseFuture { state, shared: self.shared.clone(), grpc, record, span };
+            let fut = call_inner(&mut self.inner, req, &span);
+            return future(State::Inner { fut, outcome: Outcome::Anonymous }, record, span);
         };
         if let Err(e) = config.format.check(&found.key) {
-            return done(AuthError::InvalidKey(InvalidKey::Format(e)), record);
+            return future(rejected(AuthError::InvalidKey(InvalidKey::Format(e))), record, span);
         }
         if !config.keep_credentials {
             strip_credential(&mut req, &config.sources[found.source]);
@@ -334,23 +361,40 @@ where
         // A verdict the verifier already holds (a cache hit) needs no future at all, and
         // the inner service that was just driven to readiness takes the request at once:
         // no clone of it either.
-        let state = match self.shared.verifier.verify_now(&key) {
+        match self.shared.verifier.verify_now(&key) {
             Some(result) => {
                 let mut record = record;
-                let next = admit(result, &mut req, config, &span, &mut record);
-                let state = match next {
-                    Ok(outcome) => State::Inner { fut: span.in_scope(|| self.inner.call(req)), outcome },
-                    Err(err) => State::Rejected { err: Some(err) },
+                let state = match admit(result, &mut req, config, &span, &mut record) {
+                    Ok(outcome) => State::Inner { fut: call_inner(&mut self.inner, req, &span), outcome },
+                    Err(err) => rejected(err),
                 };
-                return ResponseFuture { state, shared: self.shared.clone(), grpc, record, span };
+                future(state, record, span)
             }
             None => {
+                // The slow path: the request, the ready service and the verifier call
+                // travel in one box, so the common future stays small.
                 let shared = self.shared.clone();
-                let verify: BoxVerify = Box::pin(async move { shared.verifier.verify(&key).await });
-                State::Verify { fut: verify, pending: Some((take_ready(&mut self.inner), req)) }
+                let inner = take_ready(&mut self.inner);
+                let verify: BoxVerify<S, ReqB> = Box::pin(async move {
+                    let result = shared.verifier.verify(&key).await;
+                    (result, inner, req)
+                });
+                future(State::Verify { fut: verify }, record, span)
             }
-        };
-        ResponseFuture { state, shared: self.shared.clone(), grpc, record, span }
+        }
+    }
+}
+
+/// Calls the inner service inside the span, when there is one.
+fn call_inner<S: Service<R>, R>(inner: &mut S, req: R, span: &tracing::Span) -> S::Future {
+    if span.is_none() { inner.call(req) } else { span.in_scope(|| inner.call(req)) }
+}
+
+/// The layer's own [`RequireScopes`], if it has one.
+fn check_policy<B>(config: &Config, req: &Request<B>, principal: Option<&Principal>) -> Result<(), AuthError> {
+    match &config.policy {
+        Some(policy) => policy.check_principal(req.uri().path(), principal),
+        None => Ok(()),
     }
 }
 
@@ -376,12 +420,17 @@ struct Record {
 }
 
 impl Record {
-    fn start<B>(req: &Request<B>, client_ip: &ClientIp) -> Self {
+    fn start<B>(req: &mut Request<B>, client_ip: &ClientIp) -> Self {
+        let route = route_of(req);
+        if !route.is_template() {
+            // Running before routing: an inner RequireScopes hands the template back.
+            req.extensions_mut().insert(WantsRoute);
+        }
         Self {
             start: Instant::now(),
             at: OffsetDateTime::now_utc(),
             method: req.method().clone(),
-            route: route_of(req),
+            route,
             client_ip: match client_ip {
                 ClientIp::None => None,
                 ClientIp::Peer => peer_ip(req),
@@ -444,19 +493,27 @@ enum RouteSource {
     /// The template axum matched (when keygate runs inside routing).
     #[cfg(feature = "axum")]
     Matched(axum::extract::MatchedPath),
-    /// The request's URI: its path is the gRPC method, or the raw path.
-    Uri(http::Uri),
+    /// The request's path: the gRPC method, or the raw path.
+    Path(Option<http::uri::PathAndQuery>),
 }
 
 impl RouteSource {
+    fn is_template(&self) -> bool {
+        match self {
+            #[cfg(feature = "axum")]
+            Self::Matched(_) => true,
+            Self::Path(_) => false,
+        }
+    }
+
     /// The template, the gRPC method, or the raw path cut short (it may carry ids; it
     /// is never the query).
     fn resolve(self) -> Arc<str> {
         match self {
             #[cfg(feature = "axum")]
-            Self::Matched(m) => Arc::from(m.as_str()),
-            Self::Uri(uri) => {
-                let path = uri.path();
+            Self::Matched(m) => templates::intern(&m),
+            Self::Path(pq) => {
+                let path = pq.as_ref().map_or("/", |pq| pq.path());
                 let mut end = path.len().min(MAX_RAW_ROUTE_LEN);
                 while !path.is_char_boundary(end) {
                     end -= 1;
@@ -472,8 +529,49 @@ fn route_of<B>(req: &Request<B>) -> RouteSource {
     if let Some(m) = req.extensions().get::<axum::extract::MatchedPath>() {
         return RouteSource::Matched(m.clone());
     }
-    // A clone of a parsed URI shares its bytes: no copy here.
-    RouteSource::Uri(req.uri().clone())
+    // A clone of a parsed path shares its bytes: no copy here.
+    RouteSource::Path(req.uri().path_and_query().cloned())
+}
+
+/// Route templates as shared strings, made once per template and thread rather than
+/// once per request.
+#[cfg(feature = "axum")]
+mod templates {
+    use std::cell::RefCell;
+    use std::sync::Arc;
+
+    use axum::extract::MatchedPath;
+
+    /// Slots per thread. Templates are a router's, not a client's: a handful per
+    /// application; two that share a slot only cost an allocation when they alternate.
+    const SLOTS: usize = 64;
+
+    /// A template's address and the shared copy made of it.
+    type Slot = Option<(usize, Arc<str>)>;
+
+    thread_local! {
+        // Keyed by the address of the router's own copy of the template, which every
+        // request matching that route shares; the text is compared too, so that an
+        // address reused by a later router can never name the wrong route.
+        static TEMPLATES: RefCell<[Slot; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
+    }
+
+    pub(super) fn intern(m: &MatchedPath) -> Arc<str> {
+        let text = m.as_str();
+        let addr = text.as_ptr() as usize;
+        let slot = (addr.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) % SLOTS;
+        TEMPLATES.with(|cell| {
+            let Ok(mut slots) = cell.try_borrow_mut() else { return Arc::from(text) };
+            if let Some((known_addr, known)) = &slots[slot] {
+                if *known_addr == addr && **known == *text {
+                    return known.clone();
+                }
+            }
+            let shared: Arc<str> = Arc::from(text);
+            slots[slot] = Some((addr, shared.clone()));
+            shared
+        })
+    }
 }
 
 pin_project! {
@@ -497,7 +595,7 @@ pin_project! {
     where
         S: Service<Request<B>>,
     {
-        Verify { fut: BoxVerify, pending: Option<(S, Request<B>)> },
+        Verify { fut: BoxVerify<S, B> },
         Inner { #[pin] fut: S::Future, outcome: Outcome },
         Rejected { err: Option<AuthError> },
     }
@@ -511,21 +609,6 @@ trait SharedConfig: Send + Sync {
 impl<V: Verifier> SharedConfig for Shared<V> {
     fn config(&self) -> &Config {
         &self.config
-    }
-}
-
-impl<S, B> ResponseFuture<S, B>
-where
-    S: Service<Request<B>>,
-{
-    fn rejected<V: Verifier>(
-        shared: &Arc<Shared<V>>,
-        err: AuthError,
-        grpc: bool,
-        record: Option<Record>,
-        span: tracing::Span,
-    ) -> Self {
-        Self { state: State::Rejected { err: Some(err) }, shared: shared.clone(), grpc, record, span }
     }
 }
 
@@ -555,6 +638,7 @@ fn admit<B>(
         _ => {}
     }
     let principal = decide(result, config)?;
+    check_policy(config, req, Some(&principal))?;
     let outcome = if principal.is_fail_open() { Outcome::FailOpen } else { Outcome::Allowed };
     req.extensions_mut().insert(principal);
     Ok(outcome)
@@ -587,21 +671,18 @@ fn decide(result: Result<Verdict, VerifyError>, config: &Config) -> Result<Princ
 impl<S, B, ResB> Future for ResponseFuture<S, B>
 where
     S: Service<Request<B>, Response = Response<ResB>>,
+    ResB: RejectionBody,
 {
-    type Output = Result<Response<KeygateBody<ResB>>, S::Error>;
+    type Output = Result<Response<ResB>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let _entered = this.span.enter();
+        let _entered = (!this.span.is_none()).then(|| this.span.enter());
         loop {
             match this.state.as_mut().project() {
-                StateProj::Verify { fut, pending } => {
-                    let result = ready!(fut.as_mut().poll(cx));
-                    let Some((mut inner, mut req)) = pending.take() else {
-                        panic!("keygate ResponseFuture polled after completion");
-                    };
-                    let next = admit(result, &mut req, this.shared.config(), this.span, this.record);
-                    let next = match next {
+                StateProj::Verify { fut } => {
+                    let (result, mut inner, mut req) = ready!(fut.as_mut().poll(cx));
+                    let next = match admit(result, &mut req, this.shared.config(), this.span, this.record) {
                         Ok(outcome) => State::Inner { fut: inner.call(req), outcome },
                         Err(err) => State::Rejected { err: Some(err) },
                     };
@@ -611,14 +692,13 @@ where
                     let outcome = *outcome;
                     let res = ready!(fut.poll(cx))?;
                     if let (Some(record), Some(sink)) = (this.record.take(), this.shared.config().usage.as_ref()) {
-                        // An inner RequireScopes reports its denial and the route template
-                        // through the response's extensions.
+                        // An inner RequireScopes reports its denial (and, when this layer
+                        // runs before routing, the route template) in the response.
                         let outcome = res.extensions().get::<Outcome>().copied().unwrap_or(outcome);
-                        let route = matched_route(&res);
                         let status = grpc_aware_status(&res, *this.grpc);
-                        record.finish(&**sink, status, outcome, route);
+                        record.finish(&**sink, status, outcome, matched_route(&res));
                     }
-                    return Poll::Ready(Ok(res.map(KeygateBody::inner)));
+                    return Poll::Ready(Ok(res));
                 }
                 StateProj::Rejected { err } => {
                     let Some(err) = err.take() else {
@@ -629,7 +709,13 @@ where
                     if let (Some(record), Some(sink)) = (this.record.take(), config.usage.as_ref()) {
                         record.finish(&**sink, err.status().as_u16(), err.outcome(), None);
                     }
-                    return Poll::Ready(Ok(err.to_response(&config.realm, *this.grpc)));
+                    // A scope denial comes from the layer's own policy, which may name
+                    // its own realm.
+                    let realm = match (&err, &config.policy) {
+                        (AuthError::InsufficientScope { .. }, Some(policy)) => policy.own_realm(),
+                        _ => None,
+                    };
+                    return Poll::Ready(Ok(err.to_response(realm.unwrap_or(&config.realm), *this.grpc)));
                 }
             }
         }
@@ -638,7 +724,7 @@ where
 
 #[cfg(feature = "axum")]
 fn matched_route<B>(res: &Response<B>) -> Option<Arc<str>> {
-    res.extensions().get::<axum::extract::MatchedPath>().map(|m| Arc::from(m.as_str()))
+    res.extensions().get::<axum::extract::MatchedPath>().map(templates::intern)
 }
 
 #[cfg(not(feature = "axum"))]

@@ -27,7 +27,7 @@ pub mod verify;
 pub mod server;
 
 pub use authorize::RequireScopes;
-pub use body::KeygateBody;
+pub use body::{KeygateBody, RejectionBody};
 pub use error::{AuthError, InvalidKey};
 pub use extract::KeySource;
 pub use key::{ApiKey, FormatError, KeyDigest, KeyFormat};

@@ -243,3 +243,94 @@ async fn a_sink_that_never_drains_does_not_slow_requests() {
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(sink.dropped(), 49);
 }
+
+/// `ApiKeyLayer::require`: one layer per route that authenticates and authorizes,
+/// answering and recording exactly as the layer plus a `RequireScopes` would.
+#[tokio::test]
+async fn a_layer_with_its_own_policy_authorizes_and_records_the_route() {
+    let reader = ApiKey::generate("kg").unwrap();
+    let admin = ApiKey::generate("kg").unwrap();
+    let verifier = StaticVerifier::new()
+        .with_key(&reader, principal("key_reader", &["reports:read"]).build())
+        .with_key(&admin, principal("key_admin", &[]).roles(["admin"]).build());
+    let (sink, mut rx) = ChannelSink::new(64);
+    let auth = ApiKeyLayer::new(verifier).realm("reports").usage(sink);
+    let app = Router::new()
+        .route(
+            "/reports/{id}",
+            get(|p: Principal| async move { p.key_id().to_owned() })
+                .layer(auth.clone().require(RequireScopes::all(["reports:read"]))),
+        )
+        .route(
+            "/admin",
+            get(|| async { "admin" }).layer(auth.require(RequireScopes::all(["admin"]).realm("back-office"))),
+        )
+        .route("/open", get(|| async { "open" }));
+    let base = serve(app).await;
+    let client = reqwest::Client::new();
+    let get = |path: &str, key: Option<&ApiKey>| {
+        let mut req = client.get(format!("{base}{path}"));
+        if let Some(key) = key {
+            req = req.bearer_auth(key.expose_secret());
+        }
+        req.send()
+    };
+
+    let res = get("/reports/7", Some(&reader)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "key_reader");
+    let e = next(&mut rx).await;
+    assert_eq!((e.outcome, e.status, &*e.route), (Outcome::Allowed, 200, "/reports/{id}"));
+    assert_eq!(e.key_id.as_deref(), Some("key_reader"));
+
+    // A valid key without the scope: 403 in the layer's realm, recorded as a denial
+    // that names the key.
+    let res = get("/reports/7", Some(&admin)).await.unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(
+        res.headers()["www-authenticate"],
+        r#"Bearer realm="reports", error="insufficient_scope", scope="reports:read""#
+    );
+    let e = next(&mut rx).await;
+    assert_eq!((e.outcome, e.status, &*e.route), (Outcome::InsufficientScope, 403, "/reports/{id}"));
+    assert_eq!(e.key_id.as_deref(), Some("key_admin"));
+
+    // The policy's own realm wins for its denials; a missing key is the layer's 401.
+    let res = get("/admin", Some(&reader)).await.unwrap();
+    assert_eq!(res.status(), 403);
+    assert!(res.headers()["www-authenticate"].to_str().unwrap().starts_with(r#"Bearer realm="back-office""#));
+    let res = get("/admin", None).await.unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["www-authenticate"], r#"Bearer realm="reports""#);
+    let res = get("/admin", Some(&admin)).await.unwrap();
+    assert_eq!(res.status(), 200);
+
+    // Routes without the layer are not touched.
+    assert_eq!(get("/open", None).await.unwrap().status(), 200);
+}
+
+/// A layer wrapped around the whole router runs before routing: the template comes
+/// back from the route's `RequireScopes`, and the raw path stands in where none does.
+#[tokio::test]
+async fn a_layer_outside_the_router_still_records_route_templates() {
+    use tower::{Layer, ServiceExt};
+
+    let reader = ApiKey::generate("kg").unwrap();
+    let verifier = StaticVerifier::new().with_key(&reader, principal("key_reader", &["reports:read"]).build());
+    let (sink, mut rx) = ChannelSink::new(64);
+    let app = ApiKeyLayer::new(verifier).usage(sink).layer(routes());
+    let request = |path: &str| {
+        axum::http::Request::get(path)
+            .header("authorization", format!("Bearer {}", reader.expose_secret()))
+            .body(axum::body::Body::empty())
+            .unwrap()
+    };
+
+    let res = app.clone().oneshot(request("/reports/7")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let e = next(&mut rx).await;
+    assert_eq!((e.outcome, &*e.route), (Outcome::Allowed, "/reports/{id}"));
+    let res = app.oneshot(request("/open?x=1")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(&*next(&mut rx).await.route, "/open");
+}
