@@ -38,15 +38,49 @@ pub const MAX_PREFIX_LEN: usize = 16;
 /// The secret is zeroized on drop, and neither `Debug` nor `Display` show more than
 /// the prefix (the part before the first `_`, when it looks like one). Reading the
 /// secret takes an explicit [`expose_secret`](ApiKey::expose_secret).
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct ApiKey {
-    secret: String,
+    secret: Secret,
+}
+
+/// Keys as long as keygate's own fit inline: a key taken from a request costs no
+/// allocation, and its copy is still wiped on drop.
+const INLINE_LEN: usize = 64;
+
+#[derive(Clone)]
+enum Secret {
+    /// Visible ASCII only (the extractor checked it), `len` bytes of `bytes`.
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_LEN],
+    },
+    Heap(String),
 }
 
 impl ApiKey {
     /// Wraps a raw key. No check is made here: see [`KeyFormat::check`].
     pub fn new(secret: impl Into<String>) -> Self {
-        Self { secret: secret.into() }
+        Self { secret: Secret::Heap(secret.into()) }
+    }
+
+    /// A key the extractor found, already checked to be visible ASCII.
+    pub(crate) fn from_ascii(raw: &[u8]) -> Self {
+        debug_assert!(raw.is_ascii());
+        if raw.len() <= INLINE_LEN {
+            let mut bytes = [0u8; INLINE_LEN];
+            bytes[..raw.len()].copy_from_slice(raw);
+            Self { secret: Secret::Inline { len: raw.len() as u8, bytes } }
+        } else {
+            Self { secret: Secret::Heap(String::from_utf8_lossy(raw).into_owned()) }
+        }
+    }
+
+    /// The secret's bytes, for hashing and the format check.
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match &self.secret {
+            Secret::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Secret::Heap(s) => s.as_bytes(),
+        }
     }
 
     /// Generates a new key `{prefix}_{30 random base62}{6 base62 checksum}` from the
@@ -76,32 +110,36 @@ impl ApiKey {
         }
         let sum = checksum(secret.as_bytes());
         secret.push_str(std::str::from_utf8(&sum).expect("base62 is ASCII"));
-        Ok(Self { secret })
+        Ok(Self::new(secret))
     }
 
     /// The raw secret. Callers own what happens to it next.
     pub fn expose_secret(&self) -> &str {
-        &self.secret
+        match &self.secret {
+            // Inline keys are ASCII by construction.
+            Secret::Inline { .. } => std::str::from_utf8(self.as_bytes()).expect("inline keys are ASCII"),
+            Secret::Heap(s) => s,
+        }
     }
 
     /// Length of the key in bytes.
     pub fn len(&self) -> usize {
-        self.secret.len()
+        self.as_bytes().len()
     }
 
     /// Whether the key is empty.
     pub fn is_empty(&self) -> bool {
-        self.secret.is_empty()
+        self.as_bytes().is_empty()
     }
 
     /// The SHA-256 digest of the key: what caches and stores key by.
     pub fn digest(&self) -> KeyDigest {
-        KeyDigest::of(self.secret.as_bytes())
+        KeyDigest::of(self.as_bytes())
     }
 
     /// The prefix (text before the first `_`) when it is a valid keygate prefix.
     pub fn prefix(&self) -> Option<&str> {
-        let (prefix, _) = self.secret.split_once('_')?;
+        let (prefix, _) = self.expose_secret().split_once('_')?;
         validate_prefix(prefix).ok().map(|_| prefix)
     }
 
@@ -109,15 +147,26 @@ impl ApiKey {
     /// characters (`kg_3fA9`), as the key service stores for display.
     pub fn display_prefix(&self) -> String {
         match self.prefix() {
-            Some(p) => self.secret.chars().take(p.len() + 1 + 4).collect(),
+            Some(p) => self.expose_secret().chars().take(p.len() + 1 + 4).collect(),
             None => String::new(),
         }
     }
 }
 
+impl PartialEq for ApiKey {
+    fn eq(&self, other: &Self) -> bool {
+        bool::from(self.as_bytes().ct_eq(other.as_bytes()))
+    }
+}
+
+impl Eq for ApiKey {}
+
 impl Drop for ApiKey {
     fn drop(&mut self) {
-        self.secret.zeroize();
+        match &mut self.secret {
+            Secret::Inline { len, bytes } => bytes[..usize::from(*len)].zeroize(),
+            Secret::Heap(s) => s.zeroize(),
+        }
     }
 }
 
@@ -309,38 +358,52 @@ impl KeyFormat {
 
     /// Checks a key locally. `Ok` does not mean the key exists: only the verifier knows.
     pub fn check(&self, key: &ApiKey) -> Result<(), FormatError> {
-        self.check_str(key.expose_secret())
+        self.check_bytes(key.as_bytes())
     }
 
     /// [`check`](KeyFormat::check) on a borrowed string.
     pub fn check_str(&self, key: &str) -> Result<(), FormatError> {
+        self.check_bytes(key.as_bytes())
+    }
+
+    fn check_bytes(&self, key: &[u8]) -> Result<(), FormatError> {
         let prefixes = match &self.kind {
             FormatKind::Opaque => return Ok(()),
             FormatKind::AnyPrefix => None,
             FormatKind::Prefixes(list) => Some(list),
         };
-        let (prefix, body) = key.split_once('_').ok_or(FormatError::NoSeparator)?;
-        validate_prefix(prefix)?;
+        let sep = key.iter().position(|&b| b == b'_').ok_or(FormatError::NoSeparator)?;
+        let (prefix, body) = (&key[..sep], &key[sep + 1..]);
+        validate_prefix_bytes(prefix)?;
         if let Some(list) = prefixes {
-            if !list.iter().any(|p| p == prefix) {
+            if !list.iter().any(|p| p.as_bytes() == prefix) {
                 return Err(FormatError::UnexpectedPrefix);
             }
         }
         if body.len() != RANDOM_LEN + CHECKSUM_LEN {
             return Err(FormatError::BadLength);
         }
-        if !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        // Every byte is looked at (no early exit), which lets the loop vectorize.
+        let bad = body.iter().fold(0u8, |bad, &b| {
+            let digit = b.wrapping_sub(b'0') < 10;
+            let letter = (b | 0x20).wrapping_sub(b'a') < 26;
+            bad | u8::from(!(digit | letter))
+        });
+        if bad != 0 {
             return Err(FormatError::BadCharacter);
         }
         let split = key.len() - CHECKSUM_LEN;
-        let expected = checksum(&key.as_bytes()[..split]);
-        if bool::from(expected.ct_eq(&key.as_bytes()[split..])) { Ok(()) } else { Err(FormatError::BadChecksum) }
+        let expected = checksum(&key[..split]);
+        if bool::from(expected.ct_eq(&key[split..])) { Ok(()) } else { Err(FormatError::BadChecksum) }
     }
 }
 
 /// Checks a prefix against `[a-z][a-z0-9]{0,15}`.
 pub fn validate_prefix(prefix: &str) -> Result<(), FormatError> {
-    let b = prefix.as_bytes();
+    validate_prefix_bytes(prefix.as_bytes())
+}
+
+fn validate_prefix_bytes(b: &[u8]) -> Result<(), FormatError> {
     let ok = !b.is_empty()
         && b.len() <= MAX_PREFIX_LEN
         && b[0].is_ascii_lowercase()
@@ -425,6 +488,21 @@ mod tests {
         assert!(!format!("{key:?}").contains(body));
         assert!(!format!("{key}").contains(body));
         assert_eq!(format!("{:?}", ApiKey::new("secret-no-prefix")), "ApiKey(\"…\")");
+    }
+
+    #[test]
+    fn keys_from_requests_keep_their_bytes_inline_or_not() {
+        let short = ApiKey::generate("kg").unwrap();
+        let inline = ApiKey::from_ascii(short.expose_secret().as_bytes());
+        assert_eq!(inline.expose_secret(), short.expose_secret());
+        assert_eq!(inline, short);
+        assert_eq!(inline.digest(), short.digest());
+        assert!(KeyFormat::keygate().check(&inline).is_ok());
+        let long = "k".repeat(INLINE_LEN + 1);
+        let heap = ApiKey::from_ascii(long.as_bytes());
+        assert_eq!((heap.expose_secret(), heap.len()), (long.as_str(), INLINE_LEN + 1));
+        assert_ne!(heap, inline);
+        assert_eq!(format!("{inline:?}"), "ApiKey(\"kg_…\")");
     }
 
     #[test]
