@@ -4,8 +4,11 @@
 //! cargo bench --bench request_path
 //! ```
 //!
-//! All variants call the same axum route in-process (`Router::oneshot`, no sockets), so
-//! the differences are the middleware's own cost:
+//! All variants call the same axum route in-process (`oneshot`, no sockets) with the
+//! same request, `Authorization` header included, so the differences are the
+//! middleware's own cost. Each router is finished with `with_state(())`, as
+//! `axum::serve` does: otherwise axum turns the handler into a service, layers
+//! included, on every request, a cost no server pays.
 //! - `no_auth`: the bare route;
 //! - `static_bearer`: tower-http's `ValidateRequestHeaderLayer::bearer` (one fixed token,
 //!   the floor of any auth layer);
@@ -13,7 +16,11 @@
 //! - `keygate_cached_usage`: `ApiKeyLayer` + `RequireScopes` over a warm
 //!   `CachedVerifier` holding 10 000 keys, with usage events into a `UsagePipeline`,
 //!   requests rotating over all 10 000 keys (cold memory: the worst case);
-//! - `keygate_cached_usage_hot_key`: the same, one key calling.
+//! - `keygate_cached_usage_hot_key`: the same, one key calling;
+//! - `keygate_one_layer_cached_usage`: the same cache and usage, with the route's
+//!   requirement enforced by the layer itself (`ApiKeyLayer::require`): one layer
+//!   per route instead of two;
+//! - `keygate_one_layer_cached_usage_hot_key`: the same, one key calling.
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use std::hint::black_box;
@@ -51,6 +58,10 @@ fn keyed_route() -> Router {
     Router::new().route("/reports", get(|| async { "ok" }).route_layer(RequireScopes::all(["reports:read"])))
 }
 
+fn one_layer_route<V: Verifier>(layer: ApiKeyLayer<V>) -> Router {
+    Router::new().route("/reports", get(|| async { "ok" }).layer(layer.require(RequireScopes::all(["reports:read"]))))
+}
+
 fn keys() -> (Vec<HeaderValue>, StaticVerifier) {
     let verifier = StaticVerifier::new();
     let scopes = ScopeSet::parse(["reports:read", "reports:write"]).unwrap();
@@ -69,14 +80,13 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("request_path");
     group.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
 
-    let run = |router: Router, header: Option<Vec<HeaderValue>>| {
+    let run = |router: Router, header: Vec<HeaderValue>| {
+        // What `axum::serve` does once per connection.
+        let router: Router = router.with_state(());
         let mut i = 0usize;
         move || {
-            let mut req = Request::get("/reports");
-            if let Some(h) = &header {
-                i = (i + 1) % h.len();
-                req = req.header("authorization", h[i].clone());
-            }
+            i = (i + 1) % header.len();
+            let req = Request::get("/reports").header("authorization", header[i].clone());
             let router = router.clone();
             async move {
                 let res = router.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
@@ -86,20 +96,18 @@ fn bench(c: &mut Criterion) {
         }
     };
 
-    group.bench_function("no_auth", |b| b.to_async(&rt).iter(run(route(), None)));
+    let (headers, verifier) = keys();
+    group.bench_function("no_auth", |b| b.to_async(&rt).iter(run(route(), headers.clone())));
 
     #[allow(deprecated)] // the deprecated layer is the point of comparison, not a dependency
     let bearer = tower_http::validate_request::ValidateRequestHeaderLayer::bearer("fixed-token-0123456789");
     let token = vec![HeaderValue::from_static("Bearer fixed-token-0123456789")];
-    group.bench_function("static_bearer", |b| {
-        b.to_async(&rt).iter(run(route().layer(bearer.clone()), Some(token.clone())))
-    });
+    group.bench_function("static_bearer", |b| b.to_async(&rt).iter(run(route().layer(bearer.clone()), token.clone())));
 
-    let (headers, verifier) = keys();
     let verifier = Arc::new(verifier);
     let layer = ApiKeyLayer::from_arc(verifier.clone());
     group.bench_function("keygate_static", |b| {
-        b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), Some(headers.clone())))
+        b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), headers.clone()))
     });
 
     let cached =
@@ -118,12 +126,18 @@ fn bench(c: &mut Criterion) {
     });
     let layer = ApiKeyLayer::from_arc(cached.clone()).usage(pipeline);
     group.bench_function("keygate_cached_usage", |b| {
-        b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), Some(headers.clone())))
+        b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), headers.clone()))
     });
     // The same cache of 10 000 keys, but one hot key calling: the common production
     // shape, where the key's cache lines stay warm.
     group.bench_function("keygate_cached_usage_hot_key", |b| {
-        b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), Some(vec![headers[0].clone()])))
+        b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), vec![headers[0].clone()]))
+    });
+    group.bench_function("keygate_one_layer_cached_usage", |b| {
+        b.to_async(&rt).iter(run(one_layer_route(layer.clone()), headers.clone()))
+    });
+    group.bench_function("keygate_one_layer_cached_usage_hot_key", |b| {
+        b.to_async(&rt).iter(run(one_layer_route(layer.clone()), vec![headers[0].clone()]))
     });
     group.finish();
     let stats = cached.stats();
