@@ -49,7 +49,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{HeaderName, Request, Response};
 use pin_project_lite::pin_project;
@@ -59,6 +59,7 @@ use tower_service::Service;
 
 use crate::authorize::RequireScopes;
 use crate::body::RejectionBody;
+use crate::clock::{self, Instant};
 use crate::error::{AuthError, InvalidKey, is_grpc};
 use crate::extract::{DEFAULT_MAX_KEY_LEN, KeySource, find_key, strip_credential};
 use crate::key::KeyFormat;
@@ -166,6 +167,7 @@ impl<V: Verifier> ApiKeyLayer<V> {
             rate_limiter: Some(Arc::new(RateLimiter::default())),
             policy: None,
         };
+        clock::warm_up();
         Self { shared: Arc::new(Shared { verifier, config }) }
     }
 
@@ -407,7 +409,6 @@ fn take_ready<S: Clone>(inner: &mut S) -> S {
 /// What a usage event needs from the request, captured only when a sink is set.
 struct Record {
     start: Instant,
-    at: OffsetDateTime,
     method: http::Method,
     // Resolved to text only when the event is built: an inner RequireScopes usually
     // supplies the template, and then the request's own path is never copied.
@@ -428,7 +429,6 @@ impl Record {
         }
         Self {
             start: Instant::now(),
-            at: OffsetDateTime::now_utc(),
             method: req.method().clone(),
             route,
             client_ip: match client_ip {
@@ -452,15 +452,16 @@ impl Record {
     }
 
     fn finish(self, sink: &dyn UsageSink, status: u16, outcome: Outcome, route: Option<Arc<str>>) {
+        let end = Instant::now();
         sink.record(UsageEvent {
-            at: self.at,
+            at: clock::wall_time(self.start, end),
             key_id: self.principal.as_ref().map(|p| p.key_id_arc().clone()).or(self.denied_key_id),
             owner: self.principal.as_ref().map(|p| p.owner_arc().clone()),
             outcome,
             method: method_name(&self.method),
             route: route.unwrap_or_else(|| self.route.resolve()),
             status,
-            latency: self.start.elapsed(),
+            latency: end.saturating_duration_since(self.start),
             client_ip: self.client_ip,
             request_id: self.request_id,
         });

@@ -13,6 +13,7 @@
 
 pub mod authorize;
 pub mod body;
+mod clock;
 pub mod error;
 pub mod extract;
 pub mod key;
