@@ -5,7 +5,9 @@ use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::Instant;
 
 // The sync cache: its `get` is a plain call (no future to build and poll), markedly
 // cheaper on the hit path that every request takes, and nothing here ever waits.
@@ -54,7 +56,9 @@ pub enum FailurePolicy {
 /// `keygate_cache_misses_total`, `keygate_cache_stale_served_total`,
 /// `keygate_cache_negative_hits_total`, `keygate_cache_remote_errors_total`,
 /// `keygate_cache_coalesced_waits_total`, `keygate_cache_fail_open_total` and
-/// `keygate_cache_invalidations_total`.
+/// `keygate_cache_invalidations_total`. Hits and negative hits reach the facade in
+/// steps of 256, so that a hit never pays for a recorder's registry lookup; the
+/// counters here are exact.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
@@ -93,6 +97,20 @@ macro_rules! count {
     ($counters:expr, $field:ident, $metric:literal) => {{
         $counters.$field.fetch_add(1, Ordering::Relaxed);
         metrics::counter!($metric).increment(1);
+    }};
+}
+
+/// Hits reach the `metrics` facade in steps of this many: a recorder's registry lookup
+/// costs more than the cache hit it would count.
+const HIT_METRIC_STEP: u64 = 256;
+
+/// Counts a hit; every [`HIT_METRIC_STEP`]th one reports the step to `metrics`.
+macro_rules! count_hit {
+    ($counters:expr, $field:ident, $metric:literal) => {{
+        let n = $counters.$field.fetch_add(1, Ordering::Relaxed) + 1;
+        if n % HIT_METRIC_STEP == 0 {
+            metrics::counter!($metric).increment(HIT_METRIC_STEP);
+        }
     }};
 }
 
@@ -225,7 +243,7 @@ struct Positive {
 struct PositiveExpiry;
 
 impl moka::Expiry<KeyDigest, Arc<Positive>> for PositiveExpiry {
-    fn expire_after_create(&self, _: &KeyDigest, value: &Arc<Positive>, _: Instant) -> Option<Duration> {
+    fn expire_after_create(&self, _: &KeyDigest, value: &Arc<Positive>, _: std::time::Instant) -> Option<Duration> {
         Some(value.lifetime)
     }
 
@@ -233,7 +251,7 @@ impl moka::Expiry<KeyDigest, Arc<Positive>> for PositiveExpiry {
         &self,
         _: &KeyDigest,
         value: &Arc<Positive>,
-        _: Instant,
+        _: std::time::Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
         Some(value.lifetime)
@@ -670,13 +688,13 @@ impl<V: Verifier> Verifier for CachedVerifier<V> {
         let digest = key.digest();
         if let Some(entry) = core.positive.get(&digest) {
             if Instant::now() < entry.fresh_until {
-                count!(core.counters, hits, "keygate_cache_hits_total");
+                count_hit!(core.counters, hits, "keygate_cache_hits_total");
                 return Some(Ok(Verdict::Valid(entry.principal.clone())));
             }
             return None;
         }
         let (reason, key_id) = core.negative.get(&digest)?;
-        count!(core.counters, negative_hits, "keygate_cache_negative_hits_total");
+        count_hit!(core.counters, negative_hits, "keygate_cache_negative_hits_total");
         Some(Ok(Verdict::Invalid { reason, key_id }))
     }
 
@@ -688,7 +706,7 @@ impl<V: Verifier> Verifier for CachedVerifier<V> {
             Some(entry) => {
                 let now = Instant::now();
                 if now < entry.fresh_until {
-                    count!(core.counters, hits, "keygate_cache_hits_total");
+                    count_hit!(core.counters, hits, "keygate_cache_hits_total");
                     return Ok(Verdict::Valid(entry.principal.clone()));
                 }
                 if now < entry.stale_until
@@ -702,7 +720,7 @@ impl<V: Verifier> Verifier for CachedVerifier<V> {
             }
             None => {
                 if let Some((reason, key_id)) = core.negative.get(&digest) {
-                    count!(core.counters, negative_hits, "keygate_cache_negative_hits_total");
+                    count_hit!(core.counters, negative_hits, "keygate_cache_negative_hits_total");
                     return Ok(Verdict::Invalid { reason, key_id });
                 }
                 None
@@ -738,5 +756,69 @@ impl<V> fmt::Debug for CachedVerifier<V> {
             .field("stale_if_error", &core.config.stale_if_error)
             .field("failure_policy", &core.config.failure_policy)
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+    use super::*;
+    use crate::{ApiKey, StaticVerifier};
+
+    /// Sums every counter increment by name.
+    #[derive(Default)]
+    struct Totals(Arc<Mutex<HashMap<String, u64>>>);
+
+    struct Named(String, Arc<Mutex<HashMap<String, u64>>>);
+
+    impl CounterFn for Named {
+        fn increment(&self, n: u64) {
+            *self.1.lock().unwrap().entry(self.0.clone()).or_default() += n;
+        }
+        fn absolute(&self, _: u64) {}
+    }
+
+    impl Recorder for Totals {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(Arc::new(Named(key.name().to_owned(), self.0.clone())))
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn hits_reach_metrics_in_steps_and_stats_exactly() {
+        let key = ApiKey::generate("kg").unwrap();
+        let unknown = ApiKey::generate("kg").unwrap();
+        let inner = StaticVerifier::new().with_key(&key, Principal::builder("key_1").build());
+        let cache = CachedVerifier::builder(inner).build();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            cache.verify(&key).await.unwrap();
+            cache.verify(&unknown).await.unwrap();
+        });
+        let recorder = Totals::default();
+        let totals = recorder.0.clone();
+        metrics::with_local_recorder(&recorder, || {
+            for _ in 0..600 {
+                assert!(matches!(cache.verify_now(&key), Some(Ok(Verdict::Valid(_)))));
+                assert!(matches!(cache.verify_now(&unknown), Some(Ok(Verdict::Invalid { .. }))));
+            }
+        });
+        let stats = cache.stats();
+        assert_eq!((stats.hits, stats.negative_hits, stats.misses), (600, 600, 2));
+        let totals = totals.lock().unwrap();
+        assert_eq!(totals.get("keygate_cache_hits_total"), Some(&(2 * HIT_METRIC_STEP)));
+        assert_eq!(totals.get("keygate_cache_negative_hits_total"), Some(&(2 * HIT_METRIC_STEP)));
     }
 }
