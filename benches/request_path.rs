@@ -75,40 +75,34 @@ fn keys() -> (Vec<HeaderValue>, StaticVerifier) {
     (headers, verifier)
 }
 
+/// One variant: a name, its router (finished as `axum::serve` finishes it) and the
+/// `Authorization` values its requests rotate over.
+struct Variant {
+    name: &'static str,
+    router: Router,
+    headers: Vec<HeaderValue>,
+}
+
+impl Variant {
+    fn new(name: &'static str, router: Router, headers: Vec<HeaderValue>) -> Self {
+        // What `axum::serve` does once per connection.
+        Self { name, router: router.with_state(()), headers }
+    }
+
+    /// One request, the same shape for every variant.
+    async fn call(&self, i: usize) {
+        let header = self.headers[i % self.headers.len()].clone();
+        let req = Request::get("/reports").header("authorization", header).body(Body::empty()).unwrap();
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), 200);
+        black_box(res);
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let mut group = c.benchmark_group("request_path");
-    group.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
-
-    let run = |router: Router, header: Vec<HeaderValue>| {
-        // What `axum::serve` does once per connection.
-        let router: Router = router.with_state(());
-        let mut i = 0usize;
-        move || {
-            i = (i + 1) % header.len();
-            let req = Request::get("/reports").header("authorization", header[i].clone());
-            let router = router.clone();
-            async move {
-                let res = router.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
-                assert_eq!(res.status(), 200);
-                black_box(res)
-            }
-        }
-    };
-
     let (headers, verifier) = keys();
-    group.bench_function("no_auth", |b| b.to_async(&rt).iter(run(route(), headers.clone())));
-
-    #[allow(deprecated)] // the deprecated layer is the point of comparison, not a dependency
-    let bearer = tower_http::validate_request::ValidateRequestHeaderLayer::bearer("fixed-token-0123456789");
-    let token = vec![HeaderValue::from_static("Bearer fixed-token-0123456789")];
-    group.bench_function("static_bearer", |b| b.to_async(&rt).iter(run(route().layer(bearer.clone()), token.clone())));
-
     let verifier = Arc::new(verifier);
-    let layer = ApiKeyLayer::from_arc(verifier.clone());
-    group.bench_function("keygate_static", |b| {
-        b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), headers.clone()))
-    });
 
     let cached =
         CachedVerifier::builder(verifier.clone()).max_capacity(100_000).positive_ttl(Duration::from_secs(3600)).build();
@@ -124,26 +118,74 @@ fn bench(c: &mut Criterion) {
             cached.verify(&key).await.unwrap();
         }
     });
+
+    #[allow(deprecated)] // the deprecated layer is the point of comparison, not a dependency
+    let bearer = tower_http::validate_request::ValidateRequestHeaderLayer::bearer("fixed-token-0123456789");
+    let token = vec![HeaderValue::from_static("Bearer fixed-token-0123456789")];
+    let static_layer = ApiKeyLayer::from_arc(verifier.clone());
     let layer = ApiKeyLayer::from_arc(cached.clone()).usage(pipeline);
-    group.bench_function("keygate_cached_usage", |b| {
-        b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), headers.clone()))
-    });
-    // The same cache of 10 000 keys, but one hot key calling: the common production
-    // shape, where the key's cache lines stay warm.
-    group.bench_function("keygate_cached_usage_hot_key", |b| {
-        b.to_async(&rt).iter(run(keyed_route().layer(layer.clone()), vec![headers[0].clone()]))
-    });
-    group.bench_function("keygate_one_layer_cached_usage", |b| {
-        b.to_async(&rt).iter(run(one_layer_route(layer.clone()), headers.clone()))
-    });
-    group.bench_function("keygate_one_layer_cached_usage_hot_key", |b| {
-        b.to_async(&rt).iter(run(one_layer_route(layer.clone()), vec![headers[0].clone()]))
-    });
+    let hot = vec![headers[0].clone()];
+    let variants = [
+        Variant::new("no_auth", route(), headers.clone()),
+        Variant::new("static_bearer", route().layer(bearer), token),
+        Variant::new("keygate_static", keyed_route().layer(static_layer), headers.clone()),
+        Variant::new("keygate_cached_usage", keyed_route().layer(layer.clone()), headers.clone()),
+        // The same cache of 10 000 keys, but one hot key calling: the common production
+        // shape, where the key's cache lines stay warm.
+        Variant::new("keygate_cached_usage_hot_key", keyed_route().layer(layer.clone()), hot.clone()),
+        Variant::new("keygate_one_layer_cached_usage", one_layer_route(layer.clone()), headers.clone()),
+        Variant::new("keygate_one_layer_cached_usage_hot_key", one_layer_route(layer), hot),
+    ];
+
+    let mut group = c.benchmark_group("request_path");
+    group.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    for v in &variants {
+        group.bench_function(v.name, |b| {
+            let mut i = 0usize;
+            b.to_async(&rt).iter(|| {
+                i += 1;
+                v.call(i)
+            })
+        });
+    }
     group.finish();
+    paired_rounds(&rt, &variants);
+
     let stats = cached.stats();
     println!("cache after the run: {stats:?}");
     println!("usage pipeline after the run: {:?}", handle.stats());
     background.block_on(handle.shutdown());
+}
+
+/// Rounds of every variant in turn, each round's overhead taken against that round's
+/// `no_auth`: on a shared machine whose speed drifts between criterion's sequential
+/// runs, paired differences are the figures to trust.
+fn paired_rounds(rt: &tokio::runtime::Runtime, variants: &[Variant]) {
+    const ROUNDS: usize = 15;
+    const REQUESTS: usize = 20_000;
+    let mut ns = vec![Vec::with_capacity(ROUNDS); variants.len()];
+    for _ in 0..ROUNDS {
+        for (v, out) in variants.iter().zip(&mut ns) {
+            let start = std::time::Instant::now();
+            rt.block_on(async {
+                for i in 0..REQUESTS {
+                    v.call(i).await;
+                }
+            });
+            out.push(start.elapsed().as_nanos() as f64 / REQUESTS as f64);
+        }
+    }
+    let median = |mut xs: Vec<f64>| {
+        xs.sort_by(f64::total_cmp);
+        xs[xs.len() / 2]
+    };
+    println!("\npaired rounds ({ROUNDS} rounds x {REQUESTS} requests per variant, medians):");
+    println!("| variant | ns / request | over no auth |");
+    println!("| --- | ---: | ---: |");
+    for (v, times) in variants.iter().zip(&ns) {
+        let over: Vec<f64> = times.iter().zip(&ns[0]).map(|(t, base)| t - base).collect();
+        println!("| {} | {:.0} | {:+.0} |", v.name, median(times.clone()), median(over));
+    }
 }
 
 criterion_group!(benches, bench);
