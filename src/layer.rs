@@ -697,7 +697,9 @@ where
                         // runs before routing, the route template) in the response.
                         let outcome = res.extensions().get::<Outcome>().copied().unwrap_or(outcome);
                         let status = grpc_aware_status(&res, *this.grpc);
-                        record.finish(&**sink, status, outcome, matched_route(&res));
+                        // Only a layer that ran before routing needs the template back.
+                        let route = if record.route.is_template() { None } else { matched_route(&res) };
+                        record.finish(&**sink, status, outcome, route);
                     }
                     return Poll::Ready(Ok(res));
                 }
