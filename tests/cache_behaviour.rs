@@ -519,3 +519,109 @@ async fn invalidating_a_key_id_drops_its_refusals_too() {
     assert!(is_invalid(&v.verify(&other).await, Reason::Disabled));
     assert_eq!(backend.calls(), 3);
 }
+
+/// A thread of its own, with its own per-thread copies of hot verdicts: it answers
+/// each key it is sent with what the cache says on that thread.
+struct OtherThread {
+    ask: std::sync::mpsc::Sender<ApiKey>,
+    answers: std::sync::mpsc::Receiver<(bool, Result<Verdict, VerifyError>)>,
+}
+
+impl OtherThread {
+    fn start(v: CachedVerifier<Arc<Backend>>) -> Self {
+        let (ask, keys) = std::sync::mpsc::channel::<ApiKey>();
+        let (reply, answers) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            for key in keys {
+                // `verify_now` answers only from what is held fresh (copy or moka).
+                let held = matches!(v.verify_now(&key), Some(Ok(Verdict::Valid(_))));
+                let full = rt.block_on(async { timeout(LIMIT, v.verify(&key)).await.expect("verify hung") });
+                if reply.send((held, full)).is_err() {
+                    return;
+                }
+            }
+        });
+        Self { ask, answers }
+    }
+
+    fn check(&self, key: &ApiKey) -> (bool, Result<Verdict, VerifyError>) {
+        self.ask.send(key.clone()).unwrap();
+        self.answers.recv_timeout(LIMIT).expect("the other thread answers")
+    }
+}
+
+#[tokio::test]
+async fn another_threads_copies_are_retired_by_invalidate_key_id() {
+    let backend = Backend::new(Duration::ZERO);
+    let key = backend.add("k1");
+    let v = cache(&backend).positive_ttl(Duration::from_secs(600)).build();
+    let other = OtherThread::start(v.clone());
+    // The other thread sees the key several times: it now holds its own copy.
+    for _ in 0..5 {
+        let (held, full) = other.check(&key);
+        assert!(is_valid(&full));
+        let _ = held;
+    }
+    assert!(other.check(&key).0, "held fresh on the other thread");
+    assert_eq!(backend.calls(), 1);
+    backend.keys.revoke("k1");
+    assert_eq!(v.invalidate_key_id("k1").await, 1);
+    // The very next lookup on that thread refuses the key, although its copy would
+    // still be fresh for ten minutes.
+    let (held, full) = other.check(&key);
+    assert!(!held, "a retired copy is not served");
+    assert!(is_invalid(&full, Reason::Revoked));
+    assert_eq!(backend.calls(), 2);
+}
+
+#[tokio::test]
+async fn another_threads_copies_are_retired_by_invalidate_all() {
+    let backend = Backend::new(Duration::ZERO);
+    let key = backend.add("k1");
+    let v = cache(&backend).positive_ttl(Duration::from_secs(600)).build();
+    let other = OtherThread::start(v.clone());
+    for _ in 0..5 {
+        assert!(is_valid(&other.check(&key).1));
+    }
+    assert!(other.check(&key).0);
+    backend.keys.revoke("k1");
+    v.invalidate_all();
+    let (held, full) = other.check(&key);
+    assert!(!held);
+    assert!(is_invalid(&full, Reason::Revoked));
+}
+
+#[tokio::test]
+async fn copies_are_never_shared_between_caches() {
+    // Two caches, one thread: the key is valid for the first cache's backend only.
+    let backend = Backend::new(Duration::ZERO);
+    let key = backend.add("k1");
+    let a = cache(&backend).positive_ttl(Duration::from_secs(600)).build();
+    let b = cache(&Backend::new(Duration::ZERO)).positive_ttl(Duration::from_secs(600)).build();
+    for _ in 0..5 {
+        assert!(is_valid(&verify(&a, &key).await));
+    }
+    assert!(matches!(a.verify_now(&key), Some(Ok(Verdict::Valid(_)))));
+    assert!(b.verify_now(&key).is_none(), "b has never seen the key");
+    assert!(is_invalid(&verify(&b, &key).await, Reason::NotFound));
+    assert!(is_valid(&verify(&a, &key).await));
+}
+
+#[tokio::test]
+async fn copies_keep_the_ttl_and_the_counters() {
+    for copies in [true, false] {
+        let backend = Backend::new(Duration::ZERO);
+        let key = backend.add("k1");
+        let v = cache(&backend).thread_copies(copies).build();
+        for _ in 0..100 {
+            assert!(is_valid(&verify(&v, &key).await));
+        }
+        let s = v.stats();
+        assert_eq!((s.misses, s.hits), (1, 99), "copies: {copies}");
+        tokio::time::sleep(SHORT + Duration::from_millis(50)).await;
+        assert!(v.verify_now(&key).is_none(), "past the TTL nothing is fresh (copies: {copies})");
+        assert!(is_valid(&verify(&v, &key).await));
+        assert_eq!(backend.calls(), 2, "copies: {copies}");
+    }
+}
