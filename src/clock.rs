@@ -13,13 +13,13 @@ use time::OffsetDateTime;
 
 pub(crate) use quanta::Instant;
 
-/// How long a thread's wall-clock anchor is trusted before it is read again: short
-/// enough that a stepped system clock shows within a second.
-const ANCHOR_LIFETIME: Duration = Duration::from_secs(1);
-
 thread_local! {
+    /// The start of the current wall-clock second on this thread: the instant it began
+    /// and its wall time (nanosecond 0). Times inside that second cost a field write.
     static ANCHOR: Cell<Option<(Instant, OffsetDateTime)>> = const { Cell::new(None) };
 }
+
+const SECOND: Duration = Duration::from_secs(1);
 
 /// Calibrates the time-stamp counter now rather than on the first request.
 pub(crate) fn warm_up() {
@@ -27,20 +27,31 @@ pub(crate) fn warm_up() {
 }
 
 /// The wall-clock time at `at`, given `now` (a later reading the caller already has).
+///
+/// The system clock is read again whenever `now` leaves the anchored second, so a
+/// stepped clock shows within a second.
 pub(crate) fn wall_time(at: Instant, now: Instant) -> OffsetDateTime {
-    let (anchor, wall) = ANCHOR.with(|cell| match cell.get() {
-        Some((anchor, wall)) if now.saturating_duration_since(anchor) < ANCHOR_LIFETIME && anchor <= now => {
-            (anchor, wall)
-        }
+    let (second, wall) = ANCHOR.with(|cell| match cell.get() {
+        Some((second, wall)) if second <= now && now.saturating_duration_since(second) < SECOND => (second, wall),
         _ => {
-            let fresh = (now, OffsetDateTime::now_utc());
-            cell.set(Some(fresh));
-            fresh
+            let wall = OffsetDateTime::now_utc();
+            let into = Duration::from_nanos(u64::from(wall.nanosecond()));
+            let anchor = match now.checked_sub(into) {
+                Some(second) => (second, wall.replace_nanosecond(0).unwrap_or(wall)),
+                None => (now, wall),
+            };
+            cell.set(Some(anchor));
+            anchor
         }
     });
-    match at.checked_duration_since(anchor) {
+    match at.checked_duration_since(second) {
+        // The common case: `at` is in the anchored second. (`OffsetDateTime + Duration`
+        // normalises a whole date; setting the nanosecond does not.)
+        Some(after) if after < SECOND && wall.nanosecond() == 0 => {
+            wall.replace_nanosecond(after.subsec_nanos()).unwrap_or_else(|_| wall + after)
+        }
         Some(after) => wall + after,
-        None => wall - anchor.saturating_duration_since(at),
+        None => wall - second.saturating_duration_since(at),
     }
 }
 
@@ -59,10 +70,17 @@ mod tests {
         // The start instant maps back to a wall time around `before`, not `now`.
         assert!((at - before).abs() < time::Duration::milliseconds(5), "{at} vs {before}");
         assert!(wall_time(now, now) <= after);
-        // An anchor older than its lifetime is replaced.
-        let later = now + ANCHOR_LIFETIME + Duration::from_millis(1);
-        let _ = wall_time(later, later);
-        let (anchor, _) = ANCHOR.with(Cell::get).unwrap();
-        assert_eq!(anchor, later);
+        // The anchor is the start of a wall-clock second, and is replaced once `now`
+        // leaves that second.
+        let (second, wall) = ANCHOR.with(Cell::get).unwrap();
+        assert_eq!(wall.nanosecond(), 0);
+        assert!(second <= now && now - second < SECOND);
+        let later = second + SECOND + Duration::from_millis(1);
+        let at_later = wall_time(later, later);
+        let (next, _) = ANCHOR.with(Cell::get).unwrap();
+        assert!(next > second && next <= later);
+        // Inside the second and across it, the mapping is the same linear one.
+        let inside = wall_time(second + Duration::from_millis(250), later);
+        assert!((at_later - inside - time::Duration::milliseconds(751)).abs() < time::Duration::milliseconds(5));
     }
 }

@@ -471,12 +471,19 @@ impl Record {
 /// Standard methods as static strings; only extension methods allocate.
 fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
     use http::Method as M;
-    let known = [M::GET, M::POST, M::PUT, M::DELETE, M::PATCH, M::HEAD, M::OPTIONS, M::CONNECT, M::TRACE];
-    const NAMES: [&str; 9] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE"];
-    match known.iter().position(|k| k == m) {
-        Some(i) => std::borrow::Cow::Borrowed(NAMES[i]),
-        None => std::borrow::Cow::Owned(m.as_str().to_owned()),
-    }
+    let name = match *m {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::PATCH => "PATCH",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => return std::borrow::Cow::Owned(m.as_str().to_owned()),
+    };
+    std::borrow::Cow::Borrowed(name)
 }
 
 #[cfg(feature = "axum")]
