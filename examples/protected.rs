@@ -16,7 +16,9 @@
 //! | `POST /reports` | scope `reports:write` |
 //! | `GET /admin` | role `admin` |
 //!
-//! Each protected route answers JSON naming the caller's key id and owner. Try it:
+//! Each protected route answers JSON naming the caller's key id and owner. The address
+//! it listens on is printed (`listening on 127.0.0.1:8080`), so `--listen 127.0.0.1:0`
+//! works too; Ctrl-C or SIGTERM stops it gracefully. Try it:
 //!
 //! ```sh
 //! curl -s localhost:8080/health
@@ -77,16 +79,41 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = Router::new().route("/health", get(health)).merge(protected);
 
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, "protected service listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "protected service listening");
+    // On standard output too, for scripts (and tests) that listen on port 0.
+    println!("listening on {addr}");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
 
     events.shutdown().await;
     tracing::info!(stats = ?verifier.stats(), "stopped");
     Ok(())
+}
+
+/// Ctrl-C, or SIGTERM (what container runtimes and systemd send) on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
 }
 
 async fn health() -> Json<Value> {
