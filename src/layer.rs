@@ -366,11 +366,18 @@ where
         match self.shared.verifier.verify_now(&key) {
             Some(result) => {
                 let mut record = record;
-                let state = match admit(result, &mut req, config, &span, &mut record) {
-                    Ok(outcome) => State::Inner { fut: call_inner(&mut self.inner, req, &span), outcome },
-                    Err(err) => rejected(err),
-                };
-                future(state, record, span)
+                match admit(result, &mut req, config, &span, &mut record) {
+                    // Built in place: the inner future is the bulk of this one, and every
+                    // intermediate value would be one more copy of it.
+                    Ok(outcome) => ResponseFuture {
+                        state: State::Inner { fut: call_inner(&mut self.inner, req, &span), outcome },
+                        shared: self.shared.clone(),
+                        grpc,
+                        record,
+                        span,
+                    },
+                    Err(err) => future(rejected(err), record, span),
+                }
             }
             None => {
                 // The slow path: the request, the ready service and the verifier call
