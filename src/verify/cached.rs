@@ -159,6 +159,15 @@ macro_rules! count_hit {
 /// [`RevocationListener`](crate::verify::RevocationListener) (feature `remote`) calls
 /// them from the key service's event stream.
 ///
+/// # Per-thread copies
+///
+/// Each thread keeps copies of up to 128 fresh valid verdicts it has read from moka, and
+/// looks there first: a hit then costs a slot lookup rather than moka's `get`. Copies are
+/// never served past their TTL, and any removal of a valid verdict (invalidations, an
+/// `Invalid` answer for a cached key) retires every thread's copies at once, so the
+/// guarantees above hold unchanged. Turn them off with
+/// [`thread_copies(false)`](CachedVerifierBuilder::thread_copies).
+///
 /// # Sharing
 ///
 /// Cloning is one atomic increment; all clones share the cache.
