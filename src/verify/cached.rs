@@ -754,9 +754,9 @@ impl Drop for FlightGuard<'_> {
 /// Per-thread copies of fresh valid verdicts, looked up before moka.
 ///
 /// A copy is served only if it belongs to the asking cache, was taken in the cache's
-/// current copies epoch (every invalidation, and every removal of a valid verdict,
-/// bumps it) and is still fresh. The epoch is read
-/// before moka is, so a copy taken across an invalidation is born stale.
+/// current copies epoch (bumped after every removal of a valid verdict, invalidations
+/// included) and is still fresh. The epoch is read before moka is, so a copy taken
+/// across a removal is born stale.
 mod front {
     use std::cell::RefCell;
     use std::sync::Arc;
