@@ -38,8 +38,8 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::RejectionBody;
+use crate::context::{InnerReport, LayerContext};
 use crate::error::{AuthError, is_grpc};
-use crate::layer::{Anonymous, DEFAULT_REALM, LayerRealm, WantsRoute};
 use crate::principal::Principal;
 use crate::scope::{Requirement, RequirementError};
 
@@ -57,7 +57,7 @@ pub struct RequireScopes {
 struct Policy {
     rule: Rule,
     /// `None`: the ApiKeyLayer's realm.
-    realm: Option<String>,
+    realm: Option<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -173,9 +173,8 @@ impl RequireScopes {
     /// The realm in `WWW-Authenticate` (default: the realm of the
     /// [`ApiKeyLayer`](crate::ApiKeyLayer) in front, `api` unless set there).
     pub fn realm(self, realm: impl Into<String>) -> Self {
-        let realm = realm.into();
         let mut policy = self.into_policy();
-        policy.realm = Some(realm);
+        policy.realm = Some(Arc::from(realm.into()));
         Self { policy: Arc::new(policy) }
     }
 
@@ -206,18 +205,9 @@ impl RequireScopes {
         Self { policy: Arc::new(policy) }
     }
 
-    /// Checks a request; `Ok` lets it through.
-    fn check<B>(&self, req: &Request<B>) -> Result<(), AuthError> {
-        let principal = req.extensions().get::<Principal>();
-        if principal.is_none() && req.extensions().get::<Anonymous>().is_none() {
-            return Err(AuthError::Misconfigured("RequireScopes needs an ApiKeyLayer in front of it"));
-        }
-        self.check_principal(req.uri().path(), principal)
-    }
-
     /// The policy applied to a request for `path` made with `principal` (`None`: an
-    /// optional layer let it through without a key).
-    pub(crate) fn check_principal(&self, path: &str, principal: Option<&Principal>) -> Result<(), AuthError> {
+    /// optional layer let it through without a key). `Ok` lets it through.
+    pub(crate) fn check(&self, path: &str, principal: Option<&Principal>) -> Result<(), AuthError> {
         let requirement = match &self.policy.rule {
             Rule::Route(r) => Some(r),
             Rule::Methods { map, unlisted } => match map.get(path) {
@@ -246,9 +236,18 @@ impl RequireScopes {
         }
     }
 
-    /// The realm this policy answers with, when it has its own.
-    pub(crate) fn own_realm(&self) -> Option<&str> {
-        self.policy.realm.as_deref()
+    /// The realm this policy's rejections name: its own, or else the layer's.
+    pub(crate) fn realm_or<'a>(&'a self, layer_realm: &'a Arc<str>) -> &'a Arc<str> {
+        self.policy.realm.as_ref().unwrap_or(layer_realm)
+    }
+
+    /// Logs a rejection this policy made: a missing layer is an operator's mistake.
+    pub(crate) fn log_rejection(err: &AuthError) {
+        if let AuthError::Misconfigured(what) = err {
+            tracing::error!("keygate: {what}");
+        } else {
+            tracing::debug!(reason = %err, "keygate: requirement not met");
+        }
     }
 }
 
@@ -281,42 +280,32 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        // Only worth a clone and an insert when someone records usage.
-        let route = if req.extensions().get::<WantsRoute>().is_some() { matched_path(&req) } else { None };
-        match self.policy.check(&req) {
-            Ok(()) => RequireScopesFuture { kind: Kind::Inner { fut: self.inner.call(req) }, route },
+        let Some(ctx) = req.extensions().get::<LayerContext>() else {
+            let err = AuthError::Misconfigured("RequireScopes needs an ApiKeyLayer in front of it");
+            RequireScopes::log_rejection(&err);
+            // No layer, so no realm of its own to borrow.
+            let realm = self.policy.policy.realm.as_deref().unwrap_or(crate::context::DEFAULT_REALM);
+            let res = err.to_response(realm, is_grpc(&req));
+            return RequireScopesFuture { kind: Kind::Rejected { res: Some(res) }, report: None };
+        };
+        let mut report = ctx.wants_outcome.then(InnerReport::default);
+        #[cfg(feature = "axum")]
+        if let Some(report) = report.as_mut().filter(|_| ctx.wants_route) {
+            report.route = req.extensions().get::<axum::extract::MatchedPath>().cloned();
+        }
+        let principal = if ctx.anonymous { None } else { req.extensions().get::<Principal>() };
+        match self.policy.check(req.uri().path(), principal) {
+            Ok(()) => RequireScopesFuture { kind: Kind::Inner { fut: self.inner.call(req) }, report },
             Err(err) => {
-                if let AuthError::Misconfigured(what) = &err {
-                    tracing::error!("keygate: {what}");
-                } else {
-                    tracing::debug!(reason = %err, "keygate: requirement not met");
+                RequireScopes::log_rejection(&err);
+                if let Some(report) = report.as_mut() {
+                    report.denied = Some(err.outcome());
                 }
-                let realm = match (&self.policy.policy.realm, req.extensions().get::<LayerRealm>()) {
-                    (Some(own), _) => own.as_str(),
-                    (None, Some(LayerRealm(layer))) => layer,
-                    (None, None) => DEFAULT_REALM,
-                };
-                let mut res = err.to_response(realm, is_grpc(&req));
-                res.extensions_mut().insert(err.outcome());
-                RequireScopesFuture { kind: Kind::Rejected { res: Some(res) }, route }
+                let res = err.to_response(self.policy.realm_or(&ctx.realm), is_grpc(&req));
+                RequireScopesFuture { kind: Kind::Rejected { res: Some(res) }, report }
             }
         }
     }
-}
-
-#[cfg(feature = "axum")]
-type Route = Option<axum::extract::MatchedPath>;
-#[cfg(not(feature = "axum"))]
-type Route = Option<()>;
-
-#[cfg(feature = "axum")]
-fn matched_path<B>(req: &Request<B>) -> Route {
-    req.extensions().get::<axum::extract::MatchedPath>().cloned()
-}
-
-#[cfg(not(feature = "axum"))]
-fn matched_path<B>(_: &Request<B>) -> Route {
-    None
 }
 
 pin_project! {
@@ -324,7 +313,7 @@ pin_project! {
     pub struct RequireScopesFuture<F, ResB> {
         #[pin]
         kind: Kind<F, ResB>,
-        route: Route,
+        report: Option<InnerReport>,
     }
 }
 
@@ -348,10 +337,8 @@ where
             KindProj::Inner { fut } => ready!(fut.poll(cx))?,
             KindProj::Rejected { res } => res.take().expect("RequireScopesFuture polled after completion"),
         };
-        // The outer ApiKeyLayer reads the route template from here for usage events:
-        // with `Router::layer` it runs before routing and never sees `MatchedPath`.
-        if let Some(route) = this.route.take() {
-            res.extensions_mut().insert(route);
+        if let Some(report) = this.report.take() {
+            res.extensions_mut().insert(report);
         }
         Poll::Ready(Ok(res))
     }

@@ -14,15 +14,15 @@
 //! and malformed keys get byte-identical responses so that nobody can learn which
 //! keys exist; the precise reason goes to the log and the usage event only.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::body::RejectionBody;
+use crate::context::{DEFAULT_REALM, Outcome};
 use crate::key::FormatError;
-use crate::usage::Outcome;
 use crate::verify::Reason;
 
 /// Why a key was turned away as `invalid_token`. The client never sees this.
@@ -93,14 +93,8 @@ impl AuthError {
 
     /// The gRPC status code for this rejection.
     pub fn grpc_code(&self) -> u8 {
-        match self {
-            Self::MissingCredentials | Self::InvalidKey(_) | Self::Expired => 16,
-            Self::ConflictingCredentials(_) => 3,
-            Self::InsufficientScope { .. } => 7,
-            Self::Unavailable { .. } => 14,
-            Self::RateLimited { .. } => 8,
-            Self::Misconfigured(_) => 13,
-        }
+        let status = self.status().as_u16();
+        GRPC_STATUS.iter().find(|(_, http)| *http == status).map_or(13, |(grpc, _)| *grpc)
     }
 
     /// The usage outcome for this rejection.
@@ -135,6 +129,15 @@ impl AuthError {
             Self::Unavailable { .. } => "the key service is unavailable; retry later".into(),
             Self::RateLimited { .. } => "the API key's rate limit is exhausted; retry later".into(),
             Self::Misconfigured(_) => "authentication is misconfigured on this server".into(),
+        }
+    }
+
+    /// The client-facing shape of a verifier's refusal: expiry is told, every other
+    /// reason is the same `invalid_token`.
+    pub(crate) fn refused(reason: Reason) -> Self {
+        match reason {
+            Reason::Expired => Self::Expired,
+            other => Self::InvalidKey(InvalidKey::Rejected(other)),
         }
     }
 
@@ -233,7 +236,7 @@ impl AuthError {
 impl axum::response::IntoResponse for AuthError {
     /// Renders as HTTP with the realm `api`.
     fn into_response(self) -> axum::response::Response {
-        self.to_http_response(crate::layer::DEFAULT_REALM)
+        self.to_http_response(DEFAULT_REALM)
     }
 }
 
@@ -258,21 +261,33 @@ fn quote(s: &str) -> String {
     out
 }
 
-/// gRPC's percent-encoding for `grpc-message`: everything outside 0x20..=0x7E, and `%`.
-pub(crate) fn grpc_percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
+/// The gRPC codes keygate answers with and the HTTP status each stands for. Read
+/// both ways: rejections are rendered from it, and usage records turn a gRPC answer
+/// back into an HTTP status class.
+const GRPC_STATUS: [(u8, u16); 6] = [(16, 401), (3, 400), (7, 403), (14, 503), (8, 429), (13, 500)];
+
+/// The HTTP status a gRPC answer's `grpc-status` corresponds to (an OK or missing
+/// status keeps the HTTP one).
+pub(crate) fn http_status_of_grpc<B>(res: &Response<B>) -> u16 {
+    match res.headers().get("grpc-status").map(HeaderValue::as_bytes) {
+        None | Some(b"0") => res.status().as_u16(),
+        Some(code) => std::str::from_utf8(code)
+            .ok()
+            .and_then(|c| c.parse::<u8>().ok())
+            .and_then(|c| GRPC_STATUS.iter().find(|(grpc, _)| *grpc == c))
+            .map_or(500, |(_, http)| *http),
     }
-    out
+}
+
+/// gRPC's percent-encoding for `grpc-message`: everything outside 0x20..=0x7E, and `%`.
+const GRPC_MESSAGE: &AsciiSet = &CONTROLS.add(b'%');
+
+fn grpc_percent_encode(s: &str) -> String {
+    utf8_percent_encode(s, GRPC_MESSAGE).to_string()
 }
 
 /// Whether a request is gRPC (its `content-type` starts with `application/grpc`).
-pub fn is_grpc<B>(req: &http::Request<B>) -> bool {
+pub(crate) fn is_grpc<B>(req: &http::Request<B>) -> bool {
     req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 

@@ -14,6 +14,7 @@
 pub mod authorize;
 pub mod body;
 mod clock;
+mod context;
 pub mod error;
 pub mod extract;
 pub mod key;
@@ -29,15 +30,17 @@ pub mod server;
 
 pub use authorize::RequireScopes;
 pub use body::{KeygateBody, RejectionBody};
+pub use context::{DEFAULT_REALM, Outcome};
 pub use error::{AuthError, InvalidKey};
 pub use extract::KeySource;
 pub use key::{ApiKey, FormatError, KeyDigest, KeyFormat};
+pub use layer::DEFAULT_RETRY_AFTER;
 pub use layer::{ApiKeyLayer, ApiKeyService};
 #[cfg(feature = "axum")]
 pub use principal::MissingPrincipal;
 pub use principal::{Principal, RateLimit};
 pub use scope::{Requirement, RequirementError, Scope, ScopeError, ScopeSet};
-pub use usage::{Outcome, UsageEvent, UsageSink};
+pub use usage::{UsageEvent, UsageSink};
 pub use verify::{Reason, StaticVerifier, Verdict, Verifier, VerifyError};
 
 // --- re-exports owned by the cache/remote work (src/verify/cached.rs, http.rs, events.rs)

@@ -284,7 +284,7 @@ mod extractor {
             if let Some(p) = parts.extensions.get::<Principal>() {
                 return Ok(Some(p.clone()));
             }
-            if parts.extensions.get::<crate::layer::Anonymous>().is_some() {
+            if parts.extensions.get::<crate::context::LayerContext>().is_some_and(|c| c.anonymous) {
                 return Ok(None);
             }
             Err(MissingPrincipal)

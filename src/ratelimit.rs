@@ -12,14 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::principal::RateLimit;
+use crate::principal::{Principal, RateLimit};
 
-/// Most keys tracked at once unless configured otherwise.
-pub const DEFAULT_MAX_TRACKED_KEYS: usize = 100_000;
+/// Most keys tracked at once.
+pub(crate) const DEFAULT_MAX_TRACKED_KEYS: usize = 100_000;
 
 /// Tracks per-key request rates.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub(crate) struct RateLimiter {
     epoch: Instant,
     max_keys: usize,
     keys: RwLock<HashMap<Arc<str>, Arc<AtomicU64>>>,
@@ -33,12 +33,21 @@ impl Default for RateLimiter {
 
 impl RateLimiter {
     /// A limiter tracking at most `max_keys` keys (idle keys are forgotten first).
-    pub fn new(max_keys: usize) -> Self {
+    pub(crate) fn new(max_keys: usize) -> Self {
         Self { epoch: Instant::now(), max_keys, keys: RwLock::new(HashMap::new()) }
     }
 
+    /// Counts one request for the principal's key, if it carries a limit; `Err(wait)`
+    /// when over it.
+    pub(crate) fn admit(&self, principal: &Principal) -> Result<(), Duration> {
+        match principal.ratelimit() {
+            Some(limit) => self.check(principal.key_id_arc(), limit),
+            None => Ok(()),
+        }
+    }
+
     /// Counts one request for `key_id`; `Err(wait)` when over the limit.
-    pub fn check(&self, key_id: &Arc<str>, limit: RateLimit) -> Result<(), Duration> {
+    pub(crate) fn check(&self, key_id: &Arc<str>, limit: RateLimit) -> Result<(), Duration> {
         if limit.limit == 0 {
             return Err(Duration::from_secs(limit.period_s.max(1)));
         }

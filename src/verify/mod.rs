@@ -39,6 +39,20 @@ impl Verdict {
     pub fn invalid_key(reason: Reason, key_id: impl Into<Arc<str>>) -> Self {
         Self::Invalid { reason, key_id: Some(key_id.into()) }
     }
+
+    /// The principal this verdict lets in now, or why not.
+    ///
+    /// A valid verdict for a key past its `expires_at` is `Expired`: whatever cached
+    /// the verdict, it never outlives the key. Only keys that expire read the clock.
+    pub(crate) fn admit(self) -> Result<Principal, Reason> {
+        match self {
+            Self::Valid(p) if p.expires_at().is_some_and(|at| at <= time::OffsetDateTime::now_utc()) => {
+                Err(Reason::Expired)
+            }
+            Self::Valid(p) => Ok(p),
+            Self::Invalid { reason, .. } => Err(reason),
+        }
+    }
 }
 
 /// Why a key is not valid. Clients see one 401 for all of these except `Expired`;

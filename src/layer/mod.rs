@@ -1,0 +1,293 @@
+//! [`ApiKeyLayer`]: authenticate every request with an API key.
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//! use keygate::{ApiKey, ApiKeyLayer, Principal, RequireScopes, ScopeSet, StaticVerifier};
+//!
+//! # async fn run() {
+//! let key = ApiKey::generate("kg").unwrap();
+//! let verifier = StaticVerifier::new().with_key(
+//!     &key,
+//!     Principal::builder("key_1").owner("acme").scopes(ScopeSet::parse(["reports:read"]).unwrap()).build(),
+//! );
+//!
+//! let app = Router::new()
+//!     .route("/reports", get(|p: Principal| async move { format!("hello {}", p.owner()) }))
+//!     .route_layer(RequireScopes::all(["reports:read"]))
+//!     .layer(ApiKeyLayer::new(verifier));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! axum::serve(listener, app).await.unwrap();
+//! # }
+//! ```
+//!
+//! # What happens to a request
+//! 1. The key is looked for in every configured [`KeySource`] (default: Bearer, then
+//!    `x-api-key`). None: 401, unless the layer is [`optional`](ApiKeyLayer::optional).
+//!    Two credentials anywhere: 400. Empty, over [`max_key_len`](ApiKeyLayer::max_key_len)
+//!    or non-visible-ASCII: 401. No verifier call in any of these cases.
+//! 2. The key is checked against the [`KeyFormat`] (prefix, length, checksum): a key
+//!    that fails is a 401 with no verifier call.
+//! 3. The credential is removed from the request (header, query parameter or cookie)
+//!    unless [`keep_credentials`](ApiKeyLayer::keep_credentials) is set.
+//! 4. The [`Verifier`] decides: valid keys put a [`Principal`] into the request's
+//!    extensions; invalid keys are 401; a verifier error is 503 with `Retry-After`.
+//! 5. When the response head is ready, a [`UsageEvent`] goes to the usage sink.
+//!
+//! # HEAD, OPTIONS and CORS
+//! Every method is authenticated, HEAD and OPTIONS included: keygate never guesses that
+//! a request is harmless. A CORS preflight carries no credentials, so put tower-http's
+//! `CorsLayer` *outside* keygate (added after it with `Router::layer`, so it runs first)
+//! to answer preflights before authentication.
+//!
+//! # gRPC
+//! Requests whose `content-type` starts with `application/grpc` are answered in gRPC
+//! terms: HTTP 200, trailers-only, `grpc-status` 16/3/7/14/8 and a percent-encoded
+//! `grpc-message`. The same layer works in `tonic::transport::Server::builder().layer(..)`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+use tower_layer::Layer;
+
+use crate::authorize::RequireScopes;
+use crate::context::DEFAULT_REALM;
+use crate::extract::{DEFAULT_MAX_KEY_LEN, KeySource};
+use crate::key::KeyFormat;
+use crate::ratelimit::{DEFAULT_MAX_TRACKED_KEYS, RateLimiter};
+use crate::usage::UsageSink;
+use crate::verify::Verifier;
+
+mod record;
+mod service;
+
+pub use service::{ApiKeyService, ResponseFuture};
+
+/// `Retry-After` for 503 answers unless [`ApiKeyLayer::retry_after`] says otherwise.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// Where a usage event's client IP comes from.
+#[derive(Debug, Clone, Default)]
+enum ClientIp {
+    #[default]
+    None,
+    Peer,
+    Header(HeaderName),
+}
+
+#[derive(Clone)]
+struct Config {
+    sources: Vec<KeySource>,
+    format: KeyFormat,
+    max_key_len: usize,
+    optional: bool,
+    keep_credentials: bool,
+    realm: Arc<str>,
+    retry_after: Duration,
+    usage: Option<Arc<dyn UsageSink>>,
+    client_ip: ClientIp,
+    // Shared by every route the layer is applied to: a key's limit is per process,
+    // not per route.
+    rate_limiter: Option<Arc<RateLimiter>>,
+    policy: Option<RequireScopes>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("sources", &self.sources)
+            .field("format", &self.format)
+            .field("max_key_len", &self.max_key_len)
+            .field("optional", &self.optional)
+            .field("keep_credentials", &self.keep_credentials)
+            .field("realm", &self.realm)
+            .field("retry_after", &self.retry_after)
+            .field("usage", &self.usage.is_some())
+            .field("client_ip", &self.client_ip)
+            .field("rate_limits", &self.rate_limiter.is_some())
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+struct Shared<V> {
+    verifier: Arc<V>,
+    config: Config,
+}
+
+/// Authenticates every request with an API key; see the [module docs](self).
+///
+/// Defaults: sources Bearer then `x-api-key`; keygate key format with any prefix;
+/// keys up to 256 bytes; a key is required; credentials are stripped; realm `api`;
+/// `Retry-After: 5` on 503; per-key rate limits enforced; no usage sink.
+#[must_use]
+pub struct ApiKeyLayer<V> {
+    // Built once: axum may call `layer` for every request on routes whose handlers
+    // are turned into services late, so `layer` must be an Arc clone and nothing more.
+    shared: Arc<Shared<V>>,
+}
+
+impl<V> Clone for ApiKeyLayer<V> {
+    fn clone(&self) -> Self {
+        Self { shared: self.shared.clone() }
+    }
+}
+
+impl<V: Verifier> ApiKeyLayer<V> {
+    /// A layer that asks `verifier` about every well-formed key.
+    pub fn new(verifier: V) -> Self {
+        Self::from_arc(Arc::new(verifier))
+    }
+
+    /// Like [`new`](ApiKeyLayer::new), sharing a verifier the caller keeps too (to
+    /// invalidate its cache, read its counters, or revoke static keys).
+    pub fn from_arc(verifier: Arc<V>) -> Self {
+        let config = Config {
+            sources: KeySource::defaults(),
+            format: KeyFormat::default(),
+            max_key_len: DEFAULT_MAX_KEY_LEN,
+            optional: false,
+            keep_credentials: false,
+            realm: Arc::from(DEFAULT_REALM),
+            retry_after: DEFAULT_RETRY_AFTER,
+            usage: None,
+            client_ip: ClientIp::None,
+            rate_limiter: Some(Arc::new(RateLimiter::new(DEFAULT_MAX_TRACKED_KEYS))),
+            policy: None,
+        };
+        Self { shared: Arc::new(Shared { verifier, config }) }
+    }
+
+    /// The configuration, copied first if a clone of this layer shares it.
+    fn config_mut(&mut self) -> &mut Config {
+        if Arc::get_mut(&mut self.shared).is_none() {
+            let copy = Shared { verifier: self.shared.verifier.clone(), config: self.shared.config.clone() };
+            self.shared = Arc::new(copy);
+        }
+        &mut Arc::get_mut(&mut self.shared).expect("just made unique").config
+    }
+
+    /// Where to look for the key, in order. Panics on an empty list (a configuration
+    /// error: nothing could ever authenticate).
+    pub fn sources(mut self, sources: impl IntoIterator<Item = KeySource>) -> Self {
+        let config = self.config_mut();
+        config.sources = sources.into_iter().collect();
+        assert!(!config.sources.is_empty(), "ApiKeyLayer::sources: at least one source is needed");
+        self
+    }
+
+    /// The local format check (default: keygate keys with any prefix).
+    pub fn format(mut self, format: KeyFormat) -> Self {
+        self.config_mut().format = format;
+        self
+    }
+
+    /// Longest key accepted, in bytes (default 256). Longer keys are 401 before hashing.
+    pub fn max_key_len(mut self, bytes: usize) -> Self {
+        self.config_mut().max_key_len = bytes;
+        self
+    }
+
+    /// Let requests without any key through with no principal (handlers take
+    /// `Option<Principal>`). A key that is present but bad is still rejected.
+    pub fn optional(mut self) -> Self {
+        self.config_mut().optional = true;
+        self
+    }
+
+    /// Keep the credential in the request for the inner service (default `false`:
+    /// handlers and their logs never see a key).
+    pub fn keep_credentials(mut self, keep: bool) -> Self {
+        self.config_mut().keep_credentials = keep;
+        self
+    }
+
+    /// The realm in `WWW-Authenticate` (default `api`).
+    pub fn realm(mut self, realm: impl Into<String>) -> Self {
+        self.config_mut().realm = Arc::from(realm.into());
+        self
+    }
+
+    /// `Retry-After` on 503 answers (default 5 s).
+    pub fn retry_after(mut self, after: Duration) -> Self {
+        self.config_mut().retry_after = after;
+        self
+    }
+
+    /// Enforce the rate limit a key's principal carries (default `true`): 429 with
+    /// `Retry-After` once a key exceeds it.
+    ///
+    /// Limits are counted per process with GCRA (a key may send `limit` requests in a
+    /// burst, then one every `period / limit`): with N replicas of a service a key can
+    /// make up to N × `limit` requests per period. Up to 100 000 keys are tracked at
+    /// once; past that, idle keys are forgotten first, and a new key that still finds
+    /// no room is not limited (and a warning is logged).
+    pub fn rate_limits(mut self, enforce: bool) -> Self {
+        self.config_mut().rate_limiter = enforce.then(|| Arc::new(RateLimiter::new(DEFAULT_MAX_TRACKED_KEYS)));
+        self
+    }
+
+    /// Also enforce `policy` in this layer, as a [`RequireScopes`] right behind it would:
+    /// one layer per route instead of two.
+    ///
+    /// This is the cheapest way to protect a route: axum adds a boxed future and a
+    /// service clone for every layer a request passes. Keep one layer for the router
+    /// and [`RequireScopes`] per route when the routes share a layer; use this when
+    /// each route gets its own:
+    ///
+    /// ```
+    /// use axum::{Router, routing::get};
+    /// use keygate::{ApiKeyLayer, RequireScopes, StaticVerifier};
+    ///
+    /// let auth = ApiKeyLayer::new(StaticVerifier::new());
+    /// let app: Router = Router::new()
+    ///     .route("/reports", get(|| async { "reports" }).layer(auth.clone().require(RequireScopes::all(["reports:read"]))))
+    ///     .route("/admin", get(|| async { "admin" }).layer(auth.require(RequireScopes::all(["admin"]))));
+    /// ```
+    pub fn require(mut self, policy: RequireScopes) -> Self {
+        self.config_mut().policy = Some(policy);
+        self
+    }
+
+    /// Send a [`UsageEvent`] for every decided request to `sink`.
+    pub fn usage(mut self, sink: impl UsageSink) -> Self {
+        self.config_mut().usage = Some(Arc::new(sink));
+        self
+    }
+
+    /// Take usage events' client IP from the peer address (axum's `ConnectInfo`).
+    pub fn client_ip_from_peer(mut self) -> Self {
+        self.config_mut().client_ip = ClientIp::Peer;
+        self
+    }
+
+    /// Take usage events' client IP from a header set by a proxy you trust (the last
+    /// address in it, the one that proxy added). Panics on an invalid header name.
+    pub fn client_ip_from_header(mut self, name: &str) -> Self {
+        let name = HeaderName::from_bytes(name.as_bytes()).expect("client_ip_from_header: invalid header name");
+        self.config_mut().client_ip = ClientIp::Header(name);
+        self
+    }
+
+    /// The verifier this layer asks.
+    pub fn verifier(&self) -> &Arc<V> {
+        &self.shared.verifier
+    }
+}
+
+impl<V> std::fmt::Debug for ApiKeyLayer<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyLayer")
+            .field("verifier", &std::any::type_name::<V>())
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+impl<S, V: Verifier> Layer<S> for ApiKeyLayer<V> {
+    type Service = ApiKeyService<S, V>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ApiKeyService::new(inner, self.shared.clone())
+    }
+}

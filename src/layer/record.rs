@@ -1,0 +1,166 @@
+//! The usage record a request accumulates on its way through the layer.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderName, Method, Request};
+use time::OffsetDateTime;
+
+use super::ClientIp;
+use crate::context::Outcome;
+use crate::principal::Principal;
+use crate::usage::{UsageEvent, UsageSink};
+
+/// Longest raw path kept as a usage event's route when no route template is known.
+const MAX_RAW_ROUTE_LEN: usize = 128;
+/// Longest `x-request-id` kept.
+const MAX_REQUEST_ID_LEN: usize = 128;
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What a usage event needs from the request, captured only when a sink is set.
+pub(super) struct Record {
+    start: Instant,
+    method: Method,
+    route: RouteSource,
+    client_ip: Option<IpAddr>,
+    request_id: Option<Arc<str>>,
+    /// The verified key, also when it was then refused (expired, rate limited).
+    principal: Option<Principal>,
+    /// The id of an existing key that was refused (revoked, disabled, expired).
+    denied_key_id: Option<Arc<str>>,
+}
+
+impl Record {
+    pub(super) fn start<B>(req: &Request<B>, client_ip: &ClientIp) -> Self {
+        Self {
+            start: Instant::now(),
+            method: req.method().clone(),
+            route: RouteSource::of(req),
+            client_ip: match client_ip {
+                ClientIp::None => None,
+                ClientIp::Peer => peer_ip(req),
+                ClientIp::Header(name) => req
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.rsplit(',').next())
+                    .and_then(|v| v.trim().parse().ok()),
+            },
+            request_id: req
+                .headers()
+                .get(X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| Arc::from(&v[..v.len().min(MAX_REQUEST_ID_LEN)])),
+            principal: None,
+            denied_key_id: None,
+        }
+    }
+
+    /// Whether the route is still to be learnt from an inner policy.
+    pub(super) fn wants_route(&self) -> bool {
+        !self.route.is_template()
+    }
+
+    pub(super) fn verified(&mut self, principal: &Principal) {
+        self.principal = Some(principal.clone());
+    }
+
+    pub(super) fn refused(&mut self, key_id: &Arc<str>) {
+        self.denied_key_id = Some(key_id.clone());
+    }
+
+    /// Hands the event to `sink`. `route`: the template an inner policy reported.
+    pub(super) fn finish(self, sink: &dyn UsageSink, status: u16, outcome: Outcome, route: Option<&str>) {
+        let latency = self.start.elapsed();
+        let route = match route {
+            Some(template) => Arc::from(template),
+            None => self.route.resolve(),
+        };
+        sink.record(UsageEvent {
+            at: OffsetDateTime::now_utc() - latency,
+            key_id: self.principal.as_ref().map(|p| p.key_id_arc().clone()).or(self.denied_key_id),
+            owner: self.principal.as_ref().map(|p| p.owner_arc().clone()),
+            outcome,
+            method: method_name(&self.method),
+            route,
+            status,
+            latency,
+            client_ip: self.client_ip,
+            request_id: self.request_id,
+        });
+    }
+}
+
+/// Standard methods as static strings; only extension methods allocate.
+fn method_name(m: &Method) -> Cow<'static, str> {
+    let name = match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => return Cow::Owned(m.as_str().to_owned()),
+    };
+    Cow::Borrowed(name)
+}
+
+#[cfg(feature = "axum")]
+fn peer_ip<B>(req: &Request<B>) -> Option<IpAddr> {
+    req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
+}
+
+#[cfg(not(feature = "axum"))]
+fn peer_ip<B>(_: &Request<B>) -> Option<IpAddr> {
+    None
+}
+
+/// Where a usage event's route comes from, kept cheaply until the event is built.
+enum RouteSource {
+    /// The template axum matched (when keygate runs inside routing).
+    #[cfg(feature = "axum")]
+    Matched(axum::extract::MatchedPath),
+    /// The request's path: the gRPC method, or the raw path.
+    Path(Option<http::uri::PathAndQuery>),
+}
+
+impl RouteSource {
+    fn of<B>(req: &Request<B>) -> Self {
+        #[cfg(feature = "axum")]
+        if let Some(m) = req.extensions().get::<axum::extract::MatchedPath>() {
+            return Self::Matched(m.clone());
+        }
+        // A clone of a parsed path shares its bytes: no copy here.
+        Self::Path(req.uri().path_and_query().cloned())
+    }
+
+    fn is_template(&self) -> bool {
+        match self {
+            #[cfg(feature = "axum")]
+            Self::Matched(_) => true,
+            Self::Path(_) => false,
+        }
+    }
+
+    /// The template, the gRPC method, or the raw path cut short (it may carry ids; it
+    /// is never the query).
+    fn resolve(self) -> Arc<str> {
+        match self {
+            #[cfg(feature = "axum")]
+            Self::Matched(m) => Arc::from(m.as_str()),
+            Self::Path(pq) => {
+                let path = pq.as_ref().map_or("/", |pq| pq.path());
+                let mut end = path.len().min(MAX_RAW_ROUTE_LEN);
+                while !path.is_char_boundary(end) {
+                    end -= 1;
+                }
+                Arc::from(&path[..end])
+            }
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! [`ApiKeyService`] and its future: the request path, in the order a request takes it.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::record::Record;
+use super::{Config, Shared};
+use crate::body::RejectionBody;
+use crate::context::{InnerReport, LayerContext, Outcome};
+use crate::error::{AuthError, InvalidKey, http_status_of_grpc, is_grpc};
+use crate::extract::{find_key, strip_credential};
+use crate::key::ApiKey;
+use crate::principal::Principal;
+use crate::verify::{Verdict, Verifier, VerifyError};
+
+/// The service [`ApiKeyLayer`](super::ApiKeyLayer) builds.
+#[must_use]
+pub struct ApiKeyService<S, V> {
+    inner: S,
+    // One Arc: axum clones route services for every request.
+    shared: Arc<Shared<V>>,
+}
+
+impl<S, V> ApiKeyService<S, V> {
+    pub(super) fn new(inner: S, shared: Arc<Shared<V>>) -> Self {
+        Self { inner, shared }
+    }
+}
+
+impl<S: Clone, V> Clone for ApiKeyService<S, V> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone(), shared: self.shared.clone() }
+    }
+}
+
+impl<S: std::fmt::Debug, V> std::fmt::Debug for ApiKeyService<S, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyService")
+            .field("inner", &self.inner)
+            .field("verifier", &std::any::type_name::<V>())
+            .field("config", &self.shared.config)
+            .finish()
+    }
+}
+
+/// The verifier's answer, with the ready service and the request it will take.
+type BoxVerify<S, B> = Pin<Box<dyn Future<Output = (Result<Verdict, VerifyError>, S, Request<B>)> + Send>>;
+
+impl<S, V, ReqB, ResB> Service<Request<ReqB>> for ApiKeyService<S, V>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    V: Verifier,
+    ReqB: Send + 'static,
+    ResB: RejectionBody,
+{
+    type Response = Response<ResB>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        let config = &self.shared.config;
+        let grpc = is_grpc(&req);
+        let mut record = config.usage.as_ref().map(|_| Record::start(&req, &config.client_ip));
+        // A disabled span still costs a callsite check per use; skip it entirely when
+        // nobody listens at debug level.
+        let span = if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug_span!("keygate", key_id = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
+        let state = match config.take_key(&mut req) {
+            Err(err) => State::rejected(err, false),
+            Ok(None) => match config.let_in(&mut req, None, record.as_ref()) {
+                Ok(()) => State::Inner { fut: call_inner(&mut self.inner, req, &span), outcome: Outcome::Anonymous },
+                Err(rejection) => rejection,
+            },
+            // A verdict the verifier already holds (a cache hit) needs no future, and the
+            // inner service that was just driven to readiness takes the request at once.
+            Ok(Some(key)) => match self.shared.verifier.verify_now(&key) {
+                Some(result) => match config.admit(result, &mut req, &span, &mut record) {
+                    Ok(outcome) => State::Inner { fut: call_inner(&mut self.inner, req, &span), outcome },
+                    Err(rejection) => rejection,
+                },
+                None => {
+                    // The request, the ready service and the verifier call travel in one
+                    // box, so the common future stays small.
+                    let shared = self.shared.clone();
+                    let inner = take_ready(&mut self.inner);
+                    State::Verify {
+                        fut: Box::pin(async move {
+                            let result = shared.verifier.verify(&key).await;
+                            (result, inner, req)
+                        }),
+                    }
+                }
+            },
+        };
+        ResponseFuture { state, shared: self.shared.clone(), grpc, record, span }
+    }
+}
+
+impl Config {
+    /// Extract and check format: the key, `None` when the request has none, or the
+    /// rejection. No verifier is asked about a key that fails here.
+    fn take_key<B>(&self, req: &mut Request<B>) -> Result<Option<ApiKey>, AuthError> {
+        let Some(found) = find_key(req, &self.sources, self.max_key_len)? else {
+            return if self.optional { Ok(None) } else { Err(AuthError::MissingCredentials) };
+        };
+        self.format.check(&found.key).map_err(|e| AuthError::InvalidKey(InvalidKey::Format(e)))?;
+        if !self.keep_credentials {
+            strip_credential(req, &self.sources[found.source]);
+        }
+        Ok(Some(found.key))
+    }
+
+    /// Verify's answer, then the key's own limits, then the route's policy. The usage
+    /// record and the span learn the key id whatever the answer.
+    fn admit<S, B>(
+        &self,
+        result: Result<Verdict, VerifyError>,
+        req: &mut Request<B>,
+        span: &tracing::Span,
+        record: &mut Option<Record>,
+    ) -> Result<Outcome, State<S, B>>
+    where
+        S: Service<Request<B>>,
+    {
+        match &result {
+            Ok(Verdict::Valid(p)) => {
+                span.record("key_id", p.key_id());
+                if let Some(r) = record.as_mut() {
+                    r.verified(p);
+                }
+            }
+            Ok(Verdict::Invalid { key_id: Some(id), .. }) => {
+                span.record("key_id", &**id);
+                if let Some(r) = record.as_mut() {
+                    r.refused(id);
+                }
+            }
+            _ => {}
+        }
+        let principal = match result {
+            Ok(verdict) => verdict.admit().map_err(|reason| State::rejected(AuthError::refused(reason), false))?,
+            Err(e) => {
+                tracing::warn!(error = %e, "keygate: key service unavailable, failing closed");
+                return Err(State::rejected(AuthError::Unavailable { retry_after: self.retry_after }, false));
+            }
+        };
+        if let Some(limiter) = &self.rate_limiter {
+            limiter
+                .admit(&principal)
+                .map_err(|retry_after| State::rejected(AuthError::RateLimited { retry_after }, false))?;
+        }
+        let outcome = if principal.is_fail_open() { Outcome::FailOpen } else { Outcome::Allowed };
+        self.let_in(req, Some(principal), record.as_ref())?;
+        Ok(outcome)
+    }
+
+    /// The layer's own policy, then the request carries the principal and the context
+    /// inner keygate layers read.
+    fn let_in<S, B>(
+        &self,
+        req: &mut Request<B>,
+        principal: Option<Principal>,
+        record: Option<&Record>,
+    ) -> Result<(), State<S, B>>
+    where
+        S: Service<Request<B>>,
+    {
+        if let Some(policy) = &self.policy {
+            policy.check(req.uri().path(), principal.as_ref()).map_err(|err| State::rejected(err, true))?;
+        }
+        let anonymous = principal.is_none();
+        if let Some(principal) = principal {
+            req.extensions_mut().insert(principal);
+        }
+        req.extensions_mut().insert(LayerContext {
+            realm: self.realm.clone(),
+            anonymous,
+            wants_outcome: record.is_some(),
+            wants_route: record.is_some_and(Record::wants_route),
+        });
+        Ok(())
+    }
+}
+
+/// Calls the inner service inside the span, when there is one.
+fn call_inner<S: Service<R>, R>(inner: &mut S, req: R, span: &tracing::Span) -> S::Future {
+    if span.is_none() { inner.call(req) } else { span.in_scope(|| inner.call(req)) }
+}
+
+/// The service that was driven to readiness goes with the request; a clone stays.
+fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
+pin_project! {
+    /// The future of [`ApiKeyService`].
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S, B>,
+        shared: Arc<dyn SharedConfig>,
+        grpc: bool,
+        record: Option<Record>,
+        span: tracing::Span,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        Verify { fut: BoxVerify<S, B> },
+        Inner { #[pin] fut: S::Future, outcome: Outcome },
+        // `by_policy`: the layer's own policy refused, and its realm answers.
+        Rejected { err: Option<AuthError>, by_policy: bool },
+    }
+}
+
+impl<S: Service<Request<B>>, B> State<S, B> {
+    fn rejected(err: AuthError, by_policy: bool) -> Self {
+        Self::Rejected { err: Some(err), by_policy }
+    }
+}
+
+/// The parts of the layer's configuration its futures need, without the verifier type.
+trait SharedConfig: Send + Sync {
+    fn config(&self) -> &Config;
+}
+
+impl<V: Verifier> SharedConfig for Shared<V> {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
+impl<S, B, ResB> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<ResB>>,
+    ResB: RejectionBody,
+{
+    type Output = Result<Response<ResB>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let _entered = (!this.span.is_none()).then(|| this.span.enter());
+        loop {
+            let config = this.shared.config();
+            match this.state.as_mut().project() {
+                StateProj::Verify { fut } => {
+                    let (result, mut inner, mut req) = ready!(fut.as_mut().poll(cx));
+                    let next = match config.admit(result, &mut req, this.span, this.record) {
+                        Ok(outcome) => State::Inner { fut: inner.call(req), outcome },
+                        Err(rejection) => rejection,
+                    };
+                    this.state.set(next);
+                }
+                StateProj::Inner { fut, outcome } => {
+                    let outcome = *outcome;
+                    let res = ready!(fut.poll(cx))?;
+                    if let (Some(record), Some(sink)) = (this.record.take(), config.usage.as_ref()) {
+                        let report = res.extensions().get::<InnerReport>();
+                        let outcome = report.and_then(|r| r.denied).unwrap_or(outcome);
+                        let status = if *this.grpc { http_status_of_grpc(&res) } else { res.status().as_u16() };
+                        record.finish(&**sink, status, outcome, reported_route(report));
+                    }
+                    return Poll::Ready(Ok(res));
+                }
+                StateProj::Rejected { err, by_policy } => {
+                    let err = err.take().expect("keygate ResponseFuture polled after completion");
+                    log_rejection(&err);
+                    if let (Some(record), Some(sink)) = (this.record.take(), config.usage.as_ref()) {
+                        record.finish(&**sink, err.status().as_u16(), err.outcome(), None);
+                    }
+                    let realm = match &config.policy {
+                        Some(policy) if *by_policy => policy.realm_or(&config.realm),
+                        _ => &config.realm,
+                    };
+                    return Poll::Ready(Ok(err.to_response(realm, *this.grpc)));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+fn reported_route(report: Option<&InnerReport>) -> Option<&str> {
+    report.and_then(|r| r.route.as_ref()).map(|m| m.as_str())
+}
+
+#[cfg(not(feature = "axum"))]
+fn reported_route(_: Option<&InnerReport>) -> Option<&str> {
+    None
+}
+
+fn log_rejection(err: &AuthError) {
+    // The precise reason goes to the log at debug level; the client sees the generic one.
+    match err {
+        AuthError::InvalidKey(InvalidKey::Malformed(why)) => tracing::debug!(reason = why, "keygate: malformed key"),
+        AuthError::InvalidKey(InvalidKey::Format(e)) => {
+            tracing::debug!(reason = %e, "keygate: key failed format check")
+        }
+        AuthError::InvalidKey(InvalidKey::Rejected(r)) => tracing::debug!(reason = r.code(), "keygate: key rejected"),
+        other => tracing::debug!(reason = %other, outcome = other.outcome().as_str(), "keygate: request rejected"),
+    }
+}
