@@ -74,18 +74,18 @@ impl KeySource {
 
 /// A key found in a request, and where.
 #[derive(Debug)]
-pub struct Found {
+pub(crate) struct Found {
     /// The key.
-    pub key: ApiKey,
+    pub(crate) key: ApiKey,
     /// Index into the configured sources.
-    pub source: usize,
+    pub(crate) source: usize,
 }
 
 /// Looks for the key in every source. `Ok(None)`: no credential at all.
 ///
 /// Every source is examined even after a key is found, so that a second credential
 /// anywhere is a conflict rather than silently ignored.
-pub fn find_key<B>(req: &Request<B>, sources: &[KeySource], max_len: usize) -> Result<Option<Found>, AuthError> {
+pub(crate) fn find_key<B>(req: &Request<B>, sources: &[KeySource], max_len: usize) -> Result<Option<Found>, AuthError> {
     let mut found: Option<(Cow<'_, [u8]>, usize)> = None;
     for (i, source) in sources.iter().enumerate() {
         let candidate = match source {
@@ -105,7 +105,7 @@ pub fn find_key<B>(req: &Request<B>, sources: &[KeySource], max_len: usize) -> R
         None => Ok(None),
         Some((raw, source)) => {
             check_bytes(&raw, max_len)?;
-            let key = ApiKey::from_ascii(&raw);
+            let key = ApiKey::new(String::from_utf8_lossy(&raw).into_owned());
             // A decoded copy (query parameters) is wiped like the key itself.
             if let Cow::Owned(mut copy) = raw {
                 copy.zeroize();
@@ -268,7 +268,7 @@ fn from_cookie<'a, B>(req: &'a Request<B>, name: &str, max_len: usize) -> Result
 
 /// Removes the credential that `source` named from the request, so that the inner
 /// service, its handlers and its logging layers never see the key.
-pub fn strip_credential<B>(req: &mut Request<B>, source: &KeySource) {
+pub(crate) fn strip_credential<B>(req: &mut Request<B>, source: &KeySource) {
     match source {
         KeySource::Bearer => {
             req.headers_mut().remove(AUTHORIZATION);
@@ -393,5 +393,37 @@ mod tests {
         let mut r = req(&[], "/p?key=sekrit");
         strip_credential(&mut r, &KeySource::query("key"));
         assert_eq!(r.uri().to_string(), "/p");
+    }
+
+    // Extraction is reached by any client: whatever bytes it sends, no panic, and
+    // what is accepted is a visible-ASCII key within the limit.
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        proptest! {
+            #[test]
+            fn extraction_never_panics(
+                auth in prop::collection::vec(any::<u8>(), 0..300),
+                apikey in prop::collection::vec(any::<u8>(), 0..300),
+                cookie in prop::collection::vec(any::<u8>(), 0..100),
+                query in "[a-z0-9=&%\\[\\]+_.-]{0,80}",
+            ) {
+                let mut b = Request::builder().uri(format!("/p?{query}"));
+                for (name, value) in [("authorization", &auth), ("x-api-key", &apikey), ("cookie", &cookie)] {
+                    if let Ok(v) = HeaderValue::from_bytes(value) {
+                        b = b.header(name, v);
+                    }
+                }
+                let Ok(req) = b.body(()) else { return Ok(()) };
+                let sources = [KeySource::bearer(), KeySource::header("x-api-key"), KeySource::query("key"), KeySource::cookie("k")];
+                if let Ok(Some(found)) = find_key(&req, &sources, 256) {
+                    // Whatever is accepted is visible ASCII within the limit.
+                    let k = found.key.expose_secret();
+                    prop_assert!(!k.is_empty() && k.len() <= 256 && k.bytes().all(|b| (0x21..=0x7e).contains(&b)));
+                }
+            }
+        }
     }
 }

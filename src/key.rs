@@ -40,47 +40,18 @@ pub const MAX_PREFIX_LEN: usize = 16;
 /// secret takes an explicit [`expose_secret`](ApiKey::expose_secret).
 #[derive(Clone)]
 pub struct ApiKey {
-    secret: Secret,
-}
-
-/// Keys as long as keygate's own fit inline: a key taken from a request costs no
-/// allocation, and its copy is still wiped on drop.
-const INLINE_LEN: usize = 64;
-
-#[derive(Clone)]
-enum Secret {
-    /// Visible ASCII only (the extractor checked it), `len` bytes of `bytes`.
-    Inline {
-        len: u8,
-        bytes: [u8; INLINE_LEN],
-    },
-    Heap(String),
+    secret: String,
 }
 
 impl ApiKey {
     /// Wraps a raw key. No check is made here: see [`KeyFormat::check`].
     pub fn new(secret: impl Into<String>) -> Self {
-        Self { secret: Secret::Heap(secret.into()) }
-    }
-
-    /// A key the extractor found, already checked to be visible ASCII.
-    pub(crate) fn from_ascii(raw: &[u8]) -> Self {
-        debug_assert!(raw.is_ascii());
-        if raw.len() <= INLINE_LEN {
-            let mut bytes = [0u8; INLINE_LEN];
-            bytes[..raw.len()].copy_from_slice(raw);
-            Self { secret: Secret::Inline { len: raw.len() as u8, bytes } }
-        } else {
-            Self { secret: Secret::Heap(String::from_utf8_lossy(raw).into_owned()) }
-        }
+        Self { secret: secret.into() }
     }
 
     /// The secret's bytes, for hashing and the format check.
     pub(crate) fn as_bytes(&self) -> &[u8] {
-        match &self.secret {
-            Secret::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            Secret::Heap(s) => s.as_bytes(),
-        }
+        self.secret.as_bytes()
     }
 
     /// Generates a new key `{prefix}_{30 random base62}{6 base62 checksum}` from the
@@ -115,11 +86,7 @@ impl ApiKey {
 
     /// The raw secret. Callers own what happens to it next.
     pub fn expose_secret(&self) -> &str {
-        match &self.secret {
-            // Inline keys are ASCII by construction.
-            Secret::Inline { .. } => std::str::from_utf8(self.as_bytes()).expect("inline keys are ASCII"),
-            Secret::Heap(s) => s,
-        }
+        &self.secret
     }
 
     /// Length of the key in bytes.
@@ -163,10 +130,7 @@ impl Eq for ApiKey {}
 
 impl Drop for ApiKey {
     fn drop(&mut self) {
-        match &mut self.secret {
-            Secret::Inline { len, bytes } => bytes[..usize::from(*len)].zeroize(),
-            Secret::Heap(s) => s.zeroize(),
-        }
+        self.secret.zeroize();
     }
 }
 
@@ -488,21 +452,6 @@ mod tests {
         assert!(!format!("{key:?}").contains(body));
         assert!(!format!("{key}").contains(body));
         assert_eq!(format!("{:?}", ApiKey::new("secret-no-prefix")), "ApiKey(\"…\")");
-    }
-
-    #[test]
-    fn keys_from_requests_keep_their_bytes_inline_or_not() {
-        let short = ApiKey::generate("kg").unwrap();
-        let inline = ApiKey::from_ascii(short.expose_secret().as_bytes());
-        assert_eq!(inline.expose_secret(), short.expose_secret());
-        assert_eq!(inline, short);
-        assert_eq!(inline.digest(), short.digest());
-        assert!(KeyFormat::keygate().check(&inline).is_ok());
-        let long = "k".repeat(INLINE_LEN + 1);
-        let heap = ApiKey::from_ascii(long.as_bytes());
-        assert_eq!((heap.expose_secret(), heap.len()), (long.as_str(), INLINE_LEN + 1));
-        assert_ne!(heap, inline);
-        assert_eq!(format!("{inline:?}"), "ApiKey(\"kg_…\")");
     }
 
     #[test]
