@@ -6,8 +6,44 @@
 //! verified [`Principal`] into the request. [`RequireScopes`] states per route what a
 //! key must hold. Every decided request can emit a [`UsageEvent`].
 //!
-//! The path of a request follows the modules: [`extract`] → [`key`] (format check) →
-//! [`verify`] → [`authorize`] → inner service → [`usage`].
+//! ```
+//! use axum::{Router, routing::get};
+//! use keygate::{ApiKey, ApiKeyLayer, Principal, RequireScopes, ScopeSet, StaticVerifier};
+//!
+//! let key = ApiKey::generate("kg").unwrap();
+//! let verifier = StaticVerifier::new().with_key(
+//!     &key,
+//!     Principal::builder("key_1").owner("acme").scopes(ScopeSet::parse(["reports:read"]).unwrap()).build(),
+//! );
+//! let app: Router = Router::new()
+//!     .route("/reports", get(|p: Principal| async move { format!("reports for {}", p.owner()) }))
+//!     .route_layer(RequireScopes::all(["reports:read"]))
+//!     .layer(ApiKeyLayer::new(verifier));
+//! ```
+//!
+//! In production the verifier is a `CachedVerifier<HttpVerifier>` against the key
+//! service (the `cache` and `remote` features, on by default), kept current by a
+//! `RevocationListener`; the reference key service itself is [`server`] (feature
+//! `server`). Its wire protocol is documented in [`wire`].
+//!
+//! # Reading the source
+//! The modules follow the path of a request, and a module only uses the ones above
+//! it in this list:
+//!
+//! 1. `context`: what keygate's layers tell each other about a request (realm,
+//!    anonymous, route template, [`Outcome`]); uses nothing.
+//! 2. `body`, `key`, `scope`, `principal`: rejection bodies, the key and its format
+//!    check, scopes and requirements, the verified identity.
+//! 3. `verify`: [`Verifier`] and its implementations, the cache, the remote client;
+//!    `ratelimit`: per-key limits.
+//! 4. `error`: [`AuthError`], every rejection, rendered for HTTP or gRPC.
+//! 5. `extract`: finding the key in a request.
+//! 6. `authorize`: [`RequireScopes`].
+//! 7. `usage`: usage events and their pipeline.
+//! 8. `layer`: [`ApiKeyLayer`], which runs all of the above in that order.
+//!
+//! `wire` and `remote` sit beside this chain (the protocol types, and the HTTP client
+//! plumbing the remote parts share); `server` is the other side of the wire.
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
