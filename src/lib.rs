@@ -45,6 +45,7 @@
 //! `wire` and `remote` sit beside this chain (the protocol types, and the HTTP client
 //! plumbing the remote parts share); `server` is the other side of the wire.
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
 pub mod authorize;
