@@ -49,6 +49,7 @@ use crate::scope::{Requirement, RequirementError};
 /// through: 401. No keygate layer in front at all: 500 (a misconfiguration, never
 /// silently allowed).
 #[derive(Clone)]
+#[must_use]
 pub struct RequireScopes {
     policy: Arc<Policy>,
 }
@@ -261,6 +262,7 @@ impl<S> Layer<S> for RequireScopes {
 
 /// The service [`RequireScopes`] builds.
 #[derive(Clone, Debug)]
+#[must_use]
 pub struct RequireScopesService<S> {
     inner: S,
     policy: RequireScopes,

@@ -161,12 +161,26 @@ impl Principal {
 
 impl fmt::Debug for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Principal")
-            .field("key_id", &self.inner.key_id)
-            .field("owner", &self.inner.owner)
-            .field("scopes", &self.inner.scopes)
-            .field("roles", &self.inner.roles)
-            .field("fail_open", &self.inner.fail_open)
+        self.inner.fmt_as("Principal", f)
+    }
+}
+
+impl fmt::Debug for PrincipalBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt_as("PrincipalBuilder", f)
+    }
+}
+
+impl Inner {
+    /// Metadata is left out: it is the key service's free-form JSON, and may hold
+    /// anything its operators put there.
+    fn fmt_as(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct(name)
+            .field("key_id", &self.key_id)
+            .field("owner", &self.owner)
+            .field("scopes", &self.scopes)
+            .field("roles", &self.roles)
+            .field("fail_open", &self.fail_open)
             .finish_non_exhaustive()
     }
 }

@@ -43,6 +43,7 @@ impl StaticVerifier {
     }
 
     /// Adds a key (builder style).
+    #[must_use]
     pub fn with_key(self, key: &ApiKey, principal: Principal) -> Self {
         self.insert(key, principal);
         self
