@@ -1,30 +1,4 @@
 //! [`RequireScopes`]: what a route (or a gRPC method) needs from the key.
-//!
-//! For axum, add it with `route_layer` so that it is attached to what the router
-//! matched, never re-derived from the raw path (path tricks like `/a/../b`, `%2F` or a
-//! trailing slash then either match the route, requirement included, or match nothing):
-//!
-//! ```
-//! use axum::{Router, routing::get};
-//! use keygate::{ApiKeyLayer, RequireScopes, StaticVerifier};
-//!
-//! let app: Router = Router::new()
-//!     .route("/reports", get(|| async { "reports" }))
-//!     .route_layer(RequireScopes::expr("reports:read AND (billing:write OR admin)"))
-//!     .route("/health", get(|| async { "ok" }))
-//!     .layer(ApiKeyLayer::new(StaticVerifier::new()).optional());
-//! ```
-//!
-//! For tonic, one layer maps gRPC method paths to requirements; methods not in the map
-//! are denied unless told otherwise:
-//!
-//! ```
-//! use keygate::RequireScopes;
-//!
-//! let policy = RequireScopes::methods()
-//!     .method("/reports.Reports/Get", "reports:read")
-//!     .method("/reports.Reports/Delete", "reports:write AND admin");
-//! ```
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -48,6 +22,32 @@ use crate::scope::{Requirement, RequirementError};
 /// because an optional [`ApiKeyLayer`](crate::ApiKeyLayer) let an anonymous request
 /// through: 401. No keygate layer in front at all: 500 (a misconfiguration, never
 /// silently allowed).
+///
+/// For axum, add it with `route_layer` so that it is attached to what the router
+/// matched, never re-derived from the raw path (path tricks like `/a/../b`, `%2F` or a
+/// trailing slash then either match the route, requirement included, or match nothing):
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use keygate::{ApiKeyLayer, RequireScopes, StaticVerifier};
+///
+/// let app: Router = Router::new()
+///     .route("/reports", get(|| async { "reports" }))
+///     .route_layer(RequireScopes::expr("reports:read AND (billing:write OR admin)"))
+///     .route("/health", get(|| async { "ok" }))
+///     .layer(ApiKeyLayer::new(StaticVerifier::new()).optional());
+/// ```
+///
+/// For tonic, one layer maps gRPC method paths to requirements; methods not in the map
+/// are denied unless told otherwise:
+///
+/// ```
+/// use keygate::RequireScopes;
+///
+/// let policy = RequireScopes::methods()
+///     .method("/reports.Reports/Get", "reports:read")
+///     .method("/reports.Reports/Delete", "reports:write AND admin");
+/// ```
 #[derive(Clone)]
 #[must_use]
 pub struct RequireScopes {

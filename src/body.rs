@@ -1,28 +1,4 @@
 //! Response bodies: keygate answers in the inner service's own body type.
-//!
-//! A rejection (401, 403, 503…) is built in the same body type the inner service
-//! answers with, through [`RejectionBody`]. Nothing is wrapped on the way out, so axum
-//! does not box every response a second time: axum's and tonic's bodies, `Full<Bytes>`
-//! and the boxed bodies of `http-body-util` work as they are. Any other body type can
-//! be wrapped in [`KeygateBody`] first:
-//!
-//! ```
-//! use std::convert::Infallible;
-//!
-//! use http::{Request, Response};
-//! use keygate::{ApiKeyLayer, KeygateBody, StaticVerifier};
-//! use tower::{ServiceBuilder, service_fn};
-//! use tower_http::map_response_body::MapResponseBodyLayer;
-//!
-//! // A `String` body is not a `RejectionBody`: wrap it.
-//! let hello = service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(String::from("hello"))) });
-//! let service = ServiceBuilder::new()
-//!     .layer(ApiKeyLayer::new(StaticVerifier::new()))
-//!     .layer(MapResponseBodyLayer::new(KeygateBody::<String>::inner))
-//!     .service(hello);
-//! # fn is_service<S: tower::Service<Request<()>>>(_: &S) {}
-//! # is_service(&service);
-//! ```
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -40,6 +16,30 @@ use pin_project_lite::pin_project;
     message = "keygate cannot write a rejection into a `{Self}` response body",
     note = "wrap the inner service's body in `keygate::KeygateBody` (tower-http's `MapResponseBodyLayer::new(KeygateBody::inner)`), or implement `RejectionBody` for it"
 )]
+///
+/// A rejection (401, 403, 503…) is built in the same body type the inner service
+/// answers with, through [`RejectionBody`]. Nothing is wrapped on the way out, so axum
+/// does not box every response a second time: axum's and tonic's bodies, `Full<Bytes>`
+/// and the boxed bodies of `http-body-util` work as they are. Any other body type can
+/// be wrapped in [`KeygateBody`] first:
+///
+/// ```
+/// use std::convert::Infallible;
+///
+/// use http::{Request, Response};
+/// use keygate::{ApiKeyLayer, KeygateBody, StaticVerifier};
+/// use tower::{ServiceBuilder, service_fn};
+/// use tower_http::map_response_body::MapResponseBodyLayer;
+///
+/// // A `String` body is not a `RejectionBody`: wrap it.
+/// let hello = service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(String::from("hello"))) });
+/// let service = ServiceBuilder::new()
+///     .layer(ApiKeyLayer::new(StaticVerifier::new()))
+///     .layer(MapResponseBodyLayer::new(KeygateBody::<String>::inner))
+///     .service(hello);
+/// # fn is_service<S: tower::Service<Request<()>>>(_: &S) {}
+/// # is_service(&service);
+/// ```
 pub trait RejectionBody: Sized {
     /// A body holding exactly `data` (which may be empty).
     fn rejection(data: Bytes) -> Self;

@@ -1,18 +1,4 @@
 //! Rejections: every way keygate says no, rendered for HTTP or gRPC.
-//!
-//! | case | HTTP | `WWW-Authenticate` | gRPC |
-//! | --- | --- | --- | --- |
-//! | no key | 401 | `Bearer realm="…"` | 16 UNAUTHENTICATED |
-//! | malformed, unknown, revoked, disabled | 401 | `…, error="invalid_token"` | 16 |
-//! | expired | 401 | `…, error="invalid_token", error_description="key expired"` | 16 |
-//! | conflicting keys | 400 | `…, error="invalid_request"` | 3 INVALID_ARGUMENT |
-//! | missing scope | 403 | `…, error="insufficient_scope", scope="…"` | 7 PERMISSION_DENIED |
-//! | key service unavailable | 503 + `Retry-After` | none | 14 UNAVAILABLE |
-//! | rate limited | 429 + `Retry-After` | none | 8 RESOURCE_EXHAUSTED |
-//!
-//! HTTP bodies are `application/problem+json` (RFC 9457). Unknown, revoked, disabled
-//! and malformed keys get byte-identical responses so that nobody can learn which
-//! keys exist; the precise reason goes to the log and the usage event only.
 
 use std::time::Duration;
 
@@ -38,6 +24,20 @@ pub enum InvalidKey {
 }
 
 /// Every rejection keygate makes.
+///
+/// | case | HTTP | `WWW-Authenticate` | gRPC |
+/// | --- | --- | --- | --- |
+/// | no key | 401 | `Bearer realm="…"` | 16 UNAUTHENTICATED |
+/// | malformed, unknown, revoked, disabled | 401 | `…, error="invalid_token"` | 16 |
+/// | expired | 401 | `…, error="invalid_token", error_description="key expired"` | 16 |
+/// | conflicting keys | 400 | `…, error="invalid_request"` | 3 INVALID_ARGUMENT |
+/// | missing scope | 403 | `…, error="insufficient_scope", scope="…"` | 7 PERMISSION_DENIED |
+/// | key service unavailable | 503 + `Retry-After` | none | 14 UNAVAILABLE |
+/// | rate limited | 429 + `Retry-After` | none | 8 RESOURCE_EXHAUSTED |
+///
+/// HTTP bodies are `application/problem+json` (RFC 9457). Unknown, revoked, disabled
+/// and malformed keys get byte-identical responses so that nobody can learn which
+/// keys exist; the precise reason goes to the log and the usage event only.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthError {

@@ -1,20 +1,4 @@
 //! Finding the key in a request.
-//!
-//! Sources are tried in the configured order; the default is
-//! `Authorization: Bearer <key>` then the `x-api-key` header. The query parameter and
-//! cookie sources are opt-in (keys in URLs leak into logs: RFC 6750 §2.3).
-//!
-//! A credential found twice (two `Authorization` headers, a repeated parameter, or keys
-//! in two sources), equal or not, is a 400 `invalid_request`, never first-wins. An empty
-//! key, one longer than the maximum, or one with bytes outside visible ASCII is a 401
-//! `invalid_token` before anything is hashed or looked up.
-//!
-//! ```
-//! use keygate::KeySource;
-//!
-//! let sources = [KeySource::bearer(), KeySource::header("x-api-key"), KeySource::query("api_key")];
-//! # let _ = sources;
-//! ```
 
 use std::borrow::Cow;
 
@@ -30,6 +14,22 @@ use crate::key::ApiKey;
 pub const DEFAULT_MAX_KEY_LEN: usize = 256;
 
 /// Where a key may be found.
+///
+/// Sources are tried in the configured order; the default is
+/// `Authorization: Bearer <key>` then the `x-api-key` header. The query parameter and
+/// cookie sources are opt-in (keys in URLs leak into logs: RFC 6750 §2.3).
+///
+/// A credential found twice (two `Authorization` headers, a repeated parameter, or keys
+/// in two sources), equal or not, is a 400 `invalid_request`, never first-wins. An empty
+/// key, one longer than the maximum, or one with bytes outside visible ASCII is a 401
+/// `invalid_token` before anything is hashed or looked up.
+///
+/// ```
+/// use keygate::KeySource;
+///
+/// let sources = [KeySource::bearer(), KeySource::header("x-api-key"), KeySource::query("api_key")];
+/// # let _ = sources;
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
     /// `Authorization: Bearer <key>` (scheme case-insensitive, one or more spaces).

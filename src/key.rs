@@ -1,20 +1,4 @@
 //! The key itself: [`ApiKey`] (the secret), [`KeyFormat`] (the local format check)
-//! and [`KeyDigest`] (what caches and stores see instead of the secret).
-//!
-//! keygate's keys look like `{prefix}_{body}`: a prefix of `[a-z][a-z0-9]{0,15}`,
-//! then 30 random base62 characters (178 bits), then 6 base62 characters holding
-//! the CRC-32 of everything before them. The checksum lets the middleware turn away
-//! typos and garbage without a network call.
-//!
-//! ```
-//! use keygate::{ApiKey, KeyFormat};
-//!
-//! let key = ApiKey::generate("acme").unwrap();
-//! assert!(key.expose_secret().starts_with("acme_"));
-//! assert!(KeyFormat::prefixed("acme").unwrap().check(&key).is_ok());
-//! // Debug never shows the secret.
-//! assert_eq!(format!("{key:?}"), "ApiKey(\"acme_…\")");
-//! ```
 
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -38,6 +22,23 @@ pub const MAX_PREFIX_LEN: usize = 16;
 /// The secret is zeroized on drop, and neither `Debug` nor `Display` show more than
 /// the prefix (the part before the first `_`, when it looks like one). Reading the
 /// secret takes an explicit [`expose_secret`](ApiKey::expose_secret).
+///
+/// and [`KeyDigest`] (what caches and stores see instead of the secret).
+///
+/// keygate's keys look like `{prefix}_{body}`: a prefix of `[a-z][a-z0-9]{0,15}`,
+/// then 30 random base62 characters (178 bits), then 6 base62 characters holding
+/// the CRC-32 of everything before them. The checksum lets the middleware turn away
+/// typos and garbage without a network call.
+///
+/// ```
+/// use keygate::{ApiKey, KeyFormat};
+///
+/// let key = ApiKey::generate("acme").unwrap();
+/// assert!(key.expose_secret().starts_with("acme_"));
+/// assert!(KeyFormat::prefixed("acme").unwrap().check(&key).is_ok());
+/// // Debug never shows the secret.
+/// assert_eq!(format!("{key:?}"), "ApiKey(\"acme_…\")");
+/// ```
 #[derive(Clone)]
 pub struct ApiKey {
     secret: String,
@@ -363,7 +364,7 @@ impl KeyFormat {
 }
 
 /// Checks a prefix against `[a-z][a-z0-9]{0,15}`.
-pub fn validate_prefix(prefix: &str) -> Result<(), FormatError> {
+pub(crate) fn validate_prefix(prefix: &str) -> Result<(), FormatError> {
     validate_prefix_bytes(prefix.as_bytes())
 }
 

@@ -24,7 +24,7 @@
 //! In production the verifier is a `CachedVerifier<HttpVerifier>` against the key
 //! service (the `cache` and `remote` features, on by default), kept current by a
 //! `RevocationListener`; the reference key service itself is [`server`] (feature
-//! `server`). Its wire protocol is documented in [`wire`].
+//! `server`). Its wire protocol is documented in the `wire` module.
 //!
 //! # Reading the source
 //! The modules follow the path of a request, and a module only uses the ones above
@@ -48,35 +48,37 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 
-pub mod authorize;
-pub mod body;
+mod authorize;
+mod body;
 mod clock;
 mod context;
-pub mod error;
-pub mod extract;
-pub mod key;
-pub mod layer;
-pub mod principal;
-pub mod ratelimit;
-pub mod scope;
+mod error;
+mod extract;
+mod key;
+mod layer;
+mod principal;
+mod ratelimit;
+mod scope;
 pub mod usage;
 pub mod verify;
 
 #[cfg(feature = "server")]
 pub mod server;
 
-pub use authorize::RequireScopes;
+pub use authorize::{RequireScopes, RequireScopesFuture, RequireScopesService};
 pub use body::{KeygateBody, RejectionBody};
 pub use context::{DEFAULT_REALM, Outcome};
 pub use error::{AuthError, InvalidKey};
-pub use extract::KeySource;
-pub use key::{ApiKey, FormatError, KeyDigest, KeyFormat};
-pub use layer::DEFAULT_RETRY_AFTER;
-pub use layer::{ApiKeyLayer, ApiKeyService};
+pub use extract::{DEFAULT_MAX_KEY_LEN, KeySource};
+pub use key::{ApiKey, CHECKSUM_LEN, FormatError, KeyDigest, KeyFormat, MAX_PREFIX_LEN, RANDOM_LEN};
+pub use layer::{ApiKeyLayer, ApiKeyService, DEFAULT_RETRY_AFTER, ResponseFuture};
 #[cfg(feature = "axum")]
 pub use principal::MissingPrincipal;
-pub use principal::{Principal, RateLimit};
-pub use scope::{Requirement, RequirementError, Scope, ScopeError, ScopeSet};
+pub use principal::{Principal, PrincipalBuilder, RateLimit};
+pub use scope::{
+    MAX_ROLE_LEN, MAX_SCOPE_LEN, MAX_SEGMENTS, Requirement, RequirementError, RequirementErrorKind, Scope, ScopeError,
+    ScopeSet,
+};
 pub use usage::{UsageEvent, UsageSink};
 pub use verify::{Reason, StaticVerifier, Verdict, Verifier, VerifyError};
 

@@ -1,27 +1,4 @@
 //! Scopes and requirements: what a key may do, and what a route needs.
-//!
-//! A [`Scope`] is `resource:action` (two or more `:`-separated segments of
-//! `[a-z0-9_.-]`, each may be `*`). A granted `*` segment matches any one segment in
-//! the same place: `reports:*` grants `reports:read` but not `reports:read:all`.
-//! Wildcards in a *requirement* are literal: requiring `reports:*` needs a key that
-//! was granted `reports:*` (or `*:*`).
-//!
-//! A [`Requirement`] combines scopes and role names (a term without `:` is a role)
-//! with `AND`, `OR` and parentheses:
-//!
-//! ```
-//! use keygate::{Requirement, ScopeSet};
-//!
-//! let need = Requirement::parse("reports:read AND (billing:write OR admin)").unwrap();
-//! let granted = ScopeSet::parse(["reports:*", "billing:write"]).unwrap();
-//! assert!(need.is_satisfied_by(&granted, &[]));
-//! assert!(!need.is_satisfied_by(&ScopeSet::parse(["reports:read"]).unwrap(), &[]));
-//! assert!(need.is_satisfied_by(&ScopeSet::parse(["reports:read"]).unwrap(), &["admin".into()]));
-//!
-//! // Bad requirements fail when the route is built, with the position of the mistake.
-//! let err = Requirement::parse("reports:read AND (admin").unwrap_err();
-//! assert_eq!(err.to_string(), "at byte 17: unclosed `(`");
-//! ```
 
 use std::fmt;
 use std::str::FromStr;
@@ -35,6 +12,29 @@ pub const MAX_SEGMENTS: usize = 8;
 pub const MAX_ROLE_LEN: usize = 64;
 
 /// A scope such as `reports:read` or `reports:*`.
+///
+/// A [`Scope`] is `resource:action` (two or more `:`-separated segments of
+/// `[a-z0-9_.-]`, each may be `*`). A granted `*` segment matches any one segment in
+/// the same place: `reports:*` grants `reports:read` but not `reports:read:all`.
+/// Wildcards in a *requirement* are literal: requiring `reports:*` needs a key that
+/// was granted `reports:*` (or `*:*`).
+///
+/// A [`Requirement`] combines scopes and role names (a term without `:` is a role)
+/// with `AND`, `OR` and parentheses:
+///
+/// ```
+/// use keygate::{Requirement, ScopeSet};
+///
+/// let need = Requirement::parse("reports:read AND (billing:write OR admin)").unwrap();
+/// let granted = ScopeSet::parse(["reports:*", "billing:write"]).unwrap();
+/// assert!(need.is_satisfied_by(&granted, &[]));
+/// assert!(!need.is_satisfied_by(&ScopeSet::parse(["reports:read"]).unwrap(), &[]));
+/// assert!(need.is_satisfied_by(&ScopeSet::parse(["reports:read"]).unwrap(), &["admin".into()]));
+///
+/// // Bad requirements fail when the route is built, with the position of the mistake.
+/// let err = Requirement::parse("reports:read AND (admin").unwrap_err();
+/// assert_eq!(err.to_string(), "at byte 17: unclosed `(`");
+/// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Scope(Arc<str>);
 
@@ -154,7 +154,7 @@ fn validate_scope(s: &str) -> Result<(), ScopeError> {
 }
 
 /// Validates a role name: `[a-z0-9_.-]{1,64}`.
-pub fn validate_role(s: &str) -> Result<(), ScopeError> {
+pub(crate) fn validate_role(s: &str) -> Result<(), ScopeError> {
     if s.is_empty() {
         return Err(ScopeError::Empty);
     }

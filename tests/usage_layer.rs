@@ -22,7 +22,7 @@ impl Verifier for Down {
     }
 }
 
-fn principal(id: &str, scopes: &[&str]) -> keygate::principal::PrincipalBuilder {
+fn principal(id: &str, scopes: &[&str]) -> keygate::PrincipalBuilder {
     Principal::builder(id).owner("acme").scopes(ScopeSet::parse(scopes).unwrap())
 }
 

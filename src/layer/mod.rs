@@ -1,48 +1,4 @@
 //! [`ApiKeyLayer`]: authenticate every request with an API key.
-//!
-//! ```no_run
-//! use axum::{Router, routing::get};
-//! use keygate::{ApiKey, ApiKeyLayer, Principal, RequireScopes, ScopeSet, StaticVerifier};
-//!
-//! # async fn run() {
-//! let key = ApiKey::generate("kg").unwrap();
-//! let verifier = StaticVerifier::new().with_key(
-//!     &key,
-//!     Principal::builder("key_1").owner("acme").scopes(ScopeSet::parse(["reports:read"]).unwrap()).build(),
-//! );
-//!
-//! let app = Router::new()
-//!     .route("/reports", get(|p: Principal| async move { format!("hello {}", p.owner()) }))
-//!     .route_layer(RequireScopes::all(["reports:read"]))
-//!     .layer(ApiKeyLayer::new(verifier));
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-//! axum::serve(listener, app).await.unwrap();
-//! # }
-//! ```
-//!
-//! # What happens to a request
-//! 1. The key is looked for in every configured [`KeySource`] (default: Bearer, then
-//!    `x-api-key`). None: 401, unless the layer is [`optional`](ApiKeyLayer::optional).
-//!    Two credentials anywhere: 400. Empty, over [`max_key_len`](ApiKeyLayer::max_key_len)
-//!    or non-visible-ASCII: 401. No verifier call in any of these cases.
-//! 2. The key is checked against the [`KeyFormat`] (prefix, length, checksum): a key
-//!    that fails is a 401 with no verifier call.
-//! 3. The credential is removed from the request (header, query parameter or cookie)
-//!    unless [`keep_credentials`](ApiKeyLayer::keep_credentials) is set.
-//! 4. The [`Verifier`] decides: valid keys put a [`Principal`] into the request's
-//!    extensions; invalid keys are 401; a verifier error is 503 with `Retry-After`.
-//! 5. When the response head is ready, a [`UsageEvent`] goes to the usage sink.
-//!
-//! # HEAD, OPTIONS and CORS
-//! Every method is authenticated, HEAD and OPTIONS included: keygate never guesses that
-//! a request is harmless. A CORS preflight carries no credentials, so put tower-http's
-//! `CorsLayer` *outside* keygate (added after it with `Router::layer`, so it runs first)
-//! to answer preflights before authentication.
-//!
-//! # gRPC
-//! Requests whose `content-type` starts with `application/grpc` are answered in gRPC
-//! terms: HTTP 200, trailers-only, `grpc-status` 16/3/7/14/8 and a percent-encoded
-//! `grpc-message`. The same layer works in `tonic::transport::Server::builder().layer(..)`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,11 +71,55 @@ struct Shared<V> {
     config: Config,
 }
 
-/// Authenticates every request with an API key; see the [module docs](self).
+/// Authenticates every request with an API key.
 ///
 /// Defaults: sources Bearer then `x-api-key`; keygate key format with any prefix;
 /// keys up to 256 bytes; a key is required; credentials are stripped; realm `api`;
 /// `Retry-After: 5` on 503; per-key rate limits enforced; no usage sink.
+///
+/// ```no_run
+/// use axum::{Router, routing::get};
+/// use keygate::{ApiKey, ApiKeyLayer, Principal, RequireScopes, ScopeSet, StaticVerifier};
+///
+/// # async fn run() {
+/// let key = ApiKey::generate("kg").unwrap();
+/// let verifier = StaticVerifier::new().with_key(
+///     &key,
+///     Principal::builder("key_1").owner("acme").scopes(ScopeSet::parse(["reports:read"]).unwrap()).build(),
+/// );
+///
+/// let app = Router::new()
+///     .route("/reports", get(|p: Principal| async move { format!("hello {}", p.owner()) }))
+///     .route_layer(RequireScopes::all(["reports:read"]))
+///     .layer(ApiKeyLayer::new(verifier));
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// axum::serve(listener, app).await.unwrap();
+/// # }
+/// ```
+///
+/// # What happens to a request
+/// 1. The key is looked for in every configured [`KeySource`] (default: Bearer, then
+///    `x-api-key`). None: 401, unless the layer is [`optional`](ApiKeyLayer::optional).
+///    Two credentials anywhere: 400. Empty, over [`max_key_len`](ApiKeyLayer::max_key_len)
+///    or non-visible-ASCII: 401. No verifier call in any of these cases.
+/// 2. The key is checked against the [`KeyFormat`] (prefix, length, checksum): a key
+///    that fails is a 401 with no verifier call.
+/// 3. The credential is removed from the request (header, query parameter or cookie)
+///    unless [`keep_credentials`](ApiKeyLayer::keep_credentials) is set.
+/// 4. The [`Verifier`] decides: valid keys put a [`Principal`](crate::Principal) into the request's
+///    extensions; invalid keys are 401; a verifier error is 503 with `Retry-After`.
+/// 5. When the response head is ready, a [`UsageEvent`](crate::UsageEvent) goes to the usage sink.
+///
+/// # HEAD, OPTIONS and CORS
+/// Every method is authenticated, HEAD and OPTIONS included: keygate never guesses that
+/// a request is harmless. A CORS preflight carries no credentials, so put tower-http's
+/// `CorsLayer` *outside* keygate (added after it with `Router::layer`, so it runs first)
+/// to answer preflights before authentication.
+///
+/// # gRPC
+/// Requests whose `content-type` starts with `application/grpc` are answered in gRPC
+/// terms: HTTP 200, trailers-only, `grpc-status` 16/3/7/14/8 and a percent-encoded
+/// `grpc-message`. The same layer works in `tonic::transport::Server::builder().layer(..)`.
 #[must_use]
 pub struct ApiKeyLayer<V> {
     // Built once: axum may call `layer` for every request on routes whose handlers
@@ -249,7 +249,7 @@ impl<V: Verifier> ApiKeyLayer<V> {
         self
     }
 
-    /// Send a [`UsageEvent`] for every decided request to `sink`.
+    /// Send a [`UsageEvent`](crate::UsageEvent) for every decided request to `sink`.
     pub fn usage(mut self, sink: impl UsageSink) -> Self {
         self.config_mut().usage = Some(Arc::new(sink));
         self
