@@ -1,5 +1,5 @@
 //! The request path over real loopback sockets: extraction, format check, verdicts,
-//! scopes and the exact rejections of DESIGN.md §3.
+//! scopes and the exact rejections (`AuthError`: status, `WWW-Authenticate`, body).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,4 +1,4 @@
-//! Several key-service replicas on one PostgreSQL database (DESIGN.md §6, issue 6):
+//! Several key-service replicas on one PostgreSQL database:
 //! migrations raced at start, changes fanned out through `LISTEN/NOTIFY` to every
 //! replica's event stream exactly once, usage ingested concurrently by two replicas,
 //! a lost `LISTEN` connection, and a replica killed under a middleware.

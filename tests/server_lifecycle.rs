@@ -1,4 +1,4 @@
-//! Key lifecycle against the real key service over HTTP (DESIGN.md §4, issue 3), on
+//! Key lifecycle against the real key service over HTTP (protocol v1, see the `wire` module), on
 //! every store: each test body below takes the database it runs on, and
 //! `on_every_store!` runs it once on a SQLite file (`sqlite::…`) and once on a
 //! PostgreSQL schema of its own (`postgres::…`, when `KEYGATE_TEST_POSTGRES_URL` is
