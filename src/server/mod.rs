@@ -321,6 +321,12 @@ impl KeyServer {
             Some(s) => s,
             None => store::open(&self.database).await?,
         };
+        tracing::debug!(
+            key_prefix = %self.key_prefix,
+            heartbeat = ?self.heartbeat,
+            event_buffer = self.event_buffer,
+            "key service configured"
+        );
         let hub = EventHub::new(self.event_buffer, self.heartbeat);
         let feed = store.follow_changes(&hub);
         if let Some(feed) = &feed {
