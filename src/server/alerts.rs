@@ -15,13 +15,13 @@
 //! also published as an SSE `alert` event. Minutes older than
 //! [`max_age`](AlertConfig::max_age) (replayed usage) are not evaluated.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use super::ServerState;
 use super::model::{Alert, AlertKind};
-use super::store::{NetworkSeen, StoreError};
+use super::store::{NetworkSeen, Store, StoreError};
 use super::usage::Folded;
 
 /// Alert thresholds. Defaults: baseline 10 minutes; denials > max(20, 5 × baseline);
@@ -65,8 +65,22 @@ impl Default for AlertConfig {
     }
 }
 
-pub(crate) async fn evaluate(state: &ServerState, folded: &Folded) -> Result<(), StoreError> {
-    let cfg = &state.inner.alerts;
+impl AlertConfig {
+    /// Evaluates a stored batch; counts the alerts raised in `raised`.
+    pub(crate) async fn evaluate(&self, store: &Store, folded: &Folded, raised: &AtomicU64) -> Result<(), StoreError> {
+        Evaluation { cfg: self, store, raised }.run(folded).await
+    }
+}
+
+struct Evaluation<'a> {
+    cfg: &'a AlertConfig,
+    store: &'a Store,
+    raised: &'a AtomicU64,
+}
+
+impl Evaluation<'_> {
+async fn run(&self, folded: &Folded) -> Result<(), StoreError> {
+    let cfg = self.cfg;
     if !cfg.enabled {
         return Ok(());
     }
@@ -77,11 +91,11 @@ pub(crate) async fn evaluate(state: &ServerState, folded: &Folded) -> Result<(),
         tracing::warn!(pairs = touched.len(), max = cfg.max_evaluations, "usage batch too wide; not all evaluated");
     }
     for (key_id, minute) in touched.into_iter().filter(|(_, m)| *m >= oldest).take(cfg.max_evaluations) {
-        spikes(state, &key_id, minute, now).await?;
+        self.spikes(&key_id, minute, now).await?;
     }
     if cfg.new_network {
         for (key_id, network, at) in &folded.networks {
-            if state.inner.store.note_network(key_id, network, *at).await? == NetworkSeen::New {
+            if self.store.note_network(key_id, network, *at).await? == NetworkSeen::New {
                 let minute = minute_start(*at);
                 let alert = Alert {
                     at: now,
@@ -93,18 +107,18 @@ pub(crate) async fn evaluate(state: &ServerState, folded: &Folded) -> Result<(),
                     threshold: 0.0,
                     detail: format!("first use from {network}"),
                 };
-                raise(state, alert).await?;
+                self.raise(alert).await?;
             }
         }
     }
     Ok(())
 }
 
-async fn spikes(state: &ServerState, key_id: &str, minute: i64, now: OffsetDateTime) -> Result<(), StoreError> {
-    let cfg = &state.inner.alerts;
+async fn spikes(&self, key_id: &str, minute: i64, now: OffsetDateTime) -> Result<(), StoreError> {
+    let cfg = self.cfg;
     let window = i64::from(cfg.baseline_minutes.max(1));
     let since = OffsetDateTime::from_unix_timestamp(minute - window * 60).unwrap_or(now);
-    let buckets = state.inner.store.usage(key_id, since, cfg.baseline_minutes + 1).await?;
+    let buckets = self.store.usage(key_id, since, cfg.baseline_minutes + 1).await?;
     let (mut cur_req, mut cur_den, mut base_req, mut base_den) = (0u64, 0u64, 0u64, 0u64);
     for b in &buckets {
         match b.start.unix_timestamp() {
@@ -133,19 +147,20 @@ async fn spikes(state: &ServerState, key_id: &str, minute: i64, now: OffsetDateT
                     "{observed} {what} in one minute; baseline {baseline:.1}/min, threshold {threshold:.1}"
                 ),
             };
-            raise(state, alert).await?;
+            self.raise(alert).await?;
         }
     }
     Ok(())
 }
 
-async fn raise(state: &ServerState, alert: Alert) -> Result<(), StoreError> {
-    if state.inner.store.insert_alert(&alert).await? {
+/// Stores the alert, which publishes it, unless the minute has one of its kind.
+async fn raise(&self, alert: Alert) -> Result<(), StoreError> {
+    if self.store.insert_alert(&alert).await? {
         tracing::warn!(key_id = %alert.key_id, kind = alert.kind.as_str(), detail = %alert.detail, "usage alert");
-        state.inner.stats.alerts_raised.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        state.inner.hub.alert(&alert);
+        self.raised.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
+}
 }
 
 fn minute_start(t: OffsetDateTime) -> OffsetDateTime {
