@@ -47,19 +47,21 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-// From the bottom up: a module imports only those above it in this list.
-mod text;
-pub mod model;
-pub mod events;
-pub mod store;
-pub mod error;
-mod validate;
-mod usage;
-mod auth;
+// Module order from the bottom up; each imports only modules before it: text, model,
+// events, store, error, validate, usage, auth, alerts, client, state, api (and this
+// one, which builds and starts the service).
 pub mod alerts;
-mod client;
-mod state;
 mod api;
+mod auth;
+mod client;
+pub mod error;
+pub mod events;
+pub mod model;
+mod state;
+pub mod store;
+mod text;
+mod usage;
+mod validate;
 
 pub use alerts::AlertConfig;
 pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};

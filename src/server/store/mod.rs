@@ -8,7 +8,7 @@
 //! transaction as the change: either both are stored or neither is. The notes a change
 //! makes for event subscribers are decided here, committed with it (PostgreSQL sends
 //! them to the other replicas with `NOTIFY` in the transaction) and then handed to the
-//! store's [`ChangeSink`]: the one place the key service publishes.
+//! store's change sink (the event hub): the one place the key service publishes.
 
 use std::fmt;
 use std::sync::Arc;
@@ -326,7 +326,12 @@ impl Store {
     }
 
     /// Revokes a key for good and writes `key.revoke`.
-    pub(crate) async fn revoke_key(&self, key_id: &str, actor: &str, at: OffsetDateTime) -> Result<KeyInfo, StoreError> {
+    pub(crate) async fn revoke_key(
+        &self,
+        key_id: &str,
+        actor: &str,
+        at: OffsetDateTime,
+    ) -> Result<KeyInfo, StoreError> {
         self.change_key(key_id, KeyChange::Revoke, actor, at).await
     }
 

@@ -44,7 +44,7 @@ const FEED_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A feed connection that lasted this long resets the backoff.
 const FEED_STABLE_AFTER: Duration = Duration::from_secs(10);
 
-/// A [`Store`] on PostgreSQL, for several key-service replicas sharing one database.
+/// A [`Store`](super::Store) on PostgreSQL, for several key-service replicas sharing one database.
 ///
 /// - **Schema.** The tables of the SQLite store with PostgreSQL types (`BIGINT`,
 ///   `BYTEA`, `BOOLEAN`), created in the first schema of the `search_path`; pick one
@@ -184,7 +184,10 @@ impl PostgresStore {
             let payload = note.encode(&self.inner.origin);
             if payload.len() > MAX_PAYLOAD {
                 // Only alerts can be this large (their detail); a key change never is.
-                tracing::warn!(bytes = payload.len(), "change note too large for NOTIFY; other replicas will not see it");
+                tracing::warn!(
+                    bytes = payload.len(),
+                    "change note too large for NOTIFY; other replicas will not see it"
+                );
                 continue;
             }
             sqlx::query("SELECT pg_notify($1, $2)").bind(&self.inner.channel).bind(payload).execute(&mut *tx).await?;

@@ -24,7 +24,7 @@ async fn no_lock(_: &mut SqliteConnection, _: i32, _: &str) -> Result<(), StoreE
     Ok(())
 }
 
-/// A [`Store`] on SQLite.
+/// A [`Store`](super::Store) on SQLite.
 ///
 /// A file database uses WAL, `synchronous = NORMAL`, a 5 s busy timeout and up to 8
 /// connections; writes start with `BEGIN IMMEDIATE` so that concurrent writers queue
