@@ -594,3 +594,19 @@ pub(crate) fn apply_patch(key: &mut KeyInfo, patch: &KeyPatch) -> Value {
     }
     Value::Object(changes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_of_many_keys_is_one_reset() {
+        let ids = |n: usize| (0..n).map(|i| format!("key_{i}")).collect::<Vec<_>>();
+        let few = notes_for_keys(KeyEvent::Updated, ids(MAX_EVENTS_PER_CHANGE));
+        assert_eq!(few.len(), MAX_EVENTS_PER_CHANGE);
+        assert_eq!(few[0], ChangeNote::Key(KeyEvent::Updated, "key_0".into()));
+        let many = notes_for_keys(KeyEvent::Updated, ids(MAX_EVENTS_PER_CHANGE + 1));
+        assert_eq!(many, [ChangeNote::Reset("bulk".into())]);
+        assert!(notes_for_keys(KeyEvent::Updated, Vec::new()).is_empty());
+    }
+}
