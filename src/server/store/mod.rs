@@ -268,6 +268,7 @@ macro_rules! write_tx {
 
 impl Store {
     /// Reports every change this store commits to `sink` from now on.
+    #[must_use]
     pub(crate) fn reporting_to(mut self, sink: Arc<dyn ChangeSink>) -> Self {
         self.sink = sink;
         self
