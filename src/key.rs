@@ -67,19 +67,7 @@ impl ApiKey {
         let mut secret = String::with_capacity(prefix.len() + 1 + RANDOM_LEN + CHECKSUM_LEN);
         secret.push_str(prefix);
         secret.push('_');
-        let mut filled = 0;
-        let mut buf = [0u8; 64];
-        while filled < RANDOM_LEN {
-            getrandom::fill(&mut buf).map_err(|_| FormatError::Rng)?;
-            for &b in &buf {
-                // Rejection sampling keeps every character equally likely: 248 = 4 * 62.
-                if b < 248 && filled < RANDOM_LEN {
-                    secret.push(BASE62[(b % 62) as usize] as char);
-                    filled += 1;
-                }
-            }
-            buf.zeroize();
-        }
+        push_random_base62(&mut secret, RANDOM_LEN).map_err(|_| FormatError::Rng)?;
         let sum = checksum(secret.as_bytes());
         secret.push_str(std::str::from_utf8(&sum).expect("base62 is ASCII"));
         Ok(Self::new(secret))
@@ -374,6 +362,25 @@ fn validate_prefix_bytes(b: &[u8]) -> Result<(), FormatError> {
         && b[0].is_ascii_lowercase()
         && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
     if ok { Ok(()) } else { Err(FormatError::BadPrefix) }
+}
+
+/// Appends `n` base62 characters from the operating system's CSPRNG: key bodies here,
+/// key ids in the key service.
+pub(crate) fn push_random_base62(out: &mut String, n: usize) -> Result<(), getrandom::Error> {
+    let mut filled = 0;
+    let mut buf = [0u8; 64];
+    while filled < n {
+        getrandom::fill(&mut buf)?;
+        for &b in &buf {
+            // Rejection sampling keeps every character equally likely: 248 = 4 * 62.
+            if b < 248 && filled < n {
+                out.push(BASE62[(b % 62) as usize] as char);
+                filled += 1;
+            }
+        }
+        buf.zeroize();
+    }
+    Ok(())
 }
 
 /// CRC-32 (IEEE) of `bytes` as 6 base62 digits, most significant first, zero-padded.

@@ -81,8 +81,7 @@ async fn replicas_starting_together_migrate_once_and_the_audit_is_append_only() 
     let stores = futures_util::future::join_all((0..6).map(|_| PostgresStore::open(&url))).await;
     let stores: Vec<PostgresStore> = stores.into_iter().map(|s| s.expect("every replica starts")).collect();
     let pool = stores[0].pool();
-    let versions: Vec<i64> =
-        sqlx::query_scalar("SELECT version FROM keygate_migrations").fetch_all(pool).await.unwrap();
+    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations").fetch_all(pool).await.unwrap();
     assert_eq!(versions, [1], "migration 1 applied once");
     assert_eq!(stores[0].schema(), pg_schema(&db).name);
     assert_eq!(stores[0].channel(), format!("keygate_events_{}", pg_schema(&db).name));
@@ -254,7 +253,7 @@ async fn a_lost_listen_connection_reconnects_and_tells_subscribers_to_reset() {
     let Some(db) = TestDb::postgres().await else { return };
     let store = PostgresStore::open(&db.url()).await.unwrap();
     let listen_name = store.listen_application_name();
-    let a = TestServer::start_on(db.clone(), |b| b.store(Arc::new(store))).await;
+    let a = TestServer::start_on(db.clone(), |b| b.store(store)).await;
     let b = TestServer::start_on(db.clone(), |b| b).await;
     let k = b.admin.create_key(new_key("acme", &["a:b"])).await.unwrap();
     let mut on_a = Events::connect(&a).await;

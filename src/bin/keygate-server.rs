@@ -13,6 +13,8 @@
 //!
 //! Tokens come from `--service-token` / `--admin-token` or `KEYGATE_SERVICE_TOKEN` /
 //! `KEYGATE_ADMIN_TOKEN`; `serve` generates and prints once any token not given.
+//! `serve` logs on stderr as text or, with `--log-format json`, JSON lines, filtered by
+//! `RUST_LOG` (`EnvFilter` directives such as `keygate=debug,sqlx=warn`; default `info`).
 //! Admin commands talk to `--url` (`KEYGATE_URL`, default `http://127.0.0.1:7700`) and
 //! print for people, or JSON with `--json`.
 
@@ -83,6 +85,17 @@ struct Serve {
     /// Prefix of issued keys.
     #[arg(long, default_value = keygate::server::DEFAULT_KEY_PREFIX)]
     key_prefix: String,
+    /// Log format on stderr: `text`, or `json` (one object a line).
+    #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// `time level target: message fields`.
+    Text,
+    /// One JSON object a line (`timestamp`, `level`, `target`, `fields`).
+    Json,
 }
 
 #[derive(Args, Clone)]
@@ -192,9 +205,8 @@ enum CliError {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Serve(_)) {
-        let filter = tracing_filter();
-        tracing_subscriber_init(&filter);
+    if let Command::Serve(s) = &cli.command {
+        init_logging(s.log_format);
     }
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -205,21 +217,19 @@ async fn main() -> ExitCode {
     }
 }
 
-fn tracing_filter() -> String {
-    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())
-}
+/// Logs on stderr, filtered by `RUST_LOG` in `EnvFilter`'s directive syntax
+/// (`keygate=debug,sqlx=warn`; default `info`; invalid directives are skipped).
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::LevelFilter;
 
-/// Logs as `level target: message fields` on stderr, filtered by `RUST_LOG`'s level
-/// (`error`, `warn`, `info`, `debug`, `trace`; default `info`).
-fn tracing_subscriber_init(filter: &str) {
-    let level = match filter.to_ascii_lowercase().as_str() {
-        "error" => tracing::Level::ERROR,
-        "warn" => tracing::Level::WARN,
-        "debug" => tracing::Level::DEBUG,
-        "trace" => tracing::Level::TRACE,
-        _ => tracing::Level::INFO,
-    };
-    let _ = tracing::subscriber::set_global_default(StderrSubscriber { level });
+    let filter = EnvFilter::builder().with_default_directive(LevelFilter::INFO.into()).from_env_lossy();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => fmt.json().init(),
+    }
 }
 
 async fn run(command: Command) -> Result<(), CliError> {
@@ -456,44 +466,4 @@ fn fmt_time(t: Option<OffsetDateTime>) -> String {
 
 fn parse_time(s: &str) -> Result<OffsetDateTime, CliError> {
     OffsetDateTime::parse(s, &Rfc3339).map_err(|_| CliError::Usage(format!("`{s}` is not an RFC 3339 time")))
-}
-
-/// A minimal stderr subscriber, so that the binary needs no extra dependency.
-struct StderrSubscriber {
-    level: tracing::Level,
-}
-
-impl tracing::Subscriber for StderrSubscriber {
-    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
-        *metadata.level() <= self.level
-    }
-
-    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-        tracing::span::Id::from_u64(1)
-    }
-
-    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
-
-    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
-
-    fn event(&self, event: &tracing::Event<'_>) {
-        struct Fields(String);
-        impl tracing::field::Visit for Fields {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                if field.name() == "message" {
-                    self.0.insert_str(0, &format!("{value:?}"));
-                } else {
-                    self.0.push_str(&format!(" {}={value:?}", field.name()));
-                }
-            }
-        }
-        let mut fields = Fields(String::new());
-        event.record(&mut fields);
-        let meta = event.metadata();
-        eprintln!("{} {:>5} {}: {}", fmt_time(Some(OffsetDateTime::now_utc())), meta.level(), meta.target(), fields.0);
-    }
-
-    fn enter(&self, _: &tracing::span::Id) {}
-
-    fn exit(&self, _: &tracing::span::Id) {}
 }

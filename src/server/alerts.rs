@@ -15,13 +15,13 @@
 //! also published as an SSE `alert` event. Minutes older than
 //! [`max_age`](AlertConfig::max_age) (replayed usage) are not evaluated.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use time::OffsetDateTime;
 
-use super::ServerState;
 use super::model::{Alert, AlertKind};
-use super::store::{NetworkSeen, StoreError};
+use super::store::{NetworkSeen, Store, StoreError};
 use super::usage::Folded;
 
 /// Alert thresholds. Defaults: baseline 10 minutes; denials > max(20, 5 × baseline);
@@ -65,87 +65,102 @@ impl Default for AlertConfig {
     }
 }
 
-pub(crate) async fn evaluate(state: &ServerState, folded: &Folded) -> Result<(), StoreError> {
-    let cfg = &state.inner.alerts;
-    if !cfg.enabled {
-        return Ok(());
+impl AlertConfig {
+    /// Evaluates a stored batch; counts the alerts raised in `raised`.
+    pub(crate) async fn evaluate(&self, store: &Store, folded: &Folded, raised: &AtomicU64) -> Result<(), StoreError> {
+        Evaluation { cfg: self, store, raised }.run(folded).await
     }
-    let now = OffsetDateTime::now_utc();
-    let oldest = (now - cfg.max_age).unix_timestamp();
-    let touched = folded.touched();
-    if touched.len() > cfg.max_evaluations {
-        tracing::warn!(pairs = touched.len(), max = cfg.max_evaluations, "usage batch too wide; not all evaluated");
-    }
-    for (key_id, minute) in touched.into_iter().filter(|(_, m)| *m >= oldest).take(cfg.max_evaluations) {
-        spikes(state, &key_id, minute, now).await?;
-    }
-    if cfg.new_network {
-        for (key_id, network, at) in &folded.networks {
-            if state.inner.store.note_network(key_id, network, *at).await? == NetworkSeen::New {
-                let minute = minute_start(*at);
-                let alert = Alert {
-                    at: now,
-                    key_id: key_id.clone(),
-                    kind: AlertKind::NewNetwork,
-                    minute,
-                    observed: 1,
-                    baseline: 0.0,
-                    threshold: 0.0,
-                    detail: format!("first use from {network}"),
-                };
-                raise(state, alert).await?;
+}
+
+struct Evaluation<'a> {
+    cfg: &'a AlertConfig,
+    store: &'a Store,
+    raised: &'a AtomicU64,
+}
+
+impl Evaluation<'_> {
+    async fn run(&self, folded: &Folded) -> Result<(), StoreError> {
+        let cfg = self.cfg;
+        if !cfg.enabled {
+            return Ok(());
+        }
+        let now = OffsetDateTime::now_utc();
+        let oldest = (now - cfg.max_age).unix_timestamp();
+        let touched = folded.touched();
+        if touched.len() > cfg.max_evaluations {
+            tracing::warn!(pairs = touched.len(), max = cfg.max_evaluations, "usage batch too wide; not all evaluated");
+        }
+        for (key_id, minute) in touched.into_iter().filter(|(_, m)| *m >= oldest).take(cfg.max_evaluations) {
+            self.spikes(&key_id, minute, now).await?;
+        }
+        if cfg.new_network {
+            for (key_id, network, at) in &folded.networks {
+                if self.store.note_network(key_id, network, *at).await? == NetworkSeen::New {
+                    let minute = minute_start(*at);
+                    let alert = Alert {
+                        at: now,
+                        key_id: key_id.clone(),
+                        kind: AlertKind::NewNetwork,
+                        minute,
+                        observed: 1,
+                        baseline: 0.0,
+                        threshold: 0.0,
+                        detail: format!("first use from {network}"),
+                    };
+                    self.raise(alert).await?;
+                }
             }
         }
+        Ok(())
     }
-    Ok(())
-}
 
-async fn spikes(state: &ServerState, key_id: &str, minute: i64, now: OffsetDateTime) -> Result<(), StoreError> {
-    let cfg = &state.inner.alerts;
-    let window = i64::from(cfg.baseline_minutes.max(1));
-    let since = OffsetDateTime::from_unix_timestamp(minute - window * 60).unwrap_or(now);
-    let buckets = state.inner.store.usage(key_id, since, cfg.baseline_minutes + 1).await?;
-    let (mut cur_req, mut cur_den, mut base_req, mut base_den) = (0u64, 0u64, 0u64, 0u64);
-    for b in &buckets {
-        match b.start.unix_timestamp() {
-            m if m == minute => (cur_req, cur_den) = (b.requests, b.denied),
-            m if m < minute => (base_req, base_den) = (base_req + b.requests, base_den + b.denied),
-            _ => {}
+    async fn spikes(&self, key_id: &str, minute: i64, now: OffsetDateTime) -> Result<(), StoreError> {
+        let cfg = self.cfg;
+        let window = i64::from(cfg.baseline_minutes.max(1));
+        let since = OffsetDateTime::from_unix_timestamp(minute - window * 60).unwrap_or(now);
+        let buckets = self.store.usage(key_id, since, cfg.baseline_minutes + 1).await?;
+        let (mut cur_req, mut cur_den, mut base_req, mut base_den) = (0u64, 0u64, 0u64, 0u64);
+        for b in &buckets {
+            match b.start.unix_timestamp() {
+                m if m == minute => (cur_req, cur_den) = (b.requests, b.denied),
+                m if m < minute => (base_req, base_den) = (base_req + b.requests, base_den + b.denied),
+                _ => {}
+            }
         }
-    }
-    let checks = [
-        (AlertKind::DenialSpike, cur_den, base_den, cfg.denial_min, cfg.denial_factor, "denials"),
-        (AlertKind::RateSpike, cur_req, base_req, cfg.rate_min, cfg.rate_factor, "requests"),
-    ];
-    for (kind, observed, base_sum, min, factor, what) in checks {
-        let baseline = base_sum as f64 / window as f64;
-        let threshold = (min as f64).max(factor * baseline);
-        if observed as f64 > threshold {
-            let alert = Alert {
-                at: now,
-                key_id: key_id.to_owned(),
-                kind,
-                minute: OffsetDateTime::from_unix_timestamp(minute).unwrap_or(now),
-                observed,
-                baseline,
-                threshold,
-                detail: format!(
-                    "{observed} {what} in one minute; baseline {baseline:.1}/min, threshold {threshold:.1}"
-                ),
-            };
-            raise(state, alert).await?;
+        let checks = [
+            (AlertKind::DenialSpike, cur_den, base_den, cfg.denial_min, cfg.denial_factor, "denials"),
+            (AlertKind::RateSpike, cur_req, base_req, cfg.rate_min, cfg.rate_factor, "requests"),
+        ];
+        for (kind, observed, base_sum, min, factor, what) in checks {
+            let baseline = base_sum as f64 / window as f64;
+            let threshold = (min as f64).max(factor * baseline);
+            if observed as f64 > threshold {
+                let alert = Alert {
+                    at: now,
+                    key_id: key_id.to_owned(),
+                    kind,
+                    minute: OffsetDateTime::from_unix_timestamp(minute).unwrap_or(now),
+                    observed,
+                    baseline,
+                    threshold,
+                    detail: format!(
+                        "{observed} {what} in one minute; baseline {baseline:.1}/min, threshold {threshold:.1}"
+                    ),
+                };
+                self.raise(alert).await?;
+            }
         }
+        Ok(())
     }
-    Ok(())
-}
 
-async fn raise(state: &ServerState, alert: Alert) -> Result<(), StoreError> {
-    if state.inner.store.insert_alert(&alert).await? {
-        tracing::warn!(key_id = %alert.key_id, kind = alert.kind.as_str(), detail = %alert.detail, "usage alert");
-        state.inner.stats.alerts_raised.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        state.inner.hub.alert(&alert);
+    /// Stores the alert, which publishes it, unless the minute has one of its kind.
+    async fn raise(&self, alert: Alert) -> Result<(), StoreError> {
+        if self.store.insert_alert(&alert).await? {
+            tracing::warn!(key_id = %alert.key_id, kind = alert.kind.as_str(), detail = %alert.detail, "usage alert");
+            self.raised.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 fn minute_start(t: OffsetDateTime) -> OffsetDateTime {

@@ -15,16 +15,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-use super::ServerState;
 use super::auth::{Admin, Service};
-use super::error::{ApiError, shown};
-use super::events::{KeyEvent, MAX_EVENTS_PER_CHANGE, looks_like_key_id};
+use super::error::ApiError;
+use super::events::looks_like_key_id;
 use super::model::{
     DEFAULT_ENVIRONMENT, KeyInfo, KeyPatch, MAX_GRACE_S, NewKey, RoleRequest, RotateRequest, UsageBatch, UsageReport,
+};
+use super::state::ServerState;
+use super::store::{NewKeyRecord, NewSecret, now_ms};
+use super::text::{rfc3339, shown};
+use super::validate::{
     validate_environment, validate_expiry, validate_meta, validate_ratelimit, validate_role_name, validate_roles,
     validate_scopes, validate_text,
 };
-use super::store::{NewKeyRecord, NewSecret, now_ms};
 use crate::key::ApiKey;
 use crate::principal::RateLimit;
 use crate::verify::Reason;
@@ -287,7 +290,7 @@ async fn create_key(
     }
     let (key, secret) = new_secret(&state)?;
     let record = NewKeyRecord {
-        key_id: format!("key_{}", random_base62(22)?),
+        key_id: new_key_id()?,
         secret,
         owner: req.owner,
         name: req.name,
@@ -372,7 +375,6 @@ async fn patch_key(
     load(&state, &id).await?;
     let info = state.inner.store.update_key(&id, &patch, Admin::ACTOR, now).await?;
     tracing::info!(key_id = %id, "key updated");
-    state.inner.hub.key(KeyEvent::Updated, &id);
     Ok(Json(info))
 }
 
@@ -396,7 +398,6 @@ async fn rotate_key(
     let (key, secret) = new_secret(&state)?;
     let info = state.inner.store.rotate_key(&id, &secret, grace_until, Admin::ACTOR, now).await?;
     tracing::info!(key_id = %id, grace_s = req.grace_s, "key rotated");
-    state.inner.hub.key(KeyEvent::Rotated, &id);
     let body = Created { key: key.expose_secret(), info: &info, previous_expires_at: Some(grace_until) };
     Ok(Json(body).into_response())
 }
@@ -410,7 +411,6 @@ async fn revoke_key(
     load(&state, &id).await?;
     let info = state.inner.store.revoke_key(&id, Admin::ACTOR, now_ms()).await?;
     tracing::info!(key_id = %id, "key revoked");
-    state.inner.hub.key(KeyEvent::Revoked, &id);
     Ok(Json(info))
 }
 
@@ -426,16 +426,9 @@ async fn put_role(
     validate_role_name(&name).map_err(|m| ApiError::invalid("invalid_role", m))?;
     let scopes = validate_scopes("scopes", &req.scopes)?;
     let (role, affected) = state.inner.store.put_role(&name, &scopes, Admin::ACTOR, now_ms()).await?;
-    tracing::info!(role = %name, keys = affected.len(), "role put");
-    if affected.len() > MAX_EVENTS_PER_CHANGE {
-        state.inner.hub.reset("bulk");
-    } else {
-        for key_id in &affected {
-            state.inner.hub.key(KeyEvent::Updated, key_id);
-        }
-    }
+    tracing::info!(role = %name, keys = affected, "role put");
     Ok(Json(
-        json!({ "name": role.name, "scopes": role.scopes, "updated_at": super::store::rfc3339(Some(role.updated_at)), "keys_affected": affected.len() }),
+        json!({ "name": role.name, "scopes": role.scopes, "updated_at": rfc3339(role.updated_at), "keys_affected": affected }),
     ))
 }
 
@@ -513,7 +506,8 @@ async fn ingest_usage(
     stats.usage_events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
     stats.usage_unattributed.fetch_add(folded.unattributed, Ordering::Relaxed);
     // The batch is stored: an alert evaluation failure must not make the middleware resend it.
-    if let Err(e) = super::alerts::evaluate(&state, &folded).await {
+    let inner = &state.inner;
+    if let Err(e) = inner.alerts.evaluate(&inner.store, &folded, &inner.stats.alerts_raised).await {
         tracing::error!(error = %e, "alert evaluation failed");
     }
     Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": batch.events.len() }))).into_response())
@@ -532,20 +526,9 @@ fn truncate_ms(t: OffsetDateTime) -> OffsetDateTime {
     t.replace_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000).unwrap_or(t)
 }
 
-/// `n` characters of base62 from the operating system's CSPRNG.
-fn random_base62(n: usize) -> Result<String, ApiError> {
-    const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut out = String::with_capacity(n);
-    let mut buf = [0u8; 64];
-    while out.len() < n {
-        getrandom::fill(&mut buf).map_err(|_| ApiError::Internal)?;
-        // 248 = 4 × 62: rejection sampling keeps the characters uniform.
-        for &b in buf.iter().filter(|&&b| b < 248) {
-            if out.len() == n {
-                break;
-            }
-            out.push(ALPHABET[(b % 62) as usize] as char);
-        }
-    }
-    Ok(out)
+/// `key_` + 22 base62 characters (131 bits) from the operating system's CSPRNG.
+fn new_key_id() -> Result<String, ApiError> {
+    let mut id = String::from("key_");
+    crate::key::push_random_base62(&mut id, 22).map_err(|_| ApiError::Internal)?;
+    Ok(id)
 }

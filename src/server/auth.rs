@@ -4,20 +4,18 @@
 //! Tokens are compared as SHA-256 digests with [`subtle`], so neither the content nor
 //! the length of a configured token leaks through timing.
 
-use axum::extract::FromRequestParts;
 use http::header::AUTHORIZATION;
 use http::request::Parts;
 use subtle::ConstantTimeEq;
 
-use super::ServerState;
 use super::error::ApiError;
 use crate::key::KeyDigest;
 
 /// The configured tokens, kept only as digests.
 #[derive(Clone)]
 pub(crate) struct Tokens {
-    service: KeyDigest,
-    admin: KeyDigest,
+    pub(crate) service: KeyDigest,
+    pub(crate) admin: KeyDigest,
 }
 
 impl Tokens {
@@ -60,27 +58,12 @@ fn presented(parts: &Parts) -> Result<KeyDigest, ApiError> {
     Ok(KeyDigest::of(token.as_bytes()))
 }
 
-fn check(parts: &Parts, expected: &KeyDigest) -> Result<(), ApiError> {
+/// Whether the request carries the token whose digest is `expected`.
+pub(crate) fn check(parts: &Parts, expected: &KeyDigest) -> Result<(), ApiError> {
     let got = presented(parts)?;
     if bool::from(got.as_bytes().ct_eq(expected.as_bytes())) {
         Ok(())
     } else {
         Err(ApiError::Unauthorized("invalid token for this route"))
-    }
-}
-
-impl FromRequestParts<ServerState> for Admin {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &ServerState) -> Result<Self, Self::Rejection> {
-        check(parts, &state.inner.tokens.admin).map(|()| Admin)
-    }
-}
-
-impl FromRequestParts<ServerState> for Service {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &ServerState) -> Result<Self, Self::Rejection> {
-        check(parts, &state.inner.tokens.service).map(|()| Service)
     }
 }

@@ -109,7 +109,7 @@ struct Alerts {
 }
 
 fn rfc3339(t: OffsetDateTime) -> Result<String, ClientError> {
-    t.format(&time::format_description::well_known::Rfc3339).map_err(|e| ClientError::Decode(e.to_string()))
+    super::text::rfc3339(t).ok_or_else(|| ClientError::Decode(format!("{t} has no RFC 3339 form")))
 }
 
 impl AdminClient {

@@ -121,13 +121,3 @@ pub enum ServerError {
     #[error("configuration: {0}")]
     Config(String),
 }
-
-/// Shows user input in a message without letting it grow the message without bound.
-pub(crate) fn shown(s: &str) -> String {
-    let cut: String = s.chars().take(64).collect();
-    let mut out = cut.escape_debug().to_string();
-    if cut.len() < s.len() {
-        out.push('…');
-    }
-    out
-}

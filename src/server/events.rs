@@ -15,18 +15,18 @@
 //! silently losing invalidations.
 //!
 //! **Several replicas.** A store shared by several key-service processes (PostgreSQL)
-//! also hands every change to the others: [`Store::follow_changes`] starts a
-//! [`ChangeFeed`] that forwards the changes made through other replicas into this
-//! replica's hub, so a middleware following any replica hears about all of them. A
-//! replica publishes its own changes at once and skips its own notes when they come
-//! back. When the feed loses its connection to the database, it reconnects with backoff
-//! and then publishes `reset` (`{"reason": "gap"}`): what was missed in between cannot
-//! be known.
+//! also hands every change to the others: the store's feed forwards the changes made
+//! through other replicas into this replica's hub, so a middleware following any
+//! replica hears about all of them. A replica publishes its own changes at once and
+//! skips its own notes when they come back. When the feed loses its connection to the
+//! database, it reconnects with backoff and then publishes `reset` (`{"reason": "gap"}`):
+//! what was missed in between cannot be known.
 //!
-//! [`Store::follow_changes`]: super::store::Store::follow_changes
+//! The hub decides nothing: the store says which notes a change makes (one `updated` per
+//! key a role change touches, or one `reset` above [`MAX_EVENTS_PER_CHANGE`]) and hands
+//! them over once its transaction committed.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -36,7 +36,6 @@ use futures_util::Stream;
 use serde_json::Value;
 use serde_json::json;
 use tokio::sync::{broadcast, watch};
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::model::Alert;
@@ -211,7 +210,7 @@ impl Subscriber {
                 Err(broadcast::error::RecvError::Closed) => None,
             },
             _ = self.ticker.tick() => {
-                let at = super::store::rfc3339(Some(time::OffsetDateTime::now_utc()));
+                let at = super::text::rfc3339(time::OffsetDateTime::now_utc());
                 Some(Event::default().event("heartbeat").data(json!({ "at": at }).to_string()))
             }
         }
@@ -220,11 +219,12 @@ impl Subscriber {
 
 // ---- fan-out between replicas
 
-/// One change, as replicas tell each other (for example in a PostgreSQL `NOTIFY`
+/// One committed change subscribers must hear about, as the store hands it over and as
+/// replicas tell each other (for example in a PostgreSQL `NOTIFY`
 /// payload): `{"origin": "<replica>", "event": "revoked", "key_id": "..."}`, `{"origin",
 /// "event": "reset", "reason"}` or `{"origin", "event": "alert", "alert": {...}}`.
 #[derive(Debug, Clone, PartialEq)]
-pub enum ChangeNote {
+pub(crate) enum ChangeNote {
     /// A key was revoked, updated or rotated.
     Key(KeyEvent, String),
     /// Drop every cached verdict.
@@ -235,7 +235,7 @@ pub enum ChangeNote {
 
 impl ChangeNote {
     /// The note as JSON, tagged with the replica it comes from.
-    pub fn encode(&self, origin: &str) -> String {
+    pub(crate) fn encode(&self, origin: &str) -> String {
         match self {
             Self::Key(kind, key_id) => json!({ "origin": origin, "event": kind.name(), "key_id": key_id }),
             Self::Reset(reason) => json!({ "origin": origin, "event": "reset", "reason": reason }),
@@ -247,7 +247,7 @@ impl ChangeNote {
     /// Reads a note written by [`encode`](Self::encode): its origin and the note.
     /// Key ids and reasons are checked, so that a foreign payload cannot inject
     /// arbitrary text into SSE streams.
-    pub fn decode(payload: &str) -> Result<(String, Self), String> {
+    pub(crate) fn decode(payload: &str) -> Result<(String, Self), String> {
         let v: Value = serde_json::from_str(payload).map_err(|e| format!("not JSON: {e}"))?;
         let text = |field: &str| v.get(field).and_then(Value::as_str).ok_or_else(|| format!("no `{field}`"));
         let origin = text("origin")?.to_owned();
@@ -266,10 +266,10 @@ impl ChangeNote {
             }
             other => {
                 let kind =
-                    KeyEvent::parse(other).ok_or_else(|| format!("unknown event `{}`", super::error::shown(other)))?;
+                    KeyEvent::parse(other).ok_or_else(|| format!("unknown event `{}`", super::text::shown(other)))?;
                 let key_id = text("key_id")?;
                 if !looks_like_key_id(key_id) {
-                    return Err(format!("bad key id `{}`", super::error::shown(key_id)));
+                    return Err(format!("bad key id `{}`", super::text::shown(key_id)));
                 }
                 Self::Key(kind, key_id.to_owned())
             }
@@ -278,7 +278,7 @@ impl ChangeNote {
     }
 
     /// Publishes the note to `hub`'s subscribers.
-    pub fn publish(&self, hub: &EventHub) {
+    pub(crate) fn publish(&self, hub: &EventHub) {
         match self {
             Self::Key(kind, key_id) => hub.key(*kind, key_id),
             Self::Reset(reason) => hub.reset(reason),
@@ -290,115 +290,6 @@ impl ChangeNote {
 /// Whether `id` has the shape of a key id (`key_` + base62, at most 64 characters).
 pub(crate) fn looks_like_key_id(id: &str) -> bool {
     id.len() <= 64 && id.starts_with("key_") && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
-/// What a [`ChangeFeed`] has done, read with [`ChangeFeed::stats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct FeedStats {
-    /// Whether the feed is connected now.
-    pub connected: bool,
-    /// Notes from other replicas published to this replica's subscribers.
-    pub forwarded: u64,
-    /// This replica's own notes, skipped (its subscribers had them already).
-    pub own_skipped: u64,
-    /// Notes that could not be read (each one published `reset` instead).
-    pub unreadable: u64,
-    /// Connections established after the first (each one followed by `reset`).
-    pub reconnects: u64,
-}
-
-/// The counters a feed task updates; handed to it by [`ChangeFeed::spawn`].
-#[derive(Debug)]
-pub struct FeedCounters {
-    forwarded: AtomicU64,
-    own_skipped: AtomicU64,
-    unreadable: AtomicU64,
-    connects: AtomicU64,
-    connected: watch::Sender<bool>,
-}
-
-impl FeedCounters {
-    /// Reads one payload from the feed: skips this replica's own notes, publishes the
-    /// others to `hub`, and publishes `reset` for one it cannot read (a lost
-    /// invalidation is never ignored).
-    pub fn forward(&self, hub: &EventHub, own_origin: &str, payload: &str) {
-        match ChangeNote::decode(payload) {
-            Ok((origin, _)) if origin == own_origin => {
-                self.own_skipped.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok((_, note)) => {
-                note.publish(hub);
-                self.forwarded.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(why) => {
-                tracing::warn!(error = %why, "unreadable change note from another replica; telling subscribers to reset");
-                self.unreadable.fetch_add(1, Ordering::Relaxed);
-                hub.reset("unreadable");
-            }
-        }
-    }
-
-    /// Marks the feed connected (counting the connection) or disconnected; returns the
-    /// number of connections so far.
-    pub fn set_connected(&self, up: bool) -> u64 {
-        let connects =
-            if up { self.connects.fetch_add(1, Ordering::Relaxed) + 1 } else { self.connects.load(Ordering::Relaxed) };
-        self.connected.send_replace(up);
-        connects
-    }
-}
-
-/// A task forwarding other replicas' changes into this replica's [`EventHub`]; started
-/// by [`Store::follow_changes`](super::store::Store::follow_changes), stopped when
-/// dropped.
-#[derive(Debug)]
-pub struct ChangeFeed {
-    task: JoinHandle<()>,
-    counters: Arc<FeedCounters>,
-}
-
-impl ChangeFeed {
-    /// Spawns `run` on the current Tokio runtime with fresh counters.
-    pub fn spawn<F, Fut>(run: F) -> Self
-    where
-        F: FnOnce(Arc<FeedCounters>) -> Fut,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let counters = Arc::new(FeedCounters {
-            forwarded: AtomicU64::new(0),
-            own_skipped: AtomicU64::new(0),
-            unreadable: AtomicU64::new(0),
-            connects: AtomicU64::new(0),
-            connected: watch::Sender::new(false),
-        });
-        let task = tokio::spawn(run(Arc::clone(&counters)));
-        Self { task, counters }
-    }
-
-    /// A snapshot of the counters.
-    pub fn stats(&self) -> FeedStats {
-        let c = &self.counters;
-        FeedStats {
-            connected: *c.connected.borrow(),
-            forwarded: c.forwarded.load(Ordering::Relaxed),
-            own_skipped: c.own_skipped.load(Ordering::Relaxed),
-            unreadable: c.unreadable.load(Ordering::Relaxed),
-            reconnects: c.connects.load(Ordering::Relaxed).saturating_sub(1),
-        }
-    }
-
-    /// Waits until the feed is connected, for at most `limit`; whether it is.
-    pub async fn wait_connected(&self, limit: Duration) -> bool {
-        let mut rx = self.counters.connected.subscribe();
-        tokio::time::timeout(limit, rx.wait_for(|up| *up)).await.is_ok_and(|r| r.is_ok())
-    }
-}
-
-impl Drop for ChangeFeed {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 #[cfg(test)]
@@ -424,22 +315,5 @@ mod tests {
         ] {
             assert!(ChangeNote::decode(bad).is_err(), "{bad}");
         }
-    }
-
-    #[tokio::test]
-    async fn forward_skips_own_notes_and_resets_on_unreadable_ones() {
-        let hub = EventHub::new(16, Duration::from_secs(60));
-        let feed = ChangeFeed::spawn(|_| async {});
-        let c = &feed.counters;
-        c.forward(&hub, "me", &ChangeNote::Key(KeyEvent::Updated, "key_a".into()).encode("me"));
-        c.forward(&hub, "me", &ChangeNote::Key(KeyEvent::Updated, "key_a".into()).encode("other"));
-        c.forward(&hub, "me", "garbage");
-        let s = feed.stats();
-        assert_eq!((s.own_skipped, s.forwarded, s.unreadable), (1, 1, 1));
-        // The forwarded note and the reset for the unreadable one.
-        assert_eq!(hub.published(), 2);
-        assert!(!feed.wait_connected(Duration::from_millis(10)).await);
-        c.set_connected(true);
-        assert!(feed.wait_connected(Duration::from_millis(10)).await);
     }
 }

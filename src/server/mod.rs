@@ -42,12 +42,14 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+// Module order from the bottom up; each imports only modules before it: text, model,
+// events, store, error, validate, usage, auth, alerts, client, state, api (and this
+// one, which builds and starts the service).
 pub mod alerts;
 mod api;
 mod auth;
@@ -55,8 +57,11 @@ mod client;
 pub mod error;
 pub mod events;
 pub mod model;
+mod state;
 pub mod store;
+mod text;
 mod usage;
+mod validate;
 
 pub use alerts::AlertConfig;
 pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};
@@ -65,6 +70,7 @@ pub use client::{AdminClient, ClientError, CreatedKey};
 pub use error::{ApiError, ServerError};
 pub use events::EventHub;
 pub use model::{Alert, AlertKind, AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageBucket, UsageReport};
+pub use state::{ServerState, ServerStats};
 pub use store::{Store, StoreError};
 pub use usage::network_of;
 
@@ -81,115 +87,11 @@ pub const DEFAULT_KEY_PREFIX: &str = "kg";
 /// How long starting waits for the feed of other replicas' changes to connect.
 const FEED_START_WAIT: Duration = Duration::from_secs(5);
 
-/// Counters of a running key service.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct ServerStats {
-    /// `POST /v1/keys/verify` requests handled (past token check).
-    pub verify_calls: u64,
-    /// Verify answers `valid: true`.
-    pub verify_valid: u64,
-    /// Verify answers `valid: false`.
-    pub verify_invalid: u64,
-    /// Usage batches stored.
-    pub usage_batches: u64,
-    /// Usage events stored.
-    pub usage_events: u64,
-    /// Usage events without a key id (counted, not stored per key).
-    pub usage_unattributed: u64,
-    /// Events middlewares reported as dropped.
-    pub usage_dropped_reported: u64,
-    /// SSE events published.
-    pub events_published: u64,
-    /// SSE streams open now.
-    pub event_subscribers: u64,
-    /// Alerts raised.
-    pub alerts_raised: u64,
-    /// Changes made through other replicas and forwarded to this one's event streams
-    /// (a store shared by several replicas only).
-    pub events_forwarded: u64,
-    /// Whether the feed of other replicas' changes is connected (always `false` for a
-    /// store only one replica uses).
-    pub change_feed_connected: bool,
-    /// Times the feed of other replicas' changes reconnected (each followed by `reset`).
-    pub change_feed_reconnects: u64,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Stats {
-    pub verify_calls: AtomicU64,
-    pub verify_valid: AtomicU64,
-    pub verify_invalid: AtomicU64,
-    pub usage_batches: AtomicU64,
-    pub usage_events: AtomicU64,
-    pub usage_unattributed: AtomicU64,
-    pub usage_dropped_reported: AtomicU64,
-    pub alerts_raised: AtomicU64,
-}
-
-/// Everything the routes share: store, tokens, event hub, counters, settings.
-/// Cheap to clone.
-#[derive(Clone)]
-pub struct ServerState {
-    pub(crate) inner: Arc<StateInner>,
-}
-
-pub(crate) struct StateInner {
-    pub store: Arc<dyn Store>,
-    pub tokens: Tokens,
-    pub hub: EventHub,
-    pub stats: Stats,
-    pub alerts: AlertConfig,
-    pub key_prefix: String,
-    /// Other replicas' changes, forwarded into `hub`; stops when the state is dropped.
-    pub feed: Option<events::ChangeFeed>,
-}
-
-impl ServerState {
-    /// The store.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
-    }
-
-    /// The event hub behind `GET /v1/events`.
-    pub fn events(&self) -> &EventHub {
-        &self.inner.hub
-    }
-
-    /// A snapshot of the counters.
-    pub fn stats(&self) -> ServerStats {
-        let s = &self.inner.stats;
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let feed = self.inner.feed.as_ref().map(events::ChangeFeed::stats).unwrap_or_default();
-        ServerStats {
-            verify_calls: get(&s.verify_calls),
-            verify_valid: get(&s.verify_valid),
-            verify_invalid: get(&s.verify_invalid),
-            usage_batches: get(&s.usage_batches),
-            usage_events: get(&s.usage_events),
-            usage_unattributed: get(&s.usage_unattributed),
-            usage_dropped_reported: get(&s.usage_dropped_reported),
-            events_published: self.inner.hub.published(),
-            event_subscribers: self.inner.hub.subscribers(),
-            alerts_raised: get(&s.alerts_raised),
-            events_forwarded: feed.forwarded,
-            change_feed_connected: feed.connected,
-            change_feed_reconnects: feed.reconnects,
-        }
-    }
-}
-
-impl std::fmt::Debug for ServerState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerState").field("stats", &self.stats()).finish_non_exhaustive()
-    }
-}
-
 /// Builds and starts a key service. See the [module docs](self).
 #[must_use]
 pub struct KeyServer {
     database: String,
-    store: Option<Arc<dyn Store>>,
+    store: Option<Store>,
     service_token: Option<String>,
     admin_token: Option<String>,
     listen: SocketAddr,
@@ -236,9 +138,10 @@ impl KeyServer {
         self
     }
 
-    /// Uses an already open store instead of [`database`](Self::database).
-    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
-        self.store = Some(store);
+    /// Uses an already open store ([`SqliteStore`](store::SqliteStore),
+    /// `PostgresStore`) instead of [`database`](Self::database).
+    pub fn store(mut self, store: impl Into<Store>) -> Self {
+        self.store = Some(store.into());
         self
     }
 
@@ -319,10 +222,17 @@ impl KeyServer {
         let (service, admin) = self.tokens()?;
         let store = match self.store.take() {
             Some(s) => s,
-            None => store::open(&self.database).await?,
+            None => open_store(&self.database).await?,
         };
+        tracing::debug!(
+            key_prefix = %self.key_prefix,
+            heartbeat = ?self.heartbeat,
+            event_buffer = self.event_buffer,
+            "key service configured"
+        );
         let hub = EventHub::new(self.event_buffer, self.heartbeat);
-        let feed = store.follow_changes(&hub);
+        let store = store.reporting_to(Arc::new(hub.clone()));
+        let feed = store.follow_changes();
         if let Some(feed) = &feed {
             // Serving before the feed listens would let another replica's change slip by
             // unnoticed; a feed that is late publishes `reset` when it connects.
@@ -331,11 +241,11 @@ impl KeyServer {
             }
         }
         let state = ServerState {
-            inner: Arc::new(StateInner {
+            inner: Arc::new(state::StateInner {
                 store,
                 tokens: Tokens::new(&service, &admin),
                 hub,
-                stats: Stats::default(),
+                stats: state::Stats::default(),
                 alerts: self.alerts.clone(),
                 key_prefix: self.key_prefix.clone(),
                 feed,
@@ -451,4 +361,18 @@ impl Drop for RunningKeyServer {
             let _ = stop.send(());
         }
     }
+}
+
+/// Opens the store a URL names (`sqlite://path`, `sqlite::memory:`, and with feature
+/// `postgres`, `postgres://...` or `postgresql://...`) and runs its migrations.
+async fn open_store(url: &str) -> Result<Store, ServerError> {
+    if url.starts_with("sqlite:") {
+        return Ok(store::SqliteStore::open(url).await?.into());
+    }
+    #[cfg(feature = "postgres")]
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(store::PostgresStore::open(url).await?.into());
+    }
+    let scheme = url.split(':').next().unwrap_or_default();
+    Err(ServerError::UnsupportedDatabase(format!("{scheme}:…")))
 }

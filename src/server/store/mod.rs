@@ -1,11 +1,16 @@
-//! Storage behind one object-safe trait, so that the backend can be chosen at run time
-//! from the database URL ([`open`]) and the HTTP layer never knows which one it talks to.
+//! Storage: [`Store`], an enum over the backends (SQLite, and PostgreSQL with feature
+//! `postgres`), chosen at run time from the database URL, so that the HTTP layer never
+//! knows which one it talks to. Each method is written once here; the backends supply
+//! only what differs: how a write transaction begins and commits, locks, usage upserts,
+//! migrations and the feed of other replicas' changes.
 //!
 //! Every method that changes a key or a role writes its audit record in the same
-//! transaction as the change: either both are stored or neither is.
+//! transaction as the change: either both are stored or neither is. The notes a change
+//! makes for event subscribers are decided here, committed with it (PostgreSQL sends
+//! them to the other replicas with `NOTIFY` in the transaction) and then handed to the
+//! store's change sink (the event hub): the one place the key service publishes.
 
-use std::future::Future;
-use std::pin::Pin;
+use std::fmt;
 use std::sync::Arc;
 
 use serde_json::{Value, json};
@@ -14,34 +19,33 @@ use time::OffsetDateTime;
 use crate::key::KeyDigest;
 use crate::principal::RateLimit;
 
-use super::error::ServerError;
-use super::events::{ChangeFeed, EventHub};
+use super::events::{ChangeNote, KeyEvent, MAX_EVENTS_PER_CHANGE};
 use super::model::{Alert, AuditRecord, KeyInfo, KeyPatch, RoleInfo, UsageBucket};
+use super::text::rfc3339;
 
+mod feed;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod queries;
 mod rows;
 mod sqlite;
+pub(crate) use feed::ChangeFeed;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
-/// A boxed, `Send` future: what [`Store`] methods return, so that `dyn Store` works.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
 /// Audit action names.
-pub mod action {
+pub(crate) mod action {
     /// A key was created.
-    pub const KEY_CREATE: &str = "key.create";
+    pub(crate) const KEY_CREATE: &str = "key.create";
     /// A key was changed with `PATCH`.
-    pub const KEY_UPDATE: &str = "key.update";
+    pub(crate) const KEY_UPDATE: &str = "key.update";
     /// A key got a new secret.
-    pub const KEY_ROTATE: &str = "key.rotate";
+    pub(crate) const KEY_ROTATE: &str = "key.rotate";
     /// A key was revoked.
-    pub const KEY_REVOKE: &str = "key.revoke";
+    pub(crate) const KEY_REVOKE: &str = "key.revoke";
     /// A role was created or replaced.
-    pub const ROLE_PUT: &str = "role.put";
+    pub(crate) const ROLE_PUT: &str = "role.put";
 }
 
 /// What a store can fail with.
@@ -66,14 +70,9 @@ pub enum StoreError {
     /// The database is not set up as the store needs (no schema to create tables in, ...).
     #[error("database configuration: {0}")]
     Config(String),
-    /// A migration failed.
-    #[error("migration {version}: {source}")]
-    Migration {
-        /// The migration's version.
-        version: i64,
-        /// Why.
-        source: sqlx::Error,
-    },
+    /// Migrating the schema failed.
+    #[error("migration: {0}")]
+    Migration(sqlx::migrate::MigrateError),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -87,38 +86,38 @@ impl From<sqlx::Error> for StoreError {
 
 /// A key to insert: everything but the raw secret.
 #[derive(Debug, Clone)]
-pub struct NewKeyRecord {
+pub(crate) struct NewKeyRecord {
     /// The key's id.
-    pub key_id: String,
+    pub(crate) key_id: String,
     /// The secret's first characters.
-    pub secret: NewSecret,
+    pub(crate) secret: NewSecret,
     /// Owner.
-    pub owner: String,
+    pub(crate) owner: String,
     /// Name.
-    pub name: String,
+    pub(crate) name: String,
     /// Validated, sorted scopes.
-    pub scopes: Vec<String>,
+    pub(crate) scopes: Vec<String>,
     /// Validated, sorted roles.
-    pub roles: Vec<String>,
+    pub(crate) roles: Vec<String>,
     /// Environment.
-    pub environment: String,
+    pub(crate) environment: String,
     /// Expiry.
-    pub expires_at: Option<OffsetDateTime>,
+    pub(crate) expires_at: Option<OffsetDateTime>,
     /// Metadata object.
-    pub meta: Value,
+    pub(crate) meta: Value,
     /// Rate limit.
-    pub ratelimit: Option<RateLimit>,
+    pub(crate) ratelimit: Option<RateLimit>,
     /// Creation time.
-    pub created_at: OffsetDateTime,
+    pub(crate) created_at: OffsetDateTime,
 }
 
 /// A secret to store: its digest and display prefix, never the secret.
 #[derive(Debug, Clone)]
-pub struct NewSecret {
+pub(crate) struct NewSecret {
     /// SHA-256 of the key.
-    pub digest: KeyDigest,
+    pub(crate) digest: KeyDigest,
     /// `kg_3fA9`.
-    pub key_prefix: String,
+    pub(crate) key_prefix: String,
 }
 
 /// What [`Store::find_by_digest`] found.
@@ -134,32 +133,32 @@ pub struct Found {
 
 /// One key's usage in one minute, to add to the stored aggregate.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MinuteRow {
+pub(crate) struct MinuteRow {
     /// The key.
-    pub key_id: String,
+    pub(crate) key_id: String,
     /// The minute's start, Unix seconds.
-    pub minute: i64,
+    pub(crate) minute: i64,
     /// Requests.
-    pub requests: i64,
+    pub(crate) requests: i64,
     /// Allowed.
-    pub allowed: i64,
+    pub(crate) allowed: i64,
     /// Denied.
-    pub denied: i64,
+    pub(crate) denied: i64,
     /// 2xx.
-    pub status_2xx: i64,
+    pub(crate) status_2xx: i64,
     /// 4xx.
-    pub status_4xx: i64,
+    pub(crate) status_4xx: i64,
     /// 5xx.
-    pub status_5xx: i64,
+    pub(crate) status_5xx: i64,
     /// Latency sum, microseconds.
-    pub latency_us_sum: i64,
+    pub(crate) latency_us_sum: i64,
     /// Latency max, microseconds.
-    pub latency_us_max: i64,
+    pub(crate) latency_us_max: i64,
 }
 
 /// Whether a client network was new for a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NetworkSeen {
+pub(crate) enum NetworkSeen {
     /// Seen before.
     Known,
     /// The first network this key was ever seen from.
@@ -168,121 +167,284 @@ pub enum NetworkSeen {
     New,
 }
 
-/// The storage a key service runs on. Implementations: [`SqliteStore`], and
-/// `PostgresStore` with feature `postgres`.
-pub trait Store: Send + Sync + 'static {
-    /// Checks the database answers.
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+/// Where a store reports the changes it committed (the key service's event hub).
+pub(crate) trait ChangeSink: fmt::Debug + Send + Sync + 'static {
+    /// Hands over one committed change.
+    fn publish(&self, note: &ChangeNote);
 
-    /// Inserts a key, its secret and the `key.create` audit record.
-    fn create_key<'a>(&'a self, key: &'a NewKeyRecord, actor: &'a str) -> BoxFuture<'a, Result<KeyInfo, StoreError>>;
-
-    /// One key by id.
-    fn get_key<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<Option<KeyInfo>, StoreError>>;
-
-    /// Keys, oldest first, optionally of one owner, at most `limit`.
-    fn list_keys<'a>(&'a self, owner: Option<&'a str>, limit: u32) -> BoxFuture<'a, Result<Vec<KeyInfo>, StoreError>>;
-
-    /// Applies a validated patch and writes `key.update`. A revoked key is a conflict.
-    fn update_key<'a>(
-        &'a self,
-        key_id: &'a str,
-        patch: &'a KeyPatch,
-        actor: &'a str,
-        at: OffsetDateTime,
-    ) -> BoxFuture<'a, Result<KeyInfo, StoreError>>;
-
-    /// Makes `secret` the key's current secret; the previous ones stop at `grace_until`
-    /// at the latest. Writes `key.rotate`.
-    fn rotate_key<'a>(
-        &'a self,
-        key_id: &'a str,
-        secret: &'a NewSecret,
-        grace_until: OffsetDateTime,
-        actor: &'a str,
-        at: OffsetDateTime,
-    ) -> BoxFuture<'a, Result<KeyInfo, StoreError>>;
-
-    /// Revokes a key for good and writes `key.revoke`.
-    fn revoke_key<'a>(
-        &'a self,
-        key_id: &'a str,
-        actor: &'a str,
-        at: OffsetDateTime,
-    ) -> BoxFuture<'a, Result<KeyInfo, StoreError>>;
-
-    /// Creates or replaces a role and writes `role.put`. Returns the role and the ids
-    /// of the unrevoked keys that hold it (their effective scopes changed).
-    fn put_role<'a>(
-        &'a self,
-        name: &'a str,
-        scopes: &'a [String],
-        actor: &'a str,
-        at: OffsetDateTime,
-    ) -> BoxFuture<'a, Result<(RoleInfo, Vec<String>), StoreError>>;
-
-    /// All roles, by name.
-    fn list_roles(&self) -> BoxFuture<'_, Result<Vec<RoleInfo>, StoreError>>;
-
-    /// The key holding the secret with this digest: an index lookup, never a scan.
-    fn find_by_digest<'a>(&'a self, digest: &'a KeyDigest) -> BoxFuture<'a, Result<Option<Found>, StoreError>>;
-
-    /// Audit records, oldest first: from `since` on, or the newest `limit` without it.
-    fn audit(&self, since: Option<OffsetDateTime>, limit: u32) -> BoxFuture<'_, Result<Vec<AuditRecord>, StoreError>>;
-
-    /// Adds per-minute aggregates (atomic upserts, correct under concurrent writers)
-    /// and moves keys' `last_used_at` forward.
-    fn record_usage<'a>(
-        &'a self,
-        rows: &'a [MinuteRow],
-        last_used: &'a [(String, OffsetDateTime)],
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
-
-    /// A key's minutes from `since` on, oldest first, at most `limit`.
-    fn usage<'a>(
-        &'a self,
-        key_id: &'a str,
-        since: OffsetDateTime,
-        limit: u32,
-    ) -> BoxFuture<'a, Result<Vec<UsageBucket>, StoreError>>;
-
-    /// Remembers that `key_id` was used from `network`.
-    fn note_network<'a>(
-        &'a self,
-        key_id: &'a str,
-        network: &'a str,
-        at: OffsetDateTime,
-    ) -> BoxFuture<'a, Result<NetworkSeen, StoreError>>;
-
-    /// Stores an alert unless one of the same key, kind and minute exists; true if stored.
-    fn insert_alert<'a>(&'a self, alert: &'a Alert) -> BoxFuture<'a, Result<bool, StoreError>>;
-
-    /// Alerts, oldest first: from `since` on, or the newest `limit` without it.
-    fn alerts(&self, since: Option<OffsetDateTime>, limit: u32) -> BoxFuture<'_, Result<Vec<Alert>, StoreError>>;
-
-    /// For a store that several key-service replicas share: starts forwarding the
-    /// changes made through the other replicas (revocations, updates, rotations, role
-    /// changes, resets, alerts) into `hub`, so that this replica's event-stream
-    /// subscribers hear about them. `None` (the default) for a store only one replica
-    /// uses, such as SQLite. Called from within a Tokio runtime.
-    fn follow_changes(&self, hub: &EventHub) -> Option<ChangeFeed> {
-        let _ = hub;
-        None
+    /// Whether anyone listens now: a feed of other replicas' changes that connects late
+    /// tells them to start over (default `true`).
+    fn listening(&self) -> bool {
+        true
     }
 }
 
-/// Opens the store a URL names (`sqlite://path`, `sqlite::memory:`, and with feature
-/// `postgres`, `postgres://...` or `postgresql://...`) and runs its migrations.
-pub async fn open(url: &str) -> Result<Arc<dyn Store>, ServerError> {
-    if url.starts_with("sqlite:") {
-        return Ok(Arc::new(SqliteStore::open(url).await?));
+/// The sink of a store no key service has attached to.
+#[derive(Debug)]
+struct Unheard;
+
+impl ChangeSink for Unheard {
+    fn publish(&self, _: &ChangeNote) {}
+
+    fn listening(&self) -> bool {
+        false
     }
+}
+
+/// The storage a key service runs on: [`SqliteStore`], or [`PostgresStore`] with
+/// feature `postgres` (`From` either). Cheap to clone: clones share the pool.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+    sink: Arc<dyn ChangeSink>,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sqlite(SqliteStore),
     #[cfg(feature = "postgres")]
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Ok(Arc::new(PostgresStore::open(url).await?));
+    Postgres(PostgresStore),
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store").field("backend", &self.backend).finish_non_exhaustive()
     }
-    let scheme = url.split(':').next().unwrap_or_default();
-    Err(ServerError::UnsupportedDatabase(format!("{scheme}:…")))
+}
+
+impl From<SqliteStore> for Store {
+    fn from(store: SqliteStore) -> Self {
+        Self { backend: Backend::Sqlite(store), sink: Arc::new(Unheard) }
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl From<PostgresStore> for Store {
+    fn from(store: PostgresStore) -> Self {
+        Self { backend: Backend::Postgres(store), sink: Arc::new(Unheard) }
+    }
+}
+
+/// `$body` once per backend, with `$b` the backend and (optionally) `$q` its module of
+/// shared queries.
+macro_rules! each_backend {
+    ($store:expr, $b:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite($b) => $body,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres($b) => $body,
+        }
+    };
+    ($store:expr, $b:ident, $q:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite($b) => {
+                use sqlite::shared as $q;
+                $body
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres($b) => {
+                use postgres::shared as $q;
+                $body
+            }
+        }
+    };
+}
+
+/// A write: `$body`, in a write transaction `$tx` of the backend with its queries `$q`,
+/// returns the value and the notes it made; they are committed together, then the
+/// notes go to the sink.
+macro_rules! write_tx {
+    ($store:expr, |$tx:ident, $q:ident| $body:expr) => {{
+        let (value, notes) = each_backend!($store, b, $q => {
+            let mut $tx = b.write().await?;
+            let (value, notes): (_, Vec<ChangeNote>) = $body;
+            b.commit($tx, &notes).await?;
+            (value, notes)
+        });
+        $store.published(&notes);
+        Ok(value)
+    }};
+}
+
+impl Store {
+    /// Reports every change this store commits to `sink` from now on.
+    #[must_use]
+    pub(crate) fn reporting_to(mut self, sink: Arc<dyn ChangeSink>) -> Self {
+        self.sink = sink;
+        self
+    }
+
+    /// The one publish point: after commit, the notes go to the local subscribers.
+    fn published(&self, notes: &[ChangeNote]) {
+        for note in notes {
+            self.sink.publish(note);
+        }
+    }
+
+    /// Checks the database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        each_backend!(self, b => sqlx::query("SELECT 1").execute(b.pool()).await.map(drop)?);
+        Ok(())
+    }
+
+    /// Inserts a key, its secret and the `key.create` audit record.
+    pub(crate) async fn create_key(&self, key: &NewKeyRecord, actor: &str) -> Result<KeyInfo, StoreError> {
+        write_tx!(self, |tx, q| (q::create_key(&mut tx, key, actor).await?, Vec::new()))
+    }
+
+    /// One key by id.
+    pub async fn get_key(&self, key_id: &str) -> Result<Option<KeyInfo>, StoreError> {
+        each_backend!(self, b, q => q::get_key(b.pool(), key_id).await)
+    }
+
+    /// Keys, oldest first, optionally of one owner, at most `limit`.
+    pub async fn list_keys(&self, owner: Option<&str>, limit: u32) -> Result<Vec<KeyInfo>, StoreError> {
+        each_backend!(self, b, q => q::list_keys(b.pool(), owner, limit).await)
+    }
+
+    /// Applies a validated patch and writes `key.update`. A revoked key is a conflict.
+    pub(crate) async fn update_key(
+        &self,
+        key_id: &str,
+        patch: &KeyPatch,
+        actor: &str,
+        at: OffsetDateTime,
+    ) -> Result<KeyInfo, StoreError> {
+        self.change_key(key_id, KeyChange::Update(patch), actor, at).await
+    }
+
+    /// Makes `secret` the key's current secret; the previous ones stop at `grace_until`
+    /// at the latest. Writes `key.rotate`.
+    pub(crate) async fn rotate_key(
+        &self,
+        key_id: &str,
+        secret: &NewSecret,
+        grace_until: OffsetDateTime,
+        actor: &str,
+        at: OffsetDateTime,
+    ) -> Result<KeyInfo, StoreError> {
+        self.change_key(key_id, KeyChange::Rotate { secret, grace_until }, actor, at).await
+    }
+
+    /// Revokes a key for good and writes `key.revoke`.
+    pub(crate) async fn revoke_key(
+        &self,
+        key_id: &str,
+        actor: &str,
+        at: OffsetDateTime,
+    ) -> Result<KeyInfo, StoreError> {
+        self.change_key(key_id, KeyChange::Revoke, actor, at).await
+    }
+
+    async fn change_key(
+        &self,
+        key_id: &str,
+        change: KeyChange<'_>,
+        actor: &str,
+        at: OffsetDateTime,
+    ) -> Result<KeyInfo, StoreError> {
+        write_tx!(self, |tx, q| {
+            let key = q::change_key(&mut tx, key_id, &change, actor, at).await?;
+            let note = ChangeNote::Key(change.event(), key.key_id.clone());
+            (key, vec![note])
+        })
+    }
+
+    /// Creates or replaces a role and writes `role.put`. Returns the role and how many
+    /// unrevoked keys hold it (their effective scopes changed: each is `updated`, or
+    /// all are `reset` above [`MAX_EVENTS_PER_CHANGE`]).
+    pub(crate) async fn put_role(
+        &self,
+        name: &str,
+        scopes: &[String],
+        actor: &str,
+        at: OffsetDateTime,
+    ) -> Result<(RoleInfo, usize), StoreError> {
+        write_tx!(self, |tx, q| {
+            let (role, affected) = q::put_role(&mut tx, name, scopes, actor, at).await?;
+            ((role, affected.len()), notes_for_keys(KeyEvent::Updated, affected))
+        })
+    }
+
+    /// All roles, by name.
+    pub async fn list_roles(&self) -> Result<Vec<RoleInfo>, StoreError> {
+        each_backend!(self, b, q => q::list_roles(b.pool()).await)
+    }
+
+    /// The key holding the secret with this digest: an index lookup, never a scan.
+    pub async fn find_by_digest(&self, digest: &KeyDigest) -> Result<Option<Found>, StoreError> {
+        each_backend!(self, b, q => q::find_by_digest(b.pool(), digest).await)
+    }
+
+    /// Audit records, oldest first: from `since` on, or the newest `limit` without it.
+    pub async fn audit(&self, since: Option<OffsetDateTime>, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
+        each_backend!(self, b, q => q::audit(b.pool(), since, limit).await)
+    }
+
+    /// Adds per-minute aggregates (atomic upserts, correct under concurrent writers)
+    /// and moves keys' `last_used_at` forward.
+    pub(crate) async fn record_usage(
+        &self,
+        rows: &[MinuteRow],
+        last_used: &[(String, OffsetDateTime)],
+    ) -> Result<(), StoreError> {
+        each_backend!(self, b => b.record_usage(rows, last_used).await)
+    }
+
+    /// A key's minutes from `since` on, oldest first, at most `limit`.
+    pub async fn usage(&self, key_id: &str, since: OffsetDateTime, limit: u32) -> Result<Vec<UsageBucket>, StoreError> {
+        each_backend!(self, b, q => q::usage(b.pool(), key_id, since, limit).await)
+    }
+
+    /// Remembers that `key_id` was used from `network`.
+    pub(crate) async fn note_network(
+        &self,
+        key_id: &str,
+        network: &str,
+        at: OffsetDateTime,
+    ) -> Result<NetworkSeen, StoreError> {
+        let known = each_backend!(self, b, q => q::network_known(b.pool(), key_id, network).await?);
+        if known {
+            return Ok(NetworkSeen::Known);
+        }
+        write_tx!(self, |tx, q| (q::add_network(&mut tx, key_id, network, at).await?, Vec::new()))
+    }
+
+    /// Stores an alert (and publishes it) unless one of the same key, kind and minute
+    /// exists; true if stored.
+    pub(crate) async fn insert_alert(&self, alert: &Alert) -> Result<bool, StoreError> {
+        write_tx!(self, |tx, q| {
+            let stored = q::insert_alert(&mut *tx, alert).await?;
+            let notes = if stored { vec![ChangeNote::Alert(Box::new(alert.clone()))] } else { Vec::new() };
+            (stored, notes)
+        })
+    }
+
+    /// Alerts, oldest first: from `since` on, or the newest `limit` without it.
+    pub async fn alerts(&self, since: Option<OffsetDateTime>, limit: u32) -> Result<Vec<Alert>, StoreError> {
+        each_backend!(self, b, q => q::alerts(b.pool(), since, limit).await)
+    }
+
+    /// For a store that several key-service replicas share (PostgreSQL): starts
+    /// forwarding the changes made through the other replicas into the sink. `None` for
+    /// a store only one replica uses (SQLite). Called from within a Tokio runtime.
+    pub(crate) fn follow_changes(&self) -> Option<ChangeFeed> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            #[cfg(feature = "postgres")]
+            Backend::Postgres(p) => Some(p.follow_changes(Arc::clone(&self.sink))),
+        }
+    }
+}
+
+/// The notes of a change to these keys: one `kind` each, or a single `reset` when they
+/// are more than [`MAX_EVENTS_PER_CHANGE`], so that one change cannot overflow
+/// subscribers' buffers.
+fn notes_for_keys(kind: KeyEvent, key_ids: Vec<String>) -> Vec<ChangeNote> {
+    if key_ids.len() > MAX_EVENTS_PER_CHANGE {
+        return vec![ChangeNote::Reset("bulk".into())];
+    }
+    key_ids.into_iter().map(|id| ChangeNote::Key(kind, id)).collect()
 }
 
 /// Unix milliseconds: how every store keeps time.
@@ -328,15 +490,11 @@ pub(crate) fn create_changes(key: &NewKeyRecord) -> Value {
         "scopes": key.scopes,
         "roles": key.roles,
         "environment": key.environment,
-        "expires_at": rfc3339(key.expires_at),
+        "expires_at": key.expires_at.and_then(rfc3339),
         "meta": key.meta,
         "ratelimit": key.ratelimit,
         "key_prefix": key.secret.key_prefix,
     })
-}
-
-pub(crate) fn rfc3339(t: Option<OffsetDateTime>) -> Value {
-    t.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()).map_or(Value::Null, Value::String)
 }
 
 /// A change of an existing, unrevoked key: what `update_key`, `rotate_key` and
@@ -356,6 +514,15 @@ pub(crate) enum KeyChange<'a> {
 }
 
 impl KeyChange<'_> {
+    /// The event subscribers hear.
+    pub(crate) fn event(&self) -> KeyEvent {
+        match self {
+            Self::Update(_) => KeyEvent::Updated,
+            Self::Rotate { .. } => KeyEvent::Rotated,
+            Self::Revoke => KeyEvent::Revoked,
+        }
+    }
+
     /// The audit action.
     pub(crate) fn action(&self) -> &'static str {
         match self {
@@ -373,7 +540,7 @@ impl KeyChange<'_> {
             Self::Rotate { secret, grace_until } => {
                 let changes = json!({
                     "key_prefix": { "from": key.key_prefix, "to": secret.key_prefix },
-                    "previous_expires_at": rfc3339(Some(*grace_until)),
+                    "previous_expires_at": rfc3339(*grace_until),
                 });
                 key.key_prefix.clone_from(&secret.key_prefix);
                 changes
@@ -419,7 +586,7 @@ pub(crate) fn apply_patch(key: &mut KeyInfo, patch: &KeyPatch) -> Value {
         key.meta = meta.clone();
     }
     if let Some(expires_at) = patch.expires_at {
-        note("expires_at", rfc3339(key.expires_at), rfc3339(expires_at));
+        note("expires_at", json!(key.expires_at.and_then(rfc3339)), json!(expires_at.and_then(rfc3339)));
         key.expires_at = expires_at;
     }
     if let Some(ratelimit) = patch.ratelimit {
@@ -427,4 +594,20 @@ pub(crate) fn apply_patch(key: &mut KeyInfo, patch: &KeyPatch) -> Value {
         key.ratelimit = ratelimit;
     }
     Value::Object(changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_of_many_keys_is_one_reset() {
+        let ids = |n: usize| (0..n).map(|i| format!("key_{i}")).collect::<Vec<_>>();
+        let few = notes_for_keys(KeyEvent::Updated, ids(MAX_EVENTS_PER_CHANGE));
+        assert_eq!(few.len(), MAX_EVENTS_PER_CHANGE);
+        assert_eq!(few[0], ChangeNote::Key(KeyEvent::Updated, "key_0".into()));
+        let many = notes_for_keys(KeyEvent::Updated, ids(MAX_EVENTS_PER_CHANGE + 1));
+        assert_eq!(many, [ChangeNote::Reset("bulk".into())]);
+        assert!(notes_for_keys(KeyEvent::Updated, Vec::new()).is_empty());
+    }
 }

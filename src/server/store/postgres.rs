@@ -10,23 +10,26 @@ use sqlx::Transaction;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use time::OffsetDateTime;
 
-use super::{BoxFuture, Found, KeyChange, MinuteRow, NetworkSeen, NewKeyRecord, NewSecret, Store, StoreError, to_ms};
+use super::feed::{ChangeFeed, FeedCounters};
+use super::{ChangeSink, MinuteRow, StoreError, to_ms};
 use crate::key::KeyDigest;
-use crate::server::events::{ChangeFeed, ChangeNote, EventHub, FeedCounters, KeyEvent, MAX_EVENTS_PER_CHANGE};
-use crate::server::model::{Alert, AuditRecord, KeyInfo, KeyPatch, RoleInfo, UsageBucket};
+use crate::server::events::ChangeNote;
 
-super::queries::shared_queries!(sqlx::Postgres, row_lock = " FOR UPDATE");
+super::queries::shared_queries!(sqlx::Postgres, row_lock = " FOR UPDATE", name_lock = super::xact_lock);
 
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/postgres_0001_initial.sql"))];
+/// Changes of one name in a namespace serialize, whether or not its row exists yet.
+async fn xact_lock(conn: &mut PgConnection, namespace: i32, name: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))").bind(namespace).bind(name).execute(conn).await?;
+    Ok(())
+}
 
 /// Default most connections one replica opens (plus one for `LISTEN`).
 const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 /// `statement_timeout` set on every connection unless the URL's `options` set one.
 const STATEMENT_TIMEOUT: &str = "30s";
-/// Advisory lock namespaces (first key of the two-key form).
+/// Advisory lock namespace of migrations (first key of the two-key form; the others are
+/// in `queries`).
 const LOCK_MIGRATE: i32 = 0x6b67_0001;
-const LOCK_ROLE: i32 = 0x6b67_0002;
-const LOCK_NETWORK: i32 = 0x6b67_0003;
 /// Largest `NOTIFY` payload PostgreSQL takes is 8 000 bytes.
 const MAX_PAYLOAD: usize = 7900;
 /// Attempts of a usage batch that lost a deadlock or serialization race.
@@ -41,15 +44,18 @@ const FEED_BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A feed connection that lasted this long resets the backoff.
 const FEED_STABLE_AFTER: Duration = Duration::from_secs(10);
 
-/// A [`Store`] on PostgreSQL, for several key-service replicas sharing one database.
+/// A [`Store`](super::Store) on PostgreSQL, for several key-service replicas sharing one database.
 ///
 /// - **Schema.** The tables of the SQLite store with PostgreSQL types (`BIGINT`,
 ///   `BYTEA`, `BOOLEAN`), created in the first schema of the `search_path`; pick one
 ///   with `?options=-c%20search_path%3D<schema>` on the URL.
-/// - **Migrations** run at start inside one transaction holding
-///   `pg_advisory_xact_lock`, keyed by the schema: replicas starting together take
-///   turns, and the later ones find the work done. DDL is transactional in PostgreSQL,
-///   so a failed migration leaves nothing half applied, and the lock cannot leak.
+/// - **Migrations** are sqlx's (`migrate!`, bookkept in `_sqlx_migrations` of the
+///   schema) and run at start inside one transaction holding `pg_advisory_xact_lock`,
+///   keyed by the schema: replicas starting together take turns, and the later ones
+///   find the work done. DDL is transactional in PostgreSQL, so a failed migration
+///   leaves nothing half applied, and the lock cannot leak. (sqlx's own lock is off: it
+///   is a session lock keyed by the database alone, which an early error leaves held
+///   by a pooled connection.)
 /// - **Writes** lock what they change (`SELECT … FOR UPDATE` on the key, an advisory
 ///   lock per role name or per key for networks), so that concurrent changes through
 ///   different replicas serialize exactly as they do on SQLite.
@@ -59,9 +65,9 @@ const FEED_STABLE_AFTER: Duration = Duration::from_secs(10);
 ///   deadlock or serialization race is retried (it was rolled back as a whole).
 /// - **Fan-out.** Every change that affects verification sends `NOTIFY` on the
 ///   deployment's channel in the transaction that makes it, so it is delivered exactly
-///   when it commits. Each replica's [`follow_changes`](Store::follow_changes) task
-///   `LISTEN`s on a connection of its own and forwards the other replicas' notes into
-///   its [`EventHub`]; its own notes are skipped (the API published them already). The
+///   when it commits. Each replica's feed task `LISTEN`s on a connection of its own and
+///   forwards the other replicas' notes into its event hub; its own notes are skipped
+///   (the store published them already). The
 ///   channel is `keygate_events` in schema `public` and `keygate_events_<schema>` in
 ///   another one, so deployments in different schemas of one database stay apart.
 ///   Open one store per replica: the id that tags a replica's notes is the store's, so
@@ -149,59 +155,70 @@ impl PostgresStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.inner.pool.begin().await?;
+        let mut migrator = sqlx::migrate!("src/server/store/migrations/postgres");
+        migrator.set_locking(false);
+        let mut tx = self.write().await?;
         // Replicas starting together wait here for one another; the lock ends with
         // the transaction, whatever happens.
         sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext(current_schema()::text))")
             .bind(LOCK_MIGRATE)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS keygate_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-        )
-        .execute(&mut *tx)
-        .await?;
-        let schema = &self.inner.schema;
-        shared::migrate(&mut tx, MIGRATIONS, |version| tracing::info!(version, schema = %schema, "applied migration"))
-            .await?;
+        migrator.run(&mut *tx).await.map_err(StoreError::Migration)?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn write(&self) -> Result<Transaction<'static, sqlx::Postgres>, StoreError> {
+    pub(super) async fn write(&self) -> Result<Transaction<'static, sqlx::Postgres>, StoreError> {
         Ok(self.inner.pool.begin().await?)
     }
 
-    /// Makes a change of a key, holding its row lock, and tells the other replicas.
-    async fn change_key(
+    /// Sends the notes to the other replicas and commits: `NOTIFY` in the transaction
+    /// is delivered exactly when, and only if, the change commits.
+    pub(super) async fn commit(
         &self,
-        key_id: &str,
-        change: KeyChange<'_>,
-        actor: &str,
-        at: OffsetDateTime,
-    ) -> Result<KeyInfo, StoreError> {
-        let mut tx = self.write().await?;
-        let key = shared::change_key(&mut tx, key_id, &change, actor, at).await?;
-        let event = match change {
-            KeyChange::Update(_) => KeyEvent::Updated,
-            KeyChange::Rotate { .. } => KeyEvent::Rotated,
-            KeyChange::Revoke => KeyEvent::Revoked,
-        };
-        self.notify(&mut tx, &ChangeNote::Key(event, key.key_id.clone())).await?;
-        tx.commit().await?;
-        Ok(key)
+        mut tx: Transaction<'static, sqlx::Postgres>,
+        notes: &[ChangeNote],
+    ) -> Result<(), StoreError> {
+        for note in notes {
+            let payload = note.encode(&self.inner.origin);
+            if payload.len() > MAX_PAYLOAD {
+                // Only alerts can be this large (their detail); a key change never is.
+                tracing::warn!(
+                    bytes = payload.len(),
+                    "change note too large for NOTIFY; other replicas will not see it"
+                );
+                continue;
+            }
+            sqlx::query("SELECT pg_notify($1, $2)").bind(&self.inner.channel).bind(payload).execute(&mut *tx).await?;
+        }
+        Ok(tx.commit().await?)
     }
 
-    /// Queues a note to the other replicas: sent when `conn`'s transaction commits.
-    async fn notify(&self, conn: &mut PgConnection, note: &ChangeNote) -> Result<(), StoreError> {
-        let payload = note.encode(&self.inner.origin);
-        if payload.len() > MAX_PAYLOAD {
-            // Only alerts can be this large (their detail); a key change never is.
-            tracing::warn!(bytes = payload.len(), "change note too large for NOTIFY; other replicas will not see it");
-            return Ok(());
+    /// Adds per-minute aggregates; a batch that lost a deadlock or serialization race
+    /// is retried (it was rolled back as a whole).
+    pub(super) async fn record_usage(
+        &self,
+        rows: &[MinuteRow],
+        last_used: &[(String, OffsetDateTime)],
+    ) -> Result<(), StoreError> {
+        let mut attempt = 1;
+        loop {
+            match self.record_usage_once(rows, last_used).await {
+                Err(e) if attempt < USAGE_ATTEMPTS && is_retryable(&e) => {
+                    tracing::debug!(error = %e, attempt, "usage batch lost a lock race; retrying");
+                    attempt += 1;
+                }
+                other => return other,
+            }
         }
-        sqlx::query("SELECT pg_notify($1, $2)").bind(&self.inner.channel).bind(payload).execute(&mut *conn).await?;
-        Ok(())
+    }
+
+    /// Starts forwarding the changes made through the other replicas into `sink`.
+    /// Called from within a Tokio runtime.
+    pub(super) fn follow_changes(&self, sink: Arc<dyn ChangeSink>) -> ChangeFeed {
+        let inner = Arc::clone(&self.inner);
+        ChangeFeed::spawn(move |counters| feed(inner, sink, counters))
     }
 
     async fn record_usage_once(
@@ -323,180 +340,9 @@ fn is_retryable(e: &StoreError) -> bool {
     err.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "40001" || c == "40P01")
 }
 
-impl Store for PostgresStore {
-    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            sqlx::query("SELECT 1").execute(&self.inner.pool).await?;
-            Ok(())
-        })
-    }
-
-    fn create_key<'a>(&'a self, key: &'a NewKeyRecord, actor: &'a str) -> BoxFuture<'a, Result<KeyInfo, StoreError>> {
-        Box::pin(async move {
-            let mut tx = self.write().await?;
-            let info = shared::create_key(&mut tx, key, actor).await?;
-            tx.commit().await?;
-            Ok(info)
-        })
-    }
-
-    fn get_key<'a>(&'a self, key_id: &'a str) -> BoxFuture<'a, Result<Option<KeyInfo>, StoreError>> {
-        Box::pin(shared::get_key(&self.inner.pool, key_id))
-    }
-
-    fn list_keys<'a>(&'a self, owner: Option<&'a str>, limit: u32) -> BoxFuture<'a, Result<Vec<KeyInfo>, StoreError>> {
-        Box::pin(shared::list_keys(&self.inner.pool, owner, limit))
-    }
-
-    fn update_key<'a>(
-        &'a self,
-        key_id: &'a str,
-        patch: &'a KeyPatch,
-        actor: &'a str,
-        at: OffsetDateTime,
-    ) -> BoxFuture<'a, Result<KeyInfo, StoreError>> {
-        Box::pin(self.change_key(key_id, KeyChange::Update(patch), actor, at))
-    }
-
-    fn rotate_key<'a>(
-        &'a self,
-        key_id: &'a str,
-        secret: &'a NewSecret,
-        grace_until: OffsetDateTime,
-        actor: &'a str,
-        at: OffsetDateTime,
-    ) -> BoxFuture<'a, Result<KeyInfo, StoreError>> {
-        Box::pin(self.change_key(key_id, KeyChange::Rotate { secret, grace_until }, actor, at))
-    }
-
-    fn revoke_key<'a>(
-        &'a self,
-        key_id: &'a str,
-        actor: &'a str,
-        at: OffsetDateTime,
-    ) -> BoxFuture<'a, Result<KeyInfo, StoreError>> {
-        Box::pin(self.change_key(key_id, KeyChange::Revoke, actor, at))
-    }
-
-    fn put_role<'a>(
-        &'a self,
-        name: &'a str,
-        scopes: &'a [String],
-        actor: &'a str,
-        at: OffsetDateTime,
-    ) -> BoxFuture<'a, Result<(RoleInfo, Vec<String>), StoreError>> {
-        Box::pin(async move {
-            let mut tx = self.write().await?;
-            // Changes of one role serialize, whether or not it exists yet.
-            sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-                .bind(LOCK_ROLE)
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
-            let (role, affected) = shared::put_role(&mut tx, name, scopes, actor, at).await?;
-            // The same notes the API publishes locally (see `api::put_role`).
-            if affected.len() > MAX_EVENTS_PER_CHANGE {
-                self.notify(&mut tx, &ChangeNote::Reset("bulk".into())).await?;
-            } else {
-                for key_id in &affected {
-                    self.notify(&mut tx, &ChangeNote::Key(KeyEvent::Updated, key_id.clone())).await?;
-                }
-            }
-            tx.commit().await?;
-            Ok((role, affected))
-        })
-    }
-
-    fn list_roles(&self) -> BoxFuture<'_, Result<Vec<RoleInfo>, StoreError>> {
-        Box::pin(shared::list_roles(&self.inner.pool))
-    }
-
-    fn find_by_digest<'a>(&'a self, digest: &'a KeyDigest) -> BoxFuture<'a, Result<Option<Found>, StoreError>> {
-        Box::pin(shared::find_by_digest(&self.inner.pool, digest))
-    }
-
-    fn audit(&self, since: Option<OffsetDateTime>, limit: u32) -> BoxFuture<'_, Result<Vec<AuditRecord>, StoreError>> {
-        Box::pin(shared::audit(&self.inner.pool, since, limit))
-    }
-
-    fn record_usage<'a>(
-        &'a self,
-        rows: &'a [MinuteRow],
-        last_used: &'a [(String, OffsetDateTime)],
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            let mut attempt = 1;
-            loop {
-                match self.record_usage_once(rows, last_used).await {
-                    Err(e) if attempt < USAGE_ATTEMPTS && is_retryable(&e) => {
-                        tracing::debug!(error = %e, attempt, "usage batch lost a lock race; retrying");
-                        attempt += 1;
-                    }
-                    other => return other,
-                }
-            }
-        })
-    }
-
-    fn usage<'a>(
-        &'a self,
-        key_id: &'a str,
-        since: OffsetDateTime,
-        limit: u32,
-    ) -> BoxFuture<'a, Result<Vec<UsageBucket>, StoreError>> {
-        Box::pin(shared::usage(&self.inner.pool, key_id, since, limit))
-    }
-
-    fn note_network<'a>(
-        &'a self,
-        key_id: &'a str,
-        network: &'a str,
-        at: OffsetDateTime,
-    ) -> BoxFuture<'a, Result<NetworkSeen, StoreError>> {
-        Box::pin(async move {
-            if shared::network_known(&self.inner.pool, key_id, network).await? {
-                return Ok(NetworkSeen::Known);
-            }
-            let mut tx = self.write().await?;
-            // One key's networks are counted one replica at a time, so that exactly one
-            // of two concurrent first sightings is the first.
-            sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-                .bind(LOCK_NETWORK)
-                .bind(key_id)
-                .execute(&mut *tx)
-                .await?;
-            let seen = shared::add_network(&mut tx, key_id, network, at).await?;
-            tx.commit().await?;
-            Ok(seen)
-        })
-    }
-
-    fn insert_alert<'a>(&'a self, alert: &'a Alert) -> BoxFuture<'a, Result<bool, StoreError>> {
-        Box::pin(async move {
-            let mut tx = self.write().await?;
-            let stored = shared::insert_alert(&mut *tx, alert).await?;
-            if stored {
-                self.notify(&mut tx, &ChangeNote::Alert(Box::new(alert.clone()))).await?;
-            }
-            tx.commit().await?;
-            Ok(stored)
-        })
-    }
-
-    fn alerts(&self, since: Option<OffsetDateTime>, limit: u32) -> BoxFuture<'_, Result<Vec<Alert>, StoreError>> {
-        Box::pin(shared::alerts(&self.inner.pool, since, limit))
-    }
-
-    fn follow_changes(&self, hub: &EventHub) -> Option<ChangeFeed> {
-        let inner = Arc::clone(&self.inner);
-        let hub = hub.clone();
-        Some(ChangeFeed::spawn(move |counters| feed(inner, hub, counters)))
-    }
-}
-
 /// The `LISTEN` loop of one replica: connect, listen, forward; on any loss, reconnect
 /// with backoff and publish `reset`.
-async fn feed(inner: Arc<Inner>, hub: EventHub, counters: Arc<FeedCounters>) {
+async fn feed(inner: Arc<Inner>, sink: Arc<dyn ChangeSink>, counters: Arc<FeedCounters>) {
     let mut failures: u32 = 0;
     loop {
         let mut listener = match listen(&inner).await {
@@ -511,8 +357,8 @@ async fn feed(inner: Arc<Inner>, hub: EventHub, counters: Arc<FeedCounters>) {
         let connects = counters.set_connected(true);
         // Changes made while not listening were not heard: subscribers must start over.
         // The first connection only needs it when someone subscribed before it was up.
-        if connects > 1 || hub.subscribers() > 0 {
-            hub.reset("gap");
+        if connects > 1 || sink.listening() {
+            sink.publish(&ChangeNote::Reset("gap".into()));
         }
         if connects > 1 {
             tracing::warn!(channel = %inner.channel, "change feed reconnected after a gap: told subscribers to reset");
@@ -520,7 +366,7 @@ async fn feed(inner: Arc<Inner>, hub: EventHub, counters: Arc<FeedCounters>) {
             tracing::info!(channel = %inner.channel, "change feed listening");
         }
         let up = tokio::time::Instant::now();
-        let why = pump(&mut listener, &inner, &hub, &counters).await;
+        let why = pump(&mut listener, &inner, &*sink, &counters).await;
         counters.set_connected(false);
         drop(listener);
         tracing::warn!(channel = %inner.channel, error = %why, "change feed lost; reconnecting");
@@ -554,11 +400,11 @@ async fn listen(inner: &Inner) -> Result<PgListener, sqlx::Error> {
 }
 
 /// Forwards notes until the connection is lost; returns why.
-async fn pump(listener: &mut PgListener, inner: &Inner, hub: &EventHub, counters: &FeedCounters) -> String {
+async fn pump(listener: &mut PgListener, inner: &Inner, sink: &dyn ChangeSink, counters: &FeedCounters) -> String {
     loop {
         // `try_recv` is cancel-safe: a timeout loses nothing.
         match tokio::time::timeout(FEED_PING_EVERY, listener.try_recv()).await {
-            Ok(Ok(Some(n))) => counters.forward(hub, &inner.origin, n.payload()),
+            Ok(Ok(Some(n))) => counters.forward(sink, &inner.origin, n.payload()),
             Ok(Ok(None)) => return "connection closed".into(),
             Ok(Err(e)) => return e.to_string(),
             Err(_) => {

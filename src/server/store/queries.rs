@@ -3,15 +3,22 @@
 //! `string_agg`). [`shared_queries!`] generates them once per database type: spelled
 //! out generically, sqlx's executor, encode and decode bounds would bury the SQL.
 //!
-//! What the backends add around these (transactions and how they begin, PostgreSQL's
-//! locks and `NOTIFY`) stays in the backend: a function here never commits.
+//! What the backends add around these (how transactions begin and commit, `NOTIFY`)
+//! stays in the backend: a function here never commits.
+
+/// Advisory lock namespaces (first key of the two-key form), for the backends that
+/// have advisory locks.
+pub(crate) const LOCK_ROLE: i32 = 0x6b67_0002;
+pub(crate) const LOCK_NETWORK: i32 = 0x6b67_0003;
 
 /// Defines the module `shared` of the functions every backend calls, for the
 /// `sqlx::Database` given, in the module that invokes it. `row_lock` is the clause
-/// that locks the key rows a change reads, until the transaction ends.
+/// that locks the key rows a change reads, until the transaction ends; `name_lock` the
+/// function that serializes changes of one name in a namespace (a role, a key's
+/// networks) until the transaction ends, even of a row that does not exist yet.
 macro_rules! shared_queries {
-    ($db:ty, row_lock = $row_lock:literal) => {
-        mod shared {
+    ($db:ty, row_lock = $row_lock:literal, name_lock = $name_lock:path) => {
+        pub(crate) mod shared {
             use ::serde_json::Value;
             use ::sqlx::Executor;
             use ::time::OffsetDateTime;
@@ -22,6 +29,7 @@ macro_rules! shared_queries {
                 ALERT_COLUMNS, AUDIT_COLUMNS, KEY_COLUMNS, ROLE_COLUMNS, USAGE_COLUMNS, alert_from_row,
                 audit_from_row, bucket_from_row, found_from_row, key_from_row, role_from_row,
             };
+            use $crate::server::store::queries::{LOCK_NETWORK, LOCK_ROLE};
             use $crate::server::store::{
                 Found, KeyChange, NetworkSeen, NewKeyRecord, NewSecret, StoreError, action, create_changes,
                 parse_json_list, to_ms,
@@ -30,32 +38,7 @@ macro_rules! shared_queries {
             type Conn = <$db as ::sqlx::Database>::Connection;
             type Row = <$db as ::sqlx::Database>::Row;
 
-            /// Applies the migrations newer than the newest applied, reporting each
-            /// version to `applied`. The caller creates `keygate_migrations`.
-            pub(super) async fn migrate(
-                conn: &mut Conn,
-                migrations: &[(i64, &str)],
-                applied: impl Fn(i64),
-            ) -> Result<(), StoreError> {
-                let current: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM keygate_migrations")
-                    .fetch_one(&mut *conn)
-                    .await?;
-                for &(version, sql) in migrations.iter().filter(|(v, _)| *v > current) {
-                    sqlx::raw_sql(sql)
-                        .execute(&mut *conn)
-                        .await
-                        .map_err(|source| StoreError::Migration { version, source })?;
-                    sqlx::query("INSERT INTO keygate_migrations (version, applied_at) VALUES ($1, $2)")
-                        .bind(version)
-                        .bind(to_ms(OffsetDateTime::now_utc()))
-                        .execute(&mut *conn)
-                        .await?;
-                    applied(version);
-                }
-                Ok(())
-            }
-
-            pub(super) async fn get_key<'e>(
+            pub(crate) async fn get_key<'e>(
                 ex: impl Executor<'e, Database = $db>,
                 key_id: &str,
             ) -> Result<Option<KeyInfo>, StoreError> {
@@ -80,7 +63,7 @@ macro_rules! shared_queries {
                     .ok_or_else(|| StoreError::NotFound(format!("no key with id `{key_id}`")))
             }
 
-            pub(super) async fn list_keys<'e>(
+            pub(crate) async fn list_keys<'e>(
                 ex: impl Executor<'e, Database = $db>,
                 owner: Option<&str>,
                 limit: u32,
@@ -98,7 +81,7 @@ macro_rules! shared_queries {
 
             /// A new key: its row, its secret, its roles and the `key.create` audit
             /// record. Returns the key as stored.
-            pub(super) async fn create_key(
+            pub(crate) async fn create_key(
                 conn: &mut Conn,
                 key: &NewKeyRecord,
                 actor: &str,
@@ -133,7 +116,7 @@ macro_rules! shared_queries {
 
             /// Changes an unrevoked key, holding its row lock, and writes the audit
             /// record. Returns the key as changed.
-            pub(super) async fn change_key(
+            pub(crate) async fn change_key(
                 conn: &mut Conn,
                 key_id: &str,
                 change: &KeyChange<'_>,
@@ -160,13 +143,14 @@ macro_rules! shared_queries {
 
             /// Creates or replaces a role and writes `role.put`. Returns the role and
             /// the unrevoked keys that hold it.
-            pub(super) async fn put_role(
+            pub(crate) async fn put_role(
                 conn: &mut Conn,
                 name: &str,
                 scopes: &[String],
                 actor: &str,
                 at: OffsetDateTime,
             ) -> Result<(RoleInfo, Vec<String>), StoreError> {
+                $name_lock(&mut *conn, LOCK_ROLE, name).await?;
                 let before: Option<String> = sqlx::query_scalar("SELECT scopes FROM roles WHERE name = $1")
                     .bind(name)
                     .fetch_optional(&mut *conn)
@@ -193,7 +177,7 @@ macro_rules! shared_queries {
                 Ok((RoleInfo { name: name.to_owned(), scopes: scopes.to_vec(), updated_at: at }, affected))
             }
 
-            pub(super) async fn list_roles<'e>(
+            pub(crate) async fn list_roles<'e>(
                 ex: impl Executor<'e, Database = $db>,
             ) -> Result<Vec<RoleInfo>, StoreError> {
                 let rows = sqlx::query(&format!("SELECT {ROLE_COLUMNS} FROM roles ORDER BY name LIMIT 10000"))
@@ -202,7 +186,7 @@ macro_rules! shared_queries {
                 rows.iter().map(role_from_row).collect()
             }
 
-            pub(super) async fn find_by_digest<'e>(
+            pub(crate) async fn find_by_digest<'e>(
                 ex: impl Executor<'e, Database = $db>,
                 digest: &KeyDigest,
             ) -> Result<Option<Found>, StoreError> {
@@ -221,7 +205,7 @@ macro_rules! shared_queries {
                 row.as_ref().map(found_from_row).transpose()
             }
 
-            pub(super) async fn audit<'e>(
+            pub(crate) async fn audit<'e>(
                 ex: impl Executor<'e, Database = $db>,
                 since: Option<OffsetDateTime>,
                 limit: u32,
@@ -230,7 +214,7 @@ macro_rules! shared_queries {
                 rows.iter().map(audit_from_row).collect()
             }
 
-            pub(super) async fn alerts<'e>(
+            pub(crate) async fn alerts<'e>(
                 ex: impl Executor<'e, Database = $db>,
                 since: Option<OffsetDateTime>,
                 limit: u32,
@@ -256,7 +240,7 @@ macro_rules! shared_queries {
                 Ok(sqlx::query(&sql).bind(since.map(to_ms)).bind(i64::from(limit)).fetch_all(ex).await?)
             }
 
-            pub(super) async fn usage<'e>(
+            pub(crate) async fn usage<'e>(
                 ex: impl Executor<'e, Database = $db>,
                 key_id: &str,
                 since: OffsetDateTime,
@@ -276,7 +260,7 @@ macro_rules! shared_queries {
 
             /// Whether `key_id` was used from `network` before: the cheap check that
             /// spares a write transaction on nearly every call.
-            pub(super) async fn network_known<'e>(
+            pub(crate) async fn network_known<'e>(
                 ex: impl Executor<'e, Database = $db>,
                 key_id: &str,
                 network: &str,
@@ -290,12 +274,14 @@ macro_rules! shared_queries {
                 Ok(known.is_some())
             }
 
-            pub(super) async fn add_network(
+            pub(crate) async fn add_network(
                 conn: &mut Conn,
                 key_id: &str,
                 network: &str,
                 at: OffsetDateTime,
             ) -> Result<NetworkSeen, StoreError> {
+                // Exactly one of two concurrent first sightings is the first.
+                $name_lock(&mut *conn, LOCK_NETWORK, key_id).await?;
                 let inserted = sqlx::query(
                     "INSERT INTO key_networks (key_id, network, first_seen) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                 )
@@ -318,7 +304,7 @@ macro_rules! shared_queries {
 
             /// Stores an alert unless one of the same key, kind and minute exists;
             /// true if stored.
-            pub(super) async fn insert_alert<'e>(
+            pub(crate) async fn insert_alert<'e>(
                 ex: impl Executor<'e, Database = $db>,
                 alert: &Alert,
             ) -> Result<bool, StoreError> {

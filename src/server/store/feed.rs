@@ -1,0 +1,160 @@
+//! The feed of other replicas' changes: for a store several key-service replicas share,
+//! a task that hears what the others committed and hands it to this replica's
+//! [`ChangeSink`], with the counters [`ServerStats`](crate::server::ServerStats) shows.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::ChangeSink;
+use crate::server::events::ChangeNote;
+
+/// What a [`ChangeFeed`] has done, read with [`ChangeFeed::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub(crate) struct FeedStats {
+    /// Whether the feed is connected now.
+    pub(crate) connected: bool,
+    /// Notes from other replicas published to this replica's subscribers.
+    pub(crate) forwarded: u64,
+    /// This replica's own notes, skipped (its subscribers had them already).
+    pub(crate) own_skipped: u64,
+    /// Notes that could not be read (each one published `reset` instead).
+    pub(crate) unreadable: u64,
+    /// Connections established after the first (each one followed by `reset`).
+    pub(crate) reconnects: u64,
+}
+
+/// The counters a feed task updates; handed to it by [`ChangeFeed::spawn`].
+#[derive(Debug)]
+pub(crate) struct FeedCounters {
+    forwarded: AtomicU64,
+    own_skipped: AtomicU64,
+    unreadable: AtomicU64,
+    connects: AtomicU64,
+    connected: watch::Sender<bool>,
+}
+
+impl FeedCounters {
+    /// Reads one payload from the feed: skips this replica's own notes, hands the
+    /// others to `sink`, and publishes `reset` for one it cannot read (a lost
+    /// invalidation is never ignored).
+    pub(crate) fn forward(&self, sink: &dyn ChangeSink, own_origin: &str, payload: &str) {
+        match ChangeNote::decode(payload) {
+            Ok((origin, _)) if origin == own_origin => {
+                self.own_skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok((_, note)) => {
+                sink.publish(&note);
+                self.forwarded.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(why) => {
+                tracing::warn!(error = %why, "unreadable change note from another replica; telling subscribers to reset");
+                self.unreadable.fetch_add(1, Ordering::Relaxed);
+                sink.publish(&ChangeNote::Reset("unreadable".into()));
+            }
+        }
+    }
+
+    /// Marks the feed connected (counting the connection) or disconnected; returns the
+    /// number of connections so far.
+    pub(crate) fn set_connected(&self, up: bool) -> u64 {
+        let connects =
+            if up { self.connects.fetch_add(1, Ordering::Relaxed) + 1 } else { self.connects.load(Ordering::Relaxed) };
+        self.connected.send_replace(up);
+        connects
+    }
+}
+
+/// A task forwarding other replicas' changes into this replica's [`ChangeSink`];
+/// started by [`Store::follow_changes`](super::Store::follow_changes), stopped when
+/// dropped.
+#[derive(Debug)]
+pub(crate) struct ChangeFeed {
+    task: JoinHandle<()>,
+    counters: Arc<FeedCounters>,
+}
+
+impl ChangeFeed {
+    /// Spawns `run` on the current Tokio runtime with fresh counters.
+    pub(crate) fn spawn<F, Fut>(run: F) -> Self
+    where
+        F: FnOnce(Arc<FeedCounters>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let counters = Arc::new(FeedCounters {
+            forwarded: AtomicU64::new(0),
+            own_skipped: AtomicU64::new(0),
+            unreadable: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            connected: watch::Sender::new(false),
+        });
+        let task = tokio::spawn(run(Arc::clone(&counters)));
+        Self { task, counters }
+    }
+
+    /// A snapshot of the counters.
+    pub(crate) fn stats(&self) -> FeedStats {
+        let c = &self.counters;
+        FeedStats {
+            connected: *c.connected.borrow(),
+            forwarded: c.forwarded.load(Ordering::Relaxed),
+            own_skipped: c.own_skipped.load(Ordering::Relaxed),
+            unreadable: c.unreadable.load(Ordering::Relaxed),
+            reconnects: c.connects.load(Ordering::Relaxed).saturating_sub(1),
+        }
+    }
+
+    /// Waits until the feed is connected, for at most `limit`; whether it is.
+    pub(crate) async fn wait_connected(&self, limit: Duration) -> bool {
+        let mut rx = self.counters.connected.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|up| *up)).await.is_ok_and(|r| r.is_ok())
+    }
+}
+
+impl Drop for ChangeFeed {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::server::events::KeyEvent;
+
+    #[derive(Debug, Default)]
+    struct Recorded(Mutex<Vec<ChangeNote>>);
+
+    impl ChangeSink for Recorded {
+        fn publish(&self, note: &ChangeNote) {
+            self.0.lock().unwrap().push(note.clone());
+        }
+    }
+
+    #[tokio::test]
+    async fn forward_skips_own_notes_and_resets_on_unreadable_ones() {
+        let sink = Recorded::default();
+        let feed = ChangeFeed::spawn(|_| async {});
+        let c = &feed.counters;
+        c.forward(&sink, "me", &ChangeNote::Key(KeyEvent::Updated, "key_a".into()).encode("me"));
+        c.forward(&sink, "me", &ChangeNote::Key(KeyEvent::Updated, "key_a".into()).encode("other"));
+        c.forward(&sink, "me", "garbage");
+        let s = feed.stats();
+        assert_eq!((s.own_skipped, s.forwarded, s.unreadable), (1, 1, 1));
+        // The forwarded note and the reset for the unreadable one.
+        assert_eq!(
+            *sink.0.lock().unwrap(),
+            [ChangeNote::Key(KeyEvent::Updated, "key_a".into()), ChangeNote::Reset("unreadable".into())]
+        );
+        assert!(!feed.wait_connected(Duration::from_millis(10)).await);
+        c.set_connected(true);
+        assert!(feed.wait_connected(Duration::from_millis(10)).await);
+    }
+}
