@@ -23,6 +23,10 @@ pub mod ratelimit;
 pub mod scope;
 pub mod usage;
 pub mod verify;
+pub mod wire;
+
+#[cfg(feature = "remote")]
+mod remote;
 
 #[cfg(feature = "server")]
 pub mod server;
@@ -38,13 +42,13 @@ pub use principal::MissingPrincipal;
 pub use principal::{Principal, RateLimit};
 pub use scope::{Requirement, RequirementError, Scope, ScopeError, ScopeSet};
 pub use usage::{Outcome, UsageEvent, UsageSink};
-pub use verify::{Reason, StaticVerifier, Verdict, Verifier, VerifyError};
+pub use verify::{Reason, SharedError, StaticVerifier, Verdict, Verifier, VerifyError};
 
 // --- re-exports owned by the cache/remote work (src/verify/cached.rs, http.rs, events.rs)
 #[cfg(feature = "cache")]
 pub use verify::{CacheStats, CachedVerifier, FailurePolicy};
 #[cfg(feature = "remote")]
-pub use verify::{HttpVerifier, RemoteConfigError, RevocationListener};
+pub use verify::{HttpVerifier, HttpVerifierBuilder, RemoteConfigError, RevocationListener, RevocationListenerBuilder};
 // --- re-exports owned by the usage pipeline work (src/usage/pipeline.rs, exporter.rs)
 #[cfg(feature = "remote")]
 pub use usage::HttpUsageExporter;
