@@ -320,11 +320,12 @@ pub struct KeyChanged {
 /// Data of `reset`: `{"reason", "missed"?}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResetData {
-    /// `lagged`, `bulk`, `gap`, `unreadable`, `remote`, ...
-    pub reason: String,
+    // Declared first so that the JSON reads as it always has: `{"missed", "reason"}`.
     /// With `lagged`: how many events this subscriber missed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missed: Option<u64>,
+    /// `lagged`, `bulk`, `gap`, `unreadable`, `remote`, ...
+    pub reason: String,
 }
 
 /// Data of `heartbeat`: `{"at"}`.

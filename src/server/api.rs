@@ -155,11 +155,8 @@ async fn verify(
     let request = match body {
         Ok(JsonBody(request)) => request,
         Err(ApiError::Invalid { .. }) => {
-            return ApiError::invalid(
-                "invalid_request",
-                "expected a JSON object {\"digest\": \"<hex SHA-256 of the key>\"}",
-            )
-            .into_response();
+            let expected = r#"expected a JSON object {"digest": "<hex SHA-256 of the key>"} or {"key": "<key>"}"#;
+            return ApiError::invalid("invalid_request", expected).into_response();
         }
         Err(e) => return e.into_response(),
     };
