@@ -8,6 +8,9 @@
 //!
 //! The path of a request follows the modules: [`extract`] → [`key`] (format check) →
 //! [`verify`] → [`authorize`] → inner service → [`usage`].
+//!
+//! The protocol between the middleware and the key service (verify, events, usage) is
+//! documented, with its types, in [`wire`].
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
 

@@ -83,6 +83,7 @@ const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 /// Timeouts: connect 2 s, whole request 10 s; answers up to 16 MiB; redirects are not
 /// followed (a 3xx is a [`ClientError::Api`]).
 #[derive(Clone)]
+#[must_use]
 pub struct AdminClient {
     http: reqwest::Client,
     base: String,

@@ -368,6 +368,11 @@ mod tests {
         ] {
             assert!(matches!(parse_answer(body), Err(VerifyError::BadAnswer(_))), "{}", String::from_utf8_lossy(body));
         }
+        // The cause is kept, and shared by clones (coalesced waiters get the same one).
+        let err = parse_answer(b"<html>").unwrap_err();
+        let cause = std::error::Error::source(&err).expect("a source");
+        assert!(err.to_string().ends_with(&cause.to_string()), "{err}");
+        assert_eq!(std::error::Error::source(&err.clone()).unwrap().to_string(), cause.to_string());
     }
 
     #[test]
