@@ -296,3 +296,23 @@ fn debug_never_shows_the_token_and_bad_settings_are_refused() {
     let msg = err(HttpUsageExporter::builder("http://h").service_token("bad token")).to_string();
     assert!(!msg.contains("bad token"));
 }
+
+#[tokio::test]
+async fn a_refused_connection_moves_the_batch_to_the_next_url() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let (rx, base) = receiver().await;
+    let exporter = HttpUsageExporter::builder([dead_url, base])
+        .service_token(TOKEN)
+        .initial_backoff(Duration::from_secs(60))
+        .max_attempts(3)
+        .build()
+        .unwrap();
+    // Each batch starts at the next URL (round robin); one that starts at the dead one
+    // moves on at once, without the minute-long backoff.
+    for _ in 0..4 {
+        tokio::time::timeout(Duration::from_secs(10), exporter.export(batch(5))).await.unwrap().unwrap();
+    }
+    assert_eq!((rx.requests.load(Ordering::SeqCst), rx.events.load(Ordering::SeqCst)), (4, 20));
+}
