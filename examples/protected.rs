@@ -65,7 +65,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let verifier = CachedVerifier::builder(remote).positive_ttl(Duration::from_secs(args.cache_ttl)).build();
     // Revocations, scope changes and rotations reach the cache within a second; after
     // any gap in the stream the cache is dropped.
-    let events = RevocationListener::builder(args.key_service, &args.service_token).spawn(&verifier)?;
+    let events = RevocationListener::builder(args.key_service).service_token(&args.service_token).spawn(&verifier)?;
 
     let protected = Router::new()
         .route(

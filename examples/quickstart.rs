@@ -58,8 +58,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // show that revocation does not wait for it), the event stream, usage events.
     let remote = HttpVerifier::builder(vec![keys.url()]).service_token("demo-service-token").build()?;
     let verifier = CachedVerifier::builder(remote).positive_ttl(Duration::from_secs(600)).build();
-    let events = RevocationListener::builder(vec![keys.url()], "demo-service-token").spawn(&verifier)?;
-    let exporter = HttpUsageExporter::builder(keys.url(), "demo-service-token").build()?;
+    let events = RevocationListener::builder(vec![keys.url()]).service_token("demo-service-token").spawn(&verifier)?;
+    let exporter = HttpUsageExporter::builder(keys.url()).service_token("demo-service-token").build()?;
     let (usage, pipeline) = UsagePipeline::builder().flush_interval(Duration::from_millis(200)).build(exporter)?;
 
     let app = Router::new()

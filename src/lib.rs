@@ -24,7 +24,7 @@
 //! In production the verifier is a `CachedVerifier<HttpVerifier>` against the key
 //! service (the `cache` and `remote` features, on by default), kept current by a
 //! `RevocationListener`; the reference key service itself is [`server`] (feature
-//! `server`). Its wire protocol is documented in the `wire` module.
+//! `server`). Its wire protocol is documented, with its types, in [`wire`].
 //!
 //! # Reading the source
 //! The modules follow the path of a request, and a module only uses the ones above
@@ -61,6 +61,10 @@ mod ratelimit;
 mod scope;
 pub mod usage;
 pub mod verify;
+pub mod wire;
+
+#[cfg(feature = "remote")]
+mod remote;
 
 #[cfg(feature = "server")]
 pub mod server;
@@ -80,13 +84,13 @@ pub use scope::{
     ScopeSet,
 };
 pub use usage::{UsageEvent, UsageSink};
-pub use verify::{Reason, StaticVerifier, Verdict, Verifier, VerifyError};
+pub use verify::{Reason, SharedError, StaticVerifier, Verdict, Verifier, VerifyError};
 
 // --- re-exports owned by the cache/remote work (src/verify/cached.rs, http.rs, events.rs)
 #[cfg(feature = "cache")]
 pub use verify::{CacheStats, CachedVerifier, FailurePolicy};
 #[cfg(feature = "remote")]
-pub use verify::{HttpVerifier, RemoteConfigError, RevocationListener};
+pub use verify::{HttpVerifier, HttpVerifierBuilder, RemoteConfigError, RevocationListener, RevocationListenerBuilder};
 // --- re-exports owned by the usage pipeline work (src/usage/pipeline.rs, exporter.rs)
 #[cfg(feature = "remote")]
 pub use usage::HttpUsageExporter;

@@ -1,6 +1,6 @@
 //! Property tests: key format, scope matching, requirement parsing, extraction.
 
-use keygate::{ApiKey, KeyFormat, KeySource, Requirement, Scope, ScopeSet};
+use keygate::{ApiKey, KeyFormat, Requirement, Scope, ScopeSet};
 use proptest::prelude::*;
 
 const BASE62: &str = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";

@@ -20,7 +20,9 @@ fn cache(urls: Vec<String>) -> CachedVerifier<HttpVerifier> {
 }
 
 fn listener(urls: Vec<String>) -> keygate::verify::RevocationListenerBuilder {
-    RevocationListener::builder(urls, TOKEN).backoff(Duration::from_millis(20), Duration::from_millis(200))
+    RevocationListener::builder(urls)
+        .service_token(TOKEN)
+        .backoff(Duration::from_millis(20), Duration::from_millis(200))
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -220,7 +222,8 @@ async fn the_listener_stops_on_shutdown_drop_or_when_the_verifier_is_gone() {
 
     // A wrong token never connects, and keeps trying with backoff.
     let cache = self::cache(vec![server.url()]);
-    let l = RevocationListener::builder(server.url(), "wrong")
+    let l = RevocationListener::builder(server.url())
+        .service_token("wrong")
         .backoff(Duration::from_millis(10), Duration::from_millis(50))
         .spawn(&cache)
         .unwrap();
@@ -233,7 +236,7 @@ async fn the_listener_stops_on_shutdown_drop_or_when_the_verifier_is_gone() {
 fn spawning_outside_a_runtime_is_an_error() {
     let cache = cache(vec!["http://127.0.0.1:9".into()]);
     assert_eq!(
-        RevocationListener::builder("http://127.0.0.1:9", TOKEN).spawn(&cache).unwrap_err(),
+        RevocationListener::builder("http://127.0.0.1:9").service_token(TOKEN).spawn(&cache).unwrap_err(),
         keygate::RemoteConfigError::NoRuntime
     );
 }

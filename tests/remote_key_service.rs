@@ -136,7 +136,7 @@ async fn a_revocation_through_the_admin_api_is_refused_within_a_second() {
     let rig = rig().await;
     let created = rig.admin.create_key(new_key(&["reports:read"])).await.unwrap();
     let cache = cache(&rig.server.url(), Duration::from_secs(600));
-    let listener = RevocationListener::builder(rig.server.url(), SERVICE).spawn(&cache).unwrap();
+    let listener = RevocationListener::builder(rig.server.url()).service_token(SERVICE).spawn(&cache).unwrap();
     let app = app(&cache);
     eventually("connected", LIMIT, async || listener.is_connected()).await;
     assert_eq!(call(&app, &created.key).await, StatusCode::OK);
@@ -156,7 +156,7 @@ async fn scope_changes_and_disabling_reach_the_cache_at_once() {
     let rig = rig().await;
     let created = rig.admin.create_key(new_key(&["reports:read"])).await.unwrap();
     let cache = cache(&rig.server.url(), Duration::from_secs(600));
-    let listener = RevocationListener::builder(rig.server.url(), SERVICE).spawn(&cache).unwrap();
+    let listener = RevocationListener::builder(rig.server.url()).service_token(SERVICE).spawn(&cache).unwrap();
     let app = app(&cache);
     eventually("connected", LIMIT, async || listener.is_connected()).await;
     assert_eq!(call(&app, &created.key).await, StatusCode::OK);
@@ -183,7 +183,7 @@ async fn after_a_rotation_the_old_secret_stops_at_the_end_of_its_grace() {
     let rig = rig().await;
     let created = rig.admin.create_key(new_key(&["reports:read"])).await.unwrap();
     let cache = cache(&rig.server.url(), Duration::from_secs(600));
-    let listener = RevocationListener::builder(rig.server.url(), SERVICE).spawn(&cache).unwrap();
+    let listener = RevocationListener::builder(rig.server.url()).service_token(SERVICE).spawn(&cache).unwrap();
     let app = app(&cache);
     eventually("connected", LIMIT, async || listener.is_connected()).await;
     assert_eq!(call(&app, &created.key).await, StatusCode::OK);
@@ -211,7 +211,8 @@ async fn a_revocation_while_the_stream_is_down_is_honoured_after_reconnecting() 
     let created = admin.create_key(new_key(&["reports:read"])).await.unwrap();
 
     let cache = cache(&url, Duration::from_secs(600));
-    let listener = RevocationListener::builder(url.as_str(), SERVICE)
+    let listener = RevocationListener::builder(url.as_str())
+        .service_token(SERVICE)
         .backoff(Duration::from_millis(50), Duration::from_millis(300))
         .spawn(&cache)
         .unwrap();
@@ -249,7 +250,8 @@ async fn disconnected_streams_reconnect_and_heartbeats_keep_a_stream_alive() {
         .await
         .unwrap();
     let cache = cache(&server.url(), Duration::from_secs(600));
-    let listener = RevocationListener::builder(server.url(), SERVICE)
+    let listener = RevocationListener::builder(server.url())
+        .service_token(SERVICE)
         .heartbeat_interval(Duration::from_millis(100))
         .backoff(Duration::from_millis(20), Duration::from_millis(100))
         .spawn(&cache)
@@ -280,7 +282,8 @@ async fn when_a_replica_dies_verification_and_events_move_to_the_other() {
 
     let http = HttpVerifier::builder(urls.clone()).service_token(SERVICE).build().unwrap();
     let cache = CachedVerifier::builder(http).positive_ttl(Duration::from_secs(600)).build();
-    let listener = RevocationListener::builder(urls, SERVICE)
+    let listener = RevocationListener::builder(urls)
+        .service_token(SERVICE)
         .backoff(Duration::from_millis(20), Duration::from_millis(200))
         .spawn(&cache)
         .unwrap();

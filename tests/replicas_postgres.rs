@@ -106,7 +106,7 @@ async fn a_revocation_through_replica_b_is_refused_by_a_middleware_on_replica_a_
 
     // The middleware knows replica A only, and caches valid verdicts for 10 minutes.
     let (_, cache) = middleware(&[&a.server.url()], Duration::from_secs(600));
-    let listener = RevocationListener::builder(a.server.url(), SERVICE).spawn(&cache).unwrap();
+    let listener = RevocationListener::builder(a.server.url()).service_token(SERVICE).spawn(&cache).unwrap();
     eventually("listener connected to A", LIMIT, async || listener.is_connected()).await;
     assert_eq!(code(&cache, &created.key).await.unwrap(), "VALID");
     let calls = a.server.stats().verify_calls;
@@ -320,7 +320,8 @@ async fn replica_a_killed_verifications_move_to_b_and_the_event_listener_follows
     let r = b.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
 
     let (http, cache) = middleware(&[&a.url, &b.server.url()], Duration::from_secs(600));
-    let listener = RevocationListener::builder(vec![a.url.clone(), b.server.url()], SERVICE)
+    let listener = RevocationListener::builder(vec![a.url.clone(), b.server.url()])
+        .service_token(SERVICE)
         .backoff(Duration::from_millis(50), Duration::from_millis(500))
         .spawn(&cache)
         .unwrap();

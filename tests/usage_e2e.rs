@@ -53,7 +53,7 @@ async fn create(admin: &AdminClient, scopes: &[&str]) -> (String, ApiKey) {
 }
 
 fn exporter(rig: &Rig) -> HttpUsageExporter {
-    HttpUsageExporter::builder(rig.server.url(), SERVICE).build().unwrap()
+    HttpUsageExporter::builder(rig.server.url()).service_token(SERVICE).build().unwrap()
 }
 
 fn total(buckets: &[UsageBucket]) -> UsageBucket {

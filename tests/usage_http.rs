@@ -88,7 +88,7 @@ fn batch(n: usize) -> UsageBatch {
 #[tokio::test]
 async fn delivers_every_event_through_the_pipeline() {
     let (rx, base) = receiver().await;
-    let exporter = HttpUsageExporter::builder(format!("{base}/"), TOKEN).build().unwrap();
+    let exporter = HttpUsageExporter::builder(format!("{base}/")).service_token(TOKEN).build().unwrap();
     assert_eq!(exporter.endpoint(), format!("{base}/v1/usage"));
     let (sink, handle) = UsagePipeline::builder().batch_size(1_000).build(exporter).unwrap();
     for i in 0..2_500 {
@@ -105,7 +105,11 @@ async fn delivers_every_event_through_the_pipeline() {
 async fn retries_with_backoff_until_delivered() {
     let (rx, base) = receiver().await;
     rx.fail_next.store(3, Ordering::SeqCst);
-    let exporter = HttpUsageExporter::builder(&base, TOKEN).initial_backoff(Duration::from_millis(20)).build().unwrap();
+    let exporter = HttpUsageExporter::builder(&base)
+        .service_token(TOKEN)
+        .initial_backoff(Duration::from_millis(20))
+        .build()
+        .unwrap();
     let started = Instant::now();
     exporter.export(batch(10)).await.unwrap();
     // Waits of at least 10, 20 and 40 ms (half of each doubling backoff).
@@ -118,7 +122,8 @@ async fn retries_with_backoff_until_delivered() {
 async fn gives_up_at_the_retry_deadline_and_the_pipeline_reports_the_loss() {
     let (rx, base) = receiver().await;
     rx.fail_next.store(u64::MAX, Ordering::SeqCst);
-    let exporter = HttpUsageExporter::builder(&base, TOKEN)
+    let exporter = HttpUsageExporter::builder(&base)
+        .service_token(TOKEN)
         .initial_backoff(Duration::from_millis(40))
         .max_attempts(1_000)
         .retry_deadline(Duration::from_millis(300))
@@ -156,7 +161,8 @@ async fn gives_up_at_the_retry_deadline_and_the_pipeline_reports_the_loss() {
 async fn stops_after_max_attempts() {
     let (rx, base) = receiver().await;
     rx.fail_next.store(u64::MAX, Ordering::SeqCst);
-    let exporter = HttpUsageExporter::builder(&base, TOKEN)
+    let exporter = HttpUsageExporter::builder(&base)
+        .service_token(TOKEN)
         .initial_backoff(Duration::from_millis(1))
         .max_attempts(3)
         .build()
@@ -171,7 +177,8 @@ async fn honors_retry_after_up_to_max_backoff() {
     let (rx, base) = receiver().await;
     rx.fail_next.store(1, Ordering::SeqCst);
     rx.retry_after.store(30, Ordering::SeqCst);
-    let exporter = HttpUsageExporter::builder(&base, TOKEN)
+    let exporter = HttpUsageExporter::builder(&base)
+        .service_token(TOKEN)
         .initial_backoff(Duration::from_millis(1))
         .max_backoff(Duration::from_millis(200))
         .build()
@@ -186,7 +193,7 @@ async fn honors_retry_after_up_to_max_backoff() {
 #[tokio::test]
 async fn a_refused_token_is_not_retried() {
     let (rx, base) = receiver().await;
-    let exporter = HttpUsageExporter::builder(&base, "svc_wrong_token").build().unwrap();
+    let exporter = HttpUsageExporter::builder(&base).service_token("svc_wrong_token").build().unwrap();
     let err = exporter.export(batch(1)).await.unwrap_err();
     assert!(matches!(err, ExportError::Status { status: 401 }), "{err}");
     assert_eq!(rx.requests.load(Ordering::SeqCst), 1);
@@ -197,7 +204,8 @@ async fn a_refused_token_is_not_retried() {
 async fn each_attempt_has_a_timeout() {
     let (rx, base) = receiver().await;
     rx.delay_ms.store(2_000, Ordering::SeqCst);
-    let exporter = HttpUsageExporter::builder(&base, TOKEN)
+    let exporter = HttpUsageExporter::builder(&base)
+        .service_token(TOKEN)
         .request_timeout(Duration::from_millis(100))
         .initial_backoff(Duration::from_millis(1))
         .max_attempts(2)
@@ -217,7 +225,8 @@ async fn an_unreachable_receiver_is_a_transport_error() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener);
-    let exporter = HttpUsageExporter::builder(format!("http://{addr}"), TOKEN)
+    let exporter = HttpUsageExporter::builder(format!("http://{addr}"))
+        .service_token(TOKEN)
         .initial_backoff(Duration::from_millis(1))
         .max_attempts(2)
         .build()
@@ -233,7 +242,11 @@ async fn an_unreachable_receiver_is_a_transport_error() {
 async fn shutdown_cuts_a_retrying_export_at_its_deadline() {
     let (rx, base) = receiver().await;
     rx.fail_next.store(u64::MAX, Ordering::SeqCst);
-    let exporter = HttpUsageExporter::builder(&base, TOKEN).initial_backoff(Duration::from_millis(20)).build().unwrap();
+    let exporter = HttpUsageExporter::builder(&base)
+        .service_token(TOKEN)
+        .initial_backoff(Duration::from_millis(20))
+        .build()
+        .unwrap();
     let (sink, handle) =
         UsagePipeline::builder().shutdown_deadline(Duration::from_millis(250)).build(exporter).unwrap();
     for i in 0..7 {
@@ -248,23 +261,58 @@ async fn shutdown_cuts_a_retrying_export_at_its_deadline() {
 
 #[test]
 fn debug_never_shows_the_token_and_bad_settings_are_refused() {
-    let builder = HttpUsageExporter::builder("http://127.0.0.1:9", TOKEN);
+    let builder = HttpUsageExporter::builder("http://127.0.0.1:9").service_token(TOKEN);
     assert!(!format!("{builder:?}").contains(TOKEN));
     let exporter = builder.build().unwrap();
     let debug = format!("{exporter:?}");
     assert!(!debug.contains(TOKEN) && debug.contains("<redacted>"), "{debug}");
 
     let err = |b: keygate::usage::HttpUsageExporterBuilder| b.build().unwrap_err();
-    assert!(matches!(err(HttpUsageExporter::builder("not a url", TOKEN)), HttpExporterBuildError::InvalidUrl(_)));
-    assert!(matches!(err(HttpUsageExporter::builder("ftp://h", TOKEN)), HttpExporterBuildError::InvalidUrl(_)));
-    assert!(matches!(err(HttpUsageExporter::builder("http://h", "")), HttpExporterBuildError::InvalidToken));
-    assert!(matches!(err(HttpUsageExporter::builder("http://h", "a b")), HttpExporterBuildError::InvalidToken));
-    assert!(matches!(err(HttpUsageExporter::builder("http://h", "t\r\nx")), HttpExporterBuildError::InvalidToken));
     assert!(matches!(
-        err(HttpUsageExporter::builder("http://h", TOKEN).max_attempts(0)),
+        err(HttpUsageExporter::builder("not a url").service_token(TOKEN)),
+        HttpExporterBuildError::InvalidUrl(_)
+    ));
+    assert!(matches!(
+        err(HttpUsageExporter::builder("ftp://h").service_token(TOKEN)),
+        HttpExporterBuildError::InvalidUrl(_)
+    ));
+    assert!(matches!(
+        err(HttpUsageExporter::builder("http://h").service_token("")),
+        HttpExporterBuildError::InvalidToken
+    ));
+    assert!(matches!(
+        err(HttpUsageExporter::builder("http://h").service_token("a b")),
+        HttpExporterBuildError::InvalidToken
+    ));
+    assert!(matches!(
+        err(HttpUsageExporter::builder("http://h").service_token("t\r\nx")),
+        HttpExporterBuildError::InvalidToken
+    ));
+    assert!(matches!(
+        err(HttpUsageExporter::builder("http://h").service_token(TOKEN).max_attempts(0)),
         HttpExporterBuildError::Zero("max_attempts")
     ));
     // The error message does not carry the token either.
-    let msg = err(HttpUsageExporter::builder("http://h", "bad token")).to_string();
+    let msg = err(HttpUsageExporter::builder("http://h").service_token("bad token")).to_string();
     assert!(!msg.contains("bad token"));
+}
+
+#[tokio::test]
+async fn a_refused_connection_moves_the_batch_to_the_next_url() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let (rx, base) = receiver().await;
+    let exporter = HttpUsageExporter::builder([dead_url, base])
+        .service_token(TOKEN)
+        .initial_backoff(Duration::from_secs(60))
+        .max_attempts(3)
+        .build()
+        .unwrap();
+    // Each batch starts at the next URL (round robin); one that starts at the dead one
+    // moves on at once, without the minute-long backoff.
+    for _ in 0..4 {
+        tokio::time::timeout(Duration::from_secs(10), exporter.export(batch(5))).await.unwrap().unwrap();
+    }
+    assert_eq!((rx.requests.load(Ordering::SeqCst), rx.events.load(Ordering::SeqCst)), (4, 20));
 }

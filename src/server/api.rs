@@ -1,4 +1,5 @@
-//! The HTTP API of protocol v1 (DESIGN.md §4) as an axum [`Router`].
+//! The HTTP API of protocol v1 (the middleware's side is documented in
+//! [`wire`](crate::wire)) as an axum [`Router`].
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -19,7 +20,7 @@ use super::auth::{Admin, Service};
 use super::error::ApiError;
 use super::events::looks_like_key_id;
 use super::model::{
-    DEFAULT_ENVIRONMENT, KeyInfo, KeyPatch, MAX_GRACE_S, NewKey, RoleRequest, RotateRequest, UsageBatch, UsageReport,
+    DEFAULT_ENVIRONMENT, KeyInfo, KeyPatch, MAX_GRACE_S, NewKey, RoleRequest, RotateRequest, UsageReport,
 };
 use super::state::ServerState;
 use super::store::{NewKeyRecord, NewSecret, now_ms};
@@ -28,9 +29,8 @@ use super::validate::{
     validate_environment, validate_expiry, validate_meta, validate_ratelimit, validate_role_name, validate_roles,
     validate_scopes, validate_text,
 };
-use crate::key::ApiKey;
-use crate::principal::RateLimit;
-use crate::verify::Reason;
+use crate::key::{ApiKey, KeyDigest};
+use crate::wire::{Reason, Refusal, UsageAccepted, UsageBatch, ValidKey, VerifyAnswer, VerifyRequest};
 
 /// Largest admin or verify request body: 64 KiB.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -148,27 +148,6 @@ async fn healthz(State(state): State<ServerState>) -> Response {
 
 // ---- verify
 
-#[derive(Deserialize)]
-struct VerifyRequest {
-    key: String,
-}
-
-/// `POST /v1/keys/verify` answer for a valid key.
-#[derive(Serialize)]
-struct Valid<'a> {
-    valid: bool,
-    key_id: &'a str,
-    owner: &'a str,
-    name: &'a str,
-    scopes: Vec<String>,
-    roles: &'a [String],
-    environment: &'a str,
-    #[serde(with = "time::serde::rfc3339::option")]
-    expires_at: Option<OffsetDateTime>,
-    meta: &'a Value,
-    ratelimit: Option<RateLimit>,
-}
-
 async fn verify(
     State(state): State<ServerState>,
     _: Service,
@@ -176,41 +155,40 @@ async fn verify(
 ) -> Response {
     state.inner.stats.verify_calls.fetch_add(1, Ordering::Relaxed);
     // A data error could echo the key back in serde's message: keep it generic here.
-    let body = match body {
-        Ok(JsonBody(b)) => b,
+    let request = match body {
+        Ok(JsonBody(request)) => request,
         Err(ApiError::Invalid { .. }) => {
-            return ApiError::invalid("invalid_request", "expected a JSON object {\"key\": \"<key>\"}").into_response();
+            let expected = r#"expected a JSON object {"digest": "<hex SHA-256 of the key>"} or {"key": "<key>"}"#;
+            return ApiError::invalid("invalid_request", expected).into_response();
         }
         Err(e) => return e.into_response(),
     };
-    let key = ApiKey::new(body.key);
-    let answer = match decide(&state, &key).await {
+    let digest = match &request {
+        // Longer keys cannot be ours: not worth a lookup.
+        VerifyRequest::Key(key) if key.is_empty() || key.len() > MAX_VERIFY_KEY_LEN => None,
+        request => Some(request.digest()),
+    };
+    let answer = match decide(&state, digest).await {
         Ok(a) => a,
         Err(e) => return e.into_response(),
     };
-    let counter = if answer.is_ok() { &state.inner.stats.verify_valid } else { &state.inner.stats.verify_invalid };
+    let valid = matches!(answer, VerifyAnswer::Valid(_));
+    let counter = if valid { &state.inner.stats.verify_valid } else { &state.inner.stats.verify_invalid };
     counter.fetch_add(1, Ordering::Relaxed);
-    match answer {
-        Ok(json) => json,
-        // The key id of a refused but existing key lets the middleware attribute its
-        // denials (usage, alerts); only the middleware sees it, never the client.
-        Err((reason, Some(key_id))) => {
-            Json(json!({ "valid": false, "code": reason.code(), "key_id": key_id })).into_response()
-        }
-        Err((reason, None)) => Json(json!({ "valid": false, "code": reason.code() })).into_response(),
-    }
+    Json(answer).into_response()
 }
 
-/// `Err((reason, key id))`: the key id is known for every reason but `NOT_FOUND`.
-async fn decide(state: &ServerState, key: &ApiKey) -> Result<Result<Response, (Reason, Option<String>)>, ApiError> {
-    if key.is_empty() || key.len() > MAX_VERIFY_KEY_LEN {
-        return Ok(Err((Reason::NotFound, None)));
-    }
-    let Some(found) = state.inner.store.find_by_digest(&key.digest()).await? else {
+/// The answer for the key with this digest (`None`: a key that cannot exist). A refusal
+/// carries the key id for every reason but `NOT_FOUND`: it lets the middleware attribute
+/// its denials (usage, alerts); only the middleware sees it, never the client.
+async fn decide(state: &ServerState, digest: Option<KeyDigest>) -> Result<VerifyAnswer, ApiError> {
+    let not_found = VerifyAnswer::Invalid(Refusal { code: Reason::NotFound, key_id: None });
+    let Some(digest) = digest else { return Ok(not_found) };
+    let Some(found) = state.inner.store.find_by_digest(&digest).await? else {
         tracing::debug!("verify: no such key");
-        return Ok(Err((Reason::NotFound, None)));
+        return Ok(not_found);
     };
-    let k = &found.key;
+    let k = found.key;
     let now = OffsetDateTime::now_utc();
     // A rotated-away secret stops at the end of its grace; the answer carries that
     // time so that no cache keeps it longer.
@@ -228,23 +206,21 @@ async fn decide(state: &ServerState, key: &ApiKey) -> Result<Result<Response, (R
         None
     };
     tracing::debug!(key_id = %k.key_id, outcome = reason.map_or("VALID", Reason::code), "verify");
-    if let Some(reason) = reason {
-        return Ok(Err((reason, Some(k.key_id.clone()))));
+    if let Some(code) = reason {
+        return Ok(VerifyAnswer::Invalid(Refusal { code, key_id: Some(k.key_id) }));
     }
     let scopes: BTreeSet<&String> = k.scopes.iter().chain(found.role_scopes.iter()).collect();
-    let answer = Valid {
-        valid: true,
-        key_id: &k.key_id,
-        owner: &k.owner,
-        name: &k.name,
+    Ok(VerifyAnswer::Valid(ValidKey {
         scopes: scopes.into_iter().cloned().collect(),
-        roles: &k.roles,
-        environment: &k.environment,
+        key_id: k.key_id,
+        owner: k.owner,
+        name: k.name,
+        roles: k.roles,
+        environment: k.environment,
         expires_at,
-        meta: &k.meta,
+        meta: k.meta,
         ratelimit: k.ratelimit,
-    };
-    Ok(Ok(Json(answer).into_response()))
+    }))
 }
 
 // ---- keys
@@ -510,7 +486,7 @@ async fn ingest_usage(
     if let Err(e) = inner.alerts.evaluate(&inner.store, &folded, &inner.stats.alerts_raised).await {
         tracing::error!(error = %e, "alert evaluation failed");
     }
-    Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": batch.events.len() }))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(UsageAccepted { accepted: batch.events.len() as u64 })).into_response())
 }
 
 // ---- events

@@ -75,10 +75,15 @@ impl<'de> Deserialize<'de> for CreatedKey {
     }
 }
 
+/// Largest answer read: a list of 1 000 keys or records fits many times over.
+const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
 /// A client of the key service's admin API.
 ///
-/// Timeouts: connect 2 s, whole request 10 s.
+/// Timeouts: connect 2 s, whole request 10 s; answers up to 16 MiB; redirects are not
+/// followed (a 3xx is a [`ClientError::Api`]).
 #[derive(Clone)]
+#[must_use]
 pub struct AdminClient {
     http: reqwest::Client,
     base: String,
@@ -115,10 +120,11 @@ fn rfc3339(t: OffsetDateTime) -> Result<String, ClientError> {
 impl AdminClient {
     /// A client of the key service at `url` (`http://127.0.0.1:7700`).
     pub fn new(url: impl Into<String>, admin_token: impl Into<String>) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .build()?;
+        let http = crate::remote::http_client(crate::remote::ClientOptions {
+            connect_timeout: Duration::from_secs(2),
+            timeout: Some(Duration::from_secs(10)),
+            tcp_keepalive: None,
+        })?;
         Ok(Self { http, base: url.into().trim_end_matches('/').to_owned(), token: admin_token.into() })
     }
 
@@ -129,14 +135,12 @@ impl AdminClient {
     async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T, ClientError> {
         let res = req.send().await?;
         let status = res.status();
-        let bytes = res.bytes().await?;
+        let bytes = crate::remote::read_body(res, MAX_ANSWER_BYTES).await.map_err(|e| match e {
+            crate::remote::ReadError::Transfer(e) => ClientError::Http(e),
+            too_large => ClientError::Decode(too_large.to_string()),
+        })?;
         if !status.is_success() {
-            #[derive(Deserialize)]
-            struct ErrorBody {
-                error: String,
-                message: String,
-            }
-            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+            let (code, message) = match serde_json::from_slice::<crate::wire::ErrorBody>(&bytes) {
                 Ok(b) => (b.error, b.message),
                 Err(_) => (String::new(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
             };

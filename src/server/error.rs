@@ -73,7 +73,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        let body = crate::wire::ErrorBody { error: self.code().to_owned(), message: self.to_string() };
         let mut res = (self.status(), axum::Json(body)).into_response();
         if matches!(self, Self::Unauthorized(_)) {
             res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"keygate\""));

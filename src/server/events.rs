@@ -39,43 +39,20 @@ use tokio::sync::{broadcast, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::model::Alert;
+use crate::wire::{EVENTS_GREETING, EventName, Heartbeat, KeyChanged, ResetData};
+
+/// An event's data as JSON. The wire types hold strings and numbers only, which always
+/// serialize.
+fn data(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_default()
+}
 
 /// A change touching more keys than this (a role held by many keys) publishes one
 /// `reset` instead of one `updated` per key, so that it cannot overflow subscribers'
 /// buffers.
 pub const MAX_EVENTS_PER_CHANGE: usize = 256;
 
-/// What changed about a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyEvent {
-    /// `revoked`.
-    Revoked,
-    /// `updated`.
-    Updated,
-    /// `rotated`.
-    Rotated,
-}
-
-impl KeyEvent {
-    /// Parses [`name`](Self::name)'s output.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "revoked" => Some(Self::Revoked),
-            "updated" => Some(Self::Updated),
-            "rotated" => Some(Self::Rotated),
-            _ => None,
-        }
-    }
-
-    /// The SSE event name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Revoked => "revoked",
-            Self::Updated => "updated",
-            Self::Rotated => "rotated",
-        }
-    }
-}
+pub use crate::wire::KeyEvent;
 
 #[derive(Debug)]
 struct Published {
@@ -117,18 +94,18 @@ impl EventHub {
 
     /// Publishes a key event.
     pub fn key(&self, kind: KeyEvent, key_id: &str) {
-        self.send(kind.name(), json!({ "key_id": key_id }).to_string());
+        self.send(kind.name(), data(&KeyChanged { key_id: key_id.to_owned() }));
     }
 
     /// Tells every subscriber to drop its whole cache.
     pub fn reset(&self, reason: &str) {
-        self.send("reset", json!({ "reason": reason }).to_string());
+        self.send(EventName::Reset.name(), data(&ResetData { reason: reason.to_owned(), missed: None }));
     }
 
     /// Publishes an alert.
     pub fn alert(&self, alert: &Alert) {
         match serde_json::to_string(alert) {
-            Ok(data) => self.send("alert", data),
+            Ok(data) => self.send(EventName::Alert.name(), data),
             Err(e) => tracing::error!(error = %e, "cannot serialize alert"),
         }
     }
@@ -196,7 +173,7 @@ impl Subscriber {
     async fn next(&mut self) -> Option<Event> {
         if !self.greeted {
             self.greeted = true;
-            return Some(Event::default().comment("keygate events v1"));
+            return Some(Event::default().comment(EVENTS_GREETING));
         }
         tokio::select! {
             biased;
@@ -205,13 +182,14 @@ impl Subscriber {
                 Ok(p) => Some(Event::default().event(p.name).data(&p.data)),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     tracing::warn!(missed, "event subscriber fell behind; telling it to reset");
-                    Some(Event::default().event("reset").data(json!({ "reason": "lagged", "missed": missed }).to_string()))
+                    let reset = ResetData { reason: "lagged".to_owned(), missed: Some(missed) };
+                    Some(Event::default().event(EventName::Reset.name()).data(data(&reset)))
                 }
                 Err(broadcast::error::RecvError::Closed) => None,
             },
             _ = self.ticker.tick() => {
-                let at = super::text::rfc3339(time::OffsetDateTime::now_utc());
-                Some(Event::default().event("heartbeat").data(json!({ "at": at }).to_string()))
+                let beat = Heartbeat { at: time::OffsetDateTime::now_utc() };
+                Some(Event::default().event(EventName::Heartbeat.name()).data(data(&beat)))
             }
         }
     }
@@ -238,8 +216,8 @@ impl ChangeNote {
     pub(crate) fn encode(&self, origin: &str) -> String {
         match self {
             Self::Key(kind, key_id) => json!({ "origin": origin, "event": kind.name(), "key_id": key_id }),
-            Self::Reset(reason) => json!({ "origin": origin, "event": "reset", "reason": reason }),
-            Self::Alert(alert) => json!({ "origin": origin, "event": "alert", "alert": alert }),
+            Self::Reset(reason) => json!({ "origin": origin, "event": EventName::Reset.name(), "reason": reason }),
+            Self::Alert(alert) => json!({ "origin": origin, "event": EventName::Alert.name(), "alert": alert }),
         }
         .to_string()
     }
@@ -253,14 +231,14 @@ impl ChangeNote {
         let origin = text("origin")?.to_owned();
         let event = text("event")?;
         let note = match event {
-            "reset" => {
+            name if name == EventName::Reset.name() => {
                 let reason = text("reason")?;
                 let ok = !reason.is_empty()
                     && reason.len() <= 32
                     && reason.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
                 Self::Reset(if ok { reason.to_owned() } else { "remote".to_owned() })
             }
-            "alert" => {
+            name if name == EventName::Alert.name() => {
                 let alert = v.get("alert").cloned().ok_or("no `alert`")?;
                 Self::Alert(Box::new(serde_json::from_value(alert).map_err(|e| format!("bad alert: {e}"))?))
             }

@@ -1,5 +1,5 @@
 //! The reference key service (feature `server`): the other side of keygate's wire
-//! protocol (DESIGN.md §4), as a library and as the binary `keygate-server`.
+//! protocol ([`wire`](crate::wire)), as a library and as the binary `keygate-server`.
 //!
 //! It issues, stores, rotates, revokes and verifies keys; stores only `SHA-256(key)`
 //! and a display prefix (`kg_3fA9`); expands roles into effective scopes on verify;

@@ -1,6 +1,6 @@
-//! The wire types of protocol v1 (DESIGN.md §4), shared by the server, the store and
-//! [`AdminClient`](super::AdminClient). Their validation, which needs the HTTP error
-//! type, is in `validate`.
+//! The admin API's types (protocol v1; the middleware's side is in [`wire`](crate::wire)),
+//! shared by the server, the store and [`AdminClient`](super::AdminClient). Their
+//! validation, which needs the HTTP error type, is in `validate`.
 
 use serde::{Deserialize, Deserializer, Serialize};
 use time::OffsetDateTime;
@@ -207,71 +207,7 @@ pub struct UsageReport {
     pub buckets: Vec<UsageBucket>,
 }
 
-/// What an [`Alert`] is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AlertKind {
-    /// Denials in one minute far above the key's own recent baseline.
-    DenialSpike,
-    /// Requests in one minute far above the key's own recent baseline.
-    RateSpike,
-    /// The key was used from a client network it had not used before.
-    NewNetwork,
-}
-
-impl AlertKind {
-    /// The snake_case name used on the wire and in the store.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::DenialSpike => "denial_spike",
-            Self::RateSpike => "rate_spike",
-            Self::NewNetwork => "new_network",
-        }
-    }
-
-    /// Parses [`as_str`](Self::as_str)'s output.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "denial_spike" => Some(Self::DenialSpike),
-            "rate_spike" => Some(Self::RateSpike),
-            "new_network" => Some(Self::NewNetwork),
-            _ => None,
-        }
-    }
-}
-
-/// An anomaly the key service noticed in a key's usage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Alert {
-    /// When it was raised.
-    #[serde(with = "time::serde::rfc3339")]
-    pub at: OffsetDateTime,
-    /// The key.
-    pub key_id: String,
-    /// What kind.
-    pub kind: AlertKind,
-    /// The minute it concerns.
-    #[serde(with = "time::serde::rfc3339")]
-    pub minute: OffsetDateTime,
-    /// The count that tripped it (denials or requests in the minute; 1 for a network).
-    pub observed: u64,
-    /// The mean per minute over the baseline window.
-    pub baseline: f64,
-    /// The threshold `observed` went over.
-    pub threshold: f64,
-    /// Human-readable detail (the new network, for `new_network`).
-    pub detail: String,
-}
-
-/// `POST /v1/usage` body.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct UsageBatch {
-    /// The events.
-    pub events: Vec<crate::usage::UsageEvent>,
-    /// Events the middleware dropped since its last report.
-    #[serde(default)]
-    pub dropped: u64,
-}
+pub use crate::wire::{Alert, AlertKind, UsageBatch};
 
 /// Distinguishes an absent field (`None`) from `null` (`Some(None)`).
 fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {

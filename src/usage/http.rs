@@ -5,41 +5,51 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
-use serde::Deserialize;
 use tokio::time::Instant;
-use zeroize::Zeroizing;
 
-use super::exporter::{ExportError, UsageBatch, UsageExporter};
+use super::exporter::{ExportError, UsageExporter};
+use crate::remote::{
+    DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, KeyServiceUrls, Remote, RemoteConfigError, RemoteSettings,
+    answered_by, backoff, read_body, remote_builder_methods,
+};
+use crate::wire::{self, UsageAccepted, UsageBatch};
 
-/// Default connect timeout: 500 ms.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-/// Default timeout of one attempt, body included: 2 s.
+/// Default timeout of one export attempt, body included: 2 s.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default attempts per batch: 8.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
-/// Default first backoff: 100 ms (doubling, jittered).
-pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
-/// Default longest backoff: 5 s.
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Default time a batch may spend being retried: 30 s.
 pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Largest `{"accepted": n}` answer read.
+const MAX_ACCEPTED_BYTES: usize = 4 * 1024;
 
 /// An [`HttpUsageExporter`] could not be built.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HttpExporterBuildError {
-    /// The base URL does not parse, or is not `http`/`https`.
-    #[error("invalid key service URL: {0}")]
-    InvalidUrl(String),
-    /// The service token is empty or holds bytes a header cannot carry.
-    #[error("invalid service token (empty, or not visible ASCII)")]
+    /// No URL, or one that does not parse, is not `http`/`https` or carries credentials.
+    #[error("invalid key service URL")]
+    InvalidUrl(#[source] RemoteConfigError),
+    /// No service token, or one that is empty or holds bytes a header cannot carry.
+    #[error("invalid service token (missing, empty, or not visible ASCII)")]
     InvalidToken,
     /// `max_attempts`, `request_timeout` or `retry_deadline` was zero.
     #[error("HTTP usage exporter setting `{0}` must be greater than zero")]
     Zero(&'static str),
     /// The HTTP client could not be built.
-    #[error("could not build the HTTP client: {0}")]
-    Client(#[source] reqwest::Error),
+    #[error("could not build the HTTP client")]
+    Client(#[source] RemoteConfigError),
+}
+
+impl From<RemoteConfigError> for HttpExporterBuildError {
+    fn from(e: RemoteConfigError) -> Self {
+        match e {
+            RemoteConfigError::MissingServiceToken | RemoteConfigError::InvalidServiceToken => Self::InvalidToken,
+            e @ (RemoteConfigError::NoUrl | RemoteConfigError::InvalidUrl { .. }) => Self::InvalidUrl(e),
+            e => Self::Client(e),
+        }
+    }
 }
 
 /// Builds an [`HttpUsageExporter`]. Defaults:
@@ -47,17 +57,16 @@ pub enum HttpExporterBuildError {
 /// | setting | default |
 /// | --- | --- |
 /// | [`connect_timeout`](Self::connect_timeout) | 500 ms |
+/// | [`failover_cooldown`](Self::failover_cooldown) | 2 s |
 /// | [`request_timeout`](Self::request_timeout) | 2 s per attempt |
 /// | [`max_attempts`](Self::max_attempts) | 8 per batch |
 /// | [`initial_backoff`](Self::initial_backoff) | 100 ms, doubling, jittered |
 /// | [`max_backoff`](Self::max_backoff) | 5 s |
 /// | [`retry_deadline`](Self::retry_deadline) | 30 s per batch |
 #[must_use]
+#[derive(Debug)]
 pub struct HttpUsageExporterBuilder {
-    base_url: String,
-    token: Zeroizing<String>,
-    client: Option<reqwest::Client>,
-    connect_timeout: Duration,
+    remote: RemoteSettings,
     request_timeout: Duration,
     max_attempts: u32,
     initial_backoff: Duration,
@@ -66,11 +75,7 @@ pub struct HttpUsageExporterBuilder {
 }
 
 impl HttpUsageExporterBuilder {
-    /// Connect timeout. Default 500 ms. Ignored when [`client`](Self::client) is given.
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
+    remote_builder_methods!();
 
     /// Timeout of one attempt, from connecting to the end of the answer. Default 2 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
@@ -84,8 +89,9 @@ impl HttpUsageExporterBuilder {
         self
     }
 
-    /// Wait before the first retry; doubles each time up to [`max_backoff`](Self::max_backoff).
-    /// Each wait is jittered to between half and all of it. Default 100 ms.
+    /// Bound of the wait before the first retry; doubles each time up to
+    /// [`max_backoff`](Self::max_backoff). Each wait is drawn uniformly between half the
+    /// bound and the bound. Default 100 ms.
     pub fn initial_backoff(mut self, backoff: Duration) -> Self {
         self.initial_backoff = backoff;
         self
@@ -108,28 +114,8 @@ impl HttpUsageExporterBuilder {
         self
     }
 
-    /// Uses this client (to share a connection pool) instead of building one.
-    pub fn client(mut self, client: reqwest::Client) -> Self {
-        self.client = Some(client);
-        self
-    }
-
-    /// Checks the URL and token and builds the client.
+    /// Checks the URLs and token and builds the client.
     pub fn build(self) -> Result<HttpUsageExporter, HttpExporterBuildError> {
-        let endpoint = format!("{}/v1/usage", self.base_url.trim_end_matches('/'));
-        let endpoint = reqwest::Url::parse(&endpoint)
-            .map_err(|e| HttpExporterBuildError::InvalidUrl(format!("{endpoint}: {e}")))?;
-        if !matches!(endpoint.scheme(), "http" | "https") {
-            return Err(HttpExporterBuildError::InvalidUrl(format!("{endpoint}: scheme must be http or https")));
-        }
-        if self.token.is_empty() || !self.token.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(HttpExporterBuildError::InvalidToken);
-        }
-        let bearer = Zeroizing::new(format!("Bearer {}", self.token.as_str()));
-        let mut authorization =
-            HeaderValue::from_str(bearer.as_str()).map_err(|_| HttpExporterBuildError::InvalidToken)?;
-        // Keeps it out of HPACK tables and `Debug` output.
-        authorization.set_sensitive(true);
         for (name, zero) in [
             ("max_attempts", self.max_attempts == 0),
             ("request_timeout", self.request_timeout.is_zero()),
@@ -139,19 +125,9 @@ impl HttpUsageExporterBuilder {
                 return Err(HttpExporterBuildError::Zero(name));
             }
         }
-        let client = match self.client {
-            Some(client) => client,
-            None => reqwest::Client::builder()
-                .connect_timeout(self.connect_timeout)
-                .user_agent(concat!("keygate/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .map_err(HttpExporterBuildError::Client)?,
-        };
+        let remote = self.remote.build(wire::USAGE_PATH, None, None)?;
         Ok(HttpUsageExporter {
-            client,
-            endpoint,
-            authorization,
-            connect_timeout: self.connect_timeout,
+            remote: std::sync::Arc::new(remote),
             request_timeout: self.request_timeout,
             max_attempts: self.max_attempts,
             initial_backoff: self.initial_backoff,
@@ -161,31 +137,22 @@ impl HttpUsageExporterBuilder {
     }
 }
 
-impl fmt::Debug for HttpUsageExporterBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpUsageExporterBuilder")
-            .field("base_url", &self.base_url)
-            .field("service_token", &"<redacted>")
-            .field("connect_timeout", &self.connect_timeout)
-            .field("request_timeout", &self.request_timeout)
-            .field("max_attempts", &self.max_attempts)
-            .field("initial_backoff", &self.initial_backoff)
-            .field("max_backoff", &self.max_backoff)
-            .field("retry_deadline", &self.retry_deadline)
-            .finish_non_exhaustive()
-    }
-}
-
 /// Exports usage batches to the key service: `POST {base}/v1/usage` with
 /// `Authorization: Bearer <service token>` and body `{"events": [...], "dropped": n}`,
-/// expecting `202 {"accepted": n}` (any 2xx is taken as delivered).
+/// expecting `202 {"accepted": n}` (any 2xx is taken as delivered; see
+/// [`wire`](crate::wire)).
 ///
-/// A failed attempt (transport error, timeout, 408, 429 or 5xx) is retried with jittered
-/// exponential backoff, honoring `Retry-After`, until the batch is delivered, 8 attempts
-/// are spent, or 30 s have passed (see [`HttpUsageExporterBuilder`]); then the batch is
-/// given up and the pipeline counts its events as lost and reports them in the next
-/// batch's `dropped`. Other statuses (400, 401, 413, ...) are not retried: sending the same
-/// bytes again would not help.
+/// A failed attempt (transport error, timeout, 408, 429 or 5xx) is retried with
+/// exponential backoff and jitter, honoring `Retry-After`, until the batch is
+/// delivered, 8 attempts are spent, or 30 s have passed (see
+/// [`HttpUsageExporterBuilder`]); then the batch is given up and the pipeline counts its
+/// events as lost and reports them in the next batch's `dropped`. Other statuses (400,
+/// 401, 413, a redirect: none is followed) are not retried: sending the same bytes again
+/// would not help.
+///
+/// Given several base URLs (replicas), a batch whose connection cannot be established
+/// moves to the next URL at once, without waiting; a URL that refused is tried last for
+/// the failover cooldown (default 2 s).
 ///
 /// The body is encoded once per batch. `Debug` never shows the service token.
 ///
@@ -198,7 +165,8 @@ impl fmt::Debug for HttpUsageExporterBuilder {
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// use keygate::usage::{HttpUsageExporter, UsagePipeline};
 ///
-/// let exporter = HttpUsageExporter::builder("https://keys.internal:8443", std::env::var("KEYGATE_SERVICE_TOKEN")?)
+/// let exporter = HttpUsageExporter::builder(["https://keys-a.internal:8443", "https://keys-b.internal:8443"])
+///     .service_token(std::env::var("KEYGATE_SERVICE_TOKEN")?)
 ///     .retry_deadline(std::time::Duration::from_secs(10))
 ///     .build()?;
 /// let (sink, handle) = UsagePipeline::builder().build(exporter)?;
@@ -207,11 +175,9 @@ impl fmt::Debug for HttpUsageExporterBuilder {
 /// # }
 /// ```
 #[derive(Clone)]
+#[must_use]
 pub struct HttpUsageExporter {
-    client: reqwest::Client,
-    endpoint: reqwest::Url,
-    authorization: HeaderValue,
-    connect_timeout: Duration,
+    remote: std::sync::Arc<Remote>,
     request_timeout: Duration,
     max_attempts: u32,
     initial_backoff: Duration,
@@ -220,14 +186,12 @@ pub struct HttpUsageExporter {
 }
 
 impl HttpUsageExporter {
-    /// A builder for the key service at `base_url` (e.g. `http://127.0.0.1:8080`), which
-    /// the exporter authenticates to with `service_token`.
-    pub fn builder(base_url: impl Into<String>, service_token: impl Into<String>) -> HttpUsageExporterBuilder {
+    /// A builder for the key service at `urls` (one base URL such as
+    /// `http://127.0.0.1:8080`, or several replicas, at most 64). Set the service token
+    /// with [`service_token`](HttpUsageExporterBuilder::service_token).
+    pub fn builder(urls: impl KeyServiceUrls) -> HttpUsageExporterBuilder {
         HttpUsageExporterBuilder {
-            base_url: base_url.into(),
-            token: Zeroizing::new(service_token.into()),
-            client: None,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            remote: RemoteSettings::new(urls),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             initial_backoff: DEFAULT_INITIAL_BACKOFF,
@@ -236,38 +200,44 @@ impl HttpUsageExporter {
         }
     }
 
-    /// The URL batches go to.
+    /// The URL batches go to first.
     pub fn endpoint(&self) -> &str {
-        self.endpoint.as_str()
+        self.remote.endpoints.get(0).url.as_str()
     }
 
-    async fn attempt(&self, body: &Bytes, timeout: Duration, events: usize) -> Attempt {
+    async fn attempt(&self, index: usize, body: &Bytes, timeout: Duration, events: usize) -> Attempt {
+        let endpoint = self.remote.endpoints.get(index);
         let request = self
+            .remote
             .client
-            .post(self.endpoint.clone())
-            .header(header::AUTHORIZATION, self.authorization.clone())
+            .post(endpoint.url.clone())
+            .header(header::AUTHORIZATION, self.remote.auth.clone())
             .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .timeout(timeout)
             .body(body.clone());
         match request.send().await {
-            Ok(response) if response.status().is_success() => {
+            Ok(response) if response.status().is_success() && answered_by(&response, endpoint) => {
                 // The count is informational: the batch is delivered either way.
-                match response.json::<Accepted>().await {
-                    Ok(Accepted { accepted }) if accepted != events as u64 => {
-                        tracing::warn!(
-                            target: "keygate::usage",
-                            sent = events,
-                            accepted,
-                            "key service accepted a different number of usage events than sent"
-                        );
-                    }
-                    _ => {}
+                let accepted = read_body(response, MAX_ACCEPTED_BYTES)
+                    .await
+                    .ok()
+                    .and_then(|body| serde_json::from_slice::<UsageAccepted>(&body).ok());
+                if let Some(UsageAccepted { accepted }) = accepted.filter(|a| a.accepted != events as u64) {
+                    tracing::warn!(
+                        target: "keygate::usage",
+                        sent = events,
+                        accepted,
+                        "key service accepted a different number of usage events than sent"
+                    );
                 }
                 Attempt::Delivered
             }
             Ok(response) => {
                 let status = response.status();
                 let error = ExportError::Status { status: status.as_u16() };
+                if status.is_redirection() || !answered_by(&response, endpoint) {
+                    tracing::error!(target: "keygate::usage", endpoint = %endpoint.label, %status, "key service answered with a redirect; not followed");
+                }
                 if is_retryable(status) {
                     Attempt::Retry(error, retry_after(response.headers()))
                 } else {
@@ -275,6 +245,7 @@ impl HttpUsageExporter {
                 }
             }
             Err(e) if e.is_timeout() => Attempt::Retry(ExportError::Timeout, None),
+            Err(e) if e.is_connect() => Attempt::Connect(ExportError::Transport(Box::new(e))),
             Err(e) => Attempt::Retry(ExportError::Transport(Box::new(e)), None),
         }
     }
@@ -282,13 +253,10 @@ impl HttpUsageExporter {
 
 enum Attempt {
     Delivered,
+    /// No connection: the next URL may take it at once.
+    Connect(ExportError),
     Retry(ExportError, Option<Duration>),
     Fatal(ExportError),
-}
-
-#[derive(Deserialize)]
-struct Accepted {
-    accepted: u64,
 }
 
 impl UsageExporter for HttpUsageExporter {
@@ -297,23 +265,46 @@ impl UsageExporter for HttpUsageExporter {
         let events = batch.events.len();
         let body = Bytes::from(serde_json::to_vec(&batch).map_err(ExportError::Encode)?);
         drop(batch);
-        let mut backoff = self.initial_backoff;
+        let endpoints = &self.remote.endpoints;
+        let mut cursor = endpoints.start();
+        // URLs that refused a connection since the last wait: the others are tried first.
+        let mut tried: u64 = 0;
+        let mut failures = 0;
         let mut attempts = 0;
         loop {
+            let index = endpoints.pick(cursor, tried).unwrap_or(cursor % endpoints.len());
             let remaining = deadline.saturating_duration_since(Instant::now());
             attempts += 1;
-            let (error, retry_after) = match self.attempt(&body, self.request_timeout.min(remaining), events).await {
-                Attempt::Delivered => return Ok(()),
+            let (error, retry_after) = match self
+                .attempt(index, &body, self.request_timeout.min(remaining), events)
+                .await
+            {
+                Attempt::Delivered => {
+                    endpoints.mark_up(index);
+                    return Ok(());
+                }
                 Attempt::Fatal(error) => return Err(error),
+                Attempt::Connect(error) => {
+                    endpoints.mark_down(index);
+                    tried |= 1 << index;
+                    cursor = index + 1;
+                    if attempts < self.max_attempts && endpoints.pick(cursor, tried).is_some() {
+                        tracing::debug!(target: "keygate::usage", %error, "usage export: no connection; trying the next URL");
+                        continue;
+                    }
+                    (error, None)
+                }
                 Attempt::Retry(error, retry_after) => (error, retry_after),
             };
-            let wait = jitter(backoff).max(retry_after.unwrap_or_default().min(self.max_backoff));
+            tried = 0;
+            let wait = backoff(self.initial_backoff, self.max_backoff, failures)
+                .max(retry_after.unwrap_or_default().min(self.max_backoff));
+            failures += 1;
             if attempts >= self.max_attempts || Instant::now() + wait >= deadline {
                 return Err(ExportError::GaveUp { attempts, last: Box::new(error) });
             }
             tracing::debug!(target: "keygate::usage", attempts, %error, wait_ms = wait.as_millis() as u64, "usage export failed; retrying");
             tokio::time::sleep(wait).await;
-            backoff = backoff.saturating_mul(2).min(self.max_backoff);
         }
     }
 }
@@ -321,9 +312,8 @@ impl UsageExporter for HttpUsageExporter {
 impl fmt::Debug for HttpUsageExporter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpUsageExporter")
-            .field("endpoint", &self.endpoint.as_str())
+            .field("endpoints", &self.remote.endpoints)
             .field("service_token", &"<redacted>")
-            .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("max_attempts", &self.max_attempts)
             .field("initial_backoff", &self.initial_backoff)
@@ -341,13 +331,4 @@ fn is_retryable(status: StatusCode) -> bool {
 fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     let seconds = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim().parse::<u64>().ok()?;
     Some(Duration::from_secs(seconds))
-}
-
-/// Between half and all of `backoff`, so that many exporters that failed together do not
-/// retry together.
-fn jitter(backoff: Duration) -> Duration {
-    let half = backoff / 2;
-    let spread = half.as_nanos().min(u64::MAX as u128) as u64;
-    let random = getrandom::u64().unwrap_or(0);
-    half + Duration::from_nanos(if spread == 0 { 0 } else { random % (spread + 1) })
 }

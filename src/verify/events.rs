@@ -6,23 +6,24 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use http::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures_util::StreamExt;
+use http::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use zeroize::Zeroizing;
 
 use super::Verifier;
 use super::cached::{CachedVerifier, Shared};
-use super::http::{DEFAULT_CONNECT_TIMEOUT, Endpoint, KeyServiceUrls, RemoteConfigError, bearer, describe, endpoints};
+use crate::remote::{
+    DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, Endpoint, KeyServiceUrls, Remote, RemoteConfigError, RemoteSettings,
+    answered_by, backoff, describe, remote_builder_methods,
+};
+use crate::wire::{self, EventName, KeyChanged};
 
 /// Default interval at which the key service sends heartbeats: 15 s. The stream is
 /// declared dead when nothing arrives for twice this long.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
-/// Default first reconnect delay bound: 100 ms.
-pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
-/// Default largest reconnect delay bound: 30 s.
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// Default longest SSE line, and longest event data: 64 KiB.
+/// Default largest event on the stream (all of its lines together): 64 KiB.
 pub const DEFAULT_MAX_LINE_BYTES: usize = 64 * 1024;
 
 /// A connection that lasted this long resets the backoff; shorter ones keep growing it,
@@ -33,6 +34,8 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 const LIVENESS_TICK: Duration = Duration::from_secs(1);
 
 /// Follows the key service's event stream and keeps a [`CachedVerifier`] honest.
+///
+/// The events are those of [`wire`](crate::wire#events-get-v1events).
 ///
 /// - `revoked`, `updated` and `rotated` events (data `{"key_id": "..."}`) invalidate
 ///   that key id at once; an event of these kinds whose data cannot be read drops the
@@ -45,13 +48,16 @@ const LIVENESS_TICK: Duration = Duration::from_secs(1);
 ///   because events sent while disconnected are lost (the first connection too: the
 ///   cache may hold verdicts from before the subscription). A stream silent for twice
 ///   the heartbeat interval (default 2 × 15 s) counts as lost.
-/// - **Reconnects** use exponential backoff with full jitter: a random delay between 0
-///   and `min(max_backoff, initial_backoff × 2^n)` (defaults 100 ms and 30 s), where `n`
+/// - **Reconnects** use exponential backoff with jitter: a random delay between half
+///   and all of `min(max_backoff, initial_backoff × 2^n)` (defaults 100 ms and 5 s), where `n`
 ///   counts failures since the last connection that stayed up 10 s. Failing to connect
-///   moves to the next URL; a stream lost after connecting retries the same URL first.
+///   (refused, timed out, an HTTP status other than 200, a redirect included: it is
+///   never followed) moves to the next URL; a stream lost after connecting retries the
+///   same URL first.
 /// - **Stopping.** The task ends when this handle is dropped or
 ///   [`shutdown`](Self::shutdown), or when every clone of the verifier is gone (it only
-///   holds a weak reference). Lines longer than 64 KiB end the connection.
+///   holds a weak reference). An event longer than 64 KiB (all its lines together)
+///   ends the connection.
 ///
 /// While disconnected the cache keeps serving under its TTL and stale-if-error rules.
 ///
@@ -60,15 +66,16 @@ const LIVENESS_TICK: Duration = Duration::from_secs(1);
 /// `keygate_events_invalidations_total` and `keygate_events_invalidation_failures_total`.
 ///
 /// ```no_run
-/// use keygate::{CachedVerifier, HttpVerifier, verify::RevocationListener};
+/// use keygate::{CachedVerifier, HttpVerifier, RevocationListener};
 ///
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let token = std::env::var("KEYGATE_SERVICE_TOKEN")?;
 /// let cache = CachedVerifier::new(HttpVerifier::builder("http://keys:7000").service_token(&token).build()?);
-/// let listener = RevocationListener::builder("http://keys:7000", &token).spawn(&cache)?;
+/// let listener = RevocationListener::builder("http://keys:7000").service_token(&token).spawn(&cache)?;
 /// // ... serve requests with `cache`; keep `listener` alive as long as the cache.
 /// # drop(listener); Ok(()) }
 /// ```
+#[must_use = "the listener stops when dropped"]
 pub struct RevocationListener {
     state: Arc<State>,
     stop: Option<watch::Sender<()>>,
@@ -108,9 +115,7 @@ struct State {
 }
 
 struct Config {
-    client: reqwest::Client,
-    endpoints: Box<[Endpoint]>,
-    auth: HeaderValue,
+    remote: Remote,
     heartbeat_interval: Duration,
     initial_backoff: Duration,
     max_backoff: Duration,
@@ -118,19 +123,17 @@ struct Config {
 }
 
 impl RevocationListener {
-    /// Starts a builder for the key service at `urls` (one or several replicas), with
-    /// the same service token as the verifier. Defaults: heartbeat interval 15 s,
-    /// backoff 100 ms to 30 s, lines up to 64 KiB, connect timeout 500 ms.
-    pub fn builder(urls: impl KeyServiceUrls, service_token: impl Into<String>) -> RevocationListenerBuilder {
+    /// Starts a builder for the key service at `urls` (one or several replicas, at most
+    /// 64). Set the same service token as the verifier's with
+    /// [`service_token`](RevocationListenerBuilder::service_token). Defaults: heartbeat
+    /// interval 15 s, backoff 100 ms to 5 s, events up to 64 KiB, connect timeout 500 ms.
+    pub fn builder(urls: impl KeyServiceUrls) -> RevocationListenerBuilder {
         RevocationListenerBuilder {
-            urls: urls.into_urls(),
-            token: Zeroizing::new(service_token.into()),
+            remote: RemoteSettings::new(urls),
             heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             initial_backoff: DEFAULT_INITIAL_BACKOFF,
             max_backoff: DEFAULT_MAX_BACKOFF,
             max_line_bytes: DEFAULT_MAX_LINE_BYTES,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            client: None,
         }
     }
 
@@ -193,30 +196,18 @@ impl fmt::Debug for RevocationListener {
 
 /// Builds a [`RevocationListener`]; see [`RevocationListener::builder`].
 #[must_use]
+#[derive(Debug)]
 pub struct RevocationListenerBuilder {
-    urls: Vec<String>,
-    token: Zeroizing<String>,
+    remote: RemoteSettings,
     heartbeat_interval: Duration,
     initial_backoff: Duration,
     max_backoff: Duration,
     max_line_bytes: usize,
-    connect_timeout: Duration,
-    client: Option<reqwest::Client>,
-}
-
-impl fmt::Debug for RevocationListenerBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RevocationListenerBuilder")
-            .field("urls", &self.urls.len())
-            .field("service_token", &"<redacted>")
-            .field("heartbeat_interval", &self.heartbeat_interval)
-            .field("initial_backoff", &self.initial_backoff)
-            .field("max_backoff", &self.max_backoff)
-            .finish_non_exhaustive()
-    }
 }
 
 impl RevocationListenerBuilder {
+    remote_builder_methods!();
+
     /// The key service's heartbeat interval (default 15 s); nothing received for twice
     /// this long ends the connection.
     pub fn heartbeat_interval(mut self, interval: Duration) -> Self {
@@ -224,50 +215,29 @@ impl RevocationListenerBuilder {
         self
     }
 
-    /// Reconnect delay bounds (defaults 100 ms and 30 s).
+    /// Reconnect delay bounds (defaults 100 ms and 5 s).
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.initial_backoff = initial;
         self.max_backoff = max.max(initial);
         self
     }
 
-    /// Longest SSE line, and longest event data (default 64 KiB).
+    /// Largest event, all of its lines together (default 64 KiB); a longer one ends
+    /// the connection. The bound is applied to the bytes before they are parsed, so the
+    /// parser never buffers more than this plus one network read.
     pub fn max_line_bytes(mut self, bytes: usize) -> Self {
         self.max_line_bytes = bytes.max(64);
         self
     }
 
-    /// Connect timeout (default 500 ms).
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// Uses this reqwest client instead of building one. It must not set a total
-    /// request timeout, which would cut the stream.
-    pub fn client(mut self, client: reqwest::Client) -> Self {
-        self.client = Some(client);
-        self
-    }
-
-    /// Spawns the listener on the current Tokio runtime, invalidating `cache`.
+    /// Spawns the listener on the current Tokio runtime, invalidating `cache`. A client
+    /// given with [`client`](Self::client) must not set a total request timeout, which
+    /// would cut the stream.
     pub fn spawn<V: Verifier>(self, cache: &CachedVerifier<V>) -> Result<RevocationListener, RemoteConfigError> {
-        let endpoints = endpoints(self.urls, "/v1/events")?;
-        let auth = bearer(Some(self.token.as_str()))?;
+        let remote = self.remote.build(wire::EVENTS_PATH, None, Some(Duration::from_secs(15)))?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| RemoteConfigError::NoRuntime)?;
-        let client = match self.client {
-            Some(client) => client,
-            None => reqwest::Client::builder()
-                .connect_timeout(self.connect_timeout)
-                .tcp_keepalive(Duration::from_secs(15))
-                .user_agent(concat!("keygate/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .map_err(|e| RemoteConfigError::Client(e.to_string()))?,
-        };
         let config = Config {
-            client,
-            endpoints,
-            auth,
+            remote,
             heartbeat_interval: self.heartbeat_interval,
             initial_backoff: self.initial_backoff,
             max_backoff: self.max_backoff,
@@ -291,15 +261,15 @@ enum Ended {
 }
 
 async fn run<V: Verifier>(cache: Weak<Shared<V>>, config: Config, state: Arc<State>, mut stop: watch::Receiver<()>) {
-    let n = config.endpoints.len();
-    let mut index = 0;
+    let endpoints = &config.remote.endpoints;
+    let mut index = endpoints.pick(0, 0).unwrap_or(0);
     let mut failures: u32 = 0;
     loop {
         if cache.strong_count() == 0 {
             break;
         }
         state.endpoint.store(index, Ordering::Relaxed);
-        let endpoint = &config.endpoints[index];
+        let endpoint = endpoints.get(index);
         let ended = tokio::select! {
             _ = stop.changed() => break,
             ended = follow(&cache, &config, &state, endpoint) => ended,
@@ -311,7 +281,8 @@ async fn run<V: Verifier>(cache: Weak<Shared<V>>, config: Config, state: Arc<Sta
                 state.connect_failures.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("keygate_events_connect_failures_total").increment(1);
                 tracing::warn!(endpoint = %endpoint.label, error = %why, "event stream: could not connect");
-                index = (index + 1) % n;
+                endpoints.mark_down(index);
+                index = endpoints.pick(index + 1, 0).unwrap_or(0);
             }
             Ended::Lost { lasted, why } => {
                 tracing::warn!(endpoint = %endpoint.label, error = %why, "event stream lost; the cache falls back to its TTL until reconnected");
@@ -336,30 +307,78 @@ fn set_connected(state: &State, connected: bool) {
     metrics::gauge!("keygate_events_connected").set(if connected { 1.0 } else { 0.0 });
 }
 
-/// Full jitter: uniform in `[0, min(max, initial × 2^failures)]`.
-fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
-    let cap = initial.saturating_mul(1u32 << failures.min(20)).min(max);
-    let cap_ms = u64::try_from(cap.as_millis()).unwrap_or(u64::MAX);
-    let random = getrandom::u64().unwrap_or_else(|_| u64::from(Instant::now().elapsed().subsec_nanos()));
-    Duration::from_millis(random % cap_ms.saturating_add(1))
+/// Why the byte stream under the SSE parser ended in error.
+#[derive(Debug)]
+enum StreamError {
+    Transfer(reqwest::Error),
+    TooLong(usize),
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Transfer(e) => f.write_str(&describe(e)),
+            Self::TooLong(max) => write!(f, "an event is longer than {max} bytes"),
+        }
+    }
+}
+
+/// Counts the bytes of the event being received (its lines, without their ends) and
+/// refuses the stream once one exceeds the bound: `eventsource-stream` buffers an event
+/// until it is complete and has no bound of its own. Lines end with CRLF, LF or CR; an
+/// empty line ends an event.
+struct EventBound {
+    max: usize,
+    event: usize,
+    line: usize,
+    after_cr: bool,
+}
+
+impl EventBound {
+    fn check(&mut self, chunk: &[u8]) -> Result<(), StreamError> {
+        for &b in chunk {
+            if std::mem::take(&mut self.after_cr) && b == b'\n' {
+                continue;
+            }
+            if b == b'\n' || b == b'\r' {
+                self.after_cr = b == b'\r';
+                if self.line == 0 {
+                    self.event = 0;
+                }
+                self.line = 0;
+            } else {
+                self.line += 1;
+                self.event += 1;
+                if self.event > self.max {
+                    return Err(StreamError::TooLong(self.max));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &State, endpoint: &Endpoint) -> Ended {
     let dead_after = config.heartbeat_interval.saturating_mul(2);
     let request = config
+        .remote
         .client
         .get(endpoint.url.clone())
-        .header(AUTHORIZATION, config.auth.clone())
+        .header(AUTHORIZATION, config.remote.auth.clone())
         .header(ACCEPT, "text/event-stream")
         .header(CACHE_CONTROL, "no-cache")
         .send();
-    let mut response = match tokio::time::timeout(dead_after, request).await {
+    let response = match tokio::time::timeout(dead_after, request).await {
         Err(_) => return Ended::NotConnected(format!("no answer within {dead_after:?}")),
         Ok(Err(e)) => return Ended::NotConnected(describe(&e)),
         Ok(Ok(r)) => r,
     };
     if response.status() != reqwest::StatusCode::OK {
-        return Ended::NotConnected(format!("HTTP {}", response.status()));
+        let redirect = if response.status().is_redirection() { " (redirects are not followed)" } else { "" };
+        return Ended::NotConnected(format!("HTTP {}{redirect}", response.status()));
+    }
+    if !answered_by(&response, endpoint) {
+        return Ended::NotConnected("the answer came from another URL (redirected)".into());
     }
     let is_sse = response
         .headers()
@@ -386,159 +405,70 @@ async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &S
     }
 
     let connected_at = Instant::now();
-    let mut last_seen = connected_at;
-    let mut parser = SseParser::new(config.max_line_bytes);
-    let mut events = Vec::new();
+    // Any byte is a sign of life, comments (the usual heartbeat) included, although the
+    // parser never yields those: liveness is measured below the parser.
+    let last_seen_ms = AtomicU64::new(0);
+    let mut bound = EventBound { max: config.max_line_bytes, event: 0, line: 0, after_cr: false };
+    let bytes = response.bytes_stream().map(|chunk| {
+        let chunk = chunk.map_err(StreamError::Transfer)?;
+        last_seen_ms.store(u64::try_from(connected_at.elapsed().as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        bound.check(&chunk)?;
+        Ok::<_, StreamError>(chunk)
+    });
+    let mut events = std::pin::pin!(bytes.eventsource());
     loop {
-        let chunk = match tokio::time::timeout(LIVENESS_TICK.min(dead_after), response.chunk()).await {
+        let lost = |why: String| Ended::Lost { lasted: connected_at.elapsed(), why };
+        let event = match tokio::time::timeout(LIVENESS_TICK.min(dead_after), events.next()).await {
             Err(_) => {
                 if cache.strong_count() == 0 {
                     return Ended::VerifierGone;
                 }
-                if last_seen.elapsed() >= dead_after {
-                    let why = format!("nothing received for {dead_after:?} (heartbeat missed)");
-                    return Ended::Lost { lasted: connected_at.elapsed(), why };
+                let silent =
+                    connected_at.elapsed().saturating_sub(Duration::from_millis(last_seen_ms.load(Ordering::Relaxed)));
+                if silent >= dead_after {
+                    return lost(format!("nothing received for {dead_after:?} (heartbeat missed)"));
                 }
                 continue;
             }
-            Ok(Err(e)) => return Ended::Lost { lasted: connected_at.elapsed(), why: describe(&e) },
-            Ok(Ok(None)) => return Ended::Lost { lasted: connected_at.elapsed(), why: "closed by the server".into() },
-            Ok(Ok(Some(chunk))) => chunk,
+            Ok(None) => return lost("closed by the server".into()),
+            Ok(Some(Err(EventStreamError::Transport(e)))) => return lost(e.to_string()),
+            Ok(Some(Err(e))) => return lost(format!("not an event stream: {e}")),
+            Ok(Some(Ok(event))) => event,
         };
-        last_seen = Instant::now();
-        if let Err(why) = parser.feed(&chunk, &mut events) {
-            return Ended::Lost { lasted: connected_at.elapsed(), why };
-        }
-        for event in events.drain(..) {
-            let Some(shared) = cache.upgrade() else { return Ended::VerifierGone };
-            apply(&shared, state, &event).await;
-        }
+        let Some(shared) = cache.upgrade() else { return Ended::VerifierGone };
+        apply(&shared, state, &event).await;
     }
 }
 
-#[derive(serde::Deserialize)]
-struct KeyIdData {
-    key_id: String,
-}
-
-async fn apply<V: Verifier>(shared: &Shared<V>, state: &State, event: &SseEvent) {
-    match event.event.as_str() {
-        kind @ ("revoked" | "updated" | "rotated") => {
-            match serde_json::from_str::<KeyIdData>(&event.data).ok().filter(|d| !d.key_id.is_empty()) {
+async fn apply<V: Verifier>(shared: &Shared<V>, state: &State, event: &Event) {
+    match EventName::parse(&event.event) {
+        Some(EventName::Key(kind)) => {
+            match serde_json::from_str::<KeyChanged>(&event.data).ok().filter(|d| !d.key_id.is_empty()) {
                 Some(data) => {
                     let removed = shared.core.invalidate_key_id(&data.key_id).await;
                     state.invalidations.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("keygate_events_invalidations_total").increment(1);
-                    tracing::debug!(event = kind, key_id = %data.key_id, removed, "event stream: invalidated");
+                    tracing::debug!(event = kind.name(), key_id = %data.key_id, removed, "event stream: invalidated");
                 }
                 None => {
                     // We know a key changed but not which: only dropping everything is safe.
                     state.invalidation_failures.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("keygate_events_invalidation_failures_total").increment(1);
-                    tracing::warn!(event = kind, "event stream: unreadable event data; dropping the whole cache");
+                    tracing::warn!(
+                        event = kind.name(),
+                        "event stream: unreadable event data; dropping the whole cache"
+                    );
                     shared.core.invalidate_all();
                     state.cache_drops.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
-        "reset" => {
+        Some(EventName::Reset) => {
             tracing::info!("event stream: reset; dropping the whole cache");
             shared.core.invalidate_all();
             state.cache_drops.fetch_add(1, Ordering::Relaxed);
         }
-        other => tracing::trace!(event = other, "event stream: ignored event"),
-    }
-}
-
-/// One dispatched Server-Sent Event.
-#[derive(Debug, PartialEq, Eq)]
-struct SseEvent {
-    event: String,
-    data: String,
-}
-
-/// A bounded, incremental parser for the `text/event-stream` format (fields `event`
-/// and `data`; `id` and `retry` are ignored, comments are heartbeats). Lines end with
-/// CRLF, LF or CR, split across chunks in any way.
-struct SseParser {
-    max_line: usize,
-    line: Vec<u8>,
-    after_cr: bool,
-    event: String,
-    data: String,
-    has_data: bool,
-}
-
-impl SseParser {
-    fn new(max_line: usize) -> Self {
-        Self { max_line, line: Vec::new(), after_cr: false, event: String::new(), data: String::new(), has_data: false }
-    }
-
-    fn feed(&mut self, chunk: &[u8], out: &mut Vec<SseEvent>) -> Result<(), String> {
-        for &b in chunk {
-            if self.after_cr {
-                self.after_cr = false;
-                if b == b'\n' {
-                    continue;
-                }
-            }
-            match b {
-                b'\n' => self.end_line(out)?,
-                b'\r' => {
-                    self.after_cr = true;
-                    self.end_line(out)?;
-                }
-                _ => {
-                    if self.line.len() >= self.max_line {
-                        return Err(format!("an event-stream line is longer than {} bytes", self.max_line));
-                    }
-                    self.line.push(b);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn end_line(&mut self, out: &mut Vec<SseEvent>) -> Result<(), String> {
-        if self.line.is_empty() {
-            // Unlike browsers we also dispatch named events without data: a `reset`
-            // must not be lost to a formality.
-            if self.has_data || !self.event.is_empty() {
-                let event = if self.event.is_empty() { "message".to_owned() } else { std::mem::take(&mut self.event) };
-                out.push(SseEvent { event, data: std::mem::take(&mut self.data) });
-            }
-            self.event.clear();
-            self.data.clear();
-            self.has_data = false;
-            return Ok(());
-        }
-        let line = String::from_utf8_lossy(&self.line).into_owned();
-        self.line.clear();
-        if line.starts_with(':') {
-            return Ok(());
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line.as_str(), ""),
-        };
-        match field {
-            "event" => {
-                self.event.clear();
-                self.event.push_str(value);
-            }
-            "data" => {
-                if self.data.len() + value.len() + 1 > self.max_line {
-                    return Err(format!("an event's data is longer than {} bytes", self.max_line));
-                }
-                if self.has_data {
-                    self.data.push('\n');
-                }
-                self.data.push_str(value);
-                self.has_data = true;
-            }
-            _ => {}
-        }
-        Ok(())
+        _ => tracing::trace!(event = %event.event, "event stream: ignored event"),
     }
 }
 
@@ -546,46 +476,20 @@ impl SseParser {
 mod tests {
     use super::*;
 
-    fn parse_in_pieces(input: &[u8], piece: usize) -> Vec<SseEvent> {
-        let mut parser = SseParser::new(1024);
-        let mut out = Vec::new();
-        for chunk in input.chunks(piece) {
-            parser.feed(chunk, &mut out).unwrap();
-        }
-        out
+    fn check_in_pieces(input: &[u8], piece: usize, max: usize) -> Result<(), ()> {
+        let mut bound = EventBound { max, event: 0, line: 0, after_cr: false };
+        input.chunks(piece).try_for_each(|chunk| bound.check(chunk)).map_err(|_| ())
     }
 
     #[test]
-    fn parses_events_split_anywhere() {
-        let input = b": hello\n\nevent: revoked\ndata: {\"key_id\":\"k1\"}\n\n\
-                      event:reset\r\n\r\nid: 7\r\nevent: rotated\rdata: a\rdata: b\r\r: ping\n\ndata: plain\n\n";
-        let expected = vec![
-            SseEvent { event: "revoked".into(), data: "{\"key_id\":\"k1\"}".into() },
-            SseEvent { event: "reset".into(), data: String::new() },
-            SseEvent { event: "rotated".into(), data: "a\nb".into() },
-            SseEvent { event: "message".into(), data: "plain".into() },
-        ];
-        for piece in [1, 2, 3, 7, input.len()] {
-            assert_eq!(parse_in_pieces(input, piece), expected, "piece {piece}");
+    fn the_event_bound_counts_one_event_at_a_time() {
+        let many_events = "event: revoked\r\ndata: 0123456789\r\n\r\n".repeat(50);
+        let long_event = "data: 0123456789\n".repeat(50) + "\n";
+        for piece in [1, 2, 7, 4096] {
+            assert!(check_in_pieces(many_events.as_bytes(), piece, 64).is_ok(), "piece {piece}");
+            assert!(check_in_pieces(long_event.as_bytes(), piece, 64).is_err(), "piece {piece}");
+            assert!(check_in_pieces(&[b'a'; 65], piece, 64).is_err(), "piece {piece}");
+            assert!(check_in_pieces(b"data: a\r\rdata: b\r\r", piece, 8).is_ok(), "piece {piece}");
         }
-    }
-
-    #[test]
-    fn long_lines_are_refused() {
-        let mut parser = SseParser::new(64);
-        let mut out = Vec::new();
-        assert!(parser.feed(&[b'a'; 65], &mut out).is_err());
-        let mut parser = SseParser::new(64);
-        let many = "data: 0123456789\n".repeat(10);
-        assert!(parser.feed(many.as_bytes(), &mut out).is_err());
-    }
-
-    #[test]
-    fn backoff_is_bounded() {
-        for failures in [0, 1, 5, 40, u32::MAX] {
-            let d = backoff(Duration::from_millis(100), Duration::from_secs(30), failures);
-            assert!(d <= Duration::from_secs(30));
-        }
-        assert!(backoff(Duration::from_millis(100), Duration::from_secs(30), 0) <= Duration::from_millis(100));
     }
 }

@@ -55,52 +55,81 @@ impl Verdict {
     }
 }
 
-/// Why a key is not valid. Clients see one 401 for all of these except `Expired`;
-/// logs and usage events see the precise reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Reason {
-    /// No such key.
-    NotFound,
-    /// The key was revoked.
-    Revoked,
-    /// The key's expiry (or rotation grace) has passed.
-    Expired,
-    /// The key is disabled.
-    Disabled,
-}
-
-impl Reason {
-    /// The wire code (`NOT_FOUND`, `REVOKED`, `EXPIRED`, `DISABLED`).
-    pub fn code(self) -> &'static str {
-        match self {
-            Self::NotFound => "NOT_FOUND",
-            Self::Revoked => "REVOKED",
-            Self::Expired => "EXPIRED",
-            Self::Disabled => "DISABLED",
-        }
-    }
-}
+pub use crate::wire::Reason;
 
 /// A verifier could not reach a verdict. Never cached, never a denial: 503.
+///
+/// The cause is kept ([`source`](std::error::Error::source)) and shared, so that one
+/// error can go to every request that waited on the same verification. `Display` never
+/// holds a key or a service token.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum VerifyError {
     /// The key service could not be reached (refused, reset, DNS).
     #[error("key service unreachable: {0}")]
-    Unreachable(String),
+    Unreachable(#[source] SharedError),
     /// The key service did not answer in time.
     #[error("key service timed out after {0:?}")]
     Timeout(std::time::Duration),
-    /// The key service answered with an unexpected HTTP status.
+    /// The key service answered with an unexpected HTTP status (a redirect included:
+    /// keygate never follows one).
     #[error("key service answered HTTP {0}")]
     Status(u16),
     /// The key service's answer could not be understood.
     #[error("key service answer not understood: {0}")]
-    BadAnswer(String),
+    BadAnswer(#[source] SharedError),
     /// Anything else.
     #[error("verification failed: {0}")]
-    Other(String),
+    Other(#[source] SharedError),
+}
+
+/// The cause of a [`VerifyError`]: any error, shared (cloning it is cheap). Made from
+/// an error with [`SharedError::new`], or from a message with `"...".into()`.
+#[derive(Clone)]
+pub struct SharedError(Arc<dyn std::error::Error + Send + Sync>);
+
+impl SharedError {
+    /// Wraps `error`.
+    pub fn new(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self(Arc::new(error))
+    }
+}
+
+impl std::fmt::Debug for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for SharedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+/// Transparent: the wrapped error's own causes follow.
+impl std::error::Error for SharedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl From<&str> for SharedError {
+    fn from(message: &str) -> Self {
+        Self(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(message)))
+    }
+}
+
+impl From<String> for SharedError {
+    fn from(message: String) -> Self {
+        Self(Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(message)))
+    }
+}
+
+impl From<Box<dyn std::error::Error + Send + Sync>> for SharedError {
+    fn from(error: Box<dyn std::error::Error + Send + Sync>) -> Self {
+        Self(Arc::from(error))
+    }
 }
 
 /// Turns a key into a [`Verdict`].
@@ -159,15 +188,15 @@ pub use cached::{
 #[cfg(feature = "remote")]
 mod http;
 #[cfg(feature = "remote")]
-pub use http::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAILOVER_COOLDOWN, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_TIMEOUT, HttpVerifier,
-    HttpVerifierBuilder, KeyServiceUrls, MAX_URLS, RemoteConfigError,
+pub use crate::remote::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAILOVER_COOLDOWN, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, RemoteConfigError,
 };
+#[cfg(feature = "remote")]
+pub use http::{DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_VERIFY_TIMEOUT, HttpVerifier, HttpVerifierBuilder};
 
 #[cfg(feature = "remote")]
 mod events;
 #[cfg(feature = "remote")]
 pub use events::{
-    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, DEFAULT_MAX_LINE_BYTES, ListenerStats,
-    RevocationListener, RevocationListenerBuilder,
+    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_LINE_BYTES, ListenerStats, RevocationListener, RevocationListenerBuilder,
 };

@@ -116,24 +116,18 @@ impl FaultServer {
             "valid": true, "key_id": key_id, "owner": "acme", "name": "test", "scopes": scopes,
             "roles": [], "environment": "test", "expires_at": null, "meta": {}, "ratelimit": null,
         });
-        self.keys().lock().unwrap().insert(key.expose_secret().to_owned(), answer.to_string());
+        self.keys().lock().unwrap().insert(key.digest().to_hex(), answer.to_string());
     }
 
     /// Answers `REVOKED` for this key from now on and announces it on the stream.
     pub fn revoke(&self, key: &ApiKey, key_id: &str) {
-        self.keys()
-            .lock()
-            .unwrap()
-            .insert(key.expose_secret().to_owned(), r#"{"valid":false,"code":"REVOKED"}"#.to_owned());
+        self.keys().lock().unwrap().insert(key.digest().to_hex(), r#"{"valid":false,"code":"REVOKED"}"#.to_owned());
         self.send_event("revoked", &format!(r#"{{"key_id":"{key_id}"}}"#));
     }
 
     /// Like `revoke`, without telling anyone.
     pub fn revoke_silently(&self, key: &ApiKey) {
-        self.keys()
-            .lock()
-            .unwrap()
-            .insert(key.expose_secret().to_owned(), r#"{"valid":false,"code":"REVOKED"}"#.to_owned());
+        self.keys().lock().unwrap().insert(key.digest().to_hex(), r#"{"valid":false,"code":"REVOKED"}"#.to_owned());
     }
 
     pub fn send_event(&self, event: &str, data: &str) {
@@ -255,9 +249,9 @@ async fn connection(mut stream: TcpStream, state: Arc<State>) {
         state.verify_calls.fetch_add(1, Ordering::SeqCst);
         let result = match Mode::from_u8(state.mode.load(Ordering::SeqCst)) {
             Mode::Ok => {
-                let key = serde_json::from_slice::<serde_json::Value>(&req.body)
-                    .ok()
-                    .and_then(|v| v.get("key").and_then(|k| k.as_str()).map(str::to_owned))
+                // Keys are registered by digest, as the middleware sends them.
+                let key = serde_json::from_slice::<keygate::wire::VerifyRequest>(&req.body)
+                    .map(|r| r.digest().to_hex())
                     .unwrap_or_default();
                 let answer = state
                     .keys

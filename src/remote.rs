@@ -1,0 +1,503 @@
+//! What the three clients of the key service share: the list of its URLs with failover
+//! and cooldown, the service-token header, the HTTP client (rustls, timeouts, no
+//! redirects), bounded answer bodies, one backoff and one error description.
+
+use std::error::Error as _;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderValue;
+use reqwest::Url;
+use zeroize::Zeroizing;
+
+/// Default connect timeout of every key-service client: 500 ms.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default time a key-service URL that refused a connection is tried last: 2 s.
+pub const DEFAULT_FAILOVER_COOLDOWN: Duration = Duration::from_secs(2);
+/// Default first retry or reconnect delay bound: 100 ms.
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// Default largest retry or reconnect delay bound: 5 s.
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Most key-service URLs one client takes (a bit set tracks which were tried).
+pub(crate) const MAX_URLS: usize = 64;
+
+/// Why a client of the key service could not be built.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoteConfigError {
+    /// No key-service URL was given.
+    #[error("no key-service URL given")]
+    NoUrl,
+    /// A key-service URL is not usable. The URL itself is not repeated (it could carry
+    /// credentials); `index` says which one.
+    #[error("key-service URL #{index} is not usable: {reason}")]
+    InvalidUrl {
+        /// Position of the URL in the list, from 0.
+        index: usize,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// No service token was set.
+    #[error("a service token is required (`.service_token(...)` on the builder)")]
+    MissingServiceToken,
+    /// The service token is empty or has characters a header cannot carry.
+    #[error("the service token must be non-empty visible ASCII")]
+    InvalidServiceToken,
+    /// The HTTP client could not be built.
+    #[error("the HTTP client could not be built")]
+    Client(#[source] Arc<reqwest::Error>),
+    /// A background task was asked for outside a Tokio runtime.
+    #[error("must be called from within a Tokio runtime")]
+    NoRuntime,
+}
+
+impl PartialEq for RemoteConfigError {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::InvalidUrl { index: a, reason: r }, Self::InvalidUrl { index: b, reason: s }) => a == b && r == s,
+            (Self::Client(a), Self::Client(b)) => Arc::ptr_eq(a, b),
+            _ => std::mem::discriminant(self) == std::mem::discriminant(other),
+        }
+    }
+}
+
+impl Eq for RemoteConfigError {}
+
+/// One or more key-service base URLs: a `&str`, a `String`, a [`Url`], or a list
+/// (`Vec`, slice, array) of strings.
+pub trait KeyServiceUrls {
+    /// The URLs as strings.
+    fn into_urls(self) -> Vec<String>;
+}
+
+impl KeyServiceUrls for &str {
+    fn into_urls(self) -> Vec<String> {
+        vec![self.to_owned()]
+    }
+}
+
+impl KeyServiceUrls for String {
+    fn into_urls(self) -> Vec<String> {
+        vec![self]
+    }
+}
+
+impl KeyServiceUrls for &String {
+    fn into_urls(self) -> Vec<String> {
+        vec![self.clone()]
+    }
+}
+
+impl KeyServiceUrls for Url {
+    fn into_urls(self) -> Vec<String> {
+        vec![self.to_string()]
+    }
+}
+
+impl<S: AsRef<str>> KeyServiceUrls for Vec<S> {
+    fn into_urls(self) -> Vec<String> {
+        self.iter().map(|s| s.as_ref().to_owned()).collect()
+    }
+}
+
+impl<S: AsRef<str>> KeyServiceUrls for &[S] {
+    fn into_urls(self) -> Vec<String> {
+        self.iter().map(|s| s.as_ref().to_owned()).collect()
+    }
+}
+
+impl<S: AsRef<str>, const N: usize> KeyServiceUrls for [S; N] {
+    fn into_urls(self) -> Vec<String> {
+        self.iter().map(|s| s.as_ref().to_owned()).collect()
+    }
+}
+
+/// A key-service base URL, checked, with the route's path appended.
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    pub(crate) url: Url,
+    /// `scheme://host:port/path` without any credentials: what logs show.
+    pub(crate) label: Arc<str>,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.label)
+    }
+}
+
+/// The key service's replicas, tried round robin; one that failed to connect is tried
+/// last for a cooldown, so that a dead replica does not cost every call a connect
+/// timeout.
+pub(crate) struct Endpoints {
+    list: Box<[Endpoint]>,
+    next: AtomicUsize,
+    /// Per endpoint: milliseconds after `origin` until which it is tried last.
+    down_until_ms: Box<[AtomicU64]>,
+    origin: Instant,
+    cooldown: Duration,
+}
+
+impl fmt::Debug for Endpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.list.iter()).finish()
+    }
+}
+
+impl Endpoints {
+    /// Checks `urls` and appends `path` to each.
+    pub(crate) fn new(urls: Vec<String>, path: &str, cooldown: Duration) -> Result<Self, RemoteConfigError> {
+        if urls.is_empty() {
+            return Err(RemoteConfigError::NoUrl);
+        }
+        if urls.len() > MAX_URLS {
+            return Err(RemoteConfigError::InvalidUrl { index: MAX_URLS, reason: "at most 64 URLs" });
+        }
+        let list = urls
+            .iter()
+            .enumerate()
+            .map(|(index, raw)| endpoint(raw, path).map_err(|reason| RemoteConfigError::InvalidUrl { index, reason }))
+            .collect::<Result<Box<[_]>, _>>()?;
+        let down_until_ms = list.iter().map(|_| AtomicU64::new(0)).collect();
+        Ok(Self { list, next: AtomicUsize::new(0), down_until_ms, origin: Instant::now(), cooldown })
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub(crate) fn get(&self, index: usize) -> &Endpoint {
+        &self.list[index]
+    }
+
+    /// Where the next call starts: round robin over calls.
+    pub(crate) fn start(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed) % self.list.len()
+    }
+
+    /// The next endpoint from `cursor` on not in `tried` (a bit per index): one that is
+    /// not cooling down if there is one, else any.
+    pub(crate) fn pick(&self, cursor: usize, tried: u64) -> Option<usize> {
+        let n = self.list.len();
+        let now = self.now_ms();
+        let untried = (0..n).map(|i| (cursor + i) % n).filter(|&i| tried & (1 << i) == 0);
+        untried
+            .clone()
+            .find(|&i| self.down_until_ms[i].load(Ordering::Relaxed) <= now)
+            .or_else(|| untried.clone().next())
+    }
+
+    /// Records that `index` could not be connected to; whether it was up until now
+    /// (worth a warning once, not on every call during the cooldown).
+    pub(crate) fn mark_down(&self, index: usize) -> bool {
+        let now = self.now_ms();
+        let cooldown = u64::try_from(self.cooldown.as_millis()).unwrap_or(u64::MAX);
+        self.down_until_ms[index].swap(now.saturating_add(cooldown), Ordering::Relaxed) <= now
+    }
+
+    pub(crate) fn mark_up(&self, index: usize) {
+        self.down_until_ms[index].store(0, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn cool_down_forever(&self, index: usize) {
+        self.down_until_ms[index].store(u64::MAX, Ordering::Relaxed);
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+fn endpoint(raw: &str, path: &str) -> Result<Endpoint, &'static str> {
+    let base = Url::parse(raw.trim()).map_err(|_| "not an absolute URL")?;
+    if !matches!(base.scheme(), "http" | "https") {
+        return Err("the scheme must be http or https");
+    }
+    if base.host_str().is_none_or(str::is_empty) {
+        return Err("no host");
+    }
+    if !base.username().is_empty() || base.password().is_some() {
+        return Err("credentials in the URL are not allowed; use the service token");
+    }
+    if base.query().is_some() || base.fragment().is_some() {
+        return Err("a base URL takes no query or fragment");
+    }
+    let prefix = base.path().trim_end_matches('/');
+    let mut url = base.clone();
+    url.set_path(&format!("{prefix}{path}"));
+    let label = format!(
+        "{}://{}:{}{prefix}",
+        url.scheme(),
+        url.host_str().unwrap_or_default(),
+        url.port_or_known_default().unwrap_or_default(),
+    );
+    Ok(Endpoint { url, label: label.into() })
+}
+
+/// `Bearer <token>` as a header value marked sensitive (hyper never logs it, HTTP/2
+/// never indexes it).
+pub(crate) fn service_token_header(token: Option<&str>) -> Result<HeaderValue, RemoteConfigError> {
+    let token = token.ok_or(RemoteConfigError::MissingServiceToken)?;
+    if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(RemoteConfigError::InvalidServiceToken);
+    }
+    let value = Zeroizing::new(format!("Bearer {token}"));
+    let mut header = HeaderValue::from_str(&value).map_err(|_| RemoteConfigError::InvalidServiceToken)?;
+    header.set_sensitive(true);
+    Ok(header)
+}
+
+/// How a client's connections behave.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClientOptions {
+    pub(crate) connect_timeout: Duration,
+    /// Deadline of a whole request; `None` for streams.
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) tcp_keepalive: Option<Duration>,
+}
+
+/// A reqwest client on rustls that never follows a redirect: a key-service address
+/// answering 3xx must not be able to send the request (and the service token) to
+/// another host, nor have that host's answer trusted.
+pub(crate) fn http_client(options: ClientOptions) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(options.connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .tcp_keepalive(options.tcp_keepalive)
+        .user_agent(concat!("keygate/", env!("CARGO_PKG_VERSION")));
+    if let Some(timeout) = options.timeout {
+        builder = builder.timeout(timeout);
+    }
+    builder.build()
+}
+
+/// Why an answer could not be read.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// Longer than allowed.
+    TooLarge(usize),
+    /// The transfer failed.
+    Transfer(reqwest::Error),
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TooLarge(max) => write!(f, "answer larger than {max} bytes"),
+            Self::Transfer(e) => f.write_str(&describe(e)),
+        }
+    }
+}
+
+impl std::error::Error for ReadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::TooLarge(_) => None,
+            Self::Transfer(e) => Some(e),
+        }
+    }
+}
+
+/// Reads an answer's body, refusing one longer than `max` bytes without reading it all.
+pub(crate) async fn read_body(mut response: reqwest::Response, max: usize) -> Result<Bytes, ReadError> {
+    if response.content_length().is_some_and(|len| len > max as u64) {
+        return Err(ReadError::TooLarge(max));
+    }
+    let mut buf = BytesMut::with_capacity(response.content_length().map_or(512, |l| l as usize));
+    while let Some(chunk) = response.chunk().await.map_err(ReadError::Transfer)? {
+        if buf.len() + chunk.len() > max {
+            return Err(ReadError::TooLarge(max));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// Whether `response` came from where it was sent: a caller-supplied client might
+/// follow redirects, and an answer from elsewhere must not be trusted.
+pub(crate) fn answered_by(response: &reqwest::Response, endpoint: &Endpoint) -> bool {
+    response.url() == &endpoint.url
+}
+
+/// Exponential backoff with jitter: uniform in `[cap / 2, cap]` where
+/// `cap = min(max, initial × 2^failures)`, so that clients that failed together do not
+/// retry together, while a retry never comes sooner than half its bound (a key service
+/// that is down is not hammered by the unlucky draws of full jitter).
+pub(crate) fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
+    let cap = initial.saturating_mul(1u32 << failures.min(20)).min(max);
+    let half = cap / 2;
+    let spread = u64::try_from((cap - half).as_micros()).unwrap_or(u64::MAX);
+    let random = getrandom::u64().unwrap_or_else(|_| u64::from(Instant::now().elapsed().subsec_nanos()));
+    half + Duration::from_micros(random % spread.saturating_add(1))
+}
+
+/// A reqwest error's causes (without reqwest's own line, which repeats the URL that logs
+/// already name by label).
+pub(crate) fn describe(e: &reqwest::Error) -> String {
+    let mut out = String::new();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(s) = source {
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    if out.is_empty() { e.to_string() } else { out }
+}
+
+/// The setters every key-service client builder shares, documented once. The builder
+/// must have a `remote: RemoteSettings` field.
+macro_rules! remote_builder_methods {
+    () => {
+        /// The token this client presents to the key service (required). It is sent as a
+        /// sensitive header and never shown by `Debug`.
+        pub fn service_token(mut self, token: impl Into<String>) -> Self {
+            self.remote.token = Some(zeroize::Zeroizing::new(token.into()));
+            self
+        }
+
+        /// How long establishing a connection may take (default 500 ms). A connection
+        /// that cannot be made in time moves the call to the next URL.
+        pub fn connect_timeout(mut self, timeout: std::time::Duration) -> Self {
+            self.remote.connect_timeout = timeout;
+            self
+        }
+
+        /// With several URLs: how long one that refused a connection is tried only after
+        /// the others (default 2 s).
+        pub fn failover_cooldown(mut self, cooldown: std::time::Duration) -> Self {
+            self.remote.failover_cooldown = cooldown;
+            self
+        }
+
+        /// Uses this reqwest client (custom TLS roots, proxies, a shared pool) instead of
+        /// building one. Its connect timeout is then its own. Give it
+        /// `redirect(Policy::none())`: an answer that comes from another URL than the
+        /// one asked is refused, but a client that follows redirects has already sent
+        /// the request there.
+        pub fn client(mut self, client: reqwest::Client) -> Self {
+            self.remote.client = Some(client);
+            self
+        }
+    };
+}
+pub(crate) use remote_builder_methods;
+
+/// What every client builder holds: URLs, token, connection settings.
+pub(crate) struct RemoteSettings {
+    pub(crate) urls: Vec<String>,
+    pub(crate) token: Option<Zeroizing<String>>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) failover_cooldown: Duration,
+    pub(crate) client: Option<reqwest::Client>,
+}
+
+impl fmt::Debug for RemoteSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteSettings")
+            .field("urls", &self.urls.len())
+            .field("service_token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("failover_cooldown", &self.failover_cooldown)
+            .field("client", &self.client.as_ref().map(|_| "custom"))
+            .finish()
+    }
+}
+
+/// What a client is built from.
+pub(crate) struct Remote {
+    pub(crate) client: reqwest::Client,
+    pub(crate) endpoints: Endpoints,
+    pub(crate) auth: HeaderValue,
+}
+
+impl RemoteSettings {
+    pub(crate) fn new(urls: impl KeyServiceUrls) -> Self {
+        Self {
+            urls: urls.into_urls(),
+            token: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            failover_cooldown: DEFAULT_FAILOVER_COOLDOWN,
+            client: None,
+        }
+    }
+
+    /// Checks URLs and token, and builds the client unless one was given.
+    pub(crate) fn build(
+        self,
+        path: &str,
+        timeout: Option<Duration>,
+        tcp_keepalive: Option<Duration>,
+    ) -> Result<Remote, RemoteConfigError> {
+        let endpoints = Endpoints::new(self.urls, path, self.failover_cooldown)?;
+        let auth = service_token_header(self.token.as_deref().map(String::as_str))?;
+        let client = match self.client {
+            Some(client) => client,
+            None => http_client(ClientOptions { connect_timeout: self.connect_timeout, timeout, tcp_keepalive })
+                .map_err(|e| RemoteConfigError::Client(Arc::new(e)))?,
+        };
+        Ok(Remote { client, endpoints, auth })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_checked() {
+        let e = Endpoints::new(vec!["http://127.0.0.1:9/base/".into()], "/v1/keys/verify", Duration::ZERO).unwrap();
+        assert_eq!(e.get(0).url.as_str(), "http://127.0.0.1:9/base/v1/keys/verify");
+        assert_eq!(&*e.get(0).label, "http://127.0.0.1:9/base");
+        for bad in ["", "ftp://x", "http://u:p@x", "http://x/?q=1", "not a url"] {
+            assert!(Endpoints::new(vec![bad.into()], "/x", Duration::ZERO).is_err(), "{bad}");
+        }
+        assert_eq!(Endpoints::new(vec![], "/x", Duration::ZERO).unwrap_err(), RemoteConfigError::NoUrl);
+        assert!(Endpoints::new(vec!["http://127.0.0.1:1".into(); 65], "/x", Duration::ZERO).is_err());
+    }
+
+    #[test]
+    fn endpoints_that_refused_are_tried_last() {
+        let urls = vec!["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into(), "http://127.0.0.1:3".into()];
+        let e = Endpoints::new(urls, "/x", Duration::from_secs(2)).unwrap();
+        assert_eq!(e.pick(0, 0), Some(0));
+        assert_eq!(e.pick(2, 0), Some(2));
+        e.cool_down_forever(0);
+        assert_eq!(e.pick(0, 0), Some(1));
+        assert_eq!(e.pick(2, 0), Some(2));
+        assert_eq!(e.pick(2, 0b100), Some(1));
+        assert_eq!(e.pick(1, 0b110), Some(0), "a cooling endpoint is still the last resort");
+        assert_eq!(e.pick(0, 0b111), None);
+        e.mark_up(0);
+        assert_eq!(e.pick(0, 0), Some(0));
+        assert!(e.mark_down(1), "first failure");
+        assert!(!e.mark_down(1), "already cooling");
+    }
+
+    #[test]
+    fn tokens_are_checked_and_sensitive() {
+        assert!(service_token_header(Some("t0k")).unwrap().is_sensitive());
+        for bad in [Some(""), Some("a b"), Some("t\r\nx"), None] {
+            assert!(service_token_header(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn backoff_is_bounded() {
+        for failures in [0, 1, 5, 40, u32::MAX] {
+            assert!(backoff(Duration::from_millis(100), Duration::from_secs(30), failures) <= Duration::from_secs(30));
+        }
+        for _ in 0..100 {
+            let first = backoff(Duration::from_millis(100), Duration::from_secs(30), 0);
+            assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
+        }
+        assert_eq!(backoff(Duration::ZERO, Duration::ZERO, 3), Duration::ZERO);
+    }
+}

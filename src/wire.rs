@@ -1,0 +1,473 @@
+//! Wire protocol v1 between the middleware and the key service: every message both
+//! sides exchange, as one set of types.
+//!
+//! [`HttpVerifier`](crate::HttpVerifier), [`RevocationListener`](crate::RevocationListener)
+//! and [`HttpUsageExporter`](crate::HttpUsageExporter) read and write these types, and
+//! so does the reference key service (feature `server`): the two sides cannot drift
+//! apart without `tests/wire_roundtrip.rs` noticing.
+//!
+//! # Transport
+//!
+//! JSON over HTTP/1.1 or HTTP/2, UTF-8. The middleware authenticates with
+//! `Authorization: Bearer <service token>`. Neither side follows redirects: a 3xx
+//! answer is an error, and its target receives nothing.
+//!
+//! # Verify: `POST /v1/keys/verify` ([`VERIFY_PATH`])
+//!
+//! Request ([`VerifyRequest`]): `{"digest": "<64 lower-case hex digits of SHA-256(key)>"}`.
+//! The raw key never leaves the middleware; the key service stores and looks keys up
+//! by that digest. Older clients send `{"key": "<raw key>"}`, which the key service
+//! still accepts.
+//!
+//! Answer, always `200` ([`VerifyAnswer`]):
+//!
+//! - valid ([`ValidKey`]): `{"valid": true, "key_id", "owner", "name", "scopes": [...],
+//!   "roles": [...], "environment", "expires_at": RFC 3339 or null, "meta": {...},
+//!   "ratelimit": {"limit", "period_s"} or null}`. `expires_at` is the earliest of the
+//!   key's expiry and, after a rotation, the end of the old secret's grace: no cache may
+//!   keep the answer longer.
+//! - refused ([`Refusal`]): `{"valid": false, "code": "NOT_FOUND" | "REVOKED" |
+//!   "EXPIRED" | "DISABLED", "key_id"?}` ([`Reason`]). `key_id` is present when the key
+//!   exists (every code but `NOT_FOUND`), so that the middleware can attribute denials;
+//!   it is never shown to the caller of the protected service.
+//!
+//! Any other status, an unknown `code`, or a body that does not parse is an error on the
+//! middleware's side ([`VerifyError`](crate::VerifyError), HTTP 503), never a denial.
+//!
+//! # Events: `GET /v1/events` ([`EVENTS_PATH`])
+//!
+//! Server-Sent Events (`text/event-stream`). The stream opens with the comment
+//! `: keygate events v1` ([`EVENTS_GREETING`]). Event names are [`EventName`]s:
+//!
+//! | event | data | meaning |
+//! | --- | --- | --- |
+//! | `revoked`, `updated`, `rotated` ([`KeyEvent`]) | [`KeyChanged`] `{"key_id"}` | forget what is cached for this key id |
+//! | `reset` | [`ResetData`] `{"reason", "missed"?}` | forget everything (`lagged`: this subscriber fell behind; `bulk`: a change touched too many keys; `gap`: replicas lost touch) |
+//! | `alert` | [`Alert`] | a key's usage looks anomalous |
+//! | `heartbeat` | [`Heartbeat`] `{"at"}` | sign of life, every 15 s by default |
+//!
+//! A subscriber treats unknown events as signs of life. A `revoked`, `updated` or
+//! `rotated` event whose data cannot be read must be treated like `reset`.
+//!
+//! # Usage: `POST /v1/usage` ([`USAGE_PATH`])
+//!
+//! Request ([`UsageBatch`]): `{"events": [UsageEvent...], "dropped": n}`; answer `202`
+//! ([`UsageAccepted`]) `{"accepted": n}`. The reference key service takes at most
+//! 10 000 events and 4 MiB per batch.
+//!
+//! # Errors
+//!
+//! Every refusal of a request (400, 401, 404, 409, 413, 503, 500) carries
+//! [`ErrorBody`] `{"error": "<code>", "message": "<what is wrong>"}`.
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use time::OffsetDateTime;
+
+use crate::key::{ApiKey, KeyDigest};
+use crate::principal::RateLimit;
+
+/// Path of the verify call.
+pub const VERIFY_PATH: &str = "/v1/keys/verify";
+/// Path of the event stream.
+pub const EVENTS_PATH: &str = "/v1/events";
+/// Path of the usage upload.
+pub const USAGE_PATH: &str = "/v1/usage";
+/// The SSE comment a key service opens each event stream with.
+pub const EVENTS_GREETING: &str = "keygate events v1";
+
+// ---- verify
+
+/// The body of `POST /v1/keys/verify`.
+///
+/// `Debug` never shows a raw key (see [`ApiKey`]).
+#[derive(Debug, Clone)]
+pub enum VerifyRequest {
+    /// `{"digest": "<hex SHA-256>"}`: what keygate sends.
+    Digest(KeyDigest),
+    /// `{"key": "<raw key>"}`: what older clients send.
+    Key(ApiKey),
+}
+
+impl VerifyRequest {
+    /// The digest the key service looks the key up by.
+    pub fn digest(&self) -> KeyDigest {
+        match self {
+            Self::Digest(digest) => *digest,
+            Self::Key(key) => key.digest(),
+        }
+    }
+}
+
+impl Serialize for VerifyRequest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(1))?;
+        match self {
+            Self::Digest(digest) => map.serialize_entry("digest", &digest.to_hex())?,
+            Self::Key(key) => map.serialize_entry("key", key.expose_secret())?,
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for VerifyRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            digest: Option<String>,
+            key: Option<String>,
+        }
+        // Messages never repeat the values: one of them is a secret.
+        match Raw::deserialize(d)? {
+            Raw { digest: Some(hex), key: None } => KeyDigest::from_hex(&hex)
+                .map(Self::Digest)
+                .ok_or_else(|| D::Error::custom("`digest` must be 64 hex digits")),
+            Raw { digest: None, key: Some(key) } => Ok(Self::Key(ApiKey::new(key))),
+            _ => Err(D::Error::custom("expected exactly one of `digest` and `key`")),
+        }
+    }
+}
+
+/// The answer to `POST /v1/keys/verify`, tagged by its `valid` field.
+#[derive(Debug, Clone, PartialEq)]
+pub enum VerifyAnswer {
+    /// `{"valid": true, ...}`.
+    Valid(ValidKey),
+    /// `{"valid": false, "code", "key_id"?}`.
+    Invalid(Refusal),
+}
+
+/// The fields of a valid answer. Missing text fields read as empty, a missing `meta` as
+/// `null`; `key_id` is required.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValidKey {
+    /// The key's stable id.
+    pub key_id: String,
+    /// Who owns the key.
+    #[serde(default)]
+    pub owner: String,
+    /// The key's human name.
+    #[serde(default)]
+    pub name: String,
+    /// Scopes: the key's own and its roles'.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Role names.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// `live`, `test`, ...
+    #[serde(default)]
+    pub environment: String,
+    /// When the answer stops being true, if ever (RFC 3339 or `null`).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    /// Free-form JSON.
+    #[serde(default)]
+    pub meta: serde_json::Value,
+    /// The key's rate limit, if any.
+    #[serde(default)]
+    pub ratelimit: Option<RateLimit>,
+}
+
+/// The fields of a refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Why.
+    pub code: Reason,
+    /// The key's id, when the key exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+}
+
+/// Why a key is not valid: the `code` of a refusal. Clients of the protected service see
+/// one 401 for all of these except `Expired`; logs and usage events see the precise
+/// reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Reason {
+    /// No such key.
+    NotFound,
+    /// The key was revoked.
+    Revoked,
+    /// The key's expiry (or rotation grace) has passed.
+    Expired,
+    /// The key is disabled.
+    Disabled,
+}
+
+impl Reason {
+    /// The wire code (`NOT_FOUND`, `REVOKED`, `EXPIRED`, `DISABLED`).
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::NotFound => "NOT_FOUND",
+            Self::Revoked => "REVOKED",
+            Self::Expired => "EXPIRED",
+            Self::Disabled => "DISABLED",
+        }
+    }
+}
+
+impl Serialize for VerifyAnswer {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Tagged<'a, T> {
+            valid: bool,
+            #[serde(flatten)]
+            fields: &'a T,
+        }
+        match self {
+            Self::Valid(fields) => Tagged { valid: true, fields }.serialize(s),
+            Self::Invalid(fields) => Tagged { valid: false, fields }.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for VerifyAnswer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut value = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        let valid = match value.remove("valid") {
+            Some(serde_json::Value::Bool(valid)) => valid,
+            _ => return Err(D::Error::custom("`valid` must be true or false")),
+        };
+        let value = serde_json::Value::Object(value);
+        if valid {
+            ValidKey::deserialize(value).map(Self::Valid).map_err(D::Error::custom)
+        } else {
+            Refusal::deserialize(value).map(Self::Invalid).map_err(D::Error::custom)
+        }
+    }
+}
+
+// ---- events
+
+/// What changed about a key: the events that invalidate one key id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeyEvent {
+    /// `revoked`.
+    Revoked,
+    /// `updated`: scopes, roles, disabled flag, meta, expiry, name or rate limit
+    /// changed, or a role the key holds was redefined.
+    Updated,
+    /// `rotated`: the key got a new secret.
+    Rotated,
+}
+
+impl KeyEvent {
+    /// Parses [`name`](Self::name)'s output.
+    pub fn parse(name: &str) -> Option<Self> {
+        match EventName::parse(name)? {
+            EventName::Key(kind) => Some(kind),
+            _ => None,
+        }
+    }
+
+    /// The SSE event name.
+    pub fn name(self) -> &'static str {
+        EventName::Key(self).name()
+    }
+}
+
+/// The name of an event on `GET /v1/events`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EventName {
+    /// `revoked`, `updated` or `rotated`, with [`KeyChanged`] data.
+    Key(KeyEvent),
+    /// `reset`, with [`ResetData`].
+    Reset,
+    /// `alert`, with an [`Alert`].
+    Alert,
+    /// `heartbeat`, with [`Heartbeat`] data.
+    Heartbeat,
+}
+
+impl EventName {
+    /// The SSE event name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Key(KeyEvent::Revoked) => "revoked",
+            Self::Key(KeyEvent::Updated) => "updated",
+            Self::Key(KeyEvent::Rotated) => "rotated",
+            Self::Reset => "reset",
+            Self::Alert => "alert",
+            Self::Heartbeat => "heartbeat",
+        }
+    }
+
+    /// Parses [`name`](Self::name)'s output; `None` for events this version does not know.
+    pub fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "revoked" => Self::Key(KeyEvent::Revoked),
+            "updated" => Self::Key(KeyEvent::Updated),
+            "rotated" => Self::Key(KeyEvent::Rotated),
+            "reset" => Self::Reset,
+            "alert" => Self::Alert,
+            "heartbeat" => Self::Heartbeat,
+            _ => return None,
+        })
+    }
+}
+
+/// Data of `revoked`, `updated` and `rotated`: `{"key_id"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyChanged {
+    /// The key whose cached verdicts are stale.
+    pub key_id: String,
+}
+
+/// Data of `reset`: `{"reason", "missed"?}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetData {
+    // Declared first so that the JSON reads as it always has: `{"missed", "reason"}`.
+    /// With `lagged`: how many events this subscriber missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed: Option<u64>,
+    /// `lagged`, `bulk`, `gap`, `unreadable`, `remote`, ...
+    pub reason: String,
+}
+
+/// Data of `heartbeat`: `{"at"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// When the key service sent it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// What an [`Alert`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// Denials in one minute far above the key's own recent baseline.
+    DenialSpike,
+    /// Requests in one minute far above the key's own recent baseline.
+    RateSpike,
+    /// The key was used from a client network it had not used before.
+    NewNetwork,
+}
+
+impl AlertKind {
+    /// The snake_case name used on the wire and in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DenialSpike => "denial_spike",
+            Self::RateSpike => "rate_spike",
+            Self::NewNetwork => "new_network",
+        }
+    }
+
+    /// Parses [`as_str`](Self::as_str)'s output.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "denial_spike" => Some(Self::DenialSpike),
+            "rate_spike" => Some(Self::RateSpike),
+            "new_network" => Some(Self::NewNetwork),
+            _ => None,
+        }
+    }
+}
+
+/// An anomaly the key service noticed in a key's usage: the data of `alert`, and an
+/// entry of `GET /v1/alerts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    /// When it was raised.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// The key.
+    pub key_id: String,
+    /// What kind.
+    pub kind: AlertKind,
+    /// The minute it concerns.
+    #[serde(with = "time::serde::rfc3339")]
+    pub minute: OffsetDateTime,
+    /// The count that tripped it (denials or requests in the minute; 1 for a network).
+    pub observed: u64,
+    /// The mean per minute over the baseline window.
+    pub baseline: f64,
+    /// The threshold `observed` went over.
+    pub threshold: f64,
+    /// Human-readable detail (the new network, for `new_network`).
+    pub detail: String,
+}
+
+// ---- usage
+
+/// One batch of usage events, as the pipeline hands it to an exporter and as
+/// `POST /v1/usage` carries it: `{"events": [...], "dropped": n}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageBatch {
+    /// The events, oldest first. May be empty when the batch only reports drops.
+    pub events: Vec<crate::usage::UsageEvent>,
+    /// Events that will never arrive: refused by a full (or closed) queue, or lost with a
+    /// batch that could not be delivered, since the previous batch that got through.
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+impl UsageBatch {
+    /// Whether the batch carries neither events nor a drop count.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.dropped == 0
+    }
+}
+
+/// The `202` answer to `POST /v1/usage`: `{"accepted": n}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageAccepted {
+    /// Events stored.
+    pub accepted: u64,
+}
+
+// ---- errors
+
+/// The body of every refusal: `{"error": "<code>", "message": "<what is wrong>"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable code (`invalid_json`, `unauthorized`, `not_found`, ...).
+    pub error: String,
+    /// What is wrong, for humans.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_requests_take_one_of_digest_and_key() {
+        let key = ApiKey::new("kg_secret");
+        let sent = serde_json::to_string(&VerifyRequest::Digest(key.digest())).unwrap();
+        assert_eq!(sent, format!(r#"{{"digest":"{}"}}"#, key.digest().to_hex()));
+        let read: VerifyRequest = serde_json::from_str(&sent).unwrap();
+        assert_eq!(read.digest(), key.digest());
+        let old: VerifyRequest = serde_json::from_str(r#"{"key":"kg_secret"}"#).unwrap();
+        assert_eq!(old.digest(), key.digest());
+        for bad in [r#"{}"#, r#"{"digest":"ab"}"#, r#"{"digest":"00","key":"k"}"#, r#"{"keys":"k"}"#] {
+            let err = serde_json::from_str::<VerifyRequest>(bad).unwrap_err().to_string();
+            assert!(!err.contains("kg_secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn answers_are_tagged_by_valid() {
+        let refusal = VerifyAnswer::Invalid(Refusal { code: Reason::Revoked, key_id: Some("key_a".into()) });
+        let json = serde_json::to_string(&refusal).unwrap();
+        assert_eq!(json, r#"{"valid":false,"code":"REVOKED","key_id":"key_a"}"#);
+        assert_eq!(serde_json::from_str::<VerifyAnswer>(&json).unwrap(), refusal);
+        assert!(serde_json::from_str::<VerifyAnswer>(r#"{"valid":false,"code":"GONE"}"#).is_err());
+        assert!(serde_json::from_str::<VerifyAnswer>(r#"{"valid":"yes"}"#).is_err());
+        assert!(serde_json::from_str::<VerifyAnswer>(r#"{"valid":true}"#).is_err());
+    }
+
+    #[test]
+    fn event_names_round_trip() {
+        for name in ["revoked", "updated", "rotated", "reset", "alert", "heartbeat"] {
+            assert_eq!(EventName::parse(name).unwrap().name(), name);
+        }
+        assert_eq!(KeyEvent::parse("reset"), None);
+        assert_eq!(EventName::parse("novel"), None);
+    }
+}
