@@ -474,7 +474,7 @@ impl<V: Verifier> CachedVerifier<V> {
     /// Starts a builder. Defaults: capacity 100 000 valid and 10 000 invalid verdicts,
     /// positive TTL 30 s (capped at `expires_at`), negative TTL 5 s, stale-if-error
     /// 5 min, stale retry interval 1 s, [`FailurePolicy::FailClosed`], no name.
-    #[must_use]
+    #[must_use = "the builder does nothing until `build` is called"]
     pub fn builder(inner: V) -> CachedVerifierBuilder<V> {
         CachedVerifierBuilder {
             inner,
