@@ -35,15 +35,15 @@
 //! epoch: an answer is cached only if the epoch did not move while it was fetched
 //! (checked again after the insert, so an invalidation overlapping the insert still
 //! wins), and a lookup never joins a call started in an older epoch, whose answer may
-//! be the revoked one.
+//! be the revoked one. That rule, and refreshing a stale entry moka still holds, are
+//! why coalescing is a small map of calls in flight here rather than moka's
+//! `try_get_with`, which joins any call for an absent key whatever happened since.
 //!
 //! What `invalidate_key_id` returns (how many valid verdicts it removed) comes from a
 //! second small moka cache that remembers each key id's digests: moka cannot say how
 //! many entries a predicate covers, and walking the cache to count them takes
 //! milliseconds at 100 000 entries. Removal never depends on it; a race can only make
-//! that count off by one. That rule, and refreshing a stale entry moka still holds, are why
-//! coalescing is a small map of calls in flight here rather than moka's
-//! `try_get_with`, which joins any call for an absent key whatever happened since.
+//! that count off by one.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
