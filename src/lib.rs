@@ -50,7 +50,6 @@
 
 mod authorize;
 mod body;
-mod clock;
 mod context;
 mod error;
 mod extract;
@@ -88,7 +87,10 @@ pub use verify::{Reason, SharedError, StaticVerifier, Verdict, Verifier, VerifyE
 
 // --- re-exports owned by the cache/remote work (src/verify/cached.rs, http.rs, events.rs)
 #[cfg(feature = "cache")]
-pub use verify::{CacheStats, CachedVerifier, FailurePolicy};
+pub use verify::{
+    CacheStats, CachedVerifier, CachedVerifierBuilder, DEFAULT_CACHE_CAPACITY, DEFAULT_NEGATIVE_CAPACITY,
+    DEFAULT_NEGATIVE_TTL, DEFAULT_POSITIVE_TTL, DEFAULT_STALE_IF_ERROR, DEFAULT_STALE_RETRY_INTERVAL, FailurePolicy,
+};
 #[cfg(feature = "remote")]
 pub use verify::{HttpVerifier, HttpVerifierBuilder, RemoteConfigError, RevocationListener, RevocationListenerBuilder};
 // --- re-exports owned by the usage pipeline work (src/usage/pipeline.rs, exporter.rs)

@@ -1,17 +1,59 @@
 //! [`CachedVerifier`]: a moka cache in front of any [`Verifier`].
+//!
+//! ```
+//! use std::time::Duration;
+//! use keygate::{ApiKey, CachedVerifier, Principal, StaticVerifier, Verdict, Verifier};
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let key = ApiKey::generate("kg").unwrap();
+//! let keys = StaticVerifier::new().with_key(&key, Principal::builder("key_1").build());
+//! let verifier = CachedVerifier::builder(keys).positive_ttl(Duration::from_secs(10)).build();
+//! assert!(matches!(verifier.verify(&key).await, Ok(Verdict::Valid(_))));
+//! assert!(matches!(verifier.verify_now(&key), Some(Ok(Verdict::Valid(_)))));
+//! assert_eq!((verifier.stats().misses, verifier.stats().hits), (1, 1));
+//! assert_eq!(verifier.invalidate_key_id("key_1").await, 1);
+//! assert!(verifier.verify_now(&key).is_none());
+//! # });
+//! ```
+//!
+//! Defaults: [`DEFAULT_CACHE_CAPACITY`] (100 000) valid and [`DEFAULT_NEGATIVE_CAPACITY`]
+//! (10 000) invalid verdicts; [`DEFAULT_POSITIVE_TTL`] 30 s, never past the key's
+//! `expires_at`; [`DEFAULT_NEGATIVE_TTL`] 5 s; [`DEFAULT_STALE_IF_ERROR`] 5 min;
+//! [`DEFAULT_STALE_RETRY_INTERVAL`] 1 s; [`FailurePolicy::FailClosed`].
+//!
+//! # Why invalidation holds under concurrency
+//!
+//! Removal by key id is a moka predicate (`invalidate_entries_if`), not an index kept
+//! beside the cache: moka applies it to every entry stored before it by timestamp, so
+//! no verdict can land between two structures and escape it. (A hand-kept index lost
+//! verdicts stored while `invalidate_all` cleared moka and then the index, and those
+//! keys outlived their revocation until the TTL.) The cost: until moka's housekeeping
+//! has swept the cache, reads also test the pending predicates.
+//!
+//! moka can only remove what it holds, and an answer the wrapped verifier computed
+//! before a revocation may arrive after it. So every invalidation first bumps one
+//! epoch: an answer is cached only if the epoch did not move while it was fetched
+//! (checked again after the insert, so an invalidation overlapping the insert still
+//! wins), and a lookup never joins a call started in an older epoch, whose answer may
+//! be the revoked one. That rule, and refreshing a stale entry moka still holds, are
+//! why coalescing is a small map of calls in flight here rather than moka's
+//! `try_get_with`, which joins any call for an absent key whatever happened since.
+//!
+//! What `invalidate_key_id` returns (how many valid verdicts it removed) comes from a
+//! second small moka cache that remembers each key id's digests: moka cannot say how
+//! many entries a predicate covers, and walking the cache to count them takes
+//! milliseconds at 100 000 entries. Removal never depends on it; a race can only make
+//! that count off by one.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::clock::Instant;
-
-// The sync cache: its `get` is a plain call (no future to build and poll), markedly
-// cheaper on the hit path that every request takes, and nothing here ever waits.
-use moka::notification::RemovalCause;
+// The sync cache: its `get` is a plain call (no future to build and poll), and
+// nothing here ever waits inside the cache.
 use moka::sync::Cache;
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
@@ -21,7 +63,7 @@ use crate::key::{ApiKey, DigestHash, KeyDigest};
 use crate::principal::Principal;
 
 /// Default number of valid verdicts kept: 100 000.
-pub const DEFAULT_CAPACITY: u64 = 100_000;
+pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
 /// Default number of invalid verdicts kept: 10 000.
 pub const DEFAULT_NEGATIVE_CAPACITY: u64 = 10_000;
 /// Default time a valid verdict is served without asking again: 30 s.
@@ -56,9 +98,9 @@ pub enum FailurePolicy {
 /// `keygate_cache_misses_total`, `keygate_cache_stale_served_total`,
 /// `keygate_cache_negative_hits_total`, `keygate_cache_remote_errors_total`,
 /// `keygate_cache_coalesced_waits_total`, `keygate_cache_fail_open_total` and
-/// `keygate_cache_invalidations_total`. Hits and negative hits reach the facade in
-/// steps of 256, so that a hit never pays for a recorder's registry lookup; the
-/// counters here are exact.
+/// `keygate_cache_invalidations_total`, labelled `cache` with the builder's
+/// [`name`](CachedVerifierBuilder::name) when one is set. The handles are registered
+/// when the verifier is built: install the metrics recorder before that.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct CacheStats {
@@ -81,37 +123,55 @@ pub struct CacheStats {
     pub invalidations: u64,
 }
 
-#[derive(Default)]
+/// One counter: exact here for [`CacheStats`], and a `metrics` handle registered once.
+struct Count {
+    n: AtomicU64,
+    metric: metrics::Counter,
+}
+
+impl Count {
+    fn new(metric: &'static str, cache: Option<&str>) -> Self {
+        let metric = match cache {
+            Some(name) => metrics::counter!(metric, "cache" => name.to_owned()),
+            None => metrics::counter!(metric),
+        };
+        Self { n: AtomicU64::new(0), metric }
+    }
+
+    fn add(&self) {
+        self.n.fetch_add(1, Ordering::Relaxed);
+        self.metric.increment(1);
+    }
+
+    fn get(&self) -> u64 {
+        self.n.load(Ordering::Relaxed)
+    }
+}
+
 struct Counters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    stale_served: AtomicU64,
-    negative_hits: AtomicU64,
-    remote_errors: AtomicU64,
-    coalesced_waits: AtomicU64,
-    fail_open: AtomicU64,
-    invalidations: AtomicU64,
+    hits: Count,
+    misses: Count,
+    stale_served: Count,
+    negative_hits: Count,
+    remote_errors: Count,
+    coalesced_waits: Count,
+    fail_open: Count,
+    invalidations: Count,
 }
 
-macro_rules! count {
-    ($counters:expr, $field:ident, $metric:literal) => {{
-        $counters.$field.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!($metric).increment(1);
-    }};
-}
-
-/// Hits reach the `metrics` facade in steps of this many: a recorder's registry lookup
-/// costs more than the cache hit it would count.
-const HIT_METRIC_STEP: u64 = 256;
-
-/// Counts a hit; every [`HIT_METRIC_STEP`]th one reports the step to `metrics`.
-macro_rules! count_hit {
-    ($counters:expr, $field:ident, $metric:literal) => {{
-        let n = $counters.$field.fetch_add(1, Ordering::Relaxed) + 1;
-        if n % HIT_METRIC_STEP == 0 {
-            metrics::counter!($metric).increment(HIT_METRIC_STEP);
+impl Counters {
+    fn new(cache: Option<&str>) -> Self {
+        Self {
+            hits: Count::new("keygate_cache_hits_total", cache),
+            misses: Count::new("keygate_cache_misses_total", cache),
+            stale_served: Count::new("keygate_cache_stale_served_total", cache),
+            negative_hits: Count::new("keygate_cache_negative_hits_total", cache),
+            remote_errors: Count::new("keygate_cache_remote_errors_total", cache),
+            coalesced_waits: Count::new("keygate_cache_coalesced_waits_total", cache),
+            fail_open: Count::new("keygate_cache_fail_open_total", cache),
+            invalidations: Count::new("keygate_cache_invalidations_total", cache),
         }
-    }};
+    }
 }
 
 /// A verifier with a cache in front: a verified key costs no call to the wrapped
@@ -152,21 +212,13 @@ macro_rules! count_hit {
 /// # Invalidation
 ///
 /// [`invalidate_key_id`](CachedVerifier::invalidate_key_id) removes every entry of a
-/// key id (a rotated key has two digests under one id) and
-/// [`invalidate_all`](CachedVerifier::invalidate_all) drops everything; a lookup after
-/// either returns never sees the removed entries, not even as stale ones, and an answer
-/// the wrapped verifier gave before an invalidation is not cached after it.
+/// key id (a rotated key has two digests under one id), its cached refusals included,
+/// and [`invalidate_all`](CachedVerifier::invalidate_all) drops everything. A lookup
+/// after either returns never sees the removed entries, not even as stale ones, and
+/// never gets an answer the wrapped verifier gave before the invalidation; a verdict
+/// stored while another invalidation runs is still removed by a later one.
 /// [`RevocationListener`](crate::verify::RevocationListener) (feature `remote`) calls
 /// them from the key service's event stream.
-///
-/// # Per-thread copies
-///
-/// Each thread keeps copies of up to 128 fresh valid verdicts it has read from moka, and
-/// looks there first: a hit then costs a slot lookup rather than moka's `get`. Copies are
-/// never served past their TTL, and any removal of a valid verdict (invalidations, an
-/// `Invalid` answer for a cached key) retires every thread's copies at once, so the
-/// guarantees above hold unchanged. Turn them off with
-/// [`thread_copies(false)`](CachedVerifierBuilder::thread_copies).
 ///
 /// # Sharing
 ///
@@ -201,29 +253,23 @@ pub(crate) struct Shared<V> {
     pub(crate) core: Core,
 }
 
+/// A cached refusal. The key id rides along so that a cached denial still names its
+/// key in usage, and so that [`Core::invalidate_key_id`] can find it.
+type Refusal = (Reason, Option<Arc<str>>);
+
 /// Everything that does not depend on the wrapped verifier's type.
 pub(crate) struct Core {
     positive: Cache<KeyDigest, Arc<Positive>, DigestHash>,
-    // The key id rides along so that a cached denial still names its key in usage.
-    negative: Cache<KeyDigest, (Reason, Option<Arc<str>>), DigestHash>,
-    /// key id → digests of the valid entries held for it, so that one key id can be
-    /// invalidated at once. Kept in step with `positive` by the eviction listener; its
-    /// size is bounded by the positive capacity.
-    index: Arc<Mutex<Index>>,
+    negative: Cache<KeyDigest, Refusal, DigestHash>,
+    /// key id → digests of the valid verdicts stored for it, only to count what
+    /// [`Core::invalidate_key_id`] removes (see the module docs).
+    digests_of: Cache<Arc<str>, Arc<[KeyDigest]>>,
     /// Calls to the wrapped verifier in progress, by digest, with the epoch each was
     /// started in. Bounded by the number of lookups in progress: every holder of a
     /// flight removes it when done or cancelled.
     flights: Mutex<Flights>,
-    /// Bumped by every invalidation: a verdict fetched across a bump is not cached.
+    /// Bumped by every invalidation (see the module docs).
     epoch: AtomicU64,
-    /// Bumped after every removal of valid verdicts (invalidations included): per-thread
-    /// copies taken before a bump are never served (see [`front`]).
-    copies_epoch: AtomicU64,
-    serial: AtomicU64,
-    /// Time origin of the `next_refresh_ms` fields.
-    origin: Instant,
-    /// Tells this cache's per-thread copies from another cache's (see [`front`]).
-    id: u64,
     config: Config,
     counters: Counters,
 }
@@ -240,25 +286,31 @@ struct Config {
     stale_if_error: Duration,
     stale_retry_interval: Duration,
     failure_policy: FailurePolicy,
-    thread_copies: bool,
 }
 
-/// A cached valid verdict.
+/// A cached valid verdict. moka drops it at the end of its stale window (`lifetime`);
+/// before that it is fresh until `fresh_until`.
 struct Positive {
     principal: Principal,
-    serial: u64,
+    stored_at: Instant,
     fresh_until: Instant,
-    stale_until: Instant,
-    /// How long moka keeps the entry: until `stale_until`.
     lifetime: Duration,
-    /// Milliseconds after `Core::origin` before which a failed refresh is not retried.
-    next_refresh_ms: AtomicU64,
+    /// Milliseconds after `stored_at` before which a failed refresh is not retried.
+    retry_after_ms: AtomicU64,
 }
 
+impl Positive {
+    fn millis_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.stored_at).as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// moka's per-entry expiry: each valid verdict lives for its own lifetime, which the
+/// key's `expires_at` may shorten.
 struct PositiveExpiry;
 
 impl moka::Expiry<KeyDigest, Arc<Positive>> for PositiveExpiry {
-    fn expire_after_create(&self, _: &KeyDigest, value: &Arc<Positive>, _: std::time::Instant) -> Option<Duration> {
+    fn expire_after_create(&self, _: &KeyDigest, value: &Arc<Positive>, _: Instant) -> Option<Duration> {
         Some(value.lifetime)
     }
 
@@ -266,41 +318,19 @@ impl moka::Expiry<KeyDigest, Arc<Positive>> for PositiveExpiry {
         &self,
         _: &KeyDigest,
         value: &Arc<Positive>,
-        _: std::time::Instant,
+        _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
         Some(value.lifetime)
     }
 }
 
-#[derive(Default)]
-struct Index {
-    by_key_id: HashMap<Arc<str>, Vec<(KeyDigest, u64)>>,
-}
-
-impl Index {
-    fn add(&mut self, key_id: &Arc<str>, digest: KeyDigest, serial: u64) {
-        let list = self.by_key_id.entry(Arc::clone(key_id)).or_default();
-        match list.iter_mut().find(|(d, _)| *d == digest) {
-            Some(slot) => slot.1 = serial,
-            None => list.push((digest, serial)),
-        }
-    }
-
-    /// Removes `digest` only if the index still refers to the entry `serial`: an
-    /// eviction reported late must not unindex a newer entry for the same digest.
-    fn remove_exact(&mut self, key_id: &str, digest: &KeyDigest, serial: u64) {
-        if let Some(list) = self.by_key_id.get_mut(key_id) {
-            list.retain(|(d, s)| !(d == digest && *s == serial));
-            if list.is_empty() {
-                self.by_key_id.remove(key_id);
-            }
-        }
-    }
-
-    fn take(&mut self, key_id: &str) -> Vec<(KeyDigest, u64)> {
-        self.by_key_id.remove(key_id).unwrap_or_default()
-    }
+/// What the cache holds for a digest.
+enum Held {
+    Fresh(Principal),
+    Stale(Arc<Positive>),
+    Refused(Reason, Option<Arc<str>>),
+    Nothing,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -320,51 +350,55 @@ pub struct CachedVerifierBuilder<V> {
 
 impl<V> fmt::Debug for CachedVerifierBuilder<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CachedVerifierBuilder").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("CachedVerifierBuilder")
+            .field("config", &self.config)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
 impl<V: Verifier> CachedVerifierBuilder<V> {
-    /// Most valid verdicts kept (default 100 000). Least recently and least frequently
-    /// used entries go first (moka's TinyLFU).
+    /// Most valid verdicts kept (default [`DEFAULT_CACHE_CAPACITY`], 100 000). Least
+    /// recently and least frequently used entries go first (moka's TinyLFU).
     pub fn max_capacity(mut self, entries: u64) -> Self {
         self.config.max_capacity = entries;
         self
     }
 
-    /// Most invalid verdicts kept (default 10 000), in a cache of their own so that
-    /// wrong keys never push valid ones out.
+    /// Most invalid verdicts kept (default [`DEFAULT_NEGATIVE_CAPACITY`], 10 000), in a
+    /// cache of their own so that wrong keys never push valid ones out.
     pub fn negative_capacity(mut self, entries: u64) -> Self {
         self.config.negative_capacity = entries;
         self
     }
 
-    /// How long a valid verdict is served without asking again (default 30 s). Always
-    /// capped at the principal's `expires_at`. Zero turns positive caching off (lookups
-    /// are still coalesced). Capped at one year.
+    /// How long a valid verdict is served without asking again (default
+    /// [`DEFAULT_POSITIVE_TTL`], 30 s). Always capped at the principal's `expires_at`.
+    /// Zero turns positive caching off (lookups are still coalesced). Capped at one year.
     pub fn positive_ttl(mut self, ttl: Duration) -> Self {
         self.config.positive_ttl = ttl.min(MAX_DURATION);
         self
     }
 
-    /// How long an invalid verdict is served without asking again (default 5 s). This
-    /// is how long a re-enabled key can still be refused, and how often one wrong key
-    /// can reach the wrapped verifier. Zero turns negative caching off.
+    /// How long an invalid verdict is served without asking again (default
+    /// [`DEFAULT_NEGATIVE_TTL`], 5 s). This is how long a re-enabled key can still be
+    /// refused, and how often one wrong key can reach the wrapped verifier. Zero turns
+    /// negative caching off.
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {
         self.config.negative_ttl = ttl.min(MAX_DURATION);
         self
     }
 
     /// How long after its TTL a valid verdict may still be served when the wrapped
-    /// verifier fails (default 5 min; zero turns stale serving off). Never beyond the
-    /// principal's `expires_at`.
+    /// verifier fails (default [`DEFAULT_STALE_IF_ERROR`], 5 min; zero turns stale
+    /// serving off). Never beyond the principal's `expires_at`.
     pub fn stale_if_error(mut self, window: Duration) -> Self {
         self.config.stale_if_error = window.min(MAX_DURATION);
         self
     }
 
     /// While the wrapped verifier fails, how long a stale entry is served at once
-    /// before its refresh is tried again (default 1 s).
+    /// before its refresh is tried again (default [`DEFAULT_STALE_RETRY_INTERVAL`], 1 s).
     pub fn stale_retry_interval(mut self, interval: Duration) -> Self {
         self.config.stale_retry_interval = interval.min(MAX_DURATION);
         self
@@ -377,31 +411,15 @@ impl<V: Verifier> CachedVerifierBuilder<V> {
         self
     }
 
-    /// Keep per-thread copies of the hottest fresh valid verdicts in front of moka
-    /// (default `true`).
-    ///
-    /// A hit on a copy costs a slot lookup instead of moka's `get` (which hashes, pins,
-    /// reads the system clock and logs the read for its eviction policy): about 100 ns
-    /// a request on a small virtual machine. A copy is only ever served while it is
-    /// fresh, and every invalidation ([`invalidate_key_id`](CachedVerifier::invalidate_key_id),
-    /// [`invalidate_all`](CachedVerifier::invalidate_all), an `Invalid` answer for a
-    /// cached key) retires all copies at once. Each thread holds at most
-    /// 128 copies; a copy outlives its moka entry only when moka evicts it for capacity,
-    /// and never its TTL. One hit in 32 still goes through moka so that its eviction
-    /// policy keeps seeing which keys are hot.
-    pub fn thread_copies(mut self, enabled: bool) -> Self {
-        self.config.thread_copies = enabled;
-        self
-    }
-
-    /// A name for the underlying moka caches (shows in moka's own diagnostics).
+    /// A name for this cache (default none): the `cache` label of its metrics, and the
+    /// name of its moka caches in moka's own diagnostics.
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
         self
     }
 
     /// Builds the verifier. Needs no runtime: moka does its housekeeping on the
-    /// callers' tasks.
+    /// callers' threads.
     pub fn build(self) -> CachedVerifier<V> {
         let config = self.config;
         if config.failure_policy == FailurePolicy::FailOpen {
@@ -410,21 +428,18 @@ impl<V: Verifier> CachedVerifierBuilder<V> {
                  requests pass as an anonymous principal with no scopes"
             );
         }
-        let index = Arc::new(Mutex::new(Index::default()));
-        let listener_index = Arc::clone(&index);
+        // Invalidation closures on both: removal by key id is a moka predicate.
         let mut positive = Cache::builder()
             .max_capacity(config.max_capacity)
             .expire_after(PositiveExpiry)
-            .eviction_listener(move |digest: Arc<KeyDigest>, entry: Arc<Positive>, cause| {
-                // A replaced entry keeps its digest in the cache; the newer entry's
-                // serial is recorded when it is inserted.
-                if cause != RemovalCause::Replaced {
-                    lock(&listener_index).remove_exact(entry.principal.key_id(), &digest, entry.serial);
-                }
-            });
-        // Invalidation closures: a refusal that names a key id is dropped with that key
-        // id (a disabled key enabled again must not stay refused for the negative TTL).
+            .support_invalidation_closures();
         let mut negative = Cache::builder().max_capacity(config.negative_capacity).support_invalidation_closures();
+        // No longer than any valid verdict can live.
+        let mut digests_of = Cache::builder().max_capacity(config.max_capacity);
+        let lifetime = config.positive_ttl.saturating_add(config.stale_if_error);
+        if !lifetime.is_zero() {
+            digests_of = digests_of.time_to_live(lifetime);
+        }
         if !config.negative_ttl.is_zero() {
             negative = negative.time_to_live(config.negative_ttl);
         }
@@ -438,15 +453,11 @@ impl<V: Verifier> CachedVerifierBuilder<V> {
                 core: Core {
                     positive: positive.build_with_hasher(DigestHash::default()),
                     negative: negative.build_with_hasher(DigestHash::default()),
-                    index,
+                    digests_of: digests_of.build(),
                     flights: Mutex::new(HashMap::new()),
                     epoch: AtomicU64::new(0),
-                    copies_epoch: AtomicU64::new(0),
-                    serial: AtomicU64::new(0),
-                    origin: Instant::now(),
-                    id: front::new_cache_id(),
                     config,
-                    counters: Counters::default(),
+                    counters: Counters::new(self.name.as_deref()),
                 },
             }),
         }
@@ -455,26 +466,26 @@ impl<V: Verifier> CachedVerifierBuilder<V> {
 
 impl<V: Verifier> CachedVerifier<V> {
     /// A cache with every default (see [`CachedVerifier::builder`]).
+    #[must_use]
     pub fn new(inner: V) -> Self {
         Self::builder(inner).build()
     }
 
     /// Starts a builder. Defaults: capacity 100 000 valid and 10 000 invalid verdicts,
     /// positive TTL 30 s (capped at `expires_at`), negative TTL 5 s, stale-if-error
-    /// 5 min, stale retry interval 1 s, [`FailurePolicy::FailClosed`], per-thread
-    /// copies of hot verdicts on.
+    /// 5 min, stale retry interval 1 s, [`FailurePolicy::FailClosed`], no name.
+    #[must_use = "the builder does nothing until `build` is called"]
     pub fn builder(inner: V) -> CachedVerifierBuilder<V> {
         CachedVerifierBuilder {
             inner,
             config: Config {
-                max_capacity: DEFAULT_CAPACITY,
+                max_capacity: DEFAULT_CACHE_CAPACITY,
                 negative_capacity: DEFAULT_NEGATIVE_CAPACITY,
                 positive_ttl: DEFAULT_POSITIVE_TTL,
                 negative_ttl: DEFAULT_NEGATIVE_TTL,
                 stale_if_error: DEFAULT_STALE_IF_ERROR,
                 stale_retry_interval: DEFAULT_STALE_RETRY_INTERVAL,
                 failure_policy: FailurePolicy::FailClosed,
-                thread_copies: true,
             },
             name: None,
         }
@@ -488,16 +499,15 @@ impl<V: Verifier> CachedVerifier<V> {
     /// A snapshot of the counters.
     pub fn stats(&self) -> CacheStats {
         let c = &self.shared.core.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CacheStats {
-            hits: get(&c.hits),
-            misses: get(&c.misses),
-            stale_served: get(&c.stale_served),
-            negative_hits: get(&c.negative_hits),
-            remote_errors: get(&c.remote_errors),
-            coalesced_waits: get(&c.coalesced_waits),
-            fail_open: get(&c.fail_open),
-            invalidations: get(&c.invalidations),
+            hits: c.hits.get(),
+            misses: c.misses.get(),
+            stale_served: c.stale_served.get(),
+            negative_hits: c.negative_hits.get(),
+            remote_errors: c.remote_errors.get(),
+            coalesced_waits: c.coalesced_waits.get(),
+            fail_open: c.fail_open.get(),
+            invalidations: c.invalidations.get(),
         }
     }
 
@@ -508,9 +518,9 @@ impl<V: Verifier> CachedVerifier<V> {
         core.positive.entry_count() + core.negative.entry_count()
     }
 
-    /// Removes every cached verdict of `key_id` (fresh or stale) and returns how many
-    /// valid verdicts were held for it. A lookup that starts after this returns asks the
-    /// wrapped verifier again.
+    /// Removes every cached verdict of `key_id`, valid or invalid, fresh or stale, and
+    /// returns how many valid verdicts were held for it. A lookup that starts after this
+    /// returns asks the wrapped verifier again.
     pub async fn invalidate_key_id(&self, key_id: &str) -> usize {
         self.shared.core.invalidate_key_id(key_id).await
     }
@@ -535,120 +545,113 @@ impl<V: Verifier> CachedVerifier<V> {
 
 impl Core {
     pub(crate) async fn invalidate_key_id(&self, key_id: &str) -> usize {
-        // Bump first: a verdict being fetched right now must not be cached after us.
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        count!(self.counters, invalidations, "keygate_cache_invalidations_total");
-        let digests = lock(&self.index).take(key_id);
-        for (digest, _) in &digests {
-            self.positive.invalidate(digest);
-        }
-        self.retire_copies();
+        // Bump first: an answer being fetched right now must not be cached after us.
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.counters.invalidations.add();
+        // Counted before the predicate is set, which hides what it covers.
+        let held = self
+            .digests_of
+            .remove(key_id)
+            .map_or(0, |digests| digests.iter().filter(|digest| self.positive.contains_key(*digest)).count());
         let id: Arc<str> = Arc::from(key_id);
-        // moka applies the predicate to every read from here on, so no later lookup
-        // sees a matching refusal; a failure here means closures were not enabled.
-        if let Err(e) = self.negative.invalidate_entries_if(move |_, (_, named)| named.as_deref() == Some(&*id)) {
-            tracing::error!(error = %e, "cache: could not drop the key id's refusals; dropping all refusals");
+        let refused_id = Arc::clone(&id);
+        // A refusal that names the key id goes too: a disabled key enabled again must
+        // not stay refused for the negative TTL.
+        let set = self
+            .positive
+            .invalidate_entries_if(move |_, entry| *entry.principal.key_id() == *id)
+            .and(self.negative.invalidate_entries_if(move |_, (_, named)| named.as_deref() == Some(&*refused_id)));
+        if let Err(e) = set {
+            // Unreachable: both caches are built with invalidation closures.
+            tracing::error!(error = %e, "cache: could not remove by key id; dropping every entry");
+            self.positive.invalidate_all();
             self.negative.invalidate_all();
         }
-        tracing::debug!(key_id, entries = digests.len(), "cache: invalidated key id");
-        digests.len()
+        tracing::debug!(key_id, entries = held, "cache: invalidated key id");
+        held
     }
 
     pub(crate) fn invalidate_all(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        count!(self.counters, invalidations, "keygate_cache_invalidations_total");
-        // moka guarantees that entries inserted before this call are never returned again.
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.counters.invalidations.add();
+        // moka guarantees that entries stored before this call are never returned again.
         self.positive.invalidate_all();
-        self.retire_copies();
         self.negative.invalidate_all();
-        lock(&self.index).by_key_id.clear();
+        self.digests_of.invalidate_all();
         tracing::debug!("cache: dropped every entry");
     }
 
-    /// Makes every thread's copies unservable. Called *after* a valid verdict leaves
-    /// moka: a copy taken before the removal carries the old epoch, and a lookup after
-    /// it cannot find the verdict in moka to copy it again.
-    fn retire_copies(&self) {
-        self.copies_epoch.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// A fresh valid verdict for `digest`, from this thread's copies or from moka.
-    /// `Err` carries what moka holds when it is not fresh (stale, or nothing).
-    fn fresh(&self, digest: &KeyDigest, now: Instant) -> Result<Principal, Option<Arc<Positive>>> {
-        let copies = self.config.thread_copies;
-        if copies {
-            if let Some(principal) = front::get(self, digest, now) {
-                return Ok(principal);
-            }
-        }
-        // Read before moka: an invalidation between the two makes the copy stale at once.
-        let epoch = self.copies_epoch.load(Ordering::Acquire);
+    /// What the cache holds for `digest`; fresh verdicts and refusals are counted as hits.
+    fn held(&self, digest: &KeyDigest) -> Held {
         match self.positive.get(digest) {
-            Some(entry) if now < entry.fresh_until => {
-                if copies {
-                    front::put(self, *digest, epoch, &entry);
-                }
-                Ok(entry.principal.clone())
+            Some(entry) if Instant::now() < entry.fresh_until => {
+                self.counters.hits.add();
+                Held::Fresh(entry.principal.clone())
             }
-            other => Err(other),
+            Some(entry) => Held::Stale(entry),
+            None => match self.negative.get(digest) {
+                Some((reason, key_id)) => {
+                    self.counters.negative_hits.add();
+                    Held::Refused(reason, key_id)
+                }
+                None => Held::Nothing,
+            },
         }
     }
 
-    fn millis_since_origin(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX)
-    }
-
-    async fn store_valid(&self, digest: KeyDigest, principal: &Principal, epoch: u64) {
+    fn store_valid(&self, digest: KeyDigest, principal: &Principal, epoch: u64) {
         let ttl = self.config.positive_ttl;
         if ttl.is_zero() || self.config.max_capacity == 0 {
             return;
         }
-        let now = Instant::now();
-        let mut keep = ttl.saturating_add(self.config.stale_if_error);
+        let mut lifetime = ttl.saturating_add(self.config.stale_if_error);
         let mut fresh = ttl;
         if let Some(expires_at) = principal.expires_at() {
-            let left = expires_at - OffsetDateTime::now_utc();
-            let left = Duration::try_from(left).unwrap_or(Duration::ZERO);
-            keep = keep.min(left);
+            let left = Duration::try_from(expires_at - OffsetDateTime::now_utc()).unwrap_or(Duration::ZERO);
+            lifetime = lifetime.min(left);
             fresh = fresh.min(left);
         }
-        if fresh.is_zero() {
+        if fresh.is_zero() || self.epoch.load(Ordering::SeqCst) != epoch {
             return;
         }
-        if self.epoch.load(Ordering::Acquire) != epoch {
-            return;
-        }
-        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        let entry = Arc::new(Positive {
+        let now = Instant::now();
+        let entry = Positive {
             principal: principal.clone(),
-            serial,
+            stored_at: now,
             fresh_until: now + fresh,
-            stale_until: now + keep,
-            lifetime: keep,
-            next_refresh_ms: AtomicU64::new(0),
-        });
-        self.positive.insert(digest, entry);
-        lock(&self.index).add(principal.key_id_arc(), digest, serial);
-        // An invalidation that read the index before we added to it has missed this
-        // entry: take it out ourselves.
-        if self.epoch.load(Ordering::Acquire) != epoch {
+            lifetime,
+            retry_after_ms: AtomicU64::new(0),
+        };
+        self.positive.insert(digest, Arc::new(entry));
+        // An invalidation that started after the check above may have reached moka
+        // before this insert did, and so not cover it: take it out ourselves.
+        if self.epoch.load(Ordering::SeqCst) != epoch {
             self.positive.invalidate(&digest);
-            self.retire_copies();
+            return;
         }
+        // Digests no longer held are dropped on the way, so the list stays as short as
+        // the key id's live verdicts.
+        self.digests_of.entry(Arc::clone(principal.key_id_arc())).and_upsert_with(|held| {
+            let held = held.map(|e| e.into_value());
+            let others = held.iter().flat_map(|d| d.iter()).filter(|d| **d != digest && self.positive.contains_key(*d));
+            others.copied().chain([digest]).collect()
+        });
     }
 
-    async fn store_invalid(&self, digest: KeyDigest, reason: Reason, key_id: Option<Arc<str>>, epoch: u64) {
-        if self.positive.remove(&digest).is_some() {
-            self.retire_copies();
-        }
-        if self.config.negative_ttl.is_zero() || self.epoch.load(Ordering::Acquire) != epoch {
+    fn store_invalid(&self, digest: KeyDigest, refusal: Refusal, epoch: u64) {
+        // Whatever valid verdict was held, stale or not, is wrong now.
+        self.positive.invalidate(&digest);
+        if self.config.negative_ttl.is_zero() || self.epoch.load(Ordering::SeqCst) != epoch {
             return;
         }
-        self.negative.insert(digest, (reason, key_id));
+        self.negative.insert(digest, refusal);
+        if self.epoch.load(Ordering::SeqCst) != epoch {
+            self.negative.invalidate(&digest);
+        }
     }
 
     fn serve_stale(&self, entry: &Positive) -> Verdict {
-        count!(self.counters, stale_served, "keygate_cache_stale_served_total");
+        self.counters.stale_served.add();
         tracing::warn!(key_id = entry.principal.key_id(), "serving stale verdict: the verifier failed");
         Verdict::Valid(entry.principal.clone())
     }
@@ -657,7 +660,7 @@ impl Core {
         match self.config.failure_policy {
             FailurePolicy::FailClosed => Err(err),
             FailurePolicy::FailOpen => {
-                count!(self.counters, fail_open, "keygate_cache_fail_open_total");
+                self.counters.fail_open.add();
                 tracing::warn!(error = %err, "verifier failed; FailurePolicy::FailOpen lets the request through anonymously");
                 Ok(Verdict::Valid(Principal::fail_open()))
             }
@@ -669,24 +672,22 @@ impl<V: Verifier> Shared<V> {
     /// One call to the wrapped verifier per digest at a time; everyone else waits for
     /// its answer.
     async fn flight(&self, digest: KeyDigest, key: &ApiKey) -> Result<Verdict, VerifyError> {
-        let core = &self.core;
         let cell = self.join_or_start(digest);
-        let guard = FlightGuard { flights: &core.flights, digest, cell: Some(cell) };
+        let guard = FlightGuard { flights: &self.core.flights, digest, cell: Some(cell) };
         // If the caller running the initializer is cancelled, `get_or_init` lets the
         // next waiter run its own.
         guard.cell().get_or_init(|| self.load(digest, key)).await.clone()
     }
 
     /// The flight to wait on: the one in progress if it started in the current epoch,
-    /// else a new one. A flight started before an invalidation may carry an answer from
-    /// before it, which a lookup starting after the invalidation must not get.
+    /// else a new one.
     fn join_or_start(&self, digest: KeyDigest) -> Arc<Flight> {
         let core = &self.core;
         let mut flights = lock(&core.flights);
-        let epoch = core.epoch.load(Ordering::Acquire);
+        let epoch = core.epoch.load(Ordering::SeqCst);
         match flights.entry(digest) {
             MapEntry::Occupied(o) if o.get().0 == epoch => {
-                count!(core.counters, coalesced_waits, "keygate_cache_coalesced_waits_total");
+                core.counters.coalesced_waits.add();
                 Arc::clone(&o.get().1)
             }
             // The older flight's holders still get its answer; their guards see that it
@@ -710,13 +711,13 @@ impl<V: Verifier> Shared<V> {
         if let Some((reason, key_id)) = core.negative.get(&digest) {
             return Ok(Verdict::Invalid { reason, key_id });
         }
-        let epoch = core.epoch.load(Ordering::Acquire);
+        let epoch = core.epoch.load(Ordering::SeqCst);
         let result = self.inner.verify(key).await;
         match &result {
-            Ok(Verdict::Valid(principal)) => core.store_valid(digest, principal, epoch).await,
-            Ok(Verdict::Invalid { reason, key_id }) => core.store_invalid(digest, *reason, key_id.clone(), epoch).await,
+            Ok(Verdict::Valid(principal)) => core.store_valid(digest, principal, epoch),
+            Ok(Verdict::Invalid { reason, key_id }) => core.store_invalid(digest, (*reason, key_id.clone()), epoch),
             Err(err) => {
-                count!(core.counters, remote_errors, "keygate_cache_remote_errors_total");
+                core.counters.remote_errors.add();
                 tracing::debug!(error = %err, digest = ?digest, "cache: verifier failed");
             }
         }
@@ -751,143 +752,44 @@ impl Drop for FlightGuard<'_> {
     }
 }
 
-/// Per-thread copies of fresh valid verdicts, looked up before moka.
-///
-/// A copy is served only if it belongs to the asking cache, was taken in the cache's
-/// current copies epoch (bumped after every removal of a valid verdict, invalidations
-/// included) and is still fresh. The epoch is read before moka is, so a copy taken
-/// across a removal is born stale.
-mod front {
-    use std::cell::RefCell;
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    use super::{Core, Positive};
-    use crate::clock::Instant;
-    use crate::key::KeyDigest;
-    use crate::principal::Principal;
-
-    /// Slots per thread: enough for the keys that make most of one thread's traffic,
-    /// small enough to stay in its L1/L2 cache.
-    pub(super) const SLOTS: usize = 128;
-    /// One hit in this many goes to moka anyway, so that its frequency sketch still
-    /// sees hot keys (else it would evict them first under capacity pressure).
-    const MOKA_SAMPLE: u32 = 32;
-
-    static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
-
-    pub(super) fn new_cache_id() -> u64 {
-        NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed)
-    }
-
-    struct Slot {
-        cache: u64,
-        epoch: u64,
-        digest: KeyDigest,
-        entry: Arc<Positive>,
-    }
-
-    #[derive(Default)]
-    struct Copies {
-        slots: Vec<Option<Slot>>,
-        lookups: u32,
-    }
-
-    thread_local! {
-        static COPIES: RefCell<Copies> = RefCell::default();
-    }
-
-    fn index(digest: &KeyDigest) -> usize {
-        // A SHA-256 digest is uniform: its first bytes are as good as any hash.
-        let b = digest.as_bytes();
-        usize::from(u16::from_le_bytes([b[0], b[1]])) % SLOTS
-    }
-
-    pub(super) fn get(core: &Core, digest: &KeyDigest, now: Instant) -> Option<Principal> {
-        COPIES.with(|cell| {
-            let mut copies = cell.try_borrow_mut().ok()?;
-            copies.lookups = copies.lookups.wrapping_add(1);
-            if copies.lookups % MOKA_SAMPLE == 0 {
-                return None;
-            }
-            let slot = copies.slots.get(index(digest))?.as_ref()?;
-            let current = slot.cache == core.id
-                && slot.epoch == core.copies_epoch.load(Ordering::Acquire)
-                && slot.digest == *digest
-                && now < slot.entry.fresh_until;
-            current.then(|| slot.entry.principal.clone())
-        })
-    }
-
-    pub(super) fn put(core: &Core, digest: KeyDigest, epoch: u64, entry: &Arc<Positive>) {
-        COPIES.with(|cell| {
-            let Ok(mut copies) = cell.try_borrow_mut() else { return };
-            if copies.slots.is_empty() {
-                copies.slots.resize_with(SLOTS, || None);
-            }
-            copies.slots[index(&digest)] = Some(Slot { cache: core.id, epoch, digest, entry: Arc::clone(entry) });
-        });
-    }
-}
-
 impl<V: Verifier> Verifier for CachedVerifier<V> {
     fn verify_now(&self, key: &ApiKey) -> Option<Result<Verdict, VerifyError>> {
-        // Fresh hits only: anything stale, missing or failing takes the async path.
-        let core = &self.shared.core;
-        let digest = key.digest();
-        match core.fresh(&digest, Instant::now()) {
-            Ok(principal) => {
-                count_hit!(core.counters, hits, "keygate_cache_hits_total");
-                return Some(Ok(Verdict::Valid(principal)));
-            }
-            Err(Some(_stale)) => return None,
-            Err(None) => {}
+        // What is held fresh only: anything stale, missing or failing takes the async path.
+        match self.shared.core.held(&key.digest()) {
+            Held::Fresh(principal) => Some(Ok(Verdict::Valid(principal))),
+            Held::Refused(reason, key_id) => Some(Ok(Verdict::Invalid { reason, key_id })),
+            Held::Stale(_) | Held::Nothing => None,
         }
-        let (reason, key_id) = core.negative.get(&digest)?;
-        count_hit!(core.counters, negative_hits, "keygate_cache_negative_hits_total");
-        Some(Ok(Verdict::Invalid { reason, key_id }))
     }
 
     async fn verify(&self, key: &ApiKey) -> Result<Verdict, VerifyError> {
         let shared = &*self.shared;
         let core = &shared.core;
         let digest = key.digest();
-        let now = Instant::now();
-        let stale = match core.fresh(&digest, now) {
-            Ok(principal) => {
-                count_hit!(core.counters, hits, "keygate_cache_hits_total");
-                return Ok(Verdict::Valid(principal));
-            }
-            Err(Some(entry)) => {
-                if now < entry.stale_until
-                    && core.millis_since_origin(now) < entry.next_refresh_ms.load(Ordering::Relaxed)
-                {
+        let stale = match core.held(&digest) {
+            Held::Fresh(principal) => return Ok(Verdict::Valid(principal)),
+            Held::Refused(reason, key_id) => return Ok(Verdict::Invalid { reason, key_id }),
+            Held::Stale(entry) => {
+                if entry.millis_at(Instant::now()) < entry.retry_after_ms.load(Ordering::Relaxed) {
                     // A refresh failed moments ago: do not make this request wait for
                     // another one.
                     return Ok(core.serve_stale(&entry));
                 }
                 Some(entry)
             }
-            Err(None) => {
-                if let Some((reason, key_id)) = core.negative.get(&digest) {
-                    count_hit!(core.counters, negative_hits, "keygate_cache_negative_hits_total");
-                    return Ok(Verdict::Invalid { reason, key_id });
-                }
-                None
-            }
+            Held::Nothing => None,
         };
-        count!(core.counters, misses, "keygate_cache_misses_total");
+        core.counters.misses.add();
         let err = match shared.flight(digest, key).await {
             Ok(verdict) => return Ok(verdict),
             Err(err) => err,
         };
-        if let Some(entry) = stale {
-            // Re-read: the entry may have been invalidated while the verifier was asked.
-            let current = core.positive.get(&digest).filter(|e| e.serial == entry.serial);
-            let now = Instant::now();
-            if let Some(entry) = current.filter(|e| now < e.stale_until) {
-                let retry_at = now + core.config.stale_retry_interval;
-                entry.next_refresh_ms.fetch_max(core.millis_since_origin(retry_at), Ordering::Relaxed);
+        if let Some(stale) = stale {
+            // Re-read: the entry may have been invalidated (or expired) while the
+            // verifier was asked.
+            if let Some(entry) = core.positive.get(&digest).filter(|e| Arc::ptr_eq(e, &stale)) {
+                let retry_at = entry.millis_at(Instant::now() + core.config.stale_retry_interval);
+                entry.retry_after_ms.fetch_max(retry_at, Ordering::Relaxed);
                 return Ok(core.serve_stale(&entry));
             }
         }
@@ -904,6 +806,7 @@ impl<V> fmt::Debug for CachedVerifier<V> {
             .field("positive_ttl", &core.config.positive_ttl)
             .field("negative_ttl", &core.config.negative_ttl)
             .field("stale_if_error", &core.config.stale_if_error)
+            .field("stale_retry_interval", &core.config.stale_retry_interval)
             .field("failure_policy", &core.config.failure_policy)
             .finish_non_exhaustive()
     }
@@ -918,7 +821,7 @@ mod tests {
     use super::*;
     use crate::{ApiKey, StaticVerifier};
 
-    /// Sums every counter increment by name.
+    /// Sums every counter increment by name and labels.
     #[derive(Default)]
     struct Totals(Arc<Mutex<HashMap<String, u64>>>);
 
@@ -936,7 +839,8 @@ mod tests {
         fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
         fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
         fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-            Counter::from_arc(Arc::new(Named(key.name().to_owned(), self.0.clone())))
+            let labels: String = key.labels().map(|l| format!("{{{}={}}}", l.key(), l.value())).collect();
+            Counter::from_arc(Arc::new(Named(format!("{}{labels}", key.name()), self.0.clone())))
         }
         fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
             Gauge::noop()
@@ -947,28 +851,48 @@ mod tests {
     }
 
     #[test]
-    fn hits_reach_metrics_in_steps_and_stats_exactly() {
+    fn every_count_reaches_metrics_and_stats_exactly() {
         let key = ApiKey::generate("kg").unwrap();
         let unknown = ApiKey::generate("kg").unwrap();
-        let inner = StaticVerifier::new().with_key(&key, Principal::builder("key_1").build());
-        let cache = CachedVerifier::builder(inner).build();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(async {
-            cache.verify(&key).await.unwrap();
-            cache.verify(&unknown).await.unwrap();
-        });
         let recorder = Totals::default();
         let totals = recorder.0.clone();
-        metrics::with_local_recorder(&recorder, || {
-            for _ in 0..600 {
-                assert!(matches!(cache.verify_now(&key), Some(Ok(Verdict::Valid(_)))));
-                assert!(matches!(cache.verify_now(&unknown), Some(Ok(Verdict::Invalid { .. }))));
-            }
+        // The handles are registered when the cache is built.
+        let (plain, named) = metrics::with_local_recorder(&recorder, || {
+            let inner = || StaticVerifier::new().with_key(&key, Principal::builder("key_1").build());
+            (CachedVerifier::builder(inner()).build(), CachedVerifier::builder(inner()).name("edge").build())
         });
-        let stats = cache.stats();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            plain.verify(&key).await.unwrap();
+            plain.verify(&unknown).await.unwrap();
+            named.verify(&key).await.unwrap();
+        });
+        for _ in 0..600 {
+            assert!(matches!(plain.verify_now(&key), Some(Ok(Verdict::Valid(_)))));
+            assert!(matches!(plain.verify_now(&unknown), Some(Ok(Verdict::Invalid { .. }))));
+        }
+        named.invalidate_all();
+        let stats = plain.stats();
         assert_eq!((stats.hits, stats.negative_hits, stats.misses), (600, 600, 2));
         let totals = totals.lock().unwrap();
-        assert_eq!(totals.get("keygate_cache_hits_total"), Some(&(2 * HIT_METRIC_STEP)));
-        assert_eq!(totals.get("keygate_cache_negative_hits_total"), Some(&(2 * HIT_METRIC_STEP)));
+        assert_eq!(totals.get("keygate_cache_hits_total"), Some(&600));
+        assert_eq!(totals.get("keygate_cache_negative_hits_total"), Some(&600));
+        assert_eq!(totals.get("keygate_cache_misses_total"), Some(&2));
+        assert_eq!(totals.get("keygate_cache_misses_total{cache=edge}"), Some(&1));
+        assert_eq!(totals.get("keygate_cache_invalidations_total{cache=edge}"), Some(&1));
+        assert_eq!(totals.get("keygate_cache_invalidations_total"), None);
+    }
+
+    #[test]
+    fn a_verdict_past_its_ttl_is_stale_and_not_served_now() {
+        let key = ApiKey::generate("kg").unwrap();
+        let inner = StaticVerifier::new().with_key(&key, Principal::builder("key_1").build());
+        let cache = CachedVerifier::builder(inner).positive_ttl(Duration::from_millis(20)).build();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async { cache.verify(&key).await.unwrap() });
+        assert!(matches!(cache.shared.core.held(&key.digest()), Held::Fresh(_)));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(matches!(cache.shared.core.held(&key.digest()), Held::Stale(_)), "kept for the stale window");
+        assert!(cache.verify_now(&key).is_none());
     }
 }

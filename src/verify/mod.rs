@@ -181,7 +181,7 @@ impl<V: Verifier> Verifier for Arc<V> {
 mod cached;
 #[cfg(feature = "cache")]
 pub use cached::{
-    CacheStats, CachedVerifier, CachedVerifierBuilder, DEFAULT_CAPACITY, DEFAULT_NEGATIVE_CAPACITY,
+    CacheStats, CachedVerifier, CachedVerifierBuilder, DEFAULT_CACHE_CAPACITY, DEFAULT_NEGATIVE_CAPACITY,
     DEFAULT_NEGATIVE_TTL, DEFAULT_POSITIVE_TTL, DEFAULT_STALE_IF_ERROR, DEFAULT_STALE_RETRY_INTERVAL, FailurePolicy,
 };
 
