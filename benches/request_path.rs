@@ -32,7 +32,7 @@ use axum::body::Body;
 use axum::routing::get;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderValue, Request};
-use keygate::usage::ExportError;
+use keygate::ExportError;
 use keygate::{
     ApiKey, ApiKeyLayer, CachedVerifier, Principal, RequireScopes, ScopeSet, StaticVerifier, UsageBatch, UsageExporter,
     UsagePipeline, Verifier,

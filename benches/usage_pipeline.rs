@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_main};
-use keygate::usage::{ExportError, UsageBatch, UsageExporter, UsagePipeline};
+use keygate::{ExportError, UsageBatch, UsageExporter, UsagePipeline};
 use keygate::{Outcome, UsageEvent, UsageSink};
 use time::OffsetDateTime;
 

@@ -31,7 +31,7 @@ use std::time::Duration;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
-use keygate::verify::RevocationListener;
+use keygate::RevocationListener;
 use keygate::{ApiKeyLayer, CachedVerifier, HttpVerifier, Principal, RequireScopes};
 use serde_json::{Value, json};
 

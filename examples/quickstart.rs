@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
+use keygate::RevocationListener;
 use keygate::server::{AdminClient, KeyServer, NewKey};
-use keygate::verify::RevocationListener;
 use keygate::{ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, Principal, RequireScopes, UsagePipeline};
 
 #[tokio::main]

@@ -58,8 +58,8 @@ mod layer;
 mod principal;
 mod ratelimit;
 mod scope;
-pub mod usage;
-pub mod verify;
+mod usage;
+mod verify;
 pub mod wire;
 
 #[cfg(feature = "remote")]
@@ -82,18 +82,23 @@ pub use scope::{
     MAX_ROLE_LEN, MAX_SCOPE_LEN, MAX_SEGMENTS, Requirement, RequirementError, RequirementErrorKind, Scope, ScopeError,
     ScopeSet,
 };
-pub use usage::{UsageEvent, UsageSink};
+pub use usage::metric as usage_metrics;
+pub use usage::{
+    ChannelSink, ExportError, FlushError, PipelineBuildError, PipelineHandle, PipelineStats, TracingSink, UsageBatch,
+    UsageEvent, UsageExporter, UsagePipeline, UsagePipelineBuilder, UsageSink,
+};
 pub use verify::{Reason, SharedError, StaticVerifier, Verdict, Verifier, VerifyError};
 
-// --- re-exports owned by the cache/remote work (src/verify/cached.rs, http.rs, events.rs)
 #[cfg(feature = "cache")]
 pub use verify::{
     CacheStats, CachedVerifier, CachedVerifierBuilder, DEFAULT_CACHE_CAPACITY, DEFAULT_NEGATIVE_CAPACITY,
     DEFAULT_NEGATIVE_TTL, DEFAULT_POSITIVE_TTL, DEFAULT_STALE_IF_ERROR, DEFAULT_STALE_RETRY_INTERVAL, FailurePolicy,
 };
+
 #[cfg(feature = "remote")]
-pub use verify::{HttpVerifier, HttpVerifierBuilder, RemoteConfigError, RevocationListener, RevocationListenerBuilder};
-// --- re-exports owned by the usage pipeline work (src/usage/pipeline.rs, exporter.rs)
-#[cfg(feature = "remote")]
-pub use usage::HttpUsageExporter;
-pub use usage::{ChannelSink, PipelineHandle, PipelineStats, TracingSink, UsageBatch, UsageExporter, UsagePipeline};
+pub use remote::{
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAILOVER_COOLDOWN, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_INITIAL_BACKOFF,
+    DEFAULT_MAX_BACKOFF, DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_VERIFY_TIMEOUT,
+    HttpExporterBuildError, HttpUsageExporter, HttpUsageExporterBuilder, HttpVerifier, HttpVerifierBuilder,
+    ListenerStats, RemoteConfigError, RevocationListener, RevocationListenerBuilder,
+};

@@ -51,7 +51,7 @@
 //!
 //! # Usage: `POST /v1/usage` ([`USAGE_PATH`])
 //!
-//! Request ([`UsageBatch`]): `{"events": [UsageEvent...], "dropped": n}`; answer `202`
+//! Request ([`UsageBatch`](crate::UsageBatch)): `{"events": [UsageEvent...], "dropped": n}`; answer `202`
 //! ([`UsageAccepted`]) `{"accepted": n}`. The reference key service takes at most
 //! 10 000 events and 4 MiB per batch.
 //!
@@ -66,6 +66,7 @@ use time::OffsetDateTime;
 
 use crate::key::{ApiKey, KeyDigest};
 use crate::principal::RateLimit;
+use crate::verify::Reason;
 
 /// Path of the verify call.
 pub const VERIFY_PATH: &str = "/v1/keys/verify";
@@ -179,34 +180,6 @@ pub struct Refusal {
     /// The key's id, when the key exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
-}
-
-/// Why a key is not valid: the `code` of a refusal. Clients of the protected service see
-/// one 401 for all of these except `Expired`; logs and usage events see the precise
-/// reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Reason {
-    /// No such key.
-    NotFound,
-    /// The key was revoked.
-    Revoked,
-    /// The key's expiry (or rotation grace) has passed.
-    Expired,
-    /// The key is disabled.
-    Disabled,
-}
-
-impl Reason {
-    /// The wire code (`NOT_FOUND`, `REVOKED`, `EXPIRED`, `DISABLED`).
-    pub fn code(self) -> &'static str {
-        match self {
-            Self::NotFound => "NOT_FOUND",
-            Self::Revoked => "REVOKED",
-            Self::Expired => "EXPIRED",
-            Self::Disabled => "DISABLED",
-        }
-    }
 }
 
 impl Serialize for VerifyAnswer {
@@ -394,25 +367,6 @@ pub struct Alert {
 }
 
 // ---- usage
-
-/// One batch of usage events, as the pipeline hands it to an exporter and as
-/// `POST /v1/usage` carries it: `{"events": [...], "dropped": n}`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct UsageBatch {
-    /// The events, oldest first. May be empty when the batch only reports drops.
-    pub events: Vec<crate::usage::UsageEvent>,
-    /// Events that will never arrive: refused by a full (or closed) queue, or lost with a
-    /// batch that could not be delivered, since the previous batch that got through.
-    #[serde(default)]
-    pub dropped: u64,
-}
-
-impl UsageBatch {
-    /// Whether the batch carries neither events nor a drop count.
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.dropped == 0
-    }
-}
 
 /// The `202` answer to `POST /v1/usage`: `{"accepted": n}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

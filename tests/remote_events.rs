@@ -7,7 +7,7 @@ mod remote_support;
 use std::future::Future;
 use std::time::Duration;
 
-use keygate::verify::RevocationListener;
+use keygate::RevocationListener;
 use keygate::{ApiKey, CachedVerifier, HttpVerifier, Reason, Verdict, Verifier, VerifyError};
 use remote_support::{FaultServer, TOKEN};
 
@@ -19,7 +19,7 @@ fn cache(urls: Vec<String>) -> CachedVerifier<HttpVerifier> {
     CachedVerifier::builder(http).positive_ttl(LONG_TTL).negative_ttl(Duration::from_millis(100)).build()
 }
 
-fn listener(urls: Vec<String>) -> keygate::verify::RevocationListenerBuilder {
+fn listener(urls: Vec<String>) -> keygate::RevocationListenerBuilder {
     RevocationListener::builder(urls)
         .service_token(TOKEN)
         .backoff(Duration::from_millis(20), Duration::from_millis(200))

@@ -11,8 +11,8 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
 use http::{Request, StatusCode, header};
+use keygate::RevocationListener;
 use keygate::server::{AdminClient, KeyPatch, KeyServer, NewKey, RunningKeyServer};
-use keygate::verify::RevocationListener;
 use keygate::{ApiKey, ApiKeyLayer, CachedVerifier, HttpVerifier, Principal, RequireScopes};
 use tower::ServiceExt;
 

@@ -14,10 +14,10 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{StatusCode, header};
-use keygate::usage::{ExportError, HttpUsageExporter, UsageBatch, UsageExporter};
 use keygate::{
     ApiKey, ApiKeyLayer, CachedVerifier, HttpVerifier, Principal, RevocationListener, Verifier, VerifyError,
 };
+use keygate::{ExportError, HttpUsageExporter, UsageBatch, UsageExporter};
 use tower::ServiceExt;
 
 const TOKEN: &str = "svc-redirect-test";

@@ -13,9 +13,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keygate::server::store::PostgresStore;
+use keygate::RevocationListener;
+use keygate::server::PostgresStore;
 use keygate::server::{KeyPatch, NewKey};
-use keygate::verify::RevocationListener;
 use keygate::{ApiKey, CachedVerifier, HttpVerifier, Outcome, Reason, UsageEvent, Verdict, Verifier};
 use serde_json::{Value, json};
 use server_support::{ADMIN, Events, SERVICE, TestDb, TestServer, new_key};

@@ -70,7 +70,7 @@ async fn a_lagging_subscriber_is_told_to_reset() {
     use axum::response::IntoResponse;
     use http_body_util::BodyExt;
     use keygate::server::EventHub;
-    use keygate::server::events::KeyEvent;
+    use keygate::wire::KeyEvent;
 
     let hub = EventHub::new(4, Duration::from_secs(60));
     let stream = hub.subscribe();

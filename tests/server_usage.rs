@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keygate::server::{AlertConfig, AlertKind};
+use keygate::server::AlertConfig;
+use keygate::wire::AlertKind;
 use keygate::{Outcome, UsageEvent};
 use serde_json::json;
 use server_support::{Events, SERVICE, TestServer, new_key};

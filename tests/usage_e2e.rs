@@ -8,8 +8,8 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::routing::get;
+use keygate::HttpUsageExporter;
 use keygate::server::{AdminClient, KeyServer, NewKey, RunningKeyServer, UsageBucket};
-use keygate::usage::HttpUsageExporter;
 use keygate::{
     ApiKey, ApiKeyLayer, CachedVerifier, HttpVerifier, Outcome, RequireScopes, UsageEvent, UsagePipeline, UsageSink,
 };

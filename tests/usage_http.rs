@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Json, Router};
-use keygate::usage::{ExportError, FlushError, HttpExporterBuildError, HttpUsageExporter, UsageBatch, UsageExporter};
+use keygate::{ExportError, FlushError, HttpExporterBuildError, HttpUsageExporter, UsageBatch, UsageExporter};
 use keygate::{Outcome, UsageEvent, UsagePipeline, UsageSink};
 use time::OffsetDateTime;
 
@@ -267,7 +267,7 @@ fn debug_never_shows_the_token_and_bad_settings_are_refused() {
     let debug = format!("{exporter:?}");
     assert!(!debug.contains(TOKEN) && debug.contains("<redacted>"), "{debug}");
 
-    let err = |b: keygate::usage::HttpUsageExporterBuilder| b.build().unwrap_err();
+    let err = |b: keygate::HttpUsageExporterBuilder| b.build().unwrap_err();
     assert!(matches!(
         err(HttpUsageExporter::builder("not a url").service_token(TOKEN)),
         HttpExporterBuildError::InvalidUrl(_)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use keygate::usage::ChannelSink;
+use keygate::ChannelSink;
 use keygate::{
     ApiKey, ApiKeyLayer, Outcome, Principal, RateLimit, RequireScopes, ScopeSet, StaticVerifier, UsageEvent, Verdict,
     Verifier, VerifyError,

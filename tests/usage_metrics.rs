@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keygate::usage::pipeline::metric;
-use keygate::usage::{ExportError, FlushError, UsageBatch, UsageExporter, UsagePipeline};
+use keygate::usage_metrics as metric;
+use keygate::{ExportError, FlushError, UsageBatch, UsageExporter, UsagePipeline};
 use keygate::{Outcome, UsageEvent, UsageSink};
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keygate::usage::{
+use keygate::{
     ChannelSink, ExportError, FlushError, PipelineBuildError, TracingSink, UsageBatch, UsageExporter, UsagePipeline,
 };
 use keygate::{Outcome, UsageEvent, UsageSink};
@@ -319,7 +319,7 @@ async fn shutdown_is_bounded_by_its_deadline() {
 
 #[test]
 fn builder_refuses_impossible_settings() {
-    let err = |b: keygate::usage::UsagePipelineBuilder| b.build(Hang).map(|_| ()).unwrap_err();
+    let err = |b: keygate::UsagePipelineBuilder| b.build(Hang).map(|_| ()).unwrap_err();
     assert_eq!(err(UsagePipeline::builder()), PipelineBuildError::NoRuntime);
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
     rt.block_on(async {

@@ -9,10 +9,10 @@ use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use keygate::server::{AdminClient, KeyPatch, KeyServer, NewKey, RunningKeyServer};
 use keygate::wire::{
-    Alert, AlertKind, ErrorBody, EventName, Heartbeat, KeyChanged, KeyEvent, Reason, Refusal, ResetData, UsageAccepted,
-    UsageBatch, VerifyAnswer, VerifyRequest,
+    Alert, AlertKind, ErrorBody, EventName, Heartbeat, KeyChanged, KeyEvent, Refusal, ResetData, UsageAccepted,
+    VerifyAnswer, VerifyRequest,
 };
-use keygate::{ApiKey, Outcome, UsageEvent};
+use keygate::{ApiKey, Outcome, Reason, UsageBatch, UsageEvent};
 use reqwest::StatusCode;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;

@@ -1,19 +1,4 @@
 //! Anomaly alerts on ingested usage.
-//!
-//! After each usage batch is stored, every `(key, minute)` it touched is compared with
-//! the key's own baseline: the mean per minute over the [`AlertConfig::baseline_minutes`]
-//! minutes before it (minutes without traffic count as zero).
-//!
-//! - `denial_spike`: denials in the minute > max([`denial_min`](AlertConfig::denial_min),
-//!   [`denial_factor`](AlertConfig::denial_factor) × baseline denials).
-//! - `rate_spike`: requests in the minute > max([`rate_min`](AlertConfig::rate_min),
-//!   [`rate_factor`](AlertConfig::rate_factor) × baseline requests).
-//! - `new_network`: the key is seen from a client network (/24 IPv4, /48 IPv6) it has not
-//!   used before. The first network a key is ever seen from raises nothing.
-//!
-//! At most one alert per key, kind and minute is stored (the store enforces it), each
-//! also published as an SSE `alert` event. Minutes older than
-//! [`max_age`](AlertConfig::max_age) (replayed usage) are not evaluated.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -26,6 +11,21 @@ use super::usage::Folded;
 
 /// Alert thresholds. Defaults: baseline 10 minutes; denials > max(20, 5 × baseline);
 /// requests > max(1 000, 10 × baseline); new networks on; minutes up to 1 hour old.
+///
+/// After each usage batch is stored, every `(key, minute)` it touched is compared with
+/// the key's own baseline: the mean per minute over the [`AlertConfig::baseline_minutes`]
+/// minutes before it (minutes without traffic count as zero).
+///
+/// - `denial_spike`: denials in the minute > max([`denial_min`](AlertConfig::denial_min),
+///   [`denial_factor`](AlertConfig::denial_factor) × baseline denials).
+/// - `rate_spike`: requests in the minute > max([`rate_min`](AlertConfig::rate_min),
+///   [`rate_factor`](AlertConfig::rate_factor) × baseline requests).
+/// - `new_network`: the key is seen from a client network (/24 IPv4, /48 IPv6) it has not
+///   used before. The first network a key is ever seen from raises nothing.
+///
+/// At most one alert per key, kind and minute is stored (the store enforces it), each
+/// also published as an SSE `alert` event. Minutes older than
+/// [`max_age`](AlertConfig::max_age) (replayed usage) are not evaluated.
 #[derive(Debug, Clone)]
 pub struct AlertConfig {
     /// Evaluate anything at all (default true).

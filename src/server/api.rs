@@ -30,7 +30,9 @@ use super::validate::{
     validate_scopes, validate_text,
 };
 use crate::key::{ApiKey, KeyDigest};
-use crate::wire::{Reason, Refusal, UsageAccepted, UsageBatch, ValidKey, VerifyAnswer, VerifyRequest};
+use crate::usage::UsageBatch;
+use crate::verify::Reason;
+use crate::wire::{Refusal, UsageAccepted, ValidKey, VerifyAnswer, VerifyRequest};
 
 /// Largest admin or verify request body: 64 KiB.
 pub const BODY_LIMIT: usize = 64 * 1024;

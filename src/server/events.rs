@@ -1,30 +1,4 @@
 //! `GET /v1/events`: Server-Sent Events that tell middlewares what to forget.
-//!
-//! | event | data | sent when |
-//! | --- | --- | --- |
-//! | `revoked` | `{"key_id"}` | a key was revoked |
-//! | `updated` | `{"key_id"}` | a key's scopes, roles, disabled flag, meta, expiry, name or rate limit changed, or a role it holds was redefined |
-//! | `rotated` | `{"key_id"}` | a key got a new secret (the old one's `expires_at` is now the end of the grace) |
-//! | `reset` | `{"reason"}` | drop every cached verdict: this subscriber fell behind (`lagged`) or a change touched too many keys to list (`bulk`) |
-//! | `alert` | an [`Alert`] | the usage of a key looks anomalous |
-//! | `heartbeat` | `{"at"}` | every 15 s by default, so that a silent dead connection is noticed |
-//!
-//! A stream opens with the SSE comment `: keygate events v1`. Events are published after
-//! the change's transaction committed. Each subscriber reads from a bounded broadcast
-//! buffer (1 024 events by default); one that falls behind gets `reset` instead of
-//! silently losing invalidations.
-//!
-//! **Several replicas.** A store shared by several key-service processes (PostgreSQL)
-//! also hands every change to the others: the store's feed forwards the changes made
-//! through other replicas into this replica's hub, so a middleware following any
-//! replica hears about all of them. A replica publishes its own changes at once and
-//! skips its own notes when they come back. When the feed loses its connection to the
-//! database, it reconnects with backoff and then publishes `reset` (`{"reason": "gap"}`):
-//! what was missed in between cannot be known.
-//!
-//! The hub decides nothing: the store says which notes a change makes (one `updated` per
-//! key a role change touches, or one `reset` above [`MAX_EVENTS_PER_CHANGE`]) and hands
-//! them over once its transaction committed.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -52,7 +26,7 @@ fn data(value: &impl serde::Serialize) -> String {
 /// buffers.
 pub const MAX_EVENTS_PER_CHANGE: usize = 256;
 
-pub use crate::wire::KeyEvent;
+pub(crate) use crate::wire::KeyEvent;
 
 #[derive(Debug)]
 struct Published {
@@ -61,6 +35,32 @@ struct Published {
 }
 
 /// Fans events out to every connected `GET /v1/events` stream.
+///
+/// | event | data | sent when |
+/// | --- | --- | --- |
+/// | `revoked` | `{"key_id"}` | a key was revoked |
+/// | `updated` | `{"key_id"}` | a key's scopes, roles, disabled flag, meta, expiry, name or rate limit changed, or a role it holds was redefined |
+/// | `rotated` | `{"key_id"}` | a key got a new secret (the old one's `expires_at` is now the end of the grace) |
+/// | `reset` | `{"reason"}` | drop every cached verdict: this subscriber fell behind (`lagged`) or a change touched too many keys to list (`bulk`) |
+/// | `alert` | an [`Alert`] | the usage of a key looks anomalous |
+/// | `heartbeat` | `{"at"}` | every 15 s by default, so that a silent dead connection is noticed |
+///
+/// A stream opens with the SSE comment `: keygate events v1`. Events are published after
+/// the change's transaction committed. Each subscriber reads from a bounded broadcast
+/// buffer (1 024 events by default); one that falls behind gets `reset` instead of
+/// silently losing invalidations.
+///
+/// **Several replicas.** A store shared by several key-service processes (PostgreSQL)
+/// also hands every change to the others: the store's feed forwards the changes made
+/// through other replicas into this replica's hub, so a middleware following any
+/// replica hears about all of them. A replica publishes its own changes at once and
+/// skips its own notes when they come back. When the feed loses its connection to the
+/// database, it reconnects with backoff and then publishes `reset` (`{"reason": "gap"}`):
+/// what was missed in between cannot be known.
+///
+/// The hub decides nothing: the store says which notes a change makes (one `updated` per
+/// key a role change touches, or one `reset` above 256 keys) and hands
+/// them over once its transaction committed.
 #[derive(Debug, Clone)]
 pub struct EventHub {
     inner: Arc<HubInner>,

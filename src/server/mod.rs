@@ -4,8 +4,8 @@
 //! It issues, stores, rotates, revokes and verifies keys; stores only `SHA-256(key)`
 //! and a display prefix (`kg_3fA9`); expands roles into effective scopes on verify;
 //! keeps an append-only audit log; pushes invalidations to middlewares over
-//! Server-Sent Events ([`events`]); aggregates usage per key and minute; and raises
-//! anomaly [`alerts`].
+//! Server-Sent Events ([`EventHub`]); aggregates usage per key and minute; and raises
+//! anomaly alerts ([`AlertConfig`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -35,9 +35,9 @@
 //! **Verdict precedence**: `REVOKED`, then `DISABLED`, then `EXPIRED`.
 //!
 //! **Replicas.** With feature `postgres`, several key-service processes share one
-//! PostgreSQL database ([`store::PostgresStore`], chosen by a `postgres://` URL): each
+//! PostgreSQL database ([`PostgresStore`], chosen by a `postgres://` URL): each
 //! change is sent to the others with `NOTIFY` in its transaction, and each replica's
-//! event stream carries the changes made through every replica (see [`events`]).
+//! event stream carries the changes made through every replica (see [`EventHub`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -50,15 +50,15 @@ use tokio::task::JoinHandle;
 // Module order from the bottom up; each imports only modules before it: text, model,
 // events, store, error, validate, usage, auth, alerts, client, state, api (and this
 // one, which builds and starts the service).
-pub mod alerts;
+mod alerts;
 mod api;
 mod auth;
 mod client;
-pub mod error;
-pub mod events;
-pub mod model;
+mod error;
+mod events;
+mod model;
 mod state;
-pub mod store;
+mod store;
 mod text;
 mod usage;
 mod validate;
@@ -69,9 +69,11 @@ pub use auth::{Admin, Service};
 pub use client::{AdminClient, ClientError, CreatedKey};
 pub use error::{ApiError, ServerError};
 pub use events::EventHub;
-pub use model::{Alert, AlertKind, AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageBucket, UsageReport};
+pub use model::{AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageBucket, UsageReport};
 pub use state::{ServerState, ServerStats};
-pub use store::{Store, StoreError};
+#[cfg(feature = "postgres")]
+pub use store::PostgresStore;
+pub use store::{SqliteStore, Store, StoreError};
 pub use usage::network_of;
 
 use auth::Tokens;
@@ -138,7 +140,7 @@ impl KeyServer {
         self
     }
 
-    /// Uses an already open store ([`SqliteStore`](store::SqliteStore),
+    /// Uses an already open store ([`SqliteStore`],
     /// `PostgresStore`) instead of [`database`](Self::database).
     pub fn store(mut self, store: impl Into<Store>) -> Self {
         self.store = Some(store.into());

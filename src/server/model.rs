@@ -207,7 +207,7 @@ pub struct UsageReport {
     pub buckets: Vec<UsageBucket>,
 }
 
-pub use crate::wire::{Alert, AlertKind, UsageBatch};
+pub(crate) use crate::wire::{Alert, AlertKind};
 
 /// Distinguishes an absent field (`None`) from `null` (`Some(None)`).
 fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {

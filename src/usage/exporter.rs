@@ -3,7 +3,28 @@
 use std::future::Future;
 use std::sync::Arc;
 
-pub use crate::wire::UsageBatch;
+use serde::{Deserialize, Serialize};
+
+use super::UsageEvent;
+
+/// One batch of usage events, as the pipeline hands it to an exporter and as
+/// `POST /v1/usage` carries it: `{"events": [...], "dropped": n}`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct UsageBatch {
+    /// The events, oldest first. May be empty when the batch only reports drops.
+    pub events: Vec<UsageEvent>,
+    /// Events that will never arrive: refused by a full (or closed) queue, or lost with a
+    /// batch that could not be delivered, since the previous batch that got through.
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+impl UsageBatch {
+    /// Whether the batch carries neither events nor a drop count.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.dropped == 0
+    }
+}
 
 /// Delivers batches of usage events somewhere: a key service, a log, a test's vector.
 ///
@@ -14,7 +35,7 @@ pub use crate::wire::UsageBatch;
 /// them downstream in the next batch's `dropped`.
 ///
 /// ```
-/// use keygate::usage::{ExportError, UsageBatch, UsageExporter};
+/// use keygate::{ExportError, UsageBatch, UsageExporter};
 ///
 /// /// Counts events and forgets them.
 /// #[derive(Default)]

@@ -76,14 +76,11 @@ mod duration_ms {
 }
 
 mod exporter;
-#[cfg(feature = "remote")]
-mod http;
-pub mod pipeline;
+mod pipeline;
 mod sinks;
 
 pub use exporter::{ExportError, UsageBatch, UsageExporter};
-#[cfg(feature = "remote")]
-pub use http::{HttpExporterBuildError, HttpUsageExporter, HttpUsageExporterBuilder};
+pub use pipeline::metric;
 pub use pipeline::{
     FlushError, PipelineBuildError, PipelineHandle, PipelineStats, UsagePipeline, UsagePipelineBuilder,
 };

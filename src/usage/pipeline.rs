@@ -313,7 +313,7 @@ struct SinkInner {
 /// or as soon as 1 000 are queued, 5 s to drain at shutdown.
 ///
 /// ```
-/// # use keygate::usage::{ExportError, UsageBatch, UsageExporter, UsagePipeline};
+/// # use keygate::{ExportError, UsageBatch, UsageExporter, UsagePipeline};
 /// # struct Discard;
 /// # impl UsageExporter for Discard {
 /// #     async fn export(&self, _: UsageBatch) -> Result<(), ExportError> { Ok(()) }

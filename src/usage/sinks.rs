@@ -16,7 +16,7 @@ use super::{UsageEvent, UsageSink};
 /// on the subscriber: a non-blocking writer (`tracing-appender`) keeps it from waiting on I/O.
 ///
 /// ```
-/// let sink = keygate::usage::TracingSink::new().level(tracing::Level::DEBUG);
+/// let sink = keygate::TracingSink::new().level(tracing::Level::DEBUG);
 /// ```
 #[derive(Debug, Clone, Copy)]
 pub struct TracingSink {
@@ -79,7 +79,7 @@ impl UsageSink for TracingSink {
 /// the receiver is gone. Meant for tests and for consumers that want events one by one.
 ///
 /// ```
-/// use keygate::usage::ChannelSink;
+/// use keygate::ChannelSink;
 ///
 /// let (sink, mut events) = ChannelSink::new(1_024);
 /// // layer = ApiKeyLayer::new(verifier).usage(sink.clone());

@@ -217,7 +217,7 @@ impl Counters {
 /// after either returns never sees the removed entries, not even as stale ones, and
 /// never gets an answer the wrapped verifier gave before the invalidation; a verdict
 /// stored while another invalidation runs is still removed by a later one.
-/// [`RevocationListener`](crate::verify::RevocationListener) (feature `remote`) calls
+/// [`RevocationListener`](crate::RevocationListener) (feature `remote`) calls
 /// them from the key service's event stream.
 ///
 /// # Sharing

@@ -55,7 +55,33 @@ impl Verdict {
     }
 }
 
-pub use crate::wire::Reason;
+/// Why a key is not valid: the `code` of a refusal. Clients of the protected service see
+/// one 401 for all of these except `Expired`; logs and usage events see the precise
+/// reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Reason {
+    /// No such key.
+    NotFound,
+    /// The key was revoked.
+    Revoked,
+    /// The key's expiry (or rotation grace) has passed.
+    Expired,
+    /// The key is disabled.
+    Disabled,
+}
+
+impl Reason {
+    /// The wire code (`NOT_FOUND`, `REVOKED`, `EXPIRED`, `DISABLED`).
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::NotFound => "NOT_FOUND",
+            Self::Revoked => "REVOKED",
+            Self::Expired => "EXPIRED",
+            Self::Disabled => "DISABLED",
+        }
+    }
+}
 
 /// A verifier could not reach a verdict. Never cached, never a denial: 503.
 ///
@@ -178,25 +204,9 @@ impl<V: Verifier> Verifier for Arc<V> {
 }
 
 #[cfg(feature = "cache")]
-mod cached;
+pub(crate) mod cached;
 #[cfg(feature = "cache")]
 pub use cached::{
     CacheStats, CachedVerifier, CachedVerifierBuilder, DEFAULT_CACHE_CAPACITY, DEFAULT_NEGATIVE_CAPACITY,
     DEFAULT_NEGATIVE_TTL, DEFAULT_POSITIVE_TTL, DEFAULT_STALE_IF_ERROR, DEFAULT_STALE_RETRY_INTERVAL, FailurePolicy,
-};
-
-#[cfg(feature = "remote")]
-mod http;
-#[cfg(feature = "remote")]
-pub use crate::remote::{
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAILOVER_COOLDOWN, DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, RemoteConfigError,
-};
-#[cfg(feature = "remote")]
-pub use http::{DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_VERIFY_TIMEOUT, HttpVerifier, HttpVerifierBuilder};
-
-#[cfg(feature = "remote")]
-mod events;
-#[cfg(feature = "remote")]
-pub use events::{
-    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_LINE_BYTES, ListenerStats, RevocationListener, RevocationListenerBuilder,
 };

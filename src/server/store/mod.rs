@@ -1,14 +1,4 @@
 //! Storage: [`Store`], an enum over the backends (SQLite, and PostgreSQL with feature
-//! `postgres`), chosen at run time from the database URL, so that the HTTP layer never
-//! knows which one it talks to. Each method is written once here; the backends supply
-//! only what differs: how a write transaction begins and commits, locks, usage upserts,
-//! migrations and the feed of other replicas' changes.
-//!
-//! Every method that changes a key or a role writes its audit record in the same
-//! transaction as the change: either both are stored or neither is. The notes a change
-//! makes for event subscribers are decided here, committed with it (PostgreSQL sends
-//! them to the other replicas with `NOTIFY` in the transaction) and then handed to the
-//! store's change sink (the event hub): the one place the key service publishes.
 
 use std::fmt;
 use std::sync::Arc;
@@ -193,6 +183,17 @@ impl ChangeSink for Unheard {
 
 /// The storage a key service runs on: [`SqliteStore`], or [`PostgresStore`] with
 /// feature `postgres` (`From` either). Cheap to clone: clones share the pool.
+///
+/// `postgres`), chosen at run time from the database URL, so that the HTTP layer never
+/// knows which one it talks to. Each method is written once here; the backends supply
+/// only what differs: how a write transaction begins and commits, locks, usage upserts,
+/// migrations and the feed of other replicas' changes.
+///
+/// Every method that changes a key or a role writes its audit record in the same
+/// transaction as the change: either both are stored or neither is. The notes a change
+/// makes for event subscribers are decided here, committed with it (PostgreSQL sends
+/// them to the other replicas with `NOTIFY` in the transaction) and then handed to the
+/// store's change sink (the event hub): the one place the key service publishes.
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,

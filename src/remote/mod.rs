@@ -13,6 +13,16 @@ use http::HeaderValue;
 use reqwest::Url;
 use zeroize::Zeroizing;
 
+mod exporter;
+mod listener;
+mod verifier;
+
+pub use exporter::{HttpExporterBuildError, HttpUsageExporter, HttpUsageExporterBuilder};
+pub use listener::{
+    DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_LINE_BYTES, ListenerStats, RevocationListener, RevocationListenerBuilder,
+};
+pub use verifier::{DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_VERIFY_TIMEOUT, HttpVerifier, HttpVerifierBuilder};
+
 /// Default connect timeout of every key-service client: 500 ms.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Default time a key-service URL that refused a connection is tried last: 2 s.

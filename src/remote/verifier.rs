@@ -7,7 +7,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 
-use super::{SharedError, Verdict, Verifier, VerifyError};
 use crate::key::ApiKey;
 use crate::principal::Principal;
 use crate::remote::{
@@ -15,6 +14,7 @@ use crate::remote::{
     remote_builder_methods,
 };
 use crate::scope::{ScopeSet, validate_role};
+use crate::verify::{SharedError, Verdict, Verifier, VerifyError};
 use crate::wire::{self, Refusal, ValidKey, VerifyAnswer, VerifyRequest};
 
 /// Default deadline of one verification, retries and failover included: 2 s.

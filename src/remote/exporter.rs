@@ -7,12 +7,13 @@ use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use tokio::time::Instant;
 
-use super::exporter::{ExportError, UsageExporter};
 use crate::remote::{
     DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, KeyServiceUrls, Remote, RemoteConfigError, RemoteSettings,
     answered_by, backoff, read_body, remote_builder_methods,
 };
-use crate::wire::{self, UsageAccepted, UsageBatch};
+use crate::usage::UsageBatch;
+use crate::usage::{ExportError, UsageExporter};
+use crate::wire::{self, UsageAccepted};
 
 /// Default timeout of one export attempt, body included: 2 s.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -163,7 +164,7 @@ impl HttpUsageExporterBuilder {
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use keygate::usage::{HttpUsageExporter, UsagePipeline};
+/// use keygate::{HttpUsageExporter, UsagePipeline};
 ///
 /// let exporter = HttpUsageExporter::builder(["https://keys-a.internal:8443", "https://keys-b.internal:8443"])
 ///     .service_token(std::env::var("KEYGATE_SERVICE_TOKEN")?)

@@ -12,12 +12,12 @@ use http::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::Verifier;
-use super::cached::{CachedVerifier, Shared};
 use crate::remote::{
     DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, Endpoint, KeyServiceUrls, Remote, RemoteConfigError, RemoteSettings,
     answered_by, backoff, describe, remote_builder_methods,
 };
+use crate::verify::Verifier;
+use crate::verify::cached::{CachedVerifier, Shared};
 use crate::wire::{self, EventName, KeyChanged};
 
 /// Default interval at which the key service sends heartbeats: 15 s. The stream is
