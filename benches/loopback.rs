@@ -5,7 +5,7 @@
 //! ```sh
 //! cargo bench --bench loopback                  # 5 rounds of 3 s per variant
 //! LOOPBACK_ROUNDS=9 LOOPBACK_SECS=5 cargo bench --bench loopback
-//! cargo bench --bench loopback -- --rounds 9 --secs 5 --warmup 1
+//! cargo bench --bench loopback -- --rounds 9 --secs 5 --slice 0.5 --warmup 1
 //! ```
 //!
 //! Variants, all answering `GET /reports` with the same handler and receiving the same
@@ -24,12 +24,17 @@
 //! CPU 0, so everything the middleware causes (the event stream, the usage exporter's
 //! batches) is paid there, as in a one-core deployment. The load generator, 64
 //! keep-alive HTTP/1.1 connections from a hyper client, runs on its own current-thread
-//! runtime pinned to CPU 1. Round `r` runs every variant once, in an order rotated by
-//! `r`; each round's figure is the app thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`, read
-//! on that thread) divided by the requests answered, so neither the load generator's
-//! nor the key service's work is counted. Each ratio is taken against the same round's
-//! bare figure; the table shows medians over rounds. Every response must be a 200:
-//! a variant with any other answer is flagged.
+//! runtime pinned to CPU 1; each variant keeps its connections from the warm-up to the
+//! end. Round `r` runs every variant for `secs` (default 3 s), in slices of about
+//! `slice` (default 0.25 s) taken in turn, the order rotated by `r` and by the slice:
+//! on a machine shared with other work, every variant of a round sees the same
+//! neighbours. A round's figure for a variant is the app thread's CPU time
+//! (`CLOCK_THREAD_CPUTIME_ID`, read on that thread before and after each slice) divided
+//! by the requests it answered, so neither the load generator's nor the key service's
+//! work is counted. Each ratio is taken against the same round's bare figure; the table
+//! shows medians over rounds (default 5). `--slice` equal to `--secs` runs each variant
+//! once per round, in one piece. Every response must be a 200: a variant with any other
+//! answer is flagged.
 //!
 //! Linux only (thread pinning and the per-thread CPU clock).
 
@@ -76,34 +81,40 @@ mod bench {
     struct Config {
         rounds: usize,
         secs: f64,
+        slice: f64,
         warmup: f64,
     }
 
     impl Config {
-        /// Environment first (`LOOPBACK_ROUNDS`, `LOOPBACK_SECS`, `LOOPBACK_WARMUP`), then
-        /// `--rounds`, `--secs`, `--warmup`; anything else (cargo adds `--bench`) is ignored.
+        /// Environment first (`LOOPBACK_ROUNDS`, `LOOPBACK_SECS`, `LOOPBACK_SLICE`,
+        /// `LOOPBACK_WARMUP`), then `--rounds`, `--secs`, `--slice`, `--warmup`; anything
+        /// else (cargo adds `--bench`) is ignored.
         fn read() -> Self {
             let env = |name: &str| std::env::var(name).ok();
             let mut rounds = env("LOOPBACK_ROUNDS");
             let mut secs = env("LOOPBACK_SECS");
             let mut warmup = env("LOOPBACK_WARMUP");
+            let mut slice = env("LOOPBACK_SLICE");
             let mut args = std::env::args().skip(1);
             while let Some(arg) = args.next() {
                 match arg.as_str() {
                     "--rounds" => rounds = args.next(),
                     "--secs" => secs = args.next(),
                     "--warmup" => warmup = args.next(),
+                    "--slice" => slice = args.next(),
                     _ => {}
                 }
             }
             let cfg = Self {
                 rounds: rounds.map_or(5, |s| s.parse().expect("rounds: a whole number")),
                 secs: secs.map_or(3.0, |s| s.parse().expect("secs: a number of seconds")),
+                slice: slice.map_or(0.25, |s| s.parse().expect("slice: a number of seconds")),
                 warmup: warmup.map_or(0.5, |s| s.parse().expect("warmup: a number of seconds")),
             };
             // Bounded: a typo must not hold a shared machine for an hour.
             assert!((1..=50).contains(&cfg.rounds), "rounds: 1 to 50");
             assert!(cfg.secs > 0.0 && cfg.secs <= 60.0, "secs: more than 0, at most 60");
+            assert!(cfg.slice >= 0.05, "slice: at least 0.05 s");
             assert!((0.0..=10.0).contains(&cfg.warmup), "warmup: 0 to 10 s");
             cfg
         }
@@ -259,27 +270,22 @@ mod bench {
         }
     }
 
-    /// One keep-alive connection sending requests back to back until `until`.
-    async fn connection(addr: SocketAddr, auth: HeaderValue, until: Instant) -> Load {
-        let mut load = Load::default();
-        let stream = match tokio::net::TcpStream::connect(addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                load.error(format!("connect: {e}"));
-                return load;
-            }
-        };
+    type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+    /// One keep-alive HTTP/1.1 connection; its driver runs on the load runtime.
+    async fn open(addr: SocketAddr) -> Result<Sender, String> {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
         let _ = stream.set_nodelay(true);
-        let (mut send, conn) =
-            match hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await {
-                Ok(pair) => pair,
-                Err(e) => {
-                    load.error(format!("handshake: {e}"));
-                    return load;
-                }
-            };
-        let conn = tokio::spawn(conn);
-        let host = HeaderValue::from_str(&addr.to_string()).expect("host");
+        let (send, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        Ok(send)
+    }
+
+    /// Requests back to back on one connection until `until`; hands the connection back
+    /// unless it broke.
+    async fn burst(mut send: Sender, host: HeaderValue, auth: HeaderValue, until: Instant) -> (Option<Sender>, Load) {
+        let mut load = Load::default();
         while Instant::now() < until {
             let req = Request::get("/reports")
                 .header(header::HOST, host.clone())
@@ -297,32 +303,73 @@ mod bench {
                 Ok(Ok(status)) => load.error(format!("status {status}")),
                 Ok(Err(e)) => {
                     load.error(format!("request: {e}"));
-                    break;
+                    return (None, load);
                 }
                 Err(_) => {
                     load.error("timeout");
-                    break;
+                    return (None, load);
                 }
             }
         }
-        drop(send);
-        let _ = conn.await;
-        load
+        (Some(send), load)
     }
 
-    async fn load(addr: SocketAddr, auth: &HeaderValue, secs: f64) -> Load {
-        let until = Instant::now() + Duration::from_secs_f64(secs);
-        let tasks: Vec<_> = (0..CONNECTIONS).map(|_| tokio::spawn(connection(addr, auth.clone(), until))).collect();
-        let mut total = Load::default();
-        for t in tasks {
-            total.add(t.await.expect("connection task"));
+    /// A variant's 64 connections, kept open from the warm-up to the end.
+    struct Client {
+        addr: SocketAddr,
+        host: HeaderValue,
+        conns: Vec<Sender>,
+    }
+
+    impl Client {
+        fn new(addr: SocketAddr) -> Self {
+            Self { addr, host: HeaderValue::from_str(&addr.to_string()).expect("host"), conns: Vec::new() }
         }
-        total
+
+        /// Every connection busy until `until`; the connections that broke are counted
+        /// and opened again.
+        async fn run(&mut self, auth: &HeaderValue, until: Instant) -> Load {
+            let mut load = Load::default();
+            while self.conns.len() < CONNECTIONS {
+                match open(self.addr).await {
+                    Ok(send) => self.conns.push(send),
+                    Err(e) => {
+                        load.error(e);
+                        return load;
+                    }
+                }
+            }
+            let tasks: Vec<_> = self
+                .conns
+                .drain(..)
+                .map(|send| tokio::spawn(burst(send, self.host.clone(), auth.clone(), until)))
+                .collect();
+            for t in tasks {
+                let (send, done) = t.await.expect("connection task");
+                self.conns.extend(send);
+                load.add(done);
+            }
+            load
+        }
     }
 
+    /// One variant's totals over a round.
+    #[derive(Default)]
     struct Sample {
-        cpu_per_request: Duration,
-        per_sec: f64,
+        cpu: Duration,
+        load_cpu: Duration,
+        wall: Duration,
+        requests: u64,
+    }
+
+    impl Sample {
+        fn cpu_per_request(&self) -> f64 {
+            micros(self.cpu) / self.requests.max(1) as f64
+        }
+
+        fn per_sec(&self) -> f64 {
+            self.requests as f64 / self.wall.as_secs_f64()
+        }
     }
 
     /// Every variant's samples, in the order the app lists them, and their errors.
@@ -333,43 +380,52 @@ mod bench {
 
     async fn drive(app: &App, cfg: &Config, auth: HeaderValue) -> Results {
         let n = app.variants.len();
-        for (name, addr) in &app.variants {
-            let warm = load(*addr, &auth, cfg.warmup).await;
+        let mut clients: Vec<Client> = app.variants.iter().map(|(_, addr)| Client::new(*addr)).collect();
+        for ((name, _), client) in app.variants.iter().zip(&mut clients) {
+            let warm = client.run(&auth, Instant::now() + Duration::from_secs_f64(cfg.warmup)).await;
             if !warm.errors.is_empty() {
                 eprintln!("warm-up of {name}: {:?}", warm.errors);
             }
         }
         let mut results = Results { samples: (0..n).map(|_| Vec::new()).collect(), errors: vec![BTreeMap::new(); n] };
+        let slices = (cfg.secs / cfg.slice).ceil().max(1.0) as usize;
+        let slice = Duration::from_secs_f64(cfg.secs / slices as f64);
         for r in 0..cfg.rounds {
-            let mut line = format!("round {}:", r + 1);
-            for i in 0..n {
-                let v = (i + r) % n;
-                let (name, addr) = app.variants[v];
-                let cpu0 = app_cpu(&app.runtime).await;
-                let load0 = thread_cpu();
-                let t0 = Instant::now();
-                let done = load(addr, &auth, cfg.secs).await;
-                let wall = t0.elapsed();
-                let load_cpu = thread_cpu() - load0;
-                let cpu = app_cpu(&app.runtime).await - cpu0;
-                let answered = done.answered().max(1);
-                let sample = Sample {
-                    cpu_per_request: cpu / u32::try_from(answered).expect("fewer than 4e9 requests a round"),
-                    per_sec: answered as f64 / wall.as_secs_f64(),
-                };
-                // How busy each side was: an app well below 100 % waits for the load.
-                line += &format!(
-                    " {name} {:.2} µs (app {:.0} %, load {:.0} %);",
-                    micros(sample.cpu_per_request),
-                    100.0 * cpu.as_secs_f64() / wall.as_secs_f64(),
-                    100.0 * load_cpu.as_secs_f64() / wall.as_secs_f64()
-                );
-                results.samples[v].push(sample);
-                for (what, k) in done.errors {
-                    *results.errors[v].entry(what).or_default() += k;
+            let mut round: Vec<Sample> = (0..n).map(|_| Sample::default()).collect();
+            for s in 0..slices {
+                for i in 0..n {
+                    let v = (i + r + s) % n;
+                    let cpu0 = app_cpu(&app.runtime).await;
+                    let load0 = thread_cpu();
+                    let t0 = Instant::now();
+                    let done = clients[v].run(&auth, t0 + slice).await;
+                    let wall = t0.elapsed();
+                    let load_cpu = thread_cpu() - load0;
+                    let cpu = app_cpu(&app.runtime).await - cpu0;
+                    let sample = &mut round[v];
+                    sample.cpu += cpu;
+                    sample.load_cpu += load_cpu;
+                    sample.wall += wall;
+                    sample.requests += done.answered();
+                    for (what, k) in done.errors {
+                        *results.errors[v].entry(what).or_default() += k;
+                    }
                 }
             }
+            // How busy each side was: far below 100 %, the machine is shared.
+            let mut line = format!("round {}:", r + 1);
+            for ((name, _), sample) in app.variants.iter().zip(&round) {
+                line += &format!(
+                    " {name} {:.2} µs (app {:.0} %, load {:.0} %);",
+                    sample.cpu_per_request(),
+                    100.0 * sample.cpu.as_secs_f64() / sample.wall.as_secs_f64(),
+                    100.0 * sample.load_cpu.as_secs_f64() / sample.wall.as_secs_f64()
+                );
+            }
             println!("{line}");
+            for (v, sample) in round.into_iter().enumerate() {
+                results.samples[v].push(sample);
+            }
         }
         results
     }
@@ -425,9 +481,10 @@ mod bench {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert!(cpus > LOAD_CPU, "needs at least 2 CPUs (app on CPU {APP_CPU}, load on CPU {LOAD_CPU})");
 
-        // Stops by itself whatever happens: warm-ups, rounds, and a minute for set-up.
+        // Stops by itself whatever happens: warm-ups, rounds with room for the slices'
+        // hand-overs, and a minute for set-up.
         let variants = 5.0;
-        let budget = variants * (cfg.warmup + cfg.rounds as f64 * (cfg.secs + 2.0)) + 60.0;
+        let budget = variants * (cfg.warmup + cfg.rounds as f64 * (1.5 * cfg.secs + 2.0)) + 60.0;
         std::thread::Builder::new()
             .name("watchdog".into())
             .spawn(move || {
@@ -474,25 +531,26 @@ mod bench {
         let report = app_thread.join().expect("app thread");
         keys_rt.block_on(server.shutdown());
 
-        let bare: Vec<f64> = results.samples[0].iter().map(|s| micros(s.cpu_per_request)).collect();
+        let bare: Vec<f64> = results.samples[0].iter().map(Sample::cpu_per_request).collect();
         println!();
         println!("| variant | CPU µs/request | ratio of bare's capacity | req/s |");
         println!("| --- | ---: | ---: | ---: |");
         for (v, (name, _)) in app.variants.iter().enumerate() {
             let samples = &results.samples[v];
-            let cpu: Vec<f64> = samples.iter().map(|s| micros(s.cpu_per_request)).collect();
+            let cpu: Vec<f64> = samples.iter().map(Sample::cpu_per_request).collect();
             let ratio: Vec<f64> = cpu.iter().zip(&bare).map(|(c, b)| b / c).collect();
-            let rate: Vec<f64> = samples.iter().map(|s| s.per_sec).collect();
+            let rate: Vec<f64> = samples.iter().map(Sample::per_sec).collect();
             let errors: u64 = results.errors[v].values().sum();
             let flag = if errors > 0 { format!(" (**{errors} errors**)") } else { String::new() };
             println!("| {name}{flag} | {:.2} | {:.2} | {:.0} |", median(cpu), median(ratio), median(rate));
         }
         println!();
         println!(
-            "Machine: {}. Medians of {} rounds of {} s per variant, {CONNECTIONS} connections, release.",
+            "Machine: {}. Medians of {} rounds of {} s per variant in slices of {} s, {CONNECTIONS} connections, release.",
             machine(),
             cfg.rounds,
-            cfg.secs
+            cfg.secs,
+            cfg.slice.min(cfg.secs)
         );
         for (v, (name, _)) in app.variants.iter().enumerate() {
             if !results.errors[v].is_empty() {
