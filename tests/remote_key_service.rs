@@ -266,7 +266,7 @@ async fn disconnected_streams_reconnect_and_heartbeats_keep_a_stream_alive() {
 }
 
 /// Two replicas on one database: with replica A killed, verifications move to B with no
-/// failed request, and the event listener follows B (issue 6, middleware side).
+/// failed request, and the event listener follows B.
 #[tokio::test]
 async fn when_a_replica_dies_verification_and_events_move_to_the_other() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,7 +5,6 @@
 use std::error::Error as _;
 use std::fmt;
 use std::sync::Arc;
-
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
