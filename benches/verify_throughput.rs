@@ -66,10 +66,14 @@ async fn run() {
         .map(|w| {
             let (keys, done, url) = (keys.clone(), done.clone(), url.clone());
             tokio::spawn(async move {
-                let http = reqwest::Client::new();
+                let http =
+                    reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+                // The middleware sends the key's digest, never the key.
+                let digests: Vec<String> =
+                    keys.iter().map(|k| keygate::ApiKey::new(k.to_string()).digest().to_hex()).collect();
                 let mut i = w;
                 while Instant::now() < deadline {
-                    let body = format!("{{\"key\":\"{}\"}}", keys[i % keys.len()]);
+                    let body = format!("{{\"digest\":\"{}\"}}", digests[i % digests.len()]);
                     let res = http.post(&url).bearer_auth("svc").body(body).send().await.expect("verify");
                     assert!(res.status().is_success());
                     let answer = res.bytes().await.expect("body");

@@ -77,7 +77,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("protected app on {base}\n");
 
     // 4. Calls.
-    let client = reqwest::Client::new();
+    // Redirects are never followed by keygate's own clients, nor by this one.
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build()?;
     let call = |what: &'static str, path: &'static str, key: Option<String>| {
         let client = client.clone();
         let base = base.clone();

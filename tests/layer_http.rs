@@ -541,3 +541,25 @@ async fn a_cookie_key_beside_a_bearer_key_is_a_conflict_however_the_cookie_is_wr
     assert_eq!(raw_status(&app.base, &head).await, 400);
     assert_eq!(app.calls(), 0);
 }
+
+/// An optional layer behind one that already verified (and stripped) the key must not
+/// call the request anonymous: the outer layer's principal is what the route checks.
+#[tokio::test]
+async fn an_optional_layer_behind_a_verifying_one_keeps_its_principal() {
+    let key = ApiKey::generate("kg").unwrap();
+    let verifier = StaticVerifier::new().with_key(&key, principal("key_reader", &["reports:read"], &[]));
+    let router = Router::new()
+        .route("/reports", get(|p: Principal| async move { p.key_id().to_owned() }))
+        .route_layer(RequireScopes::all(["reports:read"]))
+        .layer(ApiKeyLayer::new(StaticVerifier::new()).optional())
+        .layer(ApiKeyLayer::new(verifier));
+    let base = serve(router).await;
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let bearer = format!("Bearer {}", key.expose_secret());
+    let res = client.get(format!("{base}/reports")).header(AUTHORIZATION, bearer).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.text().await.unwrap(), "key_reader");
+    // Without a key the outer layer still answers 401.
+    let res = client.get(format!("{base}/reports")).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+}

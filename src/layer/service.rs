@@ -181,7 +181,9 @@ impl Config {
         if let Some(policy) = &self.policy {
             policy.check(req.uri().path(), principal.as_ref()).map_err(|err| State::rejected(err, true))?;
         }
-        let anonymous = principal.is_none();
+        // Behind another keygate layer that already verified (and stripped) the key, the
+        // request is not anonymous: that layer's principal stands.
+        let anonymous = principal.is_none() && req.extensions().get::<Principal>().is_none();
         if let Some(principal) = principal {
             req.extensions_mut().insert(principal);
         }

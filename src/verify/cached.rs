@@ -574,10 +574,19 @@ impl Core {
     pub(crate) fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.counters.invalidations.add();
-        // moka guarantees that entries stored before this call are never returned again.
+        // moka's `invalidate_all` spares an entry stamped in the very instant of the call,
+        // and a verdict fetched before the epoch moved may be stored in that instant: a
+        // predicate that takes everything covers entries stamped up to and including now.
+        // Only entries older than the call are ever tested against it.
         self.positive.invalidate_all();
         self.negative.invalidate_all();
         self.digests_of.invalidate_all();
+        let everything =
+            self.positive.invalidate_entries_if(|_, _| true).and(self.negative.invalidate_entries_if(|_, _| true));
+        if let Err(e) = everything {
+            // Unreachable: both caches are built with invalidation closures.
+            tracing::error!(error = %e, "cache: could not register the drop-everything predicate");
+        }
         tracing::debug!("cache: dropped every entry");
     }
 
