@@ -520,8 +520,8 @@ async fn invalidating_a_key_id_drops_its_refusals_too() {
     assert_eq!(backend.calls(), 3);
 }
 
-/// A thread of its own: it answers each key it is sent with what the cache says on
-/// that thread (a cache that kept per-thread state must retire it on invalidation).
+/// A thread of its own, with its own per-thread copies of hot verdicts: it answers
+/// each key it is sent with what the cache says on that thread.
 struct OtherThread {
     ask: std::sync::mpsc::Sender<ApiKey>,
     answers: std::sync::mpsc::Receiver<(bool, Result<Verdict, VerifyError>)>,
@@ -534,7 +534,7 @@ impl OtherThread {
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             for key in keys {
-                // `verify_now` answers only from what is held fresh.
+                // `verify_now` answers only from what is held fresh (copy or moka).
                 let held = matches!(v.verify_now(&key), Some(Ok(Verdict::Valid(_))));
                 let full = rt.block_on(async { timeout(LIMIT, v.verify(&key)).await.expect("verify hung") });
                 if reply.send((held, full)).is_err() {
@@ -557,7 +557,7 @@ async fn another_threads_copies_are_retired_by_invalidate_key_id() {
     let key = backend.add("k1");
     let v = cache(&backend).positive_ttl(Duration::from_secs(600)).build();
     let other = OtherThread::start(v.clone());
-    // The other thread sees the key several times: it is held fresh there.
+    // The other thread sees the key several times: it now holds its own copy.
     for _ in 0..5 {
         let (held, full) = other.check(&key);
         assert!(is_valid(&full));
@@ -567,7 +567,7 @@ async fn another_threads_copies_are_retired_by_invalidate_key_id() {
     assert_eq!(backend.calls(), 1);
     backend.keys.revoke("k1");
     assert_eq!(v.invalidate_key_id("k1").await, 1);
-    // The very next lookup on that thread refuses the key, although its verdict would
+    // The very next lookup on that thread refuses the key, although its copy would
     // still be fresh for ten minutes.
     let (held, full) = other.check(&key);
     assert!(!held, "a retired copy is not served");
@@ -610,16 +610,18 @@ async fn copies_are_never_shared_between_caches() {
 
 #[tokio::test]
 async fn copies_keep_the_ttl_and_the_counters() {
-    let backend = Backend::new(Duration::ZERO);
-    let key = backend.add("k1");
-    let v = cache(&backend).build();
-    for _ in 0..100 {
+    for copies in [true, false] {
+        let backend = Backend::new(Duration::ZERO);
+        let key = backend.add("k1");
+        let v = cache(&backend).thread_copies(copies).build();
+        for _ in 0..100 {
+            assert!(is_valid(&verify(&v, &key).await));
+        }
+        let s = v.stats();
+        assert_eq!((s.misses, s.hits), (1, 99), "copies: {copies}");
+        tokio::time::sleep(SHORT + Duration::from_millis(50)).await;
+        assert!(v.verify_now(&key).is_none(), "past the TTL nothing is fresh (copies: {copies})");
         assert!(is_valid(&verify(&v, &key).await));
+        assert_eq!(backend.calls(), 2, "copies: {copies}");
     }
-    let s = v.stats();
-    assert_eq!((s.misses, s.hits), (1, 99));
-    tokio::time::sleep(SHORT + Duration::from_millis(50)).await;
-    assert!(v.verify_now(&key).is_none(), "past the TTL nothing is fresh");
-    assert!(is_valid(&verify(&v, &key).await));
-    assert_eq!(backend.calls(), 2);
 }

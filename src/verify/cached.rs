@@ -39,6 +39,14 @@
 //! why coalescing is a small map of calls in flight here rather than moka's
 //! `try_get_with`, which joins any call for an absent key whatever happened since.
 //!
+//! In front of moka, each thread keeps copies of up to 128 hot fresh valid verdicts
+//! ([`CachedVerifierBuilder::thread_copies`]): moka's `get` costs an epoch pin, a clock
+//! read and a logged read, and skipping it was worth 4 to 8 % of the loopback
+//! benchmark's production form. A copy is served only while fresh, only by the cache it
+//! came from, and only until the next removal of any valid verdict: a second counter,
+//! the copies generation, is read before the moka lookup a copy is taken from and
+//! bumped after every removal, so a copy taken across one is stale when made.
+//!
 //! What `invalidate_key_id` returns (how many valid verdicts it removed) comes from a
 //! second small moka cache that remembers each key id's digests: moka cannot say how
 //! many entries a predicate covers, and walking the cache to count them takes
@@ -270,6 +278,13 @@ pub(crate) struct Core {
     flights: Mutex<Flights>,
     /// Bumped by every invalidation (see the module docs).
     epoch: AtomicU64,
+    /// Which cache a per-thread copy came from (see [`copies`]).
+    id: u64,
+    /// Bumped after every removal of a valid verdict: a per-thread copy taken before it
+    /// is never served. Apart from `epoch`, which moves *before* an invalidation so that
+    /// in-flight answers are not stored, and which an `Invalid` answer for one key must
+    /// not move (every other key's answer in flight would then go uncached).
+    copies_generation: AtomicU64,
     config: Config,
     counters: Counters,
 }
@@ -286,6 +301,7 @@ struct Config {
     stale_if_error: Duration,
     stale_retry_interval: Duration,
     failure_policy: FailurePolicy,
+    thread_copies: bool,
 }
 
 /// A cached valid verdict. moka drops it at the end of its stale window (`lifetime`);
@@ -411,6 +427,19 @@ impl<V: Verifier> CachedVerifierBuilder<V> {
         self
     }
 
+    /// Keep per-thread copies of hot valid verdicts in front of moka (default `true`).
+    ///
+    /// A copy costs a slot lookup and a clock read; moka's `get` also pins an epoch,
+    /// reads the clock and logs the read for its eviction policy. On the loopback
+    /// benchmark, turning copies off cost 4 to 8 % of the production form's capacity.
+    /// A copy is served only while fresh and only until the next removal of any valid
+    /// verdict from this cache; one hit in 32 still goes through moka, so that its
+    /// eviction policy keeps seeing which keys are hot.
+    pub fn thread_copies(mut self, enabled: bool) -> Self {
+        self.config.thread_copies = enabled;
+        self
+    }
+
     /// A name for this cache (default none): the `cache` label of its metrics, and the
     /// name of its moka caches in moka's own diagnostics.
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -456,6 +485,8 @@ impl<V: Verifier> CachedVerifierBuilder<V> {
                     digests_of: digests_of.build(),
                     flights: Mutex::new(HashMap::new()),
                     epoch: AtomicU64::new(0),
+                    id: copies::new_cache_id(),
+                    copies_generation: AtomicU64::new(0),
                     config,
                     counters: Counters::new(self.name.as_deref()),
                 },
@@ -486,6 +517,7 @@ impl<V: Verifier> CachedVerifier<V> {
                 stale_if_error: DEFAULT_STALE_IF_ERROR,
                 stale_retry_interval: DEFAULT_STALE_RETRY_INTERVAL,
                 failure_policy: FailurePolicy::FailClosed,
+                thread_copies: true,
             },
             name: None,
         }
@@ -567,6 +599,9 @@ impl Core {
             self.positive.invalidate_all();
             self.negative.invalidate_all();
         }
+        // After the predicate: from here on moka returns none of the key's verdicts, so
+        // no copy can be taken of one under the new generation.
+        self.retire_copies();
         tracing::debug!(key_id, entries = held, "cache: invalidated key id");
         held
     }
@@ -587,14 +622,27 @@ impl Core {
             // Unreachable: both caches are built with invalidation closures.
             tracing::error!(error = %e, "cache: could not register the drop-everything predicate");
         }
+        self.retire_copies();
         tracing::debug!("cache: dropped every entry");
     }
 
     /// What the cache holds for `digest`; fresh verdicts and refusals are counted as hits.
     fn held(&self, digest: &KeyDigest) -> Held {
-        match self.positive.get(digest) {
-            Some(entry) if Instant::now() < entry.fresh_until => {
+        // Read before moka: a copy taken across a removal is stale the moment it is made.
+        let generation = self.copies_generation.load(Ordering::SeqCst);
+        let now = Instant::now();
+        if self.config.thread_copies {
+            if let Some(principal) = copies::get(self.id, generation, digest, now) {
                 self.counters.hits.add();
+                return Held::Fresh(principal);
+            }
+        }
+        match self.positive.get(digest) {
+            Some(entry) if now < entry.fresh_until => {
+                self.counters.hits.add();
+                if self.config.thread_copies {
+                    copies::put(self.id, generation, digest, &entry.principal, entry.fresh_until);
+                }
                 Held::Fresh(entry.principal.clone())
             }
             Some(entry) => Held::Stale(entry),
@@ -636,6 +684,7 @@ impl Core {
         // before this insert did, and so not cover it: take it out ourselves.
         if self.epoch.load(Ordering::SeqCst) != epoch {
             self.positive.invalidate(&digest);
+            self.retire_copies();
             return;
         }
         // Digests no longer held are dropped on the way, so the list stays as short as
@@ -650,6 +699,7 @@ impl Core {
     fn store_invalid(&self, digest: KeyDigest, refusal: Refusal, epoch: u64) {
         // Whatever valid verdict was held, stale or not, is wrong now.
         self.positive.invalidate(&digest);
+        self.retire_copies();
         if self.config.negative_ttl.is_zero() || self.epoch.load(Ordering::SeqCst) != epoch {
             return;
         }
@@ -657,6 +707,11 @@ impl Core {
         if self.epoch.load(Ordering::SeqCst) != epoch {
             self.negative.invalidate(&digest);
         }
+    }
+
+    /// After a valid verdict left moka: no thread serves its copy of it again.
+    fn retire_copies(&self) {
+        self.copies_generation.fetch_add(1, Ordering::SeqCst);
     }
 
     fn serve_stale(&self, entry: &Positive) -> Verdict {
@@ -758,6 +813,82 @@ impl Drop for FlightGuard<'_> {
             flights.remove(&self.digest);
         }
         drop(cell);
+    }
+}
+
+/// Per-thread copies of hot valid verdicts, looked at before moka.
+///
+/// A copy is keyed by the cache it came from and the digest, and carries the cache's
+/// copies generation read *before* the moka lookup it was taken from. Every removal
+/// of a valid verdict bumps the generation *after* moka stopped returning it, so a copy
+/// is either of a verdict moka still serves, or stale on arrival. Slots are few and
+/// fixed: a thread holds at most [`SLOTS`] principals, and a collision only costs the
+/// next lookup a trip to moka.
+mod copies {
+    use std::cell::RefCell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Instant;
+
+    use crate::key::KeyDigest;
+    use crate::principal::Principal;
+
+    pub(super) const SLOTS: usize = 128;
+    /// One hit in this many goes through moka, so its eviction policy sees hot keys.
+    const MOKA_EVERY: u8 = 32;
+
+    struct Copy {
+        cache: u64,
+        generation: u64,
+        digest: KeyDigest,
+        principal: Principal,
+        fresh_until: Instant,
+        hits: u8,
+    }
+
+    thread_local! {
+        static COPIES: RefCell<[Option<Copy>; SLOTS]> = const { RefCell::new([const { None }; SLOTS]) };
+    }
+
+    pub(super) fn new_cache_id() -> u64 {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn slot(digest: &KeyDigest) -> usize {
+        // Digests are uniformly random: their first bytes are a good index.
+        usize::from(digest.as_bytes()[0]) % SLOTS
+    }
+
+    pub(super) fn get(cache: u64, generation: u64, digest: &KeyDigest, now: Instant) -> Option<Principal> {
+        COPIES.with(|cell| {
+            let mut slots = cell.try_borrow_mut().ok()?;
+            let copy = slots[slot(digest)].as_mut()?;
+            if copy.cache != cache || copy.generation != generation || copy.digest != *digest || now >= copy.fresh_until
+            {
+                return None;
+            }
+            copy.hits += 1;
+            if copy.hits >= MOKA_EVERY {
+                copy.hits = 0;
+                return None;
+            }
+            Some(copy.principal.clone())
+        })
+    }
+
+    pub(super) fn put(cache: u64, generation: u64, digest: &KeyDigest, principal: &Principal, fresh_until: Instant) {
+        COPIES.with(|cell| {
+            if let Ok(mut slots) = cell.try_borrow_mut() {
+                slots[slot(digest)] = Some(Copy {
+                    cache,
+                    generation,
+                    digest: *digest,
+                    principal: principal.clone(),
+                    fresh_until,
+                    hits: 0,
+                });
+            }
+        });
     }
 }
 
