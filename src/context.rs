@@ -32,6 +32,8 @@ pub(crate) struct LayerContext {
     /// [`InnerReport`].
     pub(crate) wants_outcome: bool,
     /// ...and it has no route template: the report carries the one the router matched.
+    /// (Only axum's router has templates.)
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     pub(crate) wants_route: bool,
 }
 

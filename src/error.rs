@@ -7,7 +7,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::body::RejectionBody;
-use crate::context::{DEFAULT_REALM, Outcome};
+use crate::context::Outcome;
 use crate::key::FormatError;
 use crate::verify::Reason;
 
@@ -236,7 +236,7 @@ impl AuthError {
 impl axum::response::IntoResponse for AuthError {
     /// Renders as HTTP with the realm `api`.
     fn into_response(self) -> axum::response::Response {
-        self.to_http_response(DEFAULT_REALM)
+        self.to_http_response(crate::context::DEFAULT_REALM)
     }
 }
 
