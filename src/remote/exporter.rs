@@ -210,9 +210,7 @@ impl HttpUsageExporter {
         let endpoint = self.remote.endpoints.get(index);
         let request = self
             .remote
-            .client
-            .post(endpoint.url.clone())
-            .header(header::AUTHORIZATION, self.remote.auth.clone())
+            .request(reqwest::Method::POST, endpoint)
             .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .timeout(timeout)
             .body(body.clone());

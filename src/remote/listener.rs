@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use eventsource_stream::{Event, EventStreamError, Eventsource};
 use futures_util::StreamExt;
-use http::header::{ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
+use http::header::{ACCEPT, CACHE_CONTROL, CONTENT_TYPE};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -362,9 +362,7 @@ async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &S
     let dead_after = config.heartbeat_interval.saturating_mul(2);
     let request = config
         .remote
-        .client
-        .get(endpoint.url.clone())
-        .header(AUTHORIZATION, config.remote.auth.clone())
+        .request(reqwest::Method::GET, endpoint)
         .header(ACCEPT, "text/event-stream")
         .header(CACHE_CONTROL, "no-cache")
         .send();

@@ -258,6 +258,13 @@ pub(crate) struct Remote {
     pub(crate) auth: HeaderValue,
 }
 
+impl Remote {
+    /// A request to one of the key service's URLs, carrying the service token.
+    pub(crate) fn request(&self, method: reqwest::Method, endpoint: &Endpoint) -> reqwest::RequestBuilder {
+        self.client.request(method, endpoint.url.clone()).header(http::header::AUTHORIZATION, self.auth.clone())
+    }
+}
+
 impl RemoteSettings {
     pub(crate) fn new(urls: impl KeyServiceUrls) -> Self {
         Self {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use http::header::{ACCEPT, CONTENT_TYPE};
 
 use crate::key::ApiKey;
 use crate::principal::Principal;
@@ -214,9 +214,7 @@ impl Inner {
     async fn attempt(&self, endpoint: &Endpoint, body: Bytes) -> Result<Verdict, Failure> {
         let response = self
             .remote
-            .client
-            .post(endpoint.url.clone())
-            .header(AUTHORIZATION, self.remote.auth.clone())
+            .request(reqwest::Method::POST, endpoint)
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "application/json")
             .timeout(self.timeout)
