@@ -1,17 +1,15 @@
 //! The usage record a request accumulates on its way through the layer.
 
-use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderName, Method, Request};
-use time::OffsetDateTime;
+use http::{HeaderName, HeaderValue, Method, Request};
 
 use super::ClientIp;
 use crate::context::Outcome;
 use crate::principal::Principal;
-use crate::usage::{UsageEvent, UsageSink};
+use crate::usage::{DecidedRequest, UsageSink};
 
 /// Longest raw path kept as a usage event's route when no route template is known.
 const MAX_RAW_ROUTE_LEN: usize = 128;
@@ -25,7 +23,7 @@ pub(super) struct Record {
     method: Method,
     route: RouteSource,
     client_ip: Option<IpAddr>,
-    request_id: Option<Arc<str>>,
+    request_id: Option<HeaderValue>,
     /// The verified key, also when it was then refused (expired, rate limited).
     principal: Option<Principal>,
     /// The id of an existing key that was refused (revoked, disabled, expired).
@@ -48,11 +46,8 @@ impl Record {
                     .and_then(|v| v.rsplit(',').next())
                     .and_then(|v| v.trim().parse().ok()),
             },
-            request_id: req
-                .headers()
-                .get(X_REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| Arc::from(&v[..v.len().min(MAX_REQUEST_ID_LEN)])),
+            // A clone of a header value shares its bytes: no copy until a sink wants one.
+            request_id: req.headers().get(X_REQUEST_ID).cloned(),
             principal: None,
             denied_key_id: None,
         }
@@ -71,43 +66,21 @@ impl Record {
         self.denied_key_id = Some(key_id.clone());
     }
 
-    /// Hands the event to `sink`. `route`: the template an inner policy reported.
+    /// Hands the decided request to `sink`. `route`: the template an inner policy reported.
     pub(super) fn finish(self, sink: &dyn UsageSink, status: u16, outcome: Outcome, route: Option<&str>) {
-        let latency = self.start.elapsed();
-        let route = match route {
-            Some(template) => Arc::from(template),
-            None => self.route.resolve(),
-        };
-        sink.record(UsageEvent {
-            at: OffsetDateTime::now_utc() - latency,
-            key_id: self.principal.as_ref().map(|p| p.key_id_arc().clone()).or(self.denied_key_id),
-            owner: self.principal.as_ref().map(|p| p.owner_arc().clone()),
-            outcome,
-            method: method_name(&self.method),
-            route,
-            status,
-            latency,
-            client_ip: self.client_ip,
-            request_id: self.request_id,
-        });
+        let route = route.unwrap_or_else(|| self.route.as_str());
+        let mut request = DecidedRequest::new(self.start, &self.method, route, status, outcome)
+            .with_client_ip(self.client_ip)
+            .with_request_id(
+                self.request_id.as_ref().and_then(|v| v.to_str().ok()).map(|v| cut(v, MAX_REQUEST_ID_LEN)),
+            );
+        if let Some(p) = &self.principal {
+            request = request.with_key(p.key_id_arc(), Some(p.owner_arc()));
+        } else if let Some(id) = &self.denied_key_id {
+            request = request.with_key(id, None);
+        }
+        sink.record(&request);
     }
-}
-
-/// Standard methods as static strings; only extension methods allocate.
-fn method_name(m: &Method) -> Cow<'static, str> {
-    let name = match *m {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::PATCH => "PATCH",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
-        Method::CONNECT => "CONNECT",
-        Method::TRACE => "TRACE",
-        _ => return Cow::Owned(m.as_str().to_owned()),
-    };
-    Cow::Borrowed(name)
 }
 
 #[cfg(feature = "axum")]
@@ -149,18 +122,20 @@ impl RouteSource {
 
     /// The template, the gRPC method, or the raw path cut short (it may carry ids; it
     /// is never the query).
-    fn resolve(self) -> Arc<str> {
+    fn as_str(&self) -> &str {
         match self {
             #[cfg(feature = "axum")]
-            Self::Matched(m) => Arc::from(m.as_str()),
-            Self::Path(pq) => {
-                let path = pq.as_ref().map_or("/", |pq| pq.path());
-                let mut end = path.len().min(MAX_RAW_ROUTE_LEN);
-                while !path.is_char_boundary(end) {
-                    end -= 1;
-                }
-                Arc::from(&path[..end])
-            }
+            Self::Matched(m) => m.as_str(),
+            Self::Path(pq) => cut(pq.as_ref().map_or("/", |pq| pq.path()), MAX_RAW_ROUTE_LEN),
         }
     }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }

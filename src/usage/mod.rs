@@ -12,7 +12,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -47,15 +47,176 @@ pub struct UsageEvent {
     pub request_id: Option<Arc<str>>,
 }
 
-/// Receives usage events. `record` must not block or wait: drop and count instead.
+/// One decided request, borrowed from the layer for the moment it is recorded.
+///
+/// The layer hands this to [`UsageSink::record`]; a sink that keeps every request turns
+/// it into an owned [`UsageEvent`] with [`to_event`](Self::to_event), one that
+/// aggregates (such as [`UsageAggregator`]) adds it to a row without allocating.
+#[derive(Debug, Clone, Copy)]
+pub struct DecidedRequest<'a> {
+    started: Instant,
+    latency: Duration,
+    key_id: Option<&'a Arc<str>>,
+    owner: Option<&'a Arc<str>>,
+    outcome: Outcome,
+    method: &'a http::Method,
+    route: &'a str,
+    status: u16,
+    client_ip: Option<IpAddr>,
+    request_id: Option<&'a str>,
+}
+
+impl<'a> DecidedRequest<'a> {
+    /// A request that arrived at `started`, got `status` with `outcome`, and was routed to
+    /// `route` (template, gRPC method or raw path); latency is measured from `started`
+    /// to now. The layer builds these; the constructor is public for tests and benchmarks
+    /// of custom sinks.
+    pub fn new(started: Instant, method: &'a http::Method, route: &'a str, status: u16, outcome: Outcome) -> Self {
+        Self {
+            started,
+            latency: started.elapsed(),
+            key_id: None,
+            owner: None,
+            outcome,
+            method,
+            route,
+            status,
+            client_ip: None,
+            request_id: None,
+        }
+    }
+
+    /// Sets the key id and owner of a verified (or refused but existing) key.
+    #[must_use]
+    pub fn with_key(mut self, key_id: &'a Arc<str>, owner: Option<&'a Arc<str>>) -> Self {
+        self.key_id = Some(key_id);
+        self.owner = owner;
+        self
+    }
+
+    /// Sets the latency instead of measuring it.
+    #[must_use]
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// Sets the client address.
+    #[must_use]
+    pub fn with_client_ip(mut self, ip: Option<IpAddr>) -> Self {
+        self.client_ip = ip;
+        self
+    }
+
+    /// Sets the `x-request-id`.
+    #[must_use]
+    pub fn with_request_id(mut self, id: Option<&'a str>) -> Self {
+        self.request_id = id;
+        self
+    }
+
+    /// When the request arrived (monotonic clock).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Request start to response head.
+    pub fn latency(&self) -> Duration {
+        self.latency
+    }
+
+    /// The key's id, when a key was verified or refused as an existing key.
+    pub fn key_id(&self) -> Option<&'a Arc<str>> {
+        self.key_id
+    }
+
+    /// The key's owner, when a key was verified.
+    pub fn owner(&self) -> Option<&'a Arc<str>> {
+        self.owner
+    }
+
+    /// Allowed, or the precise denial.
+    pub fn outcome(&self) -> Outcome {
+        self.outcome
+    }
+
+    /// HTTP method.
+    pub fn method(&self) -> &'a http::Method {
+        self.method
+    }
+
+    /// Route template, gRPC method path, or the raw path cut short.
+    pub fn route(&self) -> &'a str {
+        self.route
+    }
+
+    /// Response status (for gRPC rejections, the HTTP status the case maps to).
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    /// Client address, when the layer is configured to record it.
+    pub fn client_ip(&self) -> Option<IpAddr> {
+        self.client_ip
+    }
+
+    /// `x-request-id`, when present (at most 128 bytes).
+    pub fn request_id(&self) -> Option<&'a str> {
+        self.request_id
+    }
+
+    /// An owned event (allocates the route and request id).
+    pub fn to_event(&self) -> UsageEvent {
+        UsageEvent {
+            at: OffsetDateTime::now_utc() - self.started.elapsed(),
+            key_id: self.key_id.cloned(),
+            owner: self.owner.cloned(),
+            outcome: self.outcome,
+            method: method_name(self.method),
+            route: Arc::from(self.route),
+            status: self.status,
+            latency: self.latency,
+            client_ip: self.client_ip,
+            request_id: self.request_id.map(Arc::from),
+        }
+    }
+}
+
+/// Standard methods as static strings; only extension methods allocate.
+pub(crate) fn method_name(m: &http::Method) -> std::borrow::Cow<'static, str> {
+    std::borrow::Cow::Borrowed(match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        http::Method::CONNECT => "CONNECT",
+        http::Method::TRACE => "TRACE",
+        _ => return std::borrow::Cow::Owned(m.as_str().to_owned()),
+    })
+}
+
+/// Receives every decided request. `record` must not block or wait: drop and count
+/// instead.
+///
+/// Two sinks at once: a pair `(a, b)` is a sink that records into both.
 pub trait UsageSink: Send + Sync + 'static {
-    /// Takes one event.
-    fn record(&self, event: UsageEvent);
+    /// Takes one decided request.
+    fn record(&self, request: &DecidedRequest<'_>);
 }
 
 impl<S: UsageSink + ?Sized> UsageSink for Arc<S> {
-    fn record(&self, event: UsageEvent) {
-        (**self).record(event)
+    fn record(&self, request: &DecidedRequest<'_>) {
+        (**self).record(request)
+    }
+}
+
+impl<A: UsageSink, B: UsageSink> UsageSink for (A, B) {
+    fn record(&self, request: &DecidedRequest<'_>) {
+        self.0.record(request);
+        self.1.record(request);
     }
 }
 
@@ -76,12 +237,19 @@ mod duration_ms {
 }
 
 mod exporter;
+mod histogram;
 mod pipeline;
+mod rows;
 mod sinks;
 
 pub use exporter::{ExportError, UsageBatch, UsageExporter};
+pub use histogram::{LATENCY_BUCKETS, LATENCY_RELATIVE_ERROR, LatencyHistogram};
 pub use pipeline::metric;
 pub use pipeline::{
     FlushError, PipelineBuildError, PipelineHandle, PipelineStats, UsagePipeline, UsagePipelineBuilder,
+};
+pub(crate) use rows::NetworkPrefix;
+pub use rows::{
+    AggregateBatch, AggregateRow, ClientNetwork, OVERFLOW_METHOD, OVERFLOW_ROUTE, StatusCounts, network_of,
 };
 pub use sinks::{ChannelSink, TracingSink};

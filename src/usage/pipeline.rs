@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::exporter::{ExportError, UsageBatch, UsageExporter};
-use super::{UsageEvent, UsageSink};
+use super::{DecidedRequest, UsageEvent, UsageSink};
 
 /// Default queue capacity: 65 536 events.
 pub const DEFAULT_CAPACITY: usize = 65_536;
@@ -73,8 +73,7 @@ struct Shared {
 
 impl Shared {
     #[cold]
-    fn refuse(&self, event: UsageEvent) {
-        drop(event);
+    fn refuse(&self) {
         self.dropped.0.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(metric::DROPPED).increment(1);
     }
@@ -377,12 +376,12 @@ impl UsagePipeline {
 
 impl UsageSink for UsagePipeline {
     #[inline]
-    fn record(&self, event: UsageEvent) {
+    fn record(&self, request: &DecidedRequest<'_>) {
         let shared = &*self.inner.shared;
         if shared.closed.load(Ordering::Relaxed) {
-            return shared.refuse(event);
+            return shared.refuse();
         }
-        match shared.queue.push(event) {
+        match shared.queue.push(request.to_event()) {
             Ok(()) => {
                 // Wake the worker once per `batch_size` events rather than checking the
                 // queue length: the counter increment is needed anyway, and `Notify` keeps
@@ -392,7 +391,7 @@ impl UsageSink for UsagePipeline {
                     shared.notify.notify_one();
                 }
             }
-            Err(event) => shared.refuse(event),
+            Err(_) => shared.refuse(),
         }
     }
 }

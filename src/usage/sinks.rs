@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tracing::Level;
 
-use super::{UsageEvent, UsageSink};
+use super::{DecidedRequest, UsageEvent, UsageSink};
 
 /// Logs every event through `tracing` (target `keygate::usage`), as structured fields:
 /// `key_id`, `owner`, `outcome`, `method`, `route`, `status`, `latency_ms`, `client_ip`,
@@ -48,22 +48,22 @@ macro_rules! log_event {
         tracing::event!(
             target: "keygate::usage",
             $level,
-            key_id = $e.key_id.as_deref(),
-            owner = $e.owner.as_deref(),
-            outcome = $e.outcome.as_str(),
-            method = &*$e.method,
-            route = &*$e.route,
-            status = $e.status,
-            latency_ms = $e.latency.as_secs_f64() * 1000.0,
-            client_ip = $e.client_ip.map(tracing::field::display),
-            request_id = $e.request_id.as_deref(),
+            key_id = $e.key_id().map(|k| &**k),
+            owner = $e.owner().map(|o| &**o),
+            outcome = $e.outcome().as_str(),
+            method = $e.method().as_str(),
+            route = $e.route(),
+            status = $e.status(),
+            latency_ms = $e.latency().as_secs_f64() * 1000.0,
+            client_ip = $e.client_ip().map(tracing::field::display),
+            request_id = $e.request_id(),
             "usage"
         )
     };
 }
 
 impl UsageSink for TracingSink {
-    fn record(&self, event: UsageEvent) {
+    fn record(&self, event: &DecidedRequest<'_>) {
         // `tracing` wants a constant level per call site.
         match self.level {
             Level::ERROR => log_event!(Level::ERROR, event),
@@ -106,8 +106,8 @@ impl ChannelSink {
 }
 
 impl UsageSink for ChannelSink {
-    fn record(&self, event: UsageEvent) {
-        if self.tx.try_send(event).is_err() {
+    fn record(&self, request: &DecidedRequest<'_>) {
+        if self.tx.try_send(request.to_event()).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
