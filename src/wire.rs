@@ -368,11 +368,15 @@ pub struct Alert {
 
 // ---- usage
 
-/// The `202` answer to `POST /v1/usage`: `{"accepted": n}`.
+/// The `202` answer to `POST /v1/usage`: `{"accepted": n}`, plus `"duplicate": true`
+/// when an aggregate batch's id had already been applied (nothing was added again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageAccepted {
-    /// Events stored.
+    /// Requests (aggregate batch) or events (raw batch) stored.
     pub accepted: u64,
+    /// The batch id had been applied before; this copy was not.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 // ---- errors

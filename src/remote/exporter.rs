@@ -221,7 +221,7 @@ impl HttpUsageExporter {
                     .await
                     .ok()
                     .and_then(|body| serde_json::from_slice::<UsageAccepted>(&body).ok());
-                if let Some(UsageAccepted { accepted }) = accepted.filter(|a| a.accepted != events as u64) {
+                if let Some(UsageAccepted { accepted, .. }) = accepted.filter(|a| a.accepted != events as u64) {
                     tracing::warn!(
                         target: "keygate::usage",
                         sent = events,
