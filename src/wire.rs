@@ -51,10 +51,28 @@
 //!
 //! # Usage: `POST /v1/usage` ([`USAGE_PATH`])
 //!
-//! Request ([`UsageBatch`](crate::UsageBatch)): `{"events": [UsageEvent...], "dropped": n}`; answer `202`
-//! ([`UsageAccepted`]) `{"accepted": n}`. The reference key service takes at most
-//! 10 000 events and 4 MiB per batch.
+//! Two request bodies are accepted on the same path; the answer to both is `202`
+//! ([`UsageAccepted`]) `{"accepted": n}`.
 //!
+//! - **Aggregates** ([`AggregateBatch`](crate::AggregateBatch)), what
+//!   [`HttpUsageExporter`](crate::HttpUsageExporter) sends once per flush interval:
+//!   `{"batch_id", "rows": [AggregateRow...], "networks": [ClientNetwork...], "dropped": n,
+//!   "overflowed": n, "networks_dropped": n}`. A row is the requests of one minute with
+//!   the same key id, route, method and outcome: `{"minute", "key_id", "route", "method",
+//!   "outcome", "requests", "status": {"1xx", "2xx", "3xx", "4xx", "5xx"}, "latency",
+//!   "last_at_ms"}`, with `latency` a [`LatencyHistogram`](crate::LatencyHistogram) in its
+//!   sparse form `{"count", "sum_us", "max_us", "buckets": [[index, count]...]}` (the
+//!   bucket layout is fixed and documented on the type). The key service applies a
+//!   `batch_id` at most once: a batch sent again answers `{"accepted": n,
+//!   "duplicate": true}` and adds nothing. `accepted` counts requests.
+//! - **Raw events** ([`UsageBatch`](crate::UsageBatch)), what keygate before aggregation
+//!   sent and what a custom exporter may still send: `{"events": [UsageEvent...],
+//!   "dropped": n}`. There is no batch id, so a retried raw batch can count twice.
+//!   `accepted` counts events.
+//!
+//! The reference key service's limits (batch size, body size, accepted clock skew, how
+//! long batch ids are remembered) are documented on `keygate::server` (feature `server`).
+
 //! # Errors
 //!
 //! Every refusal of a request (400, 401, 404, 409, 413, 503, 500) carries
