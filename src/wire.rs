@@ -51,9 +51,14 @@
 //!
 //! # Usage: `POST /v1/usage` ([`USAGE_PATH`])
 //!
-//! Request ([`UsageBatch`](crate::UsageBatch)): `{"events": [UsageEvent...], "dropped": n}`; answer `202`
-//! ([`UsageAccepted`]) `{"accepted": n}`. The reference key service takes at most
-//! 10 000 events and 4 MiB per batch.
+//! Request: an [`AggregateBatch`](crate::AggregateBatch) `{"batch_id", "rows": [...],
+//! "networks": [...], "dropped": n, ...}` (applied at most once per `batch_id`), or the
+//! older raw [`UsageBatch`](crate::UsageBatch) `{"events": [UsageEvent...], "dropped": n}`;
+//! answer `202` ([`UsageAccepted`]) `{"accepted": n}`, with `"duplicate": true` for a
+//! batch id applied before and the requests not stored, if any, by reason. The reference
+//! key service takes at most 20 000 rows, 20 000 networks and 16 MiB per aggregate
+//! batch, and 10 000 events and 4 MiB per raw batch (see `keygate::server` for the
+//! rest of what it checks).
 //!
 //! # Errors
 //!
@@ -374,9 +379,24 @@ pub struct Alert {
 pub struct UsageAccepted {
     /// Requests (aggregate batch) or events (raw batch) stored.
     pub accepted: u64,
-    /// The batch id had been applied before; this copy was not.
+    /// The batch id had been applied before; this copy was not (`accepted` is what the
+    /// first copy stored).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
+    /// Requests not stored because their minute is outside the time window the key
+    /// service accepts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused: u64,
+    /// Requests not stored because their key id is not one of the key service's keys.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unknown: u64,
+    /// Requests without a key id (no key, malformed): counted, not stored per key.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unattributed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 // ---- errors

@@ -4,8 +4,9 @@
 //! It issues, stores, rotates, revokes and verifies keys; stores only `SHA-256(key)`
 //! and a display prefix (`kg_3fA9`); expands roles into effective scopes on verify;
 //! keeps an append-only audit log; pushes invalidations to middlewares over
-//! Server-Sent Events ([`EventHub`]); aggregates usage per key and minute; and raises
-//! anomaly alerts ([`AlertConfig`]).
+//! Server-Sent Events ([`EventHub`]); aggregates usage per key and minute and per key,
+//! route and hour, and prunes it ([`RetentionConfig`]); and raises anomaly alerts
+//! ([`AlertConfig`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -48,8 +49,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 // Module order from the bottom up; each imports only modules before it: text, model,
-// events, store, error, validate, usage, auth, alerts, client, state, api (and this
-// one, which builds and starts the service).
+// events, store, error, validate, usage, report, auth, alerts, retention, client,
+// state, api (and this one, which builds and starts the service).
 mod alerts;
 mod api;
 mod auth;
@@ -57,6 +58,8 @@ mod client;
 mod error;
 mod events;
 mod model;
+mod report;
+mod retention;
 mod state;
 mod store;
 mod text;
@@ -69,12 +72,17 @@ pub use auth::{Admin, Service};
 pub use client::{AdminClient, ClientError, CreatedKey};
 pub use error::{ApiError, ServerError};
 pub use events::EventHub;
-pub use model::{AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageBucket, UsageReport};
+pub use model::{AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageBucket, UsageGroupBy, UsageQuery, UsageReport};
+pub use report::{MAX_USAGE_BUCKETS, MAX_USAGE_ROUTES, MAX_USAGE_ROWS, MAX_USAGE_SPAN};
+pub use retention::RetentionConfig;
 pub use state::{ServerState, ServerStats};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
-pub use store::{SqliteStore, Store, StoreError};
-pub use usage::network_of;
+pub use store::{RetentionReport, SqliteStore, Store, StoreError};
+pub use usage::{
+    AGGREGATE_BODY_LIMIT, MAX_AGGREGATE_NETWORKS, MAX_AGGREGATE_ROWS, MAX_USAGE_AGE, MAX_USAGE_AHEAD,
+    MAX_USAGE_ROUTE_LEN, USAGE_BATCH_ID_RETENTION,
+};
 
 use auth::Tokens;
 
@@ -101,6 +109,7 @@ pub struct KeyServer {
     heartbeat: Duration,
     event_buffer: usize,
     alerts: AlertConfig,
+    retention: RetentionConfig,
 }
 
 impl std::fmt::Debug for KeyServer {
@@ -115,8 +124,9 @@ impl std::fmt::Debug for KeyServer {
 
 impl KeyServer {
     /// Defaults: database `sqlite::memory:`, listen `127.0.0.1:7700`, key prefix `kg`,
-    /// heartbeat 15 s, event buffer 1 024 per subscriber, [`AlertConfig::default`], and
-    /// tokens generated at start when not given (read them from [`RunningKeyServer`]).
+    /// heartbeat 15 s, event buffer 1 024 per subscriber, [`AlertConfig::default`],
+    /// [`RetentionConfig::default`], and tokens generated at start when not given (read
+    /// them from [`RunningKeyServer`]).
     pub fn builder() -> Self {
         Self {
             database: "sqlite::memory:".into(),
@@ -128,6 +138,7 @@ impl KeyServer {
             heartbeat: DEFAULT_HEARTBEAT,
             event_buffer: DEFAULT_EVENT_BUFFER,
             alerts: AlertConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 
@@ -189,6 +200,14 @@ impl KeyServer {
         self
     }
 
+    /// How long usage is kept and how often it is pruned (default
+    /// [`RetentionConfig::default`]: minute rows 7 days, hour rows 90 days, a pass every
+    /// 5 minutes).
+    pub fn retention(mut self, config: RetentionConfig) -> Self {
+        self.retention = config;
+        self
+    }
+
     fn tokens(&mut self) -> Result<(String, String), ServerError> {
         let gen_token = |prefix: &str| {
             crate::key::ApiKey::generate(prefix)
@@ -221,6 +240,7 @@ impl KeyServer {
     pub async fn build(mut self) -> Result<(ServerState, String, String), ServerError> {
         crate::key::validate_prefix(&self.key_prefix)
             .map_err(|e| ServerError::Config(format!("key prefix `{}`: {e}", self.key_prefix)))?;
+        self.retention.validate().map_err(ServerError::Config)?;
         let (service, admin) = self.tokens()?;
         let store = match self.store.take() {
             Some(s) => s,
@@ -242,6 +262,10 @@ impl KeyServer {
                 tracing::warn!("the feed of other replicas' changes is not connected yet; starting anyway");
             }
         }
+        let retention_counters = Arc::new(retention::RetentionCounters::default());
+        let retention_task = self.retention.enabled.then(|| {
+            retention::RetentionTask::spawn(store.clone(), self.retention.clone(), Arc::clone(&retention_counters))
+        });
         let state = ServerState {
             inner: Arc::new(state::StateInner {
                 store,
@@ -251,6 +275,9 @@ impl KeyServer {
                 alerts: self.alerts.clone(),
                 key_prefix: self.key_prefix.clone(),
                 feed,
+                retention: self.retention.clone(),
+                retention_counters,
+                _retention_task: retention_task,
             }),
         };
         Ok((state, service, admin))
