@@ -35,6 +35,46 @@
 //!
 //! **Verdict precedence**: `REVOKED`, then `DISABLED`, then `EXPIRED`.
 //!
+//! # Usage
+//!
+//! `POST /v1/usage` (service token) takes an [`AggregateBatch`](crate::AggregateBatch),
+//! told apart by its `batch_id`, or the older raw [`UsageBatch`](crate::UsageBatch) of
+//! events, which is aggregated here into the same rows. Both are stored per key and
+//! minute, and per key, hour, route, method and outcome, each row with its requests,
+//! allowed and denied, responses by status class and a mergeable
+//! [`LatencyHistogram`](crate::LatencyHistogram); merges are exact under any number of
+//! concurrent batches and replicas. What is checked:
+//!
+//! | check | when it fails |
+//! | --- | --- |
+//! | body at most [`AGGREGATE_BODY_LIMIT`] (16 MiB; raw: [`USAGE_BODY_LIMIT`], 4 MiB) | 413 |
+//! | at most [`MAX_AGGREGATE_ROWS`] rows and [`MAX_AGGREGATE_NETWORKS`] networks (20 000 each; raw: [`MAX_USAGE_EVENTS`] events) | 400 `too_many_rows`, `too_many_networks`, `too_many_events` |
+//! | `batch_id` is 32 lowercase hex digits | 400 `invalid_batch_id` |
+//! | each row: `requests` = `latency.count` = the sum of `status`; `minute` a multiple of 60; `route` 1 to [`MAX_USAGE_ROUTE_LEN`] bytes and `method` 1 to 32, no control characters | 400 `invalid_row`, naming the row |
+//! | each network as [`network_of`](crate::network_of) writes it | 400 `invalid_network` |
+//! | a row's minute in `[now −` [`MAX_USAGE_AGE`] `(24 h), now +` [`MAX_USAGE_AHEAD`] `(5 min)]` | the row is not stored; its requests are answered as `refused` and counted |
+//! | a row's key id is one of this service's keys | not stored; answered as `unknown` and counted |
+//! | a row has a key id | not stored per key; answered as `unattributed` and counted |
+//!
+//! Rows repeated in a batch are merged; counters saturate. The answer is `202`
+//! [`UsageAccepted`](crate::wire::UsageAccepted) with the requests stored. A batch id is
+//! written in the transaction that adds its rows and kept
+//! [`USAGE_BATCH_ID_RETENTION`] (25 h): the same batch again, later or at the same time
+//! through another replica, adds nothing and is answered `"duplicate": true` with the
+//! first copy's count. `last_used_at` moves to the rows' `last_at_ms`; alerts are
+//! evaluated from the rows and networks ([`AlertConfig`]).
+//!
+//! `GET /v1/usage?key_id=|owner=&since=&until=&group_by=minute|hour|day|route` (admin
+//! token; [`AdminClient::usage_report`], CLI `keygate-server usage`) answers a
+//! [`UsageReport`]: one key, or the sum over an owner's keys; `since` and `until` in RFC
+//! 3339 (default: the 24 hours before now), widened to whole buckets; buckets with
+//! requests, allowed, denied, status classes, latency sum, p50 / p90 / p99 and max. `hour`
+//! and `day` read the rolled-up hour rows and the minute rows not rolled up yet; `route`
+//! reads the per-route hour rows. Bounds: at most [`MAX_USAGE_BUCKETS`] buckets (10 080),
+//! [`MAX_USAGE_SPAN`] (400 days), [`MAX_USAGE_ROWS`] stored rows read (1 000 000) and
+//! [`MAX_USAGE_ROUTES`] route groups (10 000); beyond, 400. The server prunes usage
+//! itself: see [`RetentionConfig`] (also for the storage cost per key and day).
+//!
 //! **Replicas.** With feature `postgres`, several key-service processes share one
 //! PostgreSQL database ([`PostgresStore`], chosen by a `postgres://` URL): each
 //! change is sent to the others with `NOTIFY` in its transaction, and each replica's
