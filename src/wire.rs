@@ -64,15 +64,18 @@
 //!   sparse form `{"count", "sum_us", "max_us", "buckets": [[index, count]...]}` (the
 //!   bucket layout is fixed and documented on the type). The key service applies a
 //!   `batch_id` at most once: a batch sent again answers `{"accepted": n,
-//!   "duplicate": true}` and adds nothing. `accepted` counts requests.
+//!   "duplicate": true}` and adds nothing. `accepted` counts requests; requests not
+//!   stored are counted in the answer by reason.
 //! - **Raw events** ([`UsageBatch`](crate::UsageBatch)), what keygate before aggregation
 //!   sent and what a custom exporter may still send: `{"events": [UsageEvent...],
 //!   "dropped": n}`. There is no batch id, so a retried raw batch can count twice.
 //!   `accepted` counts events.
 //!
-//! The reference key service's limits (batch size, body size, accepted clock skew, how
-//! long batch ids are remembered) are documented on `keygate::server` (feature `server`).
-
+//! The reference key service takes at most 20 000 rows, 20 000 networks and 16 MiB per
+//! aggregate batch, and 10 000 events and 4 MiB per raw batch; the rest of what it checks
+//! (clock skew, key ids, how long batch ids are remembered) is documented on
+//! `keygate::server` (feature `server`).
+//!
 //! # Errors
 //!
 //! Every refusal of a request (400, 401, 404, 409, 413, 503, 500) carries
@@ -392,9 +395,24 @@ pub struct Alert {
 pub struct UsageAccepted {
     /// Requests (aggregate batch) or events (raw batch) stored.
     pub accepted: u64,
-    /// The batch id had been applied before; this copy was not.
+    /// The batch id had been applied before; this copy was not (`accepted` is what the
+    /// first copy stored).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub duplicate: bool,
+    /// Requests not stored because their minute is outside the time window the key
+    /// service accepts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub refused: u64,
+    /// Requests not stored because their key id is not one of the key service's keys.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unknown: u64,
+    /// Requests without a key id (no key, malformed): counted, not stored per key.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unattributed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 // ---- errors

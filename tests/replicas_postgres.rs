@@ -81,8 +81,9 @@ async fn replicas_starting_together_migrate_once_and_the_audit_is_append_only() 
     let stores = futures_util::future::join_all((0..6).map(|_| PostgresStore::open(&url))).await;
     let stores: Vec<PostgresStore> = stores.into_iter().map(|s| s.expect("every replica starts")).collect();
     let pool = stores[0].pool();
-    let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations").fetch_all(pool).await.unwrap();
-    assert_eq!(versions, [1], "migration 1 applied once");
+    let versions: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version").fetch_all(pool).await.unwrap();
+    assert_eq!(versions, [1, 2], "each migration applied once");
     assert_eq!(stores[0].schema(), pg_schema(&db).name);
     assert_eq!(stores[0].channel(), format!("keygate_events_{}", pg_schema(&db).name));
 

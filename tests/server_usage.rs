@@ -73,7 +73,7 @@ async fn concurrent_batches_add_up_exactly() {
     assert_eq!(accepted.iter().sum::<u64>(), 2000);
 
     let report = t.admin.usage(&k.key_id, None).await.unwrap();
-    assert_eq!(report.key_id, k.key_id);
+    assert_eq!(report.key_id.as_deref(), Some(k.key_id.as_str()));
     assert_eq!(report.buckets.len(), 2);
     assert_eq!(report.buckets[0].start, prev_minute);
     assert_eq!(report.buckets[1].start, this_minute);

@@ -8,7 +8,8 @@
 //! keygate-server keys rotate key_... --grace 3600
 //! keygate-server keys revoke key_...
 //! keygate-server roles put analyst --scope reports:read --scope dashboards:read
-//! keygate-server audit | usage key_... | alerts
+//! keygate-server usage --key-id key_... | --owner acme [--group-by minute|hour|day|route] [--since T] [--until T]
+//! keygate-server audit | alerts
 //! ```
 //!
 //! Tokens come from `--service-token` / `--admin-token` or `KEYGATE_SERVICE_TOKEN` /
@@ -17,12 +18,21 @@
 //! `RUST_LOG` (`EnvFilter` directives such as `keygate=debug,sqlx=warn`; default `info`).
 //! Admin commands talk to `--url` (`KEYGATE_URL`, default `http://127.0.0.1:7700`) and
 //! print for people, or JSON with `--json`.
+//!
+//! Usage retention (`serve`): minute rows are rolled up into hour rows after
+//! `--usage-minutes-hours` (default 168, 7 days), hour rows deleted after
+//! `--usage-hours-days` (default 90), a pass every `--usage-retention-interval-s`
+//! (default 300); `--no-usage-retention` turns the passes off.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use keygate::server::{AdminClient, ClientError, CreatedKey, KeyInfo, KeyServer, NewKey};
+use keygate::server::{
+    AdminClient, ClientError, CreatedKey, KeyInfo, KeyServer, NewKey, RetentionConfig, UsageGroupBy, UsageQuery,
+    UsageReport,
+};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -51,15 +61,29 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
     },
-    /// Show a key's per-minute usage (default: the last 24 hours).
+    /// Show a key's usage, or the sum over an owner's keys (default: the last 24 hours,
+    /// per minute).
     Usage {
         #[command(flatten)]
         conn: Conn,
+        /// The key id (same as --key-id).
+        #[arg(value_name = "KEY_ID", conflicts_with_all = ["key_id", "owner"])]
+        key: Option<String>,
         /// The key id.
-        key_id: String,
-        /// RFC 3339 time.
+        #[arg(long, conflicts_with = "owner")]
+        key_id: Option<String>,
+        /// Sum every key of this owner instead.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Buckets: a minute, an hour, a day, or one per route, method and outcome.
+        #[arg(long, value_enum, default_value_t = GroupBy::Minute)]
+        group_by: GroupBy,
+        /// From (RFC 3339; default 24 hours before --until).
         #[arg(long)]
         since: Option<String>,
+        /// Until, exclusive (RFC 3339; default now).
+        #[arg(long)]
+        until: Option<String>,
     },
     /// Show usage alerts.
     Alerts {
@@ -88,6 +112,37 @@ struct Serve {
     /// Log format on stderr: `text`, or `json` (one object a line).
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Roll minute usage rows up into hour rows after this many hours.
+    #[arg(long, env = "KEYGATE_USAGE_MINUTES_HOURS", default_value_t = 7 * 24)]
+    usage_minutes_hours: u64,
+    /// Delete hour usage rows after this many days.
+    #[arg(long, env = "KEYGATE_USAGE_HOURS_DAYS", default_value_t = 90)]
+    usage_hours_days: u64,
+    /// Seconds between usage retention passes.
+    #[arg(long, env = "KEYGATE_USAGE_RETENTION_INTERVAL_S", default_value_t = 300)]
+    usage_retention_interval_s: u64,
+    /// Do not prune usage (another replica, or an external job, does).
+    #[arg(long, env = "KEYGATE_USAGE_RETENTION_OFF")]
+    no_usage_retention: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum GroupBy {
+    Minute,
+    Hour,
+    Day,
+    Route,
+}
+
+impl From<GroupBy> for UsageGroupBy {
+    fn from(g: GroupBy) -> Self {
+        match g {
+            GroupBy::Minute => Self::Minute,
+            GroupBy::Hour => Self::Hour,
+            GroupBy::Day => Self::Day,
+            GroupBy::Route => Self::Route,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -268,27 +323,16 @@ async fn run(command: Command) -> Result<(), CliError> {
             });
             Ok(())
         }
-        Command::Usage { conn, key_id, since } => {
-            let since = since.as_deref().map(parse_time).transpose()?;
-            let report = client(&conn)?.usage(&key_id, since).await?;
-            print(&conn, &report, || {
-                let mut out = String::from("minute\trequests\tallowed\tdenied\t2xx\t4xx\t5xx\tavg_ms\tmax_ms\n");
-                for b in &report.buckets {
-                    let avg = if b.requests > 0 { b.latency_ms_sum / b.requests as f64 } else { 0.0 };
-                    out.push_str(&format!(
-                        "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{avg:.2}\t{:.2}\n",
-                        fmt_time(Some(b.start)),
-                        b.requests,
-                        b.allowed,
-                        b.denied,
-                        b.status_2xx,
-                        b.status_4xx,
-                        b.status_5xx,
-                        b.latency_ms_max
-                    ));
-                }
-                out
-            });
+        Command::Usage { conn, key, key_id, owner, group_by, since, until } => {
+            let mut query = match (key.or(key_id), owner) {
+                (Some(k), None) => UsageQuery::key(k),
+                (None, Some(o)) => UsageQuery::owner(o),
+                _ => return Err(CliError::Usage("give a key id (--key-id) or --owner".into())),
+            };
+            query.since = since.as_deref().map(parse_time).transpose()?;
+            query.until = until.as_deref().map(parse_time).transpose()?;
+            let report = client(&conn)?.usage_report(&query.group_by(group_by.into())).await?;
+            print(&conn, &report, || usage_table(&report));
             Ok(())
         }
         Command::Alerts { conn } => {
@@ -305,7 +349,15 @@ async fn run(command: Command) -> Result<(), CliError> {
 }
 
 async fn serve(s: Serve) -> Result<(), CliError> {
-    let mut builder = KeyServer::builder().database(&s.db).listen(s.listen).key_prefix(&s.key_prefix);
+    let retention = RetentionConfig {
+        enabled: !s.no_usage_retention,
+        interval: Duration::from_secs(s.usage_retention_interval_s),
+        minutes: Duration::from_secs(s.usage_minutes_hours.saturating_mul(3600)),
+        hours: Duration::from_secs(s.usage_hours_days.saturating_mul(86_400)),
+        ..RetentionConfig::default()
+    };
+    let mut builder =
+        KeyServer::builder().database(&s.db).listen(s.listen).key_prefix(&s.key_prefix).retention(retention);
     if let Some(t) = &s.service_token {
         builder = builder.service_token(t);
     }
@@ -393,6 +445,51 @@ async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// A usage report as a table: one line per bucket, then the total.
+fn usage_table(report: &UsageReport) -> String {
+    let whose = match (&report.key_id, &report.owner) {
+        (Some(k), _) => format!("key {k}"),
+        (None, Some(o)) => format!("owner {o} (all keys)"),
+        (None, None) => "usage".into(),
+    };
+    let mut out = format!(
+        "{whose}, per {}, {} to {}\n",
+        report.group_by.as_str(),
+        fmt_time(report.since),
+        fmt_time(report.until)
+    );
+    let first = if report.group_by == UsageGroupBy::Route { "route\tmethod\toutcome" } else { "start" };
+    out.push_str(&format!(
+        "{first}\trequests\tallowed\tdenied\t1xx\t2xx\t3xx\t4xx\t5xx\tp50_ms\tp90_ms\tp99_ms\tmax_ms\n"
+    ));
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+    let mut total = [0u64; 8];
+    for b in &report.buckets {
+        let first = match (&b.route, &b.method, &b.outcome) {
+            (Some(r), Some(m), Some(o)) => format!("{r}\t{m}\t{o}"),
+            _ => fmt_time(Some(b.start)),
+        };
+        let counts =
+            [b.requests, b.allowed, b.denied, b.status_1xx, b.status_2xx, b.status_3xx, b.status_4xx, b.status_5xx];
+        for (t, c) in total.iter_mut().zip(counts) {
+            *t = t.saturating_add(c);
+        }
+        let counts: Vec<String> = counts.iter().map(u64::to_string).collect();
+        out.push_str(&format!(
+            "{first}\t{}\t{}\t{}\t{}\t{:.2}\n",
+            counts.join("\t"),
+            ms(b.latency_ms_p50),
+            ms(b.latency_ms_p90),
+            ms(b.latency_ms_p99),
+            b.latency_ms_max
+        ));
+    }
+    let pad = if report.group_by == UsageGroupBy::Route { "total\t\t" } else { "total" };
+    let total: Vec<String> = total.iter().map(u64::to_string).collect();
+    out.push_str(&format!("{pad}\t{}\n", total.join("\t")));
+    out
 }
 
 fn client(conn: &Conn) -> Result<AdminClient, CliError> {

@@ -20,30 +20,31 @@ use super::auth::{Admin, Service};
 use super::error::ApiError;
 use super::events::looks_like_key_id;
 use super::model::{
-    DEFAULT_ENVIRONMENT, KeyInfo, KeyPatch, MAX_GRACE_S, NewKey, RoleRequest, RotateRequest, UsageReport,
+    DEFAULT_ENVIRONMENT, KeyInfo, KeyPatch, MAX_GRACE_S, NewKey, RoleRequest, RotateRequest, UsageGroupBy, UsageReport,
 };
-use super::state::ServerState;
-use super::store::{NewKeyRecord, NewSecret, now_ms};
+use super::report::{Whose, usage_report};
+use super::state::{ServerState, Stats};
+use super::store::{Applied, BatchMark, NewKeyRecord, NewSecret, now_ms, to_ms};
 use super::text::{rfc3339, shown};
+use super::usage::{self, AGGREGATE_BODY_LIMIT, BatchForm};
 use super::validate::{
     validate_environment, validate_expiry, validate_meta, validate_ratelimit, validate_role_name, validate_roles,
     validate_scopes, validate_text,
 };
 use crate::key::{ApiKey, KeyDigest};
-use crate::usage::UsageBatch;
+use crate::usage::{AggregateBatch, UsageBatch};
 use crate::verify::Reason;
 use crate::wire::{Refusal, UsageAccepted, ValidKey, VerifyAnswer, VerifyRequest};
 
 /// Largest admin or verify request body: 64 KiB.
 pub const BODY_LIMIT: usize = 64 * 1024;
-/// Largest `POST /v1/usage` body: 4 MiB.
+/// Largest `POST /v1/usage` body carrying raw events: 4 MiB (aggregate batches:
+/// [`AGGREGATE_BODY_LIMIT`](super::AGGREGATE_BODY_LIMIT)).
 pub const USAGE_BODY_LIMIT: usize = 4 * 1024 * 1024;
-/// Most events in one `POST /v1/usage` batch.
+/// Most events in one raw `POST /v1/usage` batch.
 pub const MAX_USAGE_EVENTS: usize = 10_000;
 /// Most records one `GET /v1/audit`, `/v1/alerts` or `/v1/keys` answer holds.
 pub const MAX_RECORDS: u32 = 1000;
-/// Most minutes one `GET /v1/usage` answer holds: 7 days.
-pub const MAX_USAGE_MINUTES: u32 = 7 * 24 * 60;
 /// Longer keys cannot be ours: answered `NOT_FOUND` without a lookup.
 const MAX_VERIFY_KEY_LEN: usize = 1024;
 
@@ -84,23 +85,27 @@ impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S> for
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
-        let declared = req
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > LIMIT as u64) {
-            return Err(ApiError::TooLarge(LIMIT));
-        }
-        let bytes = axum::body::to_bytes(req.into_body(), LIMIT).await.map_err(|e| {
-            if is_length_limit(&e) {
-                ApiError::TooLarge(LIMIT)
-            } else {
-                ApiError::invalid("invalid_request", "the request body could not be read")
-            }
-        })?;
-        parse_json(&bytes).map(JsonBody)
+        parse_json(&read_body(req, LIMIT).await?).map(JsonBody)
     }
+}
+
+/// The body, refused with 413 beyond `limit` bytes (declared or sent).
+async fn read_body(req: Request, limit: usize) -> Result<bytes::Bytes, ApiError> {
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge(limit));
+    }
+    axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+        if is_length_limit(&e) {
+            ApiError::TooLarge(limit)
+        } else {
+            ApiError::invalid("invalid_request", "the request body could not be read")
+        }
+    })
 }
 
 fn is_length_limit(e: &axum::Error) -> bool {
@@ -442,53 +447,110 @@ async fn alerts(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct UsageQuery {
+struct UsageParams {
     key_id: Option<String>,
+    owner: Option<String>,
     since: Option<String>,
+    until: Option<String>,
+    group_by: Option<UsageGroupBy>,
 }
 
 async fn read_usage(
     State(state): State<ServerState>,
     _: Admin,
-    q: Result<Query<UsageQuery>, QueryRejection>,
+    q: Result<Query<UsageParams>, QueryRejection>,
 ) -> Result<Json<UsageReport>, ApiError> {
     let q = query(q)?;
-    let key_id = q.key_id.ok_or_else(|| ApiError::invalid("invalid_query", "`key_id` is required"))?;
-    let since = match q.since {
-        Some(s) => parse_time("since", &s)?,
-        None => OffsetDateTime::now_utc() - time::Duration::hours(24),
+    let whose = match (q.key_id, q.owner) {
+        (Some(key_id), None) => Whose::Key(key_id),
+        (None, Some(owner)) => Whose::Owner(owner),
+        _ => return Err(ApiError::invalid("invalid_query", "give exactly one of `key_id` or `owner`")),
     };
-    let buckets = state.inner.store.usage(&key_id, since, MAX_USAGE_MINUTES).await?;
-    Ok(Json(UsageReport { key_id, buckets }))
+    let since = q.since.map(|s| parse_time("since", &s)).transpose()?;
+    let until = q.until.map(|s| parse_time("until", &s)).transpose()?;
+    let report = usage_report(&state.inner.store, whose, since, until, q.group_by.unwrap_or_default()).await?;
+    Ok(Json(report))
 }
 
-async fn ingest_usage(
-    State(state): State<ServerState>,
-    _: Service,
-    JsonBody(batch): JsonBody<UsageBatch, USAGE_BODY_LIMIT>,
-) -> Result<Response, ApiError> {
-    if batch.events.len() > MAX_USAGE_EVENTS {
-        return Err(ApiError::invalid(
-            "too_many_events",
-            format!("a batch holds at most {MAX_USAGE_EVENTS} events, got {}", batch.events.len()),
-        ));
-    }
+/// `POST /v1/usage`: an aggregate batch (it has a `batch_id`, up to 16 MiB) or a raw
+/// batch of events (up to 4 MiB).
+async fn ingest_usage(State(state): State<ServerState>, _: Service, req: Request) -> Result<Response, ApiError> {
+    let bytes = read_body(req, AGGREGATE_BODY_LIMIT).await?;
+    let now = OffsetDateTime::now_utc();
     let stats = &state.inner.stats;
-    if batch.dropped > 0 {
-        tracing::warn!(dropped = batch.dropped, "a middleware reports dropped usage events");
-        stats.usage_dropped_reported.fetch_add(batch.dropped, Ordering::Relaxed);
+    let (batch_id, rows, networks, reported) = match usage::form_of(&bytes)? {
+        BatchForm::Aggregate => {
+            let batch: AggregateBatch = parse_json(&bytes)?;
+            usage::check_aggregate(&batch)?;
+            let reported = [batch.dropped, batch.overflowed, batch.networks_dropped];
+            (Some(batch.batch_id), batch.rows, batch.networks, reported)
+        }
+        BatchForm::Raw => {
+            if bytes.len() > USAGE_BODY_LIMIT {
+                return Err(ApiError::TooLarge(USAGE_BODY_LIMIT));
+            }
+            let batch: UsageBatch = parse_json(&bytes)?;
+            if batch.events.len() > MAX_USAGE_EVENTS {
+                return Err(ApiError::invalid(
+                    "too_many_events",
+                    format!("a batch holds at most {MAX_USAGE_EVENTS} events, got {}", batch.events.len()),
+                ));
+            }
+            let (rows, networks) = usage::rows_of_events(&batch.events)?;
+            Stats::add(&stats.usage_events, batch.events.len() as u64);
+            (None, rows, networks, [batch.dropped, 0, 0])
+        }
+    };
+    drop(bytes);
+    let known = state.inner.store.known_keys(&usage::key_ids(&rows, &networks)).await?;
+    let folded = usage::fold(&rows, &networks, &known, now);
+    let accepted = folded.delta.requests();
+    let mark = batch_id.as_deref().map(|batch_id| BatchMark { batch_id, applied_at: to_ms(now), accepted });
+    if let Applied::Before { accepted } = state.inner.store.record_usage(mark, &folded.delta).await? {
+        tracing::debug!(batch_id = batch_id.as_deref().unwrap_or_default(), "usage batch applied before; ignored");
+        Stats::add(&stats.usage_duplicates, 1);
+        let answer = UsageAccepted { accepted, duplicate: true, refused: 0, unknown: 0, unattributed: 0 };
+        return Ok((StatusCode::ACCEPTED, Json(answer)).into_response());
     }
-    let folded = super::usage::fold(&batch.events);
-    state.inner.store.record_usage(&folded.rows, &folded.last_used).await?;
-    stats.usage_batches.fetch_add(1, Ordering::Relaxed);
-    stats.usage_events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
-    stats.usage_unattributed.fetch_add(folded.unattributed, Ordering::Relaxed);
+    let [dropped, overflowed, networks_dropped] = reported;
+    if dropped > 0 {
+        tracing::warn!(dropped, "a middleware reports usage it could not deliver");
+    }
+    if folded.refused > 0 {
+        tracing::warn!(
+            rows = folded.refused_rows,
+            requests = folded.refused,
+            "usage rows outside the accepted time window refused (a middleware's clock is off?)"
+        );
+    }
+    if folded.unknown > 0 {
+        tracing::debug!(requests = folded.unknown, "usage of key ids that are not this service's keys");
+    }
+    Stats::add(&stats.usage_batches, 1);
+    if batch_id.is_some() {
+        Stats::add(&stats.usage_rows, rows.len() as u64);
+    }
+    Stats::add(&stats.usage_requests, accepted);
+    Stats::add(&stats.usage_rows_refused, folded.refused_rows);
+    Stats::add(&stats.usage_requests_refused, folded.refused);
+    Stats::add(&stats.usage_unknown, folded.unknown);
+    Stats::add(&stats.usage_unattributed, folded.unattributed);
+    Stats::add(&stats.usage_dropped_reported, dropped);
+    Stats::add(&stats.usage_overflowed_reported, overflowed);
+    Stats::add(&stats.usage_networks_dropped_reported, networks_dropped);
     // The batch is stored: an alert evaluation failure must not make the middleware resend it.
     let inner = &state.inner;
     if let Err(e) = inner.alerts.evaluate(&inner.store, &folded, &inner.stats.alerts_raised).await {
         tracing::error!(error = %e, "alert evaluation failed");
     }
-    Ok((StatusCode::ACCEPTED, Json(UsageAccepted { accepted: batch.events.len() as u64, duplicate: false })).into_response())
+    let answer = UsageAccepted {
+        accepted,
+        duplicate: false,
+        refused: folded.refused,
+        unknown: folded.unknown,
+        unattributed: folded.unattributed,
+    };
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
 // ---- events

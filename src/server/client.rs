@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
-use super::model::{Alert, AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageReport};
+use super::model::{Alert, AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageQuery, UsageReport};
 use crate::key::ApiKey;
 
 /// What an admin call can fail with.
@@ -209,13 +209,34 @@ impl AdminClient {
         Ok(self.send::<Records>(req).await?.records)
     }
 
-    /// `GET /v1/usage?key_id=&since=`: per-minute usage (default: the last 24 hours).
+    /// `GET /v1/usage?key_id=&since=`: a key's usage per minute, from `since` (default:
+    /// the last 24 hours). [`usage_report`](Self::usage_report) asks anything else.
     pub async fn usage(&self, key_id: &str, since: Option<OffsetDateTime>) -> Result<UsageReport, ClientError> {
-        let mut req = self.request(Method::GET, "/v1/usage").query(&[("key_id", key_id)]);
-        if let Some(since) = since {
-            req = req.query(&[("since", rfc3339(since)?)]);
+        let mut query = UsageQuery::key(key_id);
+        query.since = since;
+        self.usage_report(&query).await
+    }
+
+    /// `GET /v1/usage?key_id=|owner=&since=&until=&group_by=`: a key's usage, or the sum
+    /// over an owner's keys, per minute, hour, day or route.
+    pub async fn usage_report(&self, query: &UsageQuery) -> Result<UsageReport, ClientError> {
+        let mut params: Vec<(&str, String)> = Vec::new();
+        if let Some(k) = &query.key_id {
+            params.push(("key_id", k.clone()));
         }
-        self.send(req).await
+        if let Some(o) = &query.owner {
+            params.push(("owner", o.clone()));
+        }
+        if let Some(t) = query.since {
+            params.push(("since", rfc3339(t)?));
+        }
+        if let Some(t) = query.until {
+            params.push(("until", rfc3339(t)?));
+        }
+        if let Some(g) = query.group_by {
+            params.push(("group_by", g.as_str().to_owned()));
+        }
+        self.send(self.request(Method::GET, "/v1/usage").query(&params)).await
     }
 
     /// `GET /v1/alerts`: the newest 1 000 alerts.

@@ -4,8 +4,9 @@
 //! It issues, stores, rotates, revokes and verifies keys; stores only `SHA-256(key)`
 //! and a display prefix (`kg_3fA9`); expands roles into effective scopes on verify;
 //! keeps an append-only audit log; pushes invalidations to middlewares over
-//! Server-Sent Events ([`EventHub`]); aggregates usage per key and minute; and raises
-//! anomaly alerts ([`AlertConfig`]).
+//! Server-Sent Events ([`EventHub`]); aggregates usage per key and minute and per key,
+//! route and hour, and prunes it ([`RetentionConfig`]); and raises anomaly alerts
+//! ([`AlertConfig`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,6 +35,46 @@
 //!
 //! **Verdict precedence**: `REVOKED`, then `DISABLED`, then `EXPIRED`.
 //!
+//! # Usage
+//!
+//! `POST /v1/usage` (service token) takes an [`AggregateBatch`](crate::AggregateBatch),
+//! told apart by its `batch_id`, or the older raw [`UsageBatch`](crate::UsageBatch) of
+//! events, which is aggregated here into the same rows. Both are stored per key and
+//! minute, and per key, hour, route, method and outcome, each row with its requests,
+//! allowed and denied, responses by status class and a mergeable
+//! [`LatencyHistogram`](crate::LatencyHistogram); merges are exact under any number of
+//! concurrent batches and replicas. What is checked:
+//!
+//! | check | when it fails |
+//! | --- | --- |
+//! | body at most [`AGGREGATE_BODY_LIMIT`] (16 MiB; raw: [`USAGE_BODY_LIMIT`], 4 MiB) | 413 |
+//! | at most [`MAX_AGGREGATE_ROWS`] rows and [`MAX_AGGREGATE_NETWORKS`] networks (20 000 each; raw: [`MAX_USAGE_EVENTS`] events) | 400 `too_many_rows`, `too_many_networks`, `too_many_events` |
+//! | `batch_id` is 32 lowercase hex digits | 400 `invalid_batch_id` |
+//! | each row: `requests` = `latency.count` = the sum of `status`; `minute` a multiple of 60; `route` 1 to [`MAX_USAGE_ROUTE_LEN`] bytes and `method` 1 to 32, no control characters | 400 `invalid_row`, naming the row |
+//! | each network as [`network_of`](crate::network_of) writes it | 400 `invalid_network` |
+//! | a row's minute in `[now −` [`MAX_USAGE_AGE`] `(24 h), now +` [`MAX_USAGE_AHEAD`] `(5 min)]` | the row is not stored; its requests are answered as `refused` and counted |
+//! | a row's key id is one of this service's keys | not stored; answered as `unknown` and counted |
+//! | a row has a key id | not stored per key; answered as `unattributed` and counted |
+//!
+//! Rows repeated in a batch are merged; counters saturate. The answer is `202`
+//! [`UsageAccepted`](crate::wire::UsageAccepted) with the requests stored. A batch id is
+//! written in the transaction that adds its rows and kept
+//! [`USAGE_BATCH_ID_RETENTION`] (25 h): the same batch again, later or at the same time
+//! through another replica, adds nothing and is answered `"duplicate": true` with the
+//! first copy's count. `last_used_at` moves to the rows' `last_at_ms`; alerts are
+//! evaluated from the rows and networks ([`AlertConfig`]).
+//!
+//! `GET /v1/usage?key_id=|owner=&since=&until=&group_by=minute|hour|day|route` (admin
+//! token; [`AdminClient::usage_report`], CLI `keygate-server usage`) answers a
+//! [`UsageReport`]: one key, or the sum over an owner's keys; `since` and `until` in RFC
+//! 3339 (default: the 24 hours before now), widened to whole buckets; buckets with
+//! requests, allowed, denied, status classes, latency sum, p50 / p90 / p99 and max. `hour`
+//! and `day` read the rolled-up hour rows and the minute rows not rolled up yet; `route`
+//! reads the per-route hour rows. Bounds: at most [`MAX_USAGE_BUCKETS`] buckets (10 080),
+//! [`MAX_USAGE_SPAN`] (400 days), [`MAX_USAGE_ROWS`] stored rows read (1 000 000) and
+//! [`MAX_USAGE_ROUTES`] route groups (10 000); beyond, 400. The server prunes usage
+//! itself: see [`RetentionConfig`] (also for the storage cost per key and day).
+//!
 //! **Replicas.** With feature `postgres`, several key-service processes share one
 //! PostgreSQL database ([`PostgresStore`], chosen by a `postgres://` URL): each
 //! change is sent to the others with `NOTIFY` in its transaction, and each replica's
@@ -48,8 +89,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 // Module order from the bottom up; each imports only modules before it: text, model,
-// events, store, error, validate, usage, auth, alerts, client, state, api (and this
-// one, which builds and starts the service).
+// events, store, error, validate, usage, report, auth, alerts, retention, client,
+// state, api (and this one, which builds and starts the service).
 mod alerts;
 mod api;
 mod auth;
@@ -57,6 +98,8 @@ mod client;
 mod error;
 mod events;
 mod model;
+mod report;
+mod retention;
 mod state;
 mod store;
 mod text;
@@ -69,12 +112,17 @@ pub use auth::{Admin, Service};
 pub use client::{AdminClient, ClientError, CreatedKey};
 pub use error::{ApiError, ServerError};
 pub use events::EventHub;
-pub use model::{AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageBucket, UsageReport};
+pub use model::{AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageBucket, UsageGroupBy, UsageQuery, UsageReport};
+pub use report::{MAX_USAGE_BUCKETS, MAX_USAGE_ROUTES, MAX_USAGE_ROWS, MAX_USAGE_SPAN};
+pub use retention::RetentionConfig;
 pub use state::{ServerState, ServerStats};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
-pub use store::{SqliteStore, Store, StoreError};
-pub use usage::network_of;
+pub use store::{RetentionReport, SqliteStore, Store, StoreError};
+pub use usage::{
+    AGGREGATE_BODY_LIMIT, MAX_AGGREGATE_NETWORKS, MAX_AGGREGATE_ROWS, MAX_USAGE_AGE, MAX_USAGE_AHEAD,
+    MAX_USAGE_ROUTE_LEN, USAGE_BATCH_ID_RETENTION,
+};
 
 use auth::Tokens;
 
@@ -101,6 +149,7 @@ pub struct KeyServer {
     heartbeat: Duration,
     event_buffer: usize,
     alerts: AlertConfig,
+    retention: RetentionConfig,
 }
 
 impl std::fmt::Debug for KeyServer {
@@ -115,8 +164,9 @@ impl std::fmt::Debug for KeyServer {
 
 impl KeyServer {
     /// Defaults: database `sqlite::memory:`, listen `127.0.0.1:7700`, key prefix `kg`,
-    /// heartbeat 15 s, event buffer 1 024 per subscriber, [`AlertConfig::default`], and
-    /// tokens generated at start when not given (read them from [`RunningKeyServer`]).
+    /// heartbeat 15 s, event buffer 1 024 per subscriber, [`AlertConfig::default`],
+    /// [`RetentionConfig::default`], and tokens generated at start when not given (read
+    /// them from [`RunningKeyServer`]).
     pub fn builder() -> Self {
         Self {
             database: "sqlite::memory:".into(),
@@ -128,6 +178,7 @@ impl KeyServer {
             heartbeat: DEFAULT_HEARTBEAT,
             event_buffer: DEFAULT_EVENT_BUFFER,
             alerts: AlertConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 
@@ -189,6 +240,14 @@ impl KeyServer {
         self
     }
 
+    /// How long usage is kept and how often it is pruned (default
+    /// [`RetentionConfig::default`]: minute rows 7 days, hour rows 90 days, a pass every
+    /// 5 minutes).
+    pub fn retention(mut self, config: RetentionConfig) -> Self {
+        self.retention = config;
+        self
+    }
+
     fn tokens(&mut self) -> Result<(String, String), ServerError> {
         let gen_token = |prefix: &str| {
             crate::key::ApiKey::generate(prefix)
@@ -221,6 +280,7 @@ impl KeyServer {
     pub async fn build(mut self) -> Result<(ServerState, String, String), ServerError> {
         crate::key::validate_prefix(&self.key_prefix)
             .map_err(|e| ServerError::Config(format!("key prefix `{}`: {e}", self.key_prefix)))?;
+        self.retention.validate().map_err(ServerError::Config)?;
         let (service, admin) = self.tokens()?;
         let store = match self.store.take() {
             Some(s) => s,
@@ -242,6 +302,10 @@ impl KeyServer {
                 tracing::warn!("the feed of other replicas' changes is not connected yet; starting anyway");
             }
         }
+        let retention_counters = Arc::new(retention::RetentionCounters::default());
+        let retention_task = self.retention.enabled.then(|| {
+            retention::RetentionTask::spawn(store.clone(), self.retention.clone(), Arc::clone(&retention_counters))
+        });
         let state = ServerState {
             inner: Arc::new(state::StateInner {
                 store,
@@ -251,6 +315,9 @@ impl KeyServer {
                 alerts: self.alerts.clone(),
                 key_prefix: self.key_prefix.clone(),
                 feed,
+                retention: self.retention.clone(),
+                retention_counters,
+                _retention_task: retention_task,
             }),
         };
         Ok((state, service, admin))

@@ -174,37 +174,193 @@ pub struct AuditRecord {
     pub changes: serde_json::Value,
 }
 
-/// One minute of one key's usage.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// How `GET /v1/usage` groups what it counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageGroupBy {
+    /// One bucket per minute with traffic (minute rows; the default). Minutes that
+    /// retention rolled up into hours are no longer there.
+    #[default]
+    Minute,
+    /// One bucket per hour: rolled-up hour rows plus the minute rows not rolled up yet.
+    Hour,
+    /// One bucket per UTC day, from the same rows as `hour`.
+    Day,
+    /// One bucket per (route, method, outcome) over the whole span, from the
+    /// per-route hour rows.
+    Route,
+}
+
+impl UsageGroupBy {
+    /// `minute`, `hour`, `day` or `route`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Minute => "minute",
+            Self::Hour => "hour",
+            Self::Day => "day",
+            Self::Route => "route",
+        }
+    }
+}
+
+/// One bucket of usage: a minute, hour or day, or (grouped by route) one route, method
+/// and outcome over the span asked for.
+///
+/// Fields added after the first version (`route`, `method`, `outcome`, `status_1xx`,
+/// `status_3xx`, the percentiles) read as absent from older key services, and older
+/// readers ignore them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageBucket {
-    /// The minute's start.
+    /// The bucket's start (grouped by route: the start of the span).
     #[serde(with = "time::serde::rfc3339")]
     pub start: OffsetDateTime,
+    /// Route template, gRPC method or raw path (grouped by route only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// HTTP method (grouped by route only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// `allowed`, or the denial (`not_found`, `insufficient_scope`, ...; grouped by
+    /// route only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
     /// Requests seen.
     pub requests: u64,
     /// Requests let through.
     pub allowed: u64,
     /// Requests refused.
     pub denied: u64,
+    /// Responses 100–199 (and any status outside 100–599).
+    #[serde(default)]
+    pub status_1xx: u64,
     /// Responses 200–299.
     pub status_2xx: u64,
+    /// Responses 300–399.
+    #[serde(default)]
+    pub status_3xx: u64,
     /// Responses 400–499.
     pub status_4xx: u64,
     /// Responses 500–599.
     pub status_5xx: u64,
     /// Sum of latencies, milliseconds.
     pub latency_ms_sum: f64,
-    /// Largest latency, milliseconds.
+    /// Largest latency, milliseconds (exact).
     pub latency_ms_max: f64,
+    /// Median latency, milliseconds, within [`LATENCY_RELATIVE_ERROR`](crate::LATENCY_RELATIVE_ERROR);
+    /// `null` without latencies (only usage stored before histograms has none).
+    #[serde(default)]
+    pub latency_ms_p50: Option<f64>,
+    /// 90th percentile latency, milliseconds, within the same error.
+    #[serde(default)]
+    pub latency_ms_p90: Option<f64>,
+    /// 99th percentile latency, milliseconds, within the same error.
+    #[serde(default)]
+    pub latency_ms_p99: Option<f64>,
 }
 
-/// `GET /v1/usage` answer.
+impl Default for UsageBucket {
+    /// An empty bucket starting at the Unix epoch.
+    fn default() -> Self {
+        Self {
+            start: OffsetDateTime::UNIX_EPOCH,
+            route: None,
+            method: None,
+            outcome: None,
+            requests: 0,
+            allowed: 0,
+            denied: 0,
+            status_1xx: 0,
+            status_2xx: 0,
+            status_3xx: 0,
+            status_4xx: 0,
+            status_5xx: 0,
+            latency_ms_sum: 0.0,
+            latency_ms_max: 0.0,
+            latency_ms_p50: None,
+            latency_ms_p90: None,
+            latency_ms_p99: None,
+        }
+    }
+}
+
+/// `GET /v1/usage` answer: `{"key_id" | "owner", "group_by", "since", "until",
+/// "buckets": [...]}`, buckets oldest first (grouped by route: by route, method and
+/// outcome).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageReport {
-    /// The key.
-    pub key_id: String,
-    /// Minutes with traffic, oldest first.
+    /// The key asked about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// The owner asked about: the buckets sum all of the owner's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// How the buckets are grouped.
+    #[serde(default)]
+    pub group_by: UsageGroupBy,
+    /// Start of the span covered: `since` rounded down to its bucket (to its hour
+    /// grouped by route). Absent from older key services.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub since: Option<OffsetDateTime>,
+    /// End of the span covered, exclusive: `until` rounded up to its bucket.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub until: Option<OffsetDateTime>,
+    /// Buckets with traffic.
     pub buckets: Vec<UsageBucket>,
+}
+
+/// What to ask `GET /v1/usage` ([`AdminClient::usage_report`](super::AdminClient::usage_report)):
+/// one key or one owner, a span (default: the last 24 hours) and a grouping (default
+/// per minute).
+///
+/// ```
+/// use keygate::server::{UsageGroupBy, UsageQuery};
+///
+/// let q = UsageQuery::owner("acme").group_by(UsageGroupBy::Day);
+/// assert_eq!(q.owner.as_deref(), Some("acme"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use]
+pub struct UsageQuery {
+    /// One key's usage.
+    pub key_id: Option<String>,
+    /// The sum over an owner's keys.
+    pub owner: Option<String>,
+    /// From (default: 24 hours before `until`, or before now).
+    pub since: Option<OffsetDateTime>,
+    /// Until, exclusive (default: now).
+    pub until: Option<OffsetDateTime>,
+    /// Grouping (default per minute).
+    pub group_by: Option<UsageGroupBy>,
+}
+
+impl UsageQuery {
+    /// One key's usage.
+    pub fn key(key_id: impl Into<String>) -> Self {
+        Self { key_id: Some(key_id.into()), ..Self::default() }
+    }
+
+    /// The sum over every key of `owner`.
+    pub fn owner(owner: impl Into<String>) -> Self {
+        Self { owner: Some(owner.into()), ..Self::default() }
+    }
+
+    /// From this time on.
+    pub fn since(mut self, since: OffsetDateTime) -> Self {
+        self.since = Some(since);
+        self
+    }
+
+    /// Until this time (exclusive).
+    pub fn until(mut self, until: OffsetDateTime) -> Self {
+        self.until = Some(until);
+        self
+    }
+
+    /// Grouped so.
+    pub fn group_by(mut self, group_by: UsageGroupBy) -> Self {
+        self.group_by = Some(group_by);
+        self
+    }
 }
 
 pub(crate) use crate::wire::{Alert, AlertKind};

@@ -11,7 +11,8 @@ use super::alerts::AlertConfig;
 use super::auth::{Admin, Service, Tokens, check};
 use super::error::ApiError;
 use super::events::{ChangeNote, EventHub};
-use super::store::{ChangeFeed, ChangeSink, Store};
+use super::retention::{RetentionConfig, RetentionCounters, RetentionTask, run_pass};
+use super::store::{ChangeFeed, ChangeSink, RetentionReport, Store, StoreError};
 
 /// Counters of a running key service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -23,14 +24,41 @@ pub struct ServerStats {
     pub verify_valid: u64,
     /// Verify answers `valid: false`.
     pub verify_invalid: u64,
-    /// Usage batches stored.
+    /// Usage batches applied (aggregate and raw; not the duplicates).
     pub usage_batches: u64,
-    /// Usage events stored.
+    /// Raw usage events received in applied batches.
     pub usage_events: u64,
-    /// Usage events without a key id (counted, not stored per key).
+    /// Aggregate rows received in applied batches.
+    pub usage_rows: u64,
+    /// Requests stored per key (from aggregate rows and raw events alike).
+    pub usage_requests: u64,
+    /// Aggregate batches whose id had been applied before: answered, nothing added.
+    pub usage_duplicates: u64,
+    /// Rows (or raw events' rows) refused because their minute is outside the accepted
+    /// window ([`MAX_USAGE_AGE`](super::MAX_USAGE_AGE), [`MAX_USAGE_AHEAD`](super::MAX_USAGE_AHEAD)).
+    pub usage_rows_refused: u64,
+    /// Requests in those refused rows.
+    pub usage_requests_refused: u64,
+    /// Requests with a key id that is not one of this service's keys (not stored).
+    pub usage_unknown: u64,
+    /// Requests without a key id (counted, not stored per key).
     pub usage_unattributed: u64,
-    /// Events middlewares reported as dropped.
+    /// Requests middlewares reported as dropped (never delivered).
     pub usage_dropped_reported: u64,
+    /// Requests middlewares reported as folded into overflow rows (counted, less detail).
+    pub usage_overflowed_reported: u64,
+    /// Client networks middlewares reported as not kept.
+    pub usage_networks_dropped_reported: u64,
+    /// Retention passes completed.
+    pub retention_passes: u64,
+    /// Retention passes that failed (the next one tries again).
+    pub retention_failures: u64,
+    /// Minute rows rolled up into hour rows.
+    pub retention_minutes_rolled_up: u64,
+    /// Hour rows deleted after their retention.
+    pub retention_hours_deleted: u64,
+    /// Applied batch ids forgotten.
+    pub retention_batch_ids_deleted: u64,
     /// SSE events published.
     pub events_published: u64,
     /// SSE streams open now.
@@ -54,9 +82,27 @@ pub(crate) struct Stats {
     pub verify_invalid: AtomicU64,
     pub usage_batches: AtomicU64,
     pub usage_events: AtomicU64,
+    pub usage_rows: AtomicU64,
+    pub usage_requests: AtomicU64,
+    pub usage_duplicates: AtomicU64,
+    pub usage_rows_refused: AtomicU64,
+    pub usage_requests_refused: AtomicU64,
+    pub usage_unknown: AtomicU64,
     pub usage_unattributed: AtomicU64,
     pub usage_dropped_reported: AtomicU64,
+    pub usage_overflowed_reported: AtomicU64,
+    pub usage_networks_dropped_reported: AtomicU64,
     pub alerts_raised: AtomicU64,
+}
+
+impl Stats {
+    /// Adds `n` to a counter, saturating: counts a middleware reports are not trusted
+    /// not to overflow.
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        if n > 0 {
+            let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| Some(c.saturating_add(n)));
+        }
+    }
 }
 
 /// Everything the routes share: store, tokens, event hub, counters, settings.
@@ -75,6 +121,10 @@ pub(crate) struct StateInner {
     pub key_prefix: String,
     /// Other replicas' changes, forwarded into `hub`; stops when the state is dropped.
     pub feed: Option<ChangeFeed>,
+    pub retention: RetentionConfig,
+    pub retention_counters: Arc<RetentionCounters>,
+    /// Background retention passes; stop when the state is dropped.
+    pub _retention_task: Option<RetentionTask>,
 }
 
 impl ServerState {
@@ -88,9 +138,16 @@ impl ServerState {
         &self.inner.hub
     }
 
+    /// Runs one usage retention pass now, besides the background ones (see
+    /// [`RetentionConfig`]); safe while other passes run, here or on other replicas.
+    pub async fn run_retention(&self) -> Result<RetentionReport, StoreError> {
+        run_pass(&self.inner.store, &self.inner.retention, &self.inner.retention_counters).await
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> ServerStats {
         let s = &self.inner.stats;
+        let r = &self.inner.retention_counters;
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let feed = self.inner.feed.as_ref().map(ChangeFeed::stats).unwrap_or_default();
         ServerStats {
@@ -99,8 +156,21 @@ impl ServerState {
             verify_invalid: get(&s.verify_invalid),
             usage_batches: get(&s.usage_batches),
             usage_events: get(&s.usage_events),
+            usage_rows: get(&s.usage_rows),
+            usage_requests: get(&s.usage_requests),
+            usage_duplicates: get(&s.usage_duplicates),
+            usage_rows_refused: get(&s.usage_rows_refused),
+            usage_requests_refused: get(&s.usage_requests_refused),
+            usage_unknown: get(&s.usage_unknown),
             usage_unattributed: get(&s.usage_unattributed),
             usage_dropped_reported: get(&s.usage_dropped_reported),
+            usage_overflowed_reported: get(&s.usage_overflowed_reported),
+            usage_networks_dropped_reported: get(&s.usage_networks_dropped_reported),
+            retention_passes: get(&r.passes),
+            retention_failures: get(&r.failures),
+            retention_minutes_rolled_up: get(&r.minutes_rolled_up),
+            retention_hours_deleted: get(&r.hours_deleted),
+            retention_batch_ids_deleted: get(&r.batch_ids_deleted),
             events_published: self.inner.hub.published(),
             event_subscribers: self.inner.hub.subscribers(),
             alerts_raised: get(&s.alerts_raised),

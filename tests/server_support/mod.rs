@@ -322,3 +322,72 @@ impl TestServer {
         reqwest::Client::new()
     }
 }
+
+/// One request as a middleware saw it, to aggregate the way the edge does.
+#[derive(Debug, Clone)]
+pub struct Req {
+    pub minute: i64,
+    pub key_id: Option<String>,
+    pub route: &'static str,
+    pub method: &'static str,
+    pub outcome: keygate::Outcome,
+    pub status: u16,
+    pub latency_us: u64,
+}
+
+/// Rows as the edge sends them: one per (minute, key, route, method, outcome).
+pub fn aggregate(reqs: &[Req]) -> Vec<keygate::AggregateRow> {
+    use std::collections::BTreeMap;
+    let mut rows: BTreeMap<(i64, Option<String>, &str, &str, &str), keygate::AggregateRow> = BTreeMap::new();
+    for r in reqs {
+        let key = (r.minute, r.key_id.clone(), r.route, r.method, r.outcome.as_str());
+        let row = rows.entry(key).or_insert_with(|| keygate::AggregateRow {
+            minute: r.minute,
+            key_id: r.key_id.as_deref().map(Arc::from),
+            route: r.route.into(),
+            method: r.method.into(),
+            outcome: r.outcome,
+            requests: 0,
+            status: keygate::StatusCounts::default(),
+            latency: keygate::LatencyHistogram::new(),
+            last_at_ms: r.minute * 1000,
+        });
+        row.requests += 1;
+        row.status.add(r.status);
+        row.latency.record(Duration::from_micros(r.latency_us));
+        row.last_at_ms = r.minute * 1000 + 30_000;
+    }
+    rows.into_values().collect()
+}
+
+/// A fresh batch id: 32 lowercase hex digits.
+pub fn batch_id() -> String {
+    format!("{:016x}{:016x}", getrandom::u64().unwrap(), getrandom::u64().unwrap())
+}
+
+/// An aggregate batch of `rows` with a fresh id.
+pub fn aggregate_batch(rows: Vec<keygate::AggregateRow>) -> keygate::AggregateBatch {
+    keygate::AggregateBatch {
+        batch_id: batch_id(),
+        rows,
+        networks: Vec::new(),
+        dropped: 0,
+        overflowed: 0,
+        networks_dropped: 0,
+    }
+}
+
+/// The start of the current minute, Unix seconds.
+pub fn this_minute() -> i64 {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    now - now.rem_euclid(60)
+}
+
+impl TestServer {
+    /// `POST /v1/usage` with the service token: the status and the answer's JSON.
+    pub async fn post_usage(&self, body: &impl serde::Serialize) -> (u16, Value) {
+        let res = self.http.post(self.url("/v1/usage")).bearer_auth(SERVICE).json(body).send().await.unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+}

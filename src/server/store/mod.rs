@@ -1,4 +1,6 @@
 //! Storage: [`Store`], an enum over the backends (SQLite, and PostgreSQL with feature
+//! `postgres`), chosen at run time from the database URL, so that the HTTP layer never
+//! knows which one it talks to.
 
 use std::fmt;
 use std::sync::Arc;
@@ -19,10 +21,16 @@ mod postgres;
 mod queries;
 mod rows;
 mod sqlite;
+mod usage;
 pub(crate) use feed::ChangeFeed;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
+pub(crate) use rows::bucket_from;
 pub use sqlite::SqliteStore;
+pub use usage::RetentionReport;
+pub(crate) use usage::{
+    Applied, BatchMark, ReadKind, ReadRow, RetentionCutoffs, Tally, UsageDelta, UsageKey, UsageOf, UsageRead,
+};
 
 /// Audit action names.
 pub(crate) mod action {
@@ -121,31 +129,6 @@ pub struct Found {
     pub role_scopes: Vec<String>,
 }
 
-/// One key's usage in one minute, to add to the stored aggregate.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct MinuteRow {
-    /// The key.
-    pub(crate) key_id: String,
-    /// The minute's start, Unix seconds.
-    pub(crate) minute: i64,
-    /// Requests.
-    pub(crate) requests: i64,
-    /// Allowed.
-    pub(crate) allowed: i64,
-    /// Denied.
-    pub(crate) denied: i64,
-    /// 2xx.
-    pub(crate) status_2xx: i64,
-    /// 4xx.
-    pub(crate) status_4xx: i64,
-    /// 5xx.
-    pub(crate) status_5xx: i64,
-    /// Latency sum, microseconds.
-    pub(crate) latency_us_sum: i64,
-    /// Latency max, microseconds.
-    pub(crate) latency_us_max: i64,
-}
-
 /// Whether a client network was new for a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NetworkSeen {
@@ -184,8 +167,7 @@ impl ChangeSink for Unheard {
 /// The storage a key service runs on: [`SqliteStore`], or [`PostgresStore`] with
 /// feature `postgres` (`From` either). Cheap to clone: clones share the pool.
 ///
-/// `postgres`), chosen at run time from the database URL, so that the HTTP layer never
-/// knows which one it talks to. Each method is written once here; the backends supply
+/// Each method is written once here; the backends supply
 /// only what differs: how a write transaction begins and commits, locks, usage upserts,
 /// migrations and the feed of other replicas' changes.
 ///
@@ -382,19 +364,87 @@ impl Store {
         each_backend!(self, b, q => q::audit(b.pool(), since, limit).await)
     }
 
-    /// Adds per-minute aggregates (atomic upserts, correct under concurrent writers)
-    /// and moves keys' `last_used_at` forward.
-    pub(crate) async fn record_usage(
-        &self,
-        rows: &[MinuteRow],
-        last_used: &[(String, OffsetDateTime)],
-    ) -> Result<(), StoreError> {
-        each_backend!(self, b => b.record_usage(rows, last_used).await)
+    /// Which of these key ids belong to keys of this store.
+    pub(crate) async fn known_keys(&self, ids: &[&str]) -> Result<std::collections::HashSet<String>, StoreError> {
+        each_backend!(self, b, q => q::known_keys(b.pool(), ids).await)
     }
 
-    /// A key's minutes from `since` on, oldest first, at most `limit`.
+    /// Stores a usage batch in one transaction, marking its batch id applied in the
+    /// same transaction when it has one; a batch id applied before adds nothing.
+    pub(crate) async fn record_usage(
+        &self,
+        batch: Option<BatchMark<'_>>,
+        delta: &UsageDelta,
+    ) -> Result<Applied, StoreError> {
+        each_backend!(self, b => b.record_usage(batch, delta).await)
+    }
+
+    /// Streams the usage rows `read` selects into `each`; returns how many it read (one
+    /// more than `read.max_rows` when there are more).
+    pub(crate) async fn read_usage(
+        &self,
+        read: &UsageRead<'_>,
+        mut each: impl FnMut(ReadRow) -> Result<(), StoreError> + Send,
+    ) -> Result<u64, StoreError> {
+        each_backend!(self, b, q => q::read_usage(b.pool(), read, &mut each).await)
+    }
+
+    /// A key's minutes in `[since, since + limit minutes)`, oldest first: what the
+    /// alerts compare a minute with. Minutes rolled up into hours are not in it.
     pub async fn usage(&self, key_id: &str, since: OffsetDateTime, limit: u32) -> Result<Vec<UsageBucket>, StoreError> {
-        each_backend!(self, b, q => q::usage(b.pool(), key_id, since, limit).await)
+        let from = since.unix_timestamp() - since.unix_timestamp().rem_euclid(60);
+        let read = UsageRead {
+            of: UsageOf::Key(key_id),
+            kind: ReadKind::Minutes,
+            from,
+            to: from.saturating_add(i64::from(limit) * 60),
+            max_rows: u64::from(limit),
+        };
+        let mut minutes = std::collections::BTreeMap::<i64, Tally>::new();
+        self.read_usage(&read, |row| {
+            minutes.entry(row.at).or_default().merge(&row.tally);
+            Ok(())
+        })
+        .await?;
+        minutes.iter().map(|(at, tally)| rows::bucket_from(*at, None, tally)).collect()
+    }
+
+    /// One retention pass: rolls minute rows up into hour rows, deletes hour rows and
+    /// batch ids past their time, in transactions of bounded size.
+    pub(crate) async fn retention_pass(&self, cut: &RetentionCutoffs) -> Result<RetentionReport, StoreError> {
+        let mut report = RetentionReport::default();
+        let per_tx = u64::from(cut.rows_per_transaction);
+        for _ in 0..cut.max_transactions {
+            let n = each_backend!(self, b => b.roll_up(cut.minutes_before, cut.rows_per_transaction).await?);
+            report.minutes_rolled_up += n;
+            if n < per_tx {
+                break;
+            }
+        }
+        let deletions = [
+            ("usage_hours", "key_id, hour", "hour", cut.hours_before),
+            ("usage_routes", "key_id, hour, route, method, outcome", "hour", cut.hours_before),
+            ("usage_batches", "batch_id", "applied_at", cut.batches_before_ms),
+        ];
+        for (table, primary_key, column, before) in deletions {
+            for _ in 0..cut.max_transactions {
+                let n = each_backend!(self, b, q => {
+                    let mut tx = b.write().await?;
+                    let n = q::delete_before(&mut tx, table, primary_key, column, before, cut.rows_per_transaction).await?;
+                    b.commit(tx, &[]).await?;
+                    n
+                });
+                if table == "usage_batches" {
+                    report.batch_ids_deleted += n;
+                } else {
+                    report.hours_deleted += n;
+                }
+                if n < per_tx {
+                    break;
+                }
+            }
+        }
+        Ok(report)
     }
 
     /// Remembers that `key_id` was used from `network`.

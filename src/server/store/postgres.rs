@@ -7,15 +7,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Transaction;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
+use sqlx::query::Query;
 use time::OffsetDateTime;
 
 use super::feed::{ChangeFeed, FeedCounters};
-use super::{ChangeSink, MinuteRow, StoreError, to_ms};
+use super::usage::{Applied, BatchMark, TALLY_COLUMNS, Tally, UsageDelta, UsageKey, UsageTable, hours_of};
+use super::{ChangeSink, StoreError};
 use crate::key::KeyDigest;
 use crate::server::events::ChangeNote;
 
-super::queries::shared_queries!(sqlx::Postgres, row_lock = " FOR UPDATE", name_lock = super::xact_lock);
+super::queries::shared_queries!(
+    sqlx::Postgres,
+    row_lock = " FOR UPDATE",
+    name_lock = super::xact_lock,
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+);
 
 /// Changes of one name in a namespace serialize, whether or not its row exists yet.
 async fn xact_lock(conn: &mut PgConnection, namespace: i32, name: &str) -> Result<(), StoreError> {
@@ -59,10 +66,17 @@ const FEED_STABLE_AFTER: Duration = Duration::from_secs(10);
 /// - **Writes** lock what they change (`SELECT … FOR UPDATE` on the key, an advisory
 ///   lock per role name or per key for networks), so that concurrent changes through
 ///   different replicas serialize exactly as they do on SQLite.
-/// - **Usage** is added with one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO UPDATE
-///   SET n = t.n + EXCLUDED.n, max = GREATEST(…)` per batch, rows in key order so that
-///   two replicas ingesting the same keys cannot deadlock; a batch that still loses a
-///   deadlock or serialization race is retried (it was rolled back as a whole).
+/// - **Usage** is merged in the batch's transaction, table by table (minutes, then
+///   routes, then keys' `last_used_at`), with three statements over arrays per table:
+///   `INSERT … ON CONFLICT DO NOTHING` so every row exists, `SELECT … FOR UPDATE` in key
+///   order, and an `UPDATE` with the merged counters and histograms. Replicas merging
+///   the same rows take turns on the row locks, in the same order, so they cannot
+///   deadlock; a batch that still loses a race is retried (it was rolled back as a
+///   whole). The batch id is inserted first in the same transaction: a second replica
+///   given the same batch waits on its primary key, then finds it and adds nothing.
+/// - **Retention** takes minute rows with `DELETE … WHERE … IN (SELECT … FOR UPDATE SKIP
+///   LOCKED) RETURNING …` and adds them to their hour rows in that transaction, so
+///   replicas running it at once take disjoint rows.
 /// - **Fan-out.** Every change that affects verification sends `NOTIFY` on the
 ///   deployment's channel in the transaction that makes it, so it is delivered exactly
 ///   when it commits. Each replica's feed task `LISTEN`s on a connection of its own and
@@ -195,22 +209,29 @@ impl PostgresStore {
         Ok(tx.commit().await?)
     }
 
-    /// Adds per-minute aggregates; a batch that lost a deadlock or serialization race
-    /// is retried (it was rolled back as a whole).
+    /// Stores a batch's usage in one transaction, with its batch id when it has one (a
+    /// batch id applied before, by any replica, adds nothing). A transaction that lost
+    /// a deadlock or serialization race, or found a row it had made sure of deleted by
+    /// a roll-up, was rolled back as a whole and is tried again.
     pub(super) async fn record_usage(
         &self,
-        rows: &[MinuteRow],
-        last_used: &[(String, OffsetDateTime)],
-    ) -> Result<(), StoreError> {
+        batch: Option<BatchMark<'_>>,
+        delta: &UsageDelta,
+    ) -> Result<Applied, StoreError> {
         let mut attempt = 1;
         loop {
-            match self.record_usage_once(rows, last_used).await {
+            match self.record_usage_once(batch, delta).await {
+                Ok(Some(applied)) => return Ok(applied),
+                Ok(None) if attempt < USAGE_ATTEMPTS => {
+                    tracing::debug!(attempt, "usage rows were rolled up meanwhile; retrying");
+                }
+                Ok(None) => return Err(StoreError::Conflict("usage rows kept changing under the batch".into())),
                 Err(e) if attempt < USAGE_ATTEMPTS && is_retryable(&e) => {
                     tracing::debug!(error = %e, attempt, "usage batch lost a lock race; retrying");
-                    attempt += 1;
                 }
-                other => return other,
+                Err(e) => return Err(e),
             }
+            attempt += 1;
         }
     }
 
@@ -221,70 +242,30 @@ impl PostgresStore {
         ChangeFeed::spawn(move |counters| feed(inner, sink, counters))
     }
 
+    /// `None`: a row vanished under the transaction, which is rolled back.
     async fn record_usage_once(
         &self,
-        rows: &[MinuteRow],
-        last_used: &[(String, OffsetDateTime)],
-    ) -> Result<(), StoreError> {
-        // One row per (key, minute), in key order: a statement never touches a row twice,
-        // and concurrent batches take their row locks in the same order.
-        let mut merged: BTreeMap<(&str, i64), MinuteRow> = BTreeMap::new();
-        for r in rows {
-            let m = merged.entry((r.key_id.as_str(), r.minute)).or_insert_with(|| MinuteRow {
-                key_id: r.key_id.clone(),
-                minute: r.minute,
-                ..MinuteRow::default()
-            });
-            m.requests += r.requests;
-            m.allowed += r.allowed;
-            m.denied += r.denied;
-            m.status_2xx += r.status_2xx;
-            m.status_4xx += r.status_4xx;
-            m.status_5xx += r.status_5xx;
-            m.latency_us_sum += r.latency_us_sum;
-            m.latency_us_max = m.latency_us_max.max(r.latency_us_max);
-        }
-        let mut used: BTreeMap<&str, i64> = BTreeMap::new();
-        for (key_id, at) in last_used {
-            let e = used.entry(key_id.as_str()).or_insert(i64::MIN);
-            *e = (*e).max(to_ms(*at));
-        }
-        let column = |f: fn(&MinuteRow) -> i64| merged.values().map(f).collect::<Vec<i64>>();
-
+        batch: Option<BatchMark<'_>>,
+        delta: &UsageDelta,
+    ) -> Result<Option<Applied>, StoreError> {
         let mut tx = self.write().await?;
-        if !merged.is_empty() {
-            sqlx::query(
-                "INSERT INTO usage_minutes AS t (key_id, minute, requests, allowed, denied, status_2xx, status_4xx, \
-                 status_5xx, latency_us_sum, latency_us_max) \
-                 SELECT * FROM UNNEST($1::TEXT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[], $5::BIGINT[], \
-                 $6::BIGINT[], $7::BIGINT[], $8::BIGINT[], $9::BIGINT[], $10::BIGINT[]) \
-                 ON CONFLICT (key_id, minute) DO UPDATE SET \
-                 requests = t.requests + EXCLUDED.requests, \
-                 allowed = t.allowed + EXCLUDED.allowed, \
-                 denied = t.denied + EXCLUDED.denied, \
-                 status_2xx = t.status_2xx + EXCLUDED.status_2xx, \
-                 status_4xx = t.status_4xx + EXCLUDED.status_4xx, \
-                 status_5xx = t.status_5xx + EXCLUDED.status_5xx, \
-                 latency_us_sum = t.latency_us_sum + EXCLUDED.latency_us_sum, \
-                 latency_us_max = GREATEST(t.latency_us_max, EXCLUDED.latency_us_max)",
-            )
-            .bind(merged.values().map(|r| r.key_id.clone()).collect::<Vec<String>>())
-            .bind(column(|r| r.minute))
-            .bind(column(|r| r.requests))
-            .bind(column(|r| r.allowed))
-            .bind(column(|r| r.denied))
-            .bind(column(|r| r.status_2xx))
-            .bind(column(|r| r.status_4xx))
-            .bind(column(|r| r.status_5xx))
-            .bind(column(|r| r.latency_us_sum))
-            .bind(column(|r| r.latency_us_max))
-            .execute(&mut *tx)
-            .await?;
+        if let Some(batch) = batch {
+            if let Some(accepted) = shared::mark_batch(&mut tx, batch).await? {
+                tx.rollback().await?;
+                return Ok(Some(Applied::Before { accepted }));
+            }
         }
-        if !used.is_empty() {
-            let ids: Vec<String> = used.keys().map(|k| (*k).to_owned()).collect();
-            let ats: Vec<i64> = used.values().copied().collect();
-            // Key rows locked in key order first, for the same reason.
+        // Tables in one order (minutes, routes, keys) and rows in key order in each: two
+        // transactions never wait for each other in a cycle.
+        if !merge(&mut tx, UsageTable::Minutes, &delta.minutes).await?
+            || !merge(&mut tx, UsageTable::Routes, &delta.routes).await?
+        {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        if !delta.last_used.is_empty() {
+            let ids: Vec<&str> = delta.last_used.keys().map(String::as_str).collect();
+            let ats: Vec<i64> = delta.last_used.values().copied().collect();
             sqlx::query("SELECT key_id FROM keys WHERE key_id = ANY($1::TEXT[]) ORDER BY key_id FOR UPDATE")
                 .bind(&ids)
                 .fetch_all(&mut *tx)
@@ -299,8 +280,141 @@ impl PostgresStore {
             .await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(Some(Applied::Now))
     }
+
+    /// Moves up to `limit` minute rows older than `before` into hour rows, in one
+    /// transaction; returns how many. Replicas running this at once take different rows
+    /// (`SKIP LOCKED`), and a row deleted is added to its hour in the same commit: no
+    /// minute is rolled up twice or lost.
+    pub(super) async fn roll_up(&self, before: i64, limit: u32) -> Result<u64, StoreError> {
+        let mut attempt = 1;
+        loop {
+            let result = async {
+                let mut tx = self.write().await?;
+                let taken = shared::take_minutes(&mut tx, before, limit).await?;
+                let n = taken.len() as u64;
+                if !merge(&mut tx, UsageTable::Hours, &hours_of(taken)).await? {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+                tx.commit().await?;
+                Ok(Some(n))
+            }
+            .await;
+            match result {
+                Ok(Some(n)) => return Ok(n),
+                Ok(None) if attempt < USAGE_ATTEMPTS => {}
+                Ok(None) => return Ok(0),
+                Err(e) if attempt < USAGE_ATTEMPTS && is_retryable(&e) => {}
+                Err(e) => return Err(e),
+            }
+            attempt += 1;
+        }
+    }
+}
+
+/// The key columns of rows to merge, as arrays to bind.
+struct KeyArrays<'a> {
+    ids: Vec<&'a str>,
+    ats: Vec<i64>,
+    routes: Vec<&'a str>,
+    methods: Vec<&'a str>,
+    outcomes: Vec<&'a str>,
+}
+
+impl<'a> KeyArrays<'a> {
+    fn of(keys: impl Iterator<Item = &'a UsageKey>) -> Self {
+        let mut a =
+            Self { ids: Vec::new(), ats: Vec::new(), routes: Vec::new(), methods: Vec::new(), outcomes: Vec::new() };
+        for k in keys {
+            a.ids.push(&k.key_id);
+            a.ats.push(k.at);
+            a.routes.push(&k.route);
+            a.methods.push(&k.method);
+            a.outcomes.push(&k.outcome);
+        }
+        a
+    }
+
+    fn bind<'q>(
+        &'q self,
+        q: Query<'q, sqlx::Postgres, PgArguments>,
+        table: UsageTable,
+    ) -> Query<'q, sqlx::Postgres, PgArguments> {
+        let q = q.bind(&self.ids).bind(&self.ats);
+        if table.routed() { q.bind(&self.routes).bind(&self.methods).bind(&self.outcomes) } else { q }
+    }
+}
+
+/// Adds `rows` into `table` exactly, whatever other transactions add at the same
+/// time: every row is made to exist (`INSERT … ON CONFLICT DO NOTHING`), locked and read
+/// (`SELECT … FOR UPDATE`), merged here and written back, each step one statement over
+/// arrays, rows in key order. `false` when a row was deleted between the first two
+/// steps (retention rolled it up): the caller rolls back and tries again.
+async fn merge(
+    conn: &mut PgConnection,
+    table: UsageTable,
+    rows: &BTreeMap<UsageKey, Tally>,
+) -> Result<bool, StoreError> {
+    if rows.is_empty() {
+        return Ok(true);
+    }
+    let name = table.name();
+    let keys = table.key_columns();
+    let key_list = keys.join(", ");
+    let key_types = ["TEXT", "BIGINT", "TEXT", "TEXT", "TEXT"];
+    let key_arrays: Vec<String> = (0..keys.len()).map(|i| format!("${}::{}[]", i + 1, key_types[i])).collect();
+    let key_arrays = key_arrays.join(", ");
+    let tally_list = TALLY_COLUMNS.join(", ");
+    let arrays = KeyArrays::of(rows.keys());
+
+    let zeros = "0, 0, 0, 0, 0, 0, 0, 0, 0, 0, NULL";
+    let insert = format!(
+        "INSERT INTO {name} ({key_list}, {tally_list}) SELECT {key_list}, {zeros} FROM UNNEST({key_arrays}) \
+         AS u({key_list}) ORDER BY {key_list} ON CONFLICT DO NOTHING"
+    );
+    arrays.bind(sqlx::query(&insert), table).execute(&mut *conn).await?;
+
+    let lock = format!(
+        "SELECT {key_list}, {tally_list} FROM {name} WHERE ({key_list}) IN (SELECT * FROM UNNEST({key_arrays})) \
+         ORDER BY {key_list} FOR UPDATE"
+    );
+    let found = arrays.bind(sqlx::query(&lock), table).fetch_all(&mut *conn).await?;
+    if found.len() != rows.len() {
+        return Ok(false);
+    }
+    let mut merged = Vec::with_capacity(rows.len());
+    for row in &found {
+        let key = UsageKey::from_row(row, table)?;
+        let Some(add) = rows.get(&key) else {
+            return Err(StoreError::Corrupt(format!("{name}: a row locked that was not asked for")));
+        };
+        let mut tally = Tally::from_row(row)?;
+        tally.merge(add);
+        merged.push((key, tally.values()));
+    }
+
+    let n = keys.len();
+    let mut value_arrays: Vec<String> = (0..10).map(|i| format!("${}::BIGINT[]", n + 1 + i)).collect();
+    value_arrays.push(format!("${}::TEXT[]", n + 11));
+    let sets: Vec<String> = TALLY_COLUMNS.iter().map(|c| format!("{c} = u.{c}")).collect();
+    let matches: Vec<String> = keys.iter().map(|c| format!("t.{c} = u.{c}")).collect();
+    let update = format!(
+        "UPDATE {name} AS t SET {} FROM UNNEST({key_arrays}, {}) AS u({key_list}, {tally_list}) WHERE {}",
+        sets.join(", "),
+        value_arrays.join(", "),
+        matches.join(" AND ")
+    );
+    let written = KeyArrays::of(merged.iter().map(|(k, _)| k));
+    let mut q = written.bind(sqlx::query(&update), table);
+    let columns: Vec<Vec<i64>> = (0..10).map(|c| merged.iter().map(|(_, (ints, _))| ints[c]).collect()).collect();
+    for column in &columns {
+        q = q.bind(column);
+    }
+    let latencies: Vec<Option<&str>> = merged.iter().map(|(_, (_, l))| l.as_deref()).collect();
+    q.bind(&latencies).execute(&mut *conn).await?;
+    Ok(true)
 }
 
 /// `keygate_events` for schema `public`; `keygate_events_<schema>` for another schema

@@ -15,20 +15,23 @@ pub(crate) const LOCK_NETWORK: i32 = 0x6b67_0003;
 /// `sqlx::Database` given, in the module that invokes it. `row_lock` is the clause
 /// that locks the key rows a change reads, until the transaction ends; `name_lock` the
 /// function that serializes changes of one name in a namespace (a role, a key's
-/// networks) until the transaction ends, even of a row that does not exist yet.
+/// networks) until the transaction ends, even of a row that does not exist yet;
+/// `skip_locked` the clause that locks the rows a subquery picks, passing over those
+/// another transaction holds.
 macro_rules! shared_queries {
-    ($db:ty, row_lock = $row_lock:literal, name_lock = $name_lock:path) => {
+    ($db:ty, row_lock = $row_lock:literal, name_lock = $name_lock:path, skip_locked = $skip_locked:literal) => {
         pub(crate) mod shared {
             use ::serde_json::Value;
             use ::sqlx::Executor;
             use ::time::OffsetDateTime;
 
             use $crate::key::KeyDigest;
-            use $crate::server::model::{Alert, AuditRecord, KeyInfo, RoleInfo, UsageBucket};
+            use $crate::server::model::{Alert, AuditRecord, KeyInfo, RoleInfo};
             use $crate::server::store::rows::{
-                ALERT_COLUMNS, AUDIT_COLUMNS, KEY_COLUMNS, ROLE_COLUMNS, USAGE_COLUMNS, alert_from_row,
-                audit_from_row, bucket_from_row, found_from_row, key_from_row, role_from_row,
+                ALERT_COLUMNS, AUDIT_COLUMNS, KEY_COLUMNS, ROLE_COLUMNS, alert_from_row, audit_from_row,
+                found_from_row, key_from_row, role_from_row,
             };
+            use $crate::server::store::usage::{BatchMark, ReadRow, TALLY_COLUMNS, Tally, UsageKey, UsageRead, UsageTable};
             use $crate::server::store::queries::{LOCK_NETWORK, LOCK_ROLE};
             use $crate::server::store::{
                 Found, KeyChange, NetworkSeen, NewKeyRecord, NewSecret, StoreError, action, create_changes,
@@ -240,22 +243,105 @@ macro_rules! shared_queries {
                 Ok(sqlx::query(&sql).bind(since.map(to_ms)).bind(i64::from(limit)).fetch_all(ex).await?)
             }
 
-            pub(crate) async fn usage<'e>(
-                ex: impl Executor<'e, Database = $db>,
-                key_id: &str,
-                since: OffsetDateTime,
+            /// Which of these key ids are keys of this store (keys are never deleted:
+            /// the answer stays true).
+            pub(crate) async fn known_keys(
+                pool: &::sqlx::Pool<$db>,
+                ids: &[&str],
+            ) -> Result<::std::collections::HashSet<String>, StoreError> {
+                let mut known = ::std::collections::HashSet::new();
+                for chunk in ids.chunks(500) {
+                    let marks: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                    let sql = format!("SELECT key_id FROM keys WHERE key_id IN ({})", marks.join(", "));
+                    let mut q = sqlx::query_scalar::<_, String>(&sql);
+                    for id in chunk {
+                        q = q.bind(*id);
+                    }
+                    known.extend(q.fetch_all(pool).await?);
+                }
+                Ok(known)
+            }
+
+            /// Marks a batch id applied; when it was already, returns what its first
+            /// copy stored (and the caller rolls back). Two transactions marking one id
+            /// at once: the second waits for the first on the primary key and then
+            /// finds it.
+            pub(crate) async fn mark_batch(conn: &mut Conn, batch: BatchMark<'_>) -> Result<Option<u64>, StoreError> {
+                let inserted = sqlx::query(
+                    "INSERT INTO usage_batches (batch_id, applied_at, accepted) VALUES ($1, $2, $3) \
+                     ON CONFLICT (batch_id) DO NOTHING",
+                )
+                .bind(batch.batch_id)
+                .bind(batch.applied_at)
+                .bind(i64::try_from(batch.accepted).unwrap_or(i64::MAX))
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+                if inserted == 1 {
+                    return Ok(None);
+                }
+                let accepted: i64 = sqlx::query_scalar("SELECT accepted FROM usage_batches WHERE batch_id = $1")
+                    .bind(batch.batch_id)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                Ok(Some(accepted.max(0) as u64))
+            }
+
+            /// Streams the rows of `read` into `each`; returns how many there were
+            /// (at most `read.max_rows + 1`: one more says there were too many).
+            pub(crate) async fn read_usage(
+                pool: &::sqlx::Pool<$db>,
+                read: &UsageRead<'_>,
+                each: &mut (dyn FnMut(ReadRow) -> Result<(), StoreError> + Send),
+            ) -> Result<u64, StoreError> {
+                use ::futures_util::TryStreamExt;
+                let sql = read.sql();
+                let limit = i64::try_from(read.max_rows.saturating_add(1)).unwrap_or(i64::MAX);
+                let mut rows =
+                    sqlx::query(&sql).bind(read.whose()).bind(read.from).bind(read.to).bind(limit).fetch(pool);
+                let mut n = 0u64;
+                while let Some(row) = rows.try_next().await? {
+                    n += 1;
+                    each(ReadRow::from_row(&row, read.kind)?)?;
+                }
+                Ok(n)
+            }
+
+            /// Deletes up to `limit` minute rows older than `before` and returns them,
+            /// for the caller to add to hour rows in the same transaction. Each row is
+            /// taken by one transaction only: a row another one holds is passed over.
+            pub(crate) async fn take_minutes(
+                conn: &mut Conn,
+                before: i64,
                 limit: u32,
-            ) -> Result<Vec<UsageBucket>, StoreError> {
-                let rows = sqlx::query(&format!(
-                    "SELECT {USAGE_COLUMNS} FROM usage_minutes WHERE key_id = $1 AND minute >= $2 \
-                     ORDER BY minute LIMIT $3"
-                ))
-                .bind(key_id)
-                .bind(since.unix_timestamp() - since.unix_timestamp().rem_euclid(60))
-                .bind(i64::from(limit))
-                .fetch_all(ex)
-                .await?;
-                rows.iter().map(bucket_from_row).collect()
+            ) -> Result<Vec<(UsageKey, Tally)>, StoreError> {
+                let sql = format!(
+                    "DELETE FROM usage_minutes WHERE (key_id, minute) IN (SELECT key_id, minute FROM usage_minutes \
+                     WHERE minute < $1 ORDER BY minute LIMIT $2{}) RETURNING key_id, minute, {}",
+                    $skip_locked,
+                    TALLY_COLUMNS.join(", ")
+                );
+                let rows = sqlx::query(&sql).bind(before).bind(i64::from(limit)).fetch_all(&mut *conn).await?;
+                rows.iter()
+                    .map(|row| Ok((UsageKey::from_row(row, UsageTable::Minutes)?, Tally::from_row(row)?)))
+                    .collect()
+            }
+
+            /// Deletes up to `limit` rows of `table` whose `column` is below `before`.
+            pub(crate) async fn delete_before(
+                conn: &mut Conn,
+                table: &str,
+                primary_key: &str,
+                column: &str,
+                before: i64,
+                limit: u32,
+            ) -> Result<u64, StoreError> {
+                let sql = format!(
+                    "DELETE FROM {table} WHERE ({primary_key}) IN \
+                     (SELECT {primary_key} FROM {table} WHERE {column} < $1 LIMIT $2)"
+                );
+                let done = sqlx::query(&sql).bind(before).bind(i64::from(limit)).execute(&mut *conn).await?;
+                Ok(done.rows_affected())
             }
 
             /// Whether `key_id` was used from `network` before: the cheap check that

@@ -4,6 +4,7 @@
 
 use sqlx::Row;
 
+use super::usage::Tally;
 use super::{Found, StoreError, from_ms, from_ms_opt, parse_json, parse_json_list, ratelimit_from};
 use crate::server::model::{Alert, AlertKind, AuditRecord, KeyInfo, RoleInfo, UsageBucket};
 
@@ -11,10 +12,6 @@ use crate::server::model::{Alert, AlertKind, AuditRecord, KeyInfo, RoleInfo, Usa
 pub(crate) const KEY_COLUMNS: &str = "k.key_id, k.owner, k.name, k.scopes, k.roles, k.environment, k.expires_at, \
      k.disabled, k.revoked_at, k.meta, k.ratelimit_limit, k.ratelimit_period_s, k.key_prefix, k.created_at, \
      k.updated_at, k.last_used_at";
-
-/// The columns [`bucket_from_row`] reads, from `usage_minutes`.
-pub(crate) const USAGE_COLUMNS: &str =
-    "minute, requests, allowed, denied, status_2xx, status_4xx, status_5xx, latency_us_sum, latency_us_max";
 
 /// The columns [`alert_from_row`] reads, from `alerts`.
 pub(crate) const ALERT_COLUMNS: &str = "id, at, key_id, kind, minute, observed, baseline, threshold, detail";
@@ -134,17 +131,36 @@ pub(crate) fn audit_from_row(row: &impl Get) -> Result<AuditRecord, StoreError> 
     })
 }
 
-pub(crate) fn bucket_from_row(row: &impl Get) -> Result<UsageBucket, StoreError> {
-    let n = |c: &str| row.int(c).map(|v| v.max(0) as u64);
+/// A bucket of usage starting at `start` (Unix seconds), of a route when grouped by route.
+pub(crate) fn bucket_from(
+    start: i64,
+    route: Option<(String, String, String)>,
+    tally: &Tally,
+) -> Result<UsageBucket, StoreError> {
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+    let quantile = |q: f64| tally.latency.quantile(q).map(ms);
+    let (route, method, outcome) = match route {
+        Some((r, m, o)) => (Some(r), Some(m), Some(o)),
+        None => (None, None, None),
+    };
+    let s = &tally.status;
     Ok(UsageBucket {
-        start: from_ms(row.int("minute")?.saturating_mul(1000))?,
-        requests: n("requests")?,
-        allowed: n("allowed")?,
-        denied: n("denied")?,
-        status_2xx: n("status_2xx")?,
-        status_4xx: n("status_4xx")?,
-        status_5xx: n("status_5xx")?,
-        latency_ms_sum: n("latency_us_sum")? as f64 / 1000.0,
-        latency_ms_max: n("latency_us_max")? as f64 / 1000.0,
+        start: from_ms(start.saturating_mul(1000))?,
+        route,
+        method,
+        outcome,
+        requests: tally.requests,
+        allowed: tally.allowed,
+        denied: tally.denied,
+        status_1xx: s.informational,
+        status_2xx: s.success,
+        status_3xx: s.redirection,
+        status_4xx: s.client_error,
+        status_5xx: s.server_error,
+        latency_ms_sum: tally.latency_us_sum as f64 / 1000.0,
+        latency_ms_max: tally.latency_us_max as f64 / 1000.0,
+        latency_ms_p50: quantile(0.5),
+        latency_ms_p90: quantile(0.9),
+        latency_ms_p99: quantile(0.99),
     })
 }

@@ -3,19 +3,23 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use sqlx::Transaction;
 use sqlx::migrate::Migrator;
+use sqlx::query::Query;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
-use time::OffsetDateTime;
 
-use super::{MinuteRow, StoreError, to_ms};
+use super::StoreError;
+use super::usage::{Applied, BatchMark, TALLY_COLUMNS, Tally, UsageDelta, UsageKey, UsageTable, hours_of};
 use crate::server::events::ChangeNote;
 
 // SQLite has no row locks; a write transaction (`BEGIN IMMEDIATE`) already holds the
 // database's write lock.
-super::queries::shared_queries!(sqlx::Sqlite, row_lock = "", name_lock = super::no_lock);
+super::queries::shared_queries!(sqlx::Sqlite, row_lock = "", name_lock = super::no_lock, skip_locked = "");
 
 static MIGRATOR: Migrator = sqlx::migrate!("src/server/store/migrations/sqlite");
 
@@ -91,48 +95,93 @@ impl SqliteStore {
         Ok(tx.commit().await?)
     }
 
-    /// Adds per-minute aggregates with one upsert per row.
+    /// Stores a batch's usage in one transaction, with its batch id when it has one
+    /// (a batch id applied before adds nothing). The write lock makes the reads and
+    /// writes of the merge one step.
     pub(super) async fn record_usage(
         &self,
-        rows: &[MinuteRow],
-        last_used: &[(String, OffsetDateTime)],
-    ) -> Result<(), StoreError> {
+        batch: Option<BatchMark<'_>>,
+        delta: &UsageDelta,
+    ) -> Result<Applied, StoreError> {
         let mut tx = self.write().await?;
-        for r in rows {
+        if let Some(batch) = batch {
+            if let Some(accepted) = shared::mark_batch(&mut tx, batch).await? {
+                tx.rollback().await?;
+                return Ok(Applied::Before { accepted });
+            }
+        }
+        merge(&mut tx, UsageTable::Minutes, &delta.minutes).await?;
+        merge(&mut tx, UsageTable::Routes, &delta.routes).await?;
+        for (key_id, at) in &delta.last_used {
             sqlx::query(
-                "INSERT INTO usage_minutes (key_id, minute, requests, allowed, denied, status_2xx, status_4xx, \
-                 status_5xx, latency_us_sum, latency_us_max) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                 ON CONFLICT (key_id, minute) DO UPDATE SET \
-                 requests = usage_minutes.requests + excluded.requests, \
-                 allowed = usage_minutes.allowed + excluded.allowed, \
-                 denied = usage_minutes.denied + excluded.denied, \
-                 status_2xx = usage_minutes.status_2xx + excluded.status_2xx, \
-                 status_4xx = usage_minutes.status_4xx + excluded.status_4xx, \
-                 status_5xx = usage_minutes.status_5xx + excluded.status_5xx, \
-                 latency_us_sum = usage_minutes.latency_us_sum + excluded.latency_us_sum, \
-                 latency_us_max = MAX(usage_minutes.latency_us_max, excluded.latency_us_max)",
+                "UPDATE keys SET last_used_at = $2 WHERE key_id = $1 AND (last_used_at IS NULL OR last_used_at < $2)",
             )
-            .bind(&r.key_id)
-            .bind(r.minute)
-            .bind(r.requests)
-            .bind(r.allowed)
-            .bind(r.denied)
-            .bind(r.status_2xx)
-            .bind(r.status_4xx)
-            .bind(r.status_5xx)
-            .bind(r.latency_us_sum)
-            .bind(r.latency_us_max)
+            .bind(key_id)
+            .bind(*at)
             .execute(&mut *tx)
             .await?;
         }
-        for (key_id, at) in last_used {
-            sqlx::query("UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, 0), $2) WHERE key_id = $1")
-                .bind(key_id)
-                .bind(to_ms(*at))
-                .execute(&mut *tx)
-                .await?;
-        }
         tx.commit().await?;
-        Ok(())
+        Ok(Applied::Now)
     }
+
+    /// Moves up to `limit` minute rows older than `before` into hour rows, in one
+    /// transaction; returns how many.
+    pub(super) async fn roll_up(&self, before: i64, limit: u32) -> Result<u64, StoreError> {
+        let mut tx = self.write().await?;
+        let taken = shared::take_minutes(&mut tx, before, limit).await?;
+        let n = taken.len() as u64;
+        merge(&mut tx, UsageTable::Hours, &hours_of(taken)).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+}
+
+/// Adds `rows` into `table`: read, merge, write back, row by row, under the write lock.
+async fn merge(
+    conn: &mut SqliteConnection,
+    table: UsageTable,
+    rows: &BTreeMap<UsageKey, Tally>,
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let keys = table.key_columns();
+    let matches: Vec<String> = keys.iter().enumerate().map(|(i, c)| format!("{c} = ${}", i + 1)).collect();
+    let select = format!("SELECT {} FROM {} WHERE {}", TALLY_COLUMNS.join(", "), table.name(), matches.join(" AND "));
+    let columns: Vec<&str> = keys.iter().chain(TALLY_COLUMNS.iter()).copied().collect();
+    let marks: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
+    let sets: Vec<String> = TALLY_COLUMNS.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+    let upsert = format!(
+        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
+        table.name(),
+        columns.join(", "),
+        marks.join(", "),
+        keys.join(", "),
+        sets.join(", ")
+    );
+    for (key, add) in rows {
+        let found = bind_key(sqlx::query(&select), table, key).fetch_optional(&mut *conn).await?;
+        let mut tally = match found {
+            Some(row) => Tally::from_row(&row)?,
+            None => Tally::default(),
+        };
+        tally.merge(add);
+        let (ints, latency) = tally.values();
+        let mut q = bind_key(sqlx::query(&upsert), table, key);
+        for v in ints {
+            q = q.bind(v);
+        }
+        q.bind(latency).execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+fn bind_key<'q>(
+    q: Query<'q, sqlx::Sqlite, SqliteArguments<'q>>,
+    table: UsageTable,
+    key: &'q UsageKey,
+) -> Query<'q, sqlx::Sqlite, SqliteArguments<'q>> {
+    let q = q.bind(key.key_id.as_str()).bind(key.at);
+    if table.routed() { q.bind(key.route.as_str()).bind(key.method.as_str()).bind(key.outcome.as_str()) } else { q }
 }
