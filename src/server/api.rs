@@ -488,7 +488,8 @@ async fn ingest_usage(
     if let Err(e) = inner.alerts.evaluate(&inner.store, &folded, &inner.stats.alerts_raised).await {
         tracing::error!(error = %e, "alert evaluation failed");
     }
-    Ok((StatusCode::ACCEPTED, Json(UsageAccepted { accepted: batch.events.len() as u64, duplicate: false })).into_response())
+    Ok((StatusCode::ACCEPTED, Json(UsageAccepted { accepted: batch.events.len() as u64, duplicate: false }))
+        .into_response())
 }
 
 // ---- events

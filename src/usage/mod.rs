@@ -236,13 +236,15 @@ mod duration_ms {
     }
 }
 
+mod aggregate;
 mod exporter;
 mod histogram;
 mod pipeline;
 mod rows;
 mod sinks;
 
-pub use exporter::{ExportError, UsageBatch, UsageExporter};
+pub use aggregate::{AggregatorBuildError, AggregatorHandle, AggregatorStats, UsageAggregator, UsageAggregatorBuilder};
+pub use exporter::{AggregateExporter, ExportError, UsageBatch, UsageExporter};
 pub use histogram::{LATENCY_BUCKETS, LATENCY_RELATIVE_ERROR, LatencyHistogram};
 pub use pipeline::metric;
 pub use pipeline::{
