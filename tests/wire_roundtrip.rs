@@ -230,7 +230,7 @@ async fn every_event_kind_and_the_usage_answer_parse_with_the_client_types() {
         let res = rig.http.post(rig.url("/v1/usage")).bearer_auth(SERVICE).json(&batch).send().await.unwrap();
         assert_eq!(res.status(), StatusCode::ACCEPTED);
         let accepted: UsageAccepted = serde_json::from_slice(&res.bytes().await.unwrap()).unwrap();
-        assert_eq!(accepted, UsageAccepted { accepted: 3 });
+        assert_eq!(accepted, UsageAccepted { accepted: 3, duplicate: false });
     }
     let alert: Alert = serde_json::from_str(&next_named(&mut rx, EventName::Alert).await).unwrap();
     assert_eq!((alert.key_id.as_str(), alert.kind), (key.key_id.as_str(), AlertKind::NewNetwork));
