@@ -54,7 +54,7 @@ impl Clock {
 
     pub(super) fn refresh(&self) {
         let now = Instant::now();
-        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| millis(d));
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, millis);
         self.offset_ms.store(unix - millis(now.saturating_duration_since(self.base)), Ordering::Relaxed);
         self.interval_minute.store(minute_of(unix), Ordering::Relaxed);
     }
