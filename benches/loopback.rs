@@ -17,7 +17,7 @@
 //! - `keygate production`: the same layers over a warm `CachedVerifier<HttpVerifier>`
 //!   against the reference key service (SQLite in memory, in its own runtime and
 //!   thread, unpinned), the revocation event stream followed, usage exported to the
-//!   key service through `UsagePipeline` + `HttpUsageExporter`;
+//!   key service through `UsageAggregator` + `HttpUsageExporter`;
 //! - `keygate production, usage off`: the same without usage events.
 //!
 //! The app runs on one thread named `app`, a current-thread Tokio runtime pinned to
@@ -63,8 +63,8 @@ mod bench {
     use hyper_util::rt::TokioIo;
     use keygate::server::{AdminClient, KeyServer, NewKey, RunningKeyServer};
     use keygate::{
-        ApiKey, ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, PipelineHandle, Principal, RequireScopes,
-        RevocationListener, ScopeSet, StaticVerifier, UsagePipeline, Verifier,
+        AggregatorHandle, ApiKey, ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, Principal,
+        RequireScopes, RevocationListener, ScopeSet, StaticVerifier, UsageAggregator, Verifier,
     };
     use tokio::sync::oneshot;
 
@@ -137,13 +137,13 @@ mod bench {
     struct Production {
         verifier: CachedVerifier<HttpVerifier>,
         events: RevocationListener,
-        pipeline: Option<PipelineHandle>,
+        pipeline: Option<AggregatorHandle>,
     }
 
     /// keygate as `examples/protected.rs` and the README set it up: remote verification
     /// behind the cache with its defaults, the event stream, usage exported to the key
     /// service (when `usage`). Must be called on the app's runtime: the listener and the
-    /// pipeline spawn their tasks there.
+    /// aggregator spawn their tasks there.
     fn production(key_service: &str, usage: bool) -> (Router, Production) {
         let urls = vec![key_service.to_owned()];
         let remote = HttpVerifier::builder(urls.clone()).service_token(SERVICE_TOKEN).build().expect("verifier");
@@ -154,7 +154,7 @@ mod bench {
         if usage {
             let exporter =
                 HttpUsageExporter::builder([key_service]).service_token(SERVICE_TOKEN).build().expect("exporter");
-            let (sink, handle) = UsagePipeline::builder().build(exporter).expect("pipeline");
+            let (sink, handle) = UsageAggregator::builder().build(exporter).expect("aggregator");
             layer = layer.usage(sink);
             pipeline = Some(handle);
         }

@@ -14,7 +14,7 @@
 //!   the floor of any auth layer);
 //! - `keygate_static`: `ApiKeyLayer` + `RequireScopes` over a `StaticVerifier`;
 //! - `keygate_cached_usage`: `ApiKeyLayer` + `RequireScopes` over a warm
-//!   `CachedVerifier` holding 10 000 keys, with usage events into a `UsagePipeline`,
+//!   `CachedVerifier` holding 10 000 keys, with usage folded by a `UsageAggregator`,
 //!   requests rotating over all 10 000 keys (cold memory: the worst case);
 //! - `keygate_cached_usage_hot_key`: the same, one key calling;
 //! - `keygate_one_layer_cached_usage`: the same cache and usage, with the route's
@@ -32,10 +32,9 @@ use axum::body::Body;
 use axum::routing::get;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderValue, Request};
-use keygate::ExportError;
+use keygate::{AggregateBatch, AggregateExporter, ExportError};
 use keygate::{
-    ApiKey, ApiKeyLayer, CachedVerifier, Principal, RequireScopes, ScopeSet, StaticVerifier, UsageBatch, UsageExporter,
-    UsagePipeline, Verifier,
+    ApiKey, ApiKeyLayer, CachedVerifier, Principal, RequireScopes, ScopeSet, StaticVerifier, UsageAggregator, Verifier,
 };
 use tower::ServiceExt;
 
@@ -43,8 +42,8 @@ const KEYS: usize = 10_000;
 
 struct Discard;
 
-impl UsageExporter for Discard {
-    async fn export(&self, batch: UsageBatch) -> Result<(), ExportError> {
+impl AggregateExporter for Discard {
+    async fn export(&self, batch: &AggregateBatch) -> Result<(), ExportError> {
         black_box(batch);
         Ok(())
     }
@@ -106,10 +105,10 @@ fn bench(c: &mut Criterion) {
 
     let cached =
         CachedVerifier::builder(verifier.clone()).max_capacity(100_000).positive_ttl(Duration::from_secs(3600)).build();
-    // The pipeline's worker runs on its own runtime thread, as it would beside a
+    // The aggregator's worker runs on its own runtime thread, as it would beside a
     // multi-threaded server: the benchmark's single thread never yields to it.
     let background = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-    let (pipeline, handle) = background.block_on(async { UsagePipeline::builder().build(Discard).unwrap() });
+    let (aggregator, handle) = background.block_on(async { UsageAggregator::builder().build(Discard).unwrap() });
     let cached = Arc::new(cached);
     rt.block_on(async {
         // Warm: every key verified once through the cache.
@@ -123,7 +122,7 @@ fn bench(c: &mut Criterion) {
     let bearer = tower_http::validate_request::ValidateRequestHeaderLayer::bearer("fixed-token-0123456789");
     let token = vec![HeaderValue::from_static("Bearer fixed-token-0123456789")];
     let static_layer = ApiKeyLayer::from_arc(verifier.clone());
-    let layer = ApiKeyLayer::from_arc(cached.clone()).usage(pipeline);
+    let layer = ApiKeyLayer::from_arc(cached.clone()).usage(aggregator);
     let hot = vec![headers[0].clone()];
     let variants = [
         Variant::new("no_auth", route(), headers.clone()),
@@ -153,7 +152,7 @@ fn bench(c: &mut Criterion) {
 
     let stats = cached.stats();
     println!("cache after the run: {stats:?}");
-    println!("usage pipeline after the run: {:?}", handle.stats());
+    println!("usage aggregator after the run: {:?}", handle.stats());
     background.block_on(handle.shutdown());
 }
 

@@ -19,7 +19,9 @@ use axum::Router;
 use axum::routing::get;
 use keygate::RevocationListener;
 use keygate::server::{AdminClient, KeyServer, NewKey};
-use keygate::{ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, Principal, RequireScopes, UsagePipeline};
+use keygate::{
+    ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, Principal, RequireScopes, UsageAggregator,
+};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -60,7 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let verifier = CachedVerifier::builder(remote).positive_ttl(Duration::from_secs(600)).build();
     let events = RevocationListener::builder(vec![keys.url()]).service_token("demo-service-token").spawn(&verifier)?;
     let exporter = HttpUsageExporter::builder(keys.url()).service_token("demo-service-token").build()?;
-    let (usage, pipeline) = UsagePipeline::builder().flush_interval(Duration::from_millis(200)).build(exporter)?;
+    let (usage, aggregator) = UsageAggregator::builder().flush_interval(Duration::from_millis(200)).build(exporter)?;
 
     let app = Router::new()
         .route(
@@ -125,7 +127,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cache: {:?}", verifier.stats());
 
     // 6. Usage, as the key service aggregated it.
-    pipeline.flush().await?;
+    aggregator.flush().await?;
     for (name, key_id) in [("analyst", &analyst.key_id), ("auditor", &auditor.key_id)] {
         let report = admin.usage(key_id, None).await?;
         let (mut requests, mut allowed, mut denied) = (0, 0, 0);
@@ -137,7 +139,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("usage of {name} ({key_id}): {requests} requests, {allowed} allowed, {denied} denied");
     }
 
-    pipeline.shutdown().await;
+    aggregator.shutdown().await;
     events.shutdown().await;
     server.abort();
     keys.shutdown().await;

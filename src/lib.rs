@@ -84,9 +84,10 @@ pub use scope::{
 };
 pub use usage::metric as usage_metrics;
 pub use usage::{
-    AggregateBatch, AggregateRow, ChannelSink, ClientNetwork, DecidedRequest, ExportError, FlushError, LATENCY_BUCKETS,
-    LATENCY_RELATIVE_ERROR, LatencyHistogram, OVERFLOW_METHOD, OVERFLOW_ROUTE, PipelineBuildError, PipelineHandle,
-    PipelineStats, StatusCounts, TracingSink, UsageBatch, UsageEvent, UsageExporter, UsagePipeline,
+    AggregateBatch, AggregateExporter, AggregateRow, AggregatorBuildError, AggregatorHandle, AggregatorStats,
+    ChannelSink, ClientNetwork, DecidedRequest, ExportError, FlushError, LATENCY_BUCKETS, LATENCY_RELATIVE_ERROR,
+    LatencyHistogram, OVERFLOW_METHOD, OVERFLOW_ROUTE, PipelineBuildError, PipelineHandle, PipelineStats, StatusCounts,
+    TracingSink, UsageAggregator, UsageAggregatorBuilder, UsageBatch, UsageEvent, UsageExporter, UsagePipeline,
     UsagePipelineBuilder, UsageSink, network_of,
 };
 pub use verify::{Reason, SharedError, StaticVerifier, Verdict, Verifier, VerifyError};

@@ -1,5 +1,5 @@
-//! Logs, spans, usage events and Debug output of a whole request path never contain a
-//! key's secret.
+//! Logs, spans, usage events, aggregated usage batches and Debug output of a whole request
+//! path never contain a key's secret.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use keygate::{ApiKey, ApiKeyLayer, Principal, RequireScopes, ScopeSet, StaticVerifier, UsageEvent, UsageSink};
+use keygate::{AggregateBatch, AggregateExporter, ExportError, UsageAggregator};
+use keygate::{
+    ApiKey, ApiKeyLayer, DecidedRequest, Principal, RequireScopes, ScopeSet, StaticVerifier, UsageEvent, UsageSink,
+};
 use time::OffsetDateTime;
 
 #[derive(Clone, Default)]
@@ -27,8 +30,19 @@ impl Write for Buffer {
 struct Collect(Mutex<Vec<UsageEvent>>);
 
 impl UsageSink for Collect {
-    fn record(&self, event: UsageEvent) {
-        self.0.lock().unwrap().push(event);
+    fn record(&self, request: &DecidedRequest<'_>) {
+        self.0.lock().unwrap().push(request.to_event());
+    }
+}
+
+/// Keeps every aggregate batch, as JSON.
+#[derive(Default)]
+struct Batches(Mutex<Vec<String>>);
+
+impl AggregateExporter for Batches {
+    async fn export(&self, batch: &AggregateBatch) -> Result<(), ExportError> {
+        self.0.lock().unwrap().push(serde_json::to_string(batch).unwrap());
+        Ok(())
     }
 }
 
@@ -58,6 +72,8 @@ async fn no_key_material_in_logs_spans_events_or_debug() {
         );
     verifier.revoke("key_revoked");
     let sink = Arc::new(Collect::default());
+    let batches = Arc::new(Batches::default());
+    let (aggregator, handle) = UsageAggregator::builder().build(batches.clone()).unwrap();
     let app = Router::new()
         .route(
             "/a",
@@ -68,7 +84,11 @@ async fn no_key_material_in_logs_spans_events_or_debug() {
             .route_layer(RequireScopes::all(["a:read"])),
         )
         .route("/b", get(|| async { "b" }).route_layer(RequireScopes::all(["b:write"])))
-        .layer(ApiKeyLayer::new(verifier).usage(sink.clone()));
+        .layer(
+            ApiKeyLayer::new(verifier)
+                .usage((sink.clone(), aggregator.clone()))
+                .client_ip_from_header("x-forwarded-for"),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -92,15 +112,19 @@ async fn no_key_material_in_logs_spans_events_or_debug() {
         ),
     ];
     for (path, headers) in &requests {
-        let mut req = client.get(format!("{base}{path}"));
+        let mut req = client.get(format!("{base}{path}")).header("x-forwarded-for", "203.0.113.9");
         for (k, v) in headers {
             req = req.header(*k, v);
         }
         req.send().await.unwrap();
     }
 
+    let stats = handle.shutdown().await;
+    assert_eq!(stats.exported, requests.len() as u64);
     let logs = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
-    let events = format!("{:?}", sink.0.lock().unwrap());
+    let events = format!("{:?}{:?}", sink.0.lock().unwrap(), aggregator);
+    let rows = batches.0.lock().unwrap().join("\n");
+    assert!(rows.contains("key_good") && rows.contains("203.0.113.0/24"), "{rows}");
     // The capture worked: the key id is attached to the handler's event through the span.
     assert!(logs.contains(r#"keygate{key_id="key_good"}"#), "{logs}");
     assert!(logs.contains("handler ran"), "{logs}");
@@ -113,6 +137,7 @@ async fn no_key_material_in_logs_spans_events_or_debug() {
             let w = std::str::from_utf8(window).unwrap();
             assert!(!logs.contains(w), "logs contain key material {w}");
             assert!(!events.contains(w), "usage events contain key material {w}");
+            assert!(!rows.contains(w), "usage batches contain key material {w}");
         }
     }
     assert!(!logs.contains(&bad_checksum[3..]));

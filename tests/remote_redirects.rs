@@ -14,10 +14,10 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{StatusCode, header};
+use keygate::{AggregateBatch, AggregateExporter, ExportError, HttpUsageExporter};
 use keygate::{
     ApiKey, ApiKeyLayer, CachedVerifier, HttpVerifier, Principal, RevocationListener, Verifier, VerifyError,
 };
-use keygate::{ExportError, HttpUsageExporter, UsageBatch, UsageExporter};
 use tower::ServiceExt;
 
 const TOKEN: &str = "svc-redirect-test";
@@ -100,7 +100,15 @@ async fn the_exporter_does_not_follow_a_redirect() {
     let (to, hits) = target().await;
     let url = redirector(to).await;
     let exporter = HttpUsageExporter::builder(url.as_str()).service_token(TOKEN).build().unwrap();
-    let result = tokio::time::timeout(LIMIT, exporter.export(UsageBatch { events: vec![], dropped: 1 })).await;
+    let batch = AggregateBatch {
+        batch_id: "0123456789abcdef0123456789abcdef".into(),
+        rows: vec![],
+        networks: vec![],
+        dropped: 1,
+        overflowed: 0,
+        networks_dropped: 0,
+    };
+    let result = tokio::time::timeout(LIMIT, exporter.export(&batch)).await;
     assert!(matches!(result, Ok(Err(ExportError::Status { status: 307 }))), "{result:?}");
     assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect's target received nothing");
 }

@@ -1,5 +1,5 @@
-//! The pipeline's counters reach the `metrics` facade. A binary of its own: it installs
-//! the process-wide recorder.
+//! The pipeline's and the aggregator's counters reach the `metrics` facade. A binary of
+//! its own: it installs the process-wide recorder.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keygate::usage_metrics as metric;
+use keygate::{AggregateBatch, AggregateExporter, UsageAggregator};
+use keygate::{DecidedRequest, Outcome, UsageSink};
 use keygate::{ExportError, FlushError, UsageBatch, UsageExporter, UsagePipeline};
-use keygate::{Outcome, UsageEvent, UsageSink};
 use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 
 /// Keeps every counter and gauge as an atomic, by name.
@@ -56,25 +57,27 @@ impl UsageExporter for FailOnce {
     }
 }
 
-fn event() -> UsageEvent {
-    UsageEvent {
-        at: time::OffsetDateTime::UNIX_EPOCH,
-        key_id: None,
-        owner: None,
-        outcome: Outcome::NoKey,
-        method: "GET".into(),
-        route: "/".into(),
-        status: 401,
-        latency: Duration::from_micros(5),
-        client_ip: None,
-        request_id: None,
-    }
+/// A request without a key, as the layer records it.
+fn record(sink: &impl UsageSink) {
+    let request = DecidedRequest::new(std::time::Instant::now(), &http::Method::GET, "/", 401, Outcome::NoKey)
+        .with_latency(Duration::from_micros(5));
+    sink.record(&request);
+}
+
+/// The process-wide recorder, installed once for every test of this binary (their
+/// metric names do not overlap).
+fn recorder() -> &'static Atomics {
+    static ATOMICS: std::sync::OnceLock<&'static Atomics> = std::sync::OnceLock::new();
+    ATOMICS.get_or_init(|| {
+        let atomics: &'static Atomics = Box::leak(Box::default());
+        metrics::set_global_recorder(Shared(atomics)).unwrap();
+        atomics
+    })
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn counters_reach_the_metrics_facade() {
-    let atomics: &'static Atomics = Box::leak(Box::default());
-    metrics::set_global_recorder(Shared(atomics)).unwrap();
+    let atomics = recorder();
 
     let (sink, handle) = UsagePipeline::builder()
         .capacity(8)
@@ -83,12 +86,12 @@ async fn counters_reach_the_metrics_facade() {
         .build(FailOnce::default())
         .unwrap();
     for _ in 0..12 {
-        sink.record(event());
+        record(&sink);
     }
     assert_eq!(atomics.counter(metric::DROPPED), 4, "drops are counted as they happen");
     assert_eq!(handle.flush().await, Err(FlushError::Failed { batches: 1, events: 8 }));
     for _ in 0..3 {
-        sink.record(event());
+        record(&sink);
     }
     let stats = handle.shutdown().await;
 
@@ -99,4 +102,51 @@ async fn counters_reach_the_metrics_facade() {
     assert_eq!(atomics.counter(metric::LOST), stats.lost);
     assert_eq!((stats.enqueued, stats.dropped, stats.exported, stats.export_failures, stats.lost), (11, 4, 3, 1, 8));
     assert_eq!(atomics.gauge(metric::QUEUE_DEPTH), 0.0);
+}
+
+/// Fails its first batch, takes the rest.
+#[derive(Default)]
+struct FailFirstBatch(AtomicU64);
+
+impl AggregateExporter for FailFirstBatch {
+    async fn export(&self, _: &AggregateBatch) -> Result<(), ExportError> {
+        if self.0.fetch_add(1, Ordering::SeqCst) == 0 { Err(ExportError::other("first attempt fails")) } else { Ok(()) }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn aggregator_counters_reach_the_metrics_facade() {
+    let atomics = recorder();
+    let (sink, handle) = UsageAggregator::builder()
+        .max_rows(1)
+        .flush_interval(Duration::from_secs(3_600))
+        .build(FailFirstBatch::default())
+        .unwrap();
+    let key: std::sync::Arc<str> = "key_m".into();
+    for route in ["/a", "/b", "/c"] {
+        let request = DecidedRequest::new(std::time::Instant::now(), &http::Method::GET, route, 200, Outcome::Allowed)
+            .with_key(&key, None)
+            .with_client_ip(Some("10.0.0.1".parse().unwrap()));
+        sink.record(&request);
+    }
+    assert!(matches!(handle.flush().await, Err(FlushError::Pending { batches: 1, requests: 3 })));
+    assert_eq!(atomics.gauge(metric::BATCHES_PENDING), 1.0);
+    handle.flush().await.unwrap();
+    let stats = handle.shutdown().await;
+    record(&sink);
+
+    assert_eq!(atomics.counter(metric::AGGREGATED), stats.recorded);
+    assert_eq!(atomics.counter(metric::OVERFLOWED), stats.overflowed);
+    assert_eq!(atomics.counter(metric::REQUESTS_EXPORTED), stats.exported);
+    assert_eq!(atomics.counter(metric::BATCHES_EXPORTED), stats.batches_exported);
+    assert_eq!(atomics.counter(metric::AGGREGATE_EXPORT_FAILURES), stats.export_failures);
+    assert_eq!(atomics.counter(metric::REQUESTS_LOST), stats.lost);
+    assert_eq!(atomics.counter(metric::NETWORKS_DROPPED), stats.networks_dropped);
+    assert_eq!(atomics.counter(metric::REQUESTS_REFUSED), 1);
+    assert_eq!(atomics.gauge(metric::BATCHES_PENDING), 0.0);
+    assert_eq!(atomics.gauge(metric::ROWS), 0.0, "the last cut found the table empty");
+    assert_eq!(
+        (stats.recorded, stats.overflowed, stats.exported, stats.batches_exported, stats.export_failures, stats.lost),
+        (3, 2, 3, 1, 1, 0)
+    );
 }

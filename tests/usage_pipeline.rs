@@ -10,22 +10,23 @@ use std::time::Duration;
 use keygate::{
     ChannelSink, ExportError, FlushError, PipelineBuildError, TracingSink, UsageBatch, UsageExporter, UsagePipeline,
 };
-use keygate::{Outcome, UsageEvent, UsageSink};
-use time::OffsetDateTime;
+use keygate::{DecidedRequest, Outcome, UsageEvent, UsageSink};
 
-fn event(i: usize) -> UsageEvent {
-    UsageEvent {
-        at: OffsetDateTime::UNIX_EPOCH,
-        key_id: Some("key_01".into()),
-        owner: Some("acme".into()),
-        outcome: Outcome::Allowed,
-        method: "GET".into(),
-        route: "/reports/{id}".into(),
-        status: 200,
-        latency: Duration::from_micros(i as u64),
-        client_ip: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        request_id: Some(format!("req-{i}").into()),
-    }
+/// Records request `i` as the layer would: key `key_01` of `acme`, `GET /reports/{id}`,
+/// 200, `i` µs, from 127.0.0.1, request id `req-{i}`.
+fn record(sink: &impl UsageSink, i: usize) {
+    record_as(sink, i, Outcome::Allowed, 200);
+}
+
+fn record_as(sink: &impl UsageSink, i: usize, outcome: Outcome, status: u16) {
+    let (key, owner): (Arc<str>, Arc<str>) = ("key_01".into(), "acme".into());
+    let id = format!("req-{i}");
+    let request = DecidedRequest::new(std::time::Instant::now(), &http::Method::GET, "/reports/{id}", status, outcome)
+        .with_key(&key, Some(&owner))
+        .with_latency(Duration::from_micros(i as u64))
+        .with_client_ip(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)))
+        .with_request_id(Some(&id));
+    sink.record(&request);
 }
 
 /// Keeps every batch; fails the first `fail_first` calls.
@@ -95,10 +96,9 @@ async fn full_queue_drops_and_counts_without_blocking() {
 
     // The worker shares this thread, so it cannot drain while we record: exactly
     // CAPACITY get in and the rest are refused.
-    let events: Vec<_> = (0..10 * CAPACITY).map(event).collect();
     let started = std::time::Instant::now();
-    for e in events {
-        sink.record(e);
+    for i in 0..10 * CAPACITY {
+        record(&sink, i);
     }
     let elapsed = started.elapsed();
     assert!(elapsed < Duration::from_millis(500), "10× capacity took {elapsed:?}");
@@ -111,7 +111,7 @@ async fn full_queue_drops_and_counts_without_blocking() {
     // for exactly one more batch and no more.
     assert!(wait_until(1_000, || sink.stats().queued == CAPACITY - 128).await);
     for i in 0..1_000 {
-        sink.record(event(i));
+        record(&sink, i);
     }
     let stats = sink.stats();
     assert_eq!(stats.enqueued, CAPACITY as u64 + 128);
@@ -144,7 +144,7 @@ async fn never_draining_sink_never_blocks_producers_on_other_threads() {
             std::thread::spawn(move || {
                 let started = std::time::Instant::now();
                 for i in 0..5 * CAPACITY {
-                    sink.record(event(i));
+                    record(&sink, i);
                 }
                 started.elapsed()
             })
@@ -172,7 +172,7 @@ async fn shutdown_flushes_everything_queued() {
         .build(exporter.clone())
         .unwrap();
     for i in 0..2_500 {
-        sink.record(event(i));
+        record(&sink, i);
     }
     let stats = handle.shutdown().await;
     assert_eq!(stats.exported, 2_500);
@@ -183,7 +183,7 @@ async fn shutdown_flushes_everything_queued() {
     assert_eq!(ids, expected, "every event once, in order");
 
     // After shutdown, clones refuse and count; flush says why.
-    sink.record(event(0));
+    record(&sink, 0);
     assert_eq!(sink.stats().dropped, 1);
     assert_eq!(sink.flush().await, Err(FlushError::Closed));
 }
@@ -198,7 +198,7 @@ async fn batches_by_size_then_by_interval() {
         .unwrap();
     let started = tokio::time::Instant::now();
     for i in 0..250 {
-        sink.record(event(i));
+        record(&sink, i);
     }
     // Two full batches go at once, long before the interval.
     assert!(wait_until(100, || exporter.sizes().len() == 2).await);
@@ -222,7 +222,7 @@ async fn a_trickle_is_flushed_by_the_interval() {
         .unwrap();
     let started = tokio::time::Instant::now();
     for i in 0..5 {
-        sink.record(event(i));
+        record(&sink, i);
     }
     tokio::time::sleep_until(started + Duration::from_millis(240)).await;
     assert!(exporter.sizes().is_empty());
@@ -244,19 +244,19 @@ async fn drops_are_reported_downstream_once() {
         .build(exporter.clone())
         .unwrap();
     for i in 0..25 {
-        sink.record(event(i));
+        record(&sink, i);
     }
     handle.flush().await.unwrap();
     assert_eq!(exporter.sizes(), [10]);
     assert_eq!(exporter.dropped(), [15]);
 
-    sink.record(event(25));
+    record(&sink, 25);
     handle.flush().await.unwrap();
     assert_eq!(exporter.dropped(), [15, 0], "a drop is reported once");
 
     // Drops with no events to carry them still go out.
     for i in 0..11 {
-        sink.record(event(i));
+        record(&sink, i);
     }
     handle.flush().await.unwrap();
     assert_eq!(exporter.dropped(), [15, 0, 1]);
@@ -271,14 +271,14 @@ async fn a_failed_batch_is_counted_lost_and_reported_in_the_next() {
     let (sink, handle) =
         UsagePipeline::builder().flush_interval(Duration::from_secs(3_600)).build(exporter.clone()).unwrap();
     for i in 0..5 {
-        sink.record(event(i));
+        record(&sink, i);
     }
     assert_eq!(handle.flush().await, Err(FlushError::Failed { batches: 1, events: 5 }));
     let stats = handle.stats();
     assert_eq!((stats.lost, stats.export_failures, stats.exported), (5, 1, 0));
 
     for i in 5..7 {
-        sink.record(event(i));
+        record(&sink, i);
     }
     handle.flush().await.unwrap();
     assert_eq!(exporter.sizes(), [2]);
@@ -295,10 +295,10 @@ async fn dropping_every_handle_drains_the_queue() {
     let other = handle.pipeline();
     drop(handle);
     for i in 0..10 {
-        sink.record(event(i));
+        record(&sink, i);
     }
     drop(sink);
-    other.record(event(10));
+    record(&other, 10);
     assert!(!wait_until(50, || exporter.events().len() == 11).await, "a live clone keeps the worker batching");
     drop(other);
     assert!(wait_until(2_000, || exporter.events().len() == 11).await);
@@ -308,7 +308,7 @@ async fn dropping_every_handle_drains_the_queue() {
 async fn shutdown_is_bounded_by_its_deadline() {
     let (sink, handle) = UsagePipeline::builder().shutdown_deadline(Duration::from_millis(150)).build(Hang).unwrap();
     for i in 0..10 {
-        sink.record(event(i));
+        record(&sink, i);
     }
     let started = std::time::Instant::now();
     let stats = handle.shutdown().await;
@@ -343,14 +343,14 @@ fn builder_refuses_impossible_settings() {
 async fn channel_sink_drops_when_full() {
     let (sink, mut rx) = ChannelSink::new(2);
     for i in 0..5 {
-        sink.record(event(i));
+        record(&sink, i);
     }
     assert_eq!(sink.dropped(), 3);
     assert_eq!(rx.recv().await.unwrap().request_id.as_deref(), Some("req-0"));
     assert_eq!(rx.recv().await.unwrap().request_id.as_deref(), Some("req-1"));
     assert!(rx.try_recv().is_err());
     drop(rx);
-    sink.record(event(9));
+    record(&sink, 9);
     assert_eq!(sink.dropped(), 4, "a closed channel drops too");
 }
 
@@ -375,11 +375,8 @@ fn tracing_sink_logs_fields() {
         .with_writer(move || writer.clone())
         .finish();
     tracing::subscriber::with_default(subscriber, || {
-        let mut e = event(7);
-        e.outcome = Outcome::Revoked;
-        e.status = 401;
-        TracingSink::new().record(e.clone());
-        TracingSink::new().level(tracing::Level::TRACE).record(e);
+        record_as(&TracingSink::new(), 7, Outcome::Revoked, 401);
+        record_as(&TracingSink::new().level(tracing::Level::TRACE), 7, Outcome::Revoked, 401);
     });
     let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     assert_eq!(out.lines().count(), 1, "TRACE is below the subscriber's level: {out}");

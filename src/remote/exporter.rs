@@ -11,16 +11,16 @@ use crate::remote::{
     DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, KeyServiceUrls, Remote, RemoteConfigError, RemoteSettings,
     answered_by, backoff, read_body, remote_builder_methods,
 };
-use crate::usage::UsageBatch;
-use crate::usage::{ExportError, UsageExporter};
+use crate::usage::{AggregateBatch, AggregateExporter, ExportError};
 use crate::wire::{self, UsageAccepted};
 
 /// Default timeout of one export attempt, body included: 2 s.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default attempts per batch: 8.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 8;
-/// Default time a batch may spend being retried: 30 s.
-pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
+/// Default time one export (all its attempts) may take: 5 s, half the aggregator's
+/// default flush interval; the aggregator tries a batch that failed again later.
+pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Largest `{"accepted": n}` answer read.
 const MAX_ACCEPTED_BYTES: usize = 4 * 1024;
@@ -63,7 +63,7 @@ impl From<RemoteConfigError> for HttpExporterBuildError {
 /// | [`max_attempts`](Self::max_attempts) | 8 per batch |
 /// | [`initial_backoff`](Self::initial_backoff) | 100 ms, doubling, jittered |
 /// | [`max_backoff`](Self::max_backoff) | 5 s |
-/// | [`retry_deadline`](Self::retry_deadline) | 30 s per batch |
+/// | [`retry_deadline`](Self::retry_deadline) | 5 s per export |
 #[must_use]
 #[derive(Debug)]
 pub struct HttpUsageExporterBuilder {
@@ -104,12 +104,12 @@ impl HttpUsageExporterBuilder {
         self
     }
 
-    /// How long one batch may be retried before it is given up (and its events counted as
-    /// lost by the pipeline). Default 30 s.
+    /// How long one export may retry before it returns its last error. Default 5 s.
     ///
-    /// The pipeline exports one batch at a time, so at most one batch is ever being retried:
-    /// while it is, new events wait in the pipeline's bounded queue, and are dropped and
-    /// counted once it is full. Memory stays bounded by the queue and this one batch.
+    /// The [`UsageAggregator`](crate::UsageAggregator) keeps a batch that failed and sends
+    /// it again later (same `batch_id`), so this only decides how much of a short outage
+    /// one call rides out. Keep it below the aggregator's flush interval (default 10 s),
+    /// which also bounds each call.
     pub fn retry_deadline(mut self, deadline: Duration) -> Self {
         self.retry_deadline = deadline;
         self
@@ -138,40 +138,45 @@ impl HttpUsageExporterBuilder {
     }
 }
 
-/// Exports usage batches to the key service: `POST {base}/v1/usage` with
-/// `Authorization: Bearer <service token>` and body `{"events": [...], "dropped": n}`,
-/// expecting `202 {"accepted": n}` (any 2xx is taken as delivered; see
-/// [`wire`](crate::wire)).
+/// Exports aggregated usage to the key service: `POST {base}/v1/usage` with
+/// `Authorization: Bearer <service token>` and the [`AggregateBatch`] as JSON
+/// (`{"batch_id", "rows", "networks", "dropped", ...}`), expecting `202 {"accepted": n}`.
+/// Any 2xx is taken as delivered, also `{"accepted": n, "duplicate": true}`: the key
+/// service had applied that `batch_id` before (an earlier answer was lost), which is
+/// success.
 ///
 /// A failed attempt (transport error, timeout, 408, 429 or 5xx) is retried with
 /// exponential backoff and jitter, honoring `Retry-After`, until the batch is
-/// delivered, 8 attempts are spent, or 30 s have passed (see
-/// [`HttpUsageExporterBuilder`]); then the batch is given up and the pipeline counts its
-/// events as lost and reports them in the next batch's `dropped`. Other statuses (400,
-/// 401, 413, a redirect: none is followed) are not retried: sending the same bytes again
-/// would not help.
+/// delivered, 8 attempts are spent, or 5 s have passed (see
+/// [`HttpUsageExporterBuilder`]); then `export` returns the error and the
+/// [`UsageAggregator`](crate::UsageAggregator) keeps the batch to send again later. Other
+/// statuses (400, 401, 413, a redirect: none is followed) are not retried within the
+/// call; 400, 413 and 422 mean the batch itself is refused
+/// ([`ExportError::is_permanent`]).
 ///
 /// Given several base URLs (replicas), a batch whose connection cannot be established
 /// moves to the next URL at once, without waiting; a URL that refused is tried last for
 /// the failover cooldown (default 2 s).
 ///
-/// The body is encoded once per batch. `Debug` never shows the service token.
+/// The body is encoded once per call. `Debug` never shows the service token.
 ///
-/// The reference key service takes at most 10 000 events and 4 MiB per batch and answers
-/// 400 or 413 beyond that, which is not retried: keep the pipeline's
-/// [`batch_size`](crate::usage::UsagePipelineBuilder::batch_size) at or below 10 000 (the
-/// default 1 000 encodes to about 300 KB).
+/// Raw [`UsageEvent`](crate::UsageEvent)s are not sent by this exporter: they are for
+/// your own [`UsageExporter`](crate::UsageExporter) behind a
+/// [`UsagePipeline`](crate::UsagePipeline) (the key service still accepts the older
+/// `{"events": [...]}` body from middlewares that send it).
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-/// use keygate::{HttpUsageExporter, UsagePipeline};
+/// use keygate::{HttpUsageExporter, UsageAggregator};
 ///
 /// let exporter = HttpUsageExporter::builder(["https://keys-a.internal:8443", "https://keys-b.internal:8443"])
 ///     .service_token(std::env::var("KEYGATE_SERVICE_TOKEN")?)
-///     .retry_deadline(std::time::Duration::from_secs(10))
 ///     .build()?;
-/// let (sink, handle) = UsagePipeline::builder().build(exporter)?;
-/// # drop((sink, handle));
+/// let (sink, handle) = UsageAggregator::builder().build(exporter)?;
+/// // layer = ApiKeyLayer::new(verifier).usage(sink);
+/// // ... and on the way out:
+/// let stats = handle.shutdown().await;
+/// # drop(sink);
 /// # Ok(())
 /// # }
 /// ```
@@ -206,7 +211,7 @@ impl HttpUsageExporter {
         self.remote.endpoints.get(0).url.as_str()
     }
 
-    async fn attempt(&self, index: usize, body: &Bytes, timeout: Duration, events: usize) -> Attempt {
+    async fn attempt(&self, index: usize, body: &Bytes, timeout: Duration, batch: &AggregateBatch) -> Attempt {
         let endpoint = self.remote.endpoints.get(index);
         let request = self
             .remote
@@ -216,17 +221,19 @@ impl HttpUsageExporter {
             .body(body.clone());
         match request.send().await {
             Ok(response) if response.status().is_success() && answered_by(&response, endpoint) => {
-                // The count is informational: the batch is delivered either way.
-                let accepted = read_body(response, MAX_ACCEPTED_BYTES)
+                // The answer is informational: the batch is delivered either way.
+                let answer = read_body(response, MAX_ACCEPTED_BYTES)
                     .await
                     .ok()
                     .and_then(|body| serde_json::from_slice::<UsageAccepted>(&body).ok());
-                if let Some(UsageAccepted { accepted, .. }) = accepted.filter(|a| a.accepted != events as u64) {
-                    tracing::warn!(
+                if let Some(UsageAccepted { accepted, duplicate }) = answer {
+                    tracing::debug!(
                         target: "keygate::usage",
-                        sent = events,
+                        batch_id = %batch.batch_id,
+                        sent = batch.requests(),
                         accepted,
-                        "key service accepted a different number of usage events than sent"
+                        duplicate,
+                        "usage batch delivered"
                     );
                 }
                 Attempt::Delivered
@@ -258,12 +265,10 @@ enum Attempt {
     Fatal(ExportError),
 }
 
-impl UsageExporter for HttpUsageExporter {
-    async fn export(&self, batch: UsageBatch) -> Result<(), ExportError> {
+impl AggregateExporter for HttpUsageExporter {
+    async fn export(&self, batch: &AggregateBatch) -> Result<(), ExportError> {
         let deadline = Instant::now() + self.retry_deadline;
-        let events = batch.events.len();
-        let body = Bytes::from(serde_json::to_vec(&batch).map_err(ExportError::Encode)?);
-        drop(batch);
+        let body = Bytes::from(serde_json::to_vec(batch).map_err(ExportError::Encode)?);
         let endpoints = &self.remote.endpoints;
         let mut cursor = endpoints.start();
         // URLs that refused a connection since the last wait: the others are tried first.
@@ -275,7 +280,7 @@ impl UsageExporter for HttpUsageExporter {
             let remaining = deadline.saturating_duration_since(Instant::now());
             attempts += 1;
             let (error, retry_after) = match self
-                .attempt(index, &body, self.request_timeout.min(remaining), events)
+                .attempt(index, &body, self.request_timeout.min(remaining), batch)
                 .await
             {
                 Attempt::Delivered => {

@@ -1,11 +1,13 @@
-//! Where batches of usage events go: the [`UsageExporter`] trait and its batch type.
+//! Where usage goes: [`AggregateExporter`] (aggregated rows, from the
+//! [`UsageAggregator`](crate::UsageAggregator)) and [`UsageExporter`] (raw events, from the
+//! [`UsagePipeline`](crate::UsagePipeline)), and the error both return.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::UsageEvent;
+use super::{AggregateBatch, UsageEvent};
 
 /// One batch of usage events, as the pipeline hands it to an exporter and as
 /// `POST /v1/usage` carries it: `{"events": [...], "dropped": n}`.
@@ -60,6 +62,54 @@ impl<E: UsageExporter + ?Sized> UsageExporter for Arc<E> {
     }
 }
 
+/// Delivers batches of aggregated usage somewhere: the key service (`HttpUsageExporter`),
+/// your own store, a test's vector.
+///
+/// The [`UsageAggregator`](crate::UsageAggregator) calls `export` from one background
+/// task, one batch at a time, and waits for it. The batch is lent, not given: when
+/// `export` fails, the aggregator keeps the batch, unchanged and with the same
+/// [`batch_id`](AggregateBatch::batch_id), and offers it again later, so a receiver that
+/// applies each `batch_id` once counts every request exactly once even when an answer
+/// was lost after the batch was stored. Return an error that
+/// [`is_permanent`](ExportError::is_permanent) when sending the same batch again cannot
+/// help; it is then given up at once.
+///
+/// An attempt should end in bounded time; the aggregator abandons one after a flush
+/// interval (and at the shutdown deadline) and tries again later.
+///
+/// ```
+/// use std::sync::Mutex;
+/// use keygate::{AggregateBatch, AggregateExporter, ExportError};
+///
+/// /// Keeps per-key totals, applying each batch id once.
+/// #[derive(Default)]
+/// struct Totals(Mutex<(std::collections::HashSet<String>, std::collections::HashMap<String, u64>)>);
+///
+/// impl AggregateExporter for Totals {
+///     async fn export(&self, batch: &AggregateBatch) -> Result<(), ExportError> {
+///         let mut guard = self.0.lock().unwrap();
+///         let (seen, totals) = &mut *guard;
+///         if seen.insert(batch.batch_id.clone()) {
+///             for row in &batch.rows {
+///                 let key = row.key_id.as_deref().unwrap_or("(none)").to_owned();
+///                 *totals.entry(key).or_default() += row.requests;
+///             }
+///         }
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait AggregateExporter: Send + Sync + 'static {
+    /// Delivers one batch (or fails, and is offered the same batch again later).
+    fn export(&self, batch: &AggregateBatch) -> impl Future<Output = Result<(), ExportError>> + Send;
+}
+
+impl<E: AggregateExporter + ?Sized> AggregateExporter for Arc<E> {
+    fn export(&self, batch: &AggregateBatch) -> impl Future<Output = Result<(), ExportError>> + Send {
+        (**self).export(batch)
+    }
+}
+
 /// A batch could not be delivered.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -97,5 +147,26 @@ impl ExportError {
     /// Wraps any error for a custom exporter.
     pub fn other(err: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Self::Other(err.into())
+    }
+
+    /// Whether sending the same batch again cannot succeed: it could not be encoded, or
+    /// the receiver refused it as malformed (HTTP 400), too large (413) or unprocessable
+    /// (422), also as the last error of retries that gave up. The
+    /// [`UsageAggregator`](crate::UsageAggregator) gives such a batch up at once (counted);
+    /// any other error keeps it pending for another attempt.
+    ///
+    /// ```
+    /// use keygate::ExportError;
+    /// assert!(ExportError::Status { status: 413 }.is_permanent());
+    /// assert!(!ExportError::Status { status: 503 }.is_permanent());
+    /// assert!(!ExportError::Timeout.is_permanent());
+    /// ```
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Encode(_) => true,
+            Self::Status { status } => matches!(status, 400 | 413 | 422),
+            Self::GaveUp { last, .. } => last.is_permanent(),
+            Self::Transport(_) | Self::Timeout | Self::Other(_) => false,
+        }
     }
 }

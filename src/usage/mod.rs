@@ -1,12 +1,23 @@
-//! Usage events: one per decided request, allowed or denied.
+//! Usage: one record per decided request, allowed or denied.
 //!
-//! The layer builds a [`UsageEvent`] when the response head is ready (or when it
-//! rejects) and hands it to a [`UsageSink`] without blocking.
+//! The layer hands each decided request to a [`UsageSink`] as a borrowed
+//! [`DecidedRequest`] when the response head is ready (or when it rejects), without
+//! blocking. There are two paths from there:
+//!
+//! | path | what travels | use it for |
+//! | --- | --- | --- |
+//! | [`UsageAggregator`] → [`AggregateExporter`] (`HttpUsageExporter` to the key service) | per interval (10 s), one [`AggregateBatch`]: rows per (minute, key id, route, method, outcome) with status classes, a latency histogram and the client networks seen; a batch id the receiver applies once | the key service's usage, billing, quotas and alerts: cost independent of traffic (an addition per request, no allocation), bounded memory, exactly-once counts |
+//! | [`UsagePipeline`] → [`UsageExporter`] (yours) | every request as an owned [`UsageEvent`] (time, key id, owner, route, status, latency, client address, request id), in batches of 1 000 | your own log pipeline or analytics store, when you need each request; it costs an allocation and a queue slot per request, and drops (counted) when the queue is full |
+//!
+//! Both can run at once: a pair `(aggregator, pipeline)` is a sink. The key service
+//! still accepts raw events (`{"events": [...]}`) on `POST /v1/usage` from middlewares
+//! that send them.
 //!
 //! | sink or exporter | what it does |
 //! | --- | --- |
+//! | [`UsageAggregator`] | folds requests into a sharded, bounded row table (default 10 000 rows per interval, overflow counted into per-key overflow rows); cuts it every 10 s into a batch for an [`AggregateExporter`], keeps failed batches (6 by default) and retries them unchanged |
+//! | `HttpUsageExporter` (feature `remote`) | an [`AggregateExporter`]: `POST /v1/usage` to the key service, with bounded retries and backoff inside one call |
 //! | [`UsagePipeline`] | a bounded lock-free queue (default 65 536 events) drained by a background task into batches (1 000 events, or whatever is queued every 1 s) for a [`UsageExporter`]; drops and counts when full, never blocks |
-//! | `HttpUsageExporter` (feature `remote`) | `POST /v1/usage` to the key service, with bounded retries and backoff |
 //! | [`TracingSink`] | one `tracing` event per request (target `keygate::usage`) |
 //! | [`ChannelSink`] | a bounded Tokio channel, for tests and custom consumers |
 
@@ -236,13 +247,15 @@ mod duration_ms {
     }
 }
 
+mod aggregate;
 mod exporter;
 mod histogram;
 mod pipeline;
 mod rows;
 mod sinks;
 
-pub use exporter::{ExportError, UsageBatch, UsageExporter};
+pub use aggregate::{AggregatorBuildError, AggregatorHandle, AggregatorStats, UsageAggregator, UsageAggregatorBuilder};
+pub use exporter::{AggregateExporter, ExportError, UsageBatch, UsageExporter};
 pub use histogram::{LATENCY_BUCKETS, LATENCY_RELATIVE_ERROR, LatencyHistogram};
 pub use pipeline::metric;
 pub use pipeline::{

@@ -35,7 +35,8 @@ const ABORT_GRACE: Duration = Duration::from_millis(100);
 
 const COMMAND_QUEUE: usize = 16;
 
-/// Metric names, all counters except the queue-depth gauge.
+/// Metric names: counters (`_total`) and gauges, of the [`UsagePipeline`] (raw events)
+/// and of the [`UsageAggregator`](crate::UsageAggregator) (aggregated requests).
 pub mod metric {
     /// Events accepted into the queue.
     pub const ENQUEUED: &str = "keygate_usage_events_enqueued_total";
@@ -49,6 +50,27 @@ pub mod metric {
     pub const LOST: &str = "keygate_usage_events_lost_total";
     /// Events waiting in the queue (gauge).
     pub const QUEUE_DEPTH: &str = "keygate_usage_queue_depth";
+
+    /// Aggregator: requests folded into rows (published at each cut).
+    pub const AGGREGATED: &str = "keygate_usage_requests_aggregated_total";
+    /// Aggregator: of those, requests folded into overflow rows because the table was full.
+    pub const OVERFLOWED: &str = "keygate_usage_requests_overflowed_total";
+    /// Aggregator: client networks not kept because a key's or the table's set was full.
+    pub const NETWORKS_DROPPED: &str = "keygate_usage_networks_dropped_total";
+    /// Aggregator: requests refused because the aggregator had shut down.
+    pub const REQUESTS_REFUSED: &str = "keygate_usage_requests_refused_total";
+    /// Aggregator: requests in batches the exporter delivered.
+    pub const REQUESTS_EXPORTED: &str = "keygate_usage_requests_exported_total";
+    /// Aggregator: batches the exporter delivered.
+    pub const BATCHES_EXPORTED: &str = "keygate_usage_batches_exported_total";
+    /// Aggregator: failed export attempts (a batch that is retried counts once per attempt).
+    pub const AGGREGATE_EXPORT_FAILURES: &str = "keygate_usage_aggregate_export_failures_total";
+    /// Aggregator: requests given up (pending queue full, refused batch, shutdown deadline).
+    pub const REQUESTS_LOST: &str = "keygate_usage_requests_lost_total";
+    /// Aggregator: batches waiting to be delivered (gauge).
+    pub const BATCHES_PENDING: &str = "keygate_usage_batches_pending";
+    /// Aggregator: rows the table held when the last interval was cut (gauge).
+    pub const ROWS: &str = "keygate_usage_rows";
 }
 
 /// Keeps counters that every request writes on cache lines of their own, so producers on
@@ -155,6 +177,15 @@ pub enum FlushError {
         batches: u64,
         /// Events in them.
         events: u64,
+    },
+    /// [`UsageAggregator`](crate::UsageAggregator): some batches could not be delivered
+    /// yet; they stay pending and are retried (and counted as lost only if given up).
+    #[error("{batches} usage batch(es) with {requests} request(s) are still pending")]
+    Pending {
+        /// Batches still pending.
+        batches: u64,
+        /// Requests in them.
+        requests: u64,
     },
 }
 
