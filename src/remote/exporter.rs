@@ -226,7 +226,7 @@ impl HttpUsageExporter {
                     .await
                     .ok()
                     .and_then(|body| serde_json::from_slice::<UsageAccepted>(&body).ok());
-                if let Some(UsageAccepted { accepted, duplicate }) = answer {
+                if let Some(UsageAccepted { accepted, duplicate, .. }) = answer {
                     tracing::debug!(
                         target: "keygate::usage",
                         batch_id = %batch.batch_id,
