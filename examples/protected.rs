@@ -1,6 +1,7 @@
 //! A protected axum service run against your own key service, set up as in production:
-//! remote verification behind a cache, and the key service's event stream for instant
-//! revocation.
+//! remote verification behind a cache, the key service's event stream for instant
+//! revocation, and usage aggregated in memory and exported to the key service every
+//! 10 s (`--usage-interval-ms`), and once more on the way out.
 //!
 //! ```sh
 //! cargo run --example protected --features server -- \
@@ -18,7 +19,9 @@
 //!
 //! Each protected route answers JSON naming the caller's key id and owner. The address
 //! it listens on is printed (`listening on 127.0.0.1:8080`), so `--listen 127.0.0.1:0`
-//! works too; Ctrl-C or SIGTERM stops it gracefully. Try it:
+//! works too. Ctrl-C or SIGTERM stops it gracefully: it stops taking connections, lets
+//! requests in flight finish, then delivers the usage not yet exported (within 5 s)
+//! before it exits. Try it:
 //!
 //! ```sh
 //! curl -s localhost:8080/health
@@ -31,8 +34,8 @@ use std::time::Duration;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
-use keygate::RevocationListener;
-use keygate::{ApiKeyLayer, CachedVerifier, HttpVerifier, Principal, RequireScopes};
+use keygate::{ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, Principal, RequireScopes};
+use keygate::{RevocationListener, UsageAggregator};
 use serde_json::{Value, json};
 
 /// A protected axum service in front of a keygate key service.
@@ -50,6 +53,9 @@ struct Args {
     /// How long a valid verdict is cached, in seconds.
     #[arg(long, default_value_t = 30)]
     cache_ttl: u64,
+    /// How often aggregated usage is sent to the key service, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    usage_interval_ms: u64,
 }
 
 #[tokio::main]
@@ -65,7 +71,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let verifier = CachedVerifier::builder(remote).positive_ttl(Duration::from_secs(args.cache_ttl)).build();
     // Revocations, scope changes and rotations reach the cache within a second; after
     // any gap in the stream the cache is dropped.
-    let events = RevocationListener::builder(args.key_service).service_token(&args.service_token).spawn(&verifier)?;
+    let events =
+        RevocationListener::builder(args.key_service.clone()).service_token(&args.service_token).spawn(&verifier)?;
+    // Every decided request is one addition into a bounded in-memory table; the table
+    // goes to the key service once per interval, each batch applied there at most once.
+    let exporter = HttpUsageExporter::builder(args.key_service).service_token(&args.service_token).build()?;
+    let (usage, aggregator) = UsageAggregator::builder()
+        .flush_interval(Duration::from_millis(args.usage_interval_ms.max(1)))
+        .build(exporter)?;
 
     let protected = Router::new()
         .route(
@@ -75,7 +88,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .merge(post(create_report).route_layer(RequireScopes::all(["reports:write"]))),
         )
         .route("/admin", get(admin).route_layer(RequireScopes::expr("admin")))
-        .layer(ApiKeyLayer::new(verifier.clone()));
+        .layer(ApiKeyLayer::new(verifier.clone()).usage(usage));
     let app = Router::new().route("/health", get(health)).merge(protected);
 
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -85,8 +98,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("listening on {addr}");
     axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
 
+    // The server has stopped and every request in flight is decided: what the aggregator
+    // holds now is all the usage there will be.
+    let usage = aggregator.shutdown().await;
     events.shutdown().await;
-    tracing::info!(stats = ?verifier.stats(), "stopped");
+    tracing::info!(cache = ?verifier.stats(), ?usage, "stopped");
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! `examples/protected.rs` as a user runs it: the compiled example as its own process,
 //! against the real key service on loopback. Its routes, its JSON, instant revocation
-//! through the event stream, and a graceful stop on SIGTERM.
+//! through the event stream, and a graceful stop on SIGTERM that delivers the usage.
 
 #![cfg(unix)]
 
@@ -37,6 +37,8 @@ impl Protected {
         let mut child = Command::new(binary)
             .args(["--key-service", key_service, "--service-token", SERVICE, "--listen", "127.0.0.1:0"])
             .args(["--cache-ttl", "600"])
+            // Usage goes out only on the way out, so the test knows when to look.
+            .args(["--usage-interval-ms", "600000"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -157,6 +159,15 @@ async fn the_protected_example_serves_its_routes_and_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // N requests, then SIGTERM: the usage interval has not come round, so everything the
+    // key service learns it learns on the way out.
+    const N: u64 = 137;
+    for _ in 0..N {
+        assert_eq!(send(get("/reports", Some(&writer.key))).await.0, 200);
+    }
+    let before = ks.admin.usage(&writer.key_id, None).await.unwrap();
+    assert_eq!(before.buckets.iter().map(|b| b.requests).sum::<u64>(), 0, "nothing exported before the interval");
+
     let status = tokio::task::spawn_blocking(move || {
         let status = app.terminate();
         drop(app);
@@ -165,4 +176,8 @@ async fn the_protected_example_serves_its_routes_and_stops_on_sigterm() {
     .await
     .unwrap();
     assert!(status.success(), "graceful stop exits 0, got {status}");
+    let after = ks.admin.usage(&writer.key_id, None).await.unwrap();
+    let (requests, allowed) = after.buckets.iter().fold((0, 0), |(r, a), b| (r + b.requests, a + b.allowed));
+    // The N reads and the one write earlier.
+    assert_eq!((requests, allowed), (N + 1, N + 1), "usage flushed on SIGTERM");
 }
