@@ -156,6 +156,7 @@ pub(crate) enum NetworkPrefix {
 }
 
 impl NetworkPrefix {
+    #[inline]
     pub(crate) fn of(ip: IpAddr) -> Self {
         match ip.to_canonical() {
             IpAddr::V4(v4) => {

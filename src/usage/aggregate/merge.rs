@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use hashbrown::HashTable;
 
-use super::table::{KeyNetworks, Row, Tables};
+use super::table::{Clock, KeyNetworks, Row, Tables};
 use crate::usage::NetworkPrefix;
 use crate::usage::{AggregateRow, ClientNetwork};
 
@@ -28,7 +28,7 @@ fn same_row(a: &AggregateRow, b: &Row) -> bool {
     a.minute == b.minute && a.outcome == b.outcome && a.key_id == b.key_id && a.route == b.route && a.method == b.method
 }
 
-fn into_aggregate(row: Row) -> AggregateRow {
+fn into_aggregate(row: Row, last_at_ms: i64) -> AggregateRow {
     AggregateRow {
         minute: row.minute,
         key_id: row.key_id,
@@ -38,8 +38,14 @@ fn into_aggregate(row: Row) -> AggregateRow {
         requests: row.requests,
         status: row.status,
         latency: row.latency,
-        last_at_ms: row.last_at_ms,
+        last_at_ms,
     }
+}
+
+/// Unix milliseconds of the row's last request, kept inside the row's minute should the
+/// wall clock have stepped since.
+fn last_at_ms(row: &Row, clock: &Clock) -> i64 {
+    clock.unix_ms(row.last_at).clamp(row.minute * 1_000, row.minute * 1_000 + 59_999)
 }
 
 impl Merger {
@@ -49,22 +55,23 @@ impl Merger {
 
     /// Empties every table in `cut` (keeping about as much room as each used) into one
     /// set of rows, where a row recorded in several shards appears once.
-    pub(super) fn merge(&mut self, cut: &mut [Tables]) -> Merged {
+    pub(super) fn merge(&mut self, cut: &mut [Tables], clock: &Clock) -> Merged {
         let mut networks_dropped = 0;
         for tables in cut.iter_mut() {
             let used = tables.rows.len();
             for row in tables.rows.drain() {
                 let hash = row.hash;
+                let last = last_at_ms(&row, clock);
                 match self.rows.find_entry(hash, |(h, a)| *h == hash && same_row(a, &row)) {
                     Ok(entry) => {
                         let merged = &mut entry.into_mut().1;
                         merged.requests = merged.requests.saturating_add(row.requests);
                         merged.status.merge(&row.status);
                         merged.latency.merge(&row.latency);
-                        merged.last_at_ms = merged.last_at_ms.max(row.last_at_ms);
+                        merged.last_at_ms = merged.last_at_ms.max(last);
                     }
                     Err(absent) => {
-                        absent.into_table().insert_unique(hash, (hash, into_aggregate(row)), |(h, _)| *h);
+                        absent.into_table().insert_unique(hash, (hash, into_aggregate(row, last)), |(h, _)| *h);
                     }
                 }
             }

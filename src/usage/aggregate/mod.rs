@@ -158,7 +158,7 @@ pub enum AggregatorBuildError {
 ///
 /// # Memory
 ///
-/// A row takes about 1 KB: 168 bytes in its table, the latency histogram's 832-byte
+/// A row takes about 1 KB: 176 bytes in its table, the latency histogram's 832-byte
 /// bucket array, and its route text (shared method names and key ids cost nothing more).
 /// The table of one interval holds at most `max_rows + max_overflow_rows` rows plus the
 /// table-wide overflow rows (at most 1 024, and past that two per shard and outcome), so

@@ -135,7 +135,7 @@ impl<E: AggregateExporter> Worker<E> {
         table.clock.refresh();
         metrics::gauge!(metric::ROWS).set(table.rows() as f64);
         let counts = table.cut(&mut self.spares);
-        let merged = self.merger.merge(&mut self.spares);
+        let merged = self.merger.merge(&mut self.spares, &table.clock);
         let networks_dropped = counts.networks_dropped + merged.networks_dropped;
         let batch = AggregateBatch {
             batch_id: String::new(),
