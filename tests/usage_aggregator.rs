@@ -550,3 +550,38 @@ fn builder_refuses_impossible_settings() {
         drop((sink, handle));
     });
 }
+
+/// Whatever a client writes in its request line, the rows stay ones the key service
+/// takes: a long extension method counts as `*`, a raw path stops before a control
+/// character. (One odd request must not spoil a whole interval's batch.)
+#[tokio::test(flavor = "current_thread")]
+async fn odd_methods_and_paths_from_clients_make_rows_the_key_service_takes() {
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    let exporter = Arc::new(Collect::default());
+    let (sink, handle) = UsageAggregator::builder().flush_interval(HOUR).build(exporter.clone()).unwrap();
+    let service = tower::ServiceBuilder::new()
+        .layer(keygate::ApiKeyLayer::new(keygate::StaticVerifier::new()).usage(sink))
+        .service_fn(|_: http::Request<Body>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
+        });
+    let long = http::Method::from_bytes(&[b'X'; 40]).unwrap();
+    let short = http::Method::from_bytes(b"PROPFIND").unwrap();
+    for (method, path) in
+        [(long, "/a"), (short, "/b"), (http::Method::GET, "/c\u{85}d"), (http::Method::GET, "/\u{85}")]
+    {
+        let req = http::Request::builder().method(method).uri(path).body(Body::empty()).unwrap();
+        assert_eq!(service.clone().oneshot(req).await.unwrap().status(), 401);
+    }
+    handle.shutdown().await;
+    let mut rows: Vec<(String, String)> = exporter
+        .delivered()
+        .iter()
+        .flat_map(|b| b.rows.iter())
+        .map(|r| (r.method.to_string(), r.route.to_string()))
+        .collect();
+    rows.sort();
+    let expected = [("*", "/a"), ("GET", "/"), ("GET", "/c"), ("PROPFIND", "/b")];
+    assert_eq!(rows, expected.map(|(m, r)| (m.to_owned(), r.to_owned())));
+}

@@ -126,7 +126,16 @@ impl RouteSource {
         match self {
             #[cfg(feature = "axum")]
             Self::Matched(m) => m.as_str(),
-            Self::Path(pq) => cut(pq.as_ref().map_or("/", |pq| pq.path()), MAX_RAW_ROUTE_LEN),
+            Self::Path(pq) => {
+                let path = cut(pq.as_ref().map_or("/", |pq| pq.path()), MAX_RAW_ROUTE_LEN);
+                // A path may carry UTF-8 control characters (U+0080–U+009F): no report
+                // shows them, and the key service refuses rows that hold them.
+                match path.find(char::is_control) {
+                    Some(0) => "/",
+                    Some(end) => &path[..end],
+                    None => path,
+                }
+            }
         }
     }
 }

@@ -2,6 +2,7 @@
 //! [`wire`](crate::wire)) as an axum [`Router`].
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Json;
@@ -538,11 +539,6 @@ async fn ingest_usage(State(state): State<ServerState>, _: Service, req: Request
     Stats::add(&stats.usage_dropped_reported, dropped);
     Stats::add(&stats.usage_overflowed_reported, overflowed);
     Stats::add(&stats.usage_networks_dropped_reported, networks_dropped);
-    // The batch is stored: an alert evaluation failure must not make the middleware resend it.
-    let inner = &state.inner;
-    if let Err(e) = inner.alerts.evaluate(&inner.store, &folded, &inner.stats.alerts_raised).await {
-        tracing::error!(error = %e, "alert evaluation failed");
-    }
     let answer = UsageAccepted {
         accepted,
         duplicate: false,
@@ -550,6 +546,17 @@ async fn ingest_usage(State(state): State<ServerState>, _: Service, req: Request
         unknown: folded.unknown,
         unattributed: folded.unattributed,
     };
+    // The batch is stored: an alert evaluation failure must not make the middleware resend
+    // it. The evaluation runs as a task of its own, so a middleware that gives up waiting
+    // (and then resends, which is answered as a duplicate) cannot cut it short; the answer
+    // still waits for it, so alerts are visible once the batch is acknowledged.
+    let inner = Arc::clone(&state.inner);
+    let evaluation = tokio::spawn(async move {
+        if let Err(e) = inner.alerts.evaluate(&inner.store, &folded, &inner.stats.alerts_raised).await {
+            tracing::error!(error = %e, "alert evaluation failed");
+        }
+    });
+    let _ = evaluation.await;
     Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 

@@ -50,9 +50,9 @@
 //! | body at most [`AGGREGATE_BODY_LIMIT`] (16 MiB; raw: [`USAGE_BODY_LIMIT`], 4 MiB) | 413 |
 //! | at most [`MAX_AGGREGATE_ROWS`] rows and [`MAX_AGGREGATE_NETWORKS`] networks (20 000 each; raw: [`MAX_USAGE_EVENTS`] events) | 400 `too_many_rows`, `too_many_networks`, `too_many_events` |
 //! | `batch_id` is 32 lowercase hex digits | 400 `invalid_batch_id` |
-//! | each row: `requests` = `latency.count` = the sum of `status`; `minute` a multiple of 60; `route` 1 to [`MAX_USAGE_ROUTE_LEN`] bytes and `method` 1 to 32, no control characters | 400 `invalid_row`, naming the row |
+//! | each row: `requests` = `latency.count` = the sum of `status`; `minute` a multiple of 60 | 400 `invalid_row`, naming the row |
 //! | each network as [`network_of`](crate::network_of) writes it | 400 `invalid_network` |
-//! | a row's minute in `[now −` [`MAX_USAGE_AGE`] `(24 h), now +` [`MAX_USAGE_AHEAD`] `(5 min)]` | the row is not stored; its requests are answered as `refused` and counted |
+//! | a row's minute in `[now −` [`MAX_USAGE_AGE`] `(24 h), now +` [`MAX_USAGE_AHEAD`] `(5 min)]`; `route` 1 to [`MAX_USAGE_ROUTE_LEN`] bytes and `method` 1 to 32, no control characters | the row is not stored; its requests are answered as `refused` and counted |
 //! | a row's key id is one of this service's keys | not stored; answered as `unknown` and counted |
 //! | a row has a key id | not stored per key; answered as `unattributed` and counted |
 //!

@@ -119,8 +119,6 @@ pub(crate) fn check_aggregate(batch: &AggregateBatch) -> Result<(), ApiError> {
                 r.status.total()
             )));
         }
-        check_text("route", &r.route, MAX_USAGE_ROUTE_LEN).map_err(bad)?;
-        check_text("method", &r.method, MAX_METHOD_LEN).map_err(bad)?;
     }
     for (i, n) in batch.networks.iter().enumerate() {
         let bad = |m: String| ApiError::invalid("invalid_network", format!("networks[{i}]: {m}"));
@@ -142,11 +140,8 @@ fn check_minute(minute: i64) -> Result<(), String> {
     Ok(())
 }
 
-fn check_text(field: &str, value: &str, max: usize) -> Result<(), String> {
-    if value.is_empty() || value.len() > max || value.chars().any(char::is_control) {
-        return Err(format!("`{field}` must be 1 to {max} bytes without control characters"));
-    }
-    Ok(())
+fn is_text(value: &str, max: usize) -> bool {
+    !value.is_empty() && value.len() <= max && !value.chars().any(char::is_control)
 }
 
 /// A network as [`network_of`](crate::network_of) writes it, and nothing else.
@@ -160,10 +155,8 @@ pub(crate) fn rows_of_events(events: &[UsageEvent]) -> Result<(Vec<AggregateRow>
     type RowKey<'a> = (i64, Option<&'a str>, &'a str, &'a str, crate::Outcome);
     let mut rows: HashMap<RowKey<'_>, AggregateRow> = HashMap::new();
     let mut networks: HashMap<(&str, String), i64> = HashMap::new();
-    for (i, ev) in events.iter().enumerate() {
-        let bad = |m: String| ApiError::invalid("invalid_event", format!("events[{i}]: {m}"));
-        check_text("route", &ev.route, MAX_USAGE_ROUTE_LEN).map_err(bad)?;
-        check_text("method", &ev.method, MAX_METHOD_LEN).map_err(bad)?;
+    // Routes and methods are checked where the rows are folded, one row at a time.
+    for ev in events {
         let ts = ev.at.unix_timestamp();
         let minute = ts - ts.rem_euclid(60);
         let at_ms = i64::try_from(ev.at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
@@ -226,7 +219,10 @@ pub(crate) fn fold(
     let in_window = |minute: i64| (oldest..=newest).contains(&minute);
     let mut f = Folded::default();
     for row in rows.iter().filter(|r| r.requests > 0) {
-        if !in_window(row.minute) {
+        // A route or method no report could show is one row refused, not the batch: one
+        // odd request must not cost every key its interval's usage.
+        if !in_window(row.minute) || !is_text(&row.route, MAX_USAGE_ROUTE_LEN) || !is_text(&row.method, MAX_METHOD_LEN)
+        {
             f.refused_rows += 1;
             f.refused = f.refused.saturating_add(row.requests);
             continue;

@@ -22,7 +22,9 @@ const TOP_POWER: u32 = 27;
 /// How many buckets a [`LatencyHistogram`] has: 208.
 pub const LATENCY_BUCKETS: usize = (TOP_POWER as usize - SUB_BITS as usize + 2) * SUB;
 
-/// Relative error bound of a reported quantile above 8 µs: 6.25 %.
+/// Relative error bound of a reported quantile between 8 µs and 2^28 µs (about 268 s):
+/// 6.25 %. Below, quantiles are exact; above, they are reported as about 268 s (the
+/// exact maximum is kept beside the buckets).
 pub const LATENCY_RELATIVE_ERROR: f64 = 1.0 / 16.0;
 
 /// The bucket a latency of `us` microseconds falls in.

@@ -252,6 +252,7 @@ mod exporter;
 mod histogram;
 mod pipeline;
 mod rows;
+mod shutdown;
 mod sinks;
 
 pub use aggregate::{AggregatorBuildError, AggregatorHandle, AggregatorStats, UsageAggregator, UsageAggregatorBuilder};

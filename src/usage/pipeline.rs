@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::exporter::{ExportError, UsageBatch, UsageExporter};
+use super::shutdown::{self, StopRequest, Stopper};
 use super::{DecidedRequest, UsageEvent, UsageSink};
 
 /// Default queue capacity: 65 536 events.
@@ -27,11 +27,6 @@ pub const DEFAULT_BATCH_SIZE: usize = 1_000;
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// Default shutdown deadline: 5 s.
 pub const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Past the shutdown deadline, how long [`PipelineHandle::shutdown`] waits for the worker to
-/// notice before aborting it. The worker bounds its own exports by the deadline, so this
-/// only matters for an exporter that blocks its thread.
-const ABORT_GRACE: Duration = Duration::from_millis(100);
 
 const COMMAND_QUEUE: usize = 16;
 
@@ -289,12 +284,11 @@ impl UsagePipelineBuilder {
             in_flight: AtomicU64::new(0),
         });
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
-        let (shutdown_tx, shutdown_rx) = watch::channel(None);
-        let worker = Worker {
+        let worker = |shutdown| Worker {
             shared: shared.clone(),
             exporter,
             commands: commands_rx,
-            shutdown: shutdown_rx,
+            shutdown,
             deadline: None,
             batch_size: self.batch_size,
             flush_interval: self.flush_interval,
@@ -303,7 +297,7 @@ impl UsagePipelineBuilder {
             lost_unreported: 0,
             enqueued_published: 0,
         };
-        let worker = runtime.spawn(worker.run());
+        let worker = shutdown::spawn(&runtime, self.shutdown_deadline, |stop| worker(stop).run());
         let pipeline = UsagePipeline {
             inner: Arc::new(SinkInner {
                 shared,
@@ -312,12 +306,7 @@ impl UsagePipelineBuilder {
                 batch_size: self.batch_size,
             }),
         };
-        let handle = PipelineHandle {
-            pipeline: pipeline.clone(),
-            shutdown: shutdown_tx,
-            worker,
-            deadline: self.shutdown_deadline,
-        };
+        let handle = PipelineHandle { pipeline: pipeline.clone(), worker };
         Ok((pipeline, handle))
     }
 }
@@ -443,9 +432,7 @@ impl fmt::Debug for UsagePipeline {
 /// [`UsagePipelineBuilder::build`]).
 pub struct PipelineHandle {
     pipeline: UsagePipeline,
-    shutdown: watch::Sender<Option<Instant>>,
-    worker: JoinHandle<()>,
-    deadline: Duration,
+    worker: Stopper,
 }
 
 impl PipelineHandle {
@@ -471,17 +458,12 @@ impl PipelineHandle {
     /// the deadline passes are counted as lost. Returns within the deadline plus 100 ms even
     /// if the exporter never answers.
     pub async fn shutdown(self) -> PipelineStats {
-        let Self { pipeline, shutdown, mut worker, deadline } = self;
+        let Self { pipeline, worker } = self;
         let shared = pipeline.inner.shared.clone();
         shared.closed.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + deadline;
-        shutdown.send_replace(Some(deadline));
         drop(pipeline);
-
-        let finished = tokio::time::timeout_at(deadline + ABORT_GRACE, &mut worker).await;
-        if !matches!(finished, Ok(Ok(()))) {
-            // Aborted, or the exporter panicked: whatever it held is gone.
-            worker.abort();
+        if !worker.stop().await {
+            // Whatever the worker held is gone.
             shared.lose(shared.in_flight.swap(0, Ordering::Relaxed));
         }
         // Anything still here raced the `closed` flag or outlived the worker.
@@ -509,7 +491,7 @@ impl fmt::Debug for PipelineHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PipelineHandle")
             .field("pipeline", &self.pipeline)
-            .field("shutdown_deadline", &self.deadline)
+            .field("shutdown_deadline", &self.worker.deadline())
             .finish_non_exhaustive()
     }
 }
@@ -529,7 +511,7 @@ struct Worker<E> {
     shared: Arc<Shared>,
     exporter: E,
     commands: mpsc::Receiver<Command>,
-    shutdown: watch::Receiver<Option<Instant>>,
+    shutdown: StopRequest,
     /// Set once shutdown has begun: every export from then on ends by this instant.
     deadline: Option<Instant>,
     batch_size: usize,
@@ -549,7 +531,7 @@ impl<E: UsageExporter> Worker<E> {
         loop {
             let wake = tokio::select! {
                 biased;
-                deadline = wait_for_shutdown(&mut self.shutdown) => {
+                deadline = self.shutdown.asked() => {
                     self.deadline = Some(deadline);
                     Wake::Shutdown
                 }
@@ -659,7 +641,7 @@ impl<E: UsageExporter> Worker<E> {
             let deadline = tokio::select! {
                 biased;
                 result = &mut export => Ok(result),
-                deadline = shutdown_deadline(self.deadline, &mut self.shutdown) => Err(deadline),
+                deadline = self.shutdown.deadline(self.deadline) => Err(deadline),
             };
             match deadline {
                 Ok(result) => result,
@@ -701,22 +683,5 @@ impl<E: UsageExporter> Worker<E> {
             self.enqueued_published = enqueued;
         }
         metrics::gauge!(metric::QUEUE_DEPTH).set(self.shared.queue.len() as f64);
-    }
-}
-
-/// Resolves with the shutdown deadline once shutdown is requested; never, if the handle
-/// was dropped without asking (the worker then stops when the last sink goes).
-async fn wait_for_shutdown(shutdown: &mut watch::Receiver<Option<Instant>>) -> Instant {
-    let deadline = shutdown.wait_for(Option::is_some).await.ok().and_then(|deadline| *deadline);
-    match deadline {
-        Some(deadline) => deadline,
-        None => std::future::pending().await,
-    }
-}
-
-async fn shutdown_deadline(known: Option<Instant>, shutdown: &mut watch::Receiver<Option<Instant>>) -> Instant {
-    match known {
-        Some(deadline) => deadline,
-        None => wait_for_shutdown(shutdown).await,
     }
 }

@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use tokio::sync::{mpsc, oneshot};
 
 use super::exporter::AggregateExporter;
 use super::pipeline::{FlushError, metric};
+use super::shutdown::{self, Stopper};
 use super::{DecidedRequest, UsageSink};
 
 mod merge;
@@ -39,11 +38,6 @@ pub(crate) const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const DEFAULT_MAX_PENDING_BATCHES: usize = 6;
 /// Default shutdown deadline: 5 s.
 pub(crate) const DEFAULT_SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
-
-/// Past the shutdown deadline, how long [`AggregatorHandle::shutdown`] waits for the
-/// worker before aborting it. The worker bounds its exports by the deadline itself, so
-/// this only matters for an exporter that blocks its thread.
-const ABORT_GRACE: Duration = Duration::from_millis(100);
 
 const COMMAND_QUEUE: usize = 16;
 
@@ -306,15 +300,15 @@ impl UsageAggregatorBuilder {
             pending_requests: AtomicU64::new(0),
         });
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
-        let (shutdown_tx, shutdown_rx) = watch::channel(None);
         let settings = Settings {
             flush_interval: self.flush_interval,
             shutdown_deadline: self.shutdown_deadline,
             max_pending_batches: self.max_pending_batches,
         };
-        let worker =
-            Worker::new(shared.clone(), exporter, commands_rx, shutdown_rx, settings, self.limits.max_networks_per_key);
-        let worker = runtime.spawn(worker.run());
+        let max_networks_per_key = self.limits.max_networks_per_key;
+        let worker = shutdown::spawn(&runtime, self.shutdown_deadline, |stop| {
+            Worker::new(shared.clone(), exporter, commands_rx, stop, settings, max_networks_per_key).run()
+        });
         let aggregator = UsageAggregator {
             inner: Arc::new(SinkInner {
                 shared,
@@ -323,12 +317,7 @@ impl UsageAggregatorBuilder {
                 interval: self.flush_interval,
             }),
         };
-        let handle = AggregatorHandle {
-            aggregator: aggregator.clone(),
-            shutdown: shutdown_tx,
-            worker,
-            deadline: self.shutdown_deadline,
-        };
+        let handle = AggregatorHandle { aggregator: aggregator.clone(), worker };
         Ok((aggregator, handle))
     }
 }
@@ -459,9 +448,7 @@ impl fmt::Debug for UsageAggregator {
 /// [`UsageAggregatorBuilder::build`]).
 pub struct AggregatorHandle {
     aggregator: UsageAggregator,
-    shutdown: watch::Sender<Option<Instant>>,
-    worker: JoinHandle<()>,
-    deadline: Duration,
+    worker: Stopper,
 }
 
 impl AggregatorHandle {
@@ -487,18 +474,13 @@ impl AggregatorHandle {
     /// ([`AggregatorStats::dropped`]). What is not delivered by the deadline is counted as
     /// lost. Returns within the deadline plus 100 ms even if the exporter never answers.
     pub async fn shutdown(self) -> AggregatorStats {
-        let Self { aggregator, shutdown, mut worker, deadline } = self;
+        let Self { aggregator, worker } = self;
         let shared = aggregator.inner.shared.clone();
         shared.closed.store(true, Ordering::SeqCst);
-        let deadline = Instant::now() + deadline;
-        shutdown.send_replace(Some(deadline));
         drop(aggregator);
-
-        let finished = tokio::time::timeout_at(deadline + ABORT_GRACE, &mut worker).await;
-        if !matches!(finished, Ok(Ok(()))) {
-            // Aborted, or the exporter panicked: whatever was pending is gone. (The worker
-            // only waits inside exports, when everything it holds is in the pending queue.)
-            worker.abort();
+        if !worker.stop().await {
+            // Whatever was pending is gone. (The worker only waits inside exports, when
+            // everything it holds is in the pending queue.)
             shared.lose(shared.pending_requests.swap(0, Ordering::Relaxed));
             shared.pending_batches.store(0, Ordering::Relaxed);
         }
@@ -527,7 +509,7 @@ impl fmt::Debug for AggregatorHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AggregatorHandle")
             .field("aggregator", &self.aggregator)
-            .field("shutdown_deadline", &self.deadline)
+            .field("shutdown_deadline", &self.worker.deadline())
             .finish_non_exhaustive()
     }
 }

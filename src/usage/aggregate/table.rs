@@ -103,9 +103,17 @@ const ANY_METHOD: u8 = STANDARD_METHODS.len() as u8;
 /// The method id of extension methods, compared by name.
 const EXTENSION_METHOD: u8 = ANY_METHOD + 1;
 
+/// Longest extension method kept by name (the key service's limit); longer ones count
+/// as [`OVERFLOW_METHOD`], so a client cannot grow rows or spoil a batch with them.
+const MAX_METHOD_LEN: usize = 32;
+
 #[inline]
 fn method_id(m: &http::Method) -> u8 {
-    STANDARD_METHODS.iter().position(|s| s == m).map_or(EXTENSION_METHOD, |i| i as u8)
+    match STANDARD_METHODS.iter().position(|s| s == m) {
+        Some(i) => i as u8,
+        None if m.as_str().len() <= MAX_METHOD_LEN => EXTENSION_METHOD,
+        None => ANY_METHOD,
+    }
 }
 
 /// What identifies a row, borrowed from the request.

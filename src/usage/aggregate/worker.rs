@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::Shared;
@@ -16,6 +16,7 @@ use super::table::Tables;
 use crate::usage::AggregateBatch;
 use crate::usage::exporter::{AggregateExporter, ExportError};
 use crate::usage::pipeline::{FlushError, metric};
+use crate::usage::shutdown::StopRequest;
 
 /// First wait after a failed export; it doubles per failure up to the flush interval.
 const INITIAL_BACKOFF: Duration = Duration::from_secs(1);
@@ -41,7 +42,7 @@ pub(super) struct Worker<E> {
     shared: Arc<Shared>,
     exporter: E,
     commands: mpsc::Receiver<Command>,
-    shutdown: watch::Receiver<Option<Instant>>,
+    shutdown: StopRequest,
     /// Set once shutdown has begun: every export from then on ends by this instant.
     deadline: Option<Instant>,
     settings: Settings,
@@ -67,7 +68,7 @@ impl<E: AggregateExporter> Worker<E> {
         shared: Arc<Shared>,
         exporter: E,
         commands: mpsc::Receiver<Command>,
-        shutdown: watch::Receiver<Option<Instant>>,
+        shutdown: StopRequest,
         settings: Settings,
         max_networks_per_key: usize,
     ) -> Self {
@@ -96,7 +97,7 @@ impl<E: AggregateExporter> Worker<E> {
             let retry_at = self.retry_at;
             let wake = tokio::select! {
                 biased;
-                deadline = wait_for_shutdown(&mut self.shutdown) => {
+                deadline = self.shutdown.asked() => {
                     self.deadline = Some(deadline);
                     Wake::Shutdown
                 }
@@ -234,7 +235,7 @@ impl<E: AggregateExporter> Worker<E> {
         let deadline = tokio::select! {
             biased;
             result = &mut export => return result,
-            deadline = shutdown_deadline(self.deadline, &mut self.shutdown) => deadline,
+            deadline = self.shutdown.deadline(self.deadline) => deadline,
             () = give_up, if self.deadline.is_none() => return Err(ExportError::Timeout),
         };
         self.deadline = Some(deadline);
@@ -324,23 +325,6 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Resolves with the shutdown deadline once shutdown is requested; never, if the handle
-/// was dropped without asking (the worker then stops when the last sink goes).
-async fn wait_for_shutdown(shutdown: &mut watch::Receiver<Option<Instant>>) -> Instant {
-    let deadline = shutdown.wait_for(Option::is_some).await.ok().and_then(|deadline| *deadline);
-    match deadline {
-        Some(deadline) => deadline,
-        None => std::future::pending().await,
-    }
-}
-
-async fn shutdown_deadline(known: Option<Instant>, shutdown: &mut watch::Receiver<Option<Instant>>) -> Instant {
-    match known {
-        Some(deadline) => deadline,
-        None => wait_for_shutdown(shutdown).await,
     }
 }
 
