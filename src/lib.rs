@@ -4,7 +4,9 @@
 //! request, rejects malformed keys locally, verifies the rest through a
 //! [`Verifier`] (in memory, or a remote key service behind a cache), and puts the
 //! verified [`Principal`] into the request. [`RequireScopes`] states per route what a
-//! key must hold. Every decided request can emit a [`UsageEvent`].
+//! key must hold. Every decided request reaches a [`UsageSink`]: a [`UsageAggregator`]
+//! folds it into bounded per-minute rows for the key service, a [`UsagePipeline`] keeps
+//! it as a [`UsageEvent`] for your own exporter.
 //!
 //! ```
 //! use axum::{Router, routing::get};
@@ -39,7 +41,7 @@
 //! 4. `error`: [`AuthError`], every rejection, rendered for HTTP or gRPC.
 //! 5. `extract`: finding the key in a request.
 //! 6. `authorize`: [`RequireScopes`].
-//! 7. `usage`: usage events and their pipeline.
+//! 7. `usage`: decided requests, the aggregator and the raw-event pipeline.
 //! 8. `layer`: [`ApiKeyLayer`], which runs all of the above in that order.
 //!
 //! `wire` and `remote` sit beside this chain (the protocol types, and the HTTP client

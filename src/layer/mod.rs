@@ -108,7 +108,8 @@ struct Shared<V> {
 ///    unless [`keep_credentials`](ApiKeyLayer::keep_credentials) is set.
 /// 4. The [`Verifier`] decides: valid keys put a [`Principal`](crate::Principal) into the request's
 ///    extensions; invalid keys are 401; a verifier error is 503 with `Retry-After`.
-/// 5. When the response head is ready, a [`UsageEvent`](crate::UsageEvent) goes to the usage sink.
+/// 5. When the response head is ready (or the layer refused), the decided request goes to
+///    the usage sink as a [`DecidedRequest`](crate::DecidedRequest).
 ///
 /// # HEAD, OPTIONS and CORS
 /// Every method is authenticated, HEAD and OPTIONS included: keygate never guesses that
@@ -249,7 +250,9 @@ impl<V: Verifier> ApiKeyLayer<V> {
         self
     }
 
-    /// Send a [`UsageEvent`](crate::UsageEvent) for every decided request to `sink`.
+    /// Hand every decided request to `sink`: a [`UsageAggregator`](crate::UsageAggregator)
+    /// for the key service, a [`UsagePipeline`](crate::UsagePipeline) for raw events, or
+    /// both as a pair `(a, b)`. Calling it again replaces the sink.
     pub fn usage(mut self, sink: impl UsageSink) -> Self {
         self.config_mut().usage = Some(Arc::new(sink));
         self
