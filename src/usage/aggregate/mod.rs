@@ -18,6 +18,7 @@ use super::shutdown::{self, Stopper};
 use super::{DecidedRequest, UsageSink};
 
 mod merge;
+mod split;
 mod table;
 mod worker;
 
@@ -243,6 +244,11 @@ impl UsageAggregatorBuilder {
     /// is given up: its requests are counted in [`AggregatorStats::lost`] and reported in
     /// the `dropped` of the next batch delivered. Default 6 (a minute at the default
     /// interval). See the memory note above.
+    ///
+    /// An interval is usually one batch. One that would encode to more than 8 MiB, 20 000
+    /// rows or 20 000 networks (rows whose latencies spread over many buckets, a raised
+    /// [`max_rows`](Self::max_rows)) goes out as several, each with its own id, so that the
+    /// key service never refuses it as too large; each counts here as one batch.
     pub fn max_pending_batches(mut self, batches: usize) -> Self {
         self.max_pending_batches = batches;
         self

@@ -12,6 +12,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::Shared;
 use super::merge::Merger;
+use super::split;
 use super::table::Tables;
 use crate::usage::AggregateBatch;
 use crate::usage::exporter::{AggregateExporter, ExportError};
@@ -154,11 +155,22 @@ impl<E: AggregateExporter> Worker<E> {
         if batch.rows.is_empty() && batch.networks.is_empty() && networks_dropped == 0 && carried_elsewhere {
             return;
         }
-        self.pending.push_back(Pending {
-            batch: AggregateBatch { batch_id: batch_id(), ..batch },
-            requests,
-            attempted: false,
-        });
+        // Usually one part; the counts travel with the first.
+        let AggregateBatch { rows, networks, .. } = batch;
+        let mut counts = Some((counts.overflowed, networks_dropped));
+        for part in split::split(rows, networks) {
+            let (overflowed, networks_dropped) = counts.take().unwrap_or_default();
+            let requests = part.rows.iter().fold(0u64, |n, r| n.saturating_add(r.requests));
+            let batch = AggregateBatch {
+                batch_id: batch_id(),
+                rows: part.rows,
+                networks: part.networks,
+                dropped: 0,
+                overflowed,
+                networks_dropped,
+            };
+            self.pending.push_back(Pending { batch, requests, attempted: false });
+        }
         while self.pending.len() > self.settings.max_pending_batches {
             if let Some(oldest) = self.pending.pop_front() {
                 tracing::warn!(
