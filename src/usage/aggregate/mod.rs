@@ -431,10 +431,9 @@ impl UsageSink for UsageAggregator {
     #[inline]
     fn record(&self, request: &DecidedRequest<'_>) {
         let shared = &*self.inner.shared;
-        if shared.closed.load(Ordering::Relaxed) {
-            return shared.refuse();
+        if !shared.table.record(request, &shared.closed) {
+            shared.refuse();
         }
-        shared.table.record(request);
     }
 }
 

@@ -9,7 +9,7 @@
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hasher};
 use std::mem;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -419,9 +419,11 @@ impl Table {
         self.shards[home & self.mask].0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Folds one request into its row.
     #[inline]
-    pub(super) fn record(&self, r: &DecidedRequest<'_>) {
+    /// Folds one request into its row; `false` (and nothing recorded) once `closed` is
+    /// set. The flag is read under the shard's lock: a request that takes the lock after
+    /// the last cut released it sees the flag, so none can slip in after that cut.
+    pub(super) fn record(&self, r: &DecidedRequest<'_>, closed: &AtomicBool) -> bool {
         let started = r.started();
         let method = r.method();
         let method_id = method_id(method);
@@ -432,6 +434,9 @@ impl Table {
         };
 
         let mut guard = self.lock();
+        if closed.load(Ordering::Relaxed) {
+            return false;
+        }
         let shard = &mut *guard;
         let minute = match shard.window {
             Some(w) if started >= w.start && started < w.end => w.minute,
@@ -451,6 +456,7 @@ impl Table {
                 self.note_network(shard, key_id, network, f.minute);
             }
         }
+        true
     }
 
     /// The minute `at` falls in, remembered as the shard's window.
