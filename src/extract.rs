@@ -27,13 +27,21 @@ pub const DEFAULT_MAX_KEY_LEN: usize = 256;
 /// ```
 /// use keygate::KeySource;
 ///
-/// let sources = [KeySource::bearer(), KeySource::header("x-api-key"), KeySource::query("api_key")];
+/// let sources = [
+///     KeySource::bearer(),
+///     KeySource::authorization("Token"),
+///     KeySource::header("x-api-key"),
+///     KeySource::query("api_key"),
+/// ];
 /// # let _ = sources;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
     /// `Authorization: Bearer <key>` (scheme case-insensitive, one or more spaces).
     Bearer,
+    /// `Authorization: <scheme> <key>` for another scheme (`Token`, `ApiKey`…), parsed
+    /// exactly like Bearer; built with [`KeySource::authorization`].
+    Authorization(AuthScheme),
     /// A named header carrying the key alone (default `x-api-key`).
     Header(HeaderName),
     /// A query parameter (opt-in). It is removed from the URI before the inner service
@@ -48,6 +56,30 @@ impl KeySource {
     /// `Authorization: Bearer`.
     pub fn bearer() -> Self {
         Self::Bearer
+    }
+
+    /// `Authorization: <scheme> <key>`, the scheme matched case-insensitively and parsed
+    /// like Bearer (one or more spaces, then the key alone). `"Bearer"` itself gives
+    /// [`KeySource::Bearer`]. Only the configured scheme is read: a `Token` source does
+    /// not take `Bearer` credentials, and both in one request are a conflict.
+    ///
+    /// Panics if `scheme` is not an HTTP token (RFC 9110 §5.6.2: non-empty, letters,
+    /// digits and ``!#$%&'*+-.^_`|~``), a configuration error caught at startup.
+    ///
+    /// ```
+    /// use keygate::{ApiKeyLayer, KeySource, StaticVerifier};
+    ///
+    /// // Accepts `Authorization: Token kg_…` (or `token`, `TOKEN`) and `x-api-key`.
+    /// let layer = ApiKeyLayer::new(StaticVerifier::new())
+    ///     .sources([KeySource::authorization("Token"), KeySource::header("x-api-key")]);
+    /// # let _ = layer;
+    /// ```
+    pub fn authorization(scheme: &str) -> Self {
+        assert!(!scheme.is_empty() && scheme.bytes().all(is_tchar), "KeySource::authorization: invalid scheme name");
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Self::Bearer;
+        }
+        Self::Authorization(AuthScheme(scheme.to_ascii_lowercase().into()))
     }
 
     /// A named header. Panics if `name` is not a valid header name (a configuration
@@ -72,6 +104,23 @@ impl KeySource {
     }
 }
 
+/// An `Authorization` scheme name other than Bearer, validated as an HTTP token; see
+/// [`KeySource::authorization`]. Kept in lower case: schemes compare case-insensitively.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthScheme(Box<str>);
+
+impl AuthScheme {
+    /// The scheme name, in lower case.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// RFC 9110 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
 /// A key found in a request, and where.
 #[derive(Debug)]
 pub(crate) struct Found {
@@ -89,7 +138,8 @@ pub(crate) fn find_key<B>(req: &Request<B>, sources: &[KeySource], max_len: usiz
     let mut found: Option<(Cow<'_, [u8]>, usize)> = None;
     for (i, source) in sources.iter().enumerate() {
         let candidate = match source {
-            KeySource::Bearer => from_bearer(req, max_len)?,
+            KeySource::Bearer => from_scheme(req, &BEARER, max_len)?,
+            KeySource::Authorization(scheme) => from_scheme(req, &Scheme::other(scheme), max_len)?,
             KeySource::Header(name) => from_header(req, name, max_len)?,
             KeySource::Query(name) => from_query(req.uri(), name, max_len)?,
             KeySource::Cookie(name) => from_cookie(req, name, max_len)?,
@@ -151,38 +201,69 @@ fn single<'a, B>(req: &'a Request<B>, name: &HeaderName) -> Result<Option<&'a He
     Ok(first)
 }
 
-fn from_bearer<B>(req: &Request<B>, max_len: usize) -> Result<Option<Cow<'_, [u8]>>, AuthError> {
+/// A scheme to read from `Authorization`, with its rejection texts (static, so that
+/// they never carry request bytes).
+struct Scheme<'a> {
+    /// Lower case.
+    name: &'a [u8],
+    no_key: &'static str,
+    no_space: &'static str,
+}
+
+const BEARER: Scheme<'static> = Scheme {
+    name: b"bearer",
+    no_key: "`Bearer` without a key",
+    no_space: "the Bearer scheme must be followed by a space",
+};
+
+impl<'a> Scheme<'a> {
+    fn other(scheme: &'a AuthScheme) -> Self {
+        Scheme {
+            name: scheme.0.as_bytes(),
+            no_key: "the Authorization scheme without a key",
+            no_space: "the Authorization scheme must be followed by a space",
+        }
+    }
+}
+
+fn from_scheme<'r, B>(
+    req: &'r Request<B>,
+    scheme: &Scheme<'_>,
+    max_len: usize,
+) -> Result<Option<Cow<'r, [u8]>>, AuthError> {
     let Some(value) = single(req, &AUTHORIZATION)? else { return Ok(None) };
     let bytes = value.as_bytes();
-    // "Bearer" (6) + separator + key: anything longer cannot hold a valid key, and is
-    // rejected before it is looked at further.
-    if bytes.len() > max_len + 64 {
-        return if is_bearer_scheme(bytes) { Err(malformed("key longer than the maximum")) } else { Ok(None) };
+    let n = scheme.name.len();
+    // Scheme + separator + key (64 bytes of slack with "Bearer"): anything longer cannot
+    // hold a valid key, and is rejected before it is looked at further.
+    if bytes.len() > max_len + n + 58 {
+        return if is_scheme(bytes, scheme.name) { Err(malformed("key longer than the maximum")) } else { Ok(None) };
     }
-    if !is_bearer_scheme(bytes) {
+    if !is_scheme(bytes, scheme.name) {
         // Another scheme (Basic, Digest…) is not ours to judge.
         return Ok(None);
     }
-    let rest = &bytes[6..];
+    let rest = &bytes[n..];
     if rest.is_empty() {
-        return Err(malformed("`Bearer` without a key"));
+        return Err(malformed(scheme.no_key));
     }
     if rest[0] != b' ' {
-        return Err(malformed("the Bearer scheme must be followed by a space"));
+        return Err(malformed(scheme.no_space));
     }
     let token = &rest[rest.iter().position(|&b| b != b' ').unwrap_or(rest.len())..];
     if token.is_empty() {
-        return Err(malformed("`Bearer` without a key"));
+        return Err(malformed(scheme.no_key));
     }
     check_len(token, max_len)?;
     Ok(Some(Cow::Borrowed(token)))
 }
 
-/// `Bearer` case-insensitively, followed by the end or a non-token byte.
-fn is_bearer_scheme(bytes: &[u8]) -> bool {
-    bytes.len() >= 6
-        && bytes[..6].eq_ignore_ascii_case(b"bearer")
-        && bytes.get(6).is_none_or(|b| !b.is_ascii_alphanumeric())
+/// `scheme` (lower case) case-insensitively, followed by the end or a non-token byte.
+fn is_scheme(bytes: &[u8], scheme: &[u8]) -> bool {
+    let n = scheme.len();
+    bytes.len() >= n
+        && bytes[..n].eq_ignore_ascii_case(scheme)
+        && bytes.get(n).is_none_or(|b| !b.is_ascii_alphanumeric())
 }
 
 fn from_header<'a, B>(
@@ -270,7 +351,7 @@ fn from_cookie<'a, B>(req: &'a Request<B>, name: &str, max_len: usize) -> Result
 /// service, its handlers and its logging layers never see the key.
 pub(crate) fn strip_credential<B>(req: &mut Request<B>, source: &KeySource) {
     match source {
-        KeySource::Bearer => {
+        KeySource::Bearer | KeySource::Authorization(_) => {
             req.headers_mut().remove(AUTHORIZATION);
         }
         KeySource::Header(name) => {
@@ -356,6 +437,35 @@ mod tests {
     }
 
     #[test]
+    fn other_schemes_parse_like_bearer_and_only_when_configured() {
+        let token = [KeySource::authorization("Token"), KeySource::header("x-api-key")];
+        let find_token =
+            |r: &Request<()>| find_key(r, &token, 256).map(|f| f.map(|f| f.key.expose_secret().to_owned()));
+        for v in [&b"Token k1"[..], b"token k1", b"TOKEN   k1"] {
+            assert_eq!(find_token(&req(&[("authorization", v)], "/")).unwrap().as_deref(), Some("k1"));
+        }
+        for v in [&b"Token"[..], b"Token ", b"Token\tk1", b"Token k1 k2"] {
+            assert!(matches!(find_token(&req(&[("authorization", v)], "/")), Err(AuthError::InvalidKey(_))));
+        }
+        // Bearer, and a longer scheme starting with ours, are not a `Token` source's.
+        assert_eq!(find_token(&req(&[("authorization", b"Bearer k1")], "/")).unwrap(), None);
+        assert_eq!(find_token(&req(&[("authorization", b"Tokens k1")], "/")).unwrap(), None);
+        // Not configured (the defaults): not a credential.
+        assert_eq!(find(&req(&[("authorization", b"Token k1")], "/")).unwrap(), None);
+        let both = req(&[("authorization", b"Token k1"), ("x-api-key", b"k1")], "/");
+        assert!(matches!(find_token(&both), Err(AuthError::ConflictingCredentials(_))));
+        assert_eq!(KeySource::authorization("bEaReR"), KeySource::Bearer);
+        assert_eq!(KeySource::authorization("ApiKey"), KeySource::authorization("APIKEY"));
+    }
+
+    #[test]
+    fn bad_scheme_names_panic_at_construction() {
+        for bad in ["", "To ken", "Token:", "Tök"] {
+            assert!(std::panic::catch_unwind(|| KeySource::authorization(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn conflicts_are_400() {
         let two = req(&[("authorization", b"Bearer a"), ("authorization", b"Bearer a")], "/");
         assert!(matches!(find(&two), Err(AuthError::ConflictingCredentials(_))));
@@ -417,7 +527,7 @@ mod tests {
                     }
                 }
                 let Ok(req) = b.body(()) else { return Ok(()) };
-                let sources = [KeySource::bearer(), KeySource::header("x-api-key"), KeySource::query("key"), KeySource::cookie("k")];
+                let sources = [KeySource::bearer(), KeySource::authorization("Token"), KeySource::header("x-api-key"), KeySource::query("key"), KeySource::cookie("k")];
                 if let Ok(Some(found)) = find_key(&req, &sources, 256) {
                     // Whatever is accepted is visible ASCII within the limit.
                     let k = found.key.expose_secret();

@@ -74,12 +74,12 @@ pub use authorize::{RequireScopes, RequireScopesFuture, RequireScopesService};
 pub use body::{KeygateBody, RejectionBody};
 pub use context::{DEFAULT_REALM, Outcome};
 pub use error::{AuthError, InvalidKey};
-pub use extract::{DEFAULT_MAX_KEY_LEN, KeySource};
+pub use extract::{AuthScheme, DEFAULT_MAX_KEY_LEN, KeySource};
 pub use key::{ApiKey, CHECKSUM_LEN, FormatError, KeyDigest, KeyFormat, MAX_PREFIX_LEN, RANDOM_LEN};
 pub use layer::{ApiKeyLayer, ApiKeyService, DEFAULT_RETRY_AFTER, ResponseFuture};
 #[cfg(feature = "axum")]
 pub use principal::MissingPrincipal;
-pub use principal::{Principal, PrincipalBuilder, RateLimit};
+pub use principal::{MetaError, Principal, PrincipalBuilder, RateLimit};
 pub use scope::{
     MAX_ROLE_LEN, MAX_SCOPE_LEN, MAX_SEGMENTS, Requirement, RequirementError, RequirementErrorKind, Scope, ScopeError,
     ScopeSet,

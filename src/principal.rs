@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
 use crate::scope::{Requirement, ScopeSet};
@@ -138,6 +139,33 @@ impl Principal {
         &self.inner.meta
     }
 
+    /// The metadata read as `T` (a struct of yours, a map, a number…).
+    ///
+    /// The error names `T` and says what did not match (a missing field, a wrong
+    /// type); like serde_json's own messages, it may quote the mismatched metadata
+    /// value, never the API key.
+    ///
+    /// ```
+    /// use keygate::Principal;
+    ///
+    /// #[derive(serde::Deserialize)]
+    /// struct Plan {
+    ///     tier: String,
+    ///     seats: u32,
+    /// }
+    ///
+    /// let p = Principal::builder("key_1").meta(serde_json::json!({"tier": "pro", "seats": 5})).build();
+    /// let plan: Plan = p.meta_as().unwrap();
+    /// assert_eq!((plan.tier.as_str(), plan.seats), ("pro", 5));
+    ///
+    /// let empty = Principal::builder("key_2").build();
+    /// let err = empty.meta_as::<Plan>().unwrap_err();
+    /// assert!(err.to_string().contains("Plan"));
+    /// ```
+    pub fn meta_as<T: DeserializeOwned>(&self) -> Result<T, MetaError> {
+        T::deserialize(&self.inner.meta).map_err(|source| MetaError { target: std::any::type_name::<T>(), source })
+    }
+
     /// The key's own rate limit, if it carries one.
     pub fn ratelimit(&self) -> Option<RateLimit> {
         self.inner.ratelimit
@@ -188,6 +216,21 @@ impl Inner {
 impl Serialize for Principal {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         self.inner.serialize(s)
+    }
+}
+
+/// The key's metadata does not have the shape asked for; see [`Principal::meta_as`].
+#[derive(Debug, thiserror::Error)]
+#[error("key metadata does not match `{target}`: {source}")]
+pub struct MetaError {
+    target: &'static str,
+    source: serde_json::Error,
+}
+
+impl MetaError {
+    /// The Rust type the metadata was read as (`std::any::type_name`).
+    pub fn target(&self) -> &'static str {
+        self.target
     }
 }
 
@@ -245,6 +288,43 @@ impl PrincipalBuilder {
     /// Finishes the principal.
     pub fn build(self) -> Principal {
         Principal { inner: Arc::new(self.inner) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Plan {
+        tier: String,
+        seats: u32,
+    }
+
+    fn with_meta(meta: serde_json::Value) -> Principal {
+        Principal::builder("key_1").meta(meta).build()
+    }
+
+    #[test]
+    fn meta_as_reads_a_matching_struct() {
+        let p = with_meta(serde_json::json!({"tier": "pro", "seats": 5, "extra": true}));
+        assert_eq!(p.meta_as::<Plan>().unwrap(), Plan { tier: "pro".into(), seats: 5 });
+    }
+
+    #[test]
+    fn meta_as_mismatch_names_the_type_and_the_field() {
+        use std::error::Error as _;
+
+        let err = with_meta(serde_json::json!({"tier": "pro", "seats": "five"})).meta_as::<Plan>().unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("Plan") && msg.contains("invalid type") && msg.contains("u32"), "{msg}");
+        assert!(err.target().ends_with("Plan"));
+        assert!(err.source().is_some_and(|s| s.is::<serde_json::Error>()));
+
+        let err = with_meta(serde_json::json!({"tier": "pro"})).meta_as::<Plan>().unwrap_err();
+        assert!(err.to_string().contains("missing field `seats`"), "{err}");
+        // No metadata at all is `null`, which is not a struct.
+        assert!(with_meta(serde_json::Value::Null).meta_as::<Plan>().is_err());
     }
 }
 
