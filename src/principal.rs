@@ -159,7 +159,7 @@ impl Principal {
     /// assert_eq!((plan.tier.as_str(), plan.seats), ("pro", 5));
     ///
     /// let empty = Principal::builder("key_2").build();
-    /// let err = empty.meta_as::<Plan>().unwrap_err();
+    /// let err = empty.meta_as::<Plan>().err().unwrap();
     /// assert!(err.to_string().contains("Plan"));
     /// ```
     pub fn meta_as<T: DeserializeOwned>(&self) -> Result<T, MetaError> {

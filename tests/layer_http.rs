@@ -563,3 +563,30 @@ async fn an_optional_layer_behind_a_verifying_one_keeps_its_principal() {
     let res = client.get(format!("{base}/reports")).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn another_authorization_scheme_works_only_when_configured() {
+    // Not configured: `Token …` is not a credential at all.
+    let app = start().await;
+    let token = format!("Token {}", app.keys.reader.expose_secret());
+    let res = app.get("/reports", &[("authorization", &token)]).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(problem(res).await["title"], "Missing API key");
+
+    let app = start_with(|l| l.sources([KeySource::authorization("Token"), KeySource::header("x-api-key")])).await;
+    let key = app.keys.reader.expose_secret();
+    // The handler asserts the Authorization header is gone.
+    for scheme in ["Token", "token", "TOKEN"] {
+        let res = app.get("/reports", &[("authorization", &format!("{scheme} {key}"))]).await;
+        assert_eq!(res.status(), StatusCode::OK, "{scheme}");
+        assert_eq!(res.json::<serde_json::Value>().await.unwrap()["key_id"], "key_reader");
+    }
+    // Bearer is not a `Token` source's.
+    let res = app.get("/reports", &[("authorization", &bearer(&app.keys.reader))]).await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(problem(res).await["title"], "Missing API key");
+    // The same key in two places is a conflict.
+    let res = app.get("/reports", &[("authorization", &format!("Token {key}")), ("x-api-key", key)]).await;
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(app.calls(), 3);
+}
