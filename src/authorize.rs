@@ -13,7 +13,7 @@ use tower_service::Service;
 
 use crate::body::RejectionBody;
 use crate::context::{InnerReport, LayerContext};
-use crate::error::{AuthError, is_grpc};
+use crate::error::{AuthError, Rejections, is_grpc};
 use crate::principal::Principal;
 use crate::scope::{Requirement, RequirementError};
 
@@ -237,9 +237,9 @@ impl RequireScopes {
         }
     }
 
-    /// The realm this policy's rejections name: its own, or else the layer's.
-    pub(crate) fn realm_or<'a>(&'a self, layer_realm: &'a Arc<str>) -> &'a Arc<str> {
-        self.policy.realm.as_ref().unwrap_or(layer_realm)
+    /// The realm this policy's rejections name instead of the layer's, if it has one.
+    pub(crate) fn realm_override(&self) -> Option<&str> {
+        self.policy.realm.as_deref()
     }
 
     /// Logs a rejection this policy made: a missing layer is an operator's mistake.
@@ -285,9 +285,8 @@ where
         let Some(ctx) = req.extensions().get::<LayerContext>() else {
             let err = AuthError::Misconfigured("RequireScopes needs an ApiKeyLayer in front of it");
             RequireScopes::log_rejection(&err);
-            // No layer, so no realm of its own to borrow.
-            let realm = self.policy.policy.realm.as_deref().unwrap_or(crate::context::DEFAULT_REALM);
-            let res = err.to_response(realm, is_grpc(&req));
+            // No layer, so neither its realm nor its hook: keygate's own answer.
+            let res = Rejections::default().render(&err, is_grpc(&req), self.policy.realm_override());
             return RequireScopesFuture { kind: Kind::Rejected { res: Some(res) }, report: None };
         };
         let mut report = ctx.wants_outcome.then(InnerReport::default);
@@ -303,7 +302,7 @@ where
                 if let Some(report) = report.as_mut() {
                     report.denied = Some(err.outcome());
                 }
-                let res = err.to_response(self.policy.realm_or(&ctx.realm), is_grpc(&req));
+                let res = ctx.rejections.render(&err, is_grpc(&req), self.policy.realm_override());
                 RequireScopesFuture { kind: Kind::Rejected { res: Some(res) }, report }
             }
         }
@@ -339,7 +338,12 @@ where
             KindProj::Inner { fut } => ready!(fut.poll(cx))?,
             KindProj::Rejected { res } => res.take().expect("RequireScopesFuture polled after completion"),
         };
-        if let Some(report) = this.report.take() {
+        if let Some(mut report) = this.report.take() {
+            // A denial made further in (a nested policy, the principal extractor) is
+            // the one that decided the request.
+            if let Some(inner) = res.extensions().get::<InnerReport>() {
+                report.denied = report.denied.or(inner.denied);
+            }
             res.extensions_mut().insert(report);
         }
         Poll::Ready(Ok(res))

@@ -1,15 +1,23 @@
 //! Rejections: every way keygate says no, rendered for HTTP or gRPC.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Response, StatusCode, header};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 use crate::body::RejectionBody;
-use crate::context::Outcome;
 use crate::key::FormatError;
+use crate::outcome::Outcome;
 use crate::verify::Reason;
+
+/// The realm in `WWW-Authenticate` unless [`ApiKeyLayer::realm`](crate::ApiKeyLayer::realm)
+/// says otherwise.
+pub const DEFAULT_REALM: &str = "api";
+
+/// The `WWW-Authenticate` scheme when no configured source reads `Authorization`.
+const DEFAULT_CHALLENGE_SCHEME: &str = "Bearer";
 
 /// Why a key was turned away as `invalid_token`. The client never sees this.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,19 +33,27 @@ pub enum InvalidKey {
 
 /// Every rejection keygate makes.
 ///
-/// | case | HTTP | `WWW-Authenticate` | gRPC |
-/// | --- | --- | --- | --- |
-/// | no key | 401 | `Bearer realm="…"` | 16 UNAUTHENTICATED |
-/// | malformed, unknown, revoked, disabled | 401 | `…, error="invalid_token"` | 16 |
-/// | expired | 401 | `…, error="invalid_token", error_description="key expired"` | 16 |
-/// | conflicting keys | 400 | `…, error="invalid_request"` | 3 INVALID_ARGUMENT |
-/// | missing scope | 403 | `…, error="insufficient_scope", scope="…"` | 7 PERMISSION_DENIED |
-/// | key service unavailable | 503 + `Retry-After` | none | 14 UNAVAILABLE |
-/// | rate limited | 429 + `Retry-After` | none | 8 RESOURCE_EXHAUSTED |
+/// | case | [`code()`](AuthError::code) | HTTP | `WWW-Authenticate` | gRPC |
+/// | --- | --- | --- | --- | --- |
+/// | no key | `missing_key` | 401 | `Bearer realm="…"` | 16 UNAUTHENTICATED |
+/// | malformed, unknown, revoked, disabled | `invalid_key` | 401 | `…, error="invalid_token"` | 16 |
+/// | expired | `expired_key` | 401 | `…, error="invalid_token", error_description="key expired"` | 16 |
+/// | conflicting keys | `conflicting_credentials` | 400 | `…, error="invalid_request"` | 3 INVALID_ARGUMENT |
+/// | missing scope | `insufficient_scope` | 403 | `…, error="insufficient_scope", scope="…"` | 7 PERMISSION_DENIED |
+/// | key service unavailable | `key_service_unavailable` | 503 + `Retry-After` | none | 14 UNAVAILABLE |
+/// | rate limited | `rate_limited` | 429 + `Retry-After` | none | 8 RESOURCE_EXHAUSTED |
+/// | keygate set up wrongly | `misconfigured` | 500 | none | 13 INTERNAL |
 ///
-/// HTTP bodies are `application/problem+json` (RFC 9457). Unknown, revoked, disabled
-/// and malformed keys get byte-identical responses so that nobody can learn which
-/// keys exist; the precise reason goes to the log and the usage event only.
+/// HTTP bodies are `application/problem+json` (RFC 9457) with the code as a `code`
+/// member. Unknown, revoked, disabled and malformed keys get byte-identical responses
+/// so that nobody can learn which keys exist; the precise reason goes to the log and
+/// the usage event only. The challenge names `Bearer` unless the layer reads only
+/// another `Authorization` scheme ([`KeySource::authorization`](crate::KeySource::authorization)),
+/// whose name it then uses.
+///
+/// Every rejection response carries the `AuthError` in its extensions, so an outer
+/// layer can tell the cases apart without parsing the body; a service that wants its
+/// own bodies sets [`ApiKeyLayer::on_rejection`](crate::ApiKeyLayer::on_rejection).
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthError {
@@ -79,6 +95,31 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// A stable snake_case name for the case, for a service's own error bodies, logs
+    /// and metrics: `missing_key`, `invalid_key`, `expired_key`,
+    /// `conflicting_credentials`, `insufficient_scope`, `key_service_unavailable`,
+    /// `rate_limited`, `misconfigured`. A code never changes meaning; new cases get
+    /// new codes.
+    ///
+    /// ```
+    /// use keygate::AuthError;
+    ///
+    /// assert_eq!(AuthError::MissingCredentials.code(), "missing_key");
+    /// assert_eq!(AuthError::Expired.code(), "expired_key");
+    /// ```
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::MissingCredentials => "missing_key",
+            Self::ConflictingCredentials(_) => "conflicting_credentials",
+            Self::InvalidKey(_) => "invalid_key",
+            Self::Expired => "expired_key",
+            Self::InsufficientScope { .. } => "insufficient_scope",
+            Self::Unavailable { .. } => "key_service_unavailable",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::Misconfigured(_) => "misconfigured",
+        }
+    }
+
     /// The HTTP status for this rejection.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -154,9 +195,17 @@ impl AuthError {
         }
     }
 
-    /// The `WWW-Authenticate` value, if this case has one.
-    pub fn www_authenticate(&self, realm: &str) -> Option<String> {
-        let base = format!("Bearer realm=\"{}\"", quote(realm));
+    /// The `WWW-Authenticate` value for a challenge `scheme` (`Bearer` unless the layer
+    /// reads another `Authorization` scheme) and `realm`, if this case has one.
+    ///
+    /// ```
+    /// use keygate::AuthError;
+    ///
+    /// let v = AuthError::Expired.www_authenticate("Bearer", "api").unwrap();
+    /// assert_eq!(v, r#"Bearer realm="api", error="invalid_token", error_description="key expired""#);
+    /// ```
+    pub fn www_authenticate(&self, scheme: &str, realm: &str) -> Option<String> {
+        let base = format!("{scheme} realm=\"{}\"", quote(realm));
         Some(match self {
             Self::MissingCredentials => base,
             Self::InvalidKey(_) => format!("{base}, error=\"invalid_token\""),
@@ -180,6 +229,7 @@ impl AuthError {
             "title": self.title(),
             "status": self.status().as_u16(),
             "detail": self.public_detail(),
+            "code": self.code(),
         });
         if let Self::InsufficientScope { scopes, .. } = self {
             body["required_scopes"] = serde_json::json!(scopes);
@@ -187,23 +237,25 @@ impl AuthError {
         Bytes::from(body.to_string())
     }
 
-    /// Renders as an HTTP response (problem+json, `WWW-Authenticate`, `Retry-After`).
+    /// Renders as an HTTP response: problem+json, `WWW-Authenticate` (scheme `Bearer`),
+    /// `Retry-After`, `Cache-Control: no-store`, and the error in the extensions.
     pub fn to_http_response<B: RejectionBody>(&self, realm: &str) -> Response<B> {
+        self.http_response(DEFAULT_CHALLENGE_SCHEME, realm)
+    }
+
+    fn http_response<B: RejectionBody>(&self, scheme: &str, realm: &str) -> Response<B> {
         let mut res = Response::new(B::rejection(self.problem_json()));
         *res.status_mut() = self.status();
-        let h = res.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        if let Some(v) = self.www_authenticate(realm).and_then(|v| HeaderValue::from_str(&v).ok()) {
-            h.insert(header::WWW_AUTHENTICATE, v);
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let Some(v) = self.www_authenticate(scheme, realm).and_then(|v| HeaderValue::from_str(&v).ok()) {
+            res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
-        if let Some(after) = self.retry_after() {
-            h.insert(header::RETRY_AFTER, retry_after_value(after));
-        }
+        self.complete(&mut res, scheme, realm);
         res
     }
 
-    /// Renders as a gRPC trailers-only response (HTTP 200, `grpc-status`, `grpc-message`).
+    /// Renders as a gRPC trailers-only response (HTTP 200, `grpc-status`, `grpc-message`),
+    /// with the error in the extensions.
     pub fn to_grpc_response<B: RejectionBody>(&self) -> Response<B> {
         let mut res = Response::new(B::rejection(Bytes::new()));
         let h = res.headers_mut();
@@ -215,13 +267,33 @@ impl AuthError {
         if let Some(after) = self.retry_after() {
             h.insert(header::RETRY_AFTER, retry_after_value(after));
         }
+        res.extensions_mut().insert(self.clone());
         res
     }
 
-    /// Renders for the protocol of the request: gRPC when its `content-type` starts
-    /// with `application/grpc`, HTTP otherwise.
-    pub fn to_response<B: RejectionBody>(&self, realm: &str, grpc: bool) -> Response<B> {
-        if grpc { self.to_grpc_response() } else { self.to_http_response(realm) }
+    /// Adds what every HTTP rejection needs and a custom one may have left out: the
+    /// challenge on 401/403, `Retry-After` on 429/503, `no-store`, and the error itself.
+    fn complete<B>(&self, res: &mut Response<B>, scheme: &str, realm: &str) {
+        let status = res.status();
+        let h = res.headers_mut();
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+            && !h.contains_key(header::WWW_AUTHENTICATE)
+        {
+            if let Some(v) = self.www_authenticate(scheme, realm).and_then(|v| HeaderValue::from_str(&v).ok()) {
+                h.insert(header::WWW_AUTHENTICATE, v);
+            }
+        }
+        if matches!(status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE)
+            && !h.contains_key(header::RETRY_AFTER)
+        {
+            if let Some(after) = self.retry_after() {
+                h.insert(header::RETRY_AFTER, retry_after_value(after));
+            }
+        }
+        if !h.contains_key(header::CACHE_CONTROL) {
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        }
+        res.extensions_mut().insert(self.clone());
     }
 
     fn retry_after(&self) -> Option<Duration> {
@@ -232,11 +304,80 @@ impl AuthError {
     }
 }
 
+/// A service's own rendering of rejections, set with
+/// [`ApiKeyLayer::on_rejection`](crate::ApiKeyLayer::on_rejection).
+pub(crate) type RejectionHook = Arc<dyn Fn(&AuthError) -> Response<Bytes> + Send + Sync>;
+
+/// How one layer answers: its realm and challenge scheme, and the service's hook if it
+/// set one. Built once per layer; the request carries it (in the layer context) to the
+/// policies and extractors behind the layer, so that they answer alike.
+#[derive(Clone)]
+pub(crate) struct Rejections {
+    pub(crate) realm: Arc<str>,
+    pub(crate) scheme: Arc<str>,
+    pub(crate) hook: Option<RejectionHook>,
+}
+
+impl Default for Rejections {
+    fn default() -> Self {
+        Self { realm: Arc::from(DEFAULT_REALM), scheme: Arc::from(DEFAULT_CHALLENGE_SCHEME), hook: None }
+    }
+}
+
+impl std::fmt::Debug for Rejections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rejections")
+            .field("realm", &self.realm)
+            .field("scheme", &self.scheme)
+            .field("hook", &self.hook.is_some())
+            .finish()
+    }
+}
+
+impl Rejections {
+    /// The response for `err`; `realm` overrides the layer's (a policy's own realm).
+    pub(crate) fn render<B: RejectionBody>(&self, err: &AuthError, grpc: bool, realm: Option<&str>) -> Response<B> {
+        let realm = realm.unwrap_or(&self.realm);
+        match (&self.hook, grpc) {
+            (None, false) => err.http_response(&self.scheme, realm),
+            (None, true) => err.to_grpc_response(),
+            (Some(hook), false) => {
+                let (parts, body) = hook(err).into_parts();
+                let mut res = Response::from_parts(parts, B::rejection(body));
+                err.complete(&mut res, &self.scheme, realm);
+                res
+            }
+            // gRPC clients read the status from `grpc-status`: what a service may add
+            // is metadata, never a body or a status of its own.
+            (Some(hook), true) => {
+                let custom = hook(err);
+                let mut res = err.to_grpc_response();
+                add_metadata(res.headers_mut(), custom.headers());
+                res
+            }
+        }
+    }
+}
+
+/// A custom rejection's headers, as gRPC metadata: every header but those keygate owns
+/// in a trailers-only answer.
+fn add_metadata(to: &mut HeaderMap, from: &HeaderMap) {
+    for (name, value) in from {
+        let owned = matches!(name.as_str(), "grpc-status" | "grpc-message" | "grpc-status-details-bin")
+            || name == header::CONTENT_TYPE
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING;
+        if !owned {
+            to.append(name.clone(), value.clone());
+        }
+    }
+}
+
 #[cfg(feature = "axum")]
 impl axum::response::IntoResponse for AuthError {
     /// Renders as HTTP with the realm `api`.
     fn into_response(self) -> axum::response::Response {
-        self.to_http_response(crate::context::DEFAULT_REALM)
+        self.to_http_response(DEFAULT_REALM)
     }
 }
 
@@ -302,12 +443,35 @@ mod tests {
         let c = AuthError::InvalidKey(InvalidKey::Format(FormatError::BadChecksum));
         assert_eq!(a.problem_json(), b.problem_json());
         assert_eq!(a.problem_json(), c.problem_json());
-        assert_eq!(a.www_authenticate("x"), c.www_authenticate("x"));
+        assert_eq!(a.www_authenticate("Bearer", "x"), c.www_authenticate("Bearer", "x"));
+    }
+
+    #[test]
+    fn codes_are_stable_and_distinct() {
+        let cases = [
+            (AuthError::MissingCredentials, "missing_key"),
+            (AuthError::ConflictingCredentials("two"), "conflicting_credentials"),
+            (AuthError::InvalidKey(InvalidKey::Rejected(Reason::Revoked)), "invalid_key"),
+            (AuthError::InvalidKey(InvalidKey::Malformed("x")), "invalid_key"),
+            (AuthError::Expired, "expired_key"),
+            (AuthError::InvalidKey(InvalidKey::Rejected(Reason::Expired)), "invalid_key"),
+            (AuthError::InsufficientScope { required: "a:b".into(), scopes: vec!["a:b".into()] }, "insufficient_scope"),
+            (AuthError::Unavailable { retry_after: Duration::from_secs(1) }, "key_service_unavailable"),
+            (AuthError::RateLimited { retry_after: Duration::from_secs(1) }, "rate_limited"),
+            (AuthError::Misconfigured("x"), "misconfigured"),
+        ];
+        for (err, code) in &cases {
+            assert_eq!(err.code(), *code, "{err:?}");
+            let body: serde_json::Value = serde_json::from_slice(&err.problem_json()).unwrap();
+            assert_eq!(body["code"], *code);
+        }
+        // A verifier's "expired" is told as expiry, never as a generic invalid key.
+        assert_eq!(AuthError::refused(Reason::Expired).code(), "expired_key");
     }
 
     #[test]
     fn realm_is_quoted() {
-        let v = AuthError::MissingCredentials.www_authenticate("a\"b\\c\n").unwrap();
+        let v = AuthError::MissingCredentials.www_authenticate("Bearer", "a\"b\\c\n").unwrap();
         assert_eq!(v, "Bearer realm=\"a\\\"b\\\\c\"");
     }
 

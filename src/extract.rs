@@ -79,7 +79,7 @@ impl KeySource {
         if scheme.eq_ignore_ascii_case("bearer") {
             return Self::Bearer;
         }
-        Self::Authorization(AuthScheme(scheme.to_ascii_lowercase().into()))
+        Self::Authorization(AuthScheme(scheme.into()))
     }
 
     /// A named header. Panics if `name` is not a valid header name (a configuration
@@ -105,14 +105,33 @@ impl KeySource {
 }
 
 /// An `Authorization` scheme name other than Bearer, validated as an HTTP token; see
-/// [`KeySource::authorization`]. Kept in lower case: schemes compare case-insensitively.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// [`KeySource::authorization`]. Kept as written (it names the scheme in
+/// `WWW-Authenticate`) and compared case-insensitively, as schemes are.
+#[derive(Debug, Clone, Eq)]
 pub struct AuthScheme(Box<str>);
 
 impl AuthScheme {
-    /// The scheme name, in lower case.
+    /// The scheme name, as configured.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl PartialEq for AuthScheme {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.eq_ignore_ascii_case(&other.0)
+    }
+}
+
+impl KeySource {
+    /// The scheme a `WWW-Authenticate` challenge names for this source, if it is read
+    /// from `Authorization`.
+    pub(crate) fn challenge_scheme(&self) -> Option<&str> {
+        match self {
+            Self::Bearer => Some("Bearer"),
+            Self::Authorization(scheme) => Some(scheme.as_str()),
+            _ => None,
+        }
     }
 }
 
@@ -204,7 +223,7 @@ fn single<'a, B>(req: &'a Request<B>, name: &HeaderName) -> Result<Option<&'a He
 /// A scheme to read from `Authorization`, with its rejection texts (static, so that
 /// they never carry request bytes).
 struct Scheme<'a> {
-    /// Lower case.
+    /// Any case.
     name: &'a [u8],
     no_key: &'static str,
     no_space: &'static str,

@@ -32,17 +32,19 @@
 //! The modules follow the path of a request, and a module only uses the ones above
 //! it in this list:
 //!
-//! 1. `context`: what keygate's layers tell each other about a request (realm,
-//!    anonymous, route template, [`Outcome`]); uses nothing.
+//! 1. `outcome`: [`Outcome`], what happened to a request; uses nothing.
 //! 2. `body`, `key`, `scope`, `principal`: rejection bodies, the key and its format
 //!    check, scopes and requirements, the verified identity.
 //! 3. `verify`: [`Verifier`] and its implementations, the cache, the remote client;
 //!    `ratelimit`: per-key limits.
-//! 4. `error`: [`AuthError`], every rejection, rendered for HTTP or gRPC.
-//! 5. `extract`: finding the key in a request.
-//! 6. `authorize`: [`RequireScopes`].
-//! 7. `usage`: decided requests, the aggregator and the raw-event pipeline.
-//! 8. `layer`: [`ApiKeyLayer`], which runs all of the above in that order.
+//! 4. `error`: [`AuthError`], every rejection, rendered for HTTP or gRPC, or by the
+//!    service's own hook.
+//! 5. `context`: what keygate's layers tell each other about a request (how to answer,
+//!    anonymous, route template).
+//! 6. `extract`: finding the key in a request.
+//! 7. `authorize`: [`RequireScopes`]; `handler`: the [`Principal`] extractor.
+//! 8. `usage`: decided requests, the aggregator and the raw-event pipeline.
+//! 9. `layer`: [`ApiKeyLayer`], which runs all of the above in that order.
 //!
 //! `wire` and `remote` sit beside this chain (the protocol types, and the HTTP client
 //! plumbing the remote parts share); `server` is the other side of the wire.
@@ -55,8 +57,11 @@ mod body;
 mod context;
 mod error;
 mod extract;
+#[cfg(feature = "axum")]
+mod handler;
 mod key;
 mod layer;
+mod outcome;
 mod principal;
 mod ratelimit;
 mod scope;
@@ -72,13 +77,13 @@ pub mod server;
 
 pub use authorize::{RequireScopes, RequireScopesFuture, RequireScopesService};
 pub use body::{KeygateBody, RejectionBody};
-pub use context::{DEFAULT_REALM, Outcome};
-pub use error::{AuthError, InvalidKey};
+pub use error::{AuthError, DEFAULT_REALM, InvalidKey};
 pub use extract::{AuthScheme, DEFAULT_MAX_KEY_LEN, KeySource};
+#[cfg(feature = "axum")]
+pub use handler::MissingPrincipal;
 pub use key::{ApiKey, CHECKSUM_LEN, FormatError, KeyDigest, KeyFormat, MAX_PREFIX_LEN, RANDOM_LEN};
 pub use layer::{ApiKeyLayer, ApiKeyService, DEFAULT_RETRY_AFTER, ResponseFuture};
-#[cfg(feature = "axum")]
-pub use principal::MissingPrincipal;
+pub use outcome::Outcome;
 pub use principal::{MetaError, Principal, PrincipalBuilder, RateLimit};
 pub use scope::{
     MAX_ROLE_LEN, MAX_SCOPE_LEN, MAX_SEGMENTS, Requirement, RequirementError, RequirementErrorKind, Scope, ScopeError,

@@ -226,6 +226,26 @@ async fn an_optional_layer_records_anonymous_requests() {
 }
 
 #[tokio::test]
+async fn an_anonymous_request_refused_by_the_principal_extractor_is_recorded_as_no_key() {
+    let (sink, mut rx) = ChannelSink::new(8);
+    let key = ApiKey::generate("kg").unwrap();
+    let app = Router::new().route("/me/{id}", get(|p: Principal| async move { p.key_id().to_owned() })).layer(
+        ApiKeyLayer::new(StaticVerifier::new().with_key(&key, principal("key_1", &[]).build())).optional().usage(sink),
+    );
+    let base = serve(app).await;
+    let client = reqwest::Client::new();
+    let res = client.get(format!("{base}/me/7")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    let e = next(&mut rx).await;
+    // Not "anonymous, 401": the request was refused for want of a key, on its route.
+    assert_eq!((e.outcome, e.status, e.key_id.as_deref(), &*e.route), (Outcome::NoKey, 401, None, "/me/{id}"));
+    let res = client.get(format!("{base}/me/7")).bearer_auth(key.expose_secret()).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let e = next(&mut rx).await;
+    assert_eq!((e.outcome, e.status, e.key_id.as_deref()), (Outcome::Allowed, 200, Some("key_1")));
+}
+
+#[tokio::test]
 async fn a_sink_that_never_drains_does_not_slow_requests() {
     // Capacity 1 and nobody reading: every event after the first is dropped and counted,
     // and requests are answered as usual.

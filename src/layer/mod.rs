@@ -3,11 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderName;
+use bytes::Bytes;
+use http::{HeaderName, Response};
 use tower_layer::Layer;
 
 use crate::authorize::RequireScopes;
-use crate::context::DEFAULT_REALM;
+use crate::error::{AuthError, Rejections};
 use crate::extract::{DEFAULT_MAX_KEY_LEN, KeySource};
 use crate::key::KeyFormat;
 use crate::ratelimit::{DEFAULT_MAX_TRACKED_KEYS, RateLimiter};
@@ -38,7 +39,8 @@ struct Config {
     max_key_len: usize,
     optional: bool,
     keep_credentials: bool,
-    realm: Arc<str>,
+    // Shared with every request the layer lets through, for the answers made behind it.
+    rejections: Arc<Rejections>,
     retry_after: Duration,
     usage: Option<Arc<dyn UsageSink>>,
     client_ip: ClientIp,
@@ -56,7 +58,7 @@ impl std::fmt::Debug for Config {
             .field("max_key_len", &self.max_key_len)
             .field("optional", &self.optional)
             .field("keep_credentials", &self.keep_credentials)
-            .field("realm", &self.realm)
+            .field("rejections", &self.rejections)
             .field("retry_after", &self.retry_after)
             .field("usage", &self.usage.is_some())
             .field("client_ip", &self.client_ip)
@@ -149,7 +151,7 @@ impl<V: Verifier> ApiKeyLayer<V> {
             max_key_len: DEFAULT_MAX_KEY_LEN,
             optional: false,
             keep_credentials: false,
-            realm: Arc::from(DEFAULT_REALM),
+            rejections: Arc::new(Rejections::default()),
             retry_after: DEFAULT_RETRY_AFTER,
             usage: None,
             client_ip: ClientIp::None,
@@ -174,6 +176,14 @@ impl<V: Verifier> ApiKeyLayer<V> {
         let config = self.config_mut();
         config.sources = sources.into_iter().collect();
         assert!(!config.sources.is_empty(), "ApiKeyLayer::sources: at least one source is needed");
+        // Challenge with the scheme the client can actually use: Bearer if it is read,
+        // else the first other `Authorization` scheme.
+        let scheme = if config.sources.contains(&KeySource::Bearer) {
+            "Bearer"
+        } else {
+            config.sources.iter().find_map(KeySource::challenge_scheme).unwrap_or("Bearer")
+        };
+        Arc::make_mut(&mut config.rejections).scheme = Arc::from(scheme);
         self
     }
 
@@ -205,7 +215,60 @@ impl<V: Verifier> ApiKeyLayer<V> {
 
     /// The realm in `WWW-Authenticate` (default `api`).
     pub fn realm(mut self, realm: impl Into<String>) -> Self {
-        self.config_mut().realm = Arc::from(realm.into());
+        Arc::make_mut(&mut self.config_mut().rejections).realm = Arc::from(realm.into());
+        self
+    }
+
+    /// Answer rejections with the service's own responses: `render` gets the
+    /// [`AuthError`] (its [`code()`](AuthError::code) tells the cases apart) and returns
+    /// status, headers and body; keygate writes them in the inner service's body type.
+    ///
+    /// It answers every rejection made by this layer and by the [`RequireScopes`]
+    /// policies and [`Principal`](crate::Principal) extractors behind it. What keygate
+    /// adds when `render` leaves it out:
+    /// - `WWW-Authenticate` on a 401 or 403 whose case has a challenge (RFC 9110 requires
+    ///   it on 401), with this layer's scheme and realm;
+    /// - `Retry-After` on a 429 or 503 whose case has a wait;
+    /// - `Cache-Control: no-store`;
+    /// - the `AuthError` in the response's extensions.
+    ///
+    /// A header `render` sets is never replaced, and nothing else is added: no
+    /// `Content-Type` is guessed. The status is `render`'s, even one that is not an
+    /// error; usage records keep the real outcome whatever status is sent.
+    ///
+    /// gRPC requests keep keygate's answer (HTTP 200, trailers-only, `grpc-status` and
+    /// `grpc-message` from the table on [`AuthError`]): a gRPC client reads nothing
+    /// else. `render` is still called, and the headers it returns are sent as extra
+    /// metadata, except `content-type`, `content-length`, `transfer-encoding` and the
+    /// `grpc-*` fields keygate owns; its status and body are dropped.
+    ///
+    /// `render` runs on the request path for every rejection: keep it quick, and never
+    /// put request data it did not validate into the response.
+    ///
+    /// ```
+    /// use axum::{Router, routing::get};
+    /// use bytes::Bytes;
+    /// use http::{Response, header};
+    /// use keygate::{ApiKeyLayer, AuthError, StaticVerifier};
+    ///
+    /// fn our_error(err: &AuthError) -> Response<Bytes> {
+    ///     let body = serde_json::json!({ "error": { "code": err.code(), "message": err.public_detail() } });
+    ///     Response::builder()
+    ///         .status(err.status())
+    ///         .header(header::CONTENT_TYPE, "application/json")
+    ///         .body(Bytes::from(body.to_string()))
+    ///         .unwrap()
+    /// }
+    ///
+    /// let app: Router = Router::new()
+    ///     .route("/reports", get(|| async { "reports" }))
+    ///     .layer(ApiKeyLayer::new(StaticVerifier::new()).on_rejection(our_error));
+    /// ```
+    pub fn on_rejection<F>(mut self, render: F) -> Self
+    where
+        F: Fn(&AuthError) -> Response<Bytes> + Send + Sync + 'static,
+    {
+        Arc::make_mut(&mut self.config_mut().rejections).hook = Some(Arc::new(render));
         self
     }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 use http::{HeaderName, HeaderValue, Method, Request};
 
 use super::ClientIp;
-use crate::context::Outcome;
+use crate::outcome::Outcome;
 use crate::principal::Principal;
 use crate::usage::{DecidedRequest, UsageSink};
 

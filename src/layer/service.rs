@@ -11,11 +11,13 @@ use tower_service::Service;
 
 use super::record::Record;
 use super::{Config, Shared};
+use crate::authorize::RequireScopes;
 use crate::body::RejectionBody;
-use crate::context::{InnerReport, LayerContext, Outcome};
+use crate::context::{InnerReport, LayerContext};
 use crate::error::{AuthError, InvalidKey, http_status_of_grpc, is_grpc};
 use crate::extract::{find_key, strip_credential};
 use crate::key::ApiKey;
+use crate::outcome::Outcome;
 use crate::principal::Principal;
 use crate::verify::{Verdict, Verifier, VerifyError};
 
@@ -188,7 +190,7 @@ impl Config {
             req.extensions_mut().insert(principal);
         }
         req.extensions_mut().insert(LayerContext {
-            realm: self.realm.clone(),
+            rejections: self.rejections.clone(),
             anonymous,
             wants_outcome: record.is_some(),
             wants_route: record.is_some_and(Record::wants_route),
@@ -291,11 +293,8 @@ where
                     if let (Some(record), Some(sink)) = (this.record.take(), config.usage.as_ref()) {
                         record.finish(&**sink, err.status().as_u16(), err.outcome(), None);
                     }
-                    let realm = match &config.policy {
-                        Some(policy) if *by_policy => policy.realm_or(&config.realm),
-                        _ => &config.realm,
-                    };
-                    return Poll::Ready(Ok(err.to_response(realm, *this.grpc)));
+                    let realm = config.policy.as_ref().filter(|_| *by_policy).and_then(RequireScopes::realm_override);
+                    return Poll::Ready(Ok(config.rejections.render(&err, *this.grpc, realm)));
                 }
             }
         }

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::context::Outcome;
+use crate::outcome::Outcome;
 
 /// One request's usage record. Never carries the key: only its id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::LatencyHistogram;
-use crate::context::Outcome;
+use crate::outcome::Outcome;
 
 /// The route of a per-key overflow row: requests of a key that found the row table full.
 pub const OVERFLOW_ROUTE: &str = "(overflow)";

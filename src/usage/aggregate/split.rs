@@ -87,7 +87,7 @@ impl io::Write for Count {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::context::Outcome;
+    use crate::outcome::Outcome;
     use crate::usage::{LatencyHistogram, StatusCounts};
 
     fn row(i: usize, buckets: u64) -> AggregateRow {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hashbrown::HashTable;
 
-use crate::context::Outcome;
+use crate::outcome::Outcome;
 use crate::usage::{DecidedRequest, LatencyHistogram};
 use crate::usage::{NetworkPrefix, OVERFLOW_METHOD, OVERFLOW_ROUTE, StatusCounts};
 
