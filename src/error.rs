@@ -10,6 +10,8 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use crate::body::RejectionBody;
 use crate::key::FormatError;
 use crate::outcome::Outcome;
+use crate::principal::RateLimit;
+use crate::ratelimit::LimitState;
 use crate::verify::Reason;
 
 /// The realm in `WWW-Authenticate` unless [`ApiKeyLayer::realm`](crate::ApiKeyLayer::realm)
@@ -41,7 +43,7 @@ pub enum InvalidKey {
 /// | conflicting keys | `conflicting_credentials` | 400 | `…, error="invalid_request"` | 3 INVALID_ARGUMENT |
 /// | missing scope | `insufficient_scope` | 403 | `…, error="insufficient_scope", scope="…"` | 7 PERMISSION_DENIED |
 /// | key service unavailable | `key_service_unavailable` | 503 + `Retry-After` | none | 14 UNAVAILABLE |
-/// | rate limited | `rate_limited` | 429 + `Retry-After` | none | 8 RESOURCE_EXHAUSTED |
+/// | rate limited | `rate_limited` | 429 + `Retry-After` + `RateLimit` fields | none | 8 RESOURCE_EXHAUSTED |
 /// | keygate set up wrongly | `misconfigured` | 500 | none | 13 INTERNAL |
 ///
 /// HTTP bodies are `application/problem+json` (RFC 9457) with the code as a `code`
@@ -86,8 +88,10 @@ pub enum AuthError {
     /// The key's rate limit is exhausted.
     #[error("rate limit exceeded")]
     RateLimited {
-        /// When the limit resets.
+        /// When the limit lets the next request through.
         retry_after: Duration,
+        /// The limit that was exceeded, for the `RateLimit` fields (`None`: not told).
+        limit: Option<RateLimit>,
     },
     /// keygate is configured wrongly (for example `RequireScopes` without `ApiKeyLayer`).
     #[error("server misconfiguration: {0}")]
@@ -240,23 +244,28 @@ impl AuthError {
     /// Renders as an HTTP response: problem+json, `WWW-Authenticate` (scheme `Bearer`),
     /// `Retry-After`, `Cache-Control: no-store`, and the error in the extensions.
     pub fn to_http_response<B: RejectionBody>(&self, realm: &str) -> Response<B> {
-        self.http_response(DEFAULT_CHALLENGE_SCHEME, realm)
+        self.http_response(DEFAULT_CHALLENGE_SCHEME, realm, true)
     }
 
-    fn http_response<B: RejectionBody>(&self, scheme: &str, realm: &str) -> Response<B> {
+    fn http_response<B: RejectionBody>(&self, scheme: &str, realm: &str, ratelimit_fields: bool) -> Response<B> {
         let mut res = Response::new(B::rejection(self.problem_json()));
         *res.status_mut() = self.status();
         res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if let Some(v) = self.www_authenticate(scheme, realm).and_then(|v| HeaderValue::from_str(&v).ok()) {
             res.headers_mut().insert(header::WWW_AUTHENTICATE, v);
         }
-        self.complete(&mut res, scheme, realm);
+        self.complete(&mut res, scheme, realm, ratelimit_fields);
         res
     }
 
-    /// Renders as a gRPC trailers-only response (HTTP 200, `grpc-status`, `grpc-message`),
-    /// with the error in the extensions.
+    /// Renders as a gRPC trailers-only response (HTTP 200, `grpc-status`, `grpc-message`,
+    /// `Retry-After` and the `RateLimit` fields where they apply), with the error in the
+    /// extensions.
     pub fn to_grpc_response<B: RejectionBody>(&self) -> Response<B> {
+        self.grpc_response(true)
+    }
+
+    fn grpc_response<B: RejectionBody>(&self, ratelimit_fields: bool) -> Response<B> {
         let mut res = Response::new(B::rejection(Bytes::new()));
         let h = res.headers_mut();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
@@ -267,13 +276,27 @@ impl AuthError {
         if let Some(after) = self.retry_after() {
             h.insert(header::RETRY_AFTER, retry_after_value(after));
         }
+        if let Some(state) = self.limit_state().filter(|_| ratelimit_fields) {
+            state.write_fields(h);
+        }
         res.extensions_mut().insert(self.clone());
         res
     }
 
+    /// A refused key's standing against the limit it exceeded.
+    fn limit_state(&self) -> Option<LimitState> {
+        match self {
+            Self::RateLimited { retry_after, limit: Some(limit) } => {
+                Some(LimitState { limit: *limit, remaining: 0, reset: *retry_after })
+            }
+            _ => None,
+        }
+    }
+
     /// Adds what every HTTP rejection needs and a custom one may have left out: the
-    /// challenge on 401/403, `Retry-After` on 429/503, `no-store`, and the error itself.
-    fn complete<B>(&self, res: &mut Response<B>, scheme: &str, realm: &str) {
+    /// challenge on 401/403, `Retry-After` on 429/503 (and the `RateLimit` fields on
+    /// 429), `no-store`, and the error itself.
+    fn complete<B>(&self, res: &mut Response<B>, scheme: &str, realm: &str, ratelimit_fields: bool) {
         let status = res.status();
         let h = res.headers_mut();
         if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
@@ -290,6 +313,11 @@ impl AuthError {
                 h.insert(header::RETRY_AFTER, retry_after_value(after));
             }
         }
+        if status == StatusCode::TOO_MANY_REQUESTS && ratelimit_fields {
+            if let Some(state) = self.limit_state() {
+                state.write_fields(h);
+            }
+        }
         if !h.contains_key(header::CACHE_CONTROL) {
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         }
@@ -298,7 +326,7 @@ impl AuthError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Unavailable { retry_after } | Self::RateLimited { retry_after } => Some(*retry_after),
+            Self::Unavailable { retry_after } | Self::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -316,11 +344,19 @@ pub(crate) struct Rejections {
     pub(crate) realm: Arc<str>,
     pub(crate) scheme: Arc<str>,
     pub(crate) hook: Option<RejectionHook>,
+    /// `RateLimit-Policy` / `RateLimit` on 429s (and, from the layer, on allowed
+    /// responses of limited keys).
+    pub(crate) ratelimit_fields: bool,
 }
 
 impl Default for Rejections {
     fn default() -> Self {
-        Self { realm: Arc::from(DEFAULT_REALM), scheme: Arc::from(DEFAULT_CHALLENGE_SCHEME), hook: None }
+        Self {
+            realm: Arc::from(DEFAULT_REALM),
+            scheme: Arc::from(DEFAULT_CHALLENGE_SCHEME),
+            hook: None,
+            ratelimit_fields: true,
+        }
     }
 }
 
@@ -330,6 +366,7 @@ impl std::fmt::Debug for Rejections {
             .field("realm", &self.realm)
             .field("scheme", &self.scheme)
             .field("hook", &self.hook.is_some())
+            .field("ratelimit_fields", &self.ratelimit_fields)
             .finish()
     }
 }
@@ -339,19 +376,19 @@ impl Rejections {
     pub(crate) fn render<B: RejectionBody>(&self, err: &AuthError, grpc: bool, realm: Option<&str>) -> Response<B> {
         let realm = realm.unwrap_or(&self.realm);
         match (&self.hook, grpc) {
-            (None, false) => err.http_response(&self.scheme, realm),
-            (None, true) => err.to_grpc_response(),
+            (None, false) => err.http_response(&self.scheme, realm, self.ratelimit_fields),
+            (None, true) => err.grpc_response(self.ratelimit_fields),
             (Some(hook), false) => {
                 let (parts, body) = hook(err).into_parts();
                 let mut res = Response::from_parts(parts, B::rejection(body));
-                err.complete(&mut res, &self.scheme, realm);
+                err.complete(&mut res, &self.scheme, realm, self.ratelimit_fields);
                 res
             }
             // gRPC clients read the status from `grpc-status`: what a service may add
             // is metadata, never a body or a status of its own.
             (Some(hook), true) => {
                 let custom = hook(err);
-                let mut res = err.to_grpc_response();
+                let mut res = err.grpc_response(self.ratelimit_fields);
                 add_metadata(res.headers_mut(), custom.headers());
                 res
             }
@@ -457,7 +494,7 @@ mod tests {
             (AuthError::InvalidKey(InvalidKey::Rejected(Reason::Expired)), "invalid_key"),
             (AuthError::InsufficientScope { required: "a:b".into(), scopes: vec!["a:b".into()] }, "insufficient_scope"),
             (AuthError::Unavailable { retry_after: Duration::from_secs(1) }, "key_service_unavailable"),
-            (AuthError::RateLimited { retry_after: Duration::from_secs(1) }, "rate_limited"),
+            (AuthError::RateLimited { retry_after: Duration::from_secs(1), limit: None }, "rate_limited"),
             (AuthError::Misconfigured("x"), "misconfigured"),
         ];
         for (err, code) in &cases {

@@ -12,7 +12,44 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use http::{HeaderMap, HeaderName, HeaderValue};
+
 use crate::principal::{Principal, RateLimit};
+
+/// The policy's name in the `RateLimit-Policy` and `RateLimit` fields: a key's one limit
+/// counts requests.
+const POLICY_NAME: &str = "requests";
+
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Where a key stands against its limit once a request was counted (or refused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LimitState {
+    pub(crate) limit: RateLimit,
+    /// Requests the key could still make right now.
+    pub(crate) remaining: u64,
+    /// Until the next request's worth of quota comes back.
+    pub(crate) reset: Duration,
+}
+
+impl LimitState {
+    /// The IETF `RateLimit-Policy` and `RateLimit` fields
+    /// (draft-ietf-httpapi-ratelimit-headers, structured-field form):
+    /// `"requests";q=<limit>;w=<period s>` and `"requests";r=<remaining>;t=<s>`, `t`
+    /// rounded up like `Retry-After`. A field already set is left alone.
+    pub(crate) fn write_fields(&self, headers: &mut HeaderMap) {
+        if !headers.contains_key(&RATELIMIT_POLICY) {
+            let v = format!("\"{POLICY_NAME}\";q={};w={}", self.limit.limit, self.limit.period_s.max(1));
+            headers.insert(RATELIMIT_POLICY.clone(), HeaderValue::try_from(v).expect("digits and ASCII"));
+        }
+        if !headers.contains_key(&RATELIMIT) {
+            let t = self.reset.as_nanos().div_ceil(1_000_000_000);
+            let v = format!("\"{POLICY_NAME}\";r={};t={t}", self.remaining);
+            headers.insert(RATELIMIT.clone(), HeaderValue::try_from(v).expect("digits and ASCII"));
+        }
+    }
+}
 
 /// Most keys tracked at once.
 pub(crate) const DEFAULT_MAX_TRACKED_KEYS: usize = 100_000;
@@ -37,19 +74,19 @@ impl RateLimiter {
         Self { epoch: Instant::now(), max_keys, keys: RwLock::new(HashMap::new()) }
     }
 
-    /// Counts one request for the principal's key, if it carries a limit; `Err(wait)`
-    /// when over it.
-    pub(crate) fn admit(&self, principal: &Principal) -> Result<(), Duration> {
+    /// Counts one request for the principal's key, if it carries a limit: where the key
+    /// stands (`None`: no limit, or not tracked), or `Err` when over it.
+    pub(crate) fn admit(&self, principal: &Principal) -> Result<Option<LimitState>, LimitState> {
         match principal.ratelimit() {
             Some(limit) => self.check(principal.key_id_arc(), limit),
-            None => Ok(()),
+            None => Ok(None),
         }
     }
 
-    /// Counts one request for `key_id`; `Err(wait)` when over the limit.
-    pub(crate) fn check(&self, key_id: &Arc<str>, limit: RateLimit) -> Result<(), Duration> {
+    /// Counts one request for `key_id`, or refuses it when over the limit.
+    pub(crate) fn check(&self, key_id: &Arc<str>, limit: RateLimit) -> Result<Option<LimitState>, LimitState> {
         if limit.limit == 0 {
-            return Err(Duration::from_secs(limit.period_s.max(1)));
+            return Err(LimitState { limit, remaining: 0, reset: Duration::from_secs(limit.period_s.max(1)) });
         }
         // Saturating throughout: a key service may send any u64, and an absurd period
         // must mean "very slow", never an overflow.
@@ -57,20 +94,25 @@ impl RateLimiter {
         let interval = (period / limit.limit).max(1);
         let tolerance = period.saturating_sub(interval);
         let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let Some(tat) = self.slot(key_id, now) else { return Ok(()) };
+        let Some(tat) = self.slot(key_id, now) else { return Ok(None) };
         let mut current = tat.load(Ordering::Acquire);
         loop {
             let start = current.max(now);
             if start - now > tolerance {
-                return Err(Duration::from_nanos(start - now - tolerance));
+                let reset = Duration::from_nanos(start - now - tolerance);
+                return Err(LimitState { limit, remaining: 0, reset });
             }
-            match tat.compare_exchange_weak(
-                current,
-                start.saturating_add(interval),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(()),
+            let next = start.saturating_add(interval);
+            match tat.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    // `ahead` is how far the key's arrival time runs ahead of now: each
+                    // `interval` of it is one request of the quota in use, and the
+                    // oldest comes back once `ahead` drops to the next multiple.
+                    let ahead = next.saturating_sub(now);
+                    let remaining = period.saturating_sub(ahead) / interval;
+                    let reset = ahead - (ahead.div_ceil(interval) - 1) * interval;
+                    return Ok(Some(LimitState { limit, remaining, reset: Duration::from_nanos(reset) }));
+                }
                 Err(actual) => current = actual,
             }
         }
@@ -103,11 +145,15 @@ mod tests {
         let rl = RateLimiter::default();
         let key: Arc<str> = Arc::from("key_1");
         let limit = RateLimit { limit: 5, period_s: 60 };
-        for _ in 0..5 {
-            assert!(rl.check(&key, limit).is_ok());
+        for left in (0..5).rev() {
+            let state = rl.check(&key, limit).unwrap().unwrap();
+            assert_eq!(state.remaining, left);
+            // One request's worth comes back every 12 s.
+            assert!(state.reset > Duration::from_secs(11) && state.reset <= Duration::from_secs(12), "{state:?}");
         }
         let wait = rl.check(&key, limit).unwrap_err();
-        assert!(wait > Duration::from_secs(10) && wait <= Duration::from_secs(12), "{wait:?}");
+        assert_eq!(wait.remaining, 0);
+        assert!(wait.reset > Duration::from_secs(10) && wait.reset <= Duration::from_secs(12), "{wait:?}");
         // Other keys are independent.
         assert!(rl.check(&Arc::from("key_2"), limit).is_ok());
     }

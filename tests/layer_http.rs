@@ -495,6 +495,59 @@ async fn a_key_over_its_rate_limit_gets_429_with_retry_after() {
     assert_eq!(problem(res).await["status"], 429);
 }
 
+fn ratelimit_fields(res: &reqwest::Response) -> (Option<String>, Option<String>) {
+    let field = |name: &str| res.headers().get(name).map(|v| v.to_str().unwrap().to_owned());
+    (field("ratelimit-policy"), field("ratelimit"))
+}
+
+#[tokio::test]
+async fn rate_limited_keys_are_told_where_they_stand_in_ietf_fields() {
+    let limited = ApiKey::generate("kg").unwrap();
+    let unlimited = ApiKey::generate("kg").unwrap();
+    let scopes = ScopeSet::parse(["reports:read"]).unwrap();
+    let verifier = || {
+        StaticVerifier::new()
+            .with_key(
+                &limited,
+                Principal::builder("key_limited")
+                    .scopes(scopes.clone())
+                    .ratelimit(Some(keygate::RateLimit { limit: 3, period_s: 60 }))
+                    .build(),
+            )
+            .with_key(&unlimited, Principal::builder("key_unlimited").scopes(scopes.clone()).build())
+    };
+    let base = serve(routes().layer(ApiKeyLayer::new(verifier()))).await;
+    let client = reqwest::Client::new();
+    let get = |key: &ApiKey| client.get(format!("{base}/reports")).header("x-api-key", key.expose_secret()).send();
+    let policy = Some(r#""requests";q=3;w=60"#.to_owned());
+    // 3 per 60 s comes back one request every 20 s: the first request leaves 2.
+    let res = get(&limited).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(ratelimit_fields(&res), (policy.clone(), Some(r#""requests";r=2;t=20"#.to_owned())));
+    let res = get(&limited).await.unwrap();
+    assert_eq!(ratelimit_fields(&res), (policy.clone(), Some(r#""requests";r=1;t=20"#.to_owned())));
+    // The last allowed one.
+    let res = get(&limited).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(ratelimit_fields(&res), (policy.clone(), Some(r#""requests";r=0;t=20"#.to_owned())));
+    // Refused: nothing left, and `t` is the same wait as `Retry-After`.
+    let res = get(&limited).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.headers()["retry-after"], "20");
+    assert_eq!(ratelimit_fields(&res), (policy, Some(r#""requests";r=0;t=20"#.to_owned())));
+    // A key without a limit gets no fields.
+    let res = get(&unlimited).await.unwrap();
+    assert_eq!((res.status(), ratelimit_fields(&res)), (StatusCode::OK, (None, None)));
+
+    // One switch turns them off, on allowed answers and 429s.
+    let base = serve(routes().layer(ApiKeyLayer::new(verifier()).rate_limit_headers(false))).await;
+    let get = |key: &ApiKey| client.get(format!("{base}/reports")).header("x-api-key", key.expose_secret()).send();
+    for expected in [StatusCode::OK, StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS] {
+        let res = get(&limited).await.unwrap();
+        assert_eq!((res.status(), ratelimit_fields(&res)), (expected, (None, None)));
+    }
+}
+
 #[tokio::test]
 async fn principal_extractor_without_the_layer_is_a_clear_500() {
     let app = Router::new().route("/me", get(|p: Principal| async move { p.key_id().to_owned() }));

@@ -155,6 +155,8 @@ async fn every_rejection_goes_through_the_hook_with_the_headers_keygate_keeps() 
     let res = get_with(&base, "/reports", &[bearer(&keys.limited)]).await;
     let after: u64 = header_of(&res, "retry-after").unwrap().parse().unwrap();
     assert!((1..=60).contains(&after), "{after}");
+    assert_eq!(header_of(&res, "ratelimit-policy").as_deref(), Some(r#""requests";q=1;w=60"#));
+    assert_eq!(header_of(&res, "ratelimit"), Some(format!(r#""requests";r=0;t={after}"#)));
     assert_eq!(ours(res).await.1, "rate_limited");
 
     // A good key is untouched by the hook.

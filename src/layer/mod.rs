@@ -291,6 +291,26 @@ impl<V: Verifier> ApiKeyLayer<V> {
         self
     }
 
+    /// Tell clients where their key stands (default `true`): responses for keys that
+    /// carry a rate limit, allowed ones and 429s alike, get the IETF fields of
+    /// draft-ietf-httpapi-ratelimit-headers in their structured-field form:
+    ///
+    /// ```text
+    /// RateLimit-Policy: "requests";q=100;w=60
+    /// RateLimit: "requests";r=99;t=1
+    /// ```
+    ///
+    /// `q` and `w` are the key's limit and period in seconds; `r` is how many requests
+    /// it could still make at once; `t` the seconds (rounded up) until the next
+    /// request's worth of quota comes back, on a 429 the same wait as `Retry-After`.
+    /// The limit replenishes continuously (GCRA), one request every `w / q` seconds.
+    /// A field the inner service or an [`on_rejection`](Self::on_rejection) hook set
+    /// is left alone. Turn them off when a key's limit is nobody else's business.
+    pub fn rate_limit_headers(mut self, send: bool) -> Self {
+        Arc::make_mut(&mut self.config_mut().rejections).ratelimit_fields = send;
+        self
+    }
+
     /// Also enforce `policy` in this layer, as a [`RequireScopes`] right behind it would:
     /// one layer per route instead of two.
     ///

@@ -19,6 +19,7 @@ use crate::extract::{find_key, strip_credential};
 use crate::key::ApiKey;
 use crate::outcome::Outcome;
 use crate::principal::Principal;
+use crate::ratelimit::LimitState;
 use crate::verify::{Verdict, Verifier, VerifyError};
 
 /// The service [`ApiKeyLayer`](super::ApiKeyLayer) builds.
@@ -83,14 +84,20 @@ where
         let state = match config.take_key(&mut req) {
             Err(err) => State::rejected(err, false),
             Ok(None) => match config.let_in(&mut req, None, record.as_ref()) {
-                Ok(()) => State::Inner { fut: call_inner(&mut self.inner, req, &span), outcome: Outcome::Anonymous },
+                Ok(()) => State::Inner {
+                    fut: call_inner(&mut self.inner, req, &span),
+                    outcome: Outcome::Anonymous,
+                    limit: None,
+                },
                 Err(rejection) => rejection,
             },
             // A verdict the verifier already holds (a cache hit) needs no future, and the
             // inner service that was just driven to readiness takes the request at once.
             Ok(Some(key)) => match self.shared.verifier.verify_now(&key) {
                 Some(result) => match config.admit(result, &mut req, &span, &mut record) {
-                    Ok(outcome) => State::Inner { fut: call_inner(&mut self.inner, req, &span), outcome },
+                    Ok((outcome, limit)) => {
+                        State::Inner { fut: call_inner(&mut self.inner, req, &span), outcome, limit }
+                    }
                     Err(rejection) => rejection,
                 },
                 None => {
@@ -126,14 +133,15 @@ impl Config {
     }
 
     /// Verify's answer, then the key's own limits, then the route's policy. The usage
-    /// record and the span learn the key id whatever the answer.
+    /// record and the span learn the key id whatever the answer. Admitted: the outcome,
+    /// and where the key stands against its rate limit if it has one.
     fn admit<S, B>(
         &self,
         result: Result<Verdict, VerifyError>,
         req: &mut Request<B>,
         span: &tracing::Span,
         record: &mut Option<Record>,
-    ) -> Result<Outcome, State<S, B>>
+    ) -> Result<(Outcome, Option<LimitState>), State<S, B>>
     where
         S: Service<Request<B>>,
     {
@@ -159,14 +167,16 @@ impl Config {
                 return Err(State::rejected(AuthError::Unavailable { retry_after: self.retry_after }, false));
             }
         };
-        if let Some(limiter) = &self.rate_limiter {
-            limiter
-                .admit(&principal)
-                .map_err(|retry_after| State::rejected(AuthError::RateLimited { retry_after }, false))?;
-        }
+        let limit = match &self.rate_limiter {
+            Some(limiter) => limiter.admit(&principal).map_err(|refused| {
+                let err = AuthError::RateLimited { retry_after: refused.reset, limit: Some(refused.limit) };
+                State::rejected(err, false)
+            })?,
+            None => None,
+        };
         let outcome = if principal.is_fail_open() { Outcome::FailOpen } else { Outcome::Allowed };
         self.let_in(req, Some(principal), record.as_ref())?;
-        Ok(outcome)
+        Ok((outcome, limit))
     }
 
     /// The layer's own policy, then the request carries the principal and the context
@@ -232,7 +242,7 @@ pin_project! {
         S: Service<Request<B>>,
     {
         Verify { fut: BoxVerify<S, B> },
-        Inner { #[pin] fut: S::Future, outcome: Outcome },
+        Inner { #[pin] fut: S::Future, outcome: Outcome, limit: Option<LimitState> },
         // `by_policy`: the layer's own policy refused, and its realm answers.
         Rejected { err: Option<AuthError>, by_policy: bool },
     }
@@ -271,14 +281,17 @@ where
                 StateProj::Verify { fut } => {
                     let (result, mut inner, mut req) = ready!(fut.as_mut().poll(cx));
                     let next = match config.admit(result, &mut req, this.span, this.record) {
-                        Ok(outcome) => State::Inner { fut: inner.call(req), outcome },
+                        Ok((outcome, limit)) => State::Inner { fut: inner.call(req), outcome, limit },
                         Err(rejection) => rejection,
                     };
                     this.state.set(next);
                 }
-                StateProj::Inner { fut, outcome } => {
+                StateProj::Inner { fut, outcome, limit } => {
                     let outcome = *outcome;
-                    let res = ready!(fut.poll(cx))?;
+                    let mut res = ready!(fut.poll(cx))?;
+                    if let Some(limit) = limit.filter(|_| config.rejections.ratelimit_fields) {
+                        limit.write_fields(res.headers_mut());
+                    }
                     if let (Some(record), Some(sink)) = (this.record.take(), config.usage.as_ref()) {
                         let report = res.extensions().get::<InnerReport>();
                         let outcome = report.and_then(|r| r.denied).unwrap_or(outcome);
