@@ -94,7 +94,14 @@ fn routes() -> Router {
         .route(
             "/admin",
             get(|p: Principal| async move { p.key_id().to_owned() })
-                .route_layer(RequireScopes::expr("reports:write OR admin")),
+                .route_layer(RequireScopes::expr("reports:write OR role(admin)")),
+        )
+        .route("/console", get(|| async { "console" }).route_layer(RequireScopes::role("admin")))
+        .route("/staff", get(|| async { "staff" }).route_layer(RequireScopes::any(["role(ops)", "role(admin)"])))
+        .route(
+            "/audit",
+            get(|| async { "audit" })
+                .route_layer(RequireScopes::expr("reports:read AND (billing:read OR role(auditor))")),
         )
         .route(
             "/whoami",
