@@ -242,6 +242,7 @@ impl RequireScopes {
                         return Err(AuthError::InsufficientScope {
                             required: "a method the policy lists".into(),
                             scopes: Vec::new(),
+                            roles: Vec::new(),
                         });
                     }
                     Unlisted::Allow => None,
@@ -256,6 +257,7 @@ impl RequireScopes {
             Some(r) if !principal.satisfies(r) => Err(AuthError::InsufficientScope {
                 required: r.to_string(),
                 scopes: r.scopes().iter().map(|s| s.as_str().to_owned()).collect(),
+                roles: r.roles().iter().map(|&s| s.to_owned()).collect(),
             }),
             _ => Ok(()),
         }

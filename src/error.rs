@@ -31,7 +31,7 @@ pub enum InvalidKey {
 /// | malformed, unknown, revoked, disabled | 401 | `…, error="invalid_token"` | 16 |
 /// | expired | 401 | `…, error="invalid_token", error_description="key expired"` | 16 |
 /// | conflicting keys | 400 | `…, error="invalid_request"` | 3 INVALID_ARGUMENT |
-/// | missing scope | 403 | `…, error="insufficient_scope", scope="…"` | 7 PERMISSION_DENIED |
+/// | missing scope or role | 403 | `…, error="insufficient_scope", scope="…"` (no `scope` when only roles would do) | 7 PERMISSION_DENIED |
 /// | key service unavailable | 503 + `Retry-After` | none | 14 UNAVAILABLE |
 /// | rate limited | 429 + `Retry-After` | none | 8 RESOURCE_EXHAUSTED |
 ///
@@ -53,13 +53,15 @@ pub enum AuthError {
     /// The key has expired.
     #[error("the API key has expired")]
     Expired,
-    /// The key lacks what the route requires.
-    #[error("the API key lacks the required scope ({required})")]
+    /// The key lacks what the route requires: scopes, roles or both.
+    #[error("the API key does not meet the requirement ({required})")]
     InsufficientScope {
-        /// The requirement, as written.
+        /// The requirement, in the syntax [`Requirement`](crate::Requirement) reads.
         required: String,
-        /// The scopes the requirement names (for `scope="…"`).
+        /// The scopes the requirement names (for `scope="…"` and `required_scopes`).
         scopes: Vec<String>,
+        /// The roles the requirement names (for `required_roles`).
+        roles: Vec<String>,
     },
     /// The key service could not answer.
     #[error("the key service is unavailable")]
@@ -125,7 +127,7 @@ impl AuthError {
             Self::ConflictingCredentials(what) => format!("more than one credential was presented: {what}"),
             Self::InvalidKey(_) => "the API key is not valid".into(),
             Self::Expired => "the API key has expired".into(),
-            Self::InsufficientScope { required, .. } => format!("the API key lacks the required scope: {required}"),
+            Self::InsufficientScope { required, scopes, roles } => insufficient_detail(required, scopes, roles),
             Self::Unavailable { .. } => "the key service is unavailable; retry later".into(),
             Self::RateLimited { .. } => "the API key's rate limit is exhausted; retry later".into(),
             Self::Misconfigured(_) => "authentication is misconfigured on this server".into(),
@@ -181,8 +183,9 @@ impl AuthError {
             "status": self.status().as_u16(),
             "detail": self.public_detail(),
         });
-        if let Self::InsufficientScope { scopes, .. } = self {
+        if let Self::InsufficientScope { scopes, roles, .. } = self {
             body["required_scopes"] = serde_json::json!(scopes);
+            body["required_roles"] = serde_json::json!(roles);
         }
         Bytes::from(body.to_string())
     }
@@ -238,6 +241,27 @@ impl axum::response::IntoResponse for AuthError {
     fn into_response(self) -> axum::response::Response {
         self.to_http_response(crate::context::DEFAULT_REALM)
     }
+}
+
+/// What a 403 tells the client would do. Only scopes: the requirement, as before roles
+/// had their own syntax. Only roles, any one of which would do (the requirement is
+/// exactly `role(a) OR role(b)…`, as [`Requirement`](crate::Requirement) writes it):
+/// those roles. Anything else: the whole requirement, since naming one part would be
+/// wrong.
+fn insufficient_detail(required: &str, scopes: &[String], roles: &[String]) -> String {
+    if roles.is_empty() {
+        return format!("the API key lacks the required scope: {required}");
+    }
+    if scopes.is_empty() {
+        let alternatives = roles.iter().map(|r| format!("role({r})")).collect::<Vec<_>>().join(" OR ");
+        if required == alternatives {
+            return match roles {
+                [one] => format!("the API key lacks the required role: {one}"),
+                _ => format!("the API key lacks one of the roles: {}", roles.join(", ")),
+            };
+        }
+    }
+    format!("the API key does not meet the requirement: {required}")
 }
 
 /// Whole seconds, rounded up so that a client waiting that long is never early.
