@@ -45,7 +45,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     let policy = RequireScopes::methods()
         .method("/echo.Echo/Say", "echo:say")
-        .method("/echo.Echo/Shout", "echo:shout AND admin");
+        .method("/echo.Echo/Shout", "echo:shout AND role(admin)");
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;

@@ -87,7 +87,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .route_layer(RequireScopes::all(["reports:read"]))
                 .merge(post(create_report).route_layer(RequireScopes::all(["reports:write"]))),
         )
-        .route("/admin", get(admin).route_layer(RequireScopes::expr("admin")))
+        .route("/admin", get(admin).route_layer(RequireScopes::role("admin")))
         .layer(ApiKeyLayer::new(verifier.clone()).usage(usage));
     let app = Router::new().route("/health", get(health)).merge(protected);
 

@@ -71,7 +71,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .route_layer(RequireScopes::all(["reports:read"])),
         )
         .route("/billing", get(|| async { "billing" }).route_layer(RequireScopes::all(["billing:write"])))
-        .route("/audit", get(|| async { "audit log" }).route_layer(RequireScopes::expr("auditor OR audit:read")))
+        .route("/audit", get(|| async { "audit log" }).route_layer(RequireScopes::expr("role(auditor) OR audit:read")))
         .layer(ApiKeyLayer::new(verifier.clone()).usage(usage));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);

@@ -18,10 +18,13 @@ use crate::principal::Principal;
 use crate::scope::{Requirement, RequirementError};
 
 /// A per-route (or per-gRPC-method) requirement, checked against the request's
-/// [`Principal`]. Missing scope: 403 `insufficient_scope` with `scope="…"`. No principal
-/// because an optional [`ApiKeyLayer`](crate::ApiKeyLayer) let an anonymous request
-/// through: 401. No keygate layer in front at all: 500 (a misconfiguration, never
-/// silently allowed).
+/// [`Principal`]. Scopes are written `resource:action`, roles `role(NAME)`; a bare word
+/// is an error (see [`Requirement`]). Not met: 403 `insufficient_scope`, with the
+/// requirement's scopes in `scope="…"` (none when it names only roles) and its scopes
+/// and roles in the body's `required_scopes` and `required_roles`. No principal because
+/// an optional [`ApiKeyLayer`](crate::ApiKeyLayer) let an anonymous request through:
+/// 401. No keygate layer in front at all: 500 (a misconfiguration, never silently
+/// allowed).
 ///
 /// For axum, add it with `route_layer` so that it is attached to what the router
 /// matched, never re-derived from the raw path (path tricks like `/a/../b`, `%2F` or a
@@ -32,8 +35,12 @@ use crate::scope::{Requirement, RequirementError};
 /// use keygate::{ApiKeyLayer, RequireScopes, StaticVerifier};
 ///
 /// let app: Router = Router::new()
-///     .route("/reports", get(|| async { "reports" }))
-///     .route_layer(RequireScopes::expr("reports:read AND (billing:write OR admin)"))
+///     .route(
+///         "/reports",
+///         get(|| async { "reports" })
+///             .route_layer(RequireScopes::expr("reports:read AND (billing:write OR role(admin))")),
+///     )
+///     .route("/admin", get(|| async { "admin" }).route_layer(RequireScopes::role("admin")))
 ///     .route("/health", get(|| async { "ok" }))
 ///     .layer(ApiKeyLayer::new(StaticVerifier::new()).optional());
 /// ```
@@ -46,7 +53,7 @@ use crate::scope::{Requirement, RequirementError};
 ///
 /// let policy = RequireScopes::methods()
 ///     .method("/reports.Reports/Get", "reports:read")
-///     .method("/reports.Reports/Delete", "reports:write AND admin");
+///     .method("/reports.Reports/Delete", "reports:write AND role(admin)");
 /// ```
 #[derive(Clone)]
 #[must_use]
@@ -81,9 +88,9 @@ impl std::fmt::Debug for RequireScopes {
 }
 
 impl RequireScopes {
-    /// Every term (scope `a:b` or role name) must hold. Panics on an invalid term, so a
-    /// bad requirement stops the service at startup; [`try_all`](Self::try_all) returns
-    /// the error instead.
+    /// Every term (scope `a:b` or role `role(name)`) must hold. Panics on an invalid
+    /// term (a bare word among them), so a bad requirement stops the service at startup;
+    /// [`try_all`](Self::try_all) returns the error instead.
     pub fn all<I, S>(terms: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -101,10 +108,22 @@ impl RequireScopes {
         Self::try_any(terms).unwrap_or_else(|e| panic!("RequireScopes::any: {e}"))
     }
 
-    /// An expression such as `reports:read AND (billing:write OR admin)`. Panics on a
-    /// parse error, with its position; see [`try_expr`](Self::try_expr).
+    /// An expression such as `reports:read AND (billing:write OR role(admin))`. Panics on
+    /// a parse error, with its position; see [`try_expr`](Self::try_expr).
     pub fn expr(expr: &str) -> Self {
         Self::try_expr(expr).unwrap_or_else(|e| panic!("RequireScopes::expr({expr:?}): {e}"))
+    }
+
+    /// The key must carry the role `name` (written without `role(…)`). Panics on an
+    /// invalid name; see [`try_role`](Self::try_role).
+    ///
+    /// ```
+    /// use keygate::RequireScopes;
+    ///
+    /// let admin_only = RequireScopes::role("admin"); // the same as RequireScopes::expr("role(admin)")
+    /// ```
+    pub fn role(name: &str) -> Self {
+        Self::try_role(name).unwrap_or_else(|e| panic!("RequireScopes::role({name:?}): {e}"))
     }
 
     /// [`all`](Self::all), returning the error.
@@ -123,6 +142,11 @@ impl RequireScopes {
         S: AsRef<str>,
     {
         Requirement::any(terms).map(Self::requirement)
+    }
+
+    /// [`role`](Self::role), returning the error.
+    pub fn try_role(name: &str) -> Result<Self, RequirementError> {
+        Requirement::role(name).map(Self::requirement)
     }
 
     /// [`expr`](Self::expr), returning the error.
@@ -218,6 +242,7 @@ impl RequireScopes {
                         return Err(AuthError::InsufficientScope {
                             required: "a method the policy lists".into(),
                             scopes: Vec::new(),
+                            roles: Vec::new(),
                         });
                     }
                     Unlisted::Allow => None,
@@ -232,6 +257,7 @@ impl RequireScopes {
             Some(r) if !principal.satisfies(r) => Err(AuthError::InsufficientScope {
                 required: r.to_string(),
                 scopes: r.scopes().iter().map(|s| s.as_str().to_owned()).collect(),
+                roles: r.roles().iter().map(|&s| s.to_owned()).collect(),
             }),
             _ => Ok(()),
         }

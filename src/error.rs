@@ -41,7 +41,7 @@ pub enum InvalidKey {
 /// | malformed, unknown, revoked, disabled | `invalid_key` | 401 | `…, error="invalid_token"` | 16 |
 /// | expired | `expired_key` | 401 | `…, error="invalid_token", error_description="key expired"` | 16 |
 /// | conflicting keys | `conflicting_credentials` | 400 | `…, error="invalid_request"` | 3 INVALID_ARGUMENT |
-/// | missing scope | `insufficient_scope` | 403 | `…, error="insufficient_scope", scope="…"` | 7 PERMISSION_DENIED |
+/// | missing scope or role | `insufficient_scope` | 403 | `…, error="insufficient_scope", scope="…"` (no `scope` when only roles would do) | 7 PERMISSION_DENIED |
 /// | key service unavailable | `key_service_unavailable` | 503 + `Retry-After` | none | 14 UNAVAILABLE |
 /// | rate limited | `rate_limited` | 429 + `Retry-After` + `RateLimit` fields | none | 8 RESOURCE_EXHAUSTED |
 /// | keygate set up wrongly | `misconfigured` | 500 | none | 13 INTERNAL |
@@ -71,13 +71,15 @@ pub enum AuthError {
     /// The key has expired.
     #[error("the API key has expired")]
     Expired,
-    /// The key lacks what the route requires.
-    #[error("the API key lacks the required scope ({required})")]
+    /// The key lacks what the route requires: scopes, roles or both.
+    #[error("the API key does not meet the requirement ({required})")]
     InsufficientScope {
-        /// The requirement, as written.
+        /// The requirement, in the syntax [`Requirement`](crate::Requirement) reads.
         required: String,
-        /// The scopes the requirement names (for `scope="…"`).
+        /// The scopes the requirement names (for `scope="…"` and `required_scopes`).
         scopes: Vec<String>,
+        /// The roles the requirement names (for `required_roles`).
+        roles: Vec<String>,
     },
     /// The key service could not answer.
     #[error("the key service is unavailable")]
@@ -170,7 +172,7 @@ impl AuthError {
             Self::ConflictingCredentials(what) => format!("more than one credential was presented: {what}"),
             Self::InvalidKey(_) => "the API key is not valid".into(),
             Self::Expired => "the API key has expired".into(),
-            Self::InsufficientScope { required, .. } => format!("the API key lacks the required scope: {required}"),
+            Self::InsufficientScope { required, scopes, roles } => insufficient_detail(required, scopes, roles),
             Self::Unavailable { .. } => "the key service is unavailable; retry later".into(),
             Self::RateLimited { .. } => "the API key's rate limit is exhausted; retry later".into(),
             Self::Misconfigured(_) => "authentication is misconfigured on this server".into(),
@@ -235,8 +237,9 @@ impl AuthError {
             "detail": self.public_detail(),
             "code": self.code(),
         });
-        if let Self::InsufficientScope { scopes, .. } = self {
+        if let Self::InsufficientScope { scopes, roles, .. } = self {
             body["required_scopes"] = serde_json::json!(scopes);
+            body["required_roles"] = serde_json::json!(roles);
         }
         Bytes::from(body.to_string())
     }
@@ -418,6 +421,27 @@ impl axum::response::IntoResponse for AuthError {
     }
 }
 
+/// What a 403 tells the client would do. Only scopes: the requirement, as before roles
+/// had their own syntax. Only roles, any one of which would do (the requirement is
+/// exactly `role(a) OR role(b)…`, as [`Requirement`](crate::Requirement) writes it):
+/// those roles. Anything else: the whole requirement, since naming one part would be
+/// wrong.
+fn insufficient_detail(required: &str, scopes: &[String], roles: &[String]) -> String {
+    if roles.is_empty() {
+        return format!("the API key lacks the required scope: {required}");
+    }
+    if scopes.is_empty() {
+        let alternatives = roles.iter().map(|r| format!("role({r})")).collect::<Vec<_>>().join(" OR ");
+        if required == alternatives {
+            return match roles {
+                [one] => format!("the API key lacks the required role: {one}"),
+                _ => format!("the API key lacks one of the roles: {}", roles.join(", ")),
+            };
+        }
+    }
+    format!("the API key does not meet the requirement: {required}")
+}
+
 /// Whole seconds, rounded up so that a client waiting that long is never early.
 fn retry_after_value(after: Duration) -> HeaderValue {
     HeaderValue::from(after.as_millis().div_ceil(1000).max(1) as u64)
@@ -492,7 +516,10 @@ mod tests {
             (AuthError::InvalidKey(InvalidKey::Malformed("x")), "invalid_key"),
             (AuthError::Expired, "expired_key"),
             (AuthError::InvalidKey(InvalidKey::Rejected(Reason::Expired)), "invalid_key"),
-            (AuthError::InsufficientScope { required: "a:b".into(), scopes: vec!["a:b".into()] }, "insufficient_scope"),
+            (
+                AuthError::InsufficientScope { required: "a:b".into(), scopes: vec!["a:b".into()], roles: vec![] },
+                "insufficient_scope",
+            ),
             (AuthError::Unavailable { retry_after: Duration::from_secs(1) }, "key_service_unavailable"),
             (AuthError::RateLimited { retry_after: Duration::from_secs(1), limit: None }, "rate_limited"),
             (AuthError::Misconfigured("x"), "misconfigured"),

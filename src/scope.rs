@@ -19,21 +19,28 @@ pub const MAX_ROLE_LEN: usize = 64;
 /// Wildcards in a *requirement* are literal: requiring `reports:*` needs a key that
 /// was granted `reports:*` (or `*:*`).
 ///
-/// A [`Requirement`] combines scopes and role names (a term without `:` is a role)
-/// with `AND`, `OR` and parentheses:
+/// A [`Requirement`] combines scopes and roles with `AND`, `OR` and parentheses. A role
+/// is written `role(NAME)`: exactly `role(`, the name (`[a-z0-9_.-]{1,64}`, no spaces),
+/// then `)`. A word that is neither a scope nor `role(…)` is an error, so a mistyped
+/// scope never quietly becomes a role:
 ///
 /// ```
 /// use keygate::{Requirement, ScopeSet};
 ///
-/// let need = Requirement::parse("reports:read AND (billing:write OR admin)").unwrap();
+/// let need = Requirement::parse("reports:read AND (billing:write OR role(admin))").unwrap();
 /// let granted = ScopeSet::parse(["reports:*", "billing:write"]).unwrap();
 /// assert!(need.is_satisfied_by(&granted, &[]));
 /// assert!(!need.is_satisfied_by(&ScopeSet::parse(["reports:read"]).unwrap(), &[]));
 /// assert!(need.is_satisfied_by(&ScopeSet::parse(["reports:read"]).unwrap(), &["admin".into()]));
 ///
 /// // Bad requirements fail when the route is built, with the position of the mistake.
-/// let err = Requirement::parse("reports:read AND (admin").unwrap_err();
+/// let err = Requirement::parse("reports:read AND (role(admin)").unwrap_err();
 /// assert_eq!(err.to_string(), "at byte 17: unclosed `(`");
+/// let err = Requirement::parse("reports:read AND admin").unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "at byte 17: `admin` is neither a scope (`resource:action`) nor a role (write `role(admin)`)"
+/// );
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Scope(Arc<str>);
@@ -253,6 +260,10 @@ impl<'de> serde::Deserialize<'de> for ScopeSet {
 }
 
 /// What a route needs: scopes and roles combined with `AND` / `OR`.
+///
+/// Written as text, a scope is `resource:action` and a role is `role(NAME)` (see
+/// [`Scope`] for the whole syntax); [`Display`](fmt::Display) writes that syntax, and
+/// [`parse`](Self::parse) reads it back to an equal requirement.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Requirement {
     /// A scope the key must be granted.
@@ -266,11 +277,12 @@ pub enum Requirement {
 }
 
 impl Requirement {
-    /// Every term must hold. Terms with `:` are scopes, others role names.
+    /// Every term must hold. Each term is a scope (`reports:read`) or a role
+    /// (`role(admin)`), as in [`term`](Self::term).
     ///
     /// ```
-    /// let r = keygate::Requirement::all(["reports:read", "reports:write"]).unwrap();
-    /// assert_eq!(r.to_string(), "reports:read AND reports:write");
+    /// let r = keygate::Requirement::all(["reports:read", "role(auditor)"]).unwrap();
+    /// assert_eq!(r.to_string(), "reports:read AND role(auditor)");
     /// ```
     pub fn all<I, S>(terms: I) -> Result<Self, RequirementError>
     where
@@ -280,7 +292,7 @@ impl Requirement {
         Ok(Self::All(terms.into_iter().map(|t| Self::term(t.as_ref())).collect::<Result<_, _>>()?))
     }
 
-    /// At least one term must hold.
+    /// At least one term must hold; terms as in [`term`](Self::term).
     pub fn any<I, S>(terms: I) -> Result<Self, RequirementError>
     where
         I: IntoIterator<Item = S>,
@@ -289,25 +301,41 @@ impl Requirement {
         Ok(Self::Any(terms.into_iter().map(|t| Self::term(t.as_ref())).collect::<Result<_, _>>()?))
     }
 
-    /// One scope (`reports:read`) or role (`admin`).
+    /// One scope (`reports:read`) or role (`role(admin)`), with nothing around it. A
+    /// bare word (`admin`) is an error.
+    ///
+    /// ```
+    /// use keygate::Requirement;
+    ///
+    /// assert_eq!(Requirement::term("role(admin)").unwrap(), Requirement::role("admin").unwrap());
+    /// assert!(Requirement::term("admin").is_err());
+    /// ```
     pub fn term(term: &str) -> Result<Self, RequirementError> {
-        let at = |e| RequirementError { at: 0, kind: RequirementErrorKind::Term(e) };
-        if term.contains(':') {
-            Scope::parse(term).map(Self::Scope).map_err(at)
-        } else {
-            validate_role(term).map_err(at)?;
-            Ok(Self::Role(Arc::from(term)))
+        if term.starts_with("role(") {
+            let (name, end) = role_at(term, 0)?;
+            if end < term.len() {
+                return Err(RequirementError {
+                    at: end,
+                    kind: RequirementErrorKind::Unexpected(term[end..].to_owned()),
+                });
+            }
+            return Ok(Self::Role(Arc::from(name)));
         }
+        word_term(term, 0)
     }
 
-    /// A role the key must carry.
+    /// A role the key must carry, by its name (`admin`, not `role(admin)`).
     pub fn role(name: &str) -> Result<Self, RequirementError> {
+        if name.is_empty() {
+            return Err(RequirementError { at: 0, kind: RequirementErrorKind::EmptyRole });
+        }
         validate_role(name).map_err(|e| RequirementError { at: 0, kind: RequirementErrorKind::Term(e) })?;
         Ok(Self::Role(Arc::from(name)))
     }
 
-    /// Parses an expression: terms joined by `AND` / `OR` (case-insensitive, `AND` binds
-    /// tighter) with parentheses.
+    /// Parses an expression: scopes and `role(NAME)` terms joined by `AND` / `OR`
+    /// (case-insensitive, `AND` binds tighter) with parentheses. Errors carry the byte
+    /// offset of the mistake.
     pub fn parse(expr: &str) -> Result<Self, RequirementError> {
         let tokens = tokenize(expr)?;
         let mut p = Parser { tokens: &tokens, pos: 0, len: expr.len() };
@@ -365,7 +393,7 @@ impl Requirement {
     fn fmt_inner(&self, f: &mut fmt::Formatter<'_>, nested: bool) -> fmt::Result {
         match self {
             Self::Scope(s) => f.write_str(s.as_str()),
-            Self::Role(r) => f.write_str(r),
+            Self::Role(r) => write!(f, "role({r})"),
             Self::All(v) | Self::Any(v) => {
                 let op = if matches!(self, Self::All(_)) { " AND " } else { " OR " };
                 if v.is_empty() {
@@ -429,9 +457,18 @@ pub enum RequirementErrorKind {
     /// The expression is empty.
     #[error("the requirement is empty")]
     Empty,
-    /// A scope or role is invalid.
+    /// A scope or role name is invalid.
     #[error("{0}")]
     Term(ScopeError),
+    /// A word that is neither a scope (it has no `:`) nor written `role(…)`.
+    #[error("`{0}` is neither a scope (`resource:action`) nor a role (write `role({0})`)")]
+    BareWord(String),
+    /// `role(` without a name.
+    #[error("`role()` needs a name, as in `role(admin)`")]
+    EmptyRole,
+    /// A role not written exactly `role(NAME)`.
+    #[error("write a role as `role(NAME)`: lower-case `role`, then `(`, the name and `)` with no spaces")]
+    RoleSyntax,
     /// A token appeared where it cannot.
     #[error("unexpected `{0}`")]
     Unexpected(String),
@@ -456,6 +493,8 @@ enum Tok<'a> {
     Open,
     Close,
     Term(&'a str),
+    /// A role's name, already validated.
+    Role(&'a str),
 }
 
 #[derive(Debug)]
@@ -472,6 +511,7 @@ impl Token<'_> {
             Tok::Open => "(".into(),
             Tok::Close => ")".into(),
             Tok::Term(t) => t.into(),
+            Tok::Role(r) => format!("role({r})"),
         }
     }
 }
@@ -503,6 +543,19 @@ fn tokenize(expr: &str) -> Result<Vec<Token<'_>>, RequirementError> {
                     }
                 }
                 let word = &expr[start..i];
+                if word.eq_ignore_ascii_case("role") {
+                    if word == "role" && bytes.get(i) == Some(&b'(') {
+                        let (name, end) = role_at(expr, start)?;
+                        out.push(Token { tok: Tok::Role(name), at: start });
+                        i = end;
+                        continue;
+                    }
+                    if expr[i..].trim_start_matches([' ', '\t', '\n', '\r']).starts_with('(') {
+                        // `Role(x)`, `role (x)`: meant as a role, so say how to write one
+                        // rather than calling `role` a bare word.
+                        return Err(RequirementError { at: start, kind: RequirementErrorKind::RoleSyntax });
+                    }
+                }
                 let tok = if word.eq_ignore_ascii_case("and") {
                     Tok::And
                 } else if word.eq_ignore_ascii_case("or") {
@@ -522,6 +575,37 @@ fn tokenize(expr: &str) -> Result<Vec<Token<'_>>, RequirementError> {
         return Err(RequirementError { at: 0, kind: RequirementErrorKind::Empty });
     }
     Ok(out)
+}
+
+/// Reads `role(NAME)` starting at `start` (where `role(` is): the name and the offset
+/// just past `)`. The name runs to the first `)`, `(` or space, so that a missing `)`
+/// is reported here rather than swallowing the rest of the expression.
+fn role_at(expr: &str, start: usize) -> Result<(&str, usize), RequirementError> {
+    let name_at = start + "role(".len();
+    let rest = &expr[name_at..];
+    let len = rest.find(|c: char| matches!(c, ')' | '(') || c.is_ascii_whitespace()).unwrap_or(rest.len());
+    if !rest[len..].starts_with(')') {
+        return Err(RequirementError { at: start, kind: RequirementErrorKind::RoleSyntax });
+    }
+    let name = &rest[..len];
+    if name.is_empty() {
+        return Err(RequirementError { at: name_at, kind: RequirementErrorKind::EmptyRole });
+    }
+    validate_role(name).map_err(|e| RequirementError { at: name_at, kind: RequirementErrorKind::Term(e) })?;
+    Ok((name, name_at + len + 1))
+}
+
+/// A word of the expression at offset `at`: a scope, or else a mistake.
+fn word_term(word: &str, at: usize) -> Result<Requirement, RequirementError> {
+    if word.contains(':') {
+        return Scope::parse(word)
+            .map(Requirement::Scope)
+            .map_err(|e| RequirementError { at, kind: RequirementErrorKind::Term(e) });
+    }
+    if word.is_empty() {
+        return Err(RequirementError { at, kind: RequirementErrorKind::Empty });
+    }
+    Err(RequirementError { at, kind: RequirementErrorKind::BareWord(word.to_owned()) })
 }
 
 struct Parser<'t, 'a> {
@@ -559,10 +643,8 @@ impl Parser<'_, '_> {
         };
         self.pos += 1;
         match t.tok {
-            Tok::Term(word) => Requirement::term(word).map_err(|mut e| {
-                e.at = t.at;
-                e
-            }),
+            Tok::Term(word) => word_term(word, t.at),
+            Tok::Role(name) => Ok(Requirement::Role(Arc::from(name))),
             Tok::Open => {
                 if depth >= 32 {
                     return Err(RequirementError { at: t.at, kind: RequirementErrorKind::TooDeep });
@@ -613,7 +695,7 @@ mod tests {
     fn precedence_and_errors() {
         let r = Requirement::parse("a:b OR c:d AND e:f").unwrap();
         assert_eq!(r.to_string(), "a:b OR (c:d AND e:f)");
-        assert_eq!(Requirement::parse("a:b and admin").unwrap().to_string(), "a:b AND admin");
+        assert_eq!(Requirement::parse("a:b and role(admin)").unwrap().to_string(), "a:b AND role(admin)");
         let e = Requirement::parse("a:b AND").unwrap_err();
         assert_eq!(e.kind, RequirementErrorKind::UnexpectedEnd);
         let e = Requirement::parse("a:b c:d").unwrap_err();
@@ -630,9 +712,100 @@ mod tests {
 
     #[test]
     fn roles_and_scopes_listed() {
-        let r = Requirement::parse("reports:read AND (billing:write OR admin) AND reports:read").unwrap();
+        let r = Requirement::parse("reports:read AND (billing:write OR role(admin)) AND reports:read").unwrap();
         let scopes: Vec<_> = r.scopes().iter().map(|s| s.as_str()).collect();
         assert_eq!(scopes, ["reports:read", "billing:write"]);
         assert_eq!(r.roles(), ["admin"]);
+    }
+
+    fn err(expr: &str) -> (usize, RequirementErrorKind) {
+        let e = Requirement::parse(expr).unwrap_err();
+        (e.at, e.kind)
+    }
+
+    #[test]
+    fn roles_are_written_role_name() {
+        let r = Requirement::parse("reports:read AND (billing:write OR role(admin))").unwrap();
+        let want = Requirement::All(vec![
+            Requirement::term("reports:read").unwrap(),
+            Requirement::Any(vec![Requirement::term("billing:write").unwrap(), Requirement::role("admin").unwrap()]),
+        ]);
+        assert_eq!(r, want);
+        assert!(r.is_satisfied_by(&set(&["reports:read"]), &["admin".into()]));
+        assert!(!r.is_satisfied_by(&set(&["reports:read"]), &["ops".into()]));
+        // Keywords are fine as role names: inside `role(…)` they are names.
+        let r = Requirement::parse("role(and) OR role(or)").unwrap();
+        assert_eq!(r, Requirement::Any(vec![Requirement::role("and").unwrap(), Requirement::role("or").unwrap()]));
+        assert_eq!(Requirement::parse("(role(a.b-c_1))").unwrap(), Requirement::role("a.b-c_1").unwrap());
+    }
+
+    #[test]
+    fn a_bare_word_is_an_error_at_its_offset() {
+        assert_eq!(err("admin"), (0, RequirementErrorKind::BareWord("admin".into())));
+        assert_eq!(err("admin OR a:b"), (0, RequirementErrorKind::BareWord("admin".into())));
+        let e = Requirement::parse("reports:read AND (billing:write OR admin)").unwrap_err();
+        assert_eq!((e.at, &e.kind), (35, &RequirementErrorKind::BareWord("admin".into())));
+        assert_eq!(
+            e.to_string(),
+            "at byte 35: `admin` is neither a scope (`resource:action`) nor a role (write `role(admin)`)"
+        );
+        // `role` alone is a bare word too.
+        assert_eq!(err("a:b AND role"), (8, RequirementErrorKind::BareWord("role".into())));
+    }
+
+    #[test]
+    fn bad_role_terms_are_errors_at_their_offset() {
+        assert_eq!(err("role()"), (5, RequirementErrorKind::EmptyRole));
+        assert_eq!(err("a:b AND role()"), (13, RequirementErrorKind::EmptyRole));
+        assert_eq!(
+            err("a:b OR role(Admin!)"),
+            (12, RequirementErrorKind::Term(ScopeError::BadCharacter("Admin!".into())))
+        );
+        assert_eq!(err("role(a:b)"), (5, RequirementErrorKind::Term(ScopeError::BadCharacter("a:b".into()))));
+        assert!(matches!(
+            err(&format!("role({})", "r".repeat(MAX_ROLE_LEN + 1))),
+            (5, RequirementErrorKind::Term(ScopeError::TooLong(_)))
+        ));
+        // Anything but exactly `role(NAME)` says how to write a role.
+        assert_eq!(err("a:b AND role(admin"), (8, RequirementErrorKind::RoleSyntax));
+        assert_eq!(err("role( admin)"), (0, RequirementErrorKind::RoleSyntax));
+        assert_eq!(err("role(admin OR a:b)"), (0, RequirementErrorKind::RoleSyntax));
+        assert_eq!(err("a:b OR Role(admin)"), (7, RequirementErrorKind::RoleSyntax));
+        assert_eq!(err("role (admin)"), (0, RequirementErrorKind::RoleSyntax));
+        // A role is a term like any other: two in a row are unexpected.
+        assert_eq!(err("role(a) role(b)"), (8, RequirementErrorKind::Unexpected("role(b)".into())));
+    }
+
+    #[test]
+    fn terms_are_one_scope_or_one_role() {
+        assert_eq!(Requirement::term("role(admin)").unwrap(), Requirement::role("admin").unwrap());
+        assert_eq!(Requirement::term("a:b").unwrap(), Requirement::Scope(Scope::parse("a:b").unwrap()));
+        let e = Requirement::term("admin").unwrap_err();
+        assert_eq!((e.at, e.kind), (0, RequirementErrorKind::BareWord("admin".into())));
+        let e = Requirement::term("role(admin)x").unwrap_err();
+        assert_eq!((e.at, e.kind), (11, RequirementErrorKind::Unexpected("x".into())));
+        assert_eq!(Requirement::term("role()").unwrap_err().kind, RequirementErrorKind::EmptyRole);
+        assert_eq!(Requirement::term("").unwrap_err().kind, RequirementErrorKind::Empty);
+        let e = Requirement::all(["reports:read", "admin"]).unwrap_err();
+        assert_eq!(e.kind, RequirementErrorKind::BareWord("admin".into()));
+        let r = Requirement::any(["reports:read", "role(admin)"]).unwrap();
+        assert_eq!(r.to_string(), "reports:read OR role(admin)");
+        // A role *name* is just the name.
+        assert!(Requirement::role("role(admin)").is_err());
+        assert_eq!(Requirement::role("").unwrap_err().kind, RequirementErrorKind::EmptyRole);
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for text in [
+            "role(admin)",
+            "reports:read AND role(admin)",
+            "reports:read AND (billing:write OR role(admin))",
+            "(role(a) AND b:c) OR role(d) OR (e:f AND (role(g) OR h:*))",
+        ] {
+            let r = Requirement::parse(text).unwrap();
+            assert_eq!(r.to_string(), text);
+            assert_eq!(Requirement::parse(&r.to_string()).unwrap(), r);
+        }
     }
 }

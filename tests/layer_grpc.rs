@@ -54,9 +54,12 @@ impl Verifier for Down {
 }
 
 async fn serve<V: Verifier>(verifier: Arc<V>) -> Channel {
+    serve_with(verifier, RequireScopes::methods().method("/echo.Echo/Say", "echo:say")).await
+}
+
+async fn serve_with<V: Verifier>(verifier: Arc<V>, policy: RequireScopes) -> Channel {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let policy = RequireScopes::methods().method("/echo.Echo/Say", "echo:say");
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .layer(ApiKeyLayer::from_arc(verifier))
@@ -157,4 +160,33 @@ async fn key_service_down_is_unavailable() {
     let key = ApiKey::generate("kg").unwrap();
     let status = client.say(with("authorization", bearer(&key), "x")).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
+}
+
+#[tokio::test]
+async fn role_requirements_grant_the_role_and_denials_name_it() {
+    let admin = ApiKey::generate("kg").unwrap();
+    let reader = ApiKey::generate("kg").unwrap();
+    let stat = StaticVerifier::new()
+        .with_key(&admin, Principal::builder("key_admin").roles(["admin"]).build())
+        .with_key(&reader, Principal::builder("key_reader").scopes(ScopeSet::parse(["echo:say"]).unwrap()).build());
+    let policy = RequireScopes::methods()
+        .method("/echo.Echo/Say", "role(admin)")
+        .method("/echo.Echo/Shout", "echo:say AND role(admin)");
+    let mut client = EchoClient::new(serve_with(Arc::new(stat), policy).await);
+
+    let reply = client.say(with("authorization", bearer(&admin), "hi")).await.unwrap().into_inner();
+    assert_eq!(reply.key_id, "key_admin");
+    let status = client.say(with("authorization", bearer(&reader), "hi")).await.unwrap_err();
+    assert_eq!(
+        (status.code(), status.message()),
+        (Code::PermissionDenied, "the API key lacks the required role: admin")
+    );
+    // Both parts are needed: either key alone is denied, and told the whole requirement.
+    for key in [&admin, &reader] {
+        let status = client.shout(with("authorization", bearer(key), "hi")).await.unwrap_err();
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::PermissionDenied, "the API key does not meet the requirement: echo:say AND role(admin)")
+        );
+    }
 }

@@ -41,6 +41,7 @@ impl Verifier for Down {
 struct Keys {
     reader: ApiKey,
     admin: ApiKey,
+    auditor: ApiKey,
     revoked: ApiKey,
     disabled: ApiKey,
     expired: ApiKey,
@@ -94,7 +95,14 @@ fn routes() -> Router {
         .route(
             "/admin",
             get(|p: Principal| async move { p.key_id().to_owned() })
-                .route_layer(RequireScopes::expr("reports:write OR admin")),
+                .route_layer(RequireScopes::expr("reports:write OR role(admin)")),
+        )
+        .route("/console", get(|| async { "console" }).route_layer(RequireScopes::role("admin")))
+        .route("/staff", get(|| async { "staff" }).route_layer(RequireScopes::any(["role(ops)", "role(admin)"])))
+        .route(
+            "/audit",
+            get(|| async { "audit" })
+                .route_layer(RequireScopes::expr("reports:read AND (billing:read OR role(auditor))")),
         )
         .route(
             "/whoami",
@@ -108,6 +116,7 @@ async fn start_with(
     let keys = Keys {
         reader: ApiKey::generate("kg").unwrap(),
         admin: ApiKey::generate("kg").unwrap(),
+        auditor: ApiKey::generate("kg").unwrap(),
         revoked: ApiKey::generate("kg").unwrap(),
         disabled: ApiKey::generate("kg").unwrap(),
         expired: ApiKey::generate("kg").unwrap(),
@@ -116,6 +125,7 @@ async fn start_with(
     let stat = StaticVerifier::new()
         .with_key(&keys.reader, principal("key_reader", &["reports:read"], &[]))
         .with_key(&keys.admin, principal("key_admin", &[], &["admin"]))
+        .with_key(&keys.auditor, principal("key_auditor", &["reports:read"], &["auditor"]))
         .with_key(&keys.revoked, principal("key_revoked", &["reports:read"], &[]))
         .with_key(&keys.disabled, principal("key_disabled", &["reports:read"], &[]))
         .with_key(
@@ -185,7 +195,84 @@ async fn missing_scope_is_403_with_scope_attribute_and_problem_body() {
     assert_eq!(www(&res), r#"Bearer realm="reports", error="insufficient_scope", scope="reports:write""#);
     let body = problem(res).await;
     assert_eq!(body["required_scopes"], serde_json::json!(["reports:write"]));
+    assert_eq!(body["required_roles"], serde_json::json!(["admin"]));
+    assert_eq!(body["detail"], "the API key does not meet the requirement: reports:write OR role(admin)");
     assert_eq!(body["status"], 403);
+}
+
+#[tokio::test]
+async fn a_role_route_grants_the_role_and_its_denial_names_the_role() {
+    let app = start().await;
+    let res = app.get("/console", &[("authorization", &bearer(&app.keys.admin))]).await;
+    assert_eq!((res.status(), res.text().await.unwrap().as_str()), (StatusCode::OK, "console"));
+    // Another role, or scopes only, do not do.
+    for key in [&app.keys.auditor, &app.keys.reader] {
+        let res = app.get("/console", &[("authorization", &bearer(key))]).await;
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        // No scope would help, so none is listed.
+        assert_eq!(www(&res), r#"Bearer realm="reports", error="insufficient_scope""#);
+        let body = problem(res).await;
+        assert_eq!(body["title"], "Insufficient scope");
+        assert_eq!(body["required_roles"], serde_json::json!(["admin"]));
+        assert_eq!(body["required_scopes"], serde_json::json!([]));
+        assert_eq!(body["detail"], "the API key lacks the required role: admin");
+    }
+}
+
+#[tokio::test]
+async fn any_of_several_roles_is_told_as_alternatives() {
+    let app = start().await;
+    let res = app.get("/staff", &[("authorization", &bearer(&app.keys.admin))]).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let res = app.get("/staff", &[("authorization", &bearer(&app.keys.auditor))]).await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(www(&res), r#"Bearer realm="reports", error="insufficient_scope""#);
+    let body = problem(res).await;
+    assert_eq!(body["required_roles"], serde_json::json!(["ops", "admin"]));
+    assert_eq!(body["required_scopes"], serde_json::json!([]));
+    assert_eq!(body["detail"], "the API key lacks one of the roles: ops, admin");
+}
+
+#[tokio::test]
+async fn a_mixed_requirement_lists_only_its_scopes_in_the_scope_attribute() {
+    let app = start().await;
+    // reports:read and the auditor role: met.
+    let res = app.get("/audit", &[("authorization", &bearer(&app.keys.auditor))]).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    // reports:read alone, or the admin role alone: not met.
+    for key in [&app.keys.reader, &app.keys.admin] {
+        let res = app.get("/audit", &[("authorization", &bearer(key))]).await;
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            www(&res),
+            r#"Bearer realm="reports", error="insufficient_scope", scope="reports:read billing:read""#
+        );
+        let body = problem(res).await;
+        assert_eq!(body["required_scopes"], serde_json::json!(["reports:read", "billing:read"]));
+        assert_eq!(body["required_roles"], serde_json::json!(["auditor"]));
+        assert_eq!(
+            body["detail"],
+            "the API key does not meet the requirement: reports:read AND (billing:read OR role(auditor))"
+        );
+    }
+}
+
+#[test]
+fn a_bare_word_requirement_fails_when_the_route_is_built() {
+    let e = RequireScopes::try_expr("reports:read AND admin").unwrap_err();
+    assert_eq!(e.at, 17);
+    assert_eq!(
+        e.to_string(),
+        "at byte 17: `admin` is neither a scope (`resource:action`) nor a role (write `role(admin)`)"
+    );
+    assert_eq!(RequireScopes::try_any(["reports:read", "admin"]).unwrap_err().at, 0);
+    assert_eq!(RequireScopes::try_role("Admin").unwrap_err().at, 0);
+    assert!(RequireScopes::try_role("admin").is_ok());
+    let panic = std::panic::catch_unwind(|| RequireScopes::all(["admin"])).unwrap_err();
+    let msg = panic.downcast_ref::<String>().unwrap();
+    assert!(msg.contains("write `role(admin)`"), "{msg}");
+    let panic = std::panic::catch_unwind(|| RequireScopes::role("role(admin)")).unwrap_err();
+    assert!(panic.downcast_ref::<String>().unwrap().starts_with("RequireScopes::role(\"role(admin)\")"));
 }
 
 #[tokio::test]

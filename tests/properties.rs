@@ -1,6 +1,6 @@
 //! Property tests: key format, scope matching, requirement parsing, extraction.
 
-use keygate::{ApiKey, KeyFormat, Requirement, Scope, ScopeSet};
+use keygate::{ApiKey, KeyFormat, Requirement, RequirementErrorKind, Scope, ScopeSet};
 use proptest::prelude::*;
 
 const BASE62: &str = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -21,10 +21,16 @@ fn concrete_scope() -> impl Strategy<Value = String> {
     prop::collection::vec("[a-z][a-z0-9]{0,5}", 2..4).prop_map(|v| v.join(":"))
 }
 
+/// A word that is neither a scope nor `role(…)` nor an operator.
+fn bare_word() -> impl Strategy<Value = String> {
+    "[a-z][a-z0-9_.-]{0,10}".prop_filter("operators", |w| w != "and" && w != "or")
+}
+
 fn requirement() -> impl Strategy<Value = Requirement> {
     let leaf = prop_oneof![
         3 => concrete_scope().prop_map(|s| Requirement::term(&s).unwrap()),
-        1 => "[a-z][a-z0-9]{0,6}".prop_filter("keywords", |r| r != "and" && r != "or")
+        // Any valid name, keywords included: inside `role(…)` they are names.
+        1 => prop_oneof![4 => "[a-z0-9_.-]{1,8}", 1 => prop::sample::select(vec!["and", "or", "role"]).prop_map(str::to_owned)]
             .prop_map(|r| Requirement::role(&r).unwrap()),
     ];
     leaf.prop_recursive(4, 24, 4, |inner| {
@@ -111,7 +117,31 @@ proptest! {
     }
 
     #[test]
+    fn a_bare_word_is_an_error_at_its_offset(r in requirement(), w in bare_word()) {
+        let bare = RequirementErrorKind::BareWord(w.clone());
+        let e = Requirement::term(&w).unwrap_err();
+        prop_assert_eq!((e.at, &e.kind), (0, &bare));
+        let text = format!("{w} OR {r}");
+        let e = Requirement::parse(&text).unwrap_err();
+        prop_assert_eq!((e.at, &e.kind), (0, &bare), "{}", text);
+        let before = format!("({r}) AND ");
+        let text = format!("{before}{w}");
+        let e = Requirement::parse(&text).unwrap_err();
+        prop_assert_eq!((e.at, &e.kind), (before.len(), &bare), "{}", text);
+        // Written as a role, the same word is one.
+        let text = format!("{before}role({w})");
+        let back = Requirement::parse(&text).unwrap();
+        prop_assert_eq!(back, Requirement::All(vec![r, Requirement::role(&w).unwrap()]));
+    }
+
+    #[test]
     fn requirement_parser_never_panics(s in "[a-z:*() ANDOR&|!]{0,60}") {
         let _ = Requirement::parse(&s);
+    }
+
+    #[test]
+    fn role_terms_never_panic(s in "(role\\(|role|[a-zA-Z:*()! ]|AND|OR){0,24}") {
+        let _ = Requirement::parse(&s);
+        let _ = Requirement::term(&s);
     }
 }

@@ -283,7 +283,7 @@ async fn a_layer_with_its_own_policy_authorizes_and_records_the_route() {
         )
         .route(
             "/admin",
-            get(|| async { "admin" }).layer(auth.require(RequireScopes::all(["admin"]).realm("back-office"))),
+            get(|| async { "admin" }).layer(auth.require(RequireScopes::role("admin").realm("back-office"))),
         )
         .route("/open", get(|| async { "open" }));
     let base = serve(app).await;

@@ -326,7 +326,7 @@ impl<V: Verifier> ApiKeyLayer<V> {
     /// let auth = ApiKeyLayer::new(StaticVerifier::new());
     /// let app: Router = Router::new()
     ///     .route("/reports", get(|| async { "reports" }).layer(auth.clone().require(RequireScopes::all(["reports:read"]))))
-    ///     .route("/admin", get(|| async { "admin" }).layer(auth.require(RequireScopes::all(["admin"]))));
+    ///     .route("/admin", get(|| async { "admin" }).layer(auth.require(RequireScopes::role("admin"))));
     /// ```
     pub fn require(mut self, policy: RequireScopes) -> Self {
         self.config_mut().policy = Some(policy);
