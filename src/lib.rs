@@ -8,10 +8,17 @@
 //! folds it into bounded per-minute rows for the key service, a [`UsagePipeline`] keeps
 //! it as a [`UsageEvent`] for your own exporter.
 //!
-//! ```
-//! use axum::{Router, routing::get};
-//! use keygate::{ApiKey, ApiKeyLayer, Principal, RequireScopes, ScopeSet, StaticVerifier};
+//! # Quick start
 //!
+//! Keys held in memory, one route that needs a scope, and what a caller gets:
+//!
+//! ```
+//! use axum::{Router, body::Body, http::{Request, StatusCode}, routing::get};
+//! use keygate::{ApiKey, ApiKeyLayer, Principal, RequireScopes, ScopeSet, StaticVerifier};
+//! use tower::ServiceExt;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
 //! let key = ApiKey::generate("kg").unwrap();
 //! let verifier = StaticVerifier::new().with_key(
 //!     &key,
@@ -21,12 +28,68 @@
 //!     .route("/reports", get(|p: Principal| async move { format!("reports for {}", p.owner()) }))
 //!     .route_layer(RequireScopes::all(["reports:read"]))
 //!     .layer(ApiKeyLayer::new(verifier));
+//!
+//! let call = |auth: Option<String>| {
+//!     let mut req = Request::get("/reports");
+//!     if let Some(auth) = auth {
+//!         req = req.header("authorization", auth);
+//!     }
+//!     app.clone().oneshot(req.body(Body::empty()).unwrap())
+//! };
+//! // No key: 401 with a `WWW-Authenticate` challenge.
+//! let res = call(None).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+//! assert_eq!(res.headers()["www-authenticate"], r#"Bearer realm="api""#);
+//! // A key that fails its checksum: 401, and the verifier is never asked.
+//! assert_eq!(call(Some("Bearer kg_garbage".into())).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+//! // The key: 200, and the handler sees who called.
+//! let res = call(Some(format!("Bearer {}", key.expose_secret()))).await.unwrap();
+//! assert_eq!(res.status(), StatusCode::OK);
+//! # }
 //! ```
+//!
+//! # Requirements: scopes and roles
+//!
+//! Scopes are `resource:action` (`*` matches one segment of a granted scope); roles are
+//! written `role(name)`. A bare word is neither, and a mistake caught when the route is
+//! built:
+//!
+//! ```
+//! use keygate::RequireScopes;
+//!
+//! let reports = RequireScopes::all(["reports:read"]);
+//! let billing = RequireScopes::expr("billing:write OR role(admin)");
+//! let ops = RequireScopes::role("ops");
+//! assert!(RequireScopes::try_expr("reports:read AND admin").is_err());
+//! # let _ = (reports, billing, ops);
+//! ```
+//!
+//! # Rejections
+//!
+//! Every refusal is an [`AuthError`] with a stable [`code()`](AuthError::code),
+//! answered as RFC 9457 problem+json with an RFC 6750 challenge, or in gRPC terms for
+//! gRPC requests. A service with its own error shape renders them itself with
+//! [`ApiKeyLayer::on_rejection`]; behind [`ApiKeyLayer::optional`], a handler taking
+//! `Principal` answers an anonymous caller with the layer's 401.
+//!
+//! # Against the key service
 //!
 //! In production the verifier is a `CachedVerifier<HttpVerifier>` against the key
 //! service (the `cache` and `remote` features, on by default), kept current by a
-//! `RevocationListener`; the reference key service itself is [`server`] (feature
-//! `server`). Its wire protocol is documented, with its types, in [`wire`].
+//! `RevocationListener`, with usage exported by a [`UsageAggregator`]; the reference
+//! key service itself is [`server`] (feature `server`). Its wire protocol is
+//! documented, with its types, in [`wire`].
+//!
+//! # Features
+//!
+//! | feature | default | what |
+//! | --- | --- | --- |
+//! | `axum` | yes | the [`Principal`] extractor, route templates from `MatchedPath` |
+//! | `cache` | yes | `CachedVerifier` (moka) |
+//! | `remote` | yes | `HttpVerifier`, `HttpUsageExporter`, `RevocationListener` (reqwest + rustls) |
+//! | `tonic` | no | [`RejectionBody`] for tonic's body, to layer tonic servers |
+//! | `server` | no | the reference key service and the binary `keygate-server` (sqlx, SQLite) |
+//! | `postgres` | no | the key service's PostgreSQL store |
 //!
 //! # Reading the source
 //! The modules follow the path of a request, and a module only uses the ones above
