@@ -25,7 +25,8 @@
 //!
 //! In production the verifier is a `CachedVerifier<HttpVerifier>` against the key
 //! service (the `cache` and `remote` features, on by default), kept current by a
-//! `RevocationListener`; the reference key service itself is [`server`] (feature
+//! `RevocationListener`, with usage exported by a `UsageAggregator`: `RemoteAuth` sets
+//! all of it up in one call. The reference key service itself is [`server`] (feature
 //! `server`). Its wire protocol is documented, with its types, in [`wire`].
 //!
 //! # Reading the source
@@ -45,7 +46,8 @@
 //! 8. `layer`: [`ApiKeyLayer`], which runs all of the above in that order.
 //!
 //! `wire` and `remote` sit beside this chain (the protocol types, and the HTTP client
-//! plumbing the remote parts share); `server` is the other side of the wire.
+//! plumbing the remote parts share); only `remote::setup` (`RemoteAuth`) uses the
+//! whole chain, as it builds the layer. `server` is the other side of the wire.
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
@@ -105,5 +107,5 @@ pub use remote::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAILOVER_COOLDOWN, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_INITIAL_BACKOFF,
     DEFAULT_MAX_BACKOFF, DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_VERIFY_TIMEOUT,
     HttpExporterBuildError, HttpUsageExporter, HttpUsageExporterBuilder, HttpVerifier, HttpVerifierBuilder,
-    ListenerStats, RemoteConfigError, RevocationListener, RevocationListenerBuilder,
+    ListenerStats, RemoteAuth, RemoteAuthBuilder, RemoteConfigError, RevocationListener, RevocationListenerBuilder,
 };

@@ -1,6 +1,8 @@
 //! What the three clients of the key service share: the list of its URLs with failover
 //! and cooldown, the service-token header, the HTTP client (rustls, timeouts, no
 //! redirects), bounded answer bodies, one backoff and one error description.
+//! `setup` ([`RemoteAuth`]) builds the three and the cache and usage aggregator they
+//! serve from one URL list and one token.
 
 use std::error::Error as _;
 use std::fmt;
@@ -15,6 +17,7 @@ use zeroize::Zeroizing;
 mod endpoints;
 mod exporter;
 mod listener;
+mod setup;
 mod verifier;
 
 pub(crate) use endpoints::{Endpoint, Endpoints, KeyServiceUrls};
@@ -23,6 +26,7 @@ pub use exporter::{HttpExporterBuildError, HttpUsageExporter, HttpUsageExporterB
 pub use listener::{
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_LINE_BYTES, ListenerStats, RevocationListener, RevocationListenerBuilder,
 };
+pub use setup::{RemoteAuth, RemoteAuthBuilder};
 pub use verifier::{DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_VERIFY_TIMEOUT, HttpVerifier, HttpVerifierBuilder};
 
 /// Default connect timeout of every key-service client: 500 ms.
@@ -65,6 +69,10 @@ pub enum RemoteConfigError {
     /// A background task was asked for outside a Tokio runtime.
     #[error("must be called from within a Tokio runtime")]
     NoRuntime,
+    /// A setting that must be greater than zero was zero (one of the usage
+    /// aggregator's or the usage exporter's, named here).
+    #[error("setting `{0}` must be greater than zero")]
+    Zero(&'static str),
 }
 
 impl PartialEq for RemoteConfigError {
@@ -72,6 +80,7 @@ impl PartialEq for RemoteConfigError {
         match (self, other) {
             (Self::InvalidUrl { index: a, reason: r }, Self::InvalidUrl { index: b, reason: s }) => a == b && r == s,
             (Self::Client(a), Self::Client(b)) => Arc::ptr_eq(a, b),
+            (Self::Zero(a), Self::Zero(b)) => a == b,
             _ => std::mem::discriminant(self) == std::mem::discriminant(other),
         }
     }
