@@ -45,9 +45,11 @@
 //! 7. `usage`: decided requests, the aggregator and the raw-event pipeline.
 //! 8. `layer`: [`ApiKeyLayer`], which runs all of the above in that order.
 //!
-//! `wire` and `remote` sit beside this chain (the protocol types, and the HTTP client
-//! plumbing the remote parts share); only `remote::setup` (`RemoteAuth`) uses the
-//! whole chain, as it builds the layer. `server` is the other side of the wire.
+//! `wire`, `transport` and `remote` sit beside this chain (the protocol types, the HTTP
+//! client every keygate client uses, and the remote parts); only `remote::setup`
+//! (`RemoteAuth`) uses the whole chain, as it builds the layer. `client` is the admin
+//! API's client and types (feature `client`); `server` is the other side of the wire,
+//! and reads and answers `client`'s types.
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
@@ -66,8 +68,15 @@ mod usage;
 mod verify;
 pub mod wire;
 
+#[cfg(any(feature = "remote", feature = "client"))]
+mod transport;
+
 #[cfg(feature = "remote")]
 mod remote;
+
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 
 #[cfg(feature = "server")]
 pub mod server;

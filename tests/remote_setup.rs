@@ -13,8 +13,9 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
 use http::Request;
+use keygate::RequireScopes;
+use keygate::client::UsageQuery;
 use keygate::{ApiKey, ApiKeyLayer, CachedVerifier, HttpVerifier, Principal, RemoteAuth, RemoteConfigError};
-use keygate::{RequireScopes, server::UsageQuery};
 use server_support::{SERVICE, TestServer, new_key};
 use tower::ServiceExt;
 
