@@ -61,7 +61,8 @@ mod bench {
     use http::{HeaderValue, Request, header};
     use http_body_util::{BodyExt, Empty};
     use hyper_util::rt::TokioIo;
-    use keygate::server::{AdminClient, KeyServer, NewKey, RunningKeyServer};
+    use keygate::client::{AdminClient, NewKey};
+    use keygate::server::{KeyServer, RunningKeyServer};
     use keygate::{
         AggregatorHandle, ApiKey, ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, Principal,
         RequireScopes, RevocationListener, ScopeSet, StaticVerifier, UsageAggregator, Verifier,

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use keygate::server::{AdminClient, KeyServer, NewKey};
+use keygate::client::{AdminClient, NewKey};
+use keygate::server::KeyServer;
 
 const KEYS: usize = 1000;
 const CONCURRENCY: usize = 32;

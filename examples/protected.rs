@@ -1,5 +1,5 @@
-//! A protected axum service run against your own key service, set up as in production:
-//! remote verification behind a cache, the key service's event stream for instant
+//! A protected axum service run against your own key service, set up as in production
+//! with one `RemoteAuth`: remote verification behind a cache, the key service's event stream for instant
 //! revocation, and usage aggregated in memory and exported to the key service every
 //! 10 s (`--usage-interval-ms`), and once more on the way out.
 //!
@@ -34,8 +34,7 @@ use std::time::Duration;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
-use keygate::{ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, Principal, RequireScopes};
-use keygate::{RevocationListener, UsageAggregator};
+use keygate::{Principal, RemoteAuth, RequireScopes};
 use serde_json::{Value, json};
 
 /// A protected axum service in front of a keygate key service.
@@ -67,18 +66,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
 
-    let remote = HttpVerifier::builder(args.key_service.clone()).service_token(&args.service_token).build()?;
-    let verifier = CachedVerifier::builder(remote).positive_ttl(Duration::from_secs(args.cache_ttl)).build();
-    // Revocations, scope changes and rotations reach the cache within a second; after
-    // any gap in the stream the cache is dropped.
-    let events =
-        RevocationListener::builder(args.key_service.clone()).service_token(&args.service_token).spawn(&verifier)?;
-    // Every decided request is one addition into a bounded in-memory table; the table
-    // goes to the key service once per interval, each batch applied there at most once.
-    let exporter = HttpUsageExporter::builder(args.key_service).service_token(&args.service_token).build()?;
-    let (usage, aggregator) = UsageAggregator::builder()
-        .flush_interval(Duration::from_millis(args.usage_interval_ms.max(1)))
-        .build(exporter)?;
+    // Remote verification behind a cache; the key service's event stream, through which
+    // revocations, scope changes and rotations reach the cache within a second (after
+    // any gap in the stream the cache is dropped); every decided request one addition
+    // into a bounded in-memory table that goes to the key service once per interval,
+    // each batch applied there at most once.
+    let (auth, remote) = RemoteAuth::builder(args.key_service, args.service_token)
+        .cache(move |c| c.positive_ttl(Duration::from_secs(args.cache_ttl)))
+        .usage(|u| u.flush_interval(Duration::from_millis(args.usage_interval_ms.max(1))))
+        .build()?;
 
     let protected = Router::new()
         .route(
@@ -88,7 +84,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .merge(post(create_report).route_layer(RequireScopes::all(["reports:write"]))),
         )
         .route("/admin", get(admin).route_layer(RequireScopes::role("admin")))
-        .layer(ApiKeyLayer::new(verifier.clone()).usage(usage));
+        .layer(auth);
     let app = Router::new().route("/health", get(health)).merge(protected);
 
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -100,9 +96,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The server has stopped and every request in flight is decided: what the aggregator
     // holds now is all the usage there will be.
-    let usage = aggregator.shutdown().await;
-    events.shutdown().await;
-    tracing::info!(cache = ?verifier.stats(), ?usage, "stopped");
+    let cache = remote.verifier().stats();
+    let usage = remote.shutdown().await;
+    tracing::info!(?cache, ?usage, "stopped");
     Ok(())
 }
 

@@ -18,7 +18,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use keygate::RevocationListener;
-use keygate::server::{AdminClient, KeyServer, NewKey};
+use keygate::client::{AdminClient, NewKey};
+use keygate::server::KeyServer;
 use keygate::{
     ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, Principal, RequireScopes, UsageAggregator,
 };

@@ -76,9 +76,22 @@
 //!
 //! In production the verifier is a `CachedVerifier<HttpVerifier>` against the key
 //! service (the `cache` and `remote` features, on by default), kept current by a
-//! `RevocationListener`, with usage exported by a [`UsageAggregator`]; the reference
-//! key service itself is [`server`] (feature `server`). Its wire protocol is
-//! documented, with its types, in [`wire`].
+//! `RevocationListener`, with usage exported by a [`UsageAggregator`]. `RemoteAuth`
+//! sets all of it up in one call, from the key service's URLs and one service token:
+//!
+//! ```no_run
+//! # async fn run(app: axum::Router, signal: impl Future<Output = ()> + Send + 'static) -> Result<(), Box<dyn std::error::Error>> {
+//! let token = std::env::var("KEYGATE_SERVICE_TOKEN")?;
+//! let (auth, remote) = keygate::RemoteAuth::builder(["http://keys-a:7700", "http://keys-b:7700"], token).build()?;
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await?;
+//! axum::serve(listener, app.layer(auth)).with_graceful_shutdown(signal).await?;
+//! remote.shutdown().await; // delivers the last interval's usage, stops the listener
+//! # Ok(()) }
+//! ```
+//!
+//! The reference key service itself is [`server`] (feature `server`); [`client`]
+//! (feature `client`) is its admin API client. The wire protocol is documented, with its
+//! types, in [`wire`].
 //!
 //! # Features
 //!
@@ -86,9 +99,10 @@
 //! | --- | --- | --- |
 //! | `axum` | yes | the [`Principal`] extractor, route templates from `MatchedPath` |
 //! | `cache` | yes | `CachedVerifier` (moka) |
-//! | `remote` | yes | `HttpVerifier`, `HttpUsageExporter`, `RevocationListener` (reqwest + rustls) |
+//! | `remote` | yes | `HttpVerifier`, `HttpUsageExporter`, `RevocationListener`, `RemoteAuth` (reqwest + rustls) |
+//! | `client` | no | `AdminClient` for the key service's admin API (reqwest only) |
 //! | `tonic` | no | [`RejectionBody`] for tonic's body, to layer tonic servers |
-//! | `server` | no | the reference key service and the binary `keygate-server` (sqlx, SQLite) |
+//! | `server` | no | the reference key service and the binary `keygate-server` (sqlx, SQLite; includes `client`) |
 //! | `postgres` | no | the key service's PostgreSQL store |
 //!
 //! # Reading the source
@@ -109,8 +123,11 @@
 //! 8. `usage`: decided requests, the aggregator and the raw-event pipeline.
 //! 9. `layer`: [`ApiKeyLayer`], which runs all of the above in that order.
 //!
-//! `wire` and `remote` sit beside this chain (the protocol types, and the HTTP client
-//! plumbing the remote parts share); `server` is the other side of the wire.
+//! `wire`, `transport` and `remote` sit beside this chain (the protocol types, the HTTP
+//! client every keygate client uses, and the remote parts); only `remote::setup`
+//! (`RemoteAuth`) uses the whole chain, as it builds the layer. `client` is the admin
+//! API's client and types (feature `client`); `server` is the other side of the wire,
+//! and reads and answers `client`'s types.
 #![warn(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
@@ -132,8 +149,15 @@ mod usage;
 mod verify;
 pub mod wire;
 
+#[cfg(any(feature = "remote", feature = "client"))]
+mod transport;
+
 #[cfg(feature = "remote")]
 mod remote;
+
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 
 #[cfg(feature = "server")]
 pub mod server;
@@ -173,5 +197,5 @@ pub use remote::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAILOVER_COOLDOWN, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_INITIAL_BACKOFF,
     DEFAULT_MAX_BACKOFF, DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_VERIFY_TIMEOUT,
     HttpExporterBuildError, HttpUsageExporter, HttpUsageExporterBuilder, HttpVerifier, HttpVerifierBuilder,
-    ListenerStats, RemoteConfigError, RevocationListener, RevocationListenerBuilder,
+    ListenerStats, RemoteAuth, RemoteAuthBuilder, RemoteConfigError, RevocationListener, RevocationListenerBuilder,
 };

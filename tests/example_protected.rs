@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keygate::server::NewKey;
+use keygate::client::NewKey;
 use serde_json::Value;
 use server_support::{SERVICE, TestServer};
 

@@ -12,7 +12,8 @@ use axum::body::Body;
 use axum::routing::get;
 use http::{Request, StatusCode, header};
 use keygate::RevocationListener;
-use keygate::server::{AdminClient, KeyPatch, KeyServer, NewKey, RunningKeyServer};
+use keygate::client::{AdminClient, KeyPatch, NewKey};
+use keygate::server::{KeyServer, RunningKeyServer};
 use keygate::{ApiKey, ApiKeyLayer, CachedVerifier, HttpVerifier, Principal, RequireScopes};
 use tower::ServiceExt;
 

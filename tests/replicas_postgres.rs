@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keygate::RevocationListener;
+use keygate::client::{KeyPatch, NewKey};
 use keygate::server::PostgresStore;
-use keygate::server::{KeyPatch, NewKey};
 use keygate::{ApiKey, CachedVerifier, HttpVerifier, Outcome, Reason, UsageEvent, Verdict, Verifier};
 use serde_json::{Value, json};
 use server_support::{ADMIN, Events, SERVICE, TestDb, TestServer, new_key};
@@ -142,7 +142,7 @@ async fn every_change_reaches_the_streams_of_every_replica_exactly_once() {
     let mut on_a = Events::connect(&a).await;
     let mut on_b = Events::connect(&b).await;
 
-    let key = |k: &keygate::server::CreatedKey| json!({ "key_id": k.key_id });
+    let key = |k: &keygate::client::CreatedKey| json!({ "key_id": k.key_id });
     a.admin.revoke(&k1.key_id).await.unwrap();
     b.admin.update_key(&k2.key_id, &KeyPatch { disabled: Some(true), ..Default::default() }).await.unwrap();
     a.admin.rotate(&k2.key_id, 0).await.unwrap();

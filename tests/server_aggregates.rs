@@ -8,7 +8,8 @@ mod server_support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use keygate::server::{AlertConfig, KeyServer, ServerStats, UsageGroupBy, UsageQuery};
+use keygate::client::{UsageGroupBy, UsageQuery};
+use keygate::server::{AlertConfig, KeyServer, ServerStats};
 use keygate::wire::AlertKind;
 use keygate::{AggregateBatch, ClientNetwork, Outcome, UsageEvent};
 use serde_json::{Value, json};

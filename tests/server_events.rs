@@ -5,7 +5,7 @@ mod server_support;
 
 use std::time::Duration;
 
-use keygate::server::KeyPatch;
+use keygate::client::KeyPatch;
 use serde_json::json;
 use server_support::{Events, TestServer, new_key};
 
@@ -22,7 +22,7 @@ async fn admin_changes_are_published_after_commit() {
 
     let k2 = t
         .admin
-        .create_key(keygate::server::NewKey { roles: vec!["ops".into()], ..new_key("acme", &["a:b"]) })
+        .create_key(keygate::client::NewKey { roles: vec!["ops".into()], ..new_key("acme", &["a:b"]) })
         .await
         .unwrap();
     t.admin.update_key(&k2.key_id, &KeyPatch { disabled: Some(true), ..Default::default() }).await.unwrap();

@@ -8,7 +8,7 @@ mod server_support;
 
 use std::time::Duration;
 
-use keygate::server::{KeyPatch, NewKey};
+use keygate::client::{KeyPatch, NewKey};
 use serde_json::json;
 use server_support::{TestDb, TestServer, eventually, new_key};
 use time::OffsetDateTime;

@@ -8,7 +8,8 @@ mod server_support;
 use std::time::Duration;
 
 use keygate::Outcome;
-use keygate::server::{KeyServer, RetentionConfig, UsageBucket, UsageGroupBy, UsageQuery, UsageReport};
+use keygate::client::{UsageBucket, UsageGroupBy, UsageQuery, UsageReport};
+use keygate::server::{KeyServer, RetentionConfig};
 use server_support::{Req, TestDb, TestServer, aggregate, aggregate_batch, new_key, this_minute};
 use time::OffsetDateTime;
 

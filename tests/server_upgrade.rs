@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keygate::LatencyHistogram;
-use keygate::server::UsageQuery;
+use keygate::client::UsageQuery;
 use serde_json::json;
 use server_support::{TestDb, TestServer, this_minute};
 
@@ -54,7 +54,7 @@ async fn a_schema_one_database_is_migrated_and_its_usage_adds_up_with_new_batche
     let t = TestServer::start_on(TestDb::Sqlite(Arc::new(dir)), |b| b).await;
 
     let before = t.admin.usage_report(&UsageQuery::key(OLD_KEY)).await.unwrap();
-    let total = |r: &keygate::server::UsageReport| {
+    let total = |r: &keygate::client::UsageReport| {
         r.buckets.iter().map(|b| (b.requests, b.allowed)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     };
     assert_eq!(total(&before), (7, 5), "schema-1 usage is still there: {before:?}");

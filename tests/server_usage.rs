@@ -77,7 +77,7 @@ async fn concurrent_batches_add_up_exactly() {
     assert_eq!(report.buckets.len(), 2);
     assert_eq!(report.buckets[0].start, prev_minute);
     assert_eq!(report.buckets[1].start, this_minute);
-    let sum = |f: fn(&keygate::server::UsageBucket) -> u64| report.buckets.iter().map(f).sum::<u64>();
+    let sum = |f: fn(&keygate::client::UsageBucket) -> u64| report.buckets.iter().map(f).sum::<u64>();
     assert_eq!(sum(|b| b.requests), 2000);
     assert_eq!(sum(|b| b.allowed) + sum(|b| b.denied), 2000);
     assert_eq!(sum(|b| b.denied), 500);

@@ -3,7 +3,7 @@
 
 mod server_support;
 
-use keygate::server::{UsageBucket, UsageGroupBy, UsageQuery};
+use keygate::client::{UsageBucket, UsageGroupBy, UsageQuery};
 use keygate::{LATENCY_RELATIVE_ERROR, Outcome};
 use server_support::{ADMIN, Req, TestServer, aggregate, aggregate_batch, new_key, this_minute};
 use time::OffsetDateTime;

@@ -10,7 +10,8 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::routing::get;
 use keygate::HttpUsageExporter;
-use keygate::server::{AdminClient, KeyServer, NewKey, RunningKeyServer, UsageBucket};
+use keygate::client::{AdminClient, NewKey, UsageBucket};
+use keygate::server::{KeyServer, RunningKeyServer};
 use keygate::{
     ApiKey, ApiKeyLayer, CachedVerifier, DecidedRequest, HttpVerifier, Outcome, RequireScopes, UsageAggregator,
     UsageSink,

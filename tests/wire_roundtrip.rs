@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
-use keygate::server::{AdminClient, KeyPatch, KeyServer, NewKey, RunningKeyServer};
+use keygate::client::{AdminClient, KeyPatch, NewKey};
+use keygate::server::{KeyServer, RunningKeyServer};
 use keygate::wire::{
     Alert, AlertKind, ErrorBody, EventName, Heartbeat, KeyChanged, KeyEvent, Refusal, ResetData, UsageAccepted,
     VerifyAnswer, VerifyRequest,

@@ -29,10 +29,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use keygate::server::{
-    AdminClient, ClientError, CreatedKey, KeyInfo, KeyServer, NewKey, RetentionConfig, UsageGroupBy, UsageQuery,
-    UsageReport,
-};
+use keygate::client::{AdminClient, ClientError, CreatedKey, KeyInfo, NewKey, UsageGroupBy, UsageQuery, UsageReport};
+use keygate::server::{KeyServer, RetentionConfig};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 

@@ -1,13 +1,14 @@
 //! What the three clients of the key service share: the list of its URLs with failover
-//! and cooldown, the service-token header, the HTTP client (rustls, timeouts, no
-//! redirects), bounded answer bodies, one backoff and one error description.
+//! and cooldown, the service-token header, the settings every client builder takes and
+//! one backoff (the HTTP client itself, rustls with timeouts and no redirects, and
+//! bounded answer bodies are `transport`'s, which the admin client uses too).
+//! `setup` ([`RemoteAuth`]) builds the three and the cache and usage aggregator they
+//! serve from one URL list and one token.
 
-use std::error::Error as _;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 
 use zeroize::Zeroizing;
@@ -15,14 +16,17 @@ use zeroize::Zeroizing;
 mod endpoints;
 mod exporter;
 mod listener;
+mod setup;
 mod verifier;
 
+pub(crate) use crate::transport::{ClientOptions, ReadError, describe, http_client, read_body};
 pub(crate) use endpoints::{Endpoint, Endpoints, KeyServiceUrls};
 
 pub use exporter::{HttpExporterBuildError, HttpUsageExporter, HttpUsageExporterBuilder};
 pub use listener::{
     DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_MAX_LINE_BYTES, ListenerStats, RevocationListener, RevocationListenerBuilder,
 };
+pub use setup::{RemoteAuth, RemoteAuthBuilder};
 pub use verifier::{DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_VERIFY_TIMEOUT, HttpVerifier, HttpVerifierBuilder};
 
 /// Default connect timeout of every key-service client: 500 ms.
@@ -65,6 +69,10 @@ pub enum RemoteConfigError {
     /// A background task was asked for outside a Tokio runtime.
     #[error("must be called from within a Tokio runtime")]
     NoRuntime,
+    /// A setting that must be greater than zero was zero (one of the usage
+    /// aggregator's or the usage exporter's, named here).
+    #[error("setting `{0}` must be greater than zero")]
+    Zero(&'static str),
 }
 
 impl PartialEq for RemoteConfigError {
@@ -72,6 +80,7 @@ impl PartialEq for RemoteConfigError {
         match (self, other) {
             (Self::InvalidUrl { index: a, reason: r }, Self::InvalidUrl { index: b, reason: s }) => a == b && r == s,
             (Self::Client(a), Self::Client(b)) => Arc::ptr_eq(a, b),
+            (Self::Zero(a), Self::Zero(b)) => a == b,
             _ => std::mem::discriminant(self) == std::mem::discriminant(other),
         }
     }
@@ -92,73 +101,6 @@ pub(crate) fn service_token_header(token: Option<&str>) -> Result<HeaderValue, R
     Ok(header)
 }
 
-/// How a client's connections behave.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ClientOptions {
-    pub(crate) connect_timeout: Duration,
-    /// Deadline of a whole request; `None` for streams.
-    pub(crate) timeout: Option<Duration>,
-    pub(crate) tcp_keepalive: Option<Duration>,
-}
-
-/// A reqwest client on rustls that never follows a redirect: a key-service address
-/// answering 3xx must not be able to send the request (and the service token) to
-/// another host, nor have that host's answer trusted.
-pub(crate) fn http_client(options: ClientOptions) -> Result<reqwest::Client, reqwest::Error> {
-    let mut builder = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(options.connect_timeout)
-        .pool_idle_timeout(Duration::from_secs(60))
-        .tcp_keepalive(options.tcp_keepalive)
-        .user_agent(concat!("keygate/", env!("CARGO_PKG_VERSION")));
-    if let Some(timeout) = options.timeout {
-        builder = builder.timeout(timeout);
-    }
-    builder.build()
-}
-
-/// Why an answer could not be read.
-#[derive(Debug)]
-pub(crate) enum ReadError {
-    /// Longer than allowed.
-    TooLarge(usize),
-    /// The transfer failed.
-    Transfer(reqwest::Error),
-}
-
-impl fmt::Display for ReadError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::TooLarge(max) => write!(f, "answer larger than {max} bytes"),
-            Self::Transfer(e) => f.write_str(&describe(e)),
-        }
-    }
-}
-
-impl std::error::Error for ReadError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::TooLarge(_) => None,
-            Self::Transfer(e) => Some(e),
-        }
-    }
-}
-
-/// Reads an answer's body, refusing one longer than `max` bytes without reading it all.
-pub(crate) async fn read_body(mut response: reqwest::Response, max: usize) -> Result<Bytes, ReadError> {
-    if response.content_length().is_some_and(|len| len > max as u64) {
-        return Err(ReadError::TooLarge(max));
-    }
-    let mut buf = BytesMut::with_capacity(response.content_length().map_or(512, |l| l as usize));
-    while let Some(chunk) = response.chunk().await.map_err(ReadError::Transfer)? {
-        if buf.len() + chunk.len() > max {
-            return Err(ReadError::TooLarge(max));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(buf.freeze())
-}
-
 /// Whether `response` came from where it was sent: a caller-supplied client might
 /// follow redirects, and an answer from elsewhere must not be trusted.
 pub(crate) fn answered_by(response: &reqwest::Response, endpoint: &Endpoint) -> bool {
@@ -175,21 +117,6 @@ pub(crate) fn backoff(initial: Duration, max: Duration, failures: u32) -> Durati
     let spread = u64::try_from((cap - half).as_micros()).unwrap_or(u64::MAX);
     let random = getrandom::u64().unwrap_or_else(|_| u64::from(Instant::now().elapsed().subsec_nanos()));
     half + Duration::from_micros(random % spread.saturating_add(1))
-}
-
-/// A reqwest error's causes (without reqwest's own line, which repeats the URL that logs
-/// already name by label).
-pub(crate) fn describe(e: &reqwest::Error) -> String {
-    let mut out = String::new();
-    let mut source: Option<&(dyn std::error::Error + 'static)> = e.source();
-    while let Some(s) = source {
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    if out.is_empty() { e.to_string() } else { out }
 }
 
 /// The setters every key-service client builder shares, documented once. The builder

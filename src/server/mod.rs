@@ -10,7 +10,8 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use keygate::server::{AdminClient, KeyServer, NewKey};
+//! use keygate::client::{AdminClient, NewKey};
+//! use keygate::server::KeyServer;
 //!
 //! let server = KeyServer::builder()
 //!     .database("sqlite::memory:")
@@ -27,6 +28,10 @@
 //! server.shutdown().await;
 //! # Ok(()) }
 //! ```
+//!
+//! The admin API's types ([`NewKey`](crate::client::NewKey), [`KeyInfo`](crate::client::KeyInfo),
+//! [`UsageReport`](crate::client::UsageReport), ...) and its client are in
+//! [`client`](crate::client), which this feature includes.
 //!
 //! **Rotation** keeps the key id: `POST /v1/keys/{id}/rotate` adds a new secret to the
 //! same key, and the previous secrets keep working until now + `grace_s` (verify then
@@ -65,9 +70,10 @@
 //! evaluated from the rows and networks ([`AlertConfig`]).
 //!
 //! `GET /v1/usage?key_id=|owner=&since=&until=&group_by=minute|hour|day|route` (admin
-//! token; [`AdminClient::usage_report`], CLI `keygate-server usage`) answers a
-//! [`UsageReport`]: one key, or the sum over an owner's keys; `since` and `until` in RFC
-//! 3339 (default: the 24 hours before now), widened to whole buckets; buckets with
+//! token; [`AdminClient::usage_report`](crate::client::AdminClient::usage_report), CLI
+//! `keygate-server usage`) answers a [`UsageReport`](crate::client::UsageReport): one
+//! key, or the sum over an owner's keys; `since` and `until` in RFC 3339 (default: the
+//! 24 hours before now), widened to whole buckets; buckets with
 //! requests, allowed, denied, status classes, latency sum, p50 / p90 / p99 and max. `hour`
 //! and `day` read the rolled-up hour rows and the minute rows not rolled up yet; `route`
 //! reads the per-route hour rows. Bounds: at most [`MAX_USAGE_BUCKETS`] buckets (10 080),
@@ -89,12 +95,11 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 // Module order from the bottom up; each imports only modules before it: text, model,
-// events, store, error, validate, usage, report, auth, alerts, retention, client,
-// state, api (and this one, which builds and starts the service).
+// events, store, error, validate, usage, report, auth, alerts, retention, state,
+// api (and this one, which builds and starts the service).
 mod alerts;
 mod api;
 mod auth;
-mod client;
 mod error;
 mod events;
 mod model;
@@ -109,10 +114,8 @@ mod validate;
 pub use alerts::AlertConfig;
 pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};
 pub use auth::{Admin, Service};
-pub use client::{AdminClient, ClientError, CreatedKey};
 pub use error::{ApiError, ServerError};
 pub use events::EventHub;
-pub use model::{AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageBucket, UsageGroupBy, UsageQuery, UsageReport};
 pub use report::{MAX_USAGE_BUCKETS, MAX_USAGE_ROUTES, MAX_USAGE_ROWS, MAX_USAGE_SPAN};
 pub use retention::RetentionConfig;
 pub use state::{ServerState, ServerStats};

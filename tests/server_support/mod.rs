@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keygate::server::{AdminClient, KeyServer, NewKey, RunningKeyServer};
+use keygate::client::{AdminClient, NewKey};
+use keygate::server::{KeyServer, RunningKeyServer};
 use serde_json::{Value, json};
 
 pub const SERVICE: &str = "svc-test-token";

@@ -1,4 +1,24 @@
-//! [`AdminClient`]: the admin API over HTTP, for the CLI, examples and tests.
+//! The key service's admin API over HTTP (feature `client`): [`AdminClient`] and the
+//! types it sends and reads, for tools that manage keys, roles and usage reports.
+//!
+//! The feature needs reqwest only (rustls), not the key service's own dependencies
+//! (sqlx, clap, tokio's full runtime); feature `server` includes it, and the key service
+//! takes and answers these same types.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), keygate::client::ClientError> {
+//! use keygate::client::{AdminClient, NewKey, UsageQuery};
+//!
+//! let admin = AdminClient::new("https://keys.internal:7700", std::env::var("KEYGATE_ADMIN_TOKEN").unwrap())?;
+//! let created = admin
+//!     .create_key(NewKey { owner: "acme".into(), name: "ci".into(), scopes: vec!["reports:read".into()], ..Default::default() })
+//!     .await?;
+//! println!("{} (shown once)", created.key.expose_secret());
+//! let report = admin.usage_report(&UsageQuery::owner("acme")).await?;
+//! println!("{} minutes with traffic", report.buckets.len());
+//! admin.revoke(&created.key_id).await?;
+//! # Ok(()) }
+//! ```
 
 use std::time::Duration;
 
@@ -7,8 +27,13 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
-use super::model::{Alert, AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageQuery, UsageReport};
 use crate::key::ApiKey;
+use crate::transport::{ClientOptions, ReadError, http_client, read_body};
+use crate::wire::{Alert, ErrorBody};
+
+mod model;
+
+pub use model::{AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageBucket, UsageGroupBy, UsageQuery, UsageReport};
 
 /// What an admin call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -114,13 +139,14 @@ struct Alerts {
 }
 
 fn rfc3339(t: OffsetDateTime) -> Result<String, ClientError> {
-    super::text::rfc3339(t).ok_or_else(|| ClientError::Decode(format!("{t} has no RFC 3339 form")))
+    t.format(&time::format_description::well_known::Rfc3339)
+        .map_err(|_| ClientError::Decode(format!("{t} has no RFC 3339 form")))
 }
 
 impl AdminClient {
     /// A client of the key service at `url` (`http://127.0.0.1:7700`).
     pub fn new(url: impl Into<String>, admin_token: impl Into<String>) -> Result<Self, ClientError> {
-        let http = crate::remote::http_client(crate::remote::ClientOptions {
+        let http = http_client(ClientOptions {
             connect_timeout: Duration::from_secs(2),
             timeout: Some(Duration::from_secs(10)),
             tcp_keepalive: None,
@@ -135,12 +161,12 @@ impl AdminClient {
     async fn send<T: DeserializeOwned>(&self, req: RequestBuilder) -> Result<T, ClientError> {
         let res = req.send().await?;
         let status = res.status();
-        let bytes = crate::remote::read_body(res, MAX_ANSWER_BYTES).await.map_err(|e| match e {
-            crate::remote::ReadError::Transfer(e) => ClientError::Http(e),
+        let bytes = read_body(res, MAX_ANSWER_BYTES).await.map_err(|e| match e {
+            ReadError::Transfer(e) => ClientError::Http(e),
             too_large => ClientError::Decode(too_large.to_string()),
         })?;
         if !status.is_success() {
-            let (code, message) = match serde_json::from_slice::<crate::wire::ErrorBody>(&bytes) {
+            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(b) => (b.error, b.message),
                 Err(_) => (String::new(), String::from_utf8_lossy(&bytes).chars().take(200).collect()),
             };

@@ -1,0 +1,352 @@
+//! The admin API's types (protocol v1; the middleware's side is in [`wire`](crate::wire)):
+//! what [`AdminClient`](super::AdminClient) sends and reads, and what the key service
+//! (feature `server`) takes and answers.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use time::OffsetDateTime;
+
+use crate::principal::RateLimit;
+
+/// A key as the admin API shows it: never the key itself, nor its hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    /// Stable, non-secret id: `key_` + 22 base62 characters.
+    pub key_id: String,
+    /// Who owns the key.
+    pub owner: String,
+    /// A human name.
+    pub name: String,
+    /// The key's own scopes (roles' scopes are added at verification).
+    pub scopes: Vec<String>,
+    /// Role names.
+    pub roles: Vec<String>,
+    /// `live`, `test`, or another `[a-z][a-z0-9_-]{0,31}` name.
+    pub environment: String,
+    /// When the key stops working, if ever.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    /// A disabled key answers `DISABLED` until enabled again.
+    pub disabled: bool,
+    /// A revoked key answers `REVOKED`, for good.
+    pub revoked: bool,
+    /// When it was revoked.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+    /// Free-form JSON object.
+    pub meta: serde_json::Value,
+    /// Optional per-key rate limit, enforced by the middleware.
+    pub ratelimit: Option<RateLimit>,
+    /// Creation time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Last change through the admin API.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub updated_at: Option<OffsetDateTime>,
+    /// The newest request in the usage the middleware reported (not updated by verify).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<OffsetDateTime>,
+    /// The current secret's first characters (`kg_3fA9`), safe to show.
+    pub key_prefix: String,
+}
+
+/// `POST /v1/keys`: a key to create. Unknown fields are rejected.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewKey {
+    /// Who owns the key (1 to 128 bytes, no control characters).
+    pub owner: String,
+    /// A human name (1 to 128 bytes, no control characters).
+    pub name: String,
+    /// Scopes (`resource:action`), at most 64.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Role names, at most 32. A role need not exist yet: it grants nothing until
+    /// `PUT /v1/roles/{name}` defines it.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Environment; default `live`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    /// Expiry, which must be in the future; default never.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+    /// A JSON object of at most 4 KiB; default `{}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<serde_json::Value>,
+    /// A rate limit for the middleware to enforce; default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratelimit: Option<RateLimit>,
+}
+
+/// `PATCH /v1/keys/{id}`: the fields to change. Absent fields stay as they are;
+/// `expires_at: null` and `ratelimit: null` remove them. Unknown fields are rejected.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPatch {
+    /// New name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// New scopes (replaces the list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    /// New roles (replaces the list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
+    /// Disable or enable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+    /// New metadata object (replaces it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<serde_json::Value>,
+    /// New expiry (`null` removes it); must be in the future.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "double_option_time")]
+    pub expires_at: Option<Option<OffsetDateTime>>,
+    /// New rate limit (`null` removes it).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "double_option")]
+    pub ratelimit: Option<Option<RateLimit>>,
+}
+
+impl KeyPatch {
+    /// Whether the patch changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A role as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoleInfo {
+    /// The role's name.
+    pub name: String,
+    /// Its scopes.
+    pub scopes: Vec<String>,
+    /// Last change.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// One audit record. Records are only ever appended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Which token acted: `admin`.
+    pub actor: String,
+    /// `key.create`, `key.update`, `key.rotate`, `key.revoke`, `role.put`.
+    pub action: String,
+    /// The key concerned, if any.
+    pub key_id: Option<String>,
+    /// What changed: new values on create, `{"field": {"from", "to"}}` on update.
+    /// Never a key or a key hash.
+    pub changes: serde_json::Value,
+}
+
+/// How `GET /v1/usage` groups what it counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageGroupBy {
+    /// One bucket per minute with traffic (minute rows; the default). Minutes that
+    /// retention rolled up into hours are no longer there.
+    #[default]
+    Minute,
+    /// One bucket per hour: rolled-up hour rows plus the minute rows not rolled up yet.
+    Hour,
+    /// One bucket per UTC day, from the same rows as `hour`.
+    Day,
+    /// One bucket per (route, method, outcome) over the whole span, from the
+    /// per-route hour rows.
+    Route,
+}
+
+impl UsageGroupBy {
+    /// `minute`, `hour`, `day` or `route`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Minute => "minute",
+            Self::Hour => "hour",
+            Self::Day => "day",
+            Self::Route => "route",
+        }
+    }
+}
+
+/// One bucket of usage: a minute, hour or day, or (grouped by route) one route, method
+/// and outcome over the span asked for.
+///
+/// Fields added after the first version (`route`, `method`, `outcome`, `status_1xx`,
+/// `status_3xx`, the percentiles) read as absent from older key services, and older
+/// readers ignore them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageBucket {
+    /// The bucket's start (grouped by route: the start of the span).
+    #[serde(with = "time::serde::rfc3339")]
+    pub start: OffsetDateTime,
+    /// Route template, gRPC method or raw path (grouped by route only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// HTTP method (grouped by route only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// `allowed`, or the denial (`not_found`, `insufficient_scope`, ...; grouped by
+    /// route only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// Requests seen.
+    pub requests: u64,
+    /// Requests let through.
+    pub allowed: u64,
+    /// Requests refused.
+    pub denied: u64,
+    /// Responses 100–199 (and any status outside 100–599).
+    #[serde(default)]
+    pub status_1xx: u64,
+    /// Responses 200–299.
+    pub status_2xx: u64,
+    /// Responses 300–399.
+    #[serde(default)]
+    pub status_3xx: u64,
+    /// Responses 400–499.
+    pub status_4xx: u64,
+    /// Responses 500–599.
+    pub status_5xx: u64,
+    /// Sum of latencies, milliseconds.
+    pub latency_ms_sum: f64,
+    /// Largest latency, milliseconds (exact).
+    pub latency_ms_max: f64,
+    /// Median latency, milliseconds, within [`LATENCY_RELATIVE_ERROR`](crate::LATENCY_RELATIVE_ERROR);
+    /// `null` without latencies (only usage stored before histograms has none).
+    #[serde(default)]
+    pub latency_ms_p50: Option<f64>,
+    /// 90th percentile latency, milliseconds, within the same error.
+    #[serde(default)]
+    pub latency_ms_p90: Option<f64>,
+    /// 99th percentile latency, milliseconds, within the same error.
+    #[serde(default)]
+    pub latency_ms_p99: Option<f64>,
+}
+
+impl Default for UsageBucket {
+    /// An empty bucket starting at the Unix epoch.
+    fn default() -> Self {
+        Self {
+            start: OffsetDateTime::UNIX_EPOCH,
+            route: None,
+            method: None,
+            outcome: None,
+            requests: 0,
+            allowed: 0,
+            denied: 0,
+            status_1xx: 0,
+            status_2xx: 0,
+            status_3xx: 0,
+            status_4xx: 0,
+            status_5xx: 0,
+            latency_ms_sum: 0.0,
+            latency_ms_max: 0.0,
+            latency_ms_p50: None,
+            latency_ms_p90: None,
+            latency_ms_p99: None,
+        }
+    }
+}
+
+/// `GET /v1/usage` answer: `{"key_id" | "owner", "group_by", "since", "until",
+/// "buckets": [...]}`, buckets oldest first (grouped by route: by route, method and
+/// outcome).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// The key asked about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// The owner asked about: the buckets sum all of the owner's keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// How the buckets are grouped.
+    #[serde(default)]
+    pub group_by: UsageGroupBy,
+    /// Start of the span covered: `since` rounded down to its bucket (to its hour
+    /// grouped by route). Absent from older key services.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub since: Option<OffsetDateTime>,
+    /// End of the span covered, exclusive: `until` rounded up to its bucket.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub until: Option<OffsetDateTime>,
+    /// Buckets with traffic.
+    pub buckets: Vec<UsageBucket>,
+}
+
+/// What to ask `GET /v1/usage` ([`AdminClient::usage_report`](super::AdminClient::usage_report)):
+/// one key or one owner, a span (default: the last 24 hours) and a grouping (default
+/// per minute).
+///
+/// ```
+/// use keygate::client::{UsageGroupBy, UsageQuery};
+///
+/// let q = UsageQuery::owner("acme").group_by(UsageGroupBy::Day);
+/// assert_eq!(q.owner.as_deref(), Some("acme"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use]
+pub struct UsageQuery {
+    /// One key's usage.
+    pub key_id: Option<String>,
+    /// The sum over an owner's keys.
+    pub owner: Option<String>,
+    /// From (default: 24 hours before `until`, or before now).
+    pub since: Option<OffsetDateTime>,
+    /// Until, exclusive (default: now).
+    pub until: Option<OffsetDateTime>,
+    /// Grouping (default per minute).
+    pub group_by: Option<UsageGroupBy>,
+}
+
+impl UsageQuery {
+    /// One key's usage.
+    pub fn key(key_id: impl Into<String>) -> Self {
+        Self { key_id: Some(key_id.into()), ..Self::default() }
+    }
+
+    /// The sum over every key of `owner`.
+    pub fn owner(owner: impl Into<String>) -> Self {
+        Self { owner: Some(owner.into()), ..Self::default() }
+    }
+
+    /// From this time on.
+    pub fn since(mut self, since: OffsetDateTime) -> Self {
+        self.since = Some(since);
+        self
+    }
+
+    /// Until this time (exclusive).
+    pub fn until(mut self, until: OffsetDateTime) -> Self {
+        self.until = Some(until);
+        self
+    }
+
+    /// Grouped so.
+    pub fn group_by(mut self, group_by: UsageGroupBy) -> Self {
+        self.group_by = Some(group_by);
+        self
+    }
+}
+
+/// Distinguishes an absent field (`None`) from `null` (`Some(None)`).
+fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+mod double_option_time {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use time::OffsetDateTime;
+
+    pub fn serialize<S: Serializer>(v: &Option<Option<OffsetDateTime>>, s: S) -> Result<S::Ok, S::Error> {
+        time::serde::rfc3339::option::serialize(&v.flatten(), s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<OffsetDateTime>>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(with = "time::serde::rfc3339::option")] Option<OffsetDateTime>);
+        Wrap::deserialize(d).map(|w| Some(w.0))
+    }
+}
