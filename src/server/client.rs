@@ -248,3 +248,33 @@ impl AdminClient {
 fn encode(segment: &str) -> String {
     percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
+
+// ---- tokens (issue 14)
+
+#[derive(Deserialize)]
+struct Tokens {
+    tokens: Vec<super::token::TokenInfo>,
+}
+
+impl AdminClient {
+    /// `POST /v1/tokens`: a new service or admin token, shown this once.
+    pub async fn create_token(
+        &self,
+        kind: super::token::TokenKind,
+        name: &str,
+    ) -> Result<super::token::CreatedToken, ClientError> {
+        let body = super::token::NewToken { kind, name: name.to_owned() };
+        self.send(self.request(Method::POST, "/v1/tokens").json(&body)).await
+    }
+
+    /// `GET /v1/tokens`: this replica's bootstrap tokens, then every stored token.
+    pub async fn list_tokens(&self) -> Result<Vec<super::token::TokenInfo>, ClientError> {
+        Ok(self.send::<Tokens>(self.request(Method::GET, "/v1/tokens")).await?.tokens)
+    }
+
+    /// `POST /v1/tokens/{id}/revoke`: idempotent; the last active admin token is refused
+    /// (409).
+    pub async fn revoke_token(&self, id: &str) -> Result<super::token::TokenInfo, ClientError> {
+        self.send(self.request(Method::POST, &format!("/v1/tokens/{}/revoke", encode(id)))).await
+    }
+}

@@ -163,9 +163,11 @@ pub struct AuditRecord {
     /// When.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
-    /// Which token acted: `admin`.
+    /// The name of the token that acted (`bootstrap-admin` for the configured admin token,
+    /// `offline-cli` for `keygate-server tokens create --database`).
     pub actor: String,
-    /// `key.create`, `key.update`, `key.rotate`, `key.revoke`, `role.put`.
+    /// `key.create`, `key.update`, `key.rotate`, `key.revoke`, `role.put`, `token.create`,
+    /// `token.revoke`.
     pub action: String,
     /// The key concerned, if any.
     pub key_id: Option<String>,
