@@ -439,4 +439,35 @@ async fn the_cli_creates_lists_and_revokes_tokens_online_and_offline() {
     assert_eq!(generated.len(), 2);
     assert!(generated[0].starts_with("kgs_") && generated[1].starts_with("kga_"), "{generated:?}");
     demo.kill().await.unwrap();
+
+    // Token files: the trailing newline trimmed, and a file wins over the environment.
+    let admin_file = dir.path().join("admin.token");
+    let service_file = dir.path().join("service.token");
+    std::fs::write(&admin_file, format!("{ADMIN}\n")).unwrap();
+    std::fs::write(&service_file, format!("{SERVICE}\n")).unwrap();
+    let mut cmd = cli();
+    cmd.args(["serve", "--db", "sqlite::memory:", "--listen", "127.0.0.1:0", "--admin-token-file"])
+        .arg(&admin_file)
+        .arg("--service-token-file")
+        .arg(&service_file)
+        .env("KEYGATE_ADMIN_TOKEN", "too-short-but-overridden")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut from_files = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(from_files.stderr.take().unwrap()).lines();
+    let url = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            assert!(!line.starts_with("generated"), "nothing generated: {line}");
+            if let Some(url) = line.strip_prefix("keygate-server listening on ") {
+                return url.trim().to_owned();
+            }
+        }
+        panic!("ended before listening");
+    })
+    .await
+    .unwrap();
+    assert_eq!(verify_status(&url, SERVICE).await, 200);
+    let listed = AdminClient::new(&url, ADMIN).unwrap().list_tokens().await.unwrap();
+    assert_eq!(listed.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["bootstrap-service", "bootstrap-admin"]);
+    from_files.kill().await.unwrap();
 }

@@ -118,18 +118,20 @@ struct Serve {
     /// Bootstrap service token (verify, usage, events), at least 32 characters; acts as
     /// the token named `bootstrap-service`. Prefer KEYGATE_SERVICE_TOKEN or
     /// --service-token-file: flags show in `ps`.
-    #[arg(long, env = "KEYGATE_SERVICE_TOKEN", hide_env_values = true, conflicts_with = "service_token_file")]
+    #[arg(long, env = "KEYGATE_SERVICE_TOKEN", hide_env_values = true)]
     service_token: Option<String>,
-    /// File holding the bootstrap service token (trailing newline trimmed, at most 4 KiB).
+    /// File holding the bootstrap service token (trailing newline trimmed, at most 4 KiB);
+    /// takes precedence over --service-token / KEYGATE_SERVICE_TOKEN.
     #[arg(long, env = "KEYGATE_SERVICE_TOKEN_FILE")]
     service_token_file: Option<std::path::PathBuf>,
     /// Bootstrap admin token, at least 32 characters; acts as the token named
     /// `bootstrap-admin` (the audit actor). Without one, a persistent database must hold
     /// an admin token (`keygate-server tokens create --kind admin --name ops --database
     /// URL`); only `sqlite::memory:` generates and prints tokens.
-    #[arg(long, env = "KEYGATE_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "admin_token_file")]
+    #[arg(long, env = "KEYGATE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
-    /// File holding the bootstrap admin token (trailing newline trimmed, at most 4 KiB).
+    /// File holding the bootstrap admin token (trailing newline trimmed, at most 4 KiB);
+    /// takes precedence over --admin-token / KEYGATE_ADMIN_TOKEN.
     #[arg(long, env = "KEYGATE_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<std::path::PathBuf>,
     /// Prefix of issued keys.

@@ -59,7 +59,10 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// # Secrets
 ///
 /// The service token is sent as a sensitive header and never shown by `Debug`; the key
-/// is never sent nor logged. URLs with credentials in them are refused.
+/// is never sent nor logged. Read from a file
+/// ([`service_token_file`](HttpVerifierBuilder::service_token_file)), it follows the
+/// file: a 401 reads the file again and, if it holds a new token, the call is sent once
+/// more with it. URLs with credentials in them are refused.
 ///
 /// ```no_run
 /// use std::time::Duration;
