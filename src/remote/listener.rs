@@ -53,7 +53,10 @@ const LIVENESS_TICK: Duration = Duration::from_secs(1);
 ///   counts failures since the last connection that stayed up 10 s. Failing to connect
 ///   (refused, timed out, an HTTP status other than 200, a redirect included: it is
 ///   never followed) moves to the next URL; a stream lost after connecting retries the
-///   same URL first.
+///   same URL first. A 401 with the token read from a
+///   [`service_token_file`](RevocationListenerBuilder::service_token_file) reads the
+///   file again and, if it holds a new token, reconnects at once with it (a stream
+///   closed because its token was revoked comes back on the new one).
 /// - **Stopping.** The task ends when this handle is dropped or
 ///   [`shutdown`](Self::shutdown), or when every clone of the verifier is gone (it only
 ///   holds a weak reference). An event longer than 64 KiB (all its lines together)
@@ -287,6 +290,8 @@ async fn run<V: Verifier>(cache: Weak<Shared<V>>, config: Config, state: Arc<Sta
                     continue;
                 }
                 tracing::error!(endpoint = %endpoint.label, "event stream: key service refused the service token");
+                endpoints.mark_down(index);
+                index = endpoints.pick(index + 1, 0).unwrap_or(0);
             }
             Ended::NotConnected(why) => {
                 state.connect_failures.fetch_add(1, Ordering::Relaxed);
