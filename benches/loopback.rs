@@ -70,8 +70,8 @@ mod bench {
     use tokio::sync::oneshot;
 
     const CONNECTIONS: usize = 64;
-    const SERVICE_TOKEN: &str = "bench-service-token";
-    const ADMIN_TOKEN: &str = "bench-admin-token";
+    const SERVICE_TOKEN: &str = "bench-service-token-0123456789abcdef";
+    const ADMIN_TOKEN: &str = "bench-admin-token-0123456789abcdefgh";
     /// A request that takes this long counts as an error (the app is one thread: a
     /// healthy one answers 64 queued requests in well under a millisecond).
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

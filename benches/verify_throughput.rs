@@ -24,13 +24,13 @@ async fn run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = KeyServer::builder()
         .database(format!("sqlite://{}", dir.path().join("bench.db").display()))
-        .service_token("svc")
-        .admin_token("adm")
+        .service_token("svc-bench-0123456789abcdefghijklmnop")
+        .admin_token("adm-bench-0123456789abcdefghijklmnop")
         .listen("127.0.0.1:0".parse().expect("addr"))
         .start()
         .await
         .expect("server");
-    let admin = AdminClient::new(server.url(), "adm").expect("client");
+    let admin = AdminClient::new(server.url(), "adm-bench-0123456789abcdefghijklmnop").expect("client");
     admin.put_role("reader", ["reports:read", "dashboards:read"]).await.expect("role");
     let mut keys = Vec::with_capacity(KEYS);
     for i in 0..KEYS {
@@ -75,7 +75,13 @@ async fn run() {
                 let mut i = w;
                 while Instant::now() < deadline {
                     let body = format!("{{\"digest\":\"{}\"}}", digests[i % digests.len()]);
-                    let res = http.post(&url).bearer_auth("svc").body(body).send().await.expect("verify");
+                    let res = http
+                        .post(&url)
+                        .bearer_auth("svc-bench-0123456789abcdefghijklmnop")
+                        .body(body)
+                        .send()
+                        .await
+                        .expect("verify");
                     assert!(res.status().is_success());
                     let answer = res.bytes().await.expect("body");
                     assert!(answer.starts_with(b"{\"valid\":true"));

@@ -29,15 +29,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 1. The key service.
     let keys = KeyServer::builder()
         .database("sqlite::memory:")
-        .service_token("demo-service-token")
-        .admin_token("demo-admin-token")
+        .service_token("demo-service-token-0123456789abcdef")
+        .admin_token("demo-admin-token-0123456789abcdefgh")
         .listen("127.0.0.1:0".parse()?)
         .start()
         .await?;
     println!("key service on {}", keys.url());
 
     // 2. A role and two keys, through the admin API.
-    let admin = AdminClient::new(keys.url(), "demo-admin-token")?;
+    let admin = AdminClient::new(keys.url(), "demo-admin-token-0123456789abcdefgh")?;
     admin.put_role("auditor", vec!["audit:read".to_owned()]).await?;
     let analyst = admin
         .create_key(NewKey {
@@ -59,10 +59,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 3. The protected app: remote verification behind a cache (a 10-minute TTL, to
     // show that revocation does not wait for it), the event stream, usage events.
-    let remote = HttpVerifier::builder(vec![keys.url()]).service_token("demo-service-token").build()?;
+    let remote =
+        HttpVerifier::builder(vec![keys.url()]).service_token("demo-service-token-0123456789abcdef").build()?;
     let verifier = CachedVerifier::builder(remote).positive_ttl(Duration::from_secs(600)).build();
-    let events = RevocationListener::builder(vec![keys.url()]).service_token("demo-service-token").spawn(&verifier)?;
-    let exporter = HttpUsageExporter::builder(keys.url()).service_token("demo-service-token").build()?;
+    let events = RevocationListener::builder(vec![keys.url()])
+        .service_token("demo-service-token-0123456789abcdef")
+        .spawn(&verifier)?;
+    let exporter =
+        HttpUsageExporter::builder(keys.url()).service_token("demo-service-token-0123456789abcdef").build()?;
     let (usage, aggregator) = UsageAggregator::builder().flush_interval(Duration::from_millis(200)).build(exporter)?;
 
     let app = Router::new()

@@ -199,3 +199,6 @@ pub use remote::{
     HttpExporterBuildError, HttpUsageExporter, HttpUsageExporterBuilder, HttpVerifier, HttpVerifierBuilder,
     ListenerStats, RemoteAuth, RemoteAuthBuilder, RemoteConfigError, RevocationListener, RevocationListenerBuilder,
 };
+// Service tokens read from a file (issue 14).
+#[cfg(feature = "remote")]
+pub use remote::{DEFAULT_TOKEN_FILE_POLL, MAX_TOKEN_FILE_BYTES};

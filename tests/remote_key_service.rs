@@ -17,8 +17,8 @@ use keygate::server::{KeyServer, RunningKeyServer};
 use keygate::{ApiKey, ApiKeyLayer, CachedVerifier, HttpVerifier, Principal, RequireScopes};
 use tower::ServiceExt;
 
-const SERVICE: &str = "svc-remote-test";
-const ADMIN: &str = "adm-remote-test";
+const SERVICE: &str = "svc-remote-test-0123456789abcdefghij";
+const ADMIN: &str = "adm-remote-test-0123456789abcdefghij";
 const LIMIT: Duration = Duration::from_secs(10);
 
 async fn start(db: &Path, addr: SocketAddr) -> RunningKeyServer {

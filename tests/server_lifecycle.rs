@@ -181,7 +181,10 @@ async fn audit_has_one_record_per_admin_action_and_no_secret(db: TestDb) {
     let records = t.admin.audit(Some(start)).await.unwrap();
     let actions: Vec<&str> = records.iter().map(|r| r.action.as_str()).collect();
     assert_eq!(actions, ["role.put", "key.create", "key.update", "key.rotate", "key.revoke"]);
-    assert!(records.iter().all(|r| r.actor == "admin"));
+    assert!(
+        records.iter().all(|r| r.actor == keygate::server::BOOTSTRAP_ADMIN),
+        "the configured admin token acts as `bootstrap-admin`"
+    );
     assert!(records[1..].iter().all(|r| r.key_id.as_deref() == Some(k.key_id.as_str())));
     assert_eq!(records[2].changes, json!({ "name": { "from": "acme key", "to": "renamed" } }));
     assert_eq!(t.admin.audit(None).await.unwrap().len(), 5);

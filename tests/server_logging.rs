@@ -14,8 +14,8 @@ const LIMIT: Duration = Duration::from_secs(30);
 fn log_until_listening(log_format: &str, rust_log: Option<&str>) -> Vec<String> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate-server"));
     cmd.args(["serve", "--db", "sqlite::memory:", "--listen", "127.0.0.1:0", "--log-format", log_format])
-        .env("KEYGATE_SERVICE_TOKEN", "svc-log-test")
-        .env("KEYGATE_ADMIN_TOKEN", "adm-log-test")
+        .env("KEYGATE_SERVICE_TOKEN", "svc-log-test-0123456789abcdefghijklm")
+        .env("KEYGATE_ADMIN_TOKEN", "adm-log-test-0123456789abcdefghijklm")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -18,8 +18,8 @@ use keygate::{
 };
 use tower::ServiceExt;
 
-const SERVICE: &str = "svc-usage-e2e-token";
-const ADMIN: &str = "adm-usage-e2e-token";
+const SERVICE: &str = "svc-usage-e2e-token-0123456789abcdef";
+const ADMIN: &str = "adm-usage-e2e-token-0123456789abcdef";
 
 struct Rig {
     server: RunningKeyServer,

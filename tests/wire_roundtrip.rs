@@ -18,8 +18,8 @@ use reqwest::StatusCode;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-const SERVICE: &str = "svc-wire-test";
-const ADMIN: &str = "adm-wire-test";
+const SERVICE: &str = "svc-wire-test-0123456789abcdefghijkl";
+const ADMIN: &str = "adm-wire-test-0123456789abcdefghijkl";
 const LIMIT: Duration = Duration::from_secs(10);
 
 struct Rig {

@@ -10,10 +10,22 @@
 //! keygate-server roles put analyst --scope reports:read --scope dashboards:read
 //! keygate-server usage --key-id key_... | --owner acme [--group-by minute|hour|day|route] [--since T] [--until T]
 //! keygate-server audit | alerts
+//! keygate-server tokens create --kind service --name fleet-eu      # printed once
+//! keygate-server tokens create --kind admin --name ops --database sqlite://keys.db   # offline
+//! keygate-server tokens list | tokens revoke tok_...
 //! ```
 //!
-//! Tokens come from `--service-token` / `--admin-token` or `KEYGATE_SERVICE_TOKEN` /
-//! `KEYGATE_ADMIN_TOKEN`; `serve` generates and prints once any token not given.
+//! **Tokens.** Callers present service tokens (verify, usage, events) and admin tokens
+//! (everything else); both are records of the store, several active at once, created
+//! with `tokens create` and revoked with `tokens revoke` without a restart; a token's
+//! name is the audit actor. Bootstrap tokens come from `KEYGATE_SERVICE_TOKEN` /
+//! `KEYGATE_ADMIN_TOKEN`, `--service-token-file` / `--admin-token-file` (or the
+//! `--service-token` / `--admin-token` flags), at least 32 characters, and act as the
+//! tokens named `bootstrap-service` / `bootstrap-admin`. A persistent database with no
+//! active admin token and none configured refuses to start: create one offline with
+//! `tokens create --kind admin --name ops --database URL`. Only `sqlite::memory:`
+//! generates (and prints once) the tokens not configured.
+//!
 //! `serve` logs on stderr as text or, with `--log-format json`, JSON lines, filtered by
 //! `RUST_LOG` (`EnvFilter` directives such as `keygate=debug,sqlx=warn`; default `info`).
 //! Admin commands talk to `--url` (`KEYGATE_URL`, default `http://127.0.0.1:7700`) and
@@ -29,7 +41,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use keygate::client::{AdminClient, ClientError, CreatedKey, KeyInfo, NewKey, UsageGroupBy, UsageQuery, UsageReport};
+use keygate::client::{
+    AdminClient, ClientError, CreatedKey, KeyInfo, NewKey, NewToken, TokenInfo, TokenKind, UsageGroupBy, UsageQuery,
+    UsageReport,
+};
 use keygate::server::{KeyServer, RetentionConfig};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -88,6 +103,9 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Manage the service and admin tokens callers present (issue 14).
+    #[command(subcommand)]
+    Tokens(TokensCmd),
 }
 
 #[derive(Args)]
@@ -98,12 +116,25 @@ struct Serve {
     /// Address to listen on.
     #[arg(long, env = "KEYGATE_LISTEN", default_value = keygate::server::DEFAULT_LISTEN)]
     listen: SocketAddr,
-    /// Token for verify, usage and events (generated and printed once if absent).
+    /// Bootstrap service token (verify, usage, events), at least 32 characters; acts as
+    /// the token named `bootstrap-service`. Prefer KEYGATE_SERVICE_TOKEN or
+    /// --service-token-file: flags show in `ps`.
     #[arg(long, env = "KEYGATE_SERVICE_TOKEN", hide_env_values = true)]
     service_token: Option<String>,
-    /// Token for the admin API (generated and printed once if absent).
+    /// File holding the bootstrap service token (trailing newline trimmed, at most 4 KiB);
+    /// takes precedence over --service-token / KEYGATE_SERVICE_TOKEN.
+    #[arg(long, env = "KEYGATE_SERVICE_TOKEN_FILE")]
+    service_token_file: Option<std::path::PathBuf>,
+    /// Bootstrap admin token, at least 32 characters; acts as the token named
+    /// `bootstrap-admin` (the audit actor). Without one, a persistent database must hold
+    /// an admin token (`keygate-server tokens create --kind admin --name ops --database
+    /// URL`); only `sqlite::memory:` generates and prints tokens.
     #[arg(long, env = "KEYGATE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// File holding the bootstrap admin token (trailing newline trimmed, at most 4 KiB);
+    /// takes precedence over --admin-token / KEYGATE_ADMIN_TOKEN.
+    #[arg(long, env = "KEYGATE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<std::path::PathBuf>,
     /// Prefix of issued keys.
     #[arg(long, default_value = keygate::server::DEFAULT_KEY_PREFIX)]
     key_prefix: String,
@@ -245,6 +276,150 @@ enum RolesCmd {
     },
 }
 
+// ---- tokens (issue 14)
+
+#[derive(Subcommand)]
+enum TokensCmd {
+    /// Create a token and print it (the only time it is shown). With --database, writes
+    /// straight into the store, no key service needed: how the first admin token of a
+    /// persistent database is made.
+    Create {
+        /// The key service (ignored with --database).
+        #[arg(long, env = "KEYGATE_URL", default_value = "http://127.0.0.1:7700")]
+        url: String,
+        /// Admin token (not needed with --database).
+        #[arg(long, env = "KEYGATE_ADMIN_TOKEN", hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Write into this database directly (sqlite://path, postgres://...) instead of
+        /// asking a running key service; audited as `offline-cli`.
+        #[arg(long, visible_alias = "db")]
+        database: Option<String>,
+        /// `service` (middlewares) or `admin` (the admin API).
+        #[arg(long, value_enum)]
+        kind: Kind,
+        /// Unique name (letters, digits, `.`, `_`, `-`); the audit actor of what the
+        /// token does.
+        #[arg(long)]
+        name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens (never the tokens themselves).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Revoke a token, at once on every replica (its event streams are closed).
+    /// Idempotent; the last active admin token is refused.
+    Revoke {
+        #[command(flatten)]
+        conn: Conn,
+        /// The token id (`tok_...`).
+        id: String,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Kind {
+    Service,
+    Admin,
+}
+
+impl From<Kind> for TokenKind {
+    fn from(k: Kind) -> Self {
+        match k {
+            Kind::Service => Self::Service,
+            Kind::Admin => Self::Admin,
+        }
+    }
+}
+
+async fn tokens(cmd: TokensCmd) -> Result<(), CliError> {
+    match cmd {
+        TokensCmd::Create { url, admin_token, database, kind, name, json } => {
+            let created = match database {
+                Some(db) => keygate::server::create_token_offline(&db, &NewToken { kind: kind.into(), name }).await?,
+                None => {
+                    let token = admin_token.ok_or_else(|| {
+                        CliError::Usage(
+                            "give --admin-token (or KEYGATE_ADMIN_TOKEN), or --database to write offline".into(),
+                        )
+                    })?;
+                    AdminClient::new(&url, token)?.create_token(kind.into(), &name).await?
+                }
+            };
+            // The one place a raw token is printed: the operator asked for it.
+            if json {
+                println!("{}", serde_json::to_string_pretty(&created).unwrap_or_default());
+            } else {
+                println!("{}", describe_token(&created.info));
+                println!("token (shown once, store it now):\n{}", created.token);
+            }
+        }
+        TokensCmd::List { conn } => {
+            let tokens = client(&conn)?.list_tokens().await?;
+            print(&conn, &tokens, || {
+                let mut out = String::from("id\tname\tkind\tprefix\tstate\tcreated_at\tlast_used_at\n");
+                for t in &tokens {
+                    out.push_str(&format!(
+                        "{}\t{}\t{}\t{}…\t{}\t{}\t{}\n",
+                        t.id,
+                        t.name,
+                        t.kind,
+                        t.prefix,
+                        token_state(t),
+                        fmt_time(Some(t.created_at)),
+                        fmt_time(t.last_used_at)
+                    ));
+                }
+                out
+            });
+        }
+        TokensCmd::Revoke { conn, id } => {
+            let t = client(&conn)?.revoke_token(&id).await?;
+            print(&conn, &t, || format!("revoked {} ({}) at {}", t.id, t.name, fmt_time(t.revoked_at)));
+        }
+    }
+    Ok(())
+}
+
+fn describe_token(t: &TokenInfo) -> String {
+    format!(
+        "id:           {}\nname:         {}\nkind:         {}\nprefix:       {}…\nstate:        {}\ncreated_at:   {}",
+        t.id,
+        t.name,
+        t.kind,
+        t.prefix,
+        token_state(t),
+        fmt_time(Some(t.created_at))
+    )
+}
+
+fn token_state(t: &TokenInfo) -> &'static str {
+    match (t.revoked_at, t.bootstrap) {
+        (Some(_), _) => "revoked",
+        (None, true) => "bootstrap",
+        (None, false) => "active",
+    }
+}
+
+/// Largest token file read.
+const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+
+/// A token from a file: at most 4 KiB, surrounding whitespace (the trailing newline)
+/// trimmed. The contents are never printed.
+fn read_token_file(flag: &str, path: &std::path::Path) -> Result<String, CliError> {
+    let fail = |why: String| CliError::Usage(format!("{flag} {}: {why}", path.display()));
+    let len = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?.len();
+    if len > MAX_TOKEN_FILE_BYTES {
+        return Err(fail(format!("larger than {MAX_TOKEN_FILE_BYTES} bytes; expected one token")));
+    }
+    let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let text = String::from_utf8(bytes).map_err(|_| fail("not text".into()))?;
+    Ok(text.trim().to_owned())
+}
+
 #[derive(Debug, thiserror::Error)]
 enum CliError {
     #[error("{0}")]
@@ -289,6 +464,7 @@ async fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Serve(s) => serve(s).await,
         Command::Keys(cmd) => keys(cmd).await,
+        Command::Tokens(cmd) => tokens(cmd).await,
         Command::Roles(RolesCmd::Put { conn, name, scopes }) => {
             let role = client(&conn)?.put_role(&name, scopes).await?;
             print(&conn, &role, || format!("role {} = [{}]", role.name, role.scopes.join(", ")));
@@ -356,22 +532,27 @@ async fn serve(s: Serve) -> Result<(), CliError> {
     };
     let mut builder =
         KeyServer::builder().database(&s.db).listen(s.listen).key_prefix(&s.key_prefix).retention(retention);
-    if let Some(t) = &s.service_token {
-        builder = builder.service_token(t);
+    let service_token = match &s.service_token_file {
+        Some(path) => Some(read_token_file("--service-token-file", path)?),
+        None => s.service_token.clone(),
+    };
+    let admin_token = match &s.admin_token_file {
+        Some(path) => Some(read_token_file("--admin-token-file", path)?),
+        None => s.admin_token.clone(),
+    };
+    if let Some(t) = &service_token {
+        builder = builder.service_token(t.as_str());
     }
-    if let Some(t) = &s.admin_token {
-        builder = builder.admin_token(t);
+    if let Some(t) = &admin_token {
+        builder = builder.admin_token(t.as_str());
     }
     let server = builder.start().await?;
-    // Printed once, on stderr, and never logged.
-    if s.service_token.is_none() {
-        eprintln!(
-            "generated service token (shown once; set KEYGATE_SERVICE_TOKEN to keep one): {}",
-            server.service_token()
-        );
+    // Generated only on `sqlite::memory:`. Printed once, on stderr, and never logged.
+    if let (None, Some(t)) = (&service_token, server.service_token()) {
+        eprintln!("generated service token (shown once; this database and the token end with the process): {t}");
     }
-    if s.admin_token.is_none() {
-        eprintln!("generated admin token (shown once; set KEYGATE_ADMIN_TOKEN to keep one): {}", server.admin_token());
+    if let (None, Some(t)) = (&admin_token, server.admin_token()) {
+        eprintln!("generated admin token (shown once; this database and the token end with the process): {t}");
     }
     eprintln!("keygate-server listening on {}", server.url());
     server.run_until(shutdown_signal()).await;

@@ -33,7 +33,10 @@ use crate::wire::{Alert, ErrorBody};
 
 mod model;
 
-pub use model::{AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageBucket, UsageGroupBy, UsageQuery, UsageReport};
+pub use model::{
+    AuditRecord, CreatedToken, KeyInfo, KeyPatch, NewKey, NewToken, RoleInfo, TokenInfo, TokenKind, UsageBucket,
+    UsageGroupBy, UsageQuery, UsageReport,
+};
 
 /// What an admin call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -273,4 +276,30 @@ impl AdminClient {
 
 fn encode(segment: &str) -> String {
     percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+// ---- tokens (issue 14)
+
+#[derive(Deserialize)]
+struct Tokens {
+    tokens: Vec<TokenInfo>,
+}
+
+impl AdminClient {
+    /// `POST /v1/tokens`: a new service or admin token, shown this once.
+    pub async fn create_token(&self, kind: TokenKind, name: &str) -> Result<CreatedToken, ClientError> {
+        let body = NewToken { kind, name: name.to_owned() };
+        self.send(self.request(Method::POST, "/v1/tokens").json(&body)).await
+    }
+
+    /// `GET /v1/tokens`: this replica's bootstrap tokens, then every stored token.
+    pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
+        Ok(self.send::<Tokens>(self.request(Method::GET, "/v1/tokens")).await?.tokens)
+    }
+
+    /// `POST /v1/tokens/{id}/revoke`: idempotent; the last active admin token is refused
+    /// (409).
+    pub async fn revoke_token(&self, id: &str) -> Result<TokenInfo, ClientError> {
+        self.send(self.request(Method::POST, &format!("/v1/tokens/{}/revoke", encode(id)))).await
+    }
 }

@@ -131,9 +131,11 @@ pub struct AuditRecord {
     /// When.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
-    /// Which token acted: `admin`.
+    /// The name of the token that acted (`bootstrap-admin` for the configured admin token,
+    /// `offline-cli` for `keygate-server tokens create --database`).
     pub actor: String,
-    /// `key.create`, `key.update`, `key.rotate`, `key.revoke`, `role.put`.
+    /// `key.create`, `key.update`, `key.rotate`, `key.revoke`, `role.put`, `token.create`,
+    /// `token.revoke`.
     pub action: String,
     /// The key concerned, if any.
     pub key_id: Option<String>,
@@ -348,5 +350,102 @@ mod double_option_time {
         #[derive(Deserialize)]
         struct Wrap(#[serde(with = "time::serde::rfc3339::option")] Option<OffsetDateTime>);
         Wrap::deserialize(d).map(|w| Some(w.0))
+    }
+}
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenKind {
+    /// Middlewares: verify, usage, events. Generated ones start with `kgs_`.
+    Service,
+    /// The admin API. Generated ones start with `kga_`.
+    Admin,
+}
+
+impl TokenKind {
+    /// `service` or `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "service",
+            Self::Admin => "admin",
+        }
+    }
+
+    /// Reads `service` or `admin`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "service" => Some(Self::Service),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+
+    /// The prefix of tokens generated for this kind, so that secret scanners spot them.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::Service => "kgs_",
+            Self::Admin => "kga_",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A token as the admin API shows it: never the token itself, nor its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// Stable, non-secret id: `tok_` + 22 base62 characters, or the name of a
+    /// bootstrap token.
+    pub id: String,
+    /// Unique name; the audit log's actor for what the token does.
+    pub name: String,
+    /// What the token may do.
+    pub kind: TokenKind,
+    /// The token's first characters (`kga_3fA9`), to recognise it.
+    pub prefix: String,
+    /// Configured at start (environment, flags, files, builder) rather than stored:
+    /// it cannot be revoked through the API.
+    #[serde(default)]
+    pub bootstrap: bool,
+    /// Creation time (for a bootstrap token, when this replica started).
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Last request authenticated with it, to within the write interval (30 s).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<OffsetDateTime>,
+    /// When it was revoked; a revoked token is refused everywhere.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    /// What the token may do.
+    pub kind: TokenKind,
+    /// Unique name (`[A-Za-z0-9][A-Za-z0-9._-]*`, at most 64 bytes, not starting with
+    /// `bootstrap-`).
+    pub name: String,
+}
+
+/// A created token: the raw token (shown this once) and its fields.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct CreatedToken {
+    /// The token's fields.
+    #[serde(flatten)]
+    pub info: TokenInfo,
+    /// The raw token. Store it now: the key service keeps only its digest.
+    pub token: String,
+}
+
+impl std::fmt::Debug for CreatedToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedToken").field("info", &self.info).field("token", &"<redacted>").finish()
     }
 }

@@ -8,7 +8,7 @@ use http::{HeaderValue, StatusCode, header};
 use tokio::time::Instant;
 
 use crate::remote::{
-    DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, KeyServiceUrls, Remote, RemoteConfigError, RemoteSettings,
+    DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, KeyServiceUrls, Remote, RemoteConfigError, RemoteSettings, Ticket,
     answered_by, backoff, read_body, remote_builder_methods,
 };
 use crate::usage::{AggregateBatch, AggregateExporter, ExportError};
@@ -35,6 +35,9 @@ pub enum HttpExporterBuildError {
     /// No service token, or one that is empty or holds bytes a header cannot carry.
     #[error("invalid service token (missing, empty, or not visible ASCII)")]
     InvalidToken,
+    /// The service token file cannot be read or holds no token.
+    #[error("service token file")]
+    TokenFile(#[source] RemoteConfigError),
     /// `max_attempts`, `request_timeout` or `retry_deadline` was zero.
     #[error("HTTP usage exporter setting `{0}` must be greater than zero")]
     Zero(&'static str),
@@ -48,6 +51,7 @@ impl From<RemoteConfigError> for HttpExporterBuildError {
         match e {
             RemoteConfigError::MissingServiceToken | RemoteConfigError::InvalidServiceToken => Self::InvalidToken,
             e @ (RemoteConfigError::NoUrl | RemoteConfigError::InvalidUrl { .. }) => Self::InvalidUrl(e),
+            e @ RemoteConfigError::TokenFile { .. } => Self::TokenFile(e),
             e => Self::Client(e),
         }
     }
@@ -213,9 +217,8 @@ impl HttpUsageExporter {
 
     async fn attempt(&self, index: usize, body: &Bytes, timeout: Duration, batch: &AggregateBatch) -> Attempt {
         let endpoint = self.remote.endpoints.get(index);
-        let request = self
-            .remote
-            .request(reqwest::Method::POST, endpoint)
+        let (request, ticket) = self.remote.request(reqwest::Method::POST, endpoint).await;
+        let request = request
             .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
             .timeout(timeout)
             .body(body.clone());
@@ -237,6 +240,9 @@ impl HttpUsageExporter {
                     );
                 }
                 Attempt::Delivered
+            }
+            Ok(response) if response.status() == StatusCode::UNAUTHORIZED && answered_by(&response, endpoint) => {
+                Attempt::Refused(ExportError::Status { status: 401 }, ticket)
             }
             Ok(response) => {
                 let status = response.status();
@@ -263,6 +269,8 @@ enum Attempt {
     Connect(ExportError),
     Retry(ExportError, Option<Duration>),
     Fatal(ExportError),
+    /// 401: retried at once, once, if the token file holds another token.
+    Refused(ExportError, Ticket),
 }
 
 impl AggregateExporter for HttpUsageExporter {
@@ -275,6 +283,7 @@ impl AggregateExporter for HttpUsageExporter {
         let mut tried: u64 = 0;
         let mut failures = 0;
         let mut attempts = 0;
+        let mut auth_retried = false;
         loop {
             let index = endpoints.pick(cursor, tried).unwrap_or(cursor % endpoints.len());
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -288,6 +297,16 @@ impl AggregateExporter for HttpUsageExporter {
                     return Ok(());
                 }
                 Attempt::Fatal(error) => return Err(error),
+                Attempt::Refused(error, ticket) => {
+                    if auth_retried || !self.remote.auth.refused(ticket).await {
+                        tracing::error!(target: "keygate::usage", "key service refused the service token");
+                        return Err(error);
+                    }
+                    tracing::info!(target: "keygate::usage", "key service refused the service token; retrying with the new one from the token file");
+                    auth_retried = true;
+                    cursor = index;
+                    continue;
+                }
                 Attempt::Connect(error) => {
                     endpoints.mark_down(index);
                     tried |= 1 << index;

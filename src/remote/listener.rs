@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::remote::{
     DEFAULT_INITIAL_BACKOFF, DEFAULT_MAX_BACKOFF, Endpoint, KeyServiceUrls, Remote, RemoteConfigError, RemoteSettings,
-    answered_by, backoff, describe, remote_builder_methods,
+    Ticket, answered_by, backoff, describe, remote_builder_methods,
 };
 use crate::verify::Verifier;
 use crate::verify::cached::{CachedVerifier, Shared};
@@ -53,7 +53,10 @@ const LIVENESS_TICK: Duration = Duration::from_secs(1);
 ///   counts failures since the last connection that stayed up 10 s. Failing to connect
 ///   (refused, timed out, an HTTP status other than 200, a redirect included: it is
 ///   never followed) moves to the next URL; a stream lost after connecting retries the
-///   same URL first.
+///   same URL first. A 401 with the token read from a
+///   [`service_token_file`](RevocationListenerBuilder::service_token_file) reads the
+///   file again and, if it holds a new token, reconnects at once with it (a stream
+///   closed because its token was revoked comes back on the new one).
 /// - **Stopping.** The task ends when this handle is dropped or
 ///   [`shutdown`](Self::shutdown), or when every clone of the verifier is gone (it only
 ///   holds a weak reference). An event longer than 64 KiB (all its lines together)
@@ -256,6 +259,8 @@ enum Ended {
     VerifierGone,
     /// No stream was established.
     NotConnected(String),
+    /// 401: the token this ticket stands for was refused.
+    Refused(Ticket),
     /// A stream was up for `lasted`, then broke.
     Lost { lasted: Duration, why: String },
 }
@@ -277,6 +282,17 @@ async fn run<V: Verifier>(cache: Weak<Shared<V>>, config: Config, state: Arc<Sta
         set_connected(&state, false);
         match ended {
             Ended::VerifierGone => break,
+            Ended::Refused(ticket) => {
+                state.connect_failures.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("keygate_events_connect_failures_total").increment(1);
+                if config.remote.auth.refused(ticket).await {
+                    tracing::info!(endpoint = %endpoint.label, "event stream: service token refused; reconnecting with the new one from the token file");
+                    continue;
+                }
+                tracing::error!(endpoint = %endpoint.label, "event stream: key service refused the service token");
+                endpoints.mark_down(index);
+                index = endpoints.pick(index + 1, 0).unwrap_or(0);
+            }
             Ended::NotConnected(why) => {
                 state.connect_failures.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("keygate_events_connect_failures_total").increment(1);
@@ -360,17 +376,16 @@ impl EventBound {
 
 async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &State, endpoint: &Endpoint) -> Ended {
     let dead_after = config.heartbeat_interval.saturating_mul(2);
-    let request = config
-        .remote
-        .request(reqwest::Method::GET, endpoint)
-        .header(ACCEPT, "text/event-stream")
-        .header(CACHE_CONTROL, "no-cache")
-        .send();
+    let (request, ticket) = config.remote.request(reqwest::Method::GET, endpoint).await;
+    let request = request.header(ACCEPT, "text/event-stream").header(CACHE_CONTROL, "no-cache").send();
     let response = match tokio::time::timeout(dead_after, request).await {
         Err(_) => return Ended::NotConnected(format!("no answer within {dead_after:?}")),
         Ok(Err(e)) => return Ended::NotConnected(describe(&e)),
         Ok(Ok(r)) => r,
     };
+    if response.status() == reqwest::StatusCode::UNAUTHORIZED && answered_by(&response, endpoint) {
+        return Ended::Refused(ticket);
+    }
     if response.status() != reqwest::StatusCode::OK {
         let redirect = if response.status().is_redirection() { " (redirects are not followed)" } else { "" };
         return Ended::NotConnected(format!("HTTP {}{redirect}", response.status()));

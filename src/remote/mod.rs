@@ -17,10 +17,13 @@ mod endpoints;
 mod exporter;
 mod listener;
 mod setup;
+mod token_file;
 mod verifier;
 
 pub(crate) use crate::transport::{ClientOptions, ReadError, describe, http_client, read_body};
 pub(crate) use endpoints::{Endpoint, Endpoints, KeyServiceUrls};
+pub(crate) use token_file::{Auth, Ticket};
+pub use token_file::{DEFAULT_TOKEN_FILE_POLL, MAX_TOKEN_FILE_BYTES};
 
 pub use exporter::{HttpExporterBuildError, HttpUsageExporter, HttpUsageExporterBuilder};
 pub use listener::{
@@ -58,8 +61,17 @@ pub enum RemoteConfigError {
         reason: &'static str,
     },
     /// No service token was set.
-    #[error("a service token is required (`.service_token(...)` on the builder)")]
+    #[error("a service token is required (`.service_token(...)` or `.service_token_file(...)` on the builder)")]
     MissingServiceToken,
+    /// The service token file cannot be read or holds no token. The contents are
+    /// never repeated.
+    #[error("the service token file {} cannot be used: {reason}", path.display())]
+    TokenFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The service token is empty or has characters a header cannot carry.
     #[error("the service token must be non-empty visible ASCII")]
     InvalidServiceToken,
@@ -81,6 +93,7 @@ impl PartialEq for RemoteConfigError {
             (Self::InvalidUrl { index: a, reason: r }, Self::InvalidUrl { index: b, reason: s }) => a == b && r == s,
             (Self::Client(a), Self::Client(b)) => Arc::ptr_eq(a, b),
             (Self::Zero(a), Self::Zero(b)) => a == b,
+            (Self::TokenFile { path: a, reason: r }, Self::TokenFile { path: b, reason: s }) => a == b && r == s,
             _ => std::mem::discriminant(self) == std::mem::discriminant(other),
         }
     }
@@ -123,10 +136,35 @@ pub(crate) fn backoff(initial: Duration, max: Duration, failures: u32) -> Durati
 /// must have a `remote: RemoteSettings` field.
 macro_rules! remote_builder_methods {
     () => {
-        /// The token this client presents to the key service (required). It is sent as a
-        /// sensitive header and never shown by `Debug`.
+        /// The token this client presents to the key service (this or
+        /// [`service_token_file`](Self::service_token_file) is required; the later call
+        /// wins). It is sent as a sensitive header and never shown by `Debug`.
         pub fn service_token(mut self, token: impl Into<String>) -> Self {
             self.remote.token = Some(zeroize::Zeroizing::new(token.into()));
+            self.remote.token_file = None;
+            self
+        }
+
+        /// Reads the service token from a file (a Kubernetes or Vault secret), instead of
+        /// [`service_token`](Self::service_token): at most 4 KiB, surrounding whitespace
+        /// (the trailing newline) trimmed. The file must hold a token when the client is
+        /// built. It is read again at most every 5 s by default
+        /// ([`service_token_file_poll`](Self::service_token_file_poll)) and at once when
+        /// the key service answers 401, after which the request is sent again, once, if
+        /// the file holds another token. So a rotation that makes the new token valid,
+        /// rewrites the file, then revokes the old token costs no failed request. A read
+        /// that fails, or finds the file empty, keeps the token read before (logged
+        /// once, at `warn`, with the path and never the contents).
+        pub fn service_token_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+            self.remote.token_file = Some(path.into());
+            self.remote.token = None;
+            self
+        }
+
+        /// How often the [`service_token_file`](Self::service_token_file) is read again
+        /// on the request path (default 5 s); a 401 reads it at once in any case.
+        pub fn service_token_file_poll(mut self, interval: std::time::Duration) -> Self {
+            self.remote.token_file_poll = interval;
             self
         }
 
@@ -161,6 +199,8 @@ pub(crate) use remote_builder_methods;
 pub(crate) struct RemoteSettings {
     pub(crate) urls: Vec<String>,
     pub(crate) token: Option<Zeroizing<String>>,
+    pub(crate) token_file: Option<std::path::PathBuf>,
+    pub(crate) token_file_poll: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) failover_cooldown: Duration,
     pub(crate) client: Option<reqwest::Client>,
@@ -171,6 +211,7 @@ impl fmt::Debug for RemoteSettings {
         f.debug_struct("RemoteSettings")
             .field("urls", &self.urls.len())
             .field("service_token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("service_token_file", &self.token_file)
             .field("connect_timeout", &self.connect_timeout)
             .field("failover_cooldown", &self.failover_cooldown)
             .field("client", &self.client.as_ref().map(|_| "custom"))
@@ -182,13 +223,19 @@ impl fmt::Debug for RemoteSettings {
 pub(crate) struct Remote {
     pub(crate) client: reqwest::Client,
     pub(crate) endpoints: Endpoints,
-    pub(crate) auth: HeaderValue,
+    pub(crate) auth: Auth,
 }
 
 impl Remote {
-    /// A request to one of the key service's URLs, carrying the service token.
-    pub(crate) fn request(&self, method: reqwest::Method, endpoint: &Endpoint) -> reqwest::RequestBuilder {
-        self.client.request(method, endpoint.url.clone()).header(http::header::AUTHORIZATION, self.auth.clone())
+    /// A request to one of the key service's URLs, carrying the service token, and the
+    /// ticket to hand to [`Auth::refused`] if the key service answers 401.
+    pub(crate) async fn request(
+        &self,
+        method: reqwest::Method,
+        endpoint: &Endpoint,
+    ) -> (reqwest::RequestBuilder, Ticket) {
+        let (auth, ticket) = self.auth.header().await;
+        (self.client.request(method, endpoint.url.clone()).header(http::header::AUTHORIZATION, auth), ticket)
     }
 }
 
@@ -197,6 +244,8 @@ impl RemoteSettings {
         Self {
             urls: urls.into_urls(),
             token: None,
+            token_file: None,
+            token_file_poll: DEFAULT_TOKEN_FILE_POLL,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             failover_cooldown: DEFAULT_FAILOVER_COOLDOWN,
             client: None,
@@ -211,7 +260,10 @@ impl RemoteSettings {
         tcp_keepalive: Option<Duration>,
     ) -> Result<Remote, RemoteConfigError> {
         let endpoints = Endpoints::new(self.urls, path, self.failover_cooldown)?;
-        let auth = service_token_header(self.token.as_deref().map(String::as_str))?;
+        let auth = match self.token_file {
+            Some(path) => Auth::File(token_file::TokenFile::open(path, self.token_file_poll)?),
+            None => Auth::Fixed(service_token_header(self.token.as_deref().map(String::as_str))?),
+        };
         let client = match self.client {
             Some(client) => client,
             None => http_client(ClientOptions { connect_timeout: self.connect_timeout, timeout, tcp_keepalive })

@@ -1,6 +1,7 @@
 //! [`RemoteAuth`]: the production setup against the key service in one call.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use zeroize::Zeroizing;
@@ -91,6 +92,22 @@ impl RemoteAuth {
             cache: Vec::new(),
             listener: Some(RevocationListener::builder(urls.clone()).service_token(token.as_str())),
             usage: Some((UsageAggregator::builder(), HttpUsageExporter::builder(urls).service_token(token.as_str()))),
+        }
+    }
+
+    /// Like [`builder`](Self::builder), with the service token read from the file at
+    /// `path` (a mounted Kubernetes or Vault secret): every part reads it again every
+    /// [`DEFAULT_TOKEN_FILE_POLL`](crate::DEFAULT_TOKEN_FILE_POLL) and at once after a
+    /// 401, so a rotated token is picked up with no restart and no failed request.
+    /// [`build`](RemoteAuthBuilder::build) fails if the file holds no usable token.
+    pub fn builder_with_token_file(urls: impl KeyServiceUrls, path: impl Into<PathBuf>) -> RemoteAuthBuilder {
+        let urls = urls.into_urls();
+        let path = path.into();
+        RemoteAuthBuilder {
+            verifier: HttpVerifier::builder(urls.clone()).service_token_file(path.clone()),
+            cache: Vec::new(),
+            listener: Some(RevocationListener::builder(urls.clone()).service_token_file(path.clone())),
+            usage: Some((UsageAggregator::builder(), HttpUsageExporter::builder(urls).service_token_file(path))),
         }
     }
 
@@ -301,7 +318,9 @@ impl RemoteAuthBuilder {
 
 fn from_exporter_error(e: HttpExporterBuildError) -> RemoteConfigError {
     match e {
-        HttpExporterBuildError::InvalidUrl(e) | HttpExporterBuildError::Client(e) => e,
+        HttpExporterBuildError::InvalidUrl(e)
+        | HttpExporterBuildError::Client(e)
+        | HttpExporterBuildError::TokenFile(e) => e,
         HttpExporterBuildError::InvalidToken => RemoteConfigError::InvalidServiceToken,
         HttpExporterBuildError::Zero(name) => RemoteConfigError::Zero(name),
     }

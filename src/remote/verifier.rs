@@ -10,8 +10,8 @@ use http::header::{ACCEPT, CONTENT_TYPE};
 use crate::key::ApiKey;
 use crate::principal::Principal;
 use crate::remote::{
-    Endpoint, KeyServiceUrls, ReadError, Remote, RemoteConfigError, RemoteSettings, answered_by, describe, read_body,
-    remote_builder_methods,
+    Endpoint, KeyServiceUrls, ReadError, Remote, RemoteConfigError, RemoteSettings, Ticket, answered_by, describe,
+    read_body, remote_builder_methods,
 };
 use crate::scope::{ScopeSet, validate_role};
 use crate::verify::{SharedError, Verdict, Verifier, VerifyError};
@@ -59,7 +59,10 @@ pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// # Secrets
 ///
 /// The service token is sent as a sensitive header and never shown by `Debug`; the key
-/// is never sent nor logged. URLs with credentials in them are refused.
+/// is never sent nor logged. Read from a file
+/// ([`service_token_file`](HttpVerifierBuilder::service_token_file)), it follows the
+/// file: a 401 reads the file again and, if it holds a new token, the call is sent once
+/// more with it. URLs with credentials in them are refused.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -150,6 +153,9 @@ enum Failure {
     Connect(VerifyError),
     /// The connection broke before the answer: retry once.
     Reset(VerifyError),
+    /// 401: the token this ticket stands for was refused; retry once if the token file
+    /// holds another one.
+    Refused(VerifyError, Ticket),
     /// Anything else: give up.
     Final(VerifyError),
 }
@@ -176,6 +182,7 @@ impl Inner {
         let mut cursor = endpoints.start();
         let mut tried: u64 = 0;
         let mut retried = false;
+        let mut auth_retried = false;
         let mut last = None;
         while let Some(index) = endpoints.pick(cursor, tried) {
             let endpoint = endpoints.get(index);
@@ -185,6 +192,17 @@ impl Inner {
                     return Ok(verdict);
                 }
                 Err(Failure::Final(err)) => return Err(err),
+                Err(Failure::Refused(err, ticket)) => {
+                    if auth_retried || !self.remote.auth.refused(ticket).await {
+                        tracing::error!(endpoint = %endpoint.label, "key service refused the service token");
+                        return Err(err);
+                    }
+                    tracing::info!(endpoint = %endpoint.label, "key service refused the service token; retrying with the new one from the token file");
+                    auth_retried = true;
+                    // The same URL again, with the new token.
+                    cursor = index;
+                    continue;
+                }
                 Err(Failure::Connect(err)) => {
                     tried |= 1 << index;
                     if endpoints.mark_down(index) && n > 1 {
@@ -212,9 +230,8 @@ impl Inner {
     }
 
     async fn attempt(&self, endpoint: &Endpoint, body: Bytes) -> Result<Verdict, Failure> {
-        let response = self
-            .remote
-            .request(reqwest::Method::POST, endpoint)
+        let (request, ticket) = self.remote.request(reqwest::Method::POST, endpoint).await;
+        let response = request
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "application/json")
             .timeout(self.timeout)
@@ -223,6 +240,9 @@ impl Inner {
             .await
             .map_err(|e| self.classify(e))?;
         let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED && answered_by(&response, endpoint) {
+            return Err(Failure::Refused(VerifyError::Status(401), ticket));
+        }
         if status != reqwest::StatusCode::OK || !answered_by(&response, endpoint) {
             if matches!(status.as_u16(), 401 | 403) {
                 tracing::error!(endpoint = %endpoint.label, %status, "key service refused the service token");

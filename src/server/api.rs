@@ -54,7 +54,7 @@ const MAX_VERIFY_KEY_LEN: usize = 1024;
 /// | route | token |
 /// | --- | --- |
 /// | `POST /v1/keys/verify`, `POST /v1/usage`, `GET /v1/events` | service |
-/// | `POST/GET /v1/keys`, `GET/PATCH /v1/keys/{id}`, `POST /v1/keys/{id}/rotate`, `POST /v1/keys/{id}/revoke`, `PUT /v1/roles/{name}`, `GET /v1/roles`, `GET /v1/audit`, `GET /v1/usage`, `GET /v1/alerts` | admin |
+/// | `POST/GET /v1/keys`, `GET/PATCH /v1/keys/{id}`, `POST /v1/keys/{id}/rotate`, `POST /v1/keys/{id}/revoke`, `PUT /v1/roles/{name}`, `GET /v1/roles`, `GET /v1/audit`, `GET /v1/usage`, `GET /v1/alerts`, `POST/GET /v1/tokens`, `POST /v1/tokens/{id}/revoke` | admin |
 /// | `GET /healthz` | none |
 pub fn router(state: ServerState) -> Router {
     Router::new()
@@ -70,6 +70,9 @@ pub fn router(state: ServerState) -> Router {
         .route("/v1/usage", post(ingest_usage).get(read_usage))
         .route("/v1/alerts", get(alerts))
         .route("/v1/events", get(events))
+        // Tokens as data (issue 14): handlers in `tokens_api`.
+        .route("/v1/tokens", post(super::tokens_api::create_token).get(super::tokens_api::list_tokens))
+        .route("/v1/tokens/{id}/revoke", post(super::tokens_api::revoke_token))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::invalid("method_not_allowed", "this route does not accept that method")
@@ -254,7 +257,7 @@ fn new_secret(state: &ServerState) -> Result<(ApiKey, NewSecret), ApiError> {
 
 async fn create_key(
     State(state): State<ServerState>,
-    _: Admin,
+    admin: Admin,
     JsonBody(req): JsonBody<NewKey>,
 ) -> Result<Response, ApiError> {
     let now = now_ms();
@@ -286,7 +289,7 @@ async fn create_key(
         ratelimit: req.ratelimit,
         created_at: now,
     };
-    let info = state.inner.store.create_key(&record, Admin::ACTOR).await?;
+    let info = state.inner.store.create_key(&record, admin.actor()).await?;
     tracing::info!(key_id = %info.key_id, owner = %info.owner, "key created");
     let body = Created { key: key.expose_secret(), info: &info, previous_expires_at: None };
     Ok((StatusCode::CREATED, Json(body)).into_response())
@@ -325,7 +328,7 @@ async fn get_key(
 
 async fn patch_key(
     State(state): State<ServerState>,
-    _: Admin,
+    admin: Admin,
     id: Result<Path<String>, PathRejection>,
     JsonBody(mut patch): JsonBody<KeyPatch>,
 ) -> Result<Json<KeyInfo>, ApiError> {
@@ -357,14 +360,14 @@ async fn patch_key(
         validate_ratelimit(rl)?;
     }
     load(&state, &id).await?;
-    let info = state.inner.store.update_key(&id, &patch, Admin::ACTOR, now).await?;
+    let info = state.inner.store.update_key(&id, &patch, admin.actor(), now).await?;
     tracing::info!(key_id = %id, "key updated");
     Ok(Json(info))
 }
 
 async fn rotate_key(
     State(state): State<ServerState>,
-    _: Admin,
+    admin: Admin,
     id: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -380,7 +383,7 @@ async fn rotate_key(
     let now = now_ms();
     let grace_until = now + time::Duration::seconds(req.grace_s as i64);
     let (key, secret) = new_secret(&state)?;
-    let info = state.inner.store.rotate_key(&id, &secret, grace_until, Admin::ACTOR, now).await?;
+    let info = state.inner.store.rotate_key(&id, &secret, grace_until, admin.actor(), now).await?;
     tracing::info!(key_id = %id, grace_s = req.grace_s, "key rotated");
     let body = Created { key: key.expose_secret(), info: &info, previous_expires_at: Some(grace_until) };
     Ok(Json(body).into_response())
@@ -388,12 +391,12 @@ async fn rotate_key(
 
 async fn revoke_key(
     State(state): State<ServerState>,
-    _: Admin,
+    admin: Admin,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<KeyInfo>, ApiError> {
     let id = path(id)?;
     load(&state, &id).await?;
-    let info = state.inner.store.revoke_key(&id, Admin::ACTOR, now_ms()).await?;
+    let info = state.inner.store.revoke_key(&id, admin.actor(), now_ms()).await?;
     tracing::info!(key_id = %id, "key revoked");
     Ok(Json(info))
 }
@@ -402,14 +405,14 @@ async fn revoke_key(
 
 async fn put_role(
     State(state): State<ServerState>,
-    _: Admin,
+    admin: Admin,
     name: Result<Path<String>, PathRejection>,
     JsonBody(req): JsonBody<RoleRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let name = path(name)?;
     validate_role_name(&name).map_err(|m| ApiError::invalid("invalid_role", m))?;
     let scopes = validate_scopes("scopes", &req.scopes)?;
-    let (role, affected) = state.inner.store.put_role(&name, &scopes, Admin::ACTOR, now_ms()).await?;
+    let (role, affected) = state.inner.store.put_role(&name, &scopes, admin.actor(), now_ms()).await?;
     tracing::info!(role = %name, keys = affected, "role put");
     Ok(Json(
         json!({ "name": role.name, "scopes": role.scopes, "updated_at": rfc3339(role.updated_at), "keys_affected": affected }),
@@ -562,9 +565,10 @@ async fn ingest_usage(State(state): State<ServerState>, _: Service, req: Request
 
 // ---- events
 
-async fn events(State(state): State<ServerState>, _: Service) -> impl IntoResponse {
+async fn events(State(state): State<ServerState>, service: Service) -> impl IntoResponse {
     // Heartbeats are events of their own (see the `events` module): no keep-alive comments.
-    Sse::new(state.inner.hub.subscribe())
+    // The stream ends when its token is revoked.
+    Sse::new(state.inner.hub.subscribe_until(Some(service.revoked())))
 }
 
 // ---- helpers

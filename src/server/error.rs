@@ -120,4 +120,12 @@ pub enum ServerError {
     /// A configuration value is invalid.
     #[error("configuration: {0}")]
     Config(String),
+    /// A persistent database holds no active admin token and none is configured:
+    /// nobody could administer the service.
+    #[error(
+        "no admin token: the database holds no active admin token and none is configured. Create one with \
+         `keygate-server tokens create --kind admin --name ops --database <url>` (it prints the token once), or \
+         configure one with KEYGATE_ADMIN_TOKEN or --admin-token-file (at least 32 characters)"
+    )]
+    NoAdminToken,
 }

@@ -134,6 +134,15 @@ impl EventHub {
     /// A new subscriber's stream. It is subscribed when this returns, so an event
     /// published afterwards reaches it.
     pub fn subscribe(&self) -> impl Stream<Item = Result<Event, Infallible>> + Send + use<> {
+        self.subscribe_until(None)
+    }
+
+    /// A new subscriber's stream that also ends when `revoked` turns `true` (the
+    /// subscriber's token was revoked).
+    pub(crate) fn subscribe_until(
+        &self,
+        revoked: Option<watch::Receiver<bool>>,
+    ) -> impl Stream<Item = Result<Event, Infallible>> + Send + use<> {
         let mut close = self.inner.close.subscribe();
         close.mark_unchanged();
         let mut ticker = tokio::time::interval_at(Instant::now() + self.inner.heartbeat, self.inner.heartbeat);
@@ -142,6 +151,7 @@ impl EventHub {
         let state = Subscriber {
             rx: self.inner.tx.subscribe(),
             close,
+            revoked,
             ticker,
             greeted: false,
             _guard: Guard(self.inner.clone()),
@@ -164,6 +174,7 @@ impl Drop for Guard {
 struct Subscriber {
     rx: broadcast::Receiver<Arc<Published>>,
     close: watch::Receiver<u64>,
+    revoked: Option<watch::Receiver<bool>>,
     ticker: tokio::time::Interval,
     greeted: bool,
     _guard: Guard,
@@ -175,9 +186,23 @@ impl Subscriber {
             self.greeted = true;
             return Some(Event::default().comment(EVENTS_GREETING));
         }
+        if self.revoked.as_ref().is_some_and(|r| *r.borrow()) {
+            return None;
+        }
+        let revoked_rx = &mut self.revoked;
+        let revoked = async move {
+            match revoked_rx {
+                // A sender gone (the token table dropped) ends the stream too.
+                Some(r) => {
+                    let _ = r.wait_for(|revoked| *revoked).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = self.close.changed() => None,
+            () = revoked => None,
             msg = self.rx.recv() => match msg {
                 Ok(p) => Some(Event::default().event(p.name).data(&p.data)),
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -209,6 +234,9 @@ pub(crate) enum ChangeNote {
     Reset(String),
     /// An alert was raised.
     Alert(Box<Alert>),
+    /// A service or admin token was created or revoked: reload the tokens. Not an
+    /// event of the stream.
+    Tokens,
 }
 
 impl ChangeNote {
@@ -218,6 +246,7 @@ impl ChangeNote {
             Self::Key(kind, key_id) => json!({ "origin": origin, "event": kind.name(), "key_id": key_id }),
             Self::Reset(reason) => json!({ "origin": origin, "event": EventName::Reset.name(), "reason": reason }),
             Self::Alert(alert) => json!({ "origin": origin, "event": EventName::Alert.name(), "alert": alert }),
+            Self::Tokens => json!({ "origin": origin, "event": TOKENS_EVENT }),
         }
         .to_string()
     }
@@ -238,6 +267,7 @@ impl ChangeNote {
                     && reason.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
                 Self::Reset(if ok { reason.to_owned() } else { "remote".to_owned() })
             }
+            TOKENS_EVENT => Self::Tokens,
             name if name == EventName::Alert.name() => {
                 let alert = v.get("alert").cloned().ok_or("no `alert`")?;
                 Self::Alert(Box::new(serde_json::from_value(alert).map_err(|e| format!("bad alert: {e}"))?))
@@ -261,9 +291,13 @@ impl ChangeNote {
             Self::Key(kind, key_id) => hub.key(*kind, key_id),
             Self::Reset(reason) => hub.reset(reason),
             Self::Alert(alert) => hub.alert(alert),
+            Self::Tokens => {}
         }
     }
 }
+
+/// The note name of [`ChangeNote::Tokens`].
+const TOKENS_EVENT: &str = "tokens";
 
 /// Whether `id` has the shape of a key id (`key_` + base62, at most 64 characters).
 pub(crate) fn looks_like_key_id(id: &str) -> bool {
@@ -278,6 +312,7 @@ mod tests {
     fn notes_round_trip_and_foreign_payloads_are_checked() {
         let note = ChangeNote::Key(KeyEvent::Revoked, "key_abc".into());
         assert_eq!(ChangeNote::decode(&note.encode("r1")).unwrap(), ("r1".into(), note));
+        assert_eq!(ChangeNote::decode(&ChangeNote::Tokens.encode("r3")).unwrap(), ("r3".into(), ChangeNote::Tokens));
         let reset = ChangeNote::Reset("bulk".into());
         assert_eq!(ChangeNote::decode(&reset.encode("r2")).unwrap(), ("r2".into(), reset));
         let odd = r#"{"origin":"x","event":"reset","reason":"a\nevent: revoked"}"#;

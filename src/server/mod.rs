@@ -13,14 +13,15 @@
 //! use keygate::client::{AdminClient, NewKey};
 //! use keygate::server::KeyServer;
 //!
+//! let admin_token = std::env::var("KEYGATE_ADMIN_TOKEN")?; // at least 32 characters
 //! let server = KeyServer::builder()
 //!     .database("sqlite::memory:")
-//!     .service_token("svc")
-//!     .admin_token("adm")
+//!     .service_token(std::env::var("KEYGATE_SERVICE_TOKEN")?)
+//!     .admin_token(&admin_token)
 //!     .listen("127.0.0.1:0".parse()?)
 //!     .start()
 //!     .await?;
-//! let admin = AdminClient::new(server.url(), "adm")?;
+//! let admin = AdminClient::new(server.url(), &admin_token)?;
 //! let created = admin
 //!     .create_key(NewKey { owner: "acme".into(), name: "ci".into(), scopes: vec!["reports:read".into()], ..Default::default() })
 //!     .await?;
@@ -39,6 +40,41 @@
 //! audit, usage and invalidation (`rotated`, by key id) follow the key across rotations.
 //!
 //! **Verdict precedence**: `REVOKED`, then `DISABLED`, then `EXPIRED`.
+//!
+//! # Tokens
+//!
+//! Callers authenticate with `Authorization: Bearer <token>`: a **service** token for
+//! `POST /v1/keys/verify`, `POST /v1/usage` and `GET /v1/events`, an **admin** token for
+//! everything else. Tokens are records of the store ([`TokenInfo`]: id, unique name,
+//! kind, created / last-used / revoked times; only the SHA-256 digest of the token is
+//! kept), several active at once, at most [`MAX_ACTIVE_TOKENS`]:
+//!
+//! | route | what |
+//! | --- | --- |
+//! | `POST /v1/tokens {"kind", "name"}` | `201` [`CreatedToken`]: the token, shown this once (`kgs_` / `kga_` + 43 base62, 256 bits) |
+//! | `GET /v1/tokens` | `{"tokens": [...]}`: this replica's bootstrap tokens, then every stored one, revoked ones included; never a token or a digest |
+//! | `POST /v1/tokens/{id}/revoke` | the token, revoked; idempotent. `409` for the last active admin token (so operators cannot lock themselves out) and for bootstrap tokens |
+//!
+//! The name of the admin token that made a change is its audit actor ([`Admin::actor`]);
+//! creating and revoking tokens are audited too (`token.create`, `token.revoke`).
+//!
+//! Each replica checks tokens against a table in memory, comparing the presented
+//! token's digest with every active one in constant time. The table is reloaded at once
+//! after a change made through this replica (before the answer), when a change note of
+//! another replica arrives on PostgreSQL, when that feed reconnects after a gap, and
+//! every [`TOKEN_SYNC_INTERVAL`] (30 s) in any case. A revoked service token's open event
+//! streams are closed. When each token was last used is noted in memory and written
+//! every 30 s and at shutdown, never on the request path.
+//!
+//! **Bootstrap tokens**, [`KeyServer::service_token`] and [`KeyServer::admin_token`]
+//! (the binary's `KEYGATE_SERVICE_TOKEN` / `KEYGATE_ADMIN_TOKEN`, `--service-token-file` /
+//! `--admin-token-file`), must be at least [`MIN_TOKEN_LEN`] (32) characters; they act as
+//! the tokens named [`BOOTSTRAP_SERVICE`] and [`BOOTSTRAP_ADMIN`], are not stored and
+//! cannot be revoked through the API. A persistent database that holds no active admin
+//! token, with none configured, does not start ([`ServerError::NoAdminToken`]): create
+//! the first one with `keygate-server tokens create --kind admin --name ops --database
+//! <url>` ([`create_token_offline`]). Only on `sqlite::memory:` are the tokens not
+//! configured generated (read them from [`RunningKeyServer`]).
 //!
 //! # Usage
 //!
@@ -91,12 +127,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::client::TokenKind;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 // Module order from the bottom up; each imports only modules before it: text, model,
-// events, store, error, validate, usage, report, auth, alerts, retention, state,
-// api (and this one, which builds and starts the service).
+// token, events, store, error, validate, usage, report, auth, alerts, retention, state,
+// tokens_api, api (and this one, which builds and starts the service).
 mod alerts;
 mod api;
 mod auth;
@@ -108,6 +145,8 @@ mod retention;
 mod state;
 mod store;
 mod text;
+mod token;
+mod tokens_api;
 mod usage;
 mod validate;
 
@@ -127,7 +166,12 @@ pub use usage::{
     MAX_USAGE_ROUTE_LEN, USAGE_BATCH_ID_RETENTION,
 };
 
-use auth::Tokens;
+pub use auth::TOKEN_SYNC_INTERVAL;
+pub use token::{
+    BOOTSTRAP_ADMIN, BOOTSTRAP_SERVICE, MAX_ACTIVE_TOKENS, MAX_TOKEN_LEN, MAX_TOKEN_NAME_LEN, MIN_TOKEN_LEN,
+    OFFLINE_ACTOR,
+};
+pub use tokens_api::create_token_offline;
 
 /// Default listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
@@ -168,8 +212,9 @@ impl std::fmt::Debug for KeyServer {
 impl KeyServer {
     /// Defaults: database `sqlite::memory:`, listen `127.0.0.1:7700`, key prefix `kg`,
     /// heartbeat 15 s, event buffer 1 024 per subscriber, [`AlertConfig::default`],
-    /// [`RetentionConfig::default`], and tokens generated at start when not given (read
-    /// them from [`RunningKeyServer`]).
+    /// [`RetentionConfig::default`], and no bootstrap token: a persistent database must
+    /// hold an admin token, and on `sqlite::memory:` the tokens not given are generated
+    /// (read them from [`RunningKeyServer`]).
     pub fn builder() -> Self {
         Self {
             database: "sqlite::memory:".into(),
@@ -201,13 +246,16 @@ impl KeyServer {
         self
     }
 
-    /// The token middlewares send to verify, report usage and follow events.
+    /// A bootstrap service token (verify, usage, events), at least [`MIN_TOKEN_LEN`]
+    /// characters, accepted as the token named `bootstrap-service` besides the stored
+    /// ones. See [Tokens](self#tokens).
     pub fn service_token(mut self, token: impl Into<String>) -> Self {
         self.service_token = Some(token.into());
         self
     }
 
-    /// The token of the admin API.
+    /// A bootstrap admin token, at least [`MIN_TOKEN_LEN`] characters, accepted as the
+    /// token named `bootstrap-admin` (its audit actor) besides the stored ones.
     pub fn admin_token(mut self, token: impl Into<String>) -> Self {
         self.admin_token = Some(token.into());
         self
@@ -251,52 +299,68 @@ impl KeyServer {
         self
     }
 
-    fn tokens(&mut self) -> Result<(String, String), ServerError> {
-        let gen_token = |prefix: &str| {
-            crate::key::ApiKey::generate(prefix)
-                .map(|k| k.expose_secret().to_owned())
-                .map_err(|e| ServerError::Config(e.to_string()))
-        };
-        let service = match self.service_token.take() {
-            Some(t) => t,
-            None => gen_token("kgsvc")?,
-        };
-        let admin = match self.admin_token.take() {
-            Some(t) => t,
-            None => gen_token("kgadmin")?,
-        };
-        for (name, t) in [("service", &service), ("admin", &admin)] {
-            if t.len() < 3 || t.len() > 1024 || !t.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(ServerError::Config(format!(
-                    "the {name} token must be 3 to 1024 visible ASCII characters"
-                )));
+    /// The configured tokens, checked.
+    fn configured_tokens(&mut self) -> Result<(Option<String>, Option<String>), ServerError> {
+        let service = self.service_token.take();
+        let admin = self.admin_token.take();
+        for (what, t) in [("the service token", &service), ("the admin token", &admin)] {
+            if let Some(t) = t {
+                token::check_configured(what, t).map_err(ServerError::Config)?;
             }
         }
-        if service == admin {
+        if service.is_some() && service == admin {
             return Err(ServerError::Config("the service and admin tokens must differ".into()));
         }
         Ok((service, admin))
     }
 
     /// Opens the store and builds the shared state, without listening: for embedding
-    /// [`router`] into another server. Returns the state and the (service, admin) tokens.
-    pub async fn build(mut self) -> Result<(ServerState, String, String), ServerError> {
+    /// [`router`] into another server. Returns the state and the bootstrap (service,
+    /// admin) tokens: those configured, or on `sqlite::memory:`, generated for those
+    /// not configured.
+    ///
+    /// Fails with [`ServerError::NoAdminToken`] on a persistent database that holds no
+    /// active admin token when none is configured.
+    pub async fn build(mut self) -> Result<(ServerState, Option<String>, Option<String>), ServerError> {
         crate::key::validate_prefix(&self.key_prefix)
             .map_err(|e| ServerError::Config(format!("key prefix `{}`: {e}", self.key_prefix)))?;
         self.retention.validate().map_err(ServerError::Config)?;
-        let (service, admin) = self.tokens()?;
+        let (mut service, mut admin) = self.configured_tokens()?;
         let store = match self.store.take() {
             Some(s) => s,
             None => open_store(&self.database).await?,
         };
+        // Generated tokens die with the process: only where the data does too.
+        if store.is_ephemeral() {
+            let generate =
+                |kind| token::generate(kind, "", store::now_ms()).map(|(t, _)| t).map_err(ServerError::Config);
+            if service.is_none() {
+                service = Some(generate(TokenKind::Service)?);
+            }
+            if admin.is_none() {
+                admin = Some(generate(TokenKind::Admin)?);
+            }
+        }
         tracing::debug!(
             key_prefix = %self.key_prefix,
             heartbeat = ?self.heartbeat,
             event_buffer = self.event_buffer,
             "key service configured"
         );
+        let mut bootstrap = Vec::new();
+        if let Some(t) = &service {
+            bootstrap.push((TokenKind::Service, t.as_str()));
+        }
+        if let Some(t) = &admin {
+            bootstrap.push((TokenKind::Admin, t.as_str()));
+        }
+        let tokens = Arc::new(auth::TokenTable::new(&bootstrap));
+        tokens.reload(&store).await?;
+        if !tokens.has_admin() {
+            return Err(ServerError::NoAdminToken);
+        }
         let hub = EventHub::new(self.event_buffer, self.heartbeat);
-        let store = store.reporting_to(Arc::new(hub.clone()));
+        let store = store.reporting_to(Arc::new(auth::Sink { hub: hub.clone(), tokens: Arc::clone(&tokens) }));
         let feed = store.follow_changes();
         if let Some(feed) = &feed {
             // Serving before the feed listens would let another replica's change slip by
@@ -305,6 +369,9 @@ impl KeyServer {
                 tracing::warn!("the feed of other replicas' changes is not connected yet; starting anyway");
             }
         }
+        // A token change made before the feed listened is not missed.
+        tokens.reload(&store).await?;
+        let token_task = auth::TokenTask::spawn(Arc::clone(&tokens), store.clone());
         let retention_counters = Arc::new(retention::RetentionCounters::default());
         let retention_task = self.retention.enabled.then(|| {
             retention::RetentionTask::spawn(store.clone(), self.retention.clone(), Arc::clone(&retention_counters))
@@ -312,7 +379,8 @@ impl KeyServer {
         let state = ServerState {
             inner: Arc::new(state::StateInner {
                 store,
-                tokens: Tokens::new(&service, &admin),
+                tokens,
+                _token_task: Some(token_task),
                 hub,
                 stats: state::Stats::default(),
                 alerts: self.alerts.clone(),
@@ -359,8 +427,8 @@ pub struct RunningKeyServer {
     state: ServerState,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
-    service_token: String,
-    admin_token: String,
+    service_token: Option<String>,
+    admin_token: Option<String>,
 }
 
 impl std::fmt::Debug for RunningKeyServer {
@@ -390,14 +458,16 @@ impl RunningKeyServer {
         &self.state
     }
 
-    /// The service token (configured or generated).
-    pub fn service_token(&self) -> &str {
-        &self.service_token
+    /// The bootstrap service token (configured, or generated on `sqlite::memory:`);
+    /// `None` when the service tokens are all stored ones.
+    pub fn service_token(&self) -> Option<&str> {
+        self.service_token.as_deref()
     }
 
-    /// The admin token (configured or generated).
-    pub fn admin_token(&self) -> &str {
-        &self.admin_token
+    /// The bootstrap admin token (configured, or generated on `sqlite::memory:`);
+    /// `None` when the admin tokens are all stored ones.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.admin_token.as_deref()
     }
 
     /// Ends every open `GET /v1/events` stream now; subscribers may reconnect.
@@ -412,7 +482,8 @@ impl RunningKeyServer {
     }
 
     /// Stops accepting connections, ends event streams, lets in-flight requests finish
-    /// (for up to 10 s) and returns.
+    /// (for up to 10 s), writes when tokens were last used, and returns. (Dropping the
+    /// server instead loses up to 30 s of `last_used_at`.)
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -422,6 +493,10 @@ impl RunningKeyServer {
                 tracing::warn!("graceful shutdown timed out; aborting open connections");
                 task.abort();
             }
+        }
+        let inner = &self.state.inner;
+        if let Err(e) = inner.tokens.flush_uses(&inner.store).await {
+            tracing::warn!(error = %e, "cannot write when tokens were last used");
         }
         tracing::info!(addr = %self.addr, "key service stopped");
     }

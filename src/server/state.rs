@@ -8,11 +8,12 @@ use axum::extract::FromRequestParts;
 use http::request::Parts;
 
 use super::alerts::AlertConfig;
-use super::auth::{Admin, Service, Tokens, check};
+use super::auth::{Admin, Service, TokenTable, TokenTask};
 use super::error::ApiError;
 use super::events::{ChangeNote, EventHub};
 use super::retention::{RetentionConfig, RetentionCounters, RetentionTask, run_pass};
 use super::store::{ChangeFeed, ChangeSink, RetentionReport, Store, StoreError};
+use super::token::TokenKind;
 
 /// Counters of a running key service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -114,7 +115,10 @@ pub struct ServerState {
 
 pub(crate) struct StateInner {
     pub store: Store,
-    pub tokens: Tokens,
+    /// The tokens accepted now (see `auth`).
+    pub tokens: Arc<TokenTable>,
+    /// Keeps `tokens` in step with the store; stops when the state is dropped.
+    pub _token_task: Option<TokenTask>,
     pub hub: EventHub,
     pub stats: Stats,
     pub alerts: AlertConfig,
@@ -202,7 +206,7 @@ impl FromRequestParts<ServerState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ServerState) -> Result<Self, Self::Rejection> {
-        check(parts, &state.inner.tokens.admin).map(|()| Admin)
+        state.inner.tokens.authenticate(parts, TokenKind::Admin).map(Admin::new)
     }
 }
 
@@ -210,6 +214,6 @@ impl FromRequestParts<ServerState> for Service {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &ServerState) -> Result<Self, Self::Rejection> {
-        check(parts, &state.inner.tokens.service).map(|()| Service)
+        state.inner.tokens.authenticate(parts, TokenKind::Service).map(Service::new)
     }
 }

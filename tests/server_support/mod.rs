@@ -11,8 +11,8 @@ use keygate::client::{AdminClient, NewKey};
 use keygate::server::{KeyServer, RunningKeyServer};
 use serde_json::{Value, json};
 
-pub const SERVICE: &str = "svc-test-token";
-pub const ADMIN: &str = "adm-test-token";
+pub const SERVICE: &str = "svc-test-token-0123456789abcdefghij";
+pub const ADMIN: &str = "adm-test-token-0123456789abcdefghij";
 
 /// Where a test server keeps its data. Clones share it (replicas of one deployment).
 #[derive(Clone)]
@@ -268,7 +268,12 @@ pub struct Events {
 
 impl Events {
     pub async fn connect(t: &TestServer) -> Self {
-        let res = t.http_stream().get(t.url("/v1/events")).bearer_auth(SERVICE).send().await.unwrap();
+        Self::connect_as(t, SERVICE).await
+    }
+
+    /// A stream opened with this service token.
+    pub async fn connect_as(t: &TestServer, token: &str) -> Self {
+        let res = t.http_stream().get(t.url("/v1/events")).bearer_auth(token).send().await.unwrap();
         assert_eq!(res.status(), 200);
         assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
         Self { res, buf: String::new() }

@@ -249,6 +249,11 @@ macro_rules! write_tx {
     }};
 }
 
+// ---- tokens (issue 14): the `tokens` table, in `tokens.rs`; declared after the macros
+// above, which it uses.
+mod tokens;
+pub(crate) use tokens::{ActiveToken, Revoked, token_queries};
+
 impl Store {
     /// Reports every change this store commits to `sink` from now on.
     #[must_use]

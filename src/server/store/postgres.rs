@@ -24,6 +24,9 @@ super::queries::shared_queries!(
     skip_locked = " FOR UPDATE SKIP LOCKED"
 );
 
+// Tokens (issue 14).
+super::token_queries!(sqlx::Postgres, name_lock = super::xact_lock);
+
 /// Changes of one name in a namespace serialize, whether or not its row exists yet.
 async fn xact_lock(conn: &mut PgConnection, namespace: i32, name: &str) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))").bind(namespace).bind(name).execute(conn).await?;

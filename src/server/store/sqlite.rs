@@ -21,6 +21,9 @@ use crate::server::events::ChangeNote;
 // database's write lock.
 super::queries::shared_queries!(sqlx::Sqlite, row_lock = "", name_lock = super::no_lock, skip_locked = "");
 
+// Tokens (issue 14).
+super::token_queries!(sqlx::Sqlite, name_lock = super::no_lock);
+
 static MIGRATOR: Migrator = sqlx::migrate!("src/server/store/migrations/sqlite");
 
 /// One writer at a time is SQLite's own rule: a write transaction is lock enough.
@@ -37,6 +40,7 @@ async fn no_lock(_: &mut SqliteConnection, _: i32, _: &str) -> Result<(), StoreE
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    memory: bool,
 }
 
 impl SqliteStore {
@@ -56,9 +60,14 @@ impl SqliteStore {
             SqlitePoolOptions::new().max_connections(8).idle_timeout(Duration::from_secs(600))
         };
         let pool = pool_opts.acquire_timeout(Duration::from_secs(5)).connect_with(opts).await?;
-        let store = Self { pool };
+        let store = Self { pool, memory };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Whether this is `sqlite::memory:` (gone with the process).
+    pub(super) fn is_memory(&self) -> bool {
+        self.memory
     }
 
     /// The connection pool, for tools and tests.
