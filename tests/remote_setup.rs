@@ -130,6 +130,30 @@ async fn the_parts_can_be_switched_off() {
     assert_eq!(usage_of(&ks, &key.key_id).await, (0, 0, 0), "no usage was sent");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_can_come_from_a_file_for_every_part() {
+    let ks = TestServer::start().await;
+    let key = ks.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("service-token");
+    std::fs::write(&path, format!("{SERVICE}\n")).unwrap();
+    let (auth, remote) = RemoteAuth::builder_with_token_file(vec![ks.server.url()], &path).build().unwrap();
+    let app = app(auth);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !remote.listener().unwrap().is_connected() {
+        assert!(Instant::now() < deadline, "the listener connects with the file's token");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(call(&app, Some(&key.key)).await, 200, "the verifier uses the file's token");
+    let stats = remote.shutdown().await.unwrap();
+    assert_eq!((stats.exported, stats.lost), (1, 0), "the exporter uses it too");
+    assert_eq!(usage_of(&ks, &key.key_id).await.0, 1);
+    // A file without a token is refused when the setup is built, not at the first request.
+    std::fs::write(&path, "\n").unwrap();
+    let err = RemoteAuth::builder_with_token_file(vec![ks.server.url()], &path).build().unwrap_err();
+    assert!(matches!(err, RemoteConfigError::TokenFile { .. }), "{err:?}");
+}
+
 #[test]
 fn build_outside_a_runtime_is_an_error_not_a_panic() {
     let built = RemoteAuth::builder("http://127.0.0.1:9", "token").build();
