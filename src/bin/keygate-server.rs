@@ -23,6 +23,9 @@
 //! `--usage-minutes-hours` (default 168, 7 days), hour rows deleted after
 //! `--usage-hours-days` (default 90), a pass every `--usage-retention-interval-s`
 //! (default 300); `--no-usage-retention` turns the passes off.
+//!
+//! Metrics (`serve`): `--metrics-listen ADDR` (`KEYGATE_METRICS_LISTEN`; off by default)
+//! serves Prometheus metrics at `GET /metrics` on that address of its own, without a token.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -124,6 +127,10 @@ struct Serve {
     /// Do not prune usage (another replica, or an external job, does).
     #[arg(long, env = "KEYGATE_USAGE_RETENTION_OFF")]
     no_usage_retention: bool,
+    /// Serve Prometheus metrics at GET /metrics on this address of its own (no token:
+    /// bind it where only the scraper reaches). Off when absent.
+    #[arg(long, env = "KEYGATE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -358,6 +365,9 @@ async fn serve(s: Serve) -> Result<(), CliError> {
     };
     let mut builder =
         KeyServer::builder().database(&s.db).listen(s.listen).key_prefix(&s.key_prefix).retention(retention);
+    if let Some(addr) = s.metrics_listen {
+        builder = builder.metrics_listen(addr);
+    }
     if let Some(t) = &s.service_token {
         builder = builder.service_token(t);
     }
@@ -376,6 +386,9 @@ async fn serve(s: Serve) -> Result<(), CliError> {
         eprintln!("generated admin token (shown once; set KEYGATE_ADMIN_TOKEN to keep one): {}", server.admin_token());
     }
     eprintln!("keygate-server listening on {}", server.url());
+    if let Some(addr) = server.metrics_addr() {
+        eprintln!("keygate-server metrics on http://{addr}/metrics");
+    }
     server.run_until(shutdown_signal()).await;
     Ok(())
 }
