@@ -10,6 +10,8 @@
 //! keygate-server roles put analyst --scope reports:read --scope dashboards:read
 //! keygate-server usage --key-id key_... | --owner acme [--group-by minute|hour|day|route] [--since T] [--until T]
 //! keygate-server audit | alerts
+//! keygate-server backup --database sqlite://keys.db --to keys-backup.db [--force]
+//! keygate-server healthcheck [--url http://127.0.0.1:7700/healthz]
 //! ```
 //!
 //! Tokens come from `--service-token` / `--admin-token` or `KEYGATE_SERVICE_TOKEN` /
@@ -26,6 +28,11 @@
 //!
 //! Metrics (`serve`): `--metrics-listen ADDR` (`KEYGATE_METRICS_LISTEN`; off by default)
 //! serves Prometheus metrics at `GET /metrics` on that address of its own, without a token.
+//!
+//! `backup` copies a SQLite store consistently while servers use it (`VACUUM INTO`); it
+//! refuses to overwrite `--to` unless `--force`. PostgreSQL is backed up with `pg_dump`.
+//! `healthcheck` exits 0 when `--url` answers 200 (for container health checks: the
+//! image needs no curl).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -33,8 +40,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use keygate::server::{
-    AdminClient, ClientError, CreatedKey, KeyInfo, KeyServer, NewKey, RetentionConfig, UsageGroupBy, UsageQuery,
-    UsageReport,
+    AdminClient, BackupError, ClientError, CreatedKey, KeyInfo, KeyServer, NewKey, RetentionConfig, UsageGroupBy,
+    UsageQuery, UsageReport,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -93,6 +100,34 @@ enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Copy a SQLite store consistently, while servers keep using it (PostgreSQL: use
+    /// pg_dump).
+    Backup(Backup),
+    /// Exit 0 when the key service's health check answers 200, 1 otherwise.
+    Healthcheck(Healthcheck),
+}
+
+#[derive(Args)]
+struct Backup {
+    /// The store to copy: sqlite://PATH or sqlite:PATH.
+    #[arg(long, env = "KEYGATE_DB")]
+    database: String,
+    /// The file to write (refused if it exists, unless --force).
+    #[arg(long)]
+    to: std::path::PathBuf,
+    /// Replace --to if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct Healthcheck {
+    /// The health check URL.
+    #[arg(long, env = "KEYGATE_HEALTHCHECK_URL", default_value = "http://127.0.0.1:7700/healthz")]
+    url: String,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 5)]
+    timeout_s: u64,
 }
 
 #[derive(Args)]
@@ -262,6 +297,11 @@ enum CliError {
     Server(#[from] keygate::server::ServerError),
     #[error("{0}")]
     Usage(String),
+    // backup and healthcheck (issue 14)
+    #[error("{0}")]
+    Backup(#[from] BackupError),
+    #[error("unhealthy: {0}")]
+    Unhealthy(String),
 }
 
 #[tokio::main]
@@ -352,7 +392,29 @@ async fn run(command: Command) -> Result<(), CliError> {
             });
             Ok(())
         }
+        Command::Backup(b) => backup(b).await,
+        Command::Healthcheck(h) => healthcheck(h).await,
     }
+}
+
+async fn backup(b: Backup) -> Result<(), CliError> {
+    let report = keygate::server::backup_sqlite(&b.database, &b.to, b.force).await?;
+    println!("backed up {} keys ({} bytes) to {}", report.keys, report.bytes, b.to.display());
+    Ok(())
+}
+
+async fn healthcheck(h: Healthcheck) -> Result<(), CliError> {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(h.timeout_s.max(1)))
+        .build()
+        .map_err(|e| CliError::Unhealthy(e.to_string()))?;
+    let response = client.get(&h.url).send().await.map_err(|e| CliError::Unhealthy(e.without_url().to_string()))?;
+    if response.status() != reqwest::StatusCode::OK {
+        return Err(CliError::Unhealthy(format!("{} answered {}", h.url, response.status())));
+    }
+    println!("ok");
+    Ok(())
 }
 
 async fn serve(s: Serve) -> Result<(), CliError> {

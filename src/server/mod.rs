@@ -119,6 +119,13 @@
 //! `keygate_usage_*` series go) is left alone. To serve the page from an application
 //! that embeds [`router`], set `metrics_listen` and call [`KeyServer::build`], then
 //! answer with [`ServerState::render_metrics`].
+//!
+//! # Backup
+//!
+//! [`backup_sqlite`] (CLI `keygate-server backup --database sqlite://FILE --to COPY`)
+//! copies a SQLite store consistently while key services use it; start a key service
+//! on the copy to restore. A PostgreSQL store is backed up with PostgreSQL's tools
+//! (`pg_dump`; see the README).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -130,10 +137,12 @@ use tokio::task::JoinHandle;
 
 // Module order from the bottom up; each imports only modules before it: text, model,
 // events, meters, store, error, validate, usage, report, auth, alerts, retention,
-// client, state, metrics, api (and this one, which builds and starts the service).
+// client, state, metrics, api (and this one, which builds and starts the service;
+// backup stands apart, on its own connection).
 mod alerts;
 mod api;
 mod auth;
+mod backup;
 mod client;
 mod error;
 mod events;
@@ -151,6 +160,7 @@ mod validate;
 pub use alerts::AlertConfig;
 pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};
 pub use auth::{Admin, Service};
+pub use backup::{BackupError, backup_sqlite};
 pub use client::{AdminClient, ClientError, CreatedKey};
 pub use error::{ApiError, ServerError};
 pub use events::EventHub;
