@@ -1,7 +1,7 @@
 //! The operator's commands around a running key service, run as the built binary:
 //! `backup` (a consistent copy while writes go on, restored by starting a server on
-//! it), `healthcheck` (what the container image's HEALTHCHECK runs) and `serve
-//! --metrics-listen`.
+//! it), `healthcheck` (what the container image's HEALTHCHECK runs), `serve
+//! --metrics-listen`, and the systemd unit's start command with its credential files.
 
 mod server_support;
 
@@ -179,3 +179,53 @@ fn serve_with_metrics_listen_names_and_serves_the_metrics_address() {
     assert!(body.contains("keygate_server_verify_requests_total{outcome=\"valid\"} 0"), "{body}");
 }
 
+/// The `ExecStart=` of deploy/keygate-server.service as the shell will run it: `$$`
+/// unescaped, the binary the one built here.
+fn unit_start_command() -> String {
+    let unit = include_str!("../deploy/keygate-server.service");
+    let line = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("the unit has ExecStart=");
+    let script = line.strip_prefix("/bin/sh -c '").and_then(|l| l.strip_suffix('\'')).expect("ExecStart runs sh -c");
+    script.replace("$$", "$").replace("/usr/local/bin/keygate-server", BIN)
+}
+
+#[tokio::test]
+async fn the_systemd_units_command_hands_the_credential_files_to_the_server() {
+    let credentials = tempfile::tempdir().unwrap();
+    let admin = "adm-from-a-credential-file-0123456789abcdef";
+    std::fs::write(credentials.path().join("admin-token"), format!("{admin}\n")).unwrap();
+    std::fs::write(credentials.path().join("service-token"), "svc-from-a-credential-file-0123456789abcdef\n").unwrap();
+    let mut child = tokio::process::Command::new("/bin/sh")
+        .args(["-c", &unit_start_command()])
+        .env("CREDENTIALS_DIRECTORY", credentials.path())
+        .env("KEYGATE_DB", "sqlite::memory:")
+        .env("KEYGATE_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .env_remove("KEYGATE_ADMIN_TOKEN")
+        .env_remove("KEYGATE_SERVICE_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let mut seen = Vec::new();
+    let url = tokio::time::timeout(LIMIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(url) = line.strip_prefix("keygate-server listening on ") {
+                return Some(url.to_owned());
+            }
+            seen.push(line);
+        }
+        None
+    })
+    .await
+    .expect("the server starts in time");
+    let url = url.unwrap_or_else(|| panic!("the server did not start: {seen:#?}"));
+    // Nothing generated: both tokens came from the files.
+    assert!(!seen.iter().any(|l| l.contains("generated")), "{seen:#?}");
+    let keys = AdminClient::new(url, admin).unwrap().list_keys(None).await.expect("the admin token of the file works");
+    assert!(keys.is_empty());
+    let _ = child.kill().await;
+}
