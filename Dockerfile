@@ -14,8 +14,9 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
 COPY examples ./examples
-RUN cargo build --release --locked --features postgres --bin keygate-server \
-    && strip target/release/keygate-server
+# No debug symbols in the image.
+ENV CARGO_PROFILE_RELEASE_STRIP=symbols
+RUN cargo build --release --locked --features postgres --bin keygate-server
 
 FROM debian:bookworm-slim
 # A fixed, unprivileged user: the data volume's owner is stable across rebuilds.

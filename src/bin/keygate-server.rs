@@ -103,7 +103,7 @@ enum Command {
     /// Copy a SQLite store consistently, while servers keep using it (PostgreSQL: use
     /// pg_dump).
     Backup(Backup),
-    /// Exit 0 when the key service's health check answers 200, 1 otherwise.
+    /// Exit 0 when the key service's health check answers 200, non-zero otherwise.
     Healthcheck(Healthcheck),
 }
 

@@ -15,7 +15,11 @@ pub enum BackupError {
     #[error("`{}` exists: refusing to overwrite it", .0.display())]
     Exists(PathBuf),
     /// A PostgreSQL URL: that database is backed up with PostgreSQL's own tools.
-    #[error("a PostgreSQL database is backed up with pg_dump, not with this command (see the README, \"Backup\")")]
+    #[error(
+        "a PostgreSQL database is backed up with pg_dump, not with this command: \
+         pg_dump --format=custom --file=keygate.dump \"$KEYGATE_DB\" (one consistent snapshot, no downtime; \
+         see the README, \"Backup\")"
+    )]
     Postgres,
     /// Not the URL of a SQLite file (`sqlite::memory:` has nothing to copy).
     #[error("`{0}` is not a SQLite database file (expected sqlite://PATH)")]
