@@ -13,6 +13,8 @@
 //! keygate-server tokens create --kind service --name fleet-eu      # printed once
 //! keygate-server tokens create --kind admin --name ops --database sqlite://keys.db   # offline
 //! keygate-server tokens list | tokens revoke tok_...
+//! keygate-server backup --database sqlite://keys.db --to keys-backup.db [--force]
+//! keygate-server healthcheck [--url http://127.0.0.1:7700/healthz]
 //! ```
 //!
 //! **Tokens.** Callers present service tokens (verify, usage, events) and admin tokens
@@ -35,6 +37,14 @@
 //! `--usage-minutes-hours` (default 168, 7 days), hour rows deleted after
 //! `--usage-hours-days` (default 90), a pass every `--usage-retention-interval-s`
 //! (default 300); `--no-usage-retention` turns the passes off.
+//!
+//! Metrics (`serve`): `--metrics-listen ADDR` (`KEYGATE_METRICS_LISTEN`; off by default)
+//! serves Prometheus metrics at `GET /metrics` on that address of its own, without a token.
+//!
+//! `backup` copies a SQLite store consistently while servers use it (`VACUUM INTO`); it
+//! refuses to overwrite `--to` unless `--force`. PostgreSQL is backed up with `pg_dump`.
+//! `healthcheck` exits 0 when `--url` answers 200 (for container health checks: the
+//! image needs no curl).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -45,7 +55,7 @@ use keygate::client::{
     AdminClient, ClientError, CreatedKey, KeyInfo, NewKey, NewToken, TokenInfo, TokenKind, UsageGroupBy, UsageQuery,
     UsageReport,
 };
-use keygate::server::{KeyServer, RetentionConfig};
+use keygate::server::{BackupError, KeyServer, RetentionConfig};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -106,6 +116,34 @@ enum Command {
     /// Manage the service and admin tokens callers present (issue 14).
     #[command(subcommand)]
     Tokens(TokensCmd),
+    /// Copy a SQLite store consistently, while servers keep using it (PostgreSQL: use
+    /// pg_dump).
+    Backup(Backup),
+    /// Exit 0 when the key service's health check answers 200, non-zero otherwise.
+    Healthcheck(Healthcheck),
+}
+
+#[derive(Args)]
+struct Backup {
+    /// The store to copy: sqlite://PATH or sqlite:PATH.
+    #[arg(long, env = "KEYGATE_DB")]
+    database: String,
+    /// The file to write (refused if it exists, unless --force).
+    #[arg(long)]
+    to: std::path::PathBuf,
+    /// Replace --to if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args)]
+struct Healthcheck {
+    /// The health check URL.
+    #[arg(long, env = "KEYGATE_HEALTHCHECK_URL", default_value = "http://127.0.0.1:7700/healthz")]
+    url: String,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 5)]
+    timeout_s: u64,
 }
 
 #[derive(Args)]
@@ -153,6 +191,10 @@ struct Serve {
     /// Do not prune usage (another replica, or an external job, does).
     #[arg(long, env = "KEYGATE_USAGE_RETENTION_OFF")]
     no_usage_retention: bool,
+    /// Serve Prometheus metrics at GET /metrics on this address of its own (no token:
+    /// bind it where only the scraper reaches). Off when absent.
+    #[arg(long, env = "KEYGATE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -428,6 +470,11 @@ enum CliError {
     Server(#[from] keygate::server::ServerError),
     #[error("{0}")]
     Usage(String),
+    // backup and healthcheck (issue 14)
+    #[error("{0}")]
+    Backup(#[from] BackupError),
+    #[error("unhealthy: {0}")]
+    Unhealthy(String),
 }
 
 #[tokio::main]
@@ -519,7 +566,29 @@ async fn run(command: Command) -> Result<(), CliError> {
             });
             Ok(())
         }
+        Command::Backup(b) => backup(b).await,
+        Command::Healthcheck(h) => healthcheck(h).await,
     }
+}
+
+async fn backup(b: Backup) -> Result<(), CliError> {
+    let report = keygate::server::backup_sqlite(&b.database, &b.to, b.force).await?;
+    println!("backed up {} keys ({} bytes) to {}", report.keys, report.bytes, b.to.display());
+    Ok(())
+}
+
+async fn healthcheck(h: Healthcheck) -> Result<(), CliError> {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(h.timeout_s.max(1)))
+        .build()
+        .map_err(|e| CliError::Unhealthy(e.to_string()))?;
+    let response = client.get(&h.url).send().await.map_err(|e| CliError::Unhealthy(e.without_url().to_string()))?;
+    if response.status() != reqwest::StatusCode::OK {
+        return Err(CliError::Unhealthy(format!("{} answered {}", h.url, response.status())));
+    }
+    println!("ok");
+    Ok(())
 }
 
 async fn serve(s: Serve) -> Result<(), CliError> {
@@ -532,6 +601,9 @@ async fn serve(s: Serve) -> Result<(), CliError> {
     };
     let mut builder =
         KeyServer::builder().database(&s.db).listen(s.listen).key_prefix(&s.key_prefix).retention(retention);
+    if let Some(addr) = s.metrics_listen {
+        builder = builder.metrics_listen(addr);
+    }
     let service_token = match &s.service_token_file {
         Some(path) => Some(read_token_file("--service-token-file", path)?),
         None => s.service_token.clone(),
@@ -555,6 +627,9 @@ async fn serve(s: Serve) -> Result<(), CliError> {
         eprintln!("generated admin token (shown once; this database and the token end with the process): {t}");
     }
     eprintln!("keygate-server listening on {}", server.url());
+    if let Some(addr) = server.metrics_addr() {
+        eprintln!("keygate-server metrics on http://{addr}/metrics");
+    }
     server.run_until(shutdown_signal()).await;
     Ok(())
 }

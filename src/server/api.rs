@@ -20,6 +20,7 @@ use time::OffsetDateTime;
 use super::auth::{Admin, Service};
 use super::error::ApiError;
 use super::events::looks_like_key_id;
+use super::meters::VerifyOutcome;
 use super::model::{
     DEFAULT_ENVIRONMENT, KeyInfo, KeyPatch, MAX_GRACE_S, NewKey, RoleRequest, RotateRequest, UsageGroupBy, UsageReport,
 };
@@ -77,6 +78,8 @@ pub fn router(state: ServerState) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::invalid("method_not_allowed", "this route does not accept that method")
         })
+        // Metrics: every request by route template and status class (a no-op when off).
+        .layer(axum::middleware::from_fn_with_state(state.clone(), super::metrics::track))
         .with_state(state)
 }
 
@@ -165,14 +168,20 @@ async fn verify(
     body: Result<JsonBody<VerifyRequest>, ApiError>,
 ) -> Response {
     state.inner.stats.verify_calls.fetch_add(1, Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let verified = |outcome| state.inner.meters.verified(outcome, started.elapsed());
     // A data error could echo the key back in serde's message: keep it generic here.
     let request = match body {
         Ok(JsonBody(request)) => request,
         Err(ApiError::Invalid { .. }) => {
+            verified(VerifyOutcome::Error);
             let expected = r#"expected a JSON object {"digest": "<hex SHA-256 of the key>"} or {"key": "<key>"}"#;
             return ApiError::invalid("invalid_request", expected).into_response();
         }
-        Err(e) => return e.into_response(),
+        Err(e) => {
+            verified(VerifyOutcome::Error);
+            return e.into_response();
+        }
     };
     let digest = match &request {
         // Longer keys cannot be ours: not worth a lookup.
@@ -181,8 +190,20 @@ async fn verify(
     };
     let answer = match decide(&state, digest).await {
         Ok(a) => a,
-        Err(e) => return e.into_response(),
+        Err(e) => {
+            verified(VerifyOutcome::Error);
+            return e.into_response();
+        }
     };
+    verified(match &answer {
+        VerifyAnswer::Valid(_) => VerifyOutcome::Valid,
+        VerifyAnswer::Invalid(refusal) => match refusal.code {
+            Reason::NotFound => VerifyOutcome::NotFound,
+            Reason::Revoked => VerifyOutcome::Revoked,
+            Reason::Expired => VerifyOutcome::Expired,
+            Reason::Disabled => VerifyOutcome::Disabled,
+        },
+    });
     let valid = matches!(answer, VerifyAnswer::Valid(_));
     let counter = if valid { &state.inner.stats.verify_valid } else { &state.inner.stats.verify_invalid };
     counter.fetch_add(1, Ordering::Relaxed);

@@ -240,22 +240,32 @@ pub(crate) enum ChangeNote {
 }
 
 impl ChangeNote {
-    /// The note as JSON, tagged with the replica it comes from.
+    /// The note as JSON, tagged with the replica it comes from and the time it is sent
+    /// (`sent_at_ms`, Unix milliseconds: what the receivers' fan-out lag is measured from).
     pub(crate) fn encode(&self, origin: &str) -> String {
-        match self {
+        let mut v = match self {
             Self::Key(kind, key_id) => json!({ "origin": origin, "event": kind.name(), "key_id": key_id }),
             Self::Reset(reason) => json!({ "origin": origin, "event": EventName::Reset.name(), "reason": reason }),
             Self::Alert(alert) => json!({ "origin": origin, "event": EventName::Alert.name(), "alert": alert }),
             Self::Tokens => json!({ "origin": origin, "event": TOKENS_EVENT }),
-        }
-        .to_string()
+        };
+        v["sent_at_ms"] = json!(unix_ms_now());
+        v.to_string()
     }
 
     /// Reads a note written by [`encode`](Self::encode): its origin and the note.
     /// Key ids and reasons are checked, so that a foreign payload cannot inject
     /// arbitrary text into SSE streams.
+    #[cfg(test)]
     pub(crate) fn decode(payload: &str) -> Result<(String, Self), String> {
+        Self::decode_timed(payload).map(|(origin, note, _)| (origin, note))
+    }
+
+    /// [`decode`](Self::decode), with the note's `sent_at_ms` when it has one (notes of
+    /// older replicas do not).
+    pub(crate) fn decode_timed(payload: &str) -> Result<(String, Self, Option<i64>), String> {
         let v: Value = serde_json::from_str(payload).map_err(|e| format!("not JSON: {e}"))?;
+        let sent_at_ms = v.get("sent_at_ms").and_then(Value::as_i64);
         let text = |field: &str| v.get(field).and_then(Value::as_str).ok_or_else(|| format!("no `{field}`"));
         let origin = text("origin")?.to_owned();
         let event = text("event")?;
@@ -282,7 +292,7 @@ impl ChangeNote {
                 Self::Key(kind, key_id.to_owned())
             }
         };
-        Ok((origin, note))
+        Ok((origin, note, sent_at_ms))
     }
 
     /// Publishes the note to `hub`'s subscribers.
@@ -298,6 +308,11 @@ impl ChangeNote {
 
 /// The note name of [`ChangeNote::Tokens`].
 const TOKENS_EVENT: &str = "tokens";
+
+/// Now, in Unix milliseconds.
+pub(crate) fn unix_ms_now() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
 
 /// Whether `id` has the shape of a key id (`key_` + base62, at most 64 characters).
 pub(crate) fn looks_like_key_id(id: &str) -> bool {

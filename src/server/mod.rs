@@ -121,6 +121,53 @@
 //! PostgreSQL database ([`PostgresStore`], chosen by a `postgres://` URL): each
 //! change is sent to the others with `NOTIFY` in its transaction, and each replica's
 //! event stream carries the changes made through every replica (see [`EventHub`]).
+//!
+//! # Metrics
+//!
+//! With [`KeyServer::metrics_listen`] (CLI `--metrics-listen ADDR`, off by default) the
+//! key service serves the Prometheus text exposition format at `GET /metrics` on that
+//! address of its own, without a token (bind it where only the scraper reaches; the API
+//! listener answers `/metrics` with 404). Latencies are in seconds, in buckets from 0.5
+//! ms to 10 s. Labels take fixed values or route templates only: no key, key id, owner,
+//! token or raw path is ever a label value, so the number of series is bounded.
+//!
+//! | series | type | labels | what |
+//! | --- | --- | --- | --- |
+//! | `keygate_server_verify_requests_total` | counter | `outcome`: `valid`, `not_found`, `revoked`, `expired`, `disabled`, `error` | `POST /v1/keys/verify` calls past the token check; `error`: no verdict (malformed request, store failure) |
+//! | `keygate_server_verify_duration_seconds` | histogram | — | each of those calls, from its body read to its answer |
+//! | `keygate_server_http_requests_total` | counter | `route` (the route template, such as `/v1/keys/{id}`, or `unmatched`), `method` (`GET`, `POST`, `PUT`, `PATCH`, `DELETE`, `HEAD`, `OPTIONS`, `other`), `status` (`1xx` … `5xx`) | every request, admin routes included, token refusals included |
+//! | `keygate_server_http_request_duration_seconds` | histogram | `route`, `method` | from a request's arrival to its response head (for `/v1/events`, the stream's opening) |
+//! | `keygate_server_usage_batches_total` | counter | `result`: `applied`, `duplicate` | `POST /v1/usage` batches stored, or recognised as applied before |
+//! | `keygate_server_usage_rows_received_total` | counter | — | aggregate rows in applied batches (refused ones included) |
+//! | `keygate_server_usage_events_received_total` | counter | — | raw events in applied batches |
+//! | `keygate_server_usage_rows_refused_total` | counter | — | rows not stored: minute outside the accepted window |
+//! | `keygate_server_usage_requests_total` | counter | `result`: `stored`, `refused`, `unknown`, `unattributed` | the requests those rows count, by what became of them (see [Usage](#usage)) |
+//! | `keygate_server_usage_reported_total` | counter | `kind`: `dropped`, `overflowed`, `networks_dropped` | what middlewares report they could not deliver in full |
+//! | `keygate_server_event_subscribers` | gauge | — | `GET /v1/events` streams open now |
+//! | `keygate_server_events_published_total` | counter | — | events published to those streams |
+//! | `keygate_server_alerts_raised_total` | counter | — | usage alerts raised |
+//! | `keygate_server_retention_passes_total` | counter | `result`: `ok`, `failed` | usage retention passes |
+//! | `keygate_server_store_operation_duration_seconds` | histogram | `op`: the store operation (`find_by_digest`, `create_key`, `change_key`, `record_usage`, `read_usage`, `ping`, …) | each operation, failures included |
+//! | `keygate_server_store_errors_total` | counter | `op`, `kind`: `unavailable`, `database`, `corrupt`, `not_found`, `conflict`, `config`, `migration` | failed operations (`not_found` and `conflict` are answers to the request, the others faults) |
+//! | `keygate_server_change_feed_connected` | gauge | — | PostgreSQL: 1 while the feed of other replicas' changes is connected |
+//! | `keygate_server_change_feed_reconnects_total` | counter | — | PostgreSQL: times that feed reconnected (each followed by `reset`) |
+//! | `keygate_server_events_forwarded_total` | counter | — | PostgreSQL: other replicas' changes forwarded to this replica's streams |
+//! | `keygate_server_fanout_lag_seconds` | histogram | — | PostgreSQL: from another replica's `NOTIFY` of a change (sent in its transaction, just before the commit) to this replica hearing it; measured against the two hosts' clocks, so skew shows in it |
+//! | `keygate_server_build_info` | gauge | `version` | always 1 |
+//!
+//! Each key service records into a Prometheus recorder of its own, not the `metrics`
+//! crate's global recorder: several key services in one process each expose their own
+//! counts, and an application's global recorder (where the middleware's
+//! `keygate_usage_*` series go) is left alone. To serve the page from an application
+//! that embeds [`router`], set `metrics_listen` and call [`KeyServer::build`], then
+//! answer with [`ServerState::render_metrics`].
+//!
+//! # Backup
+//!
+//! [`backup_sqlite`] (CLI `keygate-server backup --database sqlite://FILE --to COPY`)
+//! copies a SQLite store consistently while key services use it; start a key service
+//! on the copy to restore. A PostgreSQL store is backed up with PostgreSQL's tools
+//! (`pg_dump`; see the README).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -132,13 +179,17 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 // Module order from the bottom up; each imports only modules before it: text, model,
-// token, events, store, error, validate, usage, report, auth, alerts, retention, state,
-// tokens_api, api (and this one, which builds and starts the service).
+// token, events, meters, store, error, validate, usage, report, auth, alerts, retention,
+// state, tokens_api, metrics, api (and this one, which builds and starts the service;
+// backup stands apart, on its own connection).
 mod alerts;
 mod api;
 mod auth;
+mod backup;
 mod error;
 mod events;
+mod meters;
+mod metrics;
 mod model;
 mod report;
 mod retention;
@@ -153,6 +204,7 @@ mod validate;
 pub use alerts::AlertConfig;
 pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};
 pub use auth::{Admin, Service};
+pub use backup::{BackupError, backup_sqlite};
 pub use error::{ApiError, ServerError};
 pub use events::EventHub;
 pub use report::{MAX_USAGE_BUCKETS, MAX_USAGE_ROUTES, MAX_USAGE_ROWS, MAX_USAGE_SPAN};
@@ -197,6 +249,7 @@ pub struct KeyServer {
     event_buffer: usize,
     alerts: AlertConfig,
     retention: RetentionConfig,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for KeyServer {
@@ -205,6 +258,7 @@ impl std::fmt::Debug for KeyServer {
             .field("listen", &self.listen)
             .field("key_prefix", &self.key_prefix)
             .field("heartbeat", &self.heartbeat)
+            .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
     }
 }
@@ -212,7 +266,7 @@ impl std::fmt::Debug for KeyServer {
 impl KeyServer {
     /// Defaults: database `sqlite::memory:`, listen `127.0.0.1:7700`, key prefix `kg`,
     /// heartbeat 15 s, event buffer 1 024 per subscriber, [`AlertConfig::default`],
-    /// [`RetentionConfig::default`], and no bootstrap token: a persistent database must
+    /// [`RetentionConfig::default`], metrics off, and no bootstrap token: a persistent database must
     /// hold an admin token, and on `sqlite::memory:` the tokens not given are generated
     /// (read them from [`RunningKeyServer`]).
     pub fn builder() -> Self {
@@ -227,6 +281,7 @@ impl KeyServer {
             event_buffer: DEFAULT_EVENT_BUFFER,
             alerts: AlertConfig::default(),
             retention: RetentionConfig::default(),
+            metrics_listen: None,
         }
     }
 
@@ -299,6 +354,19 @@ impl KeyServer {
         self
     }
 
+    /// Serves Prometheus metrics at `GET /metrics` on this address of its own (port 0
+    /// picks a free one; read it from [`RunningKeyServer::metrics_addr`]). Off by
+    /// default. The page asks for no token: bind it to an address only the scraper
+    /// reaches. The series are listed in the [module docs](self#metrics).
+    ///
+    /// With [`build`](Self::build) instead of [`start`](Self::start), setting it turns
+    /// the recording on without listening: serve
+    /// [`ServerState::render_metrics`] yourself.
+    pub fn metrics_listen(mut self, addr: SocketAddr) -> Self {
+        self.metrics_listen = Some(addr);
+        self
+    }
+
     /// The configured tokens, checked.
     fn configured_tokens(&mut self) -> Result<(Option<String>, Option<String>), ServerError> {
         let service = self.service_token.take();
@@ -360,7 +428,10 @@ impl KeyServer {
             return Err(ServerError::NoAdminToken);
         }
         let hub = EventHub::new(self.event_buffer, self.heartbeat);
-        let store = store.reporting_to(Arc::new(auth::Sink { hub: hub.clone(), tokens: Arc::clone(&tokens) }));
+        let meters = Arc::new(if self.metrics_listen.is_some() { meters::Meters::on() } else { meters::Meters::off() });
+        let store = store
+            .reporting_to(Arc::new(auth::Sink { hub: hub.clone(), tokens: Arc::clone(&tokens) }))
+            .metered_by(Arc::clone(&meters));
         let feed = store.follow_changes();
         if let Some(feed) = &feed {
             // Serving before the feed listens would let another replica's change slip by
@@ -389,6 +460,7 @@ impl KeyServer {
                 retention: self.retention.clone(),
                 retention_counters,
                 _retention_task: retention_task,
+                meters,
             }),
         };
         Ok((state, service, admin))
@@ -397,10 +469,15 @@ impl KeyServer {
     /// Opens the store, runs migrations, binds and starts serving in the background.
     pub async fn start(self) -> Result<RunningKeyServer, ServerError> {
         let listen = self.listen;
+        let metrics_listen = self.metrics_listen;
         let (state, service_token, admin_token) = self.build().await?;
         let listener =
             tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
         let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: listen, source })?;
+        let metrics = match metrics_listen {
+            Some(at) => Some(serve_metrics(at, state.clone()).await?),
+            None => None,
+        };
         let app = router(state.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let hub = state.inner.hub.clone();
@@ -416,8 +493,33 @@ impl KeyServer {
             }
         });
         tracing::info!(%addr, "key service listening");
-        Ok(RunningKeyServer { addr, state, stop: Some(stop_tx), task: Some(task), service_token, admin_token })
+        let (metrics_addr, metrics_task) = metrics.unzip();
+        Ok(RunningKeyServer {
+            addr,
+            state,
+            stop: Some(stop_tx),
+            task: Some(task),
+            service_token,
+            admin_token,
+            metrics_addr,
+            metrics_task,
+        })
     }
+}
+
+/// Binds the metrics listener and serves `/metrics` on it until aborted (a scrape is
+/// short: nothing to drain).
+async fn serve_metrics(at: SocketAddr, state: ServerState) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
+    let listener = tokio::net::TcpListener::bind(at).await.map_err(|source| ServerError::Bind { addr: at, source })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: at, source })?;
+    let app = metrics::exposition(state);
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics listener stopped with an error");
+        }
+    });
+    tracing::info!(%addr, "metrics listening");
+    Ok((addr, task))
 }
 
 /// A key service serving in the background. Dropping it starts a graceful shutdown;
@@ -429,11 +531,16 @@ pub struct RunningKeyServer {
     task: Option<JoinHandle<()>>,
     service_token: Option<String>,
     admin_token: Option<String>,
+    metrics_addr: Option<SocketAddr>,
+    metrics_task: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RunningKeyServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningKeyServer").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("RunningKeyServer")
+            .field("addr", &self.addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -446,6 +553,12 @@ impl RunningKeyServer {
     /// `http://{addr}`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The bound address of `GET /metrics`, when
+    /// [`metrics_listen`](KeyServer::metrics_listen) was set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// A snapshot of the counters.
@@ -488,6 +601,9 @@ impl RunningKeyServer {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        if let Some(metrics) = self.metrics_task.take() {
+            metrics.abort();
+        }
         if let Some(mut task) = self.task.take() {
             if tokio::time::timeout(Duration::from_secs(10), &mut task).await.is_err() {
                 tracing::warn!("graceful shutdown timed out; aborting open connections");
@@ -506,6 +622,9 @@ impl Drop for RunningKeyServer {
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+        }
+        if let Some(metrics) = self.metrics_task.take() {
+            metrics.abort();
         }
     }
 }

@@ -11,6 +11,7 @@ use super::alerts::AlertConfig;
 use super::auth::{Admin, Service, TokenTable, TokenTask};
 use super::error::ApiError;
 use super::events::{ChangeNote, EventHub};
+use super::meters::Meters;
 use super::retention::{RetentionConfig, RetentionCounters, RetentionTask, run_pass};
 use super::store::{ChangeFeed, ChangeSink, RetentionReport, Store, StoreError};
 use super::token::TokenKind;
@@ -129,6 +130,9 @@ pub(crate) struct StateInner {
     pub retention_counters: Arc<RetentionCounters>,
     /// Background retention passes; stop when the state is dropped.
     pub _retention_task: Option<RetentionTask>,
+    /// The metrics recorder (off unless `KeyServer::metrics_listen` was set); the store
+    /// shares it.
+    pub meters: Arc<Meters>,
 }
 
 impl ServerState {

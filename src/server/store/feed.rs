@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use metrics::Histogram;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::ChangeSink;
-use crate::server::events::ChangeNote;
+use crate::server::events::{ChangeNote, unix_ms_now};
 
 /// What a [`ChangeFeed`] has done, read with [`ChangeFeed::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -37,6 +38,9 @@ pub(crate) struct FeedCounters {
     unreadable: AtomicU64,
     connects: AtomicU64,
     connected: watch::Sender<bool>,
+    /// From a note's `sent_at_ms` to its arrival here, in seconds (another replica's
+    /// clock against this one's: skew shows, and a note "from the future" counts as 0).
+    lag: Histogram,
 }
 
 impl FeedCounters {
@@ -44,11 +48,14 @@ impl FeedCounters {
     /// others to `sink`, and publishes `reset` for one it cannot read (a lost
     /// invalidation is never ignored).
     pub(crate) fn forward(&self, sink: &dyn ChangeSink, own_origin: &str, payload: &str) {
-        match ChangeNote::decode(payload) {
-            Ok((origin, _)) if origin == own_origin => {
+        match ChangeNote::decode_timed(payload) {
+            Ok((origin, _, _)) if origin == own_origin => {
                 self.own_skipped.fetch_add(1, Ordering::Relaxed);
             }
-            Ok((_, note)) => {
+            Ok((_, note, sent_at_ms)) => {
+                if let Some(sent) = sent_at_ms {
+                    self.lag.record(unix_ms_now().saturating_sub(sent).max(0) as f64 / 1000.0);
+                }
                 sink.publish(&note);
                 self.forwarded.fetch_add(1, Ordering::Relaxed);
             }
@@ -80,8 +87,9 @@ pub(crate) struct ChangeFeed {
 }
 
 impl ChangeFeed {
-    /// Spawns `run` on the current Tokio runtime with fresh counters.
-    pub(crate) fn spawn<F, Fut>(run: F) -> Self
+    /// Spawns `run` on the current Tokio runtime with fresh counters; the fan-out lag
+    /// of the notes it forwards goes to `lag`.
+    pub(crate) fn spawn<F, Fut>(lag: Histogram, run: F) -> Self
     where
         F: FnOnce(Arc<FeedCounters>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
@@ -92,6 +100,7 @@ impl ChangeFeed {
             unreadable: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             connected: watch::Sender::new(false),
+            lag,
         });
         let task = tokio::spawn(run(Arc::clone(&counters)));
         Self { task, counters }
@@ -141,7 +150,7 @@ mod tests {
     #[tokio::test]
     async fn forward_skips_own_notes_and_resets_on_unreadable_ones() {
         let sink = Recorded::default();
-        let feed = ChangeFeed::spawn(|_| async {});
+        let feed = ChangeFeed::spawn(Histogram::noop(), |_| async {});
         let c = &feed.counters;
         c.forward(&sink, "me", &ChangeNote::Key(KeyEvent::Updated, "key_a".into()).encode("me"));
         c.forward(&sink, "me", &ChangeNote::Key(KeyEvent::Updated, "key_a".into()).encode("other"));

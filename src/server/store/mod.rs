@@ -3,7 +3,9 @@
 //! knows which one it talks to.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Instant;
 
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -12,6 +14,7 @@ use crate::key::KeyDigest;
 use crate::principal::RateLimit;
 
 use super::events::{ChangeNote, KeyEvent, MAX_EVENTS_PER_CHANGE};
+use super::meters::Meters;
 use super::model::{Alert, AuditRecord, KeyInfo, KeyPatch, RoleInfo, UsageBucket};
 use super::text::rfc3339;
 
@@ -71,6 +74,21 @@ pub enum StoreError {
     /// Migrating the schema failed.
     #[error("migration: {0}")]
     Migration(sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// The `kind` label of `keygate_server_store_errors_total`.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "not_found",
+            Self::Conflict(_) => "conflict",
+            Self::Unavailable(_) => "unavailable",
+            Self::Database(_) => "database",
+            Self::Corrupt(_) => "corrupt",
+            Self::Config(_) => "config",
+            Self::Migration(_) => "migration",
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -180,6 +198,7 @@ impl ChangeSink for Unheard {
 pub struct Store {
     backend: Backend,
     sink: Arc<dyn ChangeSink>,
+    meters: Arc<Meters>,
 }
 
 #[derive(Debug, Clone)]
@@ -197,14 +216,14 @@ impl fmt::Debug for Store {
 
 impl From<SqliteStore> for Store {
     fn from(store: SqliteStore) -> Self {
-        Self { backend: Backend::Sqlite(store), sink: Arc::new(Unheard) }
+        Self { backend: Backend::Sqlite(store), sink: Arc::new(Unheard), meters: Arc::new(Meters::off()) }
     }
 }
 
 #[cfg(feature = "postgres")]
 impl From<PostgresStore> for Store {
     fn from(store: PostgresStore) -> Self {
-        Self { backend: Backend::Postgres(store), sink: Arc::new(Unheard) }
+        Self { backend: Backend::Postgres(store), sink: Arc::new(Unheard), meters: Arc::new(Meters::off()) }
     }
 }
 
@@ -262,6 +281,28 @@ impl Store {
         self
     }
 
+    /// Times every operation (and counts its failures) in `meters` from now on.
+    #[must_use]
+    pub(crate) fn metered_by(mut self, meters: Arc<Meters>) -> Self {
+        self.meters = meters;
+        self
+    }
+
+    /// Runs one operation, timing it as `op` (a fixed name: the `op` label).
+    async fn metered<T>(
+        &self,
+        op: &'static str,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        if !self.meters.is_on() {
+            return work.await;
+        }
+        let started = Instant::now();
+        let result = work.await;
+        self.meters.store_op(op, started.elapsed(), result.as_ref().err().map(StoreError::kind));
+        result
+    }
+
     /// The one publish point: after commit, the notes go to the local subscribers.
     fn published(&self, notes: &[ChangeNote]) {
         for note in notes {
@@ -271,23 +312,30 @@ impl Store {
 
     /// Checks the database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        each_backend!(self, b => sqlx::query("SELECT 1").execute(b.pool()).await.map(drop)?);
-        Ok(())
+        self.metered("ping", async {
+            each_backend!(self, b => sqlx::query("SELECT 1").execute(b.pool()).await.map(drop)?);
+            Ok(())
+        })
+        .await
     }
 
     /// Inserts a key, its secret and the `key.create` audit record.
     pub(crate) async fn create_key(&self, key: &NewKeyRecord, actor: &str) -> Result<KeyInfo, StoreError> {
-        write_tx!(self, |tx, q| (q::create_key(&mut tx, key, actor).await?, Vec::new()))
+        self.metered("create_key", async {
+            write_tx!(self, |tx, q| (q::create_key(&mut tx, key, actor).await?, Vec::new()))
+        })
+        .await
     }
 
     /// One key by id.
     pub async fn get_key(&self, key_id: &str) -> Result<Option<KeyInfo>, StoreError> {
-        each_backend!(self, b, q => q::get_key(b.pool(), key_id).await)
+        self.metered("get_key", async { each_backend!(self, b, q => q::get_key(b.pool(), key_id).await) }).await
     }
 
     /// Keys, oldest first, optionally of one owner, at most `limit`.
     pub async fn list_keys(&self, owner: Option<&str>, limit: u32) -> Result<Vec<KeyInfo>, StoreError> {
-        each_backend!(self, b, q => q::list_keys(b.pool(), owner, limit).await)
+        self.metered("list_keys", async { each_backend!(self, b, q => q::list_keys(b.pool(), owner, limit).await) })
+            .await
     }
 
     /// Applies a validated patch and writes `key.update`. A revoked key is a conflict.
@@ -331,11 +379,14 @@ impl Store {
         actor: &str,
         at: OffsetDateTime,
     ) -> Result<KeyInfo, StoreError> {
-        write_tx!(self, |tx, q| {
-            let key = q::change_key(&mut tx, key_id, &change, actor, at).await?;
-            let note = ChangeNote::Key(change.event(), key.key_id.clone());
-            (key, vec![note])
+        self.metered("change_key", async {
+            write_tx!(self, |tx, q| {
+                let key = q::change_key(&mut tx, key_id, &change, actor, at).await?;
+                let note = ChangeNote::Key(change.event(), key.key_id.clone());
+                (key, vec![note])
+            })
         })
+        .await
     }
 
     /// Creates or replaces a role and writes `role.put`. Returns the role and how many
@@ -348,30 +399,34 @@ impl Store {
         actor: &str,
         at: OffsetDateTime,
     ) -> Result<(RoleInfo, usize), StoreError> {
-        write_tx!(self, |tx, q| {
-            let (role, affected) = q::put_role(&mut tx, name, scopes, actor, at).await?;
-            ((role, affected.len()), notes_for_keys(KeyEvent::Updated, affected))
+        self.metered("put_role", async {
+            write_tx!(self, |tx, q| {
+                let (role, affected) = q::put_role(&mut tx, name, scopes, actor, at).await?;
+                ((role, affected.len()), notes_for_keys(KeyEvent::Updated, affected))
+            })
         })
+        .await
     }
 
     /// All roles, by name.
     pub async fn list_roles(&self) -> Result<Vec<RoleInfo>, StoreError> {
-        each_backend!(self, b, q => q::list_roles(b.pool()).await)
+        self.metered("list_roles", async { each_backend!(self, b, q => q::list_roles(b.pool()).await) }).await
     }
 
     /// The key holding the secret with this digest: an index lookup, never a scan.
     pub async fn find_by_digest(&self, digest: &KeyDigest) -> Result<Option<Found>, StoreError> {
-        each_backend!(self, b, q => q::find_by_digest(b.pool(), digest).await)
+        self.metered("find_by_digest", async { each_backend!(self, b, q => q::find_by_digest(b.pool(), digest).await) })
+            .await
     }
 
     /// Audit records, oldest first: from `since` on, or the newest `limit` without it.
     pub async fn audit(&self, since: Option<OffsetDateTime>, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
-        each_backend!(self, b, q => q::audit(b.pool(), since, limit).await)
+        self.metered("audit", async { each_backend!(self, b, q => q::audit(b.pool(), since, limit).await) }).await
     }
 
     /// Which of these key ids belong to keys of this store.
     pub(crate) async fn known_keys(&self, ids: &[&str]) -> Result<std::collections::HashSet<String>, StoreError> {
-        each_backend!(self, b, q => q::known_keys(b.pool(), ids).await)
+        self.metered("known_keys", async { each_backend!(self, b, q => q::known_keys(b.pool(), ids).await) }).await
     }
 
     /// Stores a usage batch in one transaction, marking its batch id applied in the
@@ -381,7 +436,7 @@ impl Store {
         batch: Option<BatchMark<'_>>,
         delta: &UsageDelta,
     ) -> Result<Applied, StoreError> {
-        each_backend!(self, b => b.record_usage(batch, delta).await)
+        self.metered("record_usage", async { each_backend!(self, b => b.record_usage(batch, delta).await) }).await
     }
 
     /// Streams the usage rows `read` selects into `each`; returns how many it read (one
@@ -391,7 +446,10 @@ impl Store {
         read: &UsageRead<'_>,
         mut each: impl FnMut(ReadRow) -> Result<(), StoreError> + Send,
     ) -> Result<u64, StoreError> {
-        each_backend!(self, b, q => q::read_usage(b.pool(), read, &mut each).await)
+        self.metered("read_usage", async {
+            each_backend!(self, b, q => q::read_usage(b.pool(), read, &mut each).await)
+        })
+        .await
     }
 
     /// A key's minutes in `[since, since + limit minutes)`, oldest first: what the
@@ -417,6 +475,10 @@ impl Store {
     /// One retention pass: rolls minute rows up into hour rows, deletes hour rows and
     /// batch ids past their time, in transactions of bounded size.
     pub(crate) async fn retention_pass(&self, cut: &RetentionCutoffs) -> Result<RetentionReport, StoreError> {
+        self.metered("retention_pass", self.retention_pass_unmetered(cut)).await
+    }
+
+    async fn retention_pass_unmetered(&self, cut: &RetentionCutoffs) -> Result<RetentionReport, StoreError> {
         let mut report = RetentionReport::default();
         let per_tx = u64::from(cut.rows_per_transaction);
         for _ in 0..cut.max_transactions {
@@ -459,26 +521,32 @@ impl Store {
         network: &str,
         at: OffsetDateTime,
     ) -> Result<NetworkSeen, StoreError> {
-        let known = each_backend!(self, b, q => q::network_known(b.pool(), key_id, network).await?);
-        if known {
-            return Ok(NetworkSeen::Known);
-        }
-        write_tx!(self, |tx, q| (q::add_network(&mut tx, key_id, network, at).await?, Vec::new()))
+        self.metered("note_network", async {
+            let known = each_backend!(self, b, q => q::network_known(b.pool(), key_id, network).await?);
+            if known {
+                return Ok(NetworkSeen::Known);
+            }
+            write_tx!(self, |tx, q| (q::add_network(&mut tx, key_id, network, at).await?, Vec::new()))
+        })
+        .await
     }
 
     /// Stores an alert (and publishes it) unless one of the same key, kind and minute
     /// exists; true if stored.
     pub(crate) async fn insert_alert(&self, alert: &Alert) -> Result<bool, StoreError> {
-        write_tx!(self, |tx, q| {
-            let stored = q::insert_alert(&mut *tx, alert).await?;
-            let notes = if stored { vec![ChangeNote::Alert(Box::new(alert.clone()))] } else { Vec::new() };
-            (stored, notes)
+        self.metered("insert_alert", async {
+            write_tx!(self, |tx, q| {
+                let stored = q::insert_alert(&mut *tx, alert).await?;
+                let notes = if stored { vec![ChangeNote::Alert(Box::new(alert.clone()))] } else { Vec::new() };
+                (stored, notes)
+            })
         })
+        .await
     }
 
     /// Alerts, oldest first: from `since` on, or the newest `limit` without it.
     pub async fn alerts(&self, since: Option<OffsetDateTime>, limit: u32) -> Result<Vec<Alert>, StoreError> {
-        each_backend!(self, b, q => q::alerts(b.pool(), since, limit).await)
+        self.metered("alerts", async { each_backend!(self, b, q => q::alerts(b.pool(), since, limit).await) }).await
     }
 
     /// For a store that several key-service replicas share (PostgreSQL): starts
@@ -488,7 +556,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(_) => None,
             #[cfg(feature = "postgres")]
-            Backend::Postgres(p) => Some(p.follow_changes(Arc::clone(&self.sink))),
+            Backend::Postgres(p) => Some(p.follow_changes(Arc::clone(&self.sink), self.meters.fanout_lag())),
         }
     }
 }

@@ -240,9 +240,9 @@ impl PostgresStore {
 
     /// Starts forwarding the changes made through the other replicas into `sink`.
     /// Called from within a Tokio runtime.
-    pub(super) fn follow_changes(&self, sink: Arc<dyn ChangeSink>) -> ChangeFeed {
+    pub(super) fn follow_changes(&self, sink: Arc<dyn ChangeSink>, lag: metrics::Histogram) -> ChangeFeed {
         let inner = Arc::clone(&self.inner);
-        ChangeFeed::spawn(move |counters| feed(inner, sink, counters))
+        ChangeFeed::spawn(lag, move |counters| feed(inner, sink, counters))
     }
 
     /// `None`: a row vanished under the transaction, which is rolled back.
