@@ -72,13 +72,24 @@ struct HubInner {
     close: watch::Sender<u64>,
     heartbeat: Duration,
     subscribers: AtomicU64,
+    max_subscribers: u64,
     published: AtomicU64,
 }
 
+/// Default cap on the streams one hub serves at once.
+pub const DEFAULT_MAX_EVENT_SUBSCRIBERS: u64 = 1000;
+
 impl EventHub {
     /// A hub whose subscribers each buffer up to `capacity` events and get a heartbeat
-    /// every `heartbeat`.
+    /// every `heartbeat`, serving at most [`DEFAULT_MAX_EVENT_SUBSCRIBERS`] streams
+    /// through [`try_subscribe`](Self::try_subscribe).
     pub fn new(capacity: usize, heartbeat: Duration) -> Self {
+        Self::with_max_subscribers(capacity, heartbeat, DEFAULT_MAX_EVENT_SUBSCRIBERS)
+    }
+
+    /// Like [`new`](Self::new), with at most `max_subscribers` streams through
+    /// [`try_subscribe`](Self::try_subscribe).
+    pub fn with_max_subscribers(capacity: usize, heartbeat: Duration, max_subscribers: u64) -> Self {
         let (tx, _) = broadcast::channel(capacity.max(1));
         let (close, _) = watch::channel(0);
         Self {
@@ -87,6 +98,7 @@ impl EventHub {
                 close,
                 heartbeat,
                 subscribers: AtomicU64::new(0),
+                max_subscribers,
                 published: AtomicU64::new(0),
             }),
         }
@@ -126,6 +138,23 @@ impl EventHub {
         self.inner.subscribers.load(Ordering::Relaxed)
     }
 
+    /// The cap of [`try_subscribe`](Self::try_subscribe).
+    pub fn max_subscribers(&self) -> u64 {
+        self.inner.max_subscribers
+    }
+
+    /// A new subscriber's stream, or `None` when [`max_subscribers`](Self::max_subscribers)
+    /// streams are open already. A stream counts until it is dropped.
+    pub fn try_subscribe(&self) -> Option<impl Stream<Item = Result<Event, Infallible>> + Send + use<>> {
+        let max = self.inner.max_subscribers;
+        // Taken before the stream exists, so that concurrent requests cannot overshoot.
+        self.inner
+            .subscribers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        Some(self.stream())
+    }
+
     /// Events published since start.
     pub fn published(&self) -> u64 {
         self.inner.published.load(Ordering::Relaxed)
@@ -133,12 +162,18 @@ impl EventHub {
 
     /// A new subscriber's stream. It is subscribed when this returns, so an event
     /// published afterwards reaches it.
+    /// Not counted against [`max_subscribers`](Self::max_subscribers).
     pub fn subscribe(&self) -> impl Stream<Item = Result<Event, Infallible>> + Send + use<> {
+        self.inner.subscribers.fetch_add(1, Ordering::AcqRel);
+        self.stream()
+    }
+
+    /// The stream of a subscriber already counted.
+    fn stream(&self) -> impl Stream<Item = Result<Event, Infallible>> + Send + use<> {
         let mut close = self.inner.close.subscribe();
         close.mark_unchanged();
         let mut ticker = tokio::time::interval_at(Instant::now() + self.inner.heartbeat, self.inner.heartbeat);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        self.inner.subscribers.fetch_add(1, Ordering::Relaxed);
         let state = Subscriber {
             rx: self.inner.tx.subscribe(),
             close,
@@ -157,7 +192,7 @@ struct Guard(Arc<HubInner>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
+        self.0.subscribers.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

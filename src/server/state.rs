@@ -119,6 +119,8 @@ pub(crate) struct StateInner {
     pub stats: Stats,
     pub alerts: AlertConfig,
     pub key_prefix: String,
+    /// Environments whose keys get a prefix of their own.
+    pub env_prefixes: std::collections::BTreeMap<String, String>,
     /// Other replicas' changes, forwarded into `hub`; stops when the state is dropped.
     pub feed: Option<ChangeFeed>,
     pub retention: RetentionConfig,
