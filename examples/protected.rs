@@ -17,6 +17,10 @@
 //! | `POST /reports` | scope `reports:write` |
 //! | `GET /admin` | role `admin` |
 //!
+//! A connection has 10 s (`--header-read-timeout-ms`) to send a request's headers and a
+//! request body may pause 30 s (`--request-body-timeout-ms`): `axum::serve` bounds
+//! neither, so the example serves through hyper's HTTP/1 builder (see `serve`).
+//!
 //! Each protected route answers JSON naming the caller's key id and owner. The address
 //! it listens on is printed (`listening on 127.0.0.1:8080`), so `--listen 127.0.0.1:0`
 //! works too. Ctrl-C or SIGTERM stops it gracefully: it stops taking connections, lets

@@ -406,3 +406,22 @@ async fn roles_delete_and_alerts_ack_on_postgres() {
     assert!(t.admin.list_alerts(Some(false)).await.unwrap().is_empty());
     assert_eq!(t.admin.list_alerts(Some(true)).await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn serve_checks_its_environment_prefixes() {
+    let serve = |prefix: &'static str| async move {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate-server"));
+        cmd.args(["serve", "--db", "sqlite::memory:", "--listen", "127.0.0.1:0", "--env-prefix", prefix]);
+        cmd.env_remove("KEYGATE_ADMIN_TOKEN").env_remove("KEYGATE_SERVICE_TOKEN").kill_on_drop(true);
+        tokio::time::timeout(std::time::Duration::from_secs(30), cmd.output())
+            .await
+            .expect("serve refuses at once")
+            .unwrap()
+    };
+    let out = serve("test=Bad-Prefix").await;
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("key prefix `Bad-Prefix` of environment `test`"), "{}", stderr(&out));
+    let out = serve("no-equals-sign").await;
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("ENV=PREFIX"), "{}", stderr(&out));
+}

@@ -31,6 +31,11 @@
 //! `--usage-minutes-hours` (default 168, 7 days), hour rows deleted after
 //! `--usage-hours-days` (default 90), a pass every `--usage-retention-interval-s`
 //! (default 300); `--no-usage-retention` turns the passes off.
+//!
+//! Edges (`serve`): at most `--max-event-subscribers` event streams (default 1 000), a
+//! connection has `--header-read-timeout-s` (default 10) to send its headers and a body
+//! may pause `--request-body-timeout-s` (default 30). `--env-prefix ENV=PREFIX`
+//! (repeatable) gives an environment's keys their own prefix (default `test=kgtest`).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

@@ -205,7 +205,8 @@ impl AdminClient {
         self.send(self.request(Method::POST, &format!("/v1/keys/{}/rotate", encode(key_id))).json(&body)).await
     }
 
-    /// `POST /v1/keys/{id}/revoke`.
+    /// `POST /v1/keys/{id}/revoke`. Revoking a revoked key succeeds and changes nothing;
+    /// [`revoke_key`](Self::revoke_key) tells the two apart.
     pub async fn revoke(&self, key_id: &str) -> Result<KeyInfo, ClientError> {
         self.send(self.request(Method::POST, &format!("/v1/keys/{}/revoke", encode(key_id)))).await
     }

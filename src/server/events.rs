@@ -45,6 +45,9 @@ struct Published {
 /// | `alert` | an [`Alert`] | the usage of a key looks anomalous |
 /// | `heartbeat` | `{"at"}` | every 15 s by default, so that a silent dead connection is noticed |
 ///
+/// At most [`max_subscribers`](Self::max_subscribers) streams are open at once (default
+/// [`DEFAULT_MAX_EVENT_SUBSCRIBERS`], 1 000); the route answers 503 past it.
+///
 /// A stream opens with the SSE comment `: keygate events v1`. Events are published after
 /// the change's transaction committed. Each subscriber reads from a bounded broadcast
 /// buffer (1 024 events by default); one that falls behind gets `reset` instead of
