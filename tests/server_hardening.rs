@@ -32,6 +32,7 @@ async fn event_subscribers_are_capped_and_the_count_drops_when_a_stream_ends() {
     assert_eq!(body["error"], "too_many_subscribers");
     assert!(body["message"].as_str().unwrap().contains('3'), "{body}");
     assert_eq!(t.server.stats().event_subscribers, 3, "a refused stream is not counted");
+    assert_eq!(t.server.stats().event_subscribers_refused, 1);
 
     drop(open.pop());
     assert!(

@@ -76,6 +76,7 @@ struct HubInner {
     heartbeat: Duration,
     subscribers: AtomicU64,
     max_subscribers: u64,
+    refused: AtomicU64,
     published: AtomicU64,
 }
 
@@ -102,6 +103,7 @@ impl EventHub {
                 heartbeat,
                 subscribers: AtomicU64::new(0),
                 max_subscribers,
+                refused: AtomicU64::new(0),
                 published: AtomicU64::new(0),
             }),
         }
@@ -151,11 +153,18 @@ impl EventHub {
     pub fn try_subscribe(&self) -> Option<impl Stream<Item = Result<Event, Infallible>> + Send + use<>> {
         let max = self.inner.max_subscribers;
         // Taken before the stream exists, so that concurrent requests cannot overshoot.
-        self.inner
-            .subscribers
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .ok()?;
+        let taken =
+            self.inner.subscribers.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+        if taken.is_err() {
+            self.inner.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
         Some(self.stream())
+    }
+
+    /// Streams [`try_subscribe`](Self::try_subscribe) refused since start.
+    pub fn refused(&self) -> u64 {
+        self.inner.refused.load(Ordering::Relaxed)
     }
 
     /// Events published since start.
