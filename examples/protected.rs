@@ -17,6 +17,10 @@
 //! | `POST /reports` | scope `reports:write` |
 //! | `GET /admin` | role `admin` |
 //!
+//! A connection has 10 s (`--header-read-timeout-ms`) to send a request's headers and a
+//! request body may pause 30 s (`--request-body-timeout-ms`): `axum::serve` bounds
+//! neither, so the example serves through hyper's HTTP/1 builder (see `serve`).
+//!
 //! Each protected route answers JSON naming the caller's key id and owner. The address
 //! it listens on is printed (`listening on 127.0.0.1:8080`), so `--listen 127.0.0.1:0`
 //! works too. Ctrl-C or SIGTERM stops it gracefully: it stops taking connections, lets
@@ -55,6 +59,13 @@ struct Args {
     /// How often aggregated usage is sent to the key service, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     usage_interval_ms: u64,
+    /// How long a connection has to send a request's headers, in milliseconds (also the
+    /// longest an idle keep-alive connection stays open).
+    #[arg(long, default_value_t = 10_000)]
+    header_read_timeout_ms: u64,
+    /// How long a request body may pause, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    request_body_timeout_ms: u64,
 }
 
 #[tokio::main]
@@ -85,14 +96,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .route("/admin", get(admin).route_layer(RequireScopes::role("admin")))
         .layer(auth);
-    let app = Router::new().route("/health", get(health)).merge(protected);
+    let app = Router::new()
+        .route("/health", get(health))
+        .merge(protected)
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_millis(args.request_body_timeout_ms)));
 
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "protected service listening");
     // On standard output too, for scripts (and tests) that listen on port 0.
     println!("listening on {addr}");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await?;
+    serve(listener, app, Duration::from_millis(args.header_read_timeout_ms.max(1)), shutdown_signal()).await;
 
     // The server has stopped and every request in flight is decided: what the aggregator
     // holds now is all the usage there will be.
@@ -100,6 +114,45 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let usage = remote.shutdown().await;
     tracing::info!(?cache, ?usage, "stopped");
     Ok(())
+}
+
+/// Serves `app` until `stop`, then lets open connections finish their requests.
+/// `axum::serve` cannot bound how long a client takes to send its headers (a client
+/// that sends half of them would hold its connection forever), so connections go
+/// through hyper's HTTP/1 builder with a timer.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// Ctrl-C, or SIGTERM (what container runtimes and systemd send) on Unix.

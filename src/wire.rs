@@ -367,6 +367,14 @@ impl AlertKind {
 /// entry of `GET /v1/alerts`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {
+    /// The alert's id in the key service (what `POST /v1/alerts/{id}/ack` takes);
+    /// absent from older key services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// When an operator acknowledged it (`null` while open); absent from older key
+    /// services.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub acknowledged_at: Option<OffsetDateTime>,
     /// When it was raised.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,

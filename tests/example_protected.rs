@@ -34,8 +34,13 @@ struct Protected {
 
 impl Protected {
     fn start(binary: PathBuf, key_service: &str) -> Self {
+        Self::start_with(binary, key_service, &[])
+    }
+
+    fn start_with(binary: PathBuf, key_service: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(binary)
             .args(["--key-service", key_service, "--service-token", SERVICE, "--listen", "127.0.0.1:0"])
+            .args(extra)
             .args(["--cache-ttl", "600"])
             // Usage goes out only on the way out, so the test knows when to look.
             .args(["--usage-interval-ms", "600000"])
@@ -111,6 +116,7 @@ async fn the_protected_example_serves_its_routes_and_stops_on_sigterm() {
     let ks = TestServer::start().await;
     let reader = ks.admin.create_key(new_key(&["reports:read"], &[])).await.unwrap();
     let writer = ks.admin.create_key(new_key(&["reports:read", "reports:write"], &[])).await.unwrap();
+    ks.admin.put_role("admin", Vec::<String>::new()).await.unwrap();
     let admin = ks.admin.create_key(new_key(&[], &["admin"])).await.unwrap();
 
     let mut app = Protected::start(binary, &ks.server.url());
@@ -180,4 +186,35 @@ async fn the_protected_example_serves_its_routes_and_stops_on_sigterm() {
     let (requests, allowed) = after.buckets.iter().fold((0, 0), |(r, a), b| (r + b.requests, a + b.allowed));
     // The N reads and the one write earlier.
     assert_eq!((requests, allowed), (N + 1, N + 1), "usage flushed on SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protected_example_closes_a_connection_that_never_finishes_its_headers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Some(binary) = example_binary() else {
+        eprintln!(
+            "SKIPPED: examples/protected is not built; run `cargo test` without --test, or `cargo build --example protected` first"
+        );
+        return;
+    };
+    let ks = TestServer::start().await;
+    let mut app = Protected::start_with(binary, &ks.server.url(), &["--header-read-timeout-ms", "300"]);
+    let addr = app.url.strip_prefix("http://").unwrap().to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    conn.write_all(b"GET /health HTTP/1.1\r\nHost: example\r\nX-Half: ").await.unwrap();
+    let closed = tokio::time::timeout(LIMIT, async {
+        let mut buf = [0u8; 512];
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the half-sent request's connection is still open after {LIMIT:?}");
+    // Whole requests are still served.
+    let (status, _) = send(reqwest::Client::new().get(format!("{}/health", app.url))).await;
+    assert_eq!(status, 200);
+    assert!(app.terminate().success());
 }

@@ -20,6 +20,8 @@ async fn admin_changes_are_published_after_commit() {
     t.admin.revoke(&k.key_id).await.unwrap();
     assert_eq!(events.next_change(WAIT).await.unwrap(), ("revoked".into(), json!({ "key_id": k.key_id })));
 
+    // Defining a role no key holds yet publishes nothing.
+    t.admin.put_role("ops", ["a:b"]).await.unwrap();
     let k2 = t
         .admin
         .create_key(keygate::client::NewKey { roles: vec!["ops".into()], ..new_key("acme", &["a:b"]) })
@@ -32,8 +34,10 @@ async fn admin_changes_are_published_after_commit() {
     // A role change is an update of every key holding it (the revoked one is left out).
     t.admin.put_role("ops", ["deploy:run"]).await.unwrap();
     assert_eq!(events.next_change(WAIT).await.unwrap(), ("updated".into(), json!({ "key_id": k2.key_id })));
-    // A refused change publishes nothing: the next event is the heartbeat-free next change.
-    assert!(t.admin.revoke(&k.key_id).await.is_err());
+    // A refused change, and revoking a revoked key again, publish nothing: the next
+    // event is the heartbeat-free next change.
+    assert!(t.admin.rotate(&k.key_id, 0).await.is_err());
+    assert!(t.admin.revoke_key(&k.key_id).await.unwrap().already_revoked);
     t.admin.revoke(&k2.key_id).await.unwrap();
     assert_eq!(events.next_change(WAIT).await.unwrap(), ("revoked".into(), json!({ "key_id": k2.key_id })));
     assert_eq!(t.server.stats().event_subscribers, 1);

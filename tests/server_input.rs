@@ -92,7 +92,12 @@ async fn malformed_and_invalid_bodies_are_400_with_a_precise_message() {
     );
     assert_error(&post(r#"{"owner":"a","name":"n","scopes":"a:b"}"#).await, 400, "invalid_request", "invalid type");
     assert_error(&post(r#"{"owner":"","name":"n"}"#).await, 400, "invalid_request", "`owner` must not be empty");
-    assert_error(&post(r#"{"owner":"a\u0000","name":"n"}"#).await, 400, "invalid_request", "control characters");
+    assert_error(
+        &post(r#"{"owner":"a\u0000","name":"n"}"#).await,
+        400,
+        "invalid_request",
+        "U+0000 (control character) at char 1",
+    );
     assert_error(
         &post(r#"{"owner":"a","name":"n","scopes":["a:b","Reports"]}"#).await,
         400,

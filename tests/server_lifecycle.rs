@@ -58,7 +58,8 @@ async fn create_then_verify_returns_effective_scopes(db: TestDb) {
     req.ratelimit = Some(keygate::RateLimit { limit: 100, period_s: 60 });
     let created = t.admin.create_key(req).await.unwrap();
     assert!(created.key_id.starts_with("key_"));
-    assert!(created.key.expose_secret().starts_with("kg_"));
+    // A test key carries its environment's prefix.
+    assert!(created.key.expose_secret().starts_with("kgtest_"));
     assert!(keygate::KeyFormat::keygate().check(&created.key).is_ok());
     assert_eq!(created.info.key_prefix, created.key.display_prefix());
 
@@ -92,9 +93,10 @@ async fn unknown_revoked_disabled_and_expired_keys(db: TestDb) {
     let a = t.admin.create_key(new_key("acme", &["a:b"])).await.unwrap();
     t.admin.revoke(&a.key_id).await.unwrap();
     assert_eq!(t.code(a.key.expose_secret()).await, "REVOKED");
-    // Revocation is final.
-    let again = t.admin.revoke(&a.key_id).await.unwrap_err();
-    assert_eq!(again.status(), Some(409));
+    // Revocation is final, and idempotent: again is a success that changes nothing.
+    let again = t.admin.revoke_key(&a.key_id).await.unwrap();
+    assert!(again.already_revoked && again.info.revoked);
+    assert_eq!(t.code(a.key.expose_secret()).await, "REVOKED");
 
     let b = t.admin.create_key(new_key("acme", &["a:b"])).await.unwrap();
     let patch = KeyPatch { disabled: Some(true), ..Default::default() };
@@ -144,6 +146,8 @@ async fn rotation_keeps_the_id_and_the_old_key_until_the_grace_ends(db: TestDb) 
 async fn role_changes_and_patches_show_in_verify(db: TestDb) {
     let t = TestServer::start_on(db, |b| b).await;
     t.admin.put_role("ops", ["deploy:run"]).await.unwrap();
+    // A role must exist to be held; one without scopes yet grants nothing.
+    t.admin.put_role("later", Vec::<String>::new()).await.unwrap();
     let k = t
         .admin
         .create_key(NewKey { roles: vec!["ops".into(), "later".into()], ..new_key("acme", &["a:b"]) })
@@ -173,10 +177,11 @@ async fn audit_has_one_record_per_admin_action_and_no_secret(db: TestDb) {
     t.admin.update_key(&k.key_id, &KeyPatch { name: Some("renamed".into()), ..Default::default() }).await.unwrap();
     let r = t.admin.rotate(&k.key_id, 60).await.unwrap();
     t.admin.revoke(&k.key_id).await.unwrap();
-    // Reads and refused calls are not actions.
+    // Reads, refused calls and a repeated revocation are not actions.
     t.admin.get_key(&k.key_id).await.unwrap();
     t.admin.list_keys(None).await.unwrap();
-    assert!(t.admin.revoke(&k.key_id).await.is_err());
+    assert!(t.admin.rotate(&k.key_id, 0).await.is_err());
+    assert!(t.admin.revoke_key(&k.key_id).await.unwrap().already_revoked);
 
     let records = t.admin.audit(Some(start)).await.unwrap();
     let actions: Vec<&str> = records.iter().map(|r| r.action.as_str()).collect();

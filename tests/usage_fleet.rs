@@ -17,6 +17,7 @@ use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use keygate::UsageAggregator;
+use keygate::client::NewKey;
 use keygate::{AggregatorHandle, ApiKey, ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, RequireScopes};
 use serde_json::Value;
 use server_support::{ADMIN, SERVICE, TestDb, TestServer, new_key};
@@ -94,7 +95,7 @@ async fn two_instances_add_up(db: TestDb) {
     let b_url = b.as_ref().map_or_else(|| a.server.url(), |b| b.server.url());
     let reader = a.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
     let writer = a.admin.create_key(new_key("acme", &["reports:read", "reports:write"])).await.unwrap();
-    let other = a.admin.create_key(new_key("globex", &[])).await.unwrap();
+    let other = a.admin.create_key(NewKey { allow_empty: true, ..new_key("globex", &[]) }).await.unwrap();
 
     let (one, one_usage) = instance(&a.server.url(), &a.server.url());
     let (two, two_usage) = instance(&b_url, &b_url);

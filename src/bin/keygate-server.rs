@@ -2,20 +2,28 @@
 //!
 //! ```text
 //! keygate-server serve --db sqlite://keys.db --listen 127.0.0.1:7700
-//! keygate-server keys create --owner acme --name ci --scope reports:read
+//! keygate-server keys create --owner acme --name ci --scope reports:read [--expires-in 30d]
 //! keygate-server keys list [--owner acme]
 //! keygate-server keys show key_...
+//! keygate-server keys update key_... [--scope S]... [--role R]... [--meta JSON] [--expires-in 12h] [--rate-limit 100/60s]
+//! keygate-server keys disable key_... | keys enable key_...
 //! keygate-server keys rotate key_... --grace 3600
 //! keygate-server keys revoke key_...
 //! keygate-server roles put analyst --scope reports:read --scope dashboards:read
+//! keygate-server roles delete analyst [--detach]
 //! keygate-server usage --key-id key_... | --owner acme [--group-by minute|hour|day|route] [--since T] [--until T]
-//! keygate-server audit | alerts
+//! keygate-server audit
+//! keygate-server alerts list [--all] | alerts ack ALERT_ID
 //! keygate-server tokens create --kind service --name fleet-eu      # printed once
 //! keygate-server tokens create --kind admin --name ops --database sqlite://keys.db   # offline
 //! keygate-server tokens list | tokens revoke tok_...
 //! keygate-server backup --database sqlite://keys.db --to keys-backup.db [--force]
 //! keygate-server healthcheck [--url http://127.0.0.1:7700/healthz]
 //! ```
+//!
+//! Exit codes: 0 ok, 1 other failure, 2 usage (bad arguments), 3 not found, 4 conflict
+//! or refused input (HTTP 400, 409, 413), 5 unauthorized (401, 403), 6 unreachable
+//! (connection failed or timed out, or a 5xx answer).
 //!
 //! **Tokens.** Callers present service tokens (verify, usage, events) and admin tokens
 //! (everything else); both are records of the store, several active at once, created
@@ -45,22 +53,39 @@
 //! refuses to overwrite `--to` unless `--force`. PostgreSQL is backed up with `pg_dump`.
 //! `healthcheck` exits 0 when `--url` answers 200 (for container health checks: the
 //! image needs no curl).
+//!
+//! Edges (`serve`): at most `--max-event-subscribers` event streams (default 1 000), a
+//! connection has `--header-read-timeout-s` (default 10) to send its headers and a body
+//! may pause `--request-body-timeout-s` (default 30). `--env-prefix ENV=PREFIX`
+//! (repeatable) gives an environment's keys their own prefix (default `test=kgtest`).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use keygate::RateLimit;
 use keygate::client::{
-    AdminClient, ClientError, CreatedKey, KeyInfo, NewKey, NewToken, TokenInfo, TokenKind, UsageGroupBy, UsageQuery,
-    UsageReport,
+    AdminClient, ClientError, CreatedKey, KeyInfo, KeyPatch, NewKey, NewToken, TokenInfo, TokenKind, UsageGroupBy,
+    UsageQuery, UsageReport,
 };
 use keygate::server::{BackupError, KeyServer, RetentionConfig};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+/// What `--help` says about exit codes; the README has the same table.
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  ok
+  1  any other failure (starting the server, an answer that cannot be read)
+  2  usage: bad arguments or values
+  3  not found (HTTP 404)
+  4  conflict or refused input (HTTP 400, 409, 413)
+  5  unauthorized (HTTP 401, 403): check --admin-token / KEYGATE_ADMIN_TOKEN
+  6  unreachable: connection refused or timed out, or the key service answered 5xx";
+
 #[derive(Parser)]
-#[command(name = "keygate-server", version, about = "The keygate reference key service")]
+#[command(name = "keygate-server", version, about = "The keygate reference key service", after_help = EXIT_CODES)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -108,11 +133,9 @@ enum Command {
         #[arg(long)]
         until: Option<String>,
     },
-    /// Show usage alerts.
-    Alerts {
-        #[command(flatten)]
-        conn: Conn,
-    },
+    /// Show or acknowledge usage alerts.
+    #[command(subcommand)]
+    Alerts(AlertsCmd),
     /// Manage the service and admin tokens callers present (issue 14).
     #[command(subcommand)]
     Tokens(TokensCmd),
@@ -121,6 +144,25 @@ enum Command {
     Backup(Backup),
     /// Exit 0 when the key service's health check answers 200, non-zero otherwise.
     Healthcheck(Healthcheck),
+}
+
+#[derive(Subcommand)]
+enum AlertsCmd {
+    /// List alerts not acknowledged yet (the newest 1 000).
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        /// Acknowledged alerts too.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Acknowledge an alert: `alerts list` no longer shows it.
+    Ack {
+        #[command(flatten)]
+        conn: Conn,
+        /// The alert's id (the `id` column of `alerts list`).
+        alert_id: u64,
+    },
 }
 
 #[derive(Args)]
@@ -195,6 +237,20 @@ struct Serve {
     /// bind it where only the scraper reaches). Off when absent.
     #[arg(long, env = "KEYGATE_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// The key prefix of an environment, `ENV=PREFIX` (repeatable; default `test=kgtest`;
+    /// other environments use --key-prefix).
+    #[arg(long = "env-prefix", value_name = "ENV=PREFIX", value_parser = parse_env_prefix)]
+    env_prefixes: Vec<(String, String)>,
+    /// Most event streams (`GET /v1/events`) served at once; past it, 503 with Retry-After.
+    #[arg(long, env = "KEYGATE_MAX_EVENT_SUBSCRIBERS", default_value_t = keygate::server::DEFAULT_MAX_EVENT_SUBSCRIBERS)]
+    max_event_subscribers: u64,
+    /// Seconds a connection has to send a request's headers (and the longest an idle
+    /// keep-alive connection stays open).
+    #[arg(long, env = "KEYGATE_HEADER_READ_TIMEOUT_S", default_value_t = 10)]
+    header_read_timeout_s: u64,
+    /// Seconds a request body may pause before the request fails.
+    #[arg(long, env = "KEYGATE_REQUEST_BODY_TIMEOUT_S", default_value_t = 30)]
+    request_body_timeout_s: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -259,11 +315,36 @@ enum KeysCmd {
         #[arg(long = "env")]
         environment: Option<String>,
         /// Expiry, RFC 3339.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "expires_in")]
         expires_at: Option<String>,
+        /// Expiry from now: `30d`, `12h`, `45m`, `90s`.
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<time::Duration>,
         /// Metadata, a JSON object.
         #[arg(long)]
         meta: Option<String>,
+        /// Rate limit for the middleware: `LIMIT/PERIOD`, e.g. `100/60s`, `5000/1h`.
+        #[arg(long, value_parser = parse_ratelimit)]
+        rate_limit: Option<RateLimit>,
+        /// Allow a key with neither scopes nor roles (it only authenticates).
+        #[arg(long)]
+        allow_empty: bool,
+    },
+    /// Change a key: only the fields given change.
+    Update(Box<UpdateArgs>),
+    /// Disable a key (verify answers DISABLED) until `keys enable`.
+    Disable {
+        #[command(flatten)]
+        conn: Conn,
+        /// The key id.
+        key_id: String,
+    },
+    /// Enable a disabled key.
+    Enable {
+        #[command(flatten)]
+        conn: Conn,
+        /// The key id.
+        key_id: String,
     },
     /// List keys.
     List {
@@ -290,13 +371,57 @@ enum KeysCmd {
         #[arg(long, default_value_t = 0)]
         grace: u64,
     },
-    /// Revoke a key for good.
+    /// Revoke a key for good (revoking a revoked key succeeds: "already revoked").
     Revoke {
         #[command(flatten)]
         conn: Conn,
         /// The key id.
         key_id: String,
     },
+}
+
+#[derive(Args)]
+struct UpdateArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// The key id.
+    key_id: String,
+    /// New name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Replace the scopes with these (repeatable).
+    #[arg(long = "scope", conflicts_with = "clear_scopes")]
+    scopes: Vec<String>,
+    /// Remove every scope.
+    #[arg(long)]
+    clear_scopes: bool,
+    /// Replace the roles with these (repeatable).
+    #[arg(long = "role", conflicts_with = "clear_roles")]
+    roles: Vec<String>,
+    /// Remove every role.
+    #[arg(long)]
+    clear_roles: bool,
+    /// Replace the metadata (a JSON object).
+    #[arg(long)]
+    meta: Option<String>,
+    /// New expiry, RFC 3339.
+    #[arg(long, conflicts_with_all = ["expires_in", "no_expiry"])]
+    expires_at: Option<String>,
+    /// New expiry from now: `30d`, `12h`, `45m`, `90s`.
+    #[arg(long, value_parser = parse_duration, conflicts_with = "no_expiry")]
+    expires_in: Option<time::Duration>,
+    /// Remove the expiry.
+    #[arg(long)]
+    no_expiry: bool,
+    /// New rate limit: `LIMIT/PERIOD`, e.g. `100/60s`.
+    #[arg(long, value_parser = parse_ratelimit, conflicts_with = "no_rate_limit")]
+    rate_limit: Option<RateLimit>,
+    /// Remove the rate limit.
+    #[arg(long)]
+    no_rate_limit: bool,
+    /// Allow the change to leave the key with neither scopes nor roles.
+    #[arg(long)]
+    allow_empty: bool,
 }
 
 #[derive(Subcommand)]
@@ -315,6 +440,16 @@ enum RolesCmd {
     List {
         #[command(flatten)]
         conn: Conn,
+    },
+    /// Delete a role; refused while keys hold it, unless --detach.
+    Delete {
+        #[command(flatten)]
+        conn: Conn,
+        /// Role name.
+        name: String,
+        /// Remove the role from the keys holding it, then delete it.
+        #[arg(long)]
+        detach: bool,
     },
 }
 
@@ -477,6 +612,24 @@ enum CliError {
     Unhealthy(String),
 }
 
+impl CliError {
+    /// The exit code: see [`EXIT_CODES`].
+    fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => 2,
+            Self::Client(ClientError::Api { status, .. }) => match status {
+                404 => 3,
+                400 | 409 | 413 | 422 => 4,
+                401 | 403 => 5,
+                500..=599 => 6,
+                _ => 1,
+            },
+            Self::Client(ClientError::Http(_)) => 6,
+            _ => 1,
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -487,7 +640,8 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            // Shared: every subcommand's failures map to the documented exit codes here.
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -520,7 +674,18 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Roles(RolesCmd::List { conn }) => {
             let roles = client(&conn)?.list_roles().await?;
             print(&conn, &roles, || {
-                roles.iter().map(|r| format!("{}\t{}\n", r.name, r.scopes.join(","))).collect::<String>()
+                let rows = roles.iter().map(|r| vec![r.name.clone(), r.scopes.join(","), fmt_time(Some(r.updated_at))]);
+                table(["name", "scopes", "updated_at"], rows)
+            });
+            Ok(())
+        }
+        Command::Roles(RolesCmd::Delete { conn, name, detach }) => {
+            let deleted = client(&conn)?.delete_role(&name, detach).await?;
+            print(&conn, &deleted, || match deleted.detached.len() {
+                0 => format!("deleted role {}", deleted.name),
+                n => {
+                    format!("deleted role {} (removed from {n} key(s): {})", deleted.name, deleted.detached.join(", "))
+                }
             });
             Ok(())
         }
@@ -528,19 +693,16 @@ async fn run(command: Command) -> Result<(), CliError> {
             let since = since.as_deref().map(parse_time).transpose()?;
             let records = client(&conn)?.audit(since).await?;
             print(&conn, &records, || {
-                records
-                    .iter()
-                    .map(|r| {
-                        format!(
-                            "{}\t{}\t{}\t{}\t{}\n",
-                            fmt_time(Some(r.at)),
-                            r.actor,
-                            r.action,
-                            r.key_id.as_deref().unwrap_or("-"),
-                            r.changes
-                        )
-                    })
-                    .collect::<String>()
+                let rows = records.iter().map(|r| {
+                    vec![
+                        fmt_time(Some(r.at)),
+                        r.actor.clone(),
+                        r.action.clone(),
+                        r.key_id.clone().unwrap_or_else(|| "-".into()),
+                        r.changes.to_string(),
+                    ]
+                });
+                table(["at", "actor", "action", "key_id", "changes"], rows)
             });
             Ok(())
         }
@@ -556,13 +718,29 @@ async fn run(command: Command) -> Result<(), CliError> {
             print(&conn, &report, || usage_table(&report));
             Ok(())
         }
-        Command::Alerts { conn } => {
-            let alerts = client(&conn)?.alerts().await?;
+        Command::Alerts(AlertsCmd::List { conn, all }) => {
+            let alerts = client(&conn)?.list_alerts(if all { None } else { Some(false) }).await?;
             print(&conn, &alerts, || {
-                alerts
-                    .iter()
-                    .map(|a| format!("{}\t{}\t{}\t{}\n", fmt_time(Some(a.at)), a.key_id, a.kind.as_str(), a.detail))
-                    .collect::<String>()
+                let rows = alerts.iter().map(|a| {
+                    vec![
+                        a.id.map_or_else(|| "-".into(), |id| id.to_string()),
+                        fmt_time(Some(a.at)),
+                        a.key_id.clone(),
+                        a.kind.as_str().to_owned(),
+                        a.observed.to_string(),
+                        format!("{:.1}", a.threshold),
+                        fmt_time(a.acknowledged_at),
+                        a.detail.clone(),
+                    ]
+                });
+                table(["id", "at", "key_id", "kind", "observed", "threshold", "acknowledged_at", "detail"], rows)
+            });
+            Ok(())
+        }
+        Command::Alerts(AlertsCmd::Ack { conn, alert_id }) => {
+            let alert = client(&conn)?.ack_alert(alert_id).await?;
+            print(&conn, &alert, || {
+                format!("acknowledged alert {alert_id} ({} on {})", alert.kind.as_str(), alert.key_id)
             });
             Ok(())
         }
@@ -599,8 +777,17 @@ async fn serve(s: Serve) -> Result<(), CliError> {
         hours: Duration::from_secs(s.usage_hours_days.saturating_mul(86_400)),
         ..RetentionConfig::default()
     };
-    let mut builder =
-        KeyServer::builder().database(&s.db).listen(s.listen).key_prefix(&s.key_prefix).retention(retention);
+    let mut builder = KeyServer::builder()
+        .database(&s.db)
+        .listen(s.listen)
+        .key_prefix(&s.key_prefix)
+        .retention(retention)
+        .max_event_subscribers(s.max_event_subscribers)
+        .header_read_timeout(Duration::from_secs(s.header_read_timeout_s))
+        .request_body_timeout(Duration::from_secs(s.request_body_timeout_s));
+    for (env, prefix) in &s.env_prefixes {
+        builder = builder.env_prefix(env, prefix);
+    }
     if let Some(addr) = s.metrics_listen {
         builder = builder.metrics_listen(addr);
     }
@@ -658,31 +845,105 @@ async fn shutdown_signal() {
 
 async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
     match cmd {
-        KeysCmd::Create { conn, owner, name, scopes, roles, environment, expires_at, meta } => {
-            let meta = meta
-                .map(|m| serde_json::from_str(&m).map_err(|e| CliError::Usage(format!("--meta is not JSON: {e}"))))
-                .transpose()?;
-            let expires_at = expires_at.as_deref().map(parse_time).transpose()?;
-            let new = NewKey { owner, name, scopes, roles, environment, expires_at, meta, ratelimit: None };
+        KeysCmd::Create {
+            conn,
+            owner,
+            name,
+            scopes,
+            roles,
+            environment,
+            expires_at,
+            expires_in,
+            meta,
+            rate_limit,
+            allow_empty,
+        } => {
+            let meta = meta.as_deref().map(parse_meta).transpose()?;
+            let expires_at = match (expires_at, expires_in) {
+                (Some(at), _) => Some(parse_time(&at)?),
+                (None, Some(d)) => Some(OffsetDateTime::now_utc() + d),
+                (None, None) => None,
+            };
+            let new = NewKey {
+                owner,
+                name,
+                scopes,
+                roles,
+                environment,
+                expires_at,
+                meta,
+                ratelimit: rate_limit,
+                allow_empty,
+            };
             let created = client(&conn)?.create_key(new).await?;
             print_created(&conn, &created);
+        }
+        KeysCmd::Update(args) => {
+            let UpdateArgs {
+                conn,
+                key_id,
+                name,
+                scopes,
+                clear_scopes,
+                roles,
+                clear_roles,
+                meta,
+                expires_at,
+                expires_in,
+                no_expiry,
+                rate_limit,
+                no_rate_limit,
+                allow_empty,
+            } = *args;
+            let patch = KeyPatch {
+                name,
+                scopes: (clear_scopes || !scopes.is_empty()).then_some(scopes),
+                roles: (clear_roles || !roles.is_empty()).then_some(roles),
+                disabled: None,
+                meta: meta.as_deref().map(parse_meta).transpose()?,
+                expires_at: match (expires_at, expires_in, no_expiry) {
+                    (Some(at), _, _) => Some(Some(parse_time(&at)?)),
+                    (None, Some(d), _) => Some(Some(OffsetDateTime::now_utc() + d)),
+                    (None, None, true) => Some(None),
+                    (None, None, false) => None,
+                },
+                ratelimit: if no_rate_limit { Some(None) } else { rate_limit.map(Some) },
+                allow_empty,
+            };
+            if patch.is_empty() {
+                return Err(CliError::Usage(
+                    "nothing to change: give --name, --scope/--clear-scopes, --role/--clear-roles, --meta, \
+                     --expires-at/--expires-in/--no-expiry or --rate-limit/--no-rate-limit"
+                        .into(),
+                ));
+            }
+            let k = client(&conn)?.update_key(&key_id, &patch).await?;
+            print(&conn, &k, || describe(&k));
+        }
+        KeysCmd::Disable { conn, key_id } => {
+            let k = client(&conn)?.disable(&key_id).await?;
+            print(&conn, &k, || format!("disabled {}", k.key_id));
+        }
+        KeysCmd::Enable { conn, key_id } => {
+            let k = client(&conn)?.enable(&key_id).await?;
+            print(&conn, &k, || format!("enabled {}", k.key_id));
         }
         KeysCmd::List { conn, owner } => {
             let keys = client(&conn)?.list_keys(owner.as_deref()).await?;
             print(&conn, &keys, || {
-                let mut out = String::from("key_id\tprefix\towner\tname\tstate\tlast_used_at\n");
-                for k in &keys {
-                    out.push_str(&format!(
-                        "{}\t{}…\t{}\t{}\t{}\t{}\n",
-                        k.key_id,
-                        k.key_prefix,
-                        k.owner,
-                        k.name,
-                        state(k),
-                        fmt_time(k.last_used_at)
-                    ));
-                }
-                out
+                let rows = keys.iter().map(|k| {
+                    vec![
+                        k.key_id.clone(),
+                        k.key_prefix.clone(),
+                        k.owner.clone(),
+                        k.name.clone(),
+                        k.environment.clone(),
+                        state(k).to_owned(),
+                        fmt_time(k.expires_at),
+                        fmt_time(k.last_used_at),
+                    ]
+                });
+                table(["key_id", "prefix", "owner", "name", "env", "state", "expires_at", "last_used_at"], rows)
             });
         }
         KeysCmd::Show { conn, key_id } => {
@@ -694,56 +955,89 @@ async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
             print_created(&conn, &created);
         }
         KeysCmd::Revoke { conn, key_id } => {
-            let k = client(&conn)?.revoke(&key_id).await?;
-            print(&conn, &k, || format!("revoked {}", k.key_id));
+            let r = client(&conn)?.revoke_key(&key_id).await?;
+            print(&conn, &r, || {
+                if r.already_revoked {
+                    format!("{} already revoked (at {})", r.info.key_id, fmt_time(r.info.revoked_at))
+                } else {
+                    format!("revoked {}", r.info.key_id)
+                }
+            });
         }
     }
     Ok(())
 }
 
-/// A usage report as a table: one line per bucket, then the total.
+/// An aligned table: a header line, then one line per row, columns padded with spaces.
+fn table<const N: usize>(header: [&str; N], rows: impl Iterator<Item = Vec<String>>) -> String {
+    table_of(&header, rows)
+}
+
+fn table_of(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    let mut empty = true;
+    for row in rows {
+        empty = false;
+        t.add_row(row);
+    }
+    if empty {
+        return "(none)".into();
+    }
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 2));
+    }
+    // The last column's padding.
+    t.lines().map(|l| l.trim_end().to_owned()).collect::<Vec<_>>().join("\n")
+}
+
+/// A usage report as a table: a title line, one line per bucket, then the total.
 fn usage_table(report: &UsageReport) -> String {
     let whose = match (&report.key_id, &report.owner) {
         (Some(k), _) => format!("key {k}"),
         (None, Some(o)) => format!("owner {o} (all keys)"),
         (None, None) => "usage".into(),
     };
-    let mut out = format!(
-        "{whose}, per {}, {} to {}\n",
-        report.group_by.as_str(),
-        fmt_time(report.since),
-        fmt_time(report.until)
-    );
-    let first = if report.group_by == UsageGroupBy::Route { "route\tmethod\toutcome" } else { "start" };
-    out.push_str(&format!(
-        "{first}\trequests\tallowed\tdenied\t1xx\t2xx\t3xx\t4xx\t5xx\tp50_ms\tp90_ms\tp99_ms\tmax_ms\n"
-    ));
+    let title =
+        format!("{whose}, per {}, {} to {}", report.group_by.as_str(), fmt_time(report.since), fmt_time(report.until));
+    let by_route = report.group_by == UsageGroupBy::Route;
+    let mut header: Vec<&str> = if by_route { vec!["route", "method", "outcome"] } else { vec!["start"] };
+    header.extend([
+        "requests", "allowed", "denied", "1xx", "2xx", "3xx", "4xx", "5xx", "p50_ms", "p90_ms", "p99_ms", "max_ms",
+    ]);
     let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
     let mut total = [0u64; 8];
+    let mut rows = Vec::new();
     for b in &report.buckets {
-        let first = match (&b.route, &b.method, &b.outcome) {
-            (Some(r), Some(m), Some(o)) => format!("{r}\t{m}\t{o}"),
-            _ => fmt_time(Some(b.start)),
+        let mut row = match (&b.route, &b.method, &b.outcome) {
+            (Some(r), Some(m), Some(o)) => vec![r.clone(), m.clone(), o.clone()],
+            _ if by_route => vec!["-".into(), "-".into(), "-".into()],
+            _ => vec![fmt_time(Some(b.start))],
         };
         let counts =
             [b.requests, b.allowed, b.denied, b.status_1xx, b.status_2xx, b.status_3xx, b.status_4xx, b.status_5xx];
         for (t, c) in total.iter_mut().zip(counts) {
             *t = t.saturating_add(c);
         }
-        let counts: Vec<String> = counts.iter().map(u64::to_string).collect();
-        out.push_str(&format!(
-            "{first}\t{}\t{}\t{}\t{}\t{:.2}\n",
-            counts.join("\t"),
+        row.extend(counts.iter().map(u64::to_string));
+        row.extend([
             ms(b.latency_ms_p50),
             ms(b.latency_ms_p90),
             ms(b.latency_ms_p99),
-            b.latency_ms_max
-        ));
+            format!("{:.2}", b.latency_ms_max),
+        ]);
+        rows.push(row);
     }
-    let pad = if report.group_by == UsageGroupBy::Route { "total\t\t" } else { "total" };
-    let total: Vec<String> = total.iter().map(u64::to_string).collect();
-    out.push_str(&format!("{pad}\t{}\n", total.join("\t")));
-    out
+    let mut last = vec!["total".to_owned()];
+    if by_route {
+        last.extend(["".to_owned(), "".to_owned()]);
+    }
+    last.extend(total.iter().map(u64::to_string));
+    last.extend(std::iter::repeat_n(String::new(), 4));
+    rows.push(last);
+    format!("{title}\n{}", table_of(&header, rows.into_iter()))
 }
 
 fn client(conn: &Conn) -> Result<AdminClient, CliError> {
@@ -817,4 +1111,70 @@ fn fmt_time(t: Option<OffsetDateTime>) -> String {
 
 fn parse_time(s: &str) -> Result<OffsetDateTime, CliError> {
     OffsetDateTime::parse(s, &Rfc3339).map_err(|_| CliError::Usage(format!("`{s}` is not an RFC 3339 time")))
+}
+
+fn parse_meta(s: &str) -> Result<serde_json::Value, CliError> {
+    serde_json::from_str(s).map_err(|e| CliError::Usage(format!("--meta is not JSON: {e}")))
+}
+
+/// `30d`, `12h`, `45m`, `90s` (a number and one unit), above zero and at most 100 years.
+fn parse_duration(s: &str) -> Result<time::Duration, String> {
+    let bad = || format!("`{s}` is not a duration: a number and a unit, such as 30d, 12h, 45m or 90s");
+    let unit_at = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(unit_at);
+    let n: i64 = n.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    let total = n.checked_mul(seconds).filter(|t| *t > 0 && *t <= 100 * 366 * 86_400).ok_or_else(bad)?;
+    Ok(time::Duration::seconds(total))
+}
+
+/// `LIMIT/PERIOD`: `100/60s`, `5000/1h` (a bare period is seconds: `100/60`).
+fn parse_ratelimit(s: &str) -> Result<RateLimit, String> {
+    let bad = || format!("`{s}` is not a rate limit: LIMIT/PERIOD, such as 100/60s or 5000/1h");
+    let (limit, period) = s.split_once('/').ok_or_else(bad)?;
+    let limit: u64 = limit.trim().parse().map_err(|_| bad())?;
+    let period = period.trim();
+    let period_s = if period.bytes().all(|b| b.is_ascii_digit()) {
+        period.parse::<u64>().map_err(|_| bad())?
+    } else {
+        parse_duration(period)?.whole_seconds() as u64
+    };
+    if limit == 0 || period_s == 0 {
+        return Err(bad());
+    }
+    Ok(RateLimit { limit, period_s })
+}
+
+/// `ENV=PREFIX`.
+fn parse_env_prefix(s: &str) -> Result<(String, String), String> {
+    let (env, prefix) = s.split_once('=').ok_or_else(|| format!("`{s}` is not ENV=PREFIX (e.g. test=kgtest)"))?;
+    Ok((env.to_owned(), prefix.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_rate_limits_parse() {
+        assert_eq!(parse_duration("30d").unwrap(), time::Duration::days(30));
+        assert_eq!(parse_duration("12h").unwrap(), time::Duration::hours(12));
+        assert_eq!(parse_duration("45m").unwrap(), time::Duration::minutes(45));
+        assert_eq!(parse_duration("90s").unwrap(), time::Duration::seconds(90));
+        for bad in ["", "d", "0d", "30", "30w", "-1h", "1.5h", "99999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_ratelimit("100/60s").unwrap(), RateLimit { limit: 100, period_s: 60 });
+        assert_eq!(parse_ratelimit("5000/1h").unwrap(), RateLimit { limit: 5000, period_s: 3600 });
+        assert_eq!(parse_ratelimit("7/30").unwrap(), RateLimit { limit: 7, period_s: 30 });
+        for bad in ["100", "0/60s", "100/0", "x/60s", "100/soon"] {
+            assert!(parse_ratelimit(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -208,7 +208,8 @@ impl AdminClient {
         self.send(self.request(Method::POST, &format!("/v1/keys/{}/rotate", encode(key_id))).json(&body)).await
     }
 
-    /// `POST /v1/keys/{id}/revoke`.
+    /// `POST /v1/keys/{id}/revoke`. Revoking a revoked key succeeds and changes nothing;
+    /// [`revoke_key`](Self::revoke_key) tells the two apart.
     pub async fn revoke(&self, key_id: &str) -> Result<KeyInfo, ClientError> {
         self.send(self.request(Method::POST, &format!("/v1/keys/{}/revoke", encode(key_id)))).await
     }
@@ -301,5 +302,74 @@ impl AdminClient {
     /// (409).
     pub async fn revoke_token(&self, id: &str) -> Result<TokenInfo, ClientError> {
         self.send(self.request(Method::POST, &format!("/v1/tokens/{}/revoke", encode(id)))).await
+    }
+}
+
+// ---- the CLI's operator commands: idempotent revoke, disable/enable, roles delete,
+// alerts by state and their acknowledgement.
+
+/// The answer of [`AdminClient::revoke_key`]: the key, and whether it had been revoked
+/// before (revocation is idempotent).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub struct Revocation {
+    /// The key as it is now.
+    #[serde(flatten)]
+    pub info: KeyInfo,
+    /// The key had been revoked before this call; nothing changed.
+    #[serde(default)]
+    pub already_revoked: bool,
+}
+
+/// The answer of [`AdminClient::delete_role`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct RoleDeleted {
+    /// The role deleted.
+    pub name: String,
+    /// The keys it was removed from (`detach`), by id.
+    #[serde(default)]
+    pub detached: Vec<String>,
+}
+
+impl AdminClient {
+    /// `POST /v1/keys/{id}/revoke`, telling whether the key had been revoked before:
+    /// revoking a revoked key succeeds and changes nothing.
+    pub async fn revoke_key(&self, key_id: &str) -> Result<Revocation, ClientError> {
+        self.send(self.request(Method::POST, &format!("/v1/keys/{}/revoke", encode(key_id)))).await
+    }
+
+    /// Disables a key (`PATCH` `disabled: true`): verify answers `DISABLED` until
+    /// [`enable`](Self::enable).
+    pub async fn disable(&self, key_id: &str) -> Result<KeyInfo, ClientError> {
+        self.update_key(key_id, &KeyPatch { disabled: Some(true), ..KeyPatch::default() }).await
+    }
+
+    /// Enables a disabled key (`PATCH` `disabled: false`).
+    pub async fn enable(&self, key_id: &str) -> Result<KeyInfo, ClientError> {
+        self.update_key(key_id, &KeyPatch { disabled: Some(false), ..KeyPatch::default() }).await
+    }
+
+    /// `DELETE /v1/roles/{name}[?detach=true]`: refused with 409 while unrevoked keys
+    /// hold the role, unless `detach`, which removes it from them first.
+    pub async fn delete_role(&self, name: &str, detach: bool) -> Result<RoleDeleted, ClientError> {
+        let mut req = self.request(Method::DELETE, &format!("/v1/roles/{}", encode(name)));
+        if detach {
+            req = req.query(&[("detach", "true")]);
+        }
+        self.send(req).await
+    }
+
+    /// `GET /v1/alerts?acknowledged=`: the newest 1 000 alerts; `Some(false)` only the
+    /// open ones, `Some(true)` only the acknowledged ones, `None` all.
+    pub async fn list_alerts(&self, acknowledged: Option<bool>) -> Result<Vec<Alert>, ClientError> {
+        let mut req = self.request(Method::GET, "/v1/alerts");
+        if let Some(a) = acknowledged {
+            req = req.query(&[("acknowledged", if a { "true" } else { "false" })]);
+        }
+        Ok(self.send::<Alerts>(req).await?.alerts)
+    }
+
+    /// `POST /v1/alerts/{id}/ack`: acknowledges an alert (again: keeps the first time).
+    pub async fn ack_alert(&self, alert_id: u64) -> Result<Alert, ClientError> {
+        self.send(self.request(Method::POST, &format!("/v1/alerts/{alert_id}/ack"))).await
     }
 }

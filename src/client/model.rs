@@ -60,8 +60,8 @@ pub struct NewKey {
     /// Scopes (`resource:action`), at most 64.
     #[serde(default)]
     pub scopes: Vec<String>,
-    /// Role names, at most 32. A role need not exist yet: it grants nothing until
-    /// `PUT /v1/roles/{name}` defines it.
+    /// Role names, at most 32, each defined before (`PUT /v1/roles/{name}`): an
+    /// unknown role is refused with 400 `unknown_role`.
     #[serde(default)]
     pub roles: Vec<String>,
     /// Environment; default `live`.
@@ -76,6 +76,10 @@ pub struct NewKey {
     /// A rate limit for the middleware to enforce; default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratelimit: Option<RateLimit>,
+    /// Allows a key with neither scopes nor roles (it authenticates, and passes no
+    /// scope or role check); without it such a key is refused with 400 `empty_key`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_empty: bool,
 }
 
 /// `PATCH /v1/keys/{id}`: the fields to change. Absent fields stay as they are;
@@ -104,12 +108,16 @@ pub struct KeyPatch {
     /// New rate limit (`null` removes it).
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "double_option")]
     pub ratelimit: Option<Option<RateLimit>>,
+    /// Allows the patch to leave the key with neither scopes nor roles (refused with
+    /// 400 `empty_key` otherwise). Changes nothing by itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_empty: bool,
 }
 
 impl KeyPatch {
-    /// Whether the patch changes nothing.
+    /// Whether the patch changes nothing (`allow_empty` changes nothing by itself).
     pub fn is_empty(&self) -> bool {
-        *self == Self::default()
+        Self { allow_empty: false, ..self.clone() } == Self::default()
     }
 }
 
@@ -134,8 +142,8 @@ pub struct AuditRecord {
     /// The name of the token that acted (`bootstrap-admin` for the configured admin token,
     /// `offline-cli` for `keygate-server tokens create --database`).
     pub actor: String,
-    /// `key.create`, `key.update`, `key.rotate`, `key.revoke`, `role.put`, `token.create`,
-    /// `token.revoke`.
+    /// `key.create`, `key.update`, `key.rotate`, `key.revoke`, `role.put`, `role.delete`,
+    /// `alert.ack`, `token.create`, `token.revoke`.
     pub action: String,
     /// The key concerned, if any.
     pub key_id: Option<String>,

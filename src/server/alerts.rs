@@ -98,6 +98,8 @@ impl Evaluation<'_> {
                 if self.store.note_network(key_id, network, *at).await? == NetworkSeen::New {
                     let minute = minute_start(*at);
                     let alert = Alert {
+                        id: None,
+                        acknowledged_at: None,
                         at: now,
                         key_id: key_id.clone(),
                         kind: AlertKind::NewNetwork,
@@ -136,6 +138,8 @@ impl Evaluation<'_> {
             let threshold = (min as f64).max(factor * baseline);
             if observed as f64 > threshold {
                 let alert = Alert {
+                    id: None,
+                    acknowledged_at: None,
                     at: now,
                     key_id: key_id.to_owned(),
                     kind,

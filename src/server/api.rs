@@ -10,7 +10,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::response::sse::Sse;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::{Router, http::StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -55,7 +55,7 @@ const MAX_VERIFY_KEY_LEN: usize = 1024;
 /// | route | token |
 /// | --- | --- |
 /// | `POST /v1/keys/verify`, `POST /v1/usage`, `GET /v1/events` | service |
-/// | `POST/GET /v1/keys`, `GET/PATCH /v1/keys/{id}`, `POST /v1/keys/{id}/rotate`, `POST /v1/keys/{id}/revoke`, `PUT /v1/roles/{name}`, `GET /v1/roles`, `GET /v1/audit`, `GET /v1/usage`, `GET /v1/alerts`, `POST/GET /v1/tokens`, `POST /v1/tokens/{id}/revoke` | admin |
+/// | `POST/GET /v1/keys`, `GET/PATCH /v1/keys/{id}`, `POST /v1/keys/{id}/rotate`, `POST /v1/keys/{id}/revoke`, `PUT/DELETE /v1/roles/{name}`, `GET /v1/roles`, `GET /v1/audit`, `GET /v1/usage`, `GET /v1/alerts`, `POST /v1/alerts/{id}/ack`, `POST/GET /v1/tokens`, `POST /v1/tokens/{id}/revoke` | admin |
 /// | `GET /healthz` | none |
 pub fn router(state: ServerState) -> Router {
     Router::new()
@@ -74,6 +74,9 @@ pub fn router(state: ServerState) -> Router {
         // Tokens as data (issue 14): handlers in `tokens_api`.
         .route("/v1/tokens", post(super::tokens_api::create_token).get(super::tokens_api::list_tokens))
         .route("/v1/tokens/{id}/revoke", post(super::tokens_api::revoke_token))
+        // Operator commands of the CLI: roles delete, alerts ack.
+        .route("/v1/roles/{name}", delete(super::manage::delete_role))
+        .route("/v1/alerts/{id}/ack", post(super::manage::ack_alert))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::invalid("method_not_allowed", "this route does not accept that method")
@@ -267,8 +270,11 @@ struct Created<'a> {
     previous_expires_at: Option<OffsetDateTime>,
 }
 
-fn new_secret(state: &ServerState) -> Result<(ApiKey, NewSecret), ApiError> {
-    let key = ApiKey::generate(&state.inner.key_prefix).map_err(|e| {
+/// A new secret with the prefix of the key's environment (the server's key prefix for
+/// an environment without one of its own).
+fn new_secret(state: &ServerState, environment: &str) -> Result<(ApiKey, NewSecret), ApiError> {
+    let prefix = state.inner.env_prefixes.get(environment).unwrap_or(&state.inner.key_prefix);
+    let key = ApiKey::generate(prefix).map_err(|e| {
         tracing::error!(error = %e, "cannot generate a key");
         ApiError::Internal
     })?;
@@ -296,7 +302,10 @@ async fn create_key(
     if let Some(rl) = &req.ratelimit {
         validate_ratelimit(rl)?;
     }
-    let (key, secret) = new_secret(&state)?;
+    // What the request says is checked first; then what it names must exist.
+    refuse_empty(&scopes, &roles, req.allow_empty)?;
+    refuse_unknown_roles(&state, &roles).await?;
+    let (key, secret) = new_secret(&state, &environment)?;
     let record = NewKeyRecord {
         key_id: new_key_id()?,
         secret,
@@ -368,7 +377,9 @@ async fn patch_key(
         patch.scopes = Some(validate_scopes("scopes", scopes)?);
     }
     if let Some(roles) = &patch.roles {
-        patch.roles = Some(validate_roles(roles)?);
+        let roles = validate_roles(roles)?;
+        refuse_unknown_roles(&state, &roles).await?;
+        patch.roles = Some(roles);
     }
     if let Some(meta) = &patch.meta {
         validate_meta(meta)?;
@@ -380,7 +391,12 @@ async fn patch_key(
     if let Some(Some(rl)) = &patch.ratelimit {
         validate_ratelimit(rl)?;
     }
-    load(&state, &id).await?;
+    let before = load(&state, &id).await?;
+    if patch.scopes.is_some() || patch.roles.is_some() {
+        let scopes = patch.scopes.as_ref().unwrap_or(&before.scopes);
+        let roles = patch.roles.as_ref().unwrap_or(&before.roles);
+        refuse_empty(scopes, roles, patch.allow_empty)?;
+    }
     let info = state.inner.store.update_key(&id, &patch, admin.actor(), now).await?;
     tracing::info!(key_id = %id, "key updated");
     Ok(Json(info))
@@ -400,26 +416,46 @@ async fn rotate_key(
     if req.grace_s > MAX_GRACE_S {
         return Err(ApiError::invalid("invalid_grace", format!("`grace_s` must be at most {MAX_GRACE_S} (30 days)")));
     }
-    load(&state, &id).await?;
+    let before = load(&state, &id).await?;
     let now = now_ms();
     let grace_until = now + time::Duration::seconds(req.grace_s as i64);
-    let (key, secret) = new_secret(&state)?;
+    let (key, secret) = new_secret(&state, &before.environment)?;
     let info = state.inner.store.rotate_key(&id, &secret, grace_until, admin.actor(), now).await?;
     tracing::info!(key_id = %id, grace_s = req.grace_s, "key rotated");
     let body = Created { key: key.expose_secret(), info: &info, previous_expires_at: Some(grace_until) };
     Ok(Json(body).into_response())
 }
 
+/// Revocation is idempotent: revoking a revoked key answers 200 with the key as it
+/// is and `"already_revoked": true`, and writes no audit record.
 async fn revoke_key(
     State(state): State<ServerState>,
     admin: Admin,
     id: Result<Path<String>, PathRejection>,
-) -> Result<Json<KeyInfo>, ApiError> {
+) -> Result<Json<Revoked>, ApiError> {
     let id = path(id)?;
-    load(&state, &id).await?;
-    let info = state.inner.store.revoke_key(&id, admin.actor(), now_ms()).await?;
-    tracing::info!(key_id = %id, "key revoked");
+    let before = load(&state, &id).await?;
+    if before.revoked {
+        return Ok(Json(Revoked { info: before, already_revoked: true }));
+    }
+    let info = match state.inner.store.revoke_key(&id, admin.actor(), now_ms()).await {
+        Ok(info) => Revoked { info, already_revoked: false },
+        // Revoked in between, by another request: the same outcome.
+        Err(super::store::StoreError::Conflict(_)) => Revoked { info: load(&state, &id).await?, already_revoked: true },
+        Err(e) => return Err(e.into()),
+    };
+    if !info.already_revoked {
+        tracing::info!(key_id = %id, "key revoked");
+    }
     Ok(Json(info))
+}
+
+/// The revoke answer: the key, and whether it had been revoked before.
+#[derive(Serialize)]
+struct Revoked {
+    #[serde(flatten)]
+    info: KeyInfo,
+    already_revoked: bool,
 }
 
 // ---- roles
@@ -461,13 +497,27 @@ async fn audit(
     Ok(Json(json!({ "records": state.inner.store.audit(since, MAX_RECORDS).await? })))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AlertsQuery {
+    since: Option<String>,
+    /// Absent: every alert; `false`: the open ones; `true`: the acknowledged ones.
+    acknowledged: Option<bool>,
+}
+
 async fn alerts(
     State(state): State<ServerState>,
     _: Admin,
-    q: Result<Query<SinceQuery>, QueryRejection>,
+    q: Result<Query<AlertsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let since = query(q)?.since.map(|s| parse_time("since", &s)).transpose()?;
-    Ok(Json(json!({ "alerts": state.inner.store.alerts(since, MAX_RECORDS).await? })))
+    let q = query(q)?;
+    let since = q.since.map(|s| parse_time("since", &s)).transpose()?;
+    let store = &state.inner.store;
+    let alerts = match q.acknowledged {
+        None => store.alerts(since, MAX_RECORDS).await?,
+        Some(acknowledged) => store.alerts_by_state(since, acknowledged, MAX_RECORDS).await?,
+    };
+    Ok(Json(json!({ "alerts": alerts })))
 }
 
 #[derive(Deserialize)]
@@ -586,13 +636,59 @@ async fn ingest_usage(State(state): State<ServerState>, _: Service, req: Request
 
 // ---- events
 
-async fn events(State(state): State<ServerState>, service: Service) -> impl IntoResponse {
+/// Past the subscriber cap, 503 `too_many_subscribers` with `Retry-After`: each stream
+/// holds memory and a file descriptor for as long as it stays open.
+async fn events(State(state): State<ServerState>, service: Service) -> Response {
     // Heartbeats are events of their own (see the `events` module): no keep-alive comments.
     // The stream ends when its token is revoked.
-    Sse::new(state.inner.hub.subscribe_until(Some(service.revoked())))
+    match state.inner.hub.try_subscribe_until(Some(service.revoked())) {
+        Some(stream) => Sse::new(stream).into_response(),
+        None => {
+            let max = state.inner.hub.max_subscribers();
+            tracing::warn!(max, "event stream refused: subscriber cap reached");
+            let body = crate::wire::ErrorBody {
+                error: "too_many_subscribers".to_owned(),
+                message: format!("this key service already serves {max} event streams; retry later"),
+            };
+            let retry = [(http::header::RETRY_AFTER, EVENTS_RETRY_AFTER_S.to_string())];
+            (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response()
+        }
+    }
 }
 
+/// The `Retry-After` of a refused event stream, in seconds.
+const EVENTS_RETRY_AFTER_S: u64 = 5;
+
 // ---- helpers
+
+/// 400 `unknown_role` naming the first role that is not defined.
+async fn refuse_unknown_roles(state: &ServerState, roles: &[String]) -> Result<(), ApiError> {
+    let missing = state.inner.store.missing_roles(roles).await?;
+    match missing.first() {
+        None => Ok(()),
+        Some(role) => Err(ApiError::invalid(
+            "unknown_role",
+            format!(
+                "role `{}` does not exist; define it first (PUT /v1/roles/{}, `keygate-server roles put {}`)",
+                shown(role),
+                shown(role),
+                shown(role)
+            ),
+        )),
+    }
+}
+
+/// 400 `empty_key` for a key that would hold neither scopes nor roles, unless allowed.
+fn refuse_empty(scopes: &[String], roles: &[String], allowed: bool) -> Result<(), ApiError> {
+    if scopes.is_empty() && roles.is_empty() && !allowed {
+        return Err(ApiError::invalid(
+            "empty_key",
+            "the key would have neither scopes nor roles; give some, or set `allow_empty: true` \
+             (`--allow-empty`) for a key that only authenticates",
+        ));
+    }
+    Ok(())
+}
 
 fn truncate_ms(t: OffsetDateTime) -> OffsetDateTime {
     t.replace_nanosecond(t.nanosecond() / 1_000_000 * 1_000_000).unwrap_or(t)

@@ -45,6 +45,9 @@ struct Published {
 /// | `alert` | an [`Alert`] | the usage of a key looks anomalous |
 /// | `heartbeat` | `{"at"}` | every 15 s by default, so that a silent dead connection is noticed |
 ///
+/// At most [`max_subscribers`](Self::max_subscribers) streams are open at once (default
+/// [`DEFAULT_MAX_EVENT_SUBSCRIBERS`], 1 000); the route answers 503 past it.
+///
 /// A stream opens with the SSE comment `: keygate events v1`. Events are published after
 /// the change's transaction committed. Each subscriber reads from a bounded broadcast
 /// buffer (1 024 events by default); one that falls behind gets `reset` instead of
@@ -72,13 +75,25 @@ struct HubInner {
     close: watch::Sender<u64>,
     heartbeat: Duration,
     subscribers: AtomicU64,
+    max_subscribers: u64,
+    refused: AtomicU64,
     published: AtomicU64,
 }
 
+/// Default cap on the streams one hub serves at once.
+pub const DEFAULT_MAX_EVENT_SUBSCRIBERS: u64 = 1000;
+
 impl EventHub {
     /// A hub whose subscribers each buffer up to `capacity` events and get a heartbeat
-    /// every `heartbeat`.
+    /// every `heartbeat`, serving at most [`DEFAULT_MAX_EVENT_SUBSCRIBERS`] streams
+    /// through [`try_subscribe`](Self::try_subscribe).
     pub fn new(capacity: usize, heartbeat: Duration) -> Self {
+        Self::with_max_subscribers(capacity, heartbeat, DEFAULT_MAX_EVENT_SUBSCRIBERS)
+    }
+
+    /// Like [`new`](Self::new), with at most `max_subscribers` streams through
+    /// [`try_subscribe`](Self::try_subscribe).
+    pub fn with_max_subscribers(capacity: usize, heartbeat: Duration, max_subscribers: u64) -> Self {
         let (tx, _) = broadcast::channel(capacity.max(1));
         let (close, _) = watch::channel(0);
         Self {
@@ -87,6 +102,8 @@ impl EventHub {
                 close,
                 heartbeat,
                 subscribers: AtomicU64::new(0),
+                max_subscribers,
+                refused: AtomicU64::new(0),
                 published: AtomicU64::new(0),
             }),
         }
@@ -126,6 +143,39 @@ impl EventHub {
         self.inner.subscribers.load(Ordering::Relaxed)
     }
 
+    /// The cap of [`try_subscribe`](Self::try_subscribe).
+    pub fn max_subscribers(&self) -> u64 {
+        self.inner.max_subscribers
+    }
+
+    /// A new subscriber's stream, or `None` when [`max_subscribers`](Self::max_subscribers)
+    /// streams are open already. A stream counts until it is dropped.
+    pub fn try_subscribe(&self) -> Option<impl Stream<Item = Result<Event, Infallible>> + Send + use<>> {
+        self.try_subscribe_until(None)
+    }
+
+    /// [`try_subscribe`](Self::try_subscribe), for a stream that also ends when `revoked`
+    /// turns `true` (the subscriber's token was revoked).
+    pub(crate) fn try_subscribe_until(
+        &self,
+        revoked: Option<watch::Receiver<bool>>,
+    ) -> Option<impl Stream<Item = Result<Event, Infallible>> + Send + use<>> {
+        let max = self.inner.max_subscribers;
+        // Taken before the stream exists, so that concurrent requests cannot overshoot.
+        let taken =
+            self.inner.subscribers.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1));
+        if taken.is_err() {
+            self.inner.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.stream(revoked))
+    }
+
+    /// Streams [`try_subscribe`](Self::try_subscribe) refused since start.
+    pub fn refused(&self) -> u64 {
+        self.inner.refused.load(Ordering::Relaxed)
+    }
+
     /// Events published since start.
     pub fn published(&self) -> u64 {
         self.inner.published.load(Ordering::Relaxed)
@@ -133,13 +183,15 @@ impl EventHub {
 
     /// A new subscriber's stream. It is subscribed when this returns, so an event
     /// published afterwards reaches it.
+    /// Not counted against [`max_subscribers`](Self::max_subscribers).
     pub fn subscribe(&self) -> impl Stream<Item = Result<Event, Infallible>> + Send + use<> {
-        self.subscribe_until(None)
+        self.inner.subscribers.fetch_add(1, Ordering::AcqRel);
+        self.stream(None)
     }
 
-    /// A new subscriber's stream that also ends when `revoked` turns `true` (the
-    /// subscriber's token was revoked).
-    pub(crate) fn subscribe_until(
+    /// The stream of a subscriber already counted; it also ends when `revoked` turns
+    /// `true` (the subscriber's token was revoked).
+    fn stream(
         &self,
         revoked: Option<watch::Receiver<bool>>,
     ) -> impl Stream<Item = Result<Event, Infallible>> + Send + use<> {
@@ -147,7 +199,6 @@ impl EventHub {
         close.mark_unchanged();
         let mut ticker = tokio::time::interval_at(Instant::now() + self.inner.heartbeat, self.inner.heartbeat);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        self.inner.subscribers.fetch_add(1, Ordering::Relaxed);
         let state = Subscriber {
             rx: self.inner.tx.subscribe(),
             close,
@@ -167,7 +218,7 @@ struct Guard(Arc<HubInner>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        self.0.subscribers.fetch_sub(1, Ordering::Relaxed);
+        self.0.subscribers.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

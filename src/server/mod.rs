@@ -76,6 +76,29 @@
 //! <url>` ([`create_token_offline`]). Only on `sqlite::memory:` are the tokens not
 //! configured generated (read them from [`RunningKeyServer`]).
 //!
+//! **Admin input.** A key's roles must be defined (`PUT /v1/roles/{name}`) before it
+//! holds them: an unknown role is 400 `unknown_role`. A key needs a scope or a role,
+//! unless the request sets `allow_empty` (400 `empty_key` otherwise). Owner, name and
+//! the strings of `meta` refuse control, invisible (U+200B–U+200F, U+2060–U+2064,
+//! U+FEFF, U+00AD) and bidirectional-control characters (U+202A–U+202E, U+2066–U+2069)
+//! with a 400 naming the field, the code point and its position from 0. Revocation is
+//! idempotent: revoking a revoked key answers 200 with `"already_revoked": true` and
+//! changes nothing. `DELETE /v1/roles/{name}` is 409 while unrevoked keys hold the role,
+//! naming how many, unless `?detach=true`. `POST /v1/alerts/{id}/ack` acknowledges an
+//! alert; `GET /v1/alerts?acknowledged=false` lists the open ones.
+//!
+//! **Key prefixes** follow the environment: by default `test` keys start `kgtest_`, all
+//! others the [`key_prefix`](KeyServer::key_prefix) (`kg_`); see
+//! [`env_prefix`](KeyServer::env_prefix).
+//!
+//! **Edges.** At most [`DEFAULT_MAX_EVENT_SUBSCRIBERS`] (1 000) `GET /v1/events` streams
+//! at once ([`max_event_subscribers`](KeyServer::max_event_subscribers)); past it, 503
+//! `too_many_subscribers` with `Retry-After`. A connection has
+//! [`DEFAULT_HEADER_READ_TIMEOUT`] (10 s) to send a request's headers and a request body
+//! may pause [`DEFAULT_REQUEST_BODY_TIMEOUT`] (30 s) at most
+//! ([`header_read_timeout`](KeyServer::header_read_timeout),
+//! [`request_body_timeout`](KeyServer::request_body_timeout)).
+//!
 //! # Usage
 //!
 //! `POST /v1/usage` (service token) takes an [`AggregateBatch`](crate::AggregateBatch),
@@ -180,14 +203,15 @@ use tokio::task::JoinHandle;
 
 // Module order from the bottom up; each imports only modules before it: text, model,
 // token, events, meters, store, error, validate, usage, report, auth, alerts, retention,
-// state, tokens_api, metrics, api (and this one, which builds and starts the service;
-// backup stands apart, on its own connection).
+// state, tokens_api, manage, metrics, api (and this one, which builds and starts the
+// service; backup stands apart, on its own connection).
 mod alerts;
 mod api;
 mod auth;
 mod backup;
 mod error;
 mod events;
+mod manage;
 mod meters;
 mod metrics;
 mod model;
@@ -206,7 +230,7 @@ pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};
 pub use auth::{Admin, Service};
 pub use backup::{BackupError, backup_sqlite};
 pub use error::{ApiError, ServerError};
-pub use events::EventHub;
+pub use events::{DEFAULT_MAX_EVENT_SUBSCRIBERS, EventHub};
 pub use report::{MAX_USAGE_BUCKETS, MAX_USAGE_ROUTES, MAX_USAGE_ROWS, MAX_USAGE_SPAN};
 pub use retention::RetentionConfig;
 pub use state::{ServerState, ServerStats};
@@ -233,6 +257,14 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 pub const DEFAULT_EVENT_BUFFER: usize = 1024;
 /// Default prefix of issued keys.
 pub const DEFAULT_KEY_PREFIX: &str = "kg";
+/// Default time a connection has to send a request's headers (also the longest an idle
+/// keep-alive connection stays open).
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default longest wait for the next piece of a request body.
+pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// The environment whose keys get their own prefix by default, and that prefix: a test
+/// key reads `kgtest_...`, recognisable on sight and by secret scanners.
+pub const DEFAULT_ENV_PREFIXES: &[(&str, &str)] = &[("test", "kgtest")];
 /// How long starting waits for the feed of other replicas' changes to connect.
 const FEED_START_WAIT: Duration = Duration::from_secs(5);
 
@@ -250,6 +282,10 @@ pub struct KeyServer {
     alerts: AlertConfig,
     retention: RetentionConfig,
     metrics_listen: Option<SocketAddr>,
+    env_prefixes: std::collections::BTreeMap<String, String>,
+    max_event_subscribers: u64,
+    header_read_timeout: Duration,
+    request_body_timeout: Duration,
 }
 
 impl std::fmt::Debug for KeyServer {
@@ -264,11 +300,13 @@ impl std::fmt::Debug for KeyServer {
 }
 
 impl KeyServer {
-    /// Defaults: database `sqlite::memory:`, listen `127.0.0.1:7700`, key prefix `kg`,
-    /// heartbeat 15 s, event buffer 1 024 per subscriber, [`AlertConfig::default`],
-    /// [`RetentionConfig::default`], metrics off, and no bootstrap token: a persistent database must
-    /// hold an admin token, and on `sqlite::memory:` the tokens not given are generated
-    /// (read them from [`RunningKeyServer`]).
+    /// Defaults: database `sqlite::memory:`, listen `127.0.0.1:7700`, key prefix `kg`
+    /// (`kgtest` for environment `test`), heartbeat 15 s, event buffer 1 024 per
+    /// subscriber, at most 1 000 event streams, header read timeout 10 s, request body
+    /// timeout 30 s, [`AlertConfig::default`], [`RetentionConfig::default`], metrics off,
+    /// and no bootstrap token: a persistent database must hold an admin token, and on
+    /// `sqlite::memory:` the tokens not given are generated (read them from
+    /// [`RunningKeyServer`]).
     pub fn builder() -> Self {
         Self {
             database: "sqlite::memory:".into(),
@@ -282,7 +320,53 @@ impl KeyServer {
             alerts: AlertConfig::default(),
             retention: RetentionConfig::default(),
             metrics_listen: None,
+            env_prefixes: DEFAULT_ENV_PREFIXES.iter().map(|(e, p)| ((*e).to_owned(), (*p).to_owned())).collect(),
+            max_event_subscribers: DEFAULT_MAX_EVENT_SUBSCRIBERS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
         }
+    }
+
+    /// The prefix of the keys of `environment` (`[a-z][a-z0-9]{0,15}`, like
+    /// [`key_prefix`](Self::key_prefix)), replacing its default: by default `test` keys
+    /// start `kgtest_` and every other environment's the key prefix (`kg_`). The
+    /// middleware's default format check accepts any prefix.
+    ///
+    /// ```
+    /// # use keygate::server::KeyServer;
+    /// let server = KeyServer::builder().env_prefix("live", "acme").env_prefix("test", "acmetest");
+    /// ```
+    pub fn env_prefix(mut self, environment: impl Into<String>, prefix: impl Into<String>) -> Self {
+        self.env_prefixes.insert(environment.into(), prefix.into());
+        self
+    }
+
+    /// Forgets every environment's own prefix, the defaults included: every key gets
+    /// the [`key_prefix`](Self::key_prefix).
+    pub fn no_env_prefixes(mut self) -> Self {
+        self.env_prefixes.clear();
+        self
+    }
+
+    /// Most `GET /v1/events` streams served at once (default 1 000); past it, 503
+    /// `too_many_subscribers` with `Retry-After`.
+    pub fn max_event_subscribers(mut self, streams: u64) -> Self {
+        self.max_event_subscribers = streams;
+        self
+    }
+
+    /// How long a connection has to send a request's headers before it is closed
+    /// (default 10 s). An idle keep-alive connection is closed after as long.
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout;
+        self
+    }
+
+    /// Longest wait for the next piece of a request body before the request fails
+    /// (default 30 s).
+    pub fn request_body_timeout(mut self, timeout: Duration) -> Self {
+        self.request_body_timeout = timeout;
+        self
     }
 
     /// The database URL: `sqlite://path` (created if missing), `sqlite::memory:`, or
@@ -393,6 +477,18 @@ impl KeyServer {
         crate::key::validate_prefix(&self.key_prefix)
             .map_err(|e| ServerError::Config(format!("key prefix `{}`: {e}", self.key_prefix)))?;
         self.retention.validate().map_err(ServerError::Config)?;
+        for (env, prefix) in &self.env_prefixes {
+            validate::validate_environment(env)
+                .map_err(|e| ServerError::Config(format!("environment `{env}` of a key prefix: {e}")))?;
+            crate::key::validate_prefix(prefix)
+                .map_err(|e| ServerError::Config(format!("key prefix `{prefix}` of environment `{env}`: {e}")))?;
+        }
+        if self.max_event_subscribers == 0 {
+            return Err(ServerError::Config("the event subscriber cap must be at least 1".into()));
+        }
+        if self.header_read_timeout.is_zero() || self.request_body_timeout.is_zero() {
+            return Err(ServerError::Config("the header read and request body timeouts must be above zero".into()));
+        }
         let (mut service, mut admin) = self.configured_tokens()?;
         let store = match self.store.take() {
             Some(s) => s,
@@ -427,7 +523,7 @@ impl KeyServer {
         if !tokens.has_admin() {
             return Err(ServerError::NoAdminToken);
         }
-        let hub = EventHub::new(self.event_buffer, self.heartbeat);
+        let hub = EventHub::with_max_subscribers(self.event_buffer, self.heartbeat, self.max_event_subscribers);
         let meters = Arc::new(if self.metrics_listen.is_some() { meters::Meters::on() } else { meters::Meters::off() });
         let store = store
             .reporting_to(Arc::new(auth::Sink { hub: hub.clone(), tokens: Arc::clone(&tokens) }))
@@ -456,6 +552,7 @@ impl KeyServer {
                 stats: state::Stats::default(),
                 alerts: self.alerts.clone(),
                 key_prefix: self.key_prefix.clone(),
+                env_prefixes: std::mem::take(&mut self.env_prefixes),
                 feed,
                 retention: self.retention.clone(),
                 retention_counters,
@@ -470,6 +567,7 @@ impl KeyServer {
     pub async fn start(self) -> Result<RunningKeyServer, ServerError> {
         let listen = self.listen;
         let metrics_listen = self.metrics_listen;
+        let timeouts = (self.header_read_timeout, self.request_body_timeout);
         let (state, service_token, admin_token) = self.build().await?;
         let listener =
             tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
@@ -478,7 +576,9 @@ impl KeyServer {
             Some(at) => Some(serve_metrics(at, state.clone()).await?),
             None => None,
         };
-        let app = router(state.clone()).layer(tower_http::trace::TraceLayer::new_for_http());
+        let app = router(state.clone())
+            .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(timeouts.1))
+            .layer(tower_http::trace::TraceLayer::new_for_http());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let hub = state.inner.hub.clone();
         let task = tokio::spawn(async move {
@@ -488,9 +588,7 @@ impl KeyServer {
                 // shutdown does not wait for them.
                 hub.disconnect_all();
             };
-            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
-                tracing::error!(error = %e, "key service stopped with an error");
-            }
+            serve::serve(listener, app, timeouts.0, stop).await;
         });
         tracing::info!(%addr, "key service listening");
         let (metrics_addr, metrics_task) = metrics.unzip();
@@ -626,6 +724,55 @@ impl Drop for RunningKeyServer {
         if let Some(metrics) = self.metrics_task.take() {
             metrics.abort();
         }
+    }
+}
+
+/// The accept loop: `axum::serve` cannot bound the time a client takes to send its
+/// headers, so connections are served by hyper's HTTP/1 builder with a timer.
+mod serve {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    /// Serves `app` on `listener` until `stop` completes, then stops accepting and waits
+    /// for the open connections to finish their requests.
+    pub(super) async fn serve(
+        listener: tokio::net::TcpListener,
+        app: axum::Router,
+        header_read_timeout: Duration,
+        stop: impl Future<Output = ()>,
+    ) {
+        let graceful = GracefulShutdown::new();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
+        tokio::pin!(stop);
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut stop => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        graceful.shutdown().await;
     }
 }
 

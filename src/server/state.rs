@@ -65,6 +65,8 @@ pub struct ServerStats {
     pub events_published: u64,
     /// SSE streams open now.
     pub event_subscribers: u64,
+    /// SSE streams refused because the subscriber cap was reached.
+    pub event_subscribers_refused: u64,
     /// Alerts raised.
     pub alerts_raised: u64,
     /// Changes made through other replicas and forwarded to this one's event streams
@@ -124,6 +126,8 @@ pub(crate) struct StateInner {
     pub stats: Stats,
     pub alerts: AlertConfig,
     pub key_prefix: String,
+    /// Environments whose keys get a prefix of their own.
+    pub env_prefixes: std::collections::BTreeMap<String, String>,
     /// Other replicas' changes, forwarded into `hub`; stops when the state is dropped.
     pub feed: Option<ChangeFeed>,
     pub retention: RetentionConfig,
@@ -181,6 +185,7 @@ impl ServerState {
             retention_batch_ids_deleted: get(&r.batch_ids_deleted),
             events_published: self.inner.hub.published(),
             event_subscribers: self.inner.hub.subscribers(),
+            event_subscribers_refused: self.inner.hub.refused(),
             alerts_raised: get(&s.alerts_raised),
             events_forwarded: feed.forwarded,
             change_feed_connected: feed.connected,

@@ -16,10 +16,48 @@ pub(crate) fn validate_text(field: &str, value: &str) -> Result<(), ApiError> {
     if value.len() > MAX_NAME_LEN {
         return Err(ApiError::invalid("invalid_request", format!("`{field}` is longer than {MAX_NAME_LEN} bytes")));
     }
-    if value.chars().any(char::is_control) {
-        return Err(ApiError::invalid("invalid_request", format!("`{field}` must not contain control characters")));
+    refuse_hidden_chars(field, value)
+}
+
+/// Refuses the characters that make a text read differently from what it is: controls,
+/// invisible characters and bidirectional overrides and isolates. An owner shown as
+/// `admin` in a table must be `admin`. The position counts characters from 0.
+pub(crate) fn refuse_hidden_chars(field: &str, value: &str) -> Result<(), ApiError> {
+    for (i, c) in value.chars().enumerate() {
+        if let Some(what) = hidden_char(c) {
+            return Err(ApiError::invalid(
+                "invalid_request",
+                format!("{field}: U+{:04X} ({what}) at char {} is not allowed", c as u32, i),
+            ));
+        }
     }
     Ok(())
+}
+
+/// What a refused character is, or `None` for one that may appear in admin text.
+fn hidden_char(c: char) -> Option<&'static str> {
+    Some(match c {
+        '\u{202A}' => "left-to-right embedding",
+        '\u{202B}' => "right-to-left embedding",
+        '\u{202C}' => "pop directional formatting",
+        '\u{202D}' => "left-to-right override",
+        '\u{202E}' => "right-to-left override",
+        '\u{2066}' => "left-to-right isolate",
+        '\u{2067}' => "right-to-left isolate",
+        '\u{2068}' => "first strong isolate",
+        '\u{2069}' => "pop directional isolate",
+        '\u{200B}' => "zero width space",
+        '\u{200C}' => "zero width non-joiner",
+        '\u{200D}' => "zero width joiner",
+        '\u{200E}' => "left-to-right mark",
+        '\u{200F}' => "right-to-left mark",
+        '\u{2060}' => "word joiner",
+        '\u{2061}'..='\u{2064}' => "invisible operator",
+        '\u{FEFF}' => "zero width no-break space",
+        '\u{00AD}' => "soft hyphen",
+        c if c.is_control() => "control character",
+        _ => return None,
+    })
 }
 
 /// Validates scopes and returns them sorted and deduplicated.
@@ -86,7 +124,25 @@ pub(crate) fn validate_meta(meta: &serde_json::Value) -> Result<(), ApiError> {
     if meta.to_string().len() > MAX_META_BYTES {
         return Err(ApiError::invalid("invalid_request", format!("`meta` is larger than {MAX_META_BYTES} bytes")));
     }
-    Ok(())
+    meta_strings("meta", meta)
+}
+
+/// Every string in `meta` (keys and values, at any depth) passes [`refuse_hidden_chars`],
+/// named by its path (`meta.team`, `meta.tags[1]`).
+fn meta_strings(path: &str, v: &serde_json::Value) -> Result<(), ApiError> {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => refuse_hidden_chars(path, s),
+        Value::Array(items) => {
+            items.iter().enumerate().try_for_each(|(i, item)| meta_strings(&format!("{path}[{i}]"), item))
+        }
+        Value::Object(map) => map.iter().try_for_each(|(k, item)| {
+            let path = format!("{path}.{}", shown(k));
+            refuse_hidden_chars(&path, k)?;
+            meta_strings(&path, item)
+        }),
+        _ => Ok(()),
+    }
 }
 
 pub(crate) fn validate_ratelimit(rl: &RateLimit) -> Result<(), ApiError> {
@@ -103,4 +159,25 @@ pub(crate) fn validate_ratelimit(rl: &RateLimit) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_characters_are_named_with_their_position() {
+        let err = validate_text("owner", "adm\u{202e}ni\u{200b}").unwrap_err();
+        assert_eq!(err.to_string(), "owner: U+202E (right-to-left override) at char 3 is not allowed");
+        let err = validate_text("name", "ci\u{200b}").unwrap_err();
+        assert_eq!(err.to_string(), "name: U+200B (zero width space) at char 2 is not allowed");
+        for c in ['\u{00AD}', '\u{2066}', '\u{2069}', '\u{FEFF}', '\u{2063}', '\u{7}', '\u{200F}'] {
+            assert!(validate_text("owner", &format!("a{c}b")).is_err(), "U+{:04X}", c as u32);
+        }
+        for ok in ["acme", "Ünïcödé GmbH", "東京", "a-b_c.d e"] {
+            validate_text("owner", ok).unwrap();
+        }
+        let err = validate_meta(&serde_json::json!({ "tags": ["ok", "x\u{202d}"] })).unwrap_err();
+        assert!(err.to_string().starts_with("meta.tags[1]: U+202D"), "{err}");
+    }
 }

@@ -47,6 +47,10 @@ pub(crate) mod action {
     pub(crate) const KEY_REVOKE: &str = "key.revoke";
     /// A role was created or replaced.
     pub(crate) const ROLE_PUT: &str = "role.put";
+    /// A role was deleted.
+    pub(crate) const ROLE_DELETE: &str = "role.delete";
+    /// An alert was acknowledged.
+    pub(crate) const ALERT_ACK: &str = "alert.ack";
 }
 
 /// What a store can fail with.
@@ -536,9 +540,15 @@ impl Store {
     pub(crate) async fn insert_alert(&self, alert: &Alert) -> Result<bool, StoreError> {
         self.metered("insert_alert", async {
             write_tx!(self, |tx, q| {
-                let stored = q::insert_alert(&mut *tx, alert).await?;
-                let notes = if stored { vec![ChangeNote::Alert(Box::new(alert.clone()))] } else { Vec::new() };
-                (stored, notes)
+                let id = q::insert_alert(&mut *tx, alert).await?;
+                let notes = match id {
+                    Some(id) => {
+                        let alert = Alert { id: Some(id.max(0) as u64), ..alert.clone() };
+                        vec![ChangeNote::Alert(Box::new(alert))]
+                    }
+                    None => Vec::new(),
+                };
+                (id.is_some(), notes)
             })
         })
         .await
@@ -547,6 +557,46 @@ impl Store {
     /// Alerts, oldest first: from `since` on, or the newest `limit` without it.
     pub async fn alerts(&self, since: Option<OffsetDateTime>, limit: u32) -> Result<Vec<Alert>, StoreError> {
         self.metered("alerts", async { each_backend!(self, b, q => q::alerts(b.pool(), since, limit).await) }).await
+    }
+
+    // ---- roles delete, unknown roles, alert acknowledgement
+
+    /// The names among `names` that are not defined roles, in their order.
+    pub(crate) async fn missing_roles(&self, names: &[String]) -> Result<Vec<String>, StoreError> {
+        let existing = each_backend!(self, b, q => q::existing_roles(b.pool(), names).await?);
+        Ok(names.iter().filter(|n| !existing.contains(n)).cloned().collect())
+    }
+
+    /// Deletes a role and writes `role.delete`; see the shared query for the refusal
+    /// while keys hold it and for `detach`. The keys it was removed from are `updated`
+    /// (or all `reset` above [`MAX_EVENTS_PER_CHANGE`]).
+    pub(crate) async fn delete_role(
+        &self,
+        name: &str,
+        detach: bool,
+        actor: &str,
+        at: OffsetDateTime,
+    ) -> Result<Vec<String>, StoreError> {
+        write_tx!(self, |tx, q| {
+            let detached = q::delete_role(&mut tx, name, detach, actor, at).await?;
+            (detached.clone(), notes_for_keys(KeyEvent::Updated, detached))
+        })
+    }
+
+    /// Alerts, oldest first, only the open (`acknowledged` false) or only the
+    /// acknowledged ones: from `since` on, or the newest `limit` without it.
+    pub async fn alerts_by_state(
+        &self,
+        since: Option<OffsetDateTime>,
+        acknowledged: bool,
+        limit: u32,
+    ) -> Result<Vec<Alert>, StoreError> {
+        each_backend!(self, b, q => q::alerts_by_state(b.pool(), since, acknowledged, limit).await)
+    }
+
+    /// Acknowledges an alert (idempotent) and writes `alert.ack` the first time.
+    pub(crate) async fn ack_alert(&self, id: i64, actor: &str, at: OffsetDateTime) -> Result<Alert, StoreError> {
+        write_tx!(self, |tx, q| (q::ack_alert(&mut tx, id, actor, at).await?, Vec::new()))
     }
 
     /// For a store that several key-service replicas share (PostgreSQL): starts

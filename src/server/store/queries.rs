@@ -389,14 +389,15 @@ macro_rules! shared_queries {
             }
 
             /// Stores an alert unless one of the same key, kind and minute exists;
-            /// true if stored.
+            /// its id if stored.
             pub(crate) async fn insert_alert<'e>(
                 ex: impl Executor<'e, Database = $db>,
                 alert: &Alert,
-            ) -> Result<bool, StoreError> {
-                let done = sqlx::query(
+            ) -> Result<Option<i64>, StoreError> {
+                let id: Option<i64> = sqlx::query_scalar(
                     "INSERT INTO alerts (at, key_id, kind, minute, observed, baseline, threshold, detail) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key_id, kind, minute) DO NOTHING",
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (key_id, kind, minute) DO NOTHING \
+                     RETURNING id",
                 )
                 .bind(to_ms(alert.at))
                 .bind(&alert.key_id)
@@ -406,9 +407,9 @@ macro_rules! shared_queries {
                 .bind(alert.baseline)
                 .bind(alert.threshold)
                 .bind(&alert.detail)
-                .execute(ex)
+                .fetch_optional(ex)
                 .await?;
-                Ok(done.rows_affected() == 1)
+                Ok(id)
             }
 
             async fn write_audit(
@@ -502,6 +503,123 @@ macro_rules! shared_queries {
                 .execute(&mut *conn)
                 .await?;
                 insert_secret(conn, key_id, secret, to_ms(at)).await
+            }
+
+            // ---- roles delete, unknown roles, alert acknowledgement (the CLI's needs)
+
+            /// The names of the roles that exist among `names`.
+            pub(crate) async fn existing_roles<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                names: &[String],
+            ) -> Result<Vec<String>, StoreError> {
+                if names.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let marks: Vec<String> = (1..=names.len()).map(|i| format!("${i}")).collect();
+                let sql = format!("SELECT name FROM roles WHERE name IN ({})", marks.join(", "));
+                let mut q = sqlx::query_scalar::<_, String>(&sql);
+                for n in names {
+                    q = q.bind(n);
+                }
+                Ok(q.fetch_all(ex).await?)
+            }
+
+            /// Deletes a role and writes `role.delete`. While unrevoked keys hold it,
+            /// refuses (a conflict naming how many) unless `detach`, which first removes
+            /// it from each of them, each with its own `key.update` record. Returns the
+            /// keys it was removed from.
+            pub(crate) async fn delete_role(
+                conn: &mut Conn,
+                name: &str,
+                detach: bool,
+                actor: &str,
+                at: OffsetDateTime,
+            ) -> Result<Vec<String>, StoreError> {
+                $name_lock(&mut *conn, LOCK_ROLE, name).await?;
+                let before: Option<String> = sqlx::query_scalar("SELECT scopes FROM roles WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                let Some(before) = before else {
+                    return Err(StoreError::NotFound(format!("no role named `{name}`")));
+                };
+                let holders: Vec<String> = sqlx::query_scalar(
+                    "SELECT kr.key_id FROM key_roles kr JOIN keys k ON k.key_id = kr.key_id \
+                     WHERE kr.role = $1 AND k.revoked_at IS NULL ORDER BY kr.key_id",
+                )
+                .bind(name)
+                .fetch_all(&mut *conn)
+                .await?;
+                if !holders.is_empty() && !detach {
+                    let n = holders.len();
+                    let keys = if n == 1 { "key holds" } else { "keys hold" };
+                    return Err(StoreError::Conflict(format!(
+                        "role `{name}` is in use: {n} {keys} it; `?detach=true` (`keygate-server roles delete \
+                         {name} --detach`) removes it from them and then deletes it"
+                    )));
+                }
+                for key_id in &holders {
+                    let key = load_key(conn, key_id, $row_lock).await?;
+                    let roles: Vec<String> = key.roles.iter().filter(|r| r.as_str() != name).cloned().collect();
+                    let patch = $crate::server::model::KeyPatch { roles: Some(roles), ..Default::default() };
+                    change_key(conn, key_id, &KeyChange::Update(&patch), actor, at).await?;
+                }
+                sqlx::query("DELETE FROM roles WHERE name = $1").bind(name).execute(&mut *conn).await?;
+                let changes = ::serde_json::json!({
+                    "role": name,
+                    "scopes": parse_json_list(&before)?,
+                    "detached": holders,
+                });
+                write_audit(conn, at, actor, action::ROLE_DELETE, None, &changes).await?;
+                Ok(holders)
+            }
+
+            /// Alerts, oldest first, like [`alerts`] but only the open ones
+            /// (`acknowledged` false) or only the acknowledged ones (true).
+            pub(crate) async fn alerts_by_state<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                since: Option<OffsetDateTime>,
+                acknowledged: bool,
+                limit: u32,
+            ) -> Result<Vec<Alert>, StoreError> {
+                let state = if acknowledged { "IS NOT NULL" } else { "IS NULL" };
+                let sql = format!(
+                    "SELECT * FROM (SELECT {ALERT_COLUMNS} FROM alerts WHERE acknowledged_at {state} AND \
+                     (CAST($1 AS BIGINT) IS NULL OR at >= $1) \
+                     ORDER BY CASE WHEN CAST($1 AS BIGINT) IS NULL THEN -id ELSE id END LIMIT $2) AS r ORDER BY id"
+                );
+                let rows = sqlx::query(&sql).bind(since.map(to_ms)).bind(i64::from(limit)).fetch_all(ex).await?;
+                rows.iter().map(alert_from_row).collect()
+            }
+
+            /// Acknowledges an alert and writes `alert.ack`; an alert acknowledged before
+            /// keeps its first time and writes nothing. Returns the alert.
+            pub(crate) async fn ack_alert(
+                conn: &mut Conn,
+                id: i64,
+                actor: &str,
+                at: OffsetDateTime,
+            ) -> Result<Alert, StoreError> {
+                let done = sqlx::query("UPDATE alerts SET acknowledged_at = $2 WHERE id = $1 AND acknowledged_at IS NULL")
+                    .bind(id)
+                    .bind(to_ms(at))
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                let row = sqlx::query(&format!("SELECT {ALERT_COLUMNS} FROM alerts WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                let alert = row
+                    .as_ref()
+                    .map(alert_from_row)
+                    .transpose()?
+                    .ok_or_else(|| StoreError::NotFound(format!("no alert with id {id}")))?;
+                if done == 1 {
+                    let changes = ::serde_json::json!({ "alert_id": id, "kind": alert.kind.as_str() });
+                    write_audit(conn, at, actor, action::ALERT_ACK, Some(&alert.key_id), &changes).await?;
+                }
+                Ok(alert)
             }
         }
     };

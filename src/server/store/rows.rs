@@ -14,7 +14,8 @@ pub(crate) const KEY_COLUMNS: &str = "k.key_id, k.owner, k.name, k.scopes, k.rol
      k.updated_at, k.last_used_at";
 
 /// The columns [`alert_from_row`] reads, from `alerts`.
-pub(crate) const ALERT_COLUMNS: &str = "id, at, key_id, kind, minute, observed, baseline, threshold, detail";
+pub(crate) const ALERT_COLUMNS: &str =
+    "id, at, key_id, kind, minute, observed, baseline, threshold, detail, acknowledged_at";
 
 /// The columns [`role_from_row`] reads, from `roles`.
 pub(crate) const ROLE_COLUMNS: &str = "name, scopes, updated_at";
@@ -110,6 +111,8 @@ pub(crate) fn role_from_row(row: &impl Get) -> Result<RoleInfo, StoreError> {
 pub(crate) fn alert_from_row(row: &impl Get) -> Result<Alert, StoreError> {
     let kind = row.text("kind")?;
     Ok(Alert {
+        id: Some(row.int("id")?.max(0) as u64),
+        acknowledged_at: from_ms_opt(row.opt_int("acknowledged_at")?)?,
         at: from_ms(row.int("at")?)?,
         key_id: row.text("key_id")?,
         kind: AlertKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("alert kind `{kind}`")))?,
