@@ -32,6 +32,7 @@ use super::validate::{
     validate_environment, validate_expiry, validate_meta, validate_ratelimit, validate_role_name, validate_roles,
     validate_scopes, validate_text,
 };
+use super::webhook_api;
 use crate::key::{ApiKey, KeyDigest};
 use crate::usage::{AggregateBatch, UsageBatch};
 use crate::verify::Reason;
@@ -55,6 +56,7 @@ const MAX_VERIFY_KEY_LEN: usize = 1024;
 /// | --- | --- |
 /// | `POST /v1/keys/verify`, `POST /v1/usage`, `GET /v1/events` | service |
 /// | `POST/GET /v1/keys`, `GET/PATCH /v1/keys/{id}`, `POST /v1/keys/{id}/rotate`, `POST /v1/keys/{id}/revoke`, `PUT /v1/roles/{name}`, `GET /v1/roles`, `GET /v1/audit`, `GET /v1/usage`, `GET /v1/alerts` | admin |
+/// | `POST/GET /v1/webhooks`, `GET/DELETE /v1/webhooks/{id}`, `GET /v1/webhooks/{id}/deliveries` | admin |
 /// | `GET /healthz` | none |
 pub fn router(state: ServerState) -> Router {
     Router::new()
@@ -70,6 +72,8 @@ pub fn router(state: ServerState) -> Router {
         .route("/v1/usage", post(ingest_usage).get(read_usage))
         .route("/v1/alerts", get(alerts))
         .route("/v1/events", get(events))
+        // Webhooks: endpoints and their delivery log (see the `webhook_api` module).
+        .merge(webhook_api::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::invalid("method_not_allowed", "this route does not accept that method")

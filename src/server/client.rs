@@ -248,3 +248,90 @@ impl AdminClient {
 fn encode(segment: &str) -> String {
     percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
+
+// ---- webhooks (issue 14): endpoints and their delivery log
+
+/// `POST /v1/webhooks`'s answer: the endpoint and its signing secret, shown this once.
+#[derive(Clone, serde::Serialize, Deserialize)]
+pub struct CreatedWebhook {
+    /// The endpoint.
+    #[serde(flatten)]
+    pub endpoint: super::store::WebhookEndpoint,
+    /// The HMAC-SHA256 key of its signatures (`whsec_…`); see
+    /// [`SIGNATURE_HEADER`](super::SIGNATURE_HEADER).
+    pub secret: String,
+}
+
+impl std::fmt::Debug for CreatedWebhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedWebhook").field("endpoint", &self.endpoint).finish_non_exhaustive()
+    }
+}
+
+/// A page of `GET /v1/webhooks/{id}/deliveries`, newest first.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+pub struct DeliveryPage {
+    /// The endpoint.
+    pub webhook_id: String,
+    /// Deliveries dropped because its queue was full, since it was added.
+    pub dropped: u64,
+    /// Deliveries waiting for an attempt.
+    pub pending: u64,
+    /// The deliveries, newest first.
+    pub deliveries: Vec<super::store::WebhookDelivery>,
+    /// Pass as `before` for the next (older) page; `None` on the last one.
+    pub next_before: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct Webhooks {
+    webhooks: Vec<super::store::WebhookEndpoint>,
+}
+
+impl AdminClient {
+    /// `POST /v1/webhooks`: adds an endpoint receiving `events` (types such as
+    /// `key.revoked`, or prefixes such as `alert.*`; empty: every type).
+    pub async fn create_webhook<I, S>(
+        &self,
+        url: &str,
+        events: I,
+        description: Option<&str>,
+    ) -> Result<CreatedWebhook, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let events: Vec<String> = events.into_iter().map(Into::into).collect();
+        let body = serde_json::json!({ "url": url, "events": events, "description": description });
+        self.send(self.request(Method::POST, "/v1/webhooks").json(&body)).await
+    }
+
+    /// `GET /v1/webhooks`.
+    pub async fn list_webhooks(&self) -> Result<Vec<super::store::WebhookEndpoint>, ClientError> {
+        Ok(self.send::<Webhooks>(self.request(Method::GET, "/v1/webhooks")).await?.webhooks)
+    }
+
+    /// `DELETE /v1/webhooks/{id}`: removes the endpoint and its pending deliveries.
+    pub async fn delete_webhook(&self, id: &str) -> Result<super::store::WebhookEndpoint, ClientError> {
+        self.send(self.request(Method::DELETE, &format!("/v1/webhooks/{}", encode(id)))).await
+    }
+
+    /// `GET /v1/webhooks/{id}/deliveries?before=&limit=`: up to `limit` (default 100,
+    /// at most 500) deliveries with ids below `before`, newest first.
+    pub async fn webhook_deliveries(
+        &self,
+        id: &str,
+        before: Option<i64>,
+        limit: Option<u32>,
+    ) -> Result<DeliveryPage, ClientError> {
+        let mut params: Vec<(&str, String)> = Vec::new();
+        if let Some(b) = before {
+            params.push(("before", b.to_string()));
+        }
+        if let Some(l) = limit {
+            params.push(("limit", l.to_string()));
+        }
+        let path = format!("/v1/webhooks/{}/deliveries", encode(id));
+        self.send(self.request(Method::GET, &path).query(&params)).await
+    }
+}

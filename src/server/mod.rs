@@ -5,8 +5,10 @@
 //! and a display prefix (`kg_3fA9`); expands roles into effective scopes on verify;
 //! keeps an append-only audit log; pushes invalidations to middlewares over
 //! Server-Sent Events ([`EventHub`]); aggregates usage per key and minute and per key,
-//! route and hour, and prunes it ([`RetentionConfig`]); and raises anomaly alerts
-//! ([`AlertConfig`]).
+//! route and hour, and prunes it ([`RetentionConfig`]); raises anomaly and
+//! expiring-soon alerts ([`AlertConfig`]), enforces a maximum key age
+//! ([`RotationPolicy`]) and pushes alerts and key lifecycle events to webhooks
+//! ([`WebhookConfig`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -34,6 +36,25 @@
 //! audit, usage and invalidation (`rotated`, by key id) follow the key across rotations.
 //!
 //! **Verdict precedence**: `REVOKED`, then `DISABLED`, then `EXPIRED`.
+//!
+//! # Webhooks
+//!
+//! `POST /v1/webhooks {"url", "events"?, "description"?}` (admin token;
+//! [`AdminClient::create_webhook`], CLI `keygate-server webhooks add`) adds an endpoint
+//! and answers its signing secret once; `GET /v1/webhooks`, `GET|DELETE
+//! /v1/webhooks/{id}` and `GET /v1/webhooks/{id}/deliveries?limit=&before=` (a
+//! [`DeliveryPage`] of [`WebhookDelivery`], newest first, at most
+//! [`MAX_DELIVERIES_PAGE`]) manage them. URLs: `http` or `https`, no credentials, at
+//! most [`MAX_WEBHOOK_URL_LEN`] bytes. Adding and removing are audited.
+//!
+//! The events are `key.created`, `key.rotated`, `key.revoked`, `key.disabled`,
+//! `key.enabled`, `key.expiring` and `alert.<kind>` for every other alert, as JSON
+//! `{"id", "type", "created_at", "data"}` with no key material. Each is written to an
+//! outbox in the transaction of its change (one row per endpoint that wants it) and
+//! delivered by a background worker, signed ([`SIGNATURE_HEADER`], with a verification
+//! snippet), retried with backoff, bounded per endpoint and never redirected: see
+//! [`WebhookConfig`]. Expiring-soon alerts are [`AlertConfig::expiring_within`]; the
+//! maximum key age and expiry after it, [`RotationPolicy`].
 //!
 //! # Usage
 //!
@@ -89,8 +110,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 // Module order from the bottom up; each imports only modules before it: text, model,
-// events, store, error, validate, usage, report, auth, alerts, retention, client,
-// state, api (and this one, which builds and starts the service).
+// events, store, error, validate, usage, report, auth, alerts, retention, webhooks,
+// policy, client, state, webhook_api, api (and this one, which builds and starts the
+// service).
 mod alerts;
 mod api;
 mod auth;
@@ -98,6 +120,7 @@ mod client;
 mod error;
 mod events;
 mod model;
+mod policy;
 mod report;
 mod retention;
 mod state;
@@ -105,24 +128,30 @@ mod store;
 mod text;
 mod usage;
 mod validate;
+mod webhook_api;
+mod webhooks;
 
 pub use alerts::AlertConfig;
 pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};
 pub use auth::{Admin, Service};
 pub use client::{AdminClient, ClientError, CreatedKey};
+pub use client::{CreatedWebhook, DeliveryPage};
 pub use error::{ApiError, ServerError};
 pub use events::EventHub;
 pub use model::{AuditRecord, KeyInfo, KeyPatch, NewKey, RoleInfo, UsageBucket, UsageGroupBy, UsageQuery, UsageReport};
+pub use policy::{POLICY_ACTOR, RotationPolicy};
 pub use report::{MAX_USAGE_BUCKETS, MAX_USAGE_ROUTES, MAX_USAGE_ROWS, MAX_USAGE_SPAN};
 pub use retention::RetentionConfig;
 pub use state::{ServerState, ServerStats};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
-pub use store::{RetentionReport, SqliteStore, Store, StoreError};
+pub use store::{DeliveryState, RetentionReport, SqliteStore, Store, StoreError, WebhookDelivery, WebhookEndpoint};
 pub use usage::{
     AGGREGATE_BODY_LIMIT, MAX_AGGREGATE_NETWORKS, MAX_AGGREGATE_ROWS, MAX_USAGE_AGE, MAX_USAGE_AHEAD,
     MAX_USAGE_ROUTE_LEN, USAGE_BATCH_ID_RETENTION,
 };
+pub use webhook_api::{MAX_DELIVERIES_PAGE, MAX_WEBHOOK_URL_LEN};
+pub use webhooks::{EVENT_ID_HEADER, SIGNATURE_HEADER, WebhookConfig};
 
 use auth::Tokens;
 
@@ -150,6 +179,8 @@ pub struct KeyServer {
     event_buffer: usize,
     alerts: AlertConfig,
     retention: RetentionConfig,
+    webhooks: WebhookConfig,
+    rotation: RotationPolicy,
 }
 
 impl std::fmt::Debug for KeyServer {
@@ -165,7 +196,8 @@ impl std::fmt::Debug for KeyServer {
 impl KeyServer {
     /// Defaults: database `sqlite::memory:`, listen `127.0.0.1:7700`, key prefix `kg`,
     /// heartbeat 15 s, event buffer 1 024 per subscriber, [`AlertConfig::default`],
-    /// [`RetentionConfig::default`], and tokens generated at start when not given (read
+    /// [`RetentionConfig::default`], [`WebhookConfig::default`], no
+    /// [`RotationPolicy`], and tokens generated at start when not given (read
     /// them from [`RunningKeyServer`]).
     pub fn builder() -> Self {
         Self {
@@ -179,6 +211,8 @@ impl KeyServer {
             event_buffer: DEFAULT_EVENT_BUFFER,
             alerts: AlertConfig::default(),
             retention: RetentionConfig::default(),
+            webhooks: WebhookConfig::default(),
+            rotation: RotationPolicy::default(),
         }
     }
 
@@ -248,6 +282,20 @@ impl KeyServer {
         self
     }
 
+    /// How webhooks are delivered (default [`WebhookConfig::default`]: retries for up
+    /// to 24 hours or 20 attempts, 10 000 pending deliveries per endpoint).
+    pub fn webhooks(mut self, config: WebhookConfig) -> Self {
+        self.webhooks = config;
+        self
+    }
+
+    /// The maximum key age per environment or owner, and whether keys past it expire
+    /// (default: no maximum). Keys are swept every [`AlertConfig::sweep_interval`].
+    pub fn rotation_policy(mut self, policy: RotationPolicy) -> Self {
+        self.rotation = policy;
+        self
+    }
+
     fn tokens(&mut self) -> Result<(String, String), ServerError> {
         let gen_token = |prefix: &str| {
             crate::key::ApiKey::generate(prefix)
@@ -281,6 +329,8 @@ impl KeyServer {
         crate::key::validate_prefix(&self.key_prefix)
             .map_err(|e| ServerError::Config(format!("key prefix `{}`: {e}", self.key_prefix)))?;
         self.retention.validate().map_err(ServerError::Config)?;
+        self.webhooks.validate().map_err(ServerError::Config)?;
+        self.rotation.validate().map_err(ServerError::Config)?;
         let (service, admin) = self.tokens()?;
         let store = match self.store.take() {
             Some(s) => s,
@@ -293,7 +343,7 @@ impl KeyServer {
             "key service configured"
         );
         let hub = EventHub::new(self.event_buffer, self.heartbeat);
-        let store = store.reporting_to(Arc::new(hub.clone()));
+        let store = store.reporting_to(Arc::new(hub.clone())).with_webhook_queue(self.webhooks.max_pending);
         let feed = store.follow_changes();
         if let Some(feed) = &feed {
             // Serving before the feed listens would let another replica's change slip by
@@ -306,6 +356,22 @@ impl KeyServer {
         let retention_task = self.retention.enabled.then(|| {
             retention::RetentionTask::spawn(store.clone(), self.retention.clone(), Arc::clone(&retention_counters))
         });
+        let webhook_counters = Arc::new(webhooks::WebhookCounters::default());
+        let webhook_worker = if self.webhooks.enabled {
+            let worker =
+                webhooks::WebhookWorker::spawn(store.clone(), self.webhooks.clone(), Arc::clone(&webhook_counters))
+                    .map_err(|e| ServerError::Config(format!("webhook HTTP client: {e}")))?;
+            Some(worker)
+        } else {
+            None
+        };
+        let sweep_counters = Arc::new(policy::SweepCounters::default());
+        let sweep_task = policy::SweepTask::spawn(
+            store.clone(),
+            self.alerts.clone(),
+            self.rotation.clone(),
+            Arc::clone(&sweep_counters),
+        );
         let state = ServerState {
             inner: Arc::new(state::StateInner {
                 store,
@@ -318,6 +384,10 @@ impl KeyServer {
                 retention: self.retention.clone(),
                 retention_counters,
                 _retention_task: retention_task,
+                webhook_counters,
+                _webhook_worker: webhook_worker,
+                sweep_counters,
+                _sweep_task: sweep_task,
             }),
         };
         Ok((state, service, admin))

@@ -11,8 +11,10 @@ use super::alerts::AlertConfig;
 use super::auth::{Admin, Service, Tokens, check};
 use super::error::ApiError;
 use super::events::{ChangeNote, EventHub};
+use super::policy::{SweepCounters, SweepTask};
 use super::retention::{RetentionConfig, RetentionCounters, RetentionTask, run_pass};
 use super::store::{ChangeFeed, ChangeSink, RetentionReport, Store, StoreError};
+use super::webhooks::{WebhookCounters, WebhookWorker};
 
 /// Counters of a running key service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -73,6 +75,14 @@ pub struct ServerStats {
     pub change_feed_connected: bool,
     /// Times the feed of other replicas' changes reconnected (each followed by `reset`).
     pub change_feed_reconnects: u64,
+    /// Webhook deliveries answered with a 2xx (by this replica).
+    pub webhook_delivered: u64,
+    /// Webhook attempts that failed (each retried, or given up on).
+    pub webhook_attempts_failed: u64,
+    /// Webhook deliveries given up on (too many attempts, or too old).
+    pub webhook_failed: u64,
+    /// Keys expired by the rotation policy.
+    pub keys_expired_by_policy: u64,
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +135,12 @@ pub(crate) struct StateInner {
     pub retention_counters: Arc<RetentionCounters>,
     /// Background retention passes; stop when the state is dropped.
     pub _retention_task: Option<RetentionTask>,
+    pub webhook_counters: Arc<WebhookCounters>,
+    /// Webhook deliveries; stop when the state is dropped.
+    pub _webhook_worker: Option<WebhookWorker>,
+    pub sweep_counters: Arc<SweepCounters>,
+    /// Expiring-soon alerts and the rotation policy; stop when the state is dropped.
+    pub _sweep_task: SweepTask,
 }
 
 impl ServerState {
@@ -173,10 +189,14 @@ impl ServerState {
             retention_batch_ids_deleted: get(&r.batch_ids_deleted),
             events_published: self.inner.hub.published(),
             event_subscribers: self.inner.hub.subscribers(),
-            alerts_raised: get(&s.alerts_raised),
+            alerts_raised: get(&s.alerts_raised) + get(&self.inner.sweep_counters.alerts_raised),
             events_forwarded: feed.forwarded,
             change_feed_connected: feed.connected,
             change_feed_reconnects: feed.reconnects,
+            webhook_delivered: get(&self.inner.webhook_counters.delivered),
+            webhook_attempts_failed: get(&self.inner.webhook_counters.attempts_failed),
+            webhook_failed: get(&self.inner.webhook_counters.failed),
+            keys_expired_by_policy: get(&self.inner.sweep_counters.expired_by_policy),
         }
     }
 }

@@ -23,6 +23,7 @@ super::queries::shared_queries!(
     name_lock = super::xact_lock,
     skip_locked = " FOR UPDATE SKIP LOCKED"
 );
+super::webhooks::webhook_queries!(sqlx::Postgres, row_lock = " FOR UPDATE", skip_locked = " FOR UPDATE SKIP LOCKED");
 
 /// Changes of one name in a namespace serialize, whether or not its row exists yet.
 async fn xact_lock(conn: &mut PgConnection, namespace: i32, name: &str) -> Result<(), StoreError> {
