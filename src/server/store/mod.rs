@@ -610,6 +610,9 @@ impl Store {
         until: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
+        if !each_backend!(self, b, _q, w => w::any_due(b.pool(), now).await?) {
+            return Ok(Vec::new());
+        }
         write_tx!(self, |tx, _q, w| (w::claim(&mut tx, now, until, limit).await?, Vec::new()))
     }
 

@@ -404,6 +404,22 @@ macro_rules! webhook_queries {
                 Ok(n)
             }
 
+            /// Whether any delivery is due: a read, so that an idle worker never takes
+            /// the write lock.
+            pub(crate) async fn any_due<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                now: OffsetDateTime,
+            ) -> Result<bool, StoreError> {
+                let row = sqlx::query(
+                    "SELECT id FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_at <= $1 \
+                     AND (claimed_until IS NULL OR claimed_until <= $1) LIMIT 1",
+                )
+                .bind(to_ms(now))
+                .fetch_optional(ex)
+                .await?;
+                Ok(row.is_some())
+            }
+
             /// Claims up to `limit` due deliveries until `until`: one replica's, the others
             /// pass over the rows locked by the claim and see them claimed afterwards.
             pub(crate) async fn claim(
