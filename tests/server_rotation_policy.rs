@@ -72,8 +72,13 @@ async fn the_rotation_policy_alerts_and_expires_keys_after_the_grace() {
         .max_age("live", Duration::from_secs(1))
         .max_age_for_owner("patient", Duration::from_secs(3600))
         .expire_after(Duration::from_secs(1));
-    let t =
-        TestServer::start_on(TestDb::sqlite(), |b| b.alerts(fast_sweep(Duration::ZERO)).rotation_policy(policy)).await;
+    let receiver = Receiver::start(0).await;
+    let t = TestServer::start_on(TestDb::sqlite(), |b| {
+        b.alerts(fast_sweep(Duration::ZERO)).rotation_policy(policy).webhooks(fast_webhooks())
+    })
+    .await;
+    let hook = t.admin.create_webhook(&receiver.url(), ["key.expired", "alert.key_max_age"], None).await.unwrap();
+    receiver.set_secret(&hook.secret);
     let mut events = Events::connect(&t).await;
     let old = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
     let test_env = t
@@ -120,6 +125,44 @@ async fn the_rotation_policy_alerts_and_expires_keys_after_the_grace() {
     assert_eq!(t.code(patient.key.expose_secret()).await, "VALID");
     assert_eq!(t.admin.audit(None).await.unwrap().iter().filter(|r| r.actor == "policy").count(), 1);
     assert_eq!(t.server.stats().keys_expired_by_policy, 1);
+
+    // Webhooks: the alert, then the expiry, once each.
+    assert!(eventually(DEADLINE, || async { receiver.delivered().len() >= 2 }).await);
+    let kinds: Vec<String> = receiver.delivered().into_iter().map(|(_, kind)| kind).collect();
+    assert_eq!(kinds, ["alert.key_max_age", "key.expired"]);
+    let expired = receiver.with(|s| s.delivered[1].clone());
+    assert_eq!(expired["data"]["key_id"], old.info.key_id.as_str());
+    assert_eq!(expired["data"]["actor"], "policy");
+}
+
+#[tokio::test]
+async fn postgres_replicas_expire_a_key_once() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let policy =
+        || RotationPolicy::default().max_age("live", Duration::from_secs(1)).expire_after(Duration::from_secs(1));
+    let one =
+        TestServer::start_on(db.clone(), |b| b.alerts(fast_sweep(Duration::ZERO)).rotation_policy(policy())).await;
+    let two =
+        TestServer::start_on(db.clone(), |b| b.alerts(fast_sweep(Duration::ZERO)).rotation_policy(policy())).await;
+    let mut keys = Vec::new();
+    for i in 0..5 {
+        keys.push(one.admin.create_key(new_key(&format!("o{i}"), &["a:b"])).await.unwrap());
+    }
+    for k in &keys {
+        assert!(eventually(DEADLINE, || async { two.code(k.key.expose_secret()).await == "EXPIRED" }).await);
+    }
+    // Several more sweeps of both replicas.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let audit = one.admin.audit(None).await.unwrap();
+    let alerts = one.admin.alerts().await.unwrap();
+    for k in &keys {
+        let id = Some(k.info.key_id.as_str());
+        let changes = audit.iter().filter(|r| r.actor == "policy" && r.key_id.as_deref() == id).count();
+        assert_eq!(changes, 1, "expired once, by one replica");
+        let raised = alerts.iter().filter(|a| a.key_id == k.info.key_id && a.kind == AlertKind::KeyMaxAge).count();
+        assert_eq!(raised, 1);
+    }
+    assert_eq!(one.server.stats().keys_expired_by_policy + two.server.stats().keys_expired_by_policy, 5);
 }
 
 #[tokio::test]

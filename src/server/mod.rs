@@ -48,7 +48,8 @@
 //! most [`MAX_WEBHOOK_URL_LEN`] bytes. Adding and removing are audited.
 //!
 //! The events are `key.created`, `key.rotated`, `key.revoked`, `key.disabled`,
-//! `key.enabled`, `key.expiring` and `alert.<kind>` for every other alert, as JSON
+//! `key.enabled`, `key.expiring`, `key.expired` (by the rotation policy) and
+//! `alert.<kind>` for every other alert, as JSON
 //! `{"id", "type", "created_at", "data"}` with no key material. Each is written to an
 //! outbox in the transaction of its change (one row per endpoint that wants it) and
 //! delivered by a background worker, signed ([`SIGNATURE_HEADER`], with a verification

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 
 use super::alerts::{AlertConfig, minute_start};
-use super::model::{Alert, AlertKind, KeyInfo, KeyPatch};
+use super::model::{Alert, AlertKind, KeyInfo};
 use super::store::{Store, StoreError, now_ms};
 use super::text::rfc3339;
 
@@ -27,7 +27,8 @@ pub const POLICY_ACTOR: &str = "policy";
 /// With [`expire_after`](Self::expire_after), a key still unrotated that long after
 /// its maximum is expired: its `expires_at` is set to now in an audited change whose
 /// actor is `policy`, published to the middlewares (`updated`) so that their caches
-/// drop it. Revoked and already expired keys are left alone. The keys are swept every
+/// drop it, and queued as a `key.expired` webhook; replicas sweeping at once expire it
+/// once. Revoked and already expired keys are left alone. The keys are swept every
 /// [`AlertConfig::sweep_interval`].
 ///
 /// ```
@@ -158,9 +159,10 @@ pub(crate) async fn sweep(
         if age < limit + grace {
             continue;
         }
-        let patch = KeyPatch { expires_at: Some(Some(now)), ..KeyPatch::default() };
-        match store.update_key(&key.key_id, &patch, POLICY_ACTOR, now).await {
-            Ok(_) => {
+        match store.expire_key(&key.key_id, POLICY_ACTOR).await {
+            // Expired meanwhile (another replica's sweep): nothing to do.
+            Ok(false) => {}
+            Ok(true) => {
                 counters.expired_by_policy.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(key_id = %key.key_id, "key expired by the rotation policy");
             }

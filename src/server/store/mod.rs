@@ -626,6 +626,27 @@ impl Store {
         write_tx!(self, |tx, _q, w| (w::prune(&mut tx, keep).await?, Vec::new()))
     }
 
+    /// Sets the key's `expires_at` to now (read inside the transaction) with the
+    /// audit actor `actor` and queues `key.expired`, unless it has expired already: under the key's row lock, so
+    /// that replicas sweeping at once expire it once. True if this call expired it.
+    pub(crate) async fn expire_key(&self, key_id: &str, actor: &str) -> Result<bool, StoreError> {
+        write_tx!(self, |tx, q, w| {
+            let now = now_ms();
+            match w::key_expiry_locked(&mut tx, key_id).await? {
+                Some(Some(at)) if at <= now => (false, Vec::new()),
+                None => (false, Vec::new()),
+                Some(_) => {
+                    let patch = KeyPatch { expires_at: Some(Some(now)), ..KeyPatch::default() };
+                    let change = KeyChange::Update(&patch);
+                    let key = q::change_key(&mut tx, key_id, &change, actor, now).await?;
+                    let event = WebhookEvent::new("key.expired", now, key_event_data(&key, actor))?;
+                    w::enqueue(&mut tx, &[event], self.webhook_queue).await?;
+                    (true, vec![ChangeNote::Key(change.event(), key.key_id)])
+                }
+            }
+        })
+    }
+
     /// Unrevoked keys expiring in `(now, until]`, soonest first, at most `limit`.
     pub(crate) async fn keys_expiring(
         &self,

@@ -539,6 +539,22 @@ macro_rules! webhook_queries {
 
             // ---- the key sweep
 
+            /// A key's expiry now, holding its row lock until the transaction ends;
+            /// `None` for no key.
+            pub(crate) async fn key_expiry_locked(
+                conn: &mut Conn,
+                key_id: &str,
+            ) -> Result<Option<Option<OffsetDateTime>>, StoreError> {
+                use ::sqlx::Row;
+                let row = sqlx::query(concat!("SELECT k.expires_at FROM keys k WHERE k.key_id = $1", $row_lock))
+                    .bind(key_id)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                let Some(row) = row else { return Ok(None) };
+                let ms: Option<i64> = row.try_get("expires_at")?;
+                Ok(Some(ms.map(from_ms).transpose()?))
+            }
+
             /// Unrevoked keys expiring in `(now, until]`, soonest first.
             pub(crate) async fn expiring<'e>(
                 ex: impl Executor<'e, Database = $db>,
