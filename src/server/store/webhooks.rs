@@ -96,7 +96,7 @@ pub struct WebhookDelivery {
 }
 
 /// An endpoint to insert.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct NewEndpoint {
     pub(crate) id: String,
     pub(crate) url: String,
@@ -104,6 +104,12 @@ pub(crate) struct NewEndpoint {
     pub(crate) description: String,
     pub(crate) secret: String,
     pub(crate) created_at: OffsetDateTime,
+}
+
+impl std::fmt::Debug for NewEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewEndpoint").field("id", &self.id).field("url", &self.url).finish_non_exhaustive()
+    }
 }
 
 /// An event to queue for every endpoint that wants it: `{id, type, created_at, data}`.
