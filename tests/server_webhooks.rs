@@ -310,3 +310,39 @@ async fn postgres_replicas_deliver_each_event_once() {
     let (s1, s2) = (one.server.stats(), two.server.stats());
     assert_eq!(s1.webhook_delivered + s2.webhook_delivered, n as u64);
 }
+
+#[tokio::test]
+async fn the_cli_adds_lists_reads_the_log_of_and_removes_endpoints() {
+    let receiver = Receiver::start(0).await;
+    let t = TestServer::start_on(TestDb::sqlite(), |b| b.webhooks(fast())).await;
+    let run = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate-server"));
+        cmd.arg("webhooks").args(args).args(["--url", &t.server.url()]).env("KEYGATE_ADMIN_TOKEN", ADMIN);
+        async move {
+            let out = cmd.output().await.unwrap();
+            (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+        }
+    };
+    let (ok, out, err) =
+        run(&["add", &receiver.url(), "--event", "key.created", "--description", "cli", "--json"]).await;
+    assert!(ok, "{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    receiver.set_secret(created["secret"].as_str().unwrap());
+
+    let (ok, out, _) = run(&["list"]).await;
+    assert!(ok && out.contains(&id) && out.contains("key.created") && out.contains("cli"), "{out}");
+    assert!(!out.contains(created["secret"].as_str().unwrap()), "the secret is shown only by `add`");
+
+    t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    assert!(eventually(DEADLINE, || async { receiver.delivered().len() == 1 }).await);
+    let (ok, out, _) = run(&["deliveries", &id]).await;
+    assert!(ok && out.contains("key.created") && out.contains("delivered"), "{out}");
+
+    let (ok, _, err) = run(&["add", "ftp://127.0.0.1/hook"]).await;
+    assert!(!ok && err.contains("http:// or https://"), "{err}");
+    let (ok, _, _) = run(&["remove", &id]).await;
+    assert!(ok);
+    let (ok, _, err) = run(&["remove", &id]).await;
+    assert!(!ok && err.contains("no webhook"), "{err}");
+}
