@@ -401,6 +401,7 @@ macro_rules! webhook_queries {
                 .await?;
                 let n = done.rows_affected();
                 if n > 0 {
+                    ::tracing::warn!(webhook = endpoint_id, dropped = n, max_pending = keep, "webhook queue full; oldest pending deliveries dropped");
                     sqlx::query("UPDATE webhook_endpoints SET dropped = dropped + $2 WHERE id = $1")
                         .bind(endpoint_id)
                         .bind(n as i64)
