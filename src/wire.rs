@@ -43,7 +43,7 @@
 //! | --- | --- | --- |
 //! | `revoked`, `updated`, `rotated` ([`KeyEvent`]) | [`KeyChanged`] `{"key_id"}` | forget what is cached for this key id |
 //! | `reset` | [`ResetData`] `{"reason", "missed"?}` | forget everything (`lagged`: this subscriber fell behind; `bulk`: a change touched too many keys; `gap`: replicas lost touch) |
-//! | `alert` | [`Alert`] | a key's usage looks anomalous |
+//! | `alert` | [`Alert`] | a key's usage looks anomalous, it expires soon, or it is past the rotation policy's maximum age |
 //! | `heartbeat` | [`Heartbeat`] `{"at"}` | sign of life, every 15 s by default |
 //!
 //! A subscriber treats unknown events as signs of life. A `revoked`, `updated` or
