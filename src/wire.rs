@@ -43,7 +43,7 @@
 //! | --- | --- | --- |
 //! | `revoked`, `updated`, `rotated` ([`KeyEvent`]) | [`KeyChanged`] `{"key_id"}` | forget what is cached for this key id |
 //! | `reset` | [`ResetData`] `{"reason", "missed"?}` | forget everything (`lagged`: this subscriber fell behind; `bulk`: a change touched too many keys; `gap`: replicas lost touch) |
-//! | `alert` | [`Alert`] | a key's usage looks anomalous |
+//! | `alert` | [`Alert`] | a key's usage looks anomalous, it expires soon, or it is past the rotation policy's maximum age |
 //! | `heartbeat` | [`Heartbeat`] `{"at"}` | sign of life, every 15 s by default |
 //!
 //! A subscriber treats unknown events as signs of life. A `revoked`, `updated` or
@@ -340,6 +340,12 @@ pub enum AlertKind {
     RateSpike,
     /// The key was used from a client network it had not used before.
     NewNetwork,
+    /// The key expires soon (once per key and expiry time).
+    KeyExpiring,
+    /// The key's current secret is older than the rotation policy's maximum age for
+    /// its environment or owner (once per secret; the alert's `minute` is then the
+    /// second the secret was made).
+    KeyMaxAge,
 }
 
 impl AlertKind {
@@ -349,6 +355,8 @@ impl AlertKind {
             Self::DenialSpike => "denial_spike",
             Self::RateSpike => "rate_spike",
             Self::NewNetwork => "new_network",
+            Self::KeyExpiring => "key_expiring",
+            Self::KeyMaxAge => "key_max_age",
         }
     }
 
@@ -358,12 +366,14 @@ impl AlertKind {
             "denial_spike" => Some(Self::DenialSpike),
             "rate_spike" => Some(Self::RateSpike),
             "new_network" => Some(Self::NewNetwork),
+            "key_expiring" => Some(Self::KeyExpiring),
+            "key_max_age" => Some(Self::KeyMaxAge),
             _ => None,
         }
     }
 }
 
-/// An anomaly the key service noticed in a key's usage: the data of `alert`, and an
+/// An anomaly the key service noticed in a key's usage or lifecycle: the data of `alert`, and an
 /// entry of `GET /v1/alerts`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Alert {

@@ -58,6 +58,17 @@
 //! connection has `--header-read-timeout-s` (default 10) to send its headers and a body
 //! may pause `--request-body-timeout-s` (default 30). `--env-prefix ENV=PREFIX`
 //! (repeatable) gives an environment's keys their own prefix (default `test=kgtest`).
+//!
+//! Webhooks: `keygate-server webhooks add https://hooks.example.com/keygate [--event
+//! key.revoked --event 'alert.*'] [--description ...]` prints the endpoint's signing
+//! secret once; `webhooks list`, `webhooks remove wh_...`, `webhooks deliveries wh_...`.
+//! `serve` retries a delivery `--webhook-max-attempts` times (default 20) for at most
+//! `--webhook-max-age` (default 24h) and queues at most `--webhook-max-pending` (default
+//! 10 000) per endpoint; `--expiring-within` (default 7d, `0` off) raises `key_expiring`
+//! before a key expires; `--max-key-age live=90d` (repeatable; `--max-key-age-owner
+//! acme=30d` per owner) raises `key_max_age` past it and, with
+//! `--expire-after-max-age-grace 7d`, expires the key that much later (audit actor
+//! `policy`). Durations: a number with `s`, `m`, `h` or `d` (`90d`, `12h`; bare: seconds).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -144,6 +155,9 @@ enum Command {
     Backup(Backup),
     /// Exit 0 when the key service's health check answers 200, non-zero otherwise.
     Healthcheck(Healthcheck),
+    /// Manage webhook endpoints and read their delivery log.
+    #[command(subcommand)]
+    Webhooks(WebhooksCmd),
 }
 
 #[derive(Subcommand)]
@@ -251,6 +265,9 @@ struct Serve {
     /// Seconds a request body may pause before the request fails.
     #[arg(long, env = "KEYGATE_REQUEST_BODY_TIMEOUT_S", default_value_t = 30)]
     request_body_timeout_s: u64,
+    // Webhooks, expiring-soon alerts and the rotation policy (issue 14).
+    #[command(flatten)]
+    webhooks: WebhookFlags,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -718,6 +735,7 @@ async fn run(command: Command) -> Result<(), CliError> {
             print(&conn, &report, || usage_table(&report));
             Ok(())
         }
+        Command::Webhooks(cmd) => webhooks(cmd).await,
         Command::Alerts(AlertsCmd::List { conn, all }) => {
             let alerts = client(&conn)?.list_alerts(if all { None } else { Some(false) }).await?;
             print(&conn, &alerts, || {
@@ -805,6 +823,7 @@ async fn serve(s: Serve) -> Result<(), CliError> {
     if let Some(t) = &admin_token {
         builder = builder.admin_token(t.as_str());
     }
+    let builder = webhook_options(builder, &s.webhooks)?;
     let server = builder.start().await?;
     // Generated only on `sqlite::memory:`. Printed once, on stderr, and never logged.
     if let (None, Some(t)) = (&service_token, server.service_token()) {
@@ -1155,6 +1174,194 @@ fn parse_ratelimit(s: &str) -> Result<RateLimit, String> {
 fn parse_env_prefix(s: &str) -> Result<(String, String), String> {
     let (env, prefix) = s.split_once('=').ok_or_else(|| format!("`{s}` is not ENV=PREFIX (e.g. test=kgtest)"))?;
     Ok((env.to_owned(), prefix.to_owned()))
+}
+
+// ---- webhooks, expiring-soon alerts, rotation policy (issue 14)
+
+#[derive(Args)]
+struct WebhookFlags {
+    /// Do not deliver webhooks from this replica (events are still queued).
+    #[arg(long, env = "KEYGATE_WEBHOOKS_OFF")]
+    no_webhooks: bool,
+    /// Most attempts per webhook delivery.
+    #[arg(long, env = "KEYGATE_WEBHOOK_MAX_ATTEMPTS", default_value_t = 20)]
+    webhook_max_attempts: u32,
+    /// Longest time after an event its delivery is retried (`24h`).
+    #[arg(long, env = "KEYGATE_WEBHOOK_MAX_AGE", default_value = "24h", value_parser = parse_span)]
+    webhook_max_age: Duration,
+    /// Most pending deliveries per endpoint; past it the oldest are dropped and counted.
+    #[arg(long, env = "KEYGATE_WEBHOOK_MAX_PENDING", default_value_t = 10_000)]
+    webhook_max_pending: u32,
+    /// Raise `key_expiring` this long before a key expires (`0`: never).
+    #[arg(long, env = "KEYGATE_EXPIRING_WITHIN", default_value = "7d", value_parser = parse_span)]
+    expiring_within: Duration,
+    /// How often keys are swept for expiring ones and the rotation policy.
+    #[arg(long, env = "KEYGATE_KEY_SWEEP_INTERVAL", default_value = "60s", value_parser = parse_span)]
+    key_sweep_interval: Duration,
+    /// Maximum key age of an environment, `ENV=DURATION` (`live=90d`; repeatable).
+    #[arg(long = "max-key-age", value_name = "ENV=DURATION", value_parser = parse_pair)]
+    max_key_age: Vec<(String, Duration)>,
+    /// Maximum key age of an owner, `OWNER=DURATION` (wins over the environment's; repeatable).
+    #[arg(long = "max-key-age-owner", value_name = "OWNER=DURATION", value_parser = parse_pair)]
+    max_key_age_owner: Vec<(String, Duration)>,
+    /// Expire keys this long after they passed their maximum age (default: never).
+    #[arg(long, value_parser = parse_span)]
+    expire_after_max_age_grace: Option<Duration>,
+}
+
+fn webhook_options(builder: KeyServer, f: &WebhookFlags) -> Result<KeyServer, CliError> {
+    use keygate::server::{AlertConfig, RotationPolicy, WebhookConfig};
+    let webhooks = WebhookConfig {
+        enabled: !f.no_webhooks,
+        max_attempts: f.webhook_max_attempts,
+        max_age: f.webhook_max_age,
+        max_pending: f.webhook_max_pending,
+        ..WebhookConfig::default()
+    };
+    let alerts = AlertConfig {
+        expiring_within: f.expiring_within,
+        sweep_interval: f.key_sweep_interval,
+        ..AlertConfig::default()
+    };
+    let mut policy = RotationPolicy::default();
+    for (env, age) in &f.max_key_age {
+        policy = policy.max_age(env, *age);
+    }
+    for (owner, age) in &f.max_key_age_owner {
+        policy = policy.max_age_for_owner(owner, *age);
+    }
+    if let Some(grace) = f.expire_after_max_age_grace {
+        if policy == RotationPolicy::default() {
+            return Err(CliError::Usage("--expire-after-max-age-grace needs a --max-key-age".into()));
+        }
+        policy = policy.expire_after(grace);
+    }
+    Ok(builder.webhooks(webhooks).alerts(alerts).rotation_policy(policy))
+}
+
+/// `90d`, `12h`, `30m`, `45s`, or bare seconds.
+fn parse_span(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a duration such as 90d, 12h, 30m or 45s"))?;
+    let secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("`{s}`: the unit must be s, m, h or d")),
+    };
+    n.checked_mul(secs).map(Duration::from_secs).ok_or_else(|| format!("`{s}` is too long"))
+}
+
+/// `NAME=DURATION`.
+fn parse_pair(s: &str) -> Result<(String, Duration), String> {
+    let (name, span) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected NAME=DURATION (live=90d)"))?;
+    if name.is_empty() {
+        return Err(format!("`{s}`: the name before `=` is empty"));
+    }
+    Ok((name.to_owned(), parse_span(span)?))
+}
+
+#[derive(Subcommand)]
+enum WebhooksCmd {
+    /// Add an endpoint and print its signing secret (the only time it is shown).
+    Add {
+        #[command(flatten)]
+        conn: Conn,
+        /// Where deliveries are posted (http:// or https://).
+        endpoint: String,
+        /// An event type, or a prefix such as `alert.*` (repeatable; default: all).
+        #[arg(long = "event")]
+        events: Vec<String>,
+        /// Free text.
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List endpoints.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove an endpoint and its pending deliveries.
+    Remove {
+        #[command(flatten)]
+        conn: Conn,
+        /// The endpoint id (`wh_...`).
+        id: String,
+    },
+    /// Show an endpoint's delivery log, newest first.
+    Deliveries {
+        #[command(flatten)]
+        conn: Conn,
+        /// The endpoint id (`wh_...`).
+        id: String,
+        /// Most deliveries shown (at most 500).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only deliveries with ids below this (the page before).
+        #[arg(long)]
+        before: Option<i64>,
+    },
+}
+
+async fn webhooks(cmd: WebhooksCmd) -> Result<(), CliError> {
+    match cmd {
+        WebhooksCmd::Add { conn, endpoint, events, description } => {
+            let created = client(&conn)?.create_webhook(&endpoint, events, description.as_deref()).await?;
+            // The one place a signing secret is printed: the operator asked for it.
+            print(&conn, &created, || {
+                format!(
+                    "webhook {} -> {}\nsigning secret (shown once): {}\n",
+                    created.endpoint.id, created.endpoint.url, created.secret
+                )
+            });
+        }
+        WebhooksCmd::List { conn } => {
+            let hooks = client(&conn)?.list_webhooks().await?;
+            print(&conn, &hooks, || {
+                hooks
+                    .iter()
+                    .map(|h| {
+                        let events = if h.events.is_empty() { "*".to_owned() } else { h.events.join(",") };
+                        format!(
+                            "{}\t{}\t{}\tpending {}\tdropped {}\t{}\n",
+                            h.id, h.url, events, h.pending, h.dropped, h.description
+                        )
+                    })
+                    .collect::<String>()
+            });
+        }
+        WebhooksCmd::Remove { conn, id } => {
+            let removed = client(&conn)?.delete_webhook(&id).await?;
+            print(&conn, &removed, || format!("removed webhook {} ({})", removed.id, removed.url));
+        }
+        WebhooksCmd::Deliveries { conn, id, limit, before } => {
+            let page = client(&conn)?.webhook_deliveries(&id, before, Some(limit)).await?;
+            print(&conn, &page, || {
+                let mut out =
+                    format!("webhook {}: {} pending, {} dropped\n", page.webhook_id, page.pending, page.dropped);
+                for d in &page.deliveries {
+                    out.push_str(&format!(
+                        "{}\t{}\t{}\t{}\tattempts {}\t{}\t{}\t{}\n",
+                        d.id,
+                        fmt_time(Some(d.created_at)),
+                        d.event_id,
+                        d.event_type,
+                        d.attempts,
+                        d.state.as_str(),
+                        d.last_status.map_or_else(|| "-".to_owned(), |s| s.to_string()),
+                        d.last_error.as_deref().unwrap_or("-"),
+                    ));
+                }
+                if let Some(b) = page.next_before {
+                    out.push_str(&format!("(older: --before {b})\n"));
+                }
+                out
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -34,8 +34,8 @@ use crate::wire::{Alert, ErrorBody};
 mod model;
 
 pub use model::{
-    AuditRecord, CreatedToken, KeyInfo, KeyPatch, NewKey, NewToken, RoleInfo, TokenInfo, TokenKind, UsageBucket,
-    UsageGroupBy, UsageQuery, UsageReport,
+    AuditRecord, CreatedToken, DeliveryState, KeyInfo, KeyPatch, NewKey, NewToken, RoleInfo, TokenInfo, TokenKind,
+    UsageBucket, UsageGroupBy, UsageQuery, UsageReport, WebhookDelivery, WebhookEndpoint,
 };
 
 /// What an admin call can fail with.
@@ -371,5 +371,92 @@ impl AdminClient {
     /// `POST /v1/alerts/{id}/ack`: acknowledges an alert (again: keeps the first time).
     pub async fn ack_alert(&self, alert_id: u64) -> Result<Alert, ClientError> {
         self.send(self.request(Method::POST, &format!("/v1/alerts/{alert_id}/ack"))).await
+    }
+}
+
+// ---- webhooks (issue 14): endpoints and their delivery log
+
+/// `POST /v1/webhooks`'s answer: the endpoint and its signing secret, shown this once.
+#[derive(Clone, serde::Serialize, Deserialize)]
+pub struct CreatedWebhook {
+    /// The endpoint.
+    #[serde(flatten)]
+    pub endpoint: WebhookEndpoint,
+    /// The HMAC-SHA256 key of its signatures (`whsec_…`), sent in the
+    /// `keygate-signature` header of every delivery.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for CreatedWebhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedWebhook").field("endpoint", &self.endpoint).finish_non_exhaustive()
+    }
+}
+
+/// A page of `GET /v1/webhooks/{id}/deliveries`, newest first.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+pub struct DeliveryPage {
+    /// The endpoint.
+    pub webhook_id: String,
+    /// Deliveries dropped because its queue was full, since it was added.
+    pub dropped: u64,
+    /// Deliveries waiting for an attempt.
+    pub pending: u64,
+    /// The deliveries, newest first.
+    pub deliveries: Vec<WebhookDelivery>,
+    /// Pass as `before` for the next (older) page; `None` on the last one.
+    pub next_before: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct Webhooks {
+    webhooks: Vec<WebhookEndpoint>,
+}
+
+impl AdminClient {
+    /// `POST /v1/webhooks`: adds an endpoint receiving `events` (types such as
+    /// `key.revoked`, or prefixes such as `alert.*`; empty: every type).
+    pub async fn create_webhook<I, S>(
+        &self,
+        url: &str,
+        events: I,
+        description: Option<&str>,
+    ) -> Result<CreatedWebhook, ClientError>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let events: Vec<String> = events.into_iter().map(Into::into).collect();
+        let body = serde_json::json!({ "url": url, "events": events, "description": description });
+        self.send(self.request(Method::POST, "/v1/webhooks").json(&body)).await
+    }
+
+    /// `GET /v1/webhooks`.
+    pub async fn list_webhooks(&self) -> Result<Vec<WebhookEndpoint>, ClientError> {
+        Ok(self.send::<Webhooks>(self.request(Method::GET, "/v1/webhooks")).await?.webhooks)
+    }
+
+    /// `DELETE /v1/webhooks/{id}`: removes the endpoint and its pending deliveries.
+    pub async fn delete_webhook(&self, id: &str) -> Result<WebhookEndpoint, ClientError> {
+        self.send(self.request(Method::DELETE, &format!("/v1/webhooks/{}", encode(id)))).await
+    }
+
+    /// `GET /v1/webhooks/{id}/deliveries?before=&limit=`: up to `limit` (default 100,
+    /// at most 500) deliveries with ids below `before`, newest first.
+    pub async fn webhook_deliveries(
+        &self,
+        id: &str,
+        before: Option<i64>,
+        limit: Option<u32>,
+    ) -> Result<DeliveryPage, ClientError> {
+        let mut params: Vec<(&str, String)> = Vec::new();
+        if let Some(b) = before {
+            params.push(("before", b.to_string()));
+        }
+        if let Some(l) = limit {
+            params.push(("limit", l.to_string()));
+        }
+        let path = format!("/v1/webhooks/{}/deliveries", encode(id));
+        self.send(self.request(Method::GET, &path).query(&params)).await
     }
 }

@@ -457,3 +457,85 @@ impl std::fmt::Debug for CreatedToken {
         f.debug_struct("CreatedToken").field("info", &self.info).field("token", &"<redacted>").finish()
     }
 }
+
+/// A webhook endpoint as `GET /v1/webhooks` shows it (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookEndpoint {
+    /// `wh_` + 22 base62 characters.
+    pub id: String,
+    /// Where deliveries are posted.
+    pub url: String,
+    /// The event types it receives (`key.created`, or a prefix such as `alert.*`);
+    /// empty: every type.
+    pub events: Vec<String>,
+    /// Free text.
+    pub description: String,
+    /// Creation time.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Deliveries dropped, oldest first, because its queue of pending deliveries was full.
+    pub dropped: u64,
+    /// Deliveries waiting for a (next) attempt.
+    pub pending: u64,
+}
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// Waiting for its first or next attempt.
+    Pending,
+    /// Answered with a 2xx.
+    Delivered,
+    /// Given up on: too many attempts or too old.
+    Failed,
+    /// Dropped unsent because the endpoint's queue was full.
+    Dropped,
+}
+
+impl DeliveryState {
+    /// The name on the wire and in the store.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+            Self::Dropped => "dropped",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        [Self::Pending, Self::Delivered, Self::Failed, Self::Dropped].into_iter().find(|d| d.as_str() == s)
+    }
+}
+
+/// One entry of `GET /v1/webhooks/{id}/deliveries`: one event to one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookDelivery {
+    /// The delivery's id (increasing).
+    pub id: i64,
+    /// The event's id, the same for every endpoint and every attempt (`keygate-event-id`).
+    pub event_id: String,
+    /// The event's type (`key.rotated`).
+    pub event_type: String,
+    /// Where it stands.
+    pub state: DeliveryState,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last answer's HTTP status, if one came.
+    pub last_status: Option<u16>,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// When the event was queued.
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// When the last attempt was made.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub last_attempt_at: Option<OffsetDateTime>,
+    /// When the next attempt is due (pending deliveries).
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
+    /// When a 2xx answered it.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub delivered_at: Option<OffsetDateTime>,
+}

@@ -10,7 +10,8 @@ use super::store::{NetworkSeen, Store, StoreError};
 use super::usage::Folded;
 
 /// Alert thresholds. Defaults: baseline 10 minutes; denials > max(20, 5 × baseline);
-/// requests > max(1 000, 10 × baseline); new networks on; minutes up to 1 hour old.
+/// requests > max(1 000, 10 × baseline); new networks on; minutes up to 1 hour old;
+/// expiring keys 7 days ahead, swept every minute.
 ///
 /// After each usage batch is stored, every `(key, minute)` it touched is compared with
 /// the key's own baseline: the mean per minute over the [`AlertConfig::baseline_minutes`]
@@ -23,8 +24,15 @@ use super::usage::Folded;
 /// - `new_network`: the key is seen from a client network (/24 IPv4, /48 IPv6) it has not
 ///   used before. The first network a key is ever seen from raises nothing.
 ///
+/// - `key_expiring`: the key's `expires_at` is less than
+///   [`expiring_within`](AlertConfig::expiring_within) away; raised by a sweep of the
+///   keys every [`sweep_interval`](AlertConfig::sweep_interval), once per key and expiry
+///   time (its `minute` is the expiry's).
+/// - `key_max_age`: see [`RotationPolicy`](super::RotationPolicy).
+///
 /// At most one alert per key, kind and minute is stored (the store enforces it), each
-/// also published as an SSE `alert` event. Minutes older than
+/// also published as an SSE `alert` event and queued as a webhook event (`alert.<kind>`,
+/// `key.expiring` for `key_expiring`). Minutes older than
 /// [`max_age`](AlertConfig::max_age) (replayed usage) are not evaluated.
 #[derive(Debug, Clone)]
 pub struct AlertConfig {
@@ -47,6 +55,12 @@ pub struct AlertConfig {
     /// Most `(key, minute)` pairs evaluated per batch; the rest are skipped with a
     /// warning (default 1 000).
     pub max_evaluations: usize,
+    /// Raise `key_expiring` (webhook `key.expiring`) this long before a key's
+    /// `expires_at`, once per key and expiry time (default 7 days; zero: never).
+    pub expiring_within: Duration,
+    /// How often the keys are swept for expiring ones and for the rotation policy
+    /// (default 1 minute).
+    pub sweep_interval: Duration,
 }
 
 impl Default for AlertConfig {
@@ -61,6 +75,8 @@ impl Default for AlertConfig {
             new_network: true,
             max_age: Duration::from_secs(3600),
             max_evaluations: 1000,
+            expiring_within: Duration::from_secs(7 * 86_400),
+            sweep_interval: Duration::from_secs(60),
         }
     }
 }
@@ -167,7 +183,7 @@ impl Evaluation<'_> {
     }
 }
 
-fn minute_start(t: OffsetDateTime) -> OffsetDateTime {
+pub(crate) fn minute_start(t: OffsetDateTime) -> OffsetDateTime {
     let ts = t.unix_timestamp();
     OffsetDateTime::from_unix_timestamp(ts - ts.rem_euclid(60)).unwrap_or(t)
 }

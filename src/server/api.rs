@@ -33,6 +33,7 @@ use super::validate::{
     validate_environment, validate_expiry, validate_meta, validate_ratelimit, validate_role_name, validate_roles,
     validate_scopes, validate_text,
 };
+use super::webhook_api;
 use crate::key::{ApiKey, KeyDigest};
 use crate::usage::{AggregateBatch, UsageBatch};
 use crate::verify::Reason;
@@ -56,6 +57,7 @@ const MAX_VERIFY_KEY_LEN: usize = 1024;
 /// | --- | --- |
 /// | `POST /v1/keys/verify`, `POST /v1/usage`, `GET /v1/events` | service |
 /// | `POST/GET /v1/keys`, `GET/PATCH /v1/keys/{id}`, `POST /v1/keys/{id}/rotate`, `POST /v1/keys/{id}/revoke`, `PUT/DELETE /v1/roles/{name}`, `GET /v1/roles`, `GET /v1/audit`, `GET /v1/usage`, `GET /v1/alerts`, `POST /v1/alerts/{id}/ack`, `POST/GET /v1/tokens`, `POST /v1/tokens/{id}/revoke` | admin |
+/// | `POST/GET /v1/webhooks`, `GET/DELETE /v1/webhooks/{id}`, `GET /v1/webhooks/{id}/deliveries` | admin |
 /// | `GET /healthz` | none |
 pub fn router(state: ServerState) -> Router {
     Router::new()
@@ -77,6 +79,8 @@ pub fn router(state: ServerState) -> Router {
         // Operator commands of the CLI: roles delete, alerts ack.
         .route("/v1/roles/{name}", delete(super::manage::delete_role))
         .route("/v1/alerts/{id}/ack", post(super::manage::ack_alert))
+        // Webhooks: endpoints and their delivery log (see the `webhook_api` module).
+        .merge(webhook_api::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async {
             ApiError::invalid("method_not_allowed", "this route does not accept that method")

@@ -42,7 +42,7 @@ struct Published {
 /// | `updated` | `{"key_id"}` | a key's scopes, roles, disabled flag, meta, expiry, name or rate limit changed, or a role it holds was redefined |
 /// | `rotated` | `{"key_id"}` | a key got a new secret (the old one's `expires_at` is now the end of the grace) |
 /// | `reset` | `{"reason"}` | drop every cached verdict: this subscriber fell behind (`lagged`) or a change touched too many keys to list (`bulk`) |
-/// | `alert` | an [`Alert`] | the usage of a key looks anomalous |
+/// | `alert` | an [`Alert`] | the usage of a key looks anomalous, it expires soon, or it is past its maximum age |
 /// | `heartbeat` | `{"at"}` | every 15 s by default, so that a silent dead connection is noticed |
 ///
 /// At most [`max_subscribers`](Self::max_subscribers) streams are open at once (default

@@ -5,8 +5,10 @@
 //! and a display prefix (`kg_3fA9`); expands roles into effective scopes on verify;
 //! keeps an append-only audit log; pushes invalidations to middlewares over
 //! Server-Sent Events ([`EventHub`]); aggregates usage per key and minute and per key,
-//! route and hour, and prunes it ([`RetentionConfig`]); and raises anomaly alerts
-//! ([`AlertConfig`]).
+//! route and hour, and prunes it ([`RetentionConfig`]); raises anomaly and
+//! expiring-soon alerts ([`AlertConfig`]), enforces a maximum key age
+//! ([`RotationPolicy`]) and pushes alerts and key lifecycle events to webhooks
+//! ([`WebhookConfig`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -98,6 +100,26 @@
 //! may pause [`DEFAULT_REQUEST_BODY_TIMEOUT`] (30 s) at most
 //! ([`header_read_timeout`](KeyServer::header_read_timeout),
 //! [`request_body_timeout`](KeyServer::request_body_timeout)).
+//!
+//! # Webhooks
+//!
+//! `POST /v1/webhooks {"url", "events"?, "description"?}` (admin token;
+//! [`AdminClient::create_webhook`], CLI `keygate-server webhooks add`) adds an endpoint
+//! and answers its signing secret once; `GET /v1/webhooks`, `GET|DELETE
+//! /v1/webhooks/{id}` and `GET /v1/webhooks/{id}/deliveries?limit=&before=` (a
+//! [`DeliveryPage`] of [`WebhookDelivery`], newest first, at most
+//! [`MAX_DELIVERIES_PAGE`]) manage them. URLs: `http` or `https`, no credentials, at
+//! most [`MAX_WEBHOOK_URL_LEN`] bytes. Adding and removing are audited.
+//!
+//! The events are `key.created`, `key.rotated`, `key.revoked`, `key.disabled`,
+//! `key.enabled`, `key.expiring`, `key.expired` (by the rotation policy) and
+//! `alert.<kind>` for every other alert, as JSON
+//! `{"id", "type", "created_at", "data"}` with no key material. Each is written to an
+//! outbox in the transaction of its change (one row per endpoint that wants it) and
+//! delivered by a background worker, signed ([`SIGNATURE_HEADER`], with a verification
+//! snippet), retried with backoff, bounded per endpoint and never redirected: see
+//! [`WebhookConfig`]. Expiring-soon alerts are [`AlertConfig::expiring_within`]; the
+//! maximum key age and expiry after it, [`RotationPolicy`].
 //!
 //! # Usage
 //!
@@ -203,8 +225,8 @@ use tokio::task::JoinHandle;
 
 // Module order from the bottom up; each imports only modules before it: text, model,
 // token, events, meters, store, error, validate, usage, report, auth, alerts, retention,
-// state, tokens_api, manage, metrics, api (and this one, which builds and starts the
-// service; backup stands apart, on its own connection).
+// webhooks, policy, state, tokens_api, manage, webhook_api, metrics, api (and this one,
+// which builds and starts the service; backup stands apart, on its own connection).
 mod alerts;
 mod api;
 mod auth;
@@ -215,6 +237,7 @@ mod manage;
 mod meters;
 mod metrics;
 mod model;
+mod policy;
 mod report;
 mod retention;
 mod state;
@@ -224,6 +247,8 @@ mod token;
 mod tokens_api;
 mod usage;
 mod validate;
+mod webhook_api;
+mod webhooks;
 
 pub use alerts::AlertConfig;
 pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};
@@ -231,6 +256,7 @@ pub use auth::{Admin, Service};
 pub use backup::{BackupError, backup_sqlite};
 pub use error::{ApiError, ServerError};
 pub use events::{DEFAULT_MAX_EVENT_SUBSCRIBERS, EventHub};
+pub use policy::{POLICY_ACTOR, RotationPolicy};
 pub use report::{MAX_USAGE_BUCKETS, MAX_USAGE_ROUTES, MAX_USAGE_ROWS, MAX_USAGE_SPAN};
 pub use retention::RetentionConfig;
 pub use state::{ServerState, ServerStats};
@@ -241,6 +267,8 @@ pub use usage::{
     AGGREGATE_BODY_LIMIT, MAX_AGGREGATE_NETWORKS, MAX_AGGREGATE_ROWS, MAX_USAGE_AGE, MAX_USAGE_AHEAD,
     MAX_USAGE_ROUTE_LEN, USAGE_BATCH_ID_RETENTION,
 };
+pub use webhook_api::{MAX_DELIVERIES_PAGE, MAX_WEBHOOK_URL_LEN};
+pub use webhooks::{EVENT_ID_HEADER, SIGNATURE_HEADER, WebhookConfig};
 
 pub use auth::TOKEN_SYNC_INTERVAL;
 pub use token::{
@@ -286,6 +314,8 @@ pub struct KeyServer {
     max_event_subscribers: u64,
     header_read_timeout: Duration,
     request_body_timeout: Duration,
+    webhooks: WebhookConfig,
+    rotation: RotationPolicy,
 }
 
 impl std::fmt::Debug for KeyServer {
@@ -303,7 +333,7 @@ impl KeyServer {
     /// Defaults: database `sqlite::memory:`, listen `127.0.0.1:7700`, key prefix `kg`
     /// (`kgtest` for environment `test`), heartbeat 15 s, event buffer 1 024 per
     /// subscriber, at most 1 000 event streams, header read timeout 10 s, request body
-    /// timeout 30 s, [`AlertConfig::default`], [`RetentionConfig::default`], metrics off,
+    /// timeout 30 s, [`AlertConfig::default`], [`RetentionConfig::default`], [`WebhookConfig::default`], no [`RotationPolicy`], metrics off,
     /// and no bootstrap token: a persistent database must hold an admin token, and on
     /// `sqlite::memory:` the tokens not given are generated (read them from
     /// [`RunningKeyServer`]).
@@ -324,6 +354,8 @@ impl KeyServer {
             max_event_subscribers: DEFAULT_MAX_EVENT_SUBSCRIBERS,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
+            webhooks: WebhookConfig::default(),
+            rotation: RotationPolicy::default(),
         }
     }
 
@@ -438,6 +470,20 @@ impl KeyServer {
         self
     }
 
+    /// How webhooks are delivered (default [`WebhookConfig::default`]: retries for up
+    /// to 24 hours or 20 attempts, 10 000 pending deliveries per endpoint).
+    pub fn webhooks(mut self, config: WebhookConfig) -> Self {
+        self.webhooks = config;
+        self
+    }
+
+    /// The maximum key age per environment or owner, and whether keys past it expire
+    /// (default: no maximum). Keys are swept every [`AlertConfig::sweep_interval`].
+    pub fn rotation_policy(mut self, policy: RotationPolicy) -> Self {
+        self.rotation = policy;
+        self
+    }
+
     /// Serves Prometheus metrics at `GET /metrics` on this address of its own (port 0
     /// picks a free one; read it from [`RunningKeyServer::metrics_addr`]). Off by
     /// default. The page asks for no token: bind it to an address only the scraper
@@ -489,6 +535,8 @@ impl KeyServer {
         if self.header_read_timeout.is_zero() || self.request_body_timeout.is_zero() {
             return Err(ServerError::Config("the header read and request body timeouts must be above zero".into()));
         }
+        self.webhooks.validate().map_err(ServerError::Config)?;
+        self.rotation.validate().map_err(ServerError::Config)?;
         let (mut service, mut admin) = self.configured_tokens()?;
         let store = match self.store.take() {
             Some(s) => s,
@@ -527,7 +575,8 @@ impl KeyServer {
         let meters = Arc::new(if self.metrics_listen.is_some() { meters::Meters::on() } else { meters::Meters::off() });
         let store = store
             .reporting_to(Arc::new(auth::Sink { hub: hub.clone(), tokens: Arc::clone(&tokens) }))
-            .metered_by(Arc::clone(&meters));
+            .metered_by(Arc::clone(&meters))
+            .with_webhook_queue(self.webhooks.max_pending);
         let feed = store.follow_changes();
         if let Some(feed) = &feed {
             // Serving before the feed listens would let another replica's change slip by
@@ -543,6 +592,22 @@ impl KeyServer {
         let retention_task = self.retention.enabled.then(|| {
             retention::RetentionTask::spawn(store.clone(), self.retention.clone(), Arc::clone(&retention_counters))
         });
+        let webhook_counters = Arc::new(webhooks::WebhookCounters::default());
+        let webhook_worker = if self.webhooks.enabled {
+            let worker =
+                webhooks::WebhookWorker::spawn(store.clone(), self.webhooks.clone(), Arc::clone(&webhook_counters))
+                    .map_err(|e| ServerError::Config(format!("webhook HTTP client: {e}")))?;
+            Some(worker)
+        } else {
+            None
+        };
+        let sweep_counters = Arc::new(policy::SweepCounters::default());
+        let sweep_task = policy::SweepTask::spawn(
+            store.clone(),
+            self.alerts.clone(),
+            self.rotation.clone(),
+            Arc::clone(&sweep_counters),
+        );
         let state = ServerState {
             inner: Arc::new(state::StateInner {
                 store,
@@ -558,6 +623,10 @@ impl KeyServer {
                 retention_counters,
                 _retention_task: retention_task,
                 meters,
+                webhook_counters,
+                _webhook_worker: webhook_worker,
+                sweep_counters,
+                _sweep_task: sweep_task,
             }),
         };
         Ok((state, service, admin))

@@ -12,9 +12,11 @@ use super::auth::{Admin, Service, TokenTable, TokenTask};
 use super::error::ApiError;
 use super::events::{ChangeNote, EventHub};
 use super::meters::Meters;
+use super::policy::{SweepCounters, SweepTask};
 use super::retention::{RetentionConfig, RetentionCounters, RetentionTask, run_pass};
 use super::store::{ChangeFeed, ChangeSink, RetentionReport, Store, StoreError};
 use super::token::TokenKind;
+use super::webhooks::{WebhookCounters, WebhookWorker};
 
 /// Counters of a running key service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -77,6 +79,14 @@ pub struct ServerStats {
     pub change_feed_connected: bool,
     /// Times the feed of other replicas' changes reconnected (each followed by `reset`).
     pub change_feed_reconnects: u64,
+    /// Webhook deliveries answered with a 2xx (by this replica).
+    pub webhook_delivered: u64,
+    /// Webhook attempts that failed (each retried, or given up on).
+    pub webhook_attempts_failed: u64,
+    /// Webhook deliveries given up on (too many attempts, or too old).
+    pub webhook_failed: u64,
+    /// Keys expired by the rotation policy.
+    pub keys_expired_by_policy: u64,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +147,12 @@ pub(crate) struct StateInner {
     /// The metrics recorder (off unless `KeyServer::metrics_listen` was set); the store
     /// shares it.
     pub meters: Arc<Meters>,
+    pub webhook_counters: Arc<WebhookCounters>,
+    /// Webhook deliveries; stop when the state is dropped.
+    pub _webhook_worker: Option<WebhookWorker>,
+    pub sweep_counters: Arc<SweepCounters>,
+    /// Expiring-soon alerts and the rotation policy; stop when the state is dropped.
+    pub _sweep_task: SweepTask,
 }
 
 impl ServerState {
@@ -186,10 +202,14 @@ impl ServerState {
             events_published: self.inner.hub.published(),
             event_subscribers: self.inner.hub.subscribers(),
             event_subscribers_refused: self.inner.hub.refused(),
-            alerts_raised: get(&s.alerts_raised),
+            alerts_raised: get(&s.alerts_raised) + get(&self.inner.sweep_counters.alerts_raised),
             events_forwarded: feed.forwarded,
             change_feed_connected: feed.connected,
             change_feed_reconnects: feed.reconnects,
+            webhook_delivered: get(&self.inner.webhook_counters.delivered),
+            webhook_attempts_failed: get(&self.inner.webhook_counters.attempts_failed),
+            webhook_failed: get(&self.inner.webhook_counters.failed),
+            keys_expired_by_policy: get(&self.inner.sweep_counters.expired_by_policy),
         }
     }
 }

@@ -25,6 +25,7 @@ mod queries;
 mod rows;
 mod sqlite;
 mod usage;
+mod webhooks;
 pub(crate) use feed::ChangeFeed;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
@@ -34,6 +35,8 @@ pub use usage::RetentionReport;
 pub(crate) use usage::{
     Applied, BatchMark, ReadKind, ReadRow, RetentionCutoffs, Tally, UsageDelta, UsageKey, UsageOf, UsageRead,
 };
+pub(crate) use webhooks::{Attempt, AttemptNext, Claimed, NewEndpoint, Target, WebhookEvent};
+pub(crate) use webhooks::{WebhookDelivery, WebhookEndpoint};
 
 /// Audit action names.
 pub(crate) mod action {
@@ -51,6 +54,10 @@ pub(crate) mod action {
     pub(crate) const ROLE_DELETE: &str = "role.delete";
     /// An alert was acknowledged.
     pub(crate) const ALERT_ACK: &str = "alert.ack";
+    /// A webhook endpoint was added.
+    pub(crate) const WEBHOOK_CREATE: &str = "webhook.create";
+    /// A webhook endpoint was removed.
+    pub(crate) const WEBHOOK_DELETE: &str = "webhook.delete";
 }
 
 /// What a store can fail with.
@@ -203,7 +210,12 @@ pub struct Store {
     backend: Backend,
     sink: Arc<dyn ChangeSink>,
     meters: Arc<Meters>,
+    /// Most pending webhook deliveries per endpoint (see `with_webhook_queue`).
+    webhook_queue: u32,
 }
+
+/// Default of the most pending webhook deliveries per endpoint.
+pub(crate) const DEFAULT_WEBHOOK_QUEUE: u32 = 10_000;
 
 #[derive(Debug, Clone)]
 enum Backend {
@@ -220,14 +232,24 @@ impl fmt::Debug for Store {
 
 impl From<SqliteStore> for Store {
     fn from(store: SqliteStore) -> Self {
-        Self { backend: Backend::Sqlite(store), sink: Arc::new(Unheard), meters: Arc::new(Meters::off()) }
+        Self {
+            backend: Backend::Sqlite(store),
+            sink: Arc::new(Unheard),
+            meters: Arc::new(Meters::off()),
+            webhook_queue: DEFAULT_WEBHOOK_QUEUE,
+        }
     }
 }
 
 #[cfg(feature = "postgres")]
 impl From<PostgresStore> for Store {
     fn from(store: PostgresStore) -> Self {
-        Self { backend: Backend::Postgres(store), sink: Arc::new(Unheard), meters: Arc::new(Meters::off()) }
+        Self {
+            backend: Backend::Postgres(store),
+            sink: Arc::new(Unheard),
+            meters: Arc::new(Meters::off()),
+            webhook_queue: DEFAULT_WEBHOOK_QUEUE,
+        }
     }
 }
 
@@ -254,6 +276,23 @@ macro_rules! each_backend {
             }
         }
     };
+    ($store:expr, $b:ident, $q:ident, $w:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite($b) => {
+                #[allow(unused_imports)]
+                use sqlite::shared as $q;
+                use sqlite::webhook_sql as $w;
+                $body
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres($b) => {
+                #[allow(unused_imports)]
+                use postgres::shared as $q;
+                use postgres::webhook_sql as $w;
+                $body
+            }
+        }
+    };
 }
 
 /// A write: `$body`, in a write transaction `$tx` of the backend with its queries `$q`,
@@ -262,6 +301,16 @@ macro_rules! each_backend {
 macro_rules! write_tx {
     ($store:expr, |$tx:ident, $q:ident| $body:expr) => {{
         let (value, notes) = each_backend!($store, b, $q => {
+            let mut $tx = b.write().await?;
+            let (value, notes): (_, Vec<ChangeNote>) = $body;
+            b.commit($tx, &notes).await?;
+            (value, notes)
+        });
+        $store.published(&notes);
+        Ok(value)
+    }};
+    ($store:expr, |$tx:ident, $q:ident, $w:ident| $body:expr) => {{
+        let (value, notes) = each_backend!($store, b, $q, $w => {
             let mut $tx = b.write().await?;
             let (value, notes): (_, Vec<ChangeNote>) = $body;
             b.commit($tx, &notes).await?;
@@ -326,7 +375,12 @@ impl Store {
     /// Inserts a key, its secret and the `key.create` audit record.
     pub(crate) async fn create_key(&self, key: &NewKeyRecord, actor: &str) -> Result<KeyInfo, StoreError> {
         self.metered("create_key", async {
-            write_tx!(self, |tx, q| (q::create_key(&mut tx, key, actor).await?, Vec::new()))
+            write_tx!(self, |tx, q, w| {
+                let info = q::create_key(&mut tx, key, actor).await?;
+                let event = WebhookEvent::new("key.created", key.created_at, key_event_data(&info, actor))?;
+                w::enqueue(&mut tx, &[event], self.webhook_queue).await?;
+                (info, Vec::new())
+            })
         })
         .await
     }
@@ -384,8 +438,14 @@ impl Store {
         at: OffsetDateTime,
     ) -> Result<KeyInfo, StoreError> {
         self.metered("change_key", async {
-            write_tx!(self, |tx, q| {
+            write_tx!(self, |tx, q, w| {
+                let disabled_before = match &change {
+                    KeyChange::Update(patch) if patch.disabled.is_some() => w::key_disabled(&mut tx, key_id).await?,
+                    _ => None,
+                };
                 let key = q::change_key(&mut tx, key_id, &change, actor, at).await?;
+                let events = webhook_events_of(&change, &key, disabled_before, actor, at)?;
+                w::enqueue(&mut tx, &events, self.webhook_queue).await?;
                 let note = ChangeNote::Key(change.event(), key.key_id.clone());
                 (key, vec![note])
             })
@@ -539,11 +599,15 @@ impl Store {
     /// exists; true if stored.
     pub(crate) async fn insert_alert(&self, alert: &Alert) -> Result<bool, StoreError> {
         self.metered("insert_alert", async {
-            write_tx!(self, |tx, q| {
+            write_tx!(self, |tx, q, w| {
                 let id = q::insert_alert(&mut *tx, alert).await?;
                 let notes = match id {
                     Some(id) => {
                         let alert = Alert { id: Some(id.max(0) as u64), ..alert.clone() };
+                        let data =
+                            serde_json::to_value(&alert).map_err(|e| StoreError::Corrupt(format!("alert: {e}")))?;
+                        let event = WebhookEvent::new(alert_event_type(&alert), alert.at, data)?;
+                        w::enqueue(&mut tx, &[event], self.webhook_queue).await?;
                         vec![ChangeNote::Alert(Box::new(alert))]
                     }
                     None => Vec::new(),
@@ -608,6 +672,188 @@ impl Store {
             #[cfg(feature = "postgres")]
             Backend::Postgres(p) => Some(p.follow_changes(Arc::clone(&self.sink), self.meters.fanout_lag())),
         }
+    }
+}
+
+// ---- webhooks: endpoints, the outbox, the key sweep
+
+/// Most endpoints `GET /v1/webhooks` lists.
+pub(crate) const MAX_WEBHOOK_ENDPOINTS: u32 = 1000;
+
+impl Store {
+    /// Caps the pending deliveries of each webhook endpoint (default 10 000): past it,
+    /// queuing an event drops the endpoint's oldest pending ones, counted as `dropped`.
+    #[must_use]
+    pub(crate) fn with_webhook_queue(mut self, max_pending: u32) -> Self {
+        self.webhook_queue = max_pending.max(1);
+        self
+    }
+
+    /// Adds a webhook endpoint and writes `webhook.create`.
+    pub(crate) async fn create_webhook(&self, e: &NewEndpoint, actor: &str) -> Result<WebhookEndpoint, StoreError> {
+        let audited = json!({ "id": e.id, "url": e.url, "events": e.events, "description": e.description });
+        write_tx!(self, |tx, _q, w| {
+            (w::create_endpoint(&mut tx, e, actor, action::WEBHOOK_CREATE, &audited).await?, Vec::new())
+        })
+    }
+
+    /// Removes a webhook endpoint with its deliveries and writes `webhook.delete`.
+    pub(crate) async fn delete_webhook(
+        &self,
+        id: &str,
+        actor: &str,
+        at: OffsetDateTime,
+    ) -> Result<WebhookEndpoint, StoreError> {
+        let found: Result<Option<WebhookEndpoint>, StoreError> = write_tx!(self, |tx, _q, w| {
+            (w::delete_endpoint(&mut tx, id, actor, action::WEBHOOK_DELETE, at).await?, Vec::new())
+        });
+        found?.ok_or_else(|| StoreError::NotFound(format!("no webhook with id `{id}`")))
+    }
+
+    /// One webhook endpoint.
+    pub async fn webhook(&self, id: &str) -> Result<Option<WebhookEndpoint>, StoreError> {
+        each_backend!(self, b, _q, w => w::endpoint(b.pool(), id).await)
+    }
+
+    /// Webhook endpoints, oldest first (at most 1 000).
+    pub async fn webhooks(&self) -> Result<Vec<WebhookEndpoint>, StoreError> {
+        each_backend!(self, b, _q, w => w::endpoints(b.pool(), MAX_WEBHOOK_ENDPOINTS).await)
+    }
+
+    /// An endpoint's deliveries, newest first, with ids below `before`, at most `limit`.
+    pub async fn webhook_deliveries(
+        &self,
+        endpoint_id: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<WebhookDelivery>, StoreError> {
+        each_backend!(self, b, _q, w => w::deliveries(b.pool(), endpoint_id, before, limit).await)
+    }
+
+    /// Every endpoint's URL and secret.
+    pub(crate) async fn webhook_targets(&self) -> Result<std::collections::HashMap<String, Target>, StoreError> {
+        each_backend!(self, b, _q, w => w::targets(b.pool()).await)
+    }
+
+    /// Claims up to `limit` due deliveries for this worker until `until`.
+    pub(crate) async fn claim_deliveries(
+        &self,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        if !each_backend!(self, b, _q, w => w::any_due(b.pool(), now).await?) {
+            return Ok(Vec::new());
+        }
+        write_tx!(self, |tx, _q, w| (w::claim(&mut tx, now, until, limit).await?, Vec::new()))
+    }
+
+    /// Records how an attempt ended.
+    pub(crate) async fn finish_delivery(&self, id: i64, attempt: &Attempt) -> Result<(), StoreError> {
+        each_backend!(self, b, _q, w => w::finish(b.pool(), id, attempt).await)
+    }
+
+    /// Deletes each endpoint's finished deliveries beyond its newest `keep`.
+    pub(crate) async fn prune_deliveries(&self, keep: u32) -> Result<u64, StoreError> {
+        write_tx!(self, |tx, _q, w| (w::prune(&mut tx, keep).await?, Vec::new()))
+    }
+
+    /// Sets the key's `expires_at` to now (read inside the transaction) with the
+    /// audit actor `actor` and queues `key.expired`, unless it has expired already: under the key's row lock, so
+    /// that replicas sweeping at once expire it once. True if this call expired it.
+    pub(crate) async fn expire_key(&self, key_id: &str, actor: &str) -> Result<bool, StoreError> {
+        write_tx!(self, |tx, q, w| {
+            let now = now_ms();
+            match w::key_expiry_locked(&mut tx, key_id).await? {
+                Some(Some(at)) if at <= now => (false, Vec::new()),
+                None => (false, Vec::new()),
+                Some(_) => {
+                    let patch = KeyPatch { expires_at: Some(Some(now)), ..KeyPatch::default() };
+                    let change = KeyChange::Update(&patch);
+                    let key = q::change_key(&mut tx, key_id, &change, actor, now).await?;
+                    let event = WebhookEvent::new("key.expired", now, key_event_data(&key, actor))?;
+                    w::enqueue(&mut tx, &[event], self.webhook_queue).await?;
+                    (true, vec![ChangeNote::Key(change.event(), key.key_id)])
+                }
+            }
+        })
+    }
+
+    /// Unrevoked keys expiring in `(now, until]`, soonest first, at most `limit`.
+    pub(crate) async fn keys_expiring(
+        &self,
+        now: OffsetDateTime,
+        until: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<KeyInfo>, StoreError> {
+        each_backend!(self, b, _q, w => w::expiring(b.pool(), now, until, limit).await)
+    }
+
+    /// Unrevoked, unexpired keys whose current secret is older than `before`, oldest
+    /// first, with the secret's creation time.
+    pub(crate) async fn keys_aged(
+        &self,
+        now: OffsetDateTime,
+        before: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<(KeyInfo, OffsetDateTime)>, StoreError> {
+        each_backend!(self, b, _q, w => w::aged(b.pool(), now, before, limit).await)
+    }
+}
+
+/// A key event's `data`: what identifies the key and what it allows, never key
+/// material (no secret, no digest, not even the display prefix).
+fn key_event_data(k: &KeyInfo, actor: &str) -> Value {
+    json!({
+        "key_id": k.key_id,
+        "owner": k.owner,
+        "name": k.name,
+        "environment": k.environment,
+        "scopes": k.scopes,
+        "roles": k.roles,
+        "expires_at": k.expires_at.and_then(rfc3339),
+        "disabled": k.disabled,
+        "revoked": k.revoked,
+        "actor": actor,
+    })
+}
+
+/// The webhook events a change of a key makes: `key.rotated`, `key.revoked`, and for a
+/// patch, `key.disabled` / `key.enabled` when the flag really changed.
+fn webhook_events_of(
+    change: &KeyChange<'_>,
+    key: &KeyInfo,
+    disabled_before: Option<bool>,
+    actor: &str,
+    at: OffsetDateTime,
+) -> Result<Vec<WebhookEvent>, StoreError> {
+    let mut data = key_event_data(key, actor);
+    let kind = match change {
+        KeyChange::Rotate { grace_until, .. } => {
+            data["previous_expires_at"] = json!(rfc3339(*grace_until));
+            "key.rotated"
+        }
+        KeyChange::Revoke => "key.revoked",
+        KeyChange::Update(_) => match disabled_before {
+            Some(before) if before != key.disabled => {
+                if key.disabled {
+                    "key.disabled"
+                } else {
+                    "key.enabled"
+                }
+            }
+            _ => return Ok(Vec::new()),
+        },
+    };
+    Ok(vec![WebhookEvent::new(kind, at, data)?])
+}
+
+/// An alert's webhook event type: `key.expiring` for a key about to expire,
+/// `alert.<kind>` for the others.
+pub(crate) fn alert_event_type(alert: &Alert) -> String {
+    match alert.kind {
+        super::model::AlertKind::KeyExpiring => "key.expiring".to_owned(),
+        kind => format!("alert.{}", kind.as_str()),
     }
 }
 
