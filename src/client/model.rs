@@ -504,6 +504,8 @@ impl DeliveryState {
         }
     }
 
+    /// Reads the stored name (the key service's store).
+    #[cfg(feature = "server")]
     pub(crate) fn parse(s: &str) -> Option<Self> {
         [Self::Pending, Self::Delivered, Self::Failed, Self::Dropped].into_iter().find(|d| d.as_str() == s)
     }
