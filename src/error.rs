@@ -400,14 +400,18 @@ impl Rejections {
 }
 
 /// A custom rejection's headers, as gRPC metadata: every header but those keygate owns
-/// in a trailers-only answer.
+/// in a trailers-only answer. A header the hook sets replaces keygate's (`Retry-After`,
+/// the `RateLimit` fields), as on HTTP.
 fn add_metadata(to: &mut HeaderMap, from: &HeaderMap) {
-    for (name, value) in from {
-        let owned = matches!(name.as_str(), "grpc-status" | "grpc-message" | "grpc-status-details-bin")
+    let owned = |name: &http::HeaderName| {
+        matches!(name.as_str(), "grpc-status" | "grpc-message" | "grpc-status-details-bin")
             || name == header::CONTENT_TYPE
             || name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING;
-        if !owned {
+            || name == header::TRANSFER_ENCODING
+    };
+    for name in from.keys().filter(|n| !owned(n)) {
+        to.remove(name);
+        for value in from.get_all(name) {
             to.append(name.clone(), value.clone());
         }
     }

@@ -182,7 +182,7 @@ enum AlertsCmd {
 #[derive(Args)]
 struct Backup {
     /// The store to copy: sqlite://PATH or sqlite:PATH.
-    #[arg(long, env = "KEYGATE_DB")]
+    #[arg(long, env = "KEYGATE_DB", hide_env_values = true)]
     database: String,
     /// The file to write (refused if it exists, unless --force).
     #[arg(long)]
@@ -205,7 +205,7 @@ struct Healthcheck {
 #[derive(Args)]
 struct Serve {
     /// Database URL: sqlite://path (created if missing), sqlite::memory:, postgres://...
-    #[arg(long, env = "KEYGATE_DB", default_value = "sqlite://keygate.db")]
+    #[arg(long, env = "KEYGATE_DB", hide_env_values = true, default_value = "sqlite://keygate.db")]
     db: String,
     /// Address to listen on.
     #[arg(long, env = "KEYGATE_LISTEN", default_value = keygate::server::DEFAULT_LISTEN)]
@@ -642,6 +642,11 @@ impl CliError {
                 _ => 1,
             },
             Self::Client(ClientError::Http(_)) => 6,
+            // The offline `tokens create` writes to the store directly.
+            Self::Server(keygate::server::ServerError::Store(keygate::server::StoreError::Conflict(_))) => 4,
+            Self::Server(keygate::server::ServerError::Store(keygate::server::StoreError::NotFound(_))) => 3,
+            // Connection refused, timed out, or anything but a 200.
+            Self::Unhealthy(_) => 6,
             _ => 1,
         }
     }

@@ -157,11 +157,6 @@ impl TokenTable {
         }
     }
 
-    /// How many bootstrap admin tokens this replica has (they cannot be revoked).
-    pub(crate) fn bootstrap_admins(&self) -> usize {
-        self.bootstrap.iter().filter(|e| e.info.kind == TokenKind::Admin).count()
-    }
-
     /// Whether an admin token is accepted now.
     pub(crate) fn has_admin(&self) -> bool {
         self.snapshot().iter().any(|e| e.info.kind == TokenKind::Admin)
@@ -205,7 +200,10 @@ impl TokenTable {
                 next.push(Arc::clone(b));
             }
         }
-        let gone: Vec<&Arc<TokenEntry>> = old.iter().filter(|o| !next.iter().any(|n| Arc::ptr_eq(n, o))).collect();
+        // Bootstrap entries live as long as the process: one shadowed by a stored copy
+        // comes back when the copy goes, so its streams must not be told it is revoked.
+        let gone: Vec<&Arc<TokenEntry>> =
+            old.iter().filter(|o| !o.info.bootstrap && !next.iter().any(|n| Arc::ptr_eq(n, o))).collect();
         *self.entries.write().unwrap_or_else(|e| e.into_inner()) = next.into();
         for entry in gone {
             tracing::info!(token = %entry.info.name, kind = %entry.info.kind, "token no longer active; closing its event streams");

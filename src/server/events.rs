@@ -182,8 +182,8 @@ impl EventHub {
     }
 
     /// A new subscriber's stream. It is subscribed when this returns, so an event
-    /// published afterwards reaches it.
-    /// Not counted against [`max_subscribers`](Self::max_subscribers).
+    /// published afterwards reaches it. It is never refused, but it is counted: streams
+    /// opened here take room that [`try_subscribe`](Self::try_subscribe) then lacks.
     pub fn subscribe(&self) -> impl Stream<Item = Result<Event, Infallible>> + Send + use<> {
         self.inner.subscribers.fetch_add(1, Ordering::AcqRel);
         self.stream(None)

@@ -47,13 +47,13 @@
 //!
 //! Callers authenticate with `Authorization: Bearer <token>`: a **service** token for
 //! `POST /v1/keys/verify`, `POST /v1/usage` and `GET /v1/events`, an **admin** token for
-//! everything else. Tokens are records of the store ([`TokenInfo`]: id, unique name,
+//! everything else. Tokens are records of the store ([`TokenInfo`](crate::client::TokenInfo): id, unique name,
 //! kind, created / last-used / revoked times; only the SHA-256 digest of the token is
 //! kept), several active at once, at most [`MAX_ACTIVE_TOKENS`]:
 //!
 //! | route | what |
 //! | --- | --- |
-//! | `POST /v1/tokens {"kind", "name"}` | `201` [`CreatedToken`]: the token, shown this once (`kgs_` / `kga_` + 43 base62, 256 bits) |
+//! | `POST /v1/tokens {"kind", "name"}` | `201` [`CreatedToken`](crate::client::CreatedToken): the token, shown this once (`kgs_` / `kga_` + 43 base62, 256 bits) |
 //! | `GET /v1/tokens` | `{"tokens": [...]}`: this replica's bootstrap tokens, then every stored one, revoked ones included; never a token or a digest |
 //! | `POST /v1/tokens/{id}/revoke` | the token, revoked; idempotent. `409` for the last active admin token (so operators cannot lock themselves out) and for bootstrap tokens |
 //!
@@ -104,10 +104,10 @@
 //! # Webhooks
 //!
 //! `POST /v1/webhooks {"url", "events"?, "description"?}` (admin token;
-//! [`AdminClient::create_webhook`], CLI `keygate-server webhooks add`) adds an endpoint
+//! [`AdminClient::create_webhook`](crate::client::AdminClient::create_webhook), CLI `keygate-server webhooks add`) adds an endpoint
 //! and answers its signing secret once; `GET /v1/webhooks`, `GET|DELETE
 //! /v1/webhooks/{id}` and `GET /v1/webhooks/{id}/deliveries?limit=&before=` (a
-//! [`DeliveryPage`] of [`WebhookDelivery`], newest first, at most
+//! [`DeliveryPage`](crate::client::DeliveryPage) of [`WebhookDelivery`](crate::client::WebhookDelivery), newest first, at most
 //! [`MAX_DELIVERIES_PAGE`]) manage them. URLs: `http` or `https`, no credentials, at
 //! most [`MAX_WEBHOOK_URL_LEN`] bytes. Adding and removing are audited.
 //!
@@ -642,7 +642,7 @@ impl KeyServer {
             tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
         let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: listen, source })?;
         let metrics = match metrics_listen {
-            Some(at) => Some(serve_metrics(at, state.clone()).await?),
+            Some(at) => Some(serve_metrics(at, state.clone(), timeouts.0).await?),
             None => None,
         };
         let app = router(state.clone())
@@ -676,15 +676,18 @@ impl KeyServer {
 
 /// Binds the metrics listener and serves `/metrics` on it until aborted (a scrape is
 /// short: nothing to drain).
-async fn serve_metrics(at: SocketAddr, state: ServerState) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
+async fn serve_metrics(
+    at: SocketAddr,
+    state: ServerState,
+    header_read_timeout: Duration,
+) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
     let listener = tokio::net::TcpListener::bind(at).await.map_err(|source| ServerError::Bind { addr: at, source })?;
     let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: at, source })?;
     let app = metrics::exposition(state);
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "metrics listener stopped with an error");
-        }
-    });
+    // The same header-read timeout as the API listener: a scraper's address is no
+    // reason to let half-sent requests hold connections. It stops when its task is
+    // aborted, at shutdown.
+    let task = tokio::spawn(serve::serve(listener, app, header_read_timeout, std::future::pending()));
     tracing::info!(%addr, "metrics listening");
     Ok((addr, task))
 }

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use super::alerts::{AlertConfig, minute_start};
 use super::model::{Alert, AlertKind, KeyInfo};
 use super::store::{Store, StoreError, now_ms};
-use super::text::rfc3339;
+use super::text::{earlier, later, rfc3339};
 
 /// Most keys one sweep reads per kind (expiring, aged); the next sweep takes the rest.
 const MAX_SWEEP_KEYS: u32 = 10_000;
@@ -115,7 +115,7 @@ pub(crate) async fn sweep(
         Ok::<_, StoreError>(())
     };
     if alerts.enabled && !alerts.expiring_within.is_zero() {
-        for key in store.keys_expiring(now, now + alerts.expiring_within, MAX_SWEEP_KEYS).await? {
+        for key in store.keys_expiring(now, later(now, alerts.expiring_within), MAX_SWEEP_KEYS).await? {
             let Some(expires_at) = key.expires_at else { continue };
             let left = (expires_at - now).whole_seconds().max(0);
             raise(Alert {
@@ -134,7 +134,7 @@ pub(crate) async fn sweep(
         }
     }
     let Some(shortest) = policy.shortest() else { return Ok(()) };
-    for (key, since) in store.keys_aged(now, now - shortest, MAX_SWEEP_KEYS).await? {
+    for (key, since) in store.keys_aged(now, earlier(now, shortest), MAX_SWEEP_KEYS).await? {
         let Some(limit) = policy.limit_for(&key) else { continue };
         let age = now - since;
         if age < limit {
@@ -160,7 +160,7 @@ pub(crate) async fn sweep(
         })
         .await?;
         let Some(grace) = policy.expire_after else { continue };
-        if age < limit + grace {
+        if age < limit.saturating_add(grace) {
             continue;
         }
         match store.expire_key(&key.key_id, POLICY_ACTOR).await {

@@ -77,7 +77,9 @@ pub(crate) async fn revoke_token(
     if !looks_like_token_id(&id) {
         return Err(ApiError::NotFound(format!("no token with id `{}`", shown(&id))));
     }
-    let revoked = state.inner.store.revoke_token(&id, admin.actor(), now_ms(), tokens.bootstrap_admins()).await?;
+    // Only stored admin tokens count as the others: a bootstrap admin is this replica's
+    // configuration, and another replica started without one would be locked out.
+    let revoked = state.inner.store.revoke_token(&id, admin.actor(), now_ms(), 0).await?;
     let info = match revoked {
         Revoked::Now(info) => {
             reload(&state).await;

@@ -150,7 +150,7 @@ async fn create(State(state): State<ServerState>, admin: Admin, req: Request) ->
         created_at: now_ms(),
     };
     let created = state.inner.store.create_webhook(&endpoint, admin.actor()).await?;
-    tracing::info!(webhook = %created.id, url = %created.url, "webhook endpoint added");
+    tracing::info!(webhook = %created.id, url = %super::text::url_without_query(&created.url), "webhook endpoint added");
     Ok((StatusCode::CREATED, Json(CreatedWebhook { endpoint: &created, secret: &endpoint.secret })).into_response())
 }
 

@@ -263,7 +263,7 @@ impl Worker {
     /// Claims the due deliveries and attempts each; returns how many were claimed.
     async fn pass(&self) -> Result<usize, StoreError> {
         let now = now_ms();
-        let until = now + self.config.claim_for;
+        let until = super::text::later(now, self.config.claim_for);
         let claimed = self.store.claim_deliveries(now, until, self.config.batch).await?;
         if claimed.is_empty() {
             return Ok(0);
@@ -335,8 +335,8 @@ impl Worker {
             Some(error) => {
                 self.counters.attempts_failed.fetch_add(1, Ordering::Relaxed);
                 let attempts = c.attempts.saturating_add(1);
-                let retry_at = at + self.config.backoff(attempts);
-                let deadline = c.created_at + self.config.max_age;
+                let retry_at = super::text::later(at, self.config.backoff(attempts));
+                let deadline = super::text::later(c.created_at, self.config.max_age);
                 if attempts >= self.config.max_attempts || retry_at > deadline {
                     self.counters.failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(event_id = %c.event_id, endpoint = %c.endpoint_id, attempts, error = %error, "webhook delivery failed for good");

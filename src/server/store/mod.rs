@@ -691,7 +691,12 @@ impl Store {
 
     /// Adds a webhook endpoint and writes `webhook.create`.
     pub(crate) async fn create_webhook(&self, e: &NewEndpoint, actor: &str) -> Result<WebhookEndpoint, StoreError> {
-        let audited = json!({ "id": e.id, "url": e.url, "events": e.events, "description": e.description });
+        let audited = json!({
+            "id": e.id,
+            "url": super::text::url_without_query(&e.url),
+            "events": e.events,
+            "description": e.description,
+        });
         write_tx!(self, |tx, _q, w| {
             (w::create_endpoint(&mut tx, e, actor, action::WEBHOOK_CREATE, &audited).await?, Vec::new())
         })

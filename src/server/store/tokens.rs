@@ -207,7 +207,7 @@ macro_rules! token_queries {
             /// Every stored token, oldest first, at most `limit`.
             pub(crate) async fn list(pool: &::sqlx::Pool<$db>, limit: u32) -> Result<Vec<TokenInfo>, StoreError> {
                 let rows = sqlx::query(&format!(
-                    "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY created_at, token_id LIMIT $1"
+                    "SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY (revoked_at IS NOT NULL), created_at, token_id LIMIT $1"
                 ))
                 .bind(i64::from(limit))
                 .fetch_all(pool)
@@ -315,7 +315,8 @@ impl Store {
             .await?)
     }
 
-    /// Every stored token, oldest first, at most `limit` (revoked ones included).
+    /// Every stored token, active ones first and each group oldest first, at most
+    /// `limit` (revoked ones included, after every active one).
     pub async fn list_tokens(&self, limit: u32) -> Result<Vec<TokenInfo>, StoreError> {
         each_token_backend!(self, b, q => q::list(b.pool(), limit).await)
     }

@@ -190,6 +190,17 @@ macro_rules! webhook_queries {
                 action: &str,
                 audited: &Value,
             ) -> Result<WebhookEndpoint, StoreError> {
+                // Every key change writes one outbox row per endpoint in its own
+                // transaction: the count of endpoints bounds what a revocation costs.
+                let endpoints: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_endpoints")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if endpoints >= i64::from(crate::server::store::MAX_WEBHOOK_ENDPOINTS) {
+                    return Err(StoreError::Conflict(format!(
+                        "at most {} webhook endpoints; remove one first",
+                        crate::server::store::MAX_WEBHOOK_ENDPOINTS
+                    )));
+                }
                 sqlx::query(
                     "INSERT INTO webhook_endpoints (id, url, events, description, secret, created_at, dropped) \
                      VALUES ($1, $2, $3, $4, $5, $6, 0)",
@@ -226,7 +237,7 @@ macro_rules! webhook_queries {
                 let Some(found) = endpoint(&mut *conn, id).await? else { return Ok(None) };
                 sqlx::query("DELETE FROM webhook_deliveries WHERE endpoint_id = $1").bind(id).execute(&mut *conn).await?;
                 sqlx::query("DELETE FROM webhook_endpoints WHERE id = $1").bind(id).execute(&mut *conn).await?;
-                audit(conn, at, actor, action, &json!({ "id": id, "url": found.url })).await?;
+                audit(conn, at, actor, action, &json!({ "id": id, "url": crate::server::text::url_without_query(&found.url) })).await?;
                 Ok(Some(found))
             }
 
