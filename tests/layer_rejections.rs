@@ -258,6 +258,23 @@ async fn grpc_requests_keep_their_status_and_get_only_the_hooks_metadata() {
         assert_eq!(header_of(&res, "x-error-code").as_deref(), Some(code), "the hook's header is metadata");
         assert!(res.bytes().await.unwrap().is_empty(), "trailers-only: the hook's body is dropped");
     }
+
+    // A field keygate sets on a gRPC answer is replaced by the hook's, never doubled.
+    let layer = ApiKeyLayer::new(Down).on_rejection(|_: &AuthError| {
+        http::Response::builder().header(header::RETRY_AFTER, "42").body(Bytes::new()).unwrap()
+    });
+    let app = Router::new().route("/echo.Echo/Say", axum::routing::post(|| async { "unreached" })).layer(layer);
+    let base = serve(app).await;
+    let res = client
+        .post(format!("{base}/echo.Echo/Say"))
+        .header("content-type", "application/grpc")
+        .header("authorization", format!("Bearer {}", keys.reader.expose_secret()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header_of(&res, "grpc-status").as_deref(), Some("14"));
+    let values: Vec<_> = res.headers().get_all("retry-after").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
+    assert_eq!(values, ["42"]);
 }
 
 #[tokio::test]

@@ -54,7 +54,7 @@
 //! | route | what |
 //! | --- | --- |
 //! | `POST /v1/tokens {"kind", "name"}` | `201` [`CreatedToken`](crate::client::CreatedToken): the token, shown this once (`kgs_` / `kga_` + 43 base62, 256 bits) |
-//! | `GET /v1/tokens` | `{"tokens": [...]}`: this replica's bootstrap tokens, then every stored one, revoked ones included; never a token or a digest |
+//! | `GET /v1/tokens` | `{"tokens": [...]}`: this replica's bootstrap tokens, then every stored one (active ones first, then the revoked); never a token or a digest |
 //! | `POST /v1/tokens/{id}/revoke` | the token, revoked; idempotent. `409` for the last active admin token (so operators cannot lock themselves out) and for bootstrap tokens |
 //!
 //! The name of the admin token that made a change is its audit actor ([`Admin::actor`]);

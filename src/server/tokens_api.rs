@@ -41,8 +41,8 @@ pub(crate) async fn create_token(
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-/// `GET /v1/tokens`: the bootstrap tokens of this replica, then every stored token
-/// (revoked ones included), oldest first; never a token or its digest.
+/// `GET /v1/tokens`: the bootstrap tokens of this replica, then every stored token,
+/// active ones first, each group oldest first; never a token or its digest.
 pub(crate) async fn list_tokens(State(state): State<ServerState>, _: Admin) -> Result<Json<Value>, ApiError> {
     let tokens = &state.inner.tokens;
     let limit = u32::try_from(MAX_ACTIVE_TOKENS * 10).unwrap_or(u32::MAX);
