@@ -412,7 +412,9 @@ macro_rules! shared_queries {
                 Ok(id)
             }
 
-            async fn write_audit(
+            /// The one statement every audit record is written with (keys, roles, tokens,
+            /// webhooks, alerts).
+            pub(crate) async fn write_audit(
                 conn: &mut Conn,
                 at: OffsetDateTime,
                 actor: &str,

@@ -106,14 +106,7 @@ macro_rules! token_queries {
                 let changes = ::serde_json::json!({
                     "token_id": token.id, "name": token.name, "kind": token.kind, "prefix": token.prefix,
                 });
-                sqlx::query("INSERT INTO audit (at, actor, action, key_id, changes) VALUES ($1, $2, $3, NULL, $4)")
-                    .bind(to_ms(at))
-                    .bind(actor)
-                    .bind(action)
-                    .bind(changes.to_string())
-                    .execute(&mut *conn)
-                    .await?;
-                Ok(())
+                super::shared::write_audit(conn, at, actor, action, None, &changes).await
             }
 
             async fn load(conn: &mut Conn, id: &str) -> Result<Option<TokenInfo>, StoreError> {

@@ -172,14 +172,7 @@ macro_rules! webhook_queries {
                 action: &str,
                 changes: &Value,
             ) -> Result<(), StoreError> {
-                sqlx::query("INSERT INTO audit (at, actor, action, key_id, changes) VALUES ($1, $2, $3, NULL, $4)")
-                    .bind(to_ms(at))
-                    .bind(actor)
-                    .bind(action)
-                    .bind(changes.to_string())
-                    .execute(&mut *conn)
-                    .await?;
-                Ok(())
+                super::shared::write_audit(conn, at, actor, action, None, changes).await
             }
 
             /// Inserts an endpoint and its audit record.
