@@ -763,14 +763,18 @@ impl Store {
         write_tx!(self, |tx, _q, w| (w::prune(&mut tx, keep).await?, Vec::new()))
     }
 
-    /// Sets the key's `expires_at` to now (read inside the transaction) with the
-    /// audit actor `actor` and queues `key.expired`, unless it has expired already: under the key's row lock, so
-    /// that replicas sweeping at once expire it once. True if this call expired it.
+    /// Sets the key's `expires_at` to now with the audit actor `actor` and queues
+    /// `key.expired`, unless it has expired already or expires within
+    /// [`EXPIRY_SKEW`]: under the key's row lock, so that replicas sweeping at once
+    /// expire it once. True if this call expired it.
     pub(crate) async fn expire_key(&self, key_id: &str, actor: &str) -> Result<bool, StoreError> {
         write_tx!(self, |tx, q, w| {
+            let expiry = w::key_expiry_locked(&mut tx, key_id).await?;
+            // Read after the lock: a clock read before it may predate the expiry
+            // another replica committed while this one waited.
             let now = now_ms();
-            match w::key_expiry_locked(&mut tx, key_id).await? {
-                Some(Some(at)) if at <= now => (false, Vec::new()),
+            match expiry {
+                Some(Some(at)) if at <= now + EXPIRY_SKEW => (false, Vec::new()),
                 None => (false, Vec::new()),
                 Some(_) => {
                     let patch = KeyPatch { expires_at: Some(Some(now)), ..KeyPatch::default() };
@@ -805,6 +809,11 @@ impl Store {
         each_backend!(self, b, _q, w => w::aged(b.pool(), now, before, limit).await)
     }
 }
+
+/// How close to now an existing expiry counts as "expired already" for
+/// [`Store::expire_key`]: replicas' clocks differ by a little, and a key the other
+/// replica expired a moment ago by its clock must not be expired twice.
+const EXPIRY_SKEW: time::Duration = time::Duration::seconds(2);
 
 /// A key event's `data`: what identifies the key and what it allows, never key
 /// material (no secret, no digest, not even the display prefix).
