@@ -179,29 +179,62 @@ fn serve_with_metrics_listen_names_and_serves_the_metrics_address() {
     assert!(body.contains("keygate_server_verify_requests_total{outcome=\"valid\"} 0"), "{body}");
 }
 
-/// The `ExecStart=` of deploy/keygate-server.service as the shell will run it: `$$`
-/// unescaped, the binary the one built here.
-fn unit_start_command() -> String {
-    let unit = include_str!("../deploy/keygate-server.service");
-    let line = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("the unit has ExecStart=");
-    let script = line.strip_prefix("/bin/sh -c '").and_then(|l| l.strip_suffix('\'')).expect("ExecStart runs sh -c");
-    script.replace("$$", "$").replace("/usr/local/bin/keygate-server", BIN)
+const UNIT: &str = include_str!("../deploy/keygate-server.service");
+
+/// The values of a key of the unit's `[Service]` section, in order.
+fn unit_values(key: &str) -> Vec<&'static str> {
+    UNIT.lines().filter_map(|l| l.strip_prefix(key)?.strip_prefix('=')).collect()
+}
+
+/// The `ExecStart=` of deploy/keygate-server.service as systemd runs it: split on
+/// spaces (it has no quoting), `%d` the credentials directory, the binary the one built
+/// here.
+fn unit_start_command(credentials: &std::path::Path) -> Vec<String> {
+    let line = unit_values("ExecStart");
+    assert_eq!(line.len(), 1, "one ExecStart=");
+    let mut words: Vec<String> =
+        line[0].split_whitespace().map(|w| w.replace("%d", credentials.to_str().unwrap())).collect();
+    assert_eq!(words[0], "/usr/local/bin/keygate-server", "the unit runs the server itself, no shell");
+    words[0] = BIN.to_owned();
+    words
+}
+
+#[test]
+fn the_systemd_unit_runs_no_shell_and_keeps_tokens_out_of_the_environment() {
+    let credentials = unit_values("LoadCredential");
+    assert_eq!(credentials, ["admin-token:/etc/keygate/admin-token", "service-token:/etc/keygate/service-token"]);
+    let start = unit_values("ExecStart").join(" ");
+    assert!(start.contains("--admin-token-file %d/admin-token"), "{start}");
+    assert!(start.contains("--service-token-file %d/service-token"), "{start}");
+    assert!(!UNIT.contains("/bin/sh") && !UNIT.contains("CREDENTIALS_DIRECTORY"), "no shell copies a credential");
+    for env in unit_values("Environment") {
+        assert!(!env.contains("TOKEN"), "a token variable in the unit: {env}");
+    }
 }
 
 #[tokio::test]
 async fn the_systemd_units_command_hands_the_credential_files_to_the_server() {
     let credentials = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
     let admin = "adm-from-a-credential-file-0123456789abcdef";
+    let service = "svc-from-a-credential-file-0123456789abcdef";
     std::fs::write(credentials.path().join("admin-token"), format!("{admin}\n")).unwrap();
-    std::fs::write(credentials.path().join("service-token"), "svc-from-a-credential-file-0123456789abcdef\n").unwrap();
-    let mut child = tokio::process::Command::new("/bin/sh")
-        .args(["-c", &unit_start_command()])
-        .env("CREDENTIALS_DIRECTORY", credentials.path())
-        .env("KEYGATE_DB", "sqlite::memory:")
+    std::fs::write(credentials.path().join("service-token"), format!("{service}\n")).unwrap();
+    let words = unit_start_command(credentials.path());
+    let mut command = tokio::process::Command::new(&words[0]);
+    command.args(&words[1..]).env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default());
+    for env in unit_values("Environment") {
+        let (name, value) = env.split_once('=').expect("Environment=NAME=VALUE");
+        command.env(name, value);
+    }
+    // The unit's environment, but a database of this test's and ephemeral ports. A
+    // persistent database: without the credential files, the server refuses to start.
+    let db = format!("sqlite://{}", state.path().join("keygate.db").display());
+    let mut child = command
+        .env("KEYGATE_DB", db)
         .env("KEYGATE_LISTEN", "127.0.0.1:0")
+        .env("KEYGATE_METRICS_LISTEN", "127.0.0.1:0")
         .env("RUST_LOG", "warn")
-        .env_remove("KEYGATE_ADMIN_TOKEN")
-        .env_remove("KEYGATE_SERVICE_TOKEN")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -223,9 +256,15 @@ async fn the_systemd_units_command_hands_the_credential_files_to_the_server() {
     .await
     .expect("the server starts in time");
     let url = url.unwrap_or_else(|| panic!("the server did not start: {seen:#?}"));
-    // Nothing generated: both tokens came from the files.
-    assert!(!seen.iter().any(|l| l.contains("generated")), "{seen:#?}");
-    let keys = AdminClient::new(url, admin).unwrap().list_keys(None).await.expect("the admin token of the file works");
+    let keys = AdminClient::new(&url, admin).unwrap().list_keys(None).await.expect("the admin token of the file works");
     assert!(keys.is_empty());
+    let verify = reqwest::Client::new()
+        .post(format!("{url}/v1/keys/verify"))
+        .bearer_auth(service)
+        .json(&serde_json::json!({ "key": "kg_nosuchkey" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(verify.status(), 200, "the service token of the file works");
     let _ = child.kill().await;
 }
