@@ -627,8 +627,11 @@ impl Store {
 
     /// The names among `names` that are not defined roles, in their order.
     pub(crate) async fn missing_roles(&self, names: &[String]) -> Result<Vec<String>, StoreError> {
-        let existing = each_backend!(self, b, q => q::existing_roles(b.pool(), names).await?);
-        Ok(names.iter().filter(|n| !existing.contains(n)).cloned().collect())
+        self.metered("missing_roles", async {
+            let existing = each_backend!(self, b, q => q::existing_roles(b.pool(), names).await?);
+            Ok(names.iter().filter(|n| !existing.contains(n)).cloned().collect())
+        })
+        .await
     }
 
     /// Deletes a role and writes `role.delete`; see the shared query for the refusal
@@ -641,10 +644,13 @@ impl Store {
         actor: &str,
         at: OffsetDateTime,
     ) -> Result<Vec<String>, StoreError> {
-        write_tx!(self, |tx, q| {
-            let detached = q::delete_role(&mut tx, name, detach, actor, at).await?;
-            (detached.clone(), notes_for_keys(KeyEvent::Updated, detached))
+        self.metered("delete_role", async {
+            write_tx!(self, |tx, q| {
+                let detached = q::delete_role(&mut tx, name, detach, actor, at).await?;
+                (detached.clone(), notes_for_keys(KeyEvent::Updated, detached))
+            })
         })
+        .await
     }
 
     /// Alerts, oldest first, only the open (`acknowledged` false) or only the
@@ -655,12 +661,18 @@ impl Store {
         acknowledged: bool,
         limit: u32,
     ) -> Result<Vec<Alert>, StoreError> {
-        each_backend!(self, b, q => q::alerts_by_state(b.pool(), since, acknowledged, limit).await)
+        self.metered("alerts_by_state", async {
+            each_backend!(self, b, q => q::alerts_by_state(b.pool(), since, acknowledged, limit).await)
+        })
+        .await
     }
 
     /// Acknowledges an alert (idempotent) and writes `alert.ack` the first time.
     pub(crate) async fn ack_alert(&self, id: i64, actor: &str, at: OffsetDateTime) -> Result<Alert, StoreError> {
-        write_tx!(self, |tx, q| (q::ack_alert(&mut tx, id, actor, at).await?, Vec::new()))
+        self.metered("ack_alert", async {
+            write_tx!(self, |tx, q| (q::ack_alert(&mut tx, id, actor, at).await?, Vec::new()))
+        })
+        .await
     }
 
     /// For a store that several key-service replicas share (PostgreSQL): starts
@@ -697,9 +709,12 @@ impl Store {
             "events": e.events,
             "description": e.description,
         });
-        write_tx!(self, |tx, _q, w| {
-            (w::create_endpoint(&mut tx, e, actor, action::WEBHOOK_CREATE, &audited).await?, Vec::new())
+        self.metered("create_webhook", async {
+            write_tx!(self, |tx, _q, w| {
+                (w::create_endpoint(&mut tx, e, actor, action::WEBHOOK_CREATE, &audited).await?, Vec::new())
+            })
         })
+        .await
     }
 
     /// Removes a webhook endpoint with its deliveries and writes `webhook.delete`.
@@ -709,20 +724,26 @@ impl Store {
         actor: &str,
         at: OffsetDateTime,
     ) -> Result<WebhookEndpoint, StoreError> {
-        let found: Result<Option<WebhookEndpoint>, StoreError> = write_tx!(self, |tx, _q, w| {
-            (w::delete_endpoint(&mut tx, id, actor, action::WEBHOOK_DELETE, at).await?, Vec::new())
-        });
-        found?.ok_or_else(|| StoreError::NotFound(format!("no webhook with id `{id}`")))
+        self.metered("delete_webhook", async {
+            let found: Result<Option<WebhookEndpoint>, StoreError> = write_tx!(self, |tx, _q, w| {
+                (w::delete_endpoint(&mut tx, id, actor, action::WEBHOOK_DELETE, at).await?, Vec::new())
+            });
+            found?.ok_or_else(|| StoreError::NotFound(format!("no webhook with id `{id}`")))
+        })
+        .await
     }
 
     /// One webhook endpoint.
     pub async fn webhook(&self, id: &str) -> Result<Option<WebhookEndpoint>, StoreError> {
-        each_backend!(self, b, _q, w => w::endpoint(b.pool(), id).await)
+        self.metered("webhook", async { each_backend!(self, b, _q, w => w::endpoint(b.pool(), id).await) }).await
     }
 
     /// Webhook endpoints, oldest first (at most 1 000).
     pub async fn webhooks(&self) -> Result<Vec<WebhookEndpoint>, StoreError> {
-        each_backend!(self, b, _q, w => w::endpoints(b.pool(), MAX_WEBHOOK_ENDPOINTS).await)
+        self.metered("webhooks", async {
+            each_backend!(self, b, _q, w => w::endpoints(b.pool(), MAX_WEBHOOK_ENDPOINTS).await)
+        })
+        .await
     }
 
     /// An endpoint's deliveries, newest first, with ids below `before`, at most `limit`.
@@ -732,12 +753,15 @@ impl Store {
         before: Option<i64>,
         limit: u32,
     ) -> Result<Vec<WebhookDelivery>, StoreError> {
-        each_backend!(self, b, _q, w => w::deliveries(b.pool(), endpoint_id, before, limit).await)
+        self.metered("webhook_deliveries", async {
+            each_backend!(self, b, _q, w => w::deliveries(b.pool(), endpoint_id, before, limit).await)
+        })
+        .await
     }
 
     /// Every endpoint's URL and secret.
     pub(crate) async fn webhook_targets(&self) -> Result<std::collections::HashMap<String, Target>, StoreError> {
-        each_backend!(self, b, _q, w => w::targets(b.pool()).await)
+        self.metered("webhook_targets", async { each_backend!(self, b, _q, w => w::targets(b.pool()).await) }).await
     }
 
     /// Claims up to `limit` due deliveries for this worker until `until`.
@@ -747,20 +771,29 @@ impl Store {
         until: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
-        if !each_backend!(self, b, _q, w => w::any_due(b.pool(), now).await?) {
-            return Ok(Vec::new());
-        }
-        write_tx!(self, |tx, _q, w| (w::claim(&mut tx, now, until, limit).await?, Vec::new()))
+        self.metered("claim_deliveries", async {
+            if !each_backend!(self, b, _q, w => w::any_due(b.pool(), now).await?) {
+                return Ok(Vec::new());
+            }
+            write_tx!(self, |tx, _q, w| (w::claim(&mut tx, now, until, limit).await?, Vec::new()))
+        })
+        .await
     }
 
     /// Records how an attempt ended.
     pub(crate) async fn finish_delivery(&self, id: i64, attempt: &Attempt) -> Result<(), StoreError> {
-        each_backend!(self, b, _q, w => w::finish(b.pool(), id, attempt).await)
+        self.metered("finish_delivery", async {
+            each_backend!(self, b, _q, w => w::finish(b.pool(), id, attempt).await)
+        })
+        .await
     }
 
     /// Deletes each endpoint's finished deliveries beyond its newest `keep`.
     pub(crate) async fn prune_deliveries(&self, keep: u32) -> Result<u64, StoreError> {
-        write_tx!(self, |tx, _q, w| (w::prune(&mut tx, keep).await?, Vec::new()))
+        self.metered("prune_deliveries", async {
+            write_tx!(self, |tx, _q, w| (w::prune(&mut tx, keep).await?, Vec::new()))
+        })
+        .await
     }
 
     /// Sets the key's `expires_at` to now with the audit actor `actor` and queues
@@ -768,24 +801,27 @@ impl Store {
     /// [`EXPIRY_SKEW`]: under the key's row lock, so that replicas sweeping at once
     /// expire it once. True if this call expired it.
     pub(crate) async fn expire_key(&self, key_id: &str, actor: &str) -> Result<bool, StoreError> {
-        write_tx!(self, |tx, q, w| {
-            let expiry = w::key_expiry_locked(&mut tx, key_id).await?;
-            // Read after the lock: a clock read before it may predate the expiry
-            // another replica committed while this one waited.
-            let now = now_ms();
-            match expiry {
-                Some(Some(at)) if at <= now + EXPIRY_SKEW => (false, Vec::new()),
-                None => (false, Vec::new()),
-                Some(_) => {
-                    let patch = KeyPatch { expires_at: Some(Some(now)), ..KeyPatch::default() };
-                    let change = KeyChange::Update(&patch);
-                    let key = q::change_key(&mut tx, key_id, &change, actor, now).await?;
-                    let event = WebhookEvent::new("key.expired", now, key_event_data(&key, actor))?;
-                    w::enqueue(&mut tx, &[event], self.webhook_queue).await?;
-                    (true, vec![ChangeNote::Key(change.event(), key.key_id)])
+        self.metered("expire_key", async {
+            write_tx!(self, |tx, q, w| {
+                let expiry = w::key_expiry_locked(&mut tx, key_id).await?;
+                // Read after the lock: a clock read before it may predate the expiry
+                // another replica committed while this one waited.
+                let now = now_ms();
+                match expiry {
+                    Some(Some(at)) if at <= now + EXPIRY_SKEW => (false, Vec::new()),
+                    None => (false, Vec::new()),
+                    Some(_) => {
+                        let patch = KeyPatch { expires_at: Some(Some(now)), ..KeyPatch::default() };
+                        let change = KeyChange::Update(&patch);
+                        let key = q::change_key(&mut tx, key_id, &change, actor, now).await?;
+                        let event = WebhookEvent::new("key.expired", now, key_event_data(&key, actor))?;
+                        w::enqueue(&mut tx, &[event], self.webhook_queue).await?;
+                        (true, vec![ChangeNote::Key(change.event(), key.key_id)])
+                    }
                 }
-            }
+            })
         })
+        .await
     }
 
     /// Unrevoked keys expiring in `(now, until]`, soonest first, at most `limit`.
@@ -795,7 +831,10 @@ impl Store {
         until: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<KeyInfo>, StoreError> {
-        each_backend!(self, b, _q, w => w::expiring(b.pool(), now, until, limit).await)
+        self.metered("keys_expiring", async {
+            each_backend!(self, b, _q, w => w::expiring(b.pool(), now, until, limit).await)
+        })
+        .await
     }
 
     /// Unrevoked, unexpired keys whose current secret is older than `before`, oldest
@@ -806,7 +845,10 @@ impl Store {
         before: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<(KeyInfo, OffsetDateTime)>, StoreError> {
-        each_backend!(self, b, _q, w => w::aged(b.pool(), now, before, limit).await)
+        self.metered("keys_aged", async {
+            each_backend!(self, b, _q, w => w::aged(b.pool(), now, before, limit).await)
+        })
+        .await
     }
 }
 

@@ -256,17 +256,17 @@ macro_rules! each_token_backend {
     };
 }
 
-/// A write in one transaction, committed with `notes` (sent to the other replicas),
-/// which then go to the sink.
+/// A write in one transaction: `$body` returns the value and the notes it made, which
+/// are committed with it (sent to the other replicas) and then go to the sink.
 macro_rules! token_write {
-    ($store:expr, notes = $notes:expr, |$tx:ident, $q:ident| $body:expr) => {{
-        let value = each_token_backend!($store, b, $q => {
+    ($store:expr, |$tx:ident, $q:ident| $body:expr) => {{
+        let (value, notes) = each_token_backend!($store, b, $q => {
             let mut $tx = b.write().await?;
-            let value = $body;
-            b.commit($tx, $notes).await?;
-            value
+            let (value, notes): (_, Vec<ChangeNote>) = $body;
+            b.commit($tx, &notes).await?;
+            (value, notes)
         });
-        $store.published($notes);
+        $store.published(&notes);
         Ok(value)
     }};
 }
@@ -292,7 +292,10 @@ impl Store {
 
     /// Stores a new token and writes `token.create`; every replica reloads its tokens.
     pub(crate) async fn create_token(&self, token: &TokenRecord, actor: &str) -> Result<TokenInfo, StoreError> {
-        token_write!(self, notes = &[ChangeNote::Tokens], |tx, q| q::create(&mut tx, token, actor).await?)
+        self.metered("create_token", async {
+            token_write!(self, |tx, q| (q::create(&mut tx, token, actor).await?, vec![ChangeNote::Tokens]))
+        })
+        .await
     }
 
     /// Revokes a token and writes `token.revoke` (nothing when it was revoked before);
@@ -304,19 +307,24 @@ impl Store {
         at: OffsetDateTime,
         other_admins: usize,
     ) -> Result<Revoked, StoreError> {
-        token_write!(self, notes = &[ChangeNote::Tokens], |tx, q| q::revoke(&mut tx, id, actor, at, other_admins)
-            .await?)
+        self.metered("revoke_token", async {
+            token_write!(self, |tx, q| (
+                q::revoke(&mut tx, id, actor, at, other_admins).await?,
+                vec![ChangeNote::Tokens]
+            ))
+        })
+        .await
     }
 
     /// Every stored token, active ones first and each group oldest first, at most
     /// `limit` (revoked ones included, after every active one).
     pub async fn list_tokens(&self, limit: u32) -> Result<Vec<TokenInfo>, StoreError> {
-        each_token_backend!(self, b, q => q::list(b.pool(), limit).await)
+        self.metered("list_tokens", async { each_token_backend!(self, b, q => q::list(b.pool(), limit).await) }).await
     }
 
     /// The tokens not revoked, with their digests.
     pub(crate) async fn active_tokens(&self) -> Result<Vec<ActiveToken>, StoreError> {
-        each_token_backend!(self, b, q => q::active(b.pool()).await)
+        self.metered("active_tokens", async { each_token_backend!(self, b, q => q::active(b.pool()).await) }).await
     }
 
     /// Writes when tokens were last used (token id, Unix ms), in one transaction.
@@ -324,6 +332,8 @@ impl Store {
         if used.is_empty() {
             return Ok(());
         }
-        token_write!(self, notes = &[], |tx, q| q::touch(&mut tx, used).await?)
+        self.metered("touch_tokens", async { token_write!(self, |tx, q| (q::touch(&mut tx, used).await?, Vec::new())) })
+            .await
     }
 }
+
