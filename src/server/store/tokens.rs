@@ -298,8 +298,8 @@ impl Store {
         .await
     }
 
-    /// Revokes a token and writes `token.revoke` (nothing when it was revoked before);
-    /// every replica reloads its tokens.
+    /// Revokes a token and writes `token.revoke`; every replica reloads its tokens. A
+    /// token revoked before changes nothing: no audit record, no change note.
     pub(crate) async fn revoke_token(
         &self,
         id: &str,
@@ -308,10 +308,14 @@ impl Store {
         other_admins: usize,
     ) -> Result<Revoked, StoreError> {
         self.metered("revoke_token", async {
-            token_write!(self, |tx, q| (
-                q::revoke(&mut tx, id, actor, at, other_admins).await?,
-                vec![ChangeNote::Tokens]
-            ))
+            token_write!(self, |tx, q| {
+                let revoked = q::revoke(&mut tx, id, actor, at, other_admins).await?;
+                let notes = match revoked {
+                    Revoked::Now(_) => vec![ChangeNote::Tokens],
+                    Revoked::Before(_) => Vec::new(),
+                };
+                (revoked, notes)
+            })
         })
         .await
     }
@@ -337,3 +341,34 @@ impl Store {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::server::store::{ChangeSink, SqliteStore, now_ms};
+
+    #[derive(Debug, Default)]
+    struct Recorded(Mutex<Vec<ChangeNote>>);
+
+    impl ChangeSink for Recorded {
+        fn publish(&self, note: &ChangeNote) {
+            self.0.lock().unwrap().push(note.clone());
+        }
+    }
+
+    #[tokio::test]
+    async fn revoking_a_revoked_token_writes_and_publishes_nothing() {
+        let sink = Arc::new(Recorded::default());
+        let store = Store::from(SqliteStore::open("sqlite::memory:").await.unwrap()).reporting_to(sink.clone());
+        let (_, record) = crate::server::token::generate(TokenKind::Service, "fleet", now_ms()).unwrap();
+        store.create_token(&record, "ops").await.unwrap();
+        assert_eq!(*sink.0.lock().unwrap(), [ChangeNote::Tokens]);
+        assert!(matches!(store.revoke_token(&record.id, "ops", now_ms(), 0).await.unwrap(), Revoked::Now(_)));
+        assert_eq!(*sink.0.lock().unwrap(), [ChangeNote::Tokens, ChangeNote::Tokens]);
+        assert!(matches!(store.revoke_token(&record.id, "ops", now_ms(), 0).await.unwrap(), Revoked::Before(_)));
+        assert_eq!(sink.0.lock().unwrap().len(), 2, "the second revoke changed nothing and said nothing");
+        let audit = store.audit(None, 100).await.unwrap();
+        assert_eq!(audit.iter().filter(|r| r.action == action::TOKEN_REVOKE).count(), 1);
+    }
+}
