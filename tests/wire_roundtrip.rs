@@ -150,8 +150,24 @@ async fn error_bodies_parse_with_the_client_types() {
     assert_eq!(body.error, "payload_too_large");
     let body = rig.error(rig.http.get(rig.url("/v1/nowhere")).bearer_auth(SERVICE), StatusCode::NOT_FOUND).await;
     assert_eq!(body.error, "not_found");
-    let body = rig.error(rig.http.delete(&verify).bearer_auth(SERVICE), StatusCode::BAD_REQUEST).await;
+    let body = rig.error(rig.http.delete(&verify).bearer_auth(SERVICE), StatusCode::METHOD_NOT_ALLOWED).await;
     assert_eq!(body.error, "method_not_allowed");
+    // 405 names what the route does accept (RFC 9110 15.5.6).
+    for (method, path, allowed) in [
+        (reqwest::Method::DELETE, "/v1/keys/verify", &["POST"][..]),
+        (reqwest::Method::PUT, "/v1/keys", &["GET", "POST"]),
+        (reqwest::Method::POST, "/v1/keys/key_x", &["GET", "PATCH"]),
+    ] {
+        let res = rig.http.request(method.clone(), rig.url(path)).bearer_auth(ADMIN).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        let allow = res.headers().get("allow").unwrap_or_else(|| panic!("{method} {path}: no Allow header"));
+        let mut listed: Vec<&str> = allow.to_str().unwrap().split(',').map(str::trim).collect();
+        listed.retain(|m| *m != "HEAD");
+        listed.sort_unstable();
+        assert_eq!(listed, allowed, "{method} {path}");
+        let body: serde_json::Value = res.json().await.unwrap();
+        assert_eq!(body["error"], "method_not_allowed");
+    }
     let body =
         rig.error(rig.http.post(rig.url("/v1/keys")).bearer_auth(ADMIN).body("{"), StatusCode::BAD_REQUEST).await;
     assert_eq!(body.error, "invalid_json");

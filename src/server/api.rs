@@ -82,9 +82,8 @@ pub fn router(state: ServerState) -> Router {
         // Webhooks: endpoints and their delivery log (see the `webhook_api` module).
         .merge(webhook_api::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .method_not_allowed_fallback(|| async {
-            ApiError::invalid("method_not_allowed", "this route does not accept that method")
-        })
+        // axum sets `Allow` (the route's methods) on what this answers.
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Metrics: every request by route template and status class (a no-op when off).
         .layer(axum::middleware::from_fn_with_state(state.clone(), super::metrics::track))
         .with_state(state)

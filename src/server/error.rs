@@ -27,6 +27,10 @@ pub enum ApiError {
     /// 409: the request conflicts with the key's state (for example, it is revoked).
     #[error("{0}")]
     Conflict(String),
+    /// 405: the route exists but does not accept the method; axum adds `Allow` with the
+    /// route's methods.
+    #[error("this route does not accept that method; `Allow` lists the ones it does")]
+    MethodNotAllowed,
     /// 413: the body is larger than the route accepts.
     #[error("the request body is larger than {0} bytes")]
     TooLarge(usize),
@@ -51,6 +55,7 @@ impl ApiError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -64,6 +69,7 @@ impl ApiError {
             Self::Unauthorized(_) => "unauthorized",
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
+            Self::MethodNotAllowed => "method_not_allowed",
             Self::TooLarge(_) => "payload_too_large",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
