@@ -20,8 +20,10 @@ pub(crate) fn validate_text(field: &str, value: &str) -> Result<(), ApiError> {
 }
 
 /// Refuses the characters that make a text read differently from what it is: controls,
-/// invisible characters and bidirectional overrides and isolates. An owner shown as
-/// `admin` in a table must be `admin`. The position counts characters from 0.
+/// line and paragraph separators, bidirectional overrides, isolates and marks, and the
+/// default-ignorable code points of Unicode (drawn as nothing: zero-width characters,
+/// fillers, variation selectors, tag characters). An owner shown as `admin` in a table
+/// must be `admin`. The position counts characters from 0.
 pub(crate) fn refuse_hidden_chars(field: &str, value: &str) -> Result<(), ApiError> {
     for (i, c) in value.chars().enumerate() {
         if let Some(what) = hidden_char(c) {
@@ -51,10 +53,27 @@ fn hidden_char(c: char) -> Option<&'static str> {
         '\u{200D}' => "zero width joiner",
         '\u{200E}' => "left-to-right mark",
         '\u{200F}' => "right-to-left mark",
+        '\u{061C}' => "arabic letter mark",
+        '\u{2028}' => "line separator",
+        '\u{2029}' => "paragraph separator",
         '\u{2060}' => "word joiner",
         '\u{2061}'..='\u{2064}' => "invisible operator",
+        '\u{2065}' => "default ignorable (reserved)",
+        '\u{206A}'..='\u{206F}' => "deprecated format character",
         '\u{FEFF}' => "zero width no-break space",
         '\u{00AD}' => "soft hyphen",
+        '\u{034F}' => "combining grapheme joiner",
+        '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' => "hangul filler",
+        '\u{17B4}' | '\u{17B5}' => "khmer inherent vowel",
+        '\u{180B}'..='\u{180D}' | '\u{180F}' => "mongolian free variation selector",
+        '\u{180E}' => "mongolian vowel separator",
+        '\u{FE00}'..='\u{FE0F}' | '\u{E0100}'..='\u{E01EF}' => "variation selector",
+        '\u{FFF0}'..='\u{FFF8}' => "default ignorable (reserved)",
+        '\u{FFF9}'..='\u{FFFB}' => "interlinear annotation",
+        '\u{1BCA0}'..='\u{1BCA3}' => "shorthand format control",
+        '\u{1D173}'..='\u{1D17A}' => "musical symbol format character",
+        '\u{E0000}'..='\u{E007F}' => "tag character",
+        '\u{E0080}'..='\u{E00FF}' | '\u{E01F0}'..='\u{E0FFF}' => "default ignorable (reserved)",
         c if c.is_control() => "control character",
         _ => return None,
     })
@@ -179,5 +198,48 @@ mod tests {
         }
         let err = validate_meta(&serde_json::json!({ "tags": ["ok", "x\u{202d}"] })).unwrap_err();
         assert!(err.to_string().starts_with("meta.tags[1]: U+202D"), "{err}");
+    }
+
+    #[test]
+    fn separators_fillers_variation_selectors_and_tags_are_refused() {
+        let named = [
+            ('\u{2028}', "line separator"),
+            ('\u{2029}', "paragraph separator"),
+            ('\u{E0001}', "tag character"),
+            ('\u{E0041}', "tag character"),
+            ('\u{E007F}', "tag character"),
+            ('\u{FE00}', "variation selector"),
+            ('\u{FE0F}', "variation selector"),
+            ('\u{E0100}', "variation selector"),
+            ('\u{E01EF}', "variation selector"),
+            ('\u{180E}', "mongolian vowel separator"),
+            ('\u{180B}', "mongolian free variation selector"),
+            ('\u{2060}', "word joiner"),
+            ('\u{2064}', "invisible operator"),
+            ('\u{FEFF}', "zero width no-break space"),
+            ('\u{00AD}', "soft hyphen"),
+            ('\u{034F}', "combining grapheme joiner"),
+            ('\u{115F}', "hangul filler"),
+            ('\u{1160}', "hangul filler"),
+            ('\u{3164}', "hangul filler"),
+            ('\u{FFA0}', "hangul filler"),
+            ('\u{061C}', "arabic letter mark"),
+            ('\u{17B4}', "khmer inherent vowel"),
+            ('\u{206F}', "deprecated format character"),
+            ('\u{1D173}', "musical symbol format character"),
+            ('\u{1BCA0}', "shorthand format control"),
+        ];
+        for (c, what) in named {
+            let err = validate_text("owner", &format!("ab{c}")).unwrap_err();
+            assert_eq!(err.to_string(), format!("owner: U+{:04X} ({what}) at char 2 is not allowed", c as u32));
+        }
+        // A flag emoji spelled with tag characters hides text inside a visible glyph.
+        assert!(validate_text("name", "\u{1F3F4}\u{E0067}\u{E0062}\u{E007F}").is_err());
+        // Their neighbours stay allowed: visible letters, symbols and combining marks.
+        for ok in ["\u{1F3F4}", "e\u{0301}", "\u{FB01}", "\u{1D172}", "\u{FFFC}", "\u{2027}", "\u{3165}", "\u{FFA1}"] {
+            validate_text("owner", ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        let err = validate_meta(&serde_json::json!({ "team\u{2028}": "x" })).unwrap_err();
+        assert!(err.to_string().contains("U+2028 (line separator)"), "{err}");
     }
 }
