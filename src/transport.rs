@@ -16,20 +16,34 @@ pub(crate) struct ClientOptions {
     pub(crate) tcp_keepalive: Option<Duration>,
 }
 
+/// How long a pooled connection may sit idle before the client drops it: well below
+/// the key service's 10 s header-read timeout, which also closes idle keep-alive
+/// connections. A connection the server is closing can otherwise be picked for the
+/// next request: hyper resends a request only when the connection failed before any
+/// of it was written, so a close racing the write fails the request (a verify call
+/// answered 503, a usage batch retried). Webhook receivers' servers commonly close
+/// idle connections after 5 s or more as well.
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A reqwest client on rustls that never follows a redirect: a key-service address
 /// answering 3xx must not be able to send the request (and the service token) to
 /// another host, nor have that host's answer trusted.
 pub(crate) fn http_client(options: ClientOptions) -> Result<reqwest::Client, reqwest::Error> {
+    http_client_builder(options).build()
+}
+
+/// The builder of [`http_client`], for a client that needs more (its own resolver).
+pub(crate) fn http_client_builder(options: ClientOptions) -> reqwest::ClientBuilder {
     let mut builder = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(options.connect_timeout)
-        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
         .tcp_keepalive(options.tcp_keepalive)
         .user_agent(concat!("keygate/", env!("CARGO_PKG_VERSION")));
     if let Some(timeout) = options.timeout {
         builder = builder.timeout(timeout);
     }
-    builder.build()
+    builder
 }
 
 /// Why an answer could not be read.

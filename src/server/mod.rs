@@ -288,6 +288,10 @@ pub const DEFAULT_KEY_PREFIX: &str = "kg";
 /// Default time a connection has to send a request's headers (also the longest an idle
 /// keep-alive connection stays open).
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+// keygate's clients drop a pooled connection before the key service closes it idle
+// (see `transport::POOL_IDLE_TIMEOUT`): fails to build if the two cross.
+const _: () = assert!(crate::transport::POOL_IDLE_TIMEOUT.as_millis() < DEFAULT_HEADER_READ_TIMEOUT.as_millis());
 /// Default longest wait for the next piece of a request body.
 pub const DEFAULT_REQUEST_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The environment whose keys get their own prefix by default, and that prefix: a test
