@@ -347,3 +347,38 @@ async fn the_cli_adds_lists_reads_the_log_of_and_removes_endpoints() {
     let (ok, _, err) = run(&["remove", &id]).await;
     assert!(!ok && err.contains("no webhook"), "{err}");
 }
+
+/// The endpoint cap holds when many are added at once, through two replicas on
+/// PostgreSQL (where each transaction would otherwise count only what committed before
+/// it) and on SQLite.
+async fn the_cap_holds_under_concurrent_adds(db: TestDb) {
+    let config = |b: KeyServer| b.webhooks(WebhookConfig { enabled: false, ..fast() });
+    let one = TestServer::start_on(db.clone(), config).await;
+    let two = TestServer::start_on(db.clone(), config).await;
+    let url = "https://hooks.example.com/keygate";
+    for _ in 0..995 {
+        one.admin.create_webhook(url, ["key.created"], None).await.unwrap();
+    }
+    let adds = (0..20).map(|i| {
+        let t = if i % 2 == 0 { &one } else { &two };
+        async move { t.admin.create_webhook(url, ["key.created"], None).await }
+    });
+    let results = futures_util::future::join_all(adds).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 5, "exactly up to the cap of 1 000");
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(r.to_string().contains("at most 1000 webhook endpoints"), "{r}");
+    }
+    assert_eq!(one.admin.list_webhooks().await.unwrap().len(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_cap_holds_under_concurrent_adds_on_sqlite() {
+    the_cap_holds_under_concurrent_adds(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_cap_holds_under_concurrent_adds_on_postgres() {
+    let Some(db) = TestDb::postgres().await else { return };
+    the_cap_holds_under_concurrent_adds(db).await;
+}

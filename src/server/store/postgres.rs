@@ -23,7 +23,12 @@ super::queries::shared_queries!(
     name_lock = super::xact_lock,
     skip_locked = " FOR UPDATE SKIP LOCKED"
 );
-super::webhooks::webhook_queries!(sqlx::Postgres, row_lock = " FOR UPDATE", skip_locked = " FOR UPDATE SKIP LOCKED");
+super::webhooks::webhook_queries!(
+    sqlx::Postgres,
+    row_lock = " FOR UPDATE",
+    name_lock = super::xact_lock,
+    skip_locked = " FOR UPDATE SKIP LOCKED"
+);
 
 // Tokens (issue 14).
 super::token_queries!(sqlx::Postgres, name_lock = super::xact_lock);

@@ -20,7 +20,7 @@ use crate::server::events::ChangeNote;
 // SQLite has no row locks; a write transaction (`BEGIN IMMEDIATE`) already holds the
 // database's write lock.
 super::queries::shared_queries!(sqlx::Sqlite, row_lock = "", name_lock = super::no_lock, skip_locked = "");
-super::webhooks::webhook_queries!(sqlx::Sqlite, row_lock = "", skip_locked = "");
+super::webhooks::webhook_queries!(sqlx::Sqlite, row_lock = "", name_lock = super::no_lock, skip_locked = "");
 
 // Tokens (issue 14).
 super::token_queries!(sqlx::Sqlite, name_lock = super::no_lock);

@@ -146,10 +146,14 @@ pub(crate) fn endpoint_from_row(row: &impl Get) -> Result<WebhookEndpoint, Store
     })
 }
 
+/// Advisory lock namespace of adding webhook endpoints (first key of the two-key form).
+pub(crate) const LOCK_WEBHOOK_ENDPOINTS: i32 = 0x6b67_0005;
+
 /// Defines the module `webhook_sql`, in the module that invokes it, for the
-/// `sqlx::Database` given; `row_lock` and `skip_locked` as for `shared_queries!`.
+/// `sqlx::Database` given; `row_lock`, `name_lock` and `skip_locked` as for
+/// `shared_queries!`.
 macro_rules! webhook_queries {
-    ($db:ty, row_lock = $row_lock:literal, skip_locked = $skip_locked:literal) => {
+    ($db:ty, row_lock = $row_lock:literal, name_lock = $name_lock:path, skip_locked = $skip_locked:literal) => {
         pub(crate) mod webhook_sql {
             use ::serde_json::{Value, json};
             use ::sqlx::Executor;
@@ -158,8 +162,8 @@ macro_rules! webhook_queries {
             use $crate::server::model::KeyInfo;
             use $crate::server::store::rows::{KEY_COLUMNS, key_from_row};
             use $crate::server::store::webhooks::{
-                Attempt, AttemptNext, Claimed, DELIVERY_COLUMNS, ENDPOINT_COLUMNS, NewEndpoint, Target,
-                WebhookDelivery, WebhookEndpoint, WebhookEvent, delivery_from_row, endpoint_from_row, wants,
+                Attempt, AttemptNext, Claimed, DELIVERY_COLUMNS, ENDPOINT_COLUMNS, LOCK_WEBHOOK_ENDPOINTS, NewEndpoint,
+                Target, WebhookDelivery, WebhookEndpoint, WebhookEvent, delivery_from_row, endpoint_from_row, wants,
             };
             use $crate::server::store::{StoreError, from_ms, parse_json_list, to_ms};
 
@@ -185,6 +189,10 @@ macro_rules! webhook_queries {
             ) -> Result<WebhookEndpoint, StoreError> {
                 // Every key change writes one outbox row per endpoint in its own
                 // transaction: the count of endpoints bounds what a revocation costs.
+                // Counted under a lock every adding transaction takes first, so that
+                // two adding at once (on PostgreSQL, where each would count the rows
+                // committed before it) cannot both pass at the cap.
+                $name_lock(&mut *conn, LOCK_WEBHOOK_ENDPOINTS, "webhook_endpoints").await?;
                 let endpoints: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_endpoints")
                     .fetch_one(&mut *conn)
                     .await?;
