@@ -58,6 +58,8 @@ async fn every_event_arrives_signed_and_exactly_once_despite_500s() {
     t.admin.update_key(&b.info.key_id, &enable).await.unwrap();
     let rename = KeyPatch { name: Some("renamed".into()), ..KeyPatch::default() };
     t.admin.update_key(&b.info.key_id, &rename).await.unwrap();
+    // The same name again changes nothing: no second `key.updated`.
+    t.admin.update_key(&b.info.key_id, &rename).await.unwrap();
     t.admin.revoke(&a.info.key_id).await.unwrap();
     // A first network raises nothing; a second one is a `new_network` alert.
     assert_eq!(t.post_usage(&seen_from(&b.info.key_id, &["203.0.113.0/24"])).await.0, 202);
@@ -69,6 +71,7 @@ async fn every_event_arrives_signed_and_exactly_once_despite_500s() {
         ("key.rotated", &a.info.key_id),
         ("key.disabled", &b.info.key_id),
         ("key.enabled", &b.info.key_id),
+        ("key.updated", &b.info.key_id),
         ("key.revoked", &a.info.key_id),
         ("alert.new_network", &b.info.key_id),
     ];
@@ -112,6 +115,8 @@ async fn every_event_arrives_signed_and_exactly_once_despite_500s() {
     });
     let alert = receiver.with(|s| s.delivered.iter().find(|e| e["type"] == "alert.new_network").cloned()).unwrap();
     assert_eq!(alert["data"]["kind"], "new_network");
+    let updated = receiver.with(|s| s.delivered.iter().find(|e| e["type"] == "key.updated").cloned()).unwrap();
+    assert_eq!((updated["data"]["name"].as_str(), &updated["data"]["changed"]), (Some("renamed"), &json!(["name"])));
 
     // The delivery log: every delivery delivered on its third attempt, newest first.
     let page = t.admin.webhook_deliveries(&hook.endpoint.id, None, None).await.unwrap();
@@ -346,6 +351,56 @@ async fn the_cli_adds_lists_reads_the_log_of_and_removes_endpoints() {
     assert!(ok);
     let (ok, _, err) = run(&["remove", &id]).await;
     assert!(!ok && err.contains("no webhook"), "{err}");
+}
+
+#[tokio::test]
+async fn a_patch_sends_key_updated_naming_what_changed_and_only_when_something_did() {
+    let receiver = Receiver::start(0).await;
+    let t = TestServer::start_on(TestDb::sqlite(), |b| b.webhooks(fast())).await;
+    t.admin.put_role("ops", ["deploy:run"]).await.unwrap();
+    let hook = t.admin.create_webhook(&receiver.url(), ["key.updated", "key.disabled"], None).await.unwrap();
+    receiver.set_secret(&hook.secret);
+    let k = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    let id = &k.info.key_id;
+    let patches = [
+        KeyPatch { scopes: Some(vec!["reports:read".into(), "reports:write".into()]), ..KeyPatch::default() },
+        KeyPatch { roles: Some(vec!["ops".into()]), ..KeyPatch::default() },
+        KeyPatch {
+            expires_at: Some(Some(time::OffsetDateTime::now_utc() + time::Duration::days(30))),
+            ..KeyPatch::default()
+        },
+        KeyPatch { meta: Some(json!({ "team": "billing" })), ..KeyPatch::default() },
+        KeyPatch { ratelimit: Some(Some(keygate::RateLimit { limit: 100, period_s: 60 })), ..KeyPatch::default() },
+        // Two fields at once, and a disable beside them: `key.disabled` and one `key.updated`.
+        KeyPatch { name: Some("two".into()), meta: Some(json!({})), disabled: Some(true), ..KeyPatch::default() },
+        // The same values again: nothing changes, nothing is sent.
+        KeyPatch { name: Some("two".into()), meta: Some(json!({})), ..KeyPatch::default() },
+        KeyPatch { ratelimit: Some(Some(keygate::RateLimit { limit: 100, period_s: 60 })), ..KeyPatch::default() },
+    ];
+    for p in &patches {
+        t.admin.update_key(id, p).await.unwrap();
+    }
+    assert!(eventually(DEADLINE, || async { receiver.delivered().len() >= 7 }).await, "{:?}", receiver.delivered());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got: Vec<(String, Value)> = receiver.with(|s| {
+        s.delivered.iter().map(|e| (e["type"].as_str().unwrap().to_owned(), e["data"]["changed"].clone())).collect()
+    });
+    let mut want: Vec<(String, Value)> = [
+        ("key.updated", json!(["scopes"])),
+        ("key.updated", json!(["roles"])),
+        ("key.updated", json!(["expires_at"])),
+        ("key.updated", json!(["meta"])),
+        ("key.updated", json!(["ratelimit"])),
+        ("key.disabled", Value::Null),
+        ("key.updated", json!(["name", "meta"])),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut got_sorted = got.clone();
+    got_sorted.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.to_string().cmp(&b.1.to_string())));
+    want.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.to_string().cmp(&b.1.to_string())));
+    assert_eq!(got_sorted, want, "in order of sending: {got:?}");
 }
 
 /// The endpoint cap holds when many are added at once, through two replicas on

@@ -111,11 +111,22 @@
 //! [`MAX_DELIVERIES_PAGE`]) manage them. URLs: `http` or `https`, no credentials, at
 //! most [`MAX_WEBHOOK_URL_LEN`] bytes. Adding and removing are audited.
 //!
-//! The events are `key.created`, `key.rotated`, `key.revoked`, `key.disabled`,
-//! `key.enabled`, `key.expiring`, `key.expired` (by the rotation policy) and
-//! `alert.<kind>` for every other alert, as JSON
-//! `{"id", "type", "created_at", "data"}` with no key material. Each is written to an
-//! outbox in the transaction of its change (one row per endpoint that wants it) and
+//! The events, as JSON `{"id", "type", "created_at", "data"}` with no key material
+//! (`data`: the key's id, owner, name, environment, scopes, roles, expiry, state and
+//! the `actor`, or the alert):
+//!
+//! | type | when |
+//! | --- | --- |
+//! | `key.created` | a key was created |
+//! | `key.updated` | a patch changed its name, scopes, roles, expiry, meta or rate limit; `data.changed` lists which (`name`, `scopes`, `roles`, `expires_at`, `meta`, `ratelimit`). A patch that changes nothing sends nothing |
+//! | `key.disabled`, `key.enabled` | a patch changed `disabled` (beside `key.updated` when it changed more) |
+//! | `key.rotated` | a new secret; `data.previous_expires_at` ends the old one |
+//! | `key.revoked` | revoked (once) |
+//! | `key.expiring` | the key expires within [`AlertConfig::expiring_within`] (once per expiry) |
+//! | `key.expired` | the rotation policy expired it |
+//! | `alert.<kind>` | every other alert (`alert.denial_spike`, `alert.rate_spike`, `alert.new_network`, `alert.key_max_age`) |
+//!
+//! Each event is written to an outbox in the transaction of its change (one row per endpoint that wants it) and
 //! delivered by a background worker, signed ([`SIGNATURE_HEADER`], with a verification
 //! snippet), retried with backoff, bounded per endpoint and never redirected: see
 //! [`WebhookConfig`]. Expiring-soon alerts are [`AlertConfig::expiring_within`]; the

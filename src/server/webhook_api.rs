@@ -24,8 +24,16 @@ const MAX_WEBHOOK_EVENTS: usize = 32;
 /// Most deliveries one `GET /v1/webhooks/{id}/deliveries` answer holds.
 pub const MAX_DELIVERIES_PAGE: u32 = 500;
 /// The key lifecycle event types.
-const KEY_EVENTS: [&str; 7] =
-    ["key.created", "key.rotated", "key.revoked", "key.disabled", "key.enabled", "key.expiring", "key.expired"];
+const KEY_EVENTS: [&str; 8] = [
+    "key.created",
+    "key.updated",
+    "key.rotated",
+    "key.revoked",
+    "key.disabled",
+    "key.enabled",
+    "key.expiring",
+    "key.expired",
+];
 const ALERT_KINDS: [AlertKind; 4] =
     [AlertKind::DenialSpike, AlertKind::RateSpike, AlertKind::NewNetwork, AlertKind::KeyMaxAge];
 

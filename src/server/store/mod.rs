@@ -439,12 +439,14 @@ impl Store {
     ) -> Result<KeyInfo, StoreError> {
         self.metered("change_key", async {
             write_tx!(self, |tx, q, w| {
-                let disabled_before = match &change {
-                    KeyChange::Update(patch) if patch.disabled.is_some() => w::key_disabled(&mut tx, key_id).await?,
+                // Under the row lock: of two patches at once, the second sees the first's
+                // result, so each change is one event.
+                let before = match &change {
+                    KeyChange::Update(_) => q::key_locked(&mut tx, key_id).await?,
                     _ => None,
                 };
                 let key = q::change_key(&mut tx, key_id, &change, actor, at).await?;
-                let events = webhook_events_of(&change, &key, disabled_before, actor, at)?;
+                let events = webhook_events_of(&change, &key, before.as_ref(), actor, at)?;
                 w::enqueue(&mut tx, &events, self.webhook_queue).await?;
                 let note = ChangeNote::Key(change.event(), key.key_id.clone());
                 (key, vec![note])
@@ -879,29 +881,42 @@ fn key_event_data(k: &KeyInfo, actor: &str) -> Value {
 fn webhook_events_of(
     change: &KeyChange<'_>,
     key: &KeyInfo,
-    disabled_before: Option<bool>,
+    before: Option<&KeyInfo>,
     actor: &str,
     at: OffsetDateTime,
 ) -> Result<Vec<WebhookEvent>, StoreError> {
     let mut data = key_event_data(key, actor);
-    let kind = match change {
+    match change {
         KeyChange::Rotate { grace_until, .. } => {
             data["previous_expires_at"] = json!(rfc3339(*grace_until));
-            "key.rotated"
+            Ok(vec![WebhookEvent::new("key.rotated", at, data)?])
         }
-        KeyChange::Revoke => "key.revoked",
-        KeyChange::Update(_) => match disabled_before {
-            Some(before) if before != key.disabled => {
-                if key.disabled {
-                    "key.disabled"
-                } else {
-                    "key.enabled"
-                }
+        KeyChange::Revoke => Ok(vec![WebhookEvent::new("key.revoked", at, data)?]),
+        KeyChange::Update(_) => {
+            let Some(before) = before else { return Ok(Vec::new()) };
+            let mut events = Vec::new();
+            if before.disabled != key.disabled {
+                let kind = if key.disabled { "key.disabled" } else { "key.enabled" };
+                events.push(WebhookEvent::new(kind, at, data.clone())?);
             }
-            _ => return Ok(Vec::new()),
-        },
-    };
-    Ok(vec![WebhookEvent::new(kind, at, data)?])
+            let changed: Vec<&str> = [
+                ("name", before.name != key.name),
+                ("scopes", before.scopes != key.scopes),
+                ("roles", before.roles != key.roles),
+                ("expires_at", before.expires_at != key.expires_at),
+                ("meta", before.meta != key.meta),
+                ("ratelimit", before.ratelimit != key.ratelimit),
+            ]
+            .into_iter()
+            .filter_map(|(field, differs)| differs.then_some(field))
+            .collect();
+            if !changed.is_empty() {
+                data["changed"] = json!(changed);
+                events.push(WebhookEvent::new("key.updated", at, data)?);
+            }
+            Ok(events)
+        }
+    }
 }
 
 /// An alert's webhook event type: `key.expiring` for a key about to expire,

@@ -60,6 +60,11 @@ macro_rules! shared_queries {
                 row.as_ref().map(key_from_row).transpose()
             }
 
+            /// A key as it is now, holding its row lock until the transaction ends.
+            pub(crate) async fn key_locked(conn: &mut Conn, key_id: &str) -> Result<Option<KeyInfo>, StoreError> {
+                select_key(conn, key_id, $row_lock).await
+            }
+
             async fn load_key(conn: &mut Conn, key_id: &str, lock: &str) -> Result<KeyInfo, StoreError> {
                 select_key(conn, key_id, lock)
                     .await?

@@ -467,15 +467,6 @@ macro_rules! webhook_queries {
 
             /// Whether the key is disabled now, holding its row lock until the
             /// transaction ends (so that the change that follows knows what it changed).
-            pub(crate) async fn key_disabled(conn: &mut Conn, key_id: &str) -> Result<Option<bool>, StoreError> {
-                let row = sqlx::query(concat!("SELECT k.disabled FROM keys k WHERE k.key_id = $1", $row_lock))
-                    .bind(key_id)
-                    .fetch_optional(&mut *conn)
-                    .await?;
-                use ::sqlx::Row;
-                row.map(|r| r.try_get::<bool, _>("disabled")).transpose().map_err(StoreError::from)
-            }
-
             // ---- the key sweep
 
             /// A key's expiry now, holding its row lock until the transaction ends;
