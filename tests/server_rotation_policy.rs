@@ -31,7 +31,7 @@ fn expiring_in(owner: &str, d: Duration) -> NewKey {
 async fn a_key_expiring_within_the_window_alerts_once_and_one_outside_never() {
     let receiver = Receiver::start(0).await;
     let t = TestServer::start_on(TestDb::sqlite(), |b| {
-        b.alerts(fast_sweep(Duration::from_secs(3600))).webhooks(fast_webhooks())
+        b.alerts(fast_sweep(Duration::from_secs(3600))).webhooks(fast_webhooks()).allow_internal_webhooks(true)
     })
     .await;
     let hook = t.admin.create_webhook(&receiver.url(), ["key.expiring"], None).await.unwrap();
@@ -75,7 +75,10 @@ async fn the_rotation_policy_alerts_and_expires_keys_after_the_grace() {
         .expire_after(Duration::from_secs(1));
     let receiver = Receiver::start(0).await;
     let t = TestServer::start_on(TestDb::sqlite(), |b| {
-        b.alerts(fast_sweep(Duration::ZERO)).rotation_policy(policy).webhooks(fast_webhooks())
+        b.alerts(fast_sweep(Duration::ZERO))
+            .rotation_policy(policy)
+            .webhooks(fast_webhooks())
+            .allow_internal_webhooks(true)
     })
     .await;
     let hook = t.admin.create_webhook(&receiver.url(), ["key.expired", "alert.key_max_age"], None).await.unwrap();

@@ -42,7 +42,7 @@ fn seen_from(key: &str, networks: &[&str]) -> AggregateBatch {
 #[tokio::test]
 async fn every_event_arrives_signed_and_exactly_once_despite_500s() {
     let receiver = Receiver::start(2).await;
-    let t = TestServer::start_on(TestDb::sqlite(), |b| b.webhooks(fast())).await;
+    let t = TestServer::start_on(TestDb::sqlite(), |b| b.allow_internal_webhooks(true).webhooks(fast())).await;
     let hook = t.admin.create_webhook(&receiver.url(), Vec::<String>::new(), Some("all events")).await.unwrap();
     assert!(hook.secret.starts_with("whsec_"));
     receiver.set_secret(&hook.secret);
@@ -163,7 +163,10 @@ async fn a_redirect_is_a_failed_attempt_and_never_followed() {
     let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, redirector).await.unwrap() });
 
-    let t = TestServer::start_on(TestDb::sqlite(), |b| b.webhooks(WebhookConfig { max_attempts: 3, ..fast() })).await;
+    let t = TestServer::start_on(TestDb::sqlite(), |b| {
+        b.allow_internal_webhooks(true).webhooks(WebhookConfig { max_attempts: 3, ..fast() })
+    })
+    .await;
     let hook = t.admin.create_webhook(&hook_url, ["key.created"], None).await.unwrap();
     t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
 
@@ -185,7 +188,7 @@ async fn a_redirect_is_a_failed_attempt_and_never_followed() {
 #[tokio::test]
 async fn endpoints_are_validated_listed_filtered_audited_and_removed() {
     let receiver = Receiver::start(0).await;
-    let t = TestServer::start_on(TestDb::sqlite(), |b| b.webhooks(fast())).await;
+    let t = TestServer::start_on(TestDb::sqlite(), |b| b.allow_internal_webhooks(true).webhooks(fast())).await;
     let post = |body: Value| {
         let req = t.http.post(t.url("/v1/webhooks")).bearer_auth(ADMIN).json(&body);
         async move {
@@ -254,7 +257,7 @@ async fn endpoints_are_validated_listed_filtered_audited_and_removed() {
 async fn a_full_queue_drops_the_oldest_and_counts_them() {
     // Nothing is delivered (delivery off): the queue only grows.
     let config = WebhookConfig { enabled: false, max_pending: 3, ..fast() };
-    let t = TestServer::start_on(TestDb::sqlite(), |b| b.webhooks(config)).await;
+    let t = TestServer::start_on(TestDb::sqlite(), |b| b.allow_internal_webhooks(true).webhooks(config)).await;
     let hook = t.admin.create_webhook("http://127.0.0.1:9/never", ["key.created"], None).await.unwrap();
     for i in 0..5 {
         t.admin.create_key(new_key(&format!("owner{i}"), &["reports:read"])).await.unwrap();
@@ -273,9 +276,10 @@ async fn queued_deliveries_survive_a_restart() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let receiver = Receiver::start(0).await;
     // First run: delivery off, so the events stay in the outbox on disk.
-    let first =
-        TestServer::start_on(TestDb::Sqlite(dir.clone()), |b| b.webhooks(WebhookConfig { enabled: false, ..fast() }))
-            .await;
+    let first = TestServer::start_on(TestDb::Sqlite(dir.clone()), |b| {
+        b.allow_internal_webhooks(true).webhooks(WebhookConfig { enabled: false, ..fast() })
+    })
+    .await;
     let hook = first.admin.create_webhook(&receiver.url(), Vec::<String>::new(), None).await.unwrap();
     receiver.set_secret(&hook.secret);
     let key = first.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
@@ -283,7 +287,8 @@ async fn queued_deliveries_survive_a_restart() {
     first.server.shutdown().await;
     assert!(receiver.delivered().is_empty());
 
-    let second = TestServer::start_on(TestDb::Sqlite(dir.clone()), |b| b.webhooks(fast())).await;
+    let second =
+        TestServer::start_on(TestDb::Sqlite(dir.clone()), |b| b.allow_internal_webhooks(true).webhooks(fast())).await;
     assert!(eventually(DEADLINE, || async { receiver.delivered().len() >= 2 }).await);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let got: Vec<String> = receiver.delivered().into_iter().map(|(_, kind)| kind).collect();
@@ -296,8 +301,8 @@ async fn queued_deliveries_survive_a_restart() {
 async fn postgres_replicas_deliver_each_event_once() {
     let Some(db) = TestDb::postgres().await else { return };
     let receiver = Receiver::start(1).await;
-    let one = TestServer::start_on(db.clone(), |b| b.webhooks(fast())).await;
-    let two = TestServer::start_on(db.clone(), |b: KeyServer| b.webhooks(fast())).await;
+    let one = TestServer::start_on(db.clone(), |b| b.allow_internal_webhooks(true).webhooks(fast())).await;
+    let two = TestServer::start_on(db.clone(), |b: KeyServer| b.allow_internal_webhooks(true).webhooks(fast())).await;
     let hook = one.admin.create_webhook(&receiver.url(), ["key.created"], None).await.unwrap();
     receiver.set_secret(&hook.secret);
     let n = 30;
@@ -320,7 +325,7 @@ async fn postgres_replicas_deliver_each_event_once() {
 #[tokio::test]
 async fn the_cli_adds_lists_reads_the_log_of_and_removes_endpoints() {
     let receiver = Receiver::start(0).await;
-    let t = TestServer::start_on(TestDb::sqlite(), |b| b.webhooks(fast())).await;
+    let t = TestServer::start_on(TestDb::sqlite(), |b| b.allow_internal_webhooks(true).webhooks(fast())).await;
     let run = |args: &[&str]| {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate-server"));
         cmd.arg("webhooks").args(args).args(["--url", &t.server.url()]).env("KEYGATE_ADMIN_TOKEN", ADMIN);
@@ -356,7 +361,7 @@ async fn the_cli_adds_lists_reads_the_log_of_and_removes_endpoints() {
 #[tokio::test]
 async fn a_patch_sends_key_updated_naming_what_changed_and_only_when_something_did() {
     let receiver = Receiver::start(0).await;
-    let t = TestServer::start_on(TestDb::sqlite(), |b| b.webhooks(fast())).await;
+    let t = TestServer::start_on(TestDb::sqlite(), |b| b.allow_internal_webhooks(true).webhooks(fast())).await;
     t.admin.put_role("ops", ["deploy:run"]).await.unwrap();
     let hook = t.admin.create_webhook(&receiver.url(), ["key.updated", "key.disabled"], None).await.unwrap();
     receiver.set_secret(&hook.secret);
@@ -401,6 +406,81 @@ async fn a_patch_sends_key_updated_naming_what_changed_and_only_when_something_d
     got_sorted.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.to_string().cmp(&b.1.to_string())));
     want.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.to_string().cmp(&b.1.to_string())));
     assert_eq!(got_sorted, want, "in order of sending: {got:?}");
+}
+
+#[tokio::test]
+async fn urls_on_internal_addresses_are_refused_unless_allowed() {
+    let t = TestServer::start_on(TestDb::sqlite(), |b| b.webhooks(WebhookConfig { enabled: false, ..fast() })).await;
+    let post = |url: &str| {
+        let req = t.http.post(t.url("/v1/webhooks")).bearer_auth(ADMIN).json(&json!({ "url": url }));
+        async move {
+            let res = req.send().await.unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    for url in [
+        "http://127.0.0.1:9/hook",
+        "http://127.9.9.9/",
+        "http://[::1]:8080/hook",
+        "http://10.1.2.3/",
+        "http://172.16.0.1/",
+        "http://192.168.1.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://0.0.0.0:7700/",
+        "http://100.64.0.1/",
+        "http://[fe80::1]/",
+        "http://[fd12:3456::1]/",
+        "http://[::ffff:10.0.0.1]/",
+        "http://[::]/",
+        // Spellings the URL parser turns into 127.0.0.1.
+        "http://2130706433/",
+        "http://0x7f.1/",
+        "http://localhost:7700/",
+        "http://LOCALHOST./",
+        "http://hooks.localhost/",
+    ] {
+        let (status, answer) = post(url).await;
+        assert_eq!((status, answer["error"].as_str()), (400, Some("invalid_url")), "{url} -> {answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(message.contains("internal address") && message.contains("--webhook-allow-internal"), "{message}");
+    }
+    for url in ["https://hooks.example.com/keygate", "http://203.0.113.7/hook", "http://[2001:db8::1]/hook"] {
+        let (status, answer) = post(url).await;
+        assert_eq!(status, 201, "{url} -> {answer}");
+    }
+
+    let allowing = TestServer::start_on(TestDb::sqlite(), |b| b.allow_internal_webhooks(true).webhooks(fast())).await;
+    let res = allowing.admin.create_webhook("http://127.0.0.1:9/hook", ["key.created"], None).await;
+    assert!(res.is_ok(), "{res:?}");
+}
+
+#[tokio::test]
+async fn an_internal_endpoint_stored_earlier_is_not_sent_to_once_refused() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let receiver = Receiver::start(0).await;
+    let first = TestServer::start_on(TestDb::Sqlite(dir.clone()), |b| {
+        b.allow_internal_webhooks(true).webhooks(WebhookConfig { enabled: false, ..fast() })
+    })
+    .await;
+    let hook = first.admin.create_webhook(&receiver.url(), ["key.created"], None).await.unwrap();
+    first.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    first.server.shutdown().await;
+
+    // Restarted without allowing internal addresses: the attempt fails before any request.
+    let second =
+        TestServer::start_on(TestDb::Sqlite(dir.clone()), |b| b.webhooks(WebhookConfig { max_attempts: 2, ..fast() }))
+            .await;
+    let failed = eventually(DEADLINE, || async {
+        let page = second.admin.webhook_deliveries(&hook.endpoint.id, None, None).await.unwrap();
+        page.deliveries.first().is_some_and(|d| d.state == DeliveryState::Failed)
+    })
+    .await;
+    assert!(failed, "the delivery is given up on");
+    let page = second.admin.webhook_deliveries(&hook.endpoint.id, None, None).await.unwrap();
+    let d = &page.deliveries[0];
+    assert_eq!(d.last_status, None);
+    assert!(d.last_error.as_deref().unwrap().contains("internal address (loopback)"), "{d:?}");
+    assert_eq!(receiver.with(|s| s.attempts.len()), 0, "the receiver was never asked");
 }
 
 /// The endpoint cap holds when many are added at once, through two replicas on

@@ -64,7 +64,8 @@
 //! secret once; `webhooks list`, `webhooks remove wh_...`, `webhooks deliveries wh_...`.
 //! `serve` retries a delivery `--webhook-max-attempts` times (default 20) for at most
 //! `--webhook-max-age` (default 24h) and queues at most `--webhook-max-pending` (default
-//! 10 000) per endpoint; `--expiring-within` (default 7d, `0` off) raises `key_expiring`
+//! 10 000) per endpoint; webhook URLs on internal addresses (loopback, private,
+//! link-local) are refused unless `--webhook-allow-internal`; `--expiring-within` (default 7d, `0` off) raises `key_expiring`
 //! before a key expires; `--max-key-age live=90d` (repeatable; `--max-key-age-owner
 //! acme=30d` per owner) raises `key_max_age` past it and, with
 //! `--expire-after-max-age-grace 7d`, expires the key that much later (audit actor
@@ -1194,6 +1195,10 @@ struct WebhookFlags {
     /// Longest time after an event its delivery is retried (`24h`).
     #[arg(long, env = "KEYGATE_WEBHOOK_MAX_AGE", default_value = "24h", value_parser = parse_span)]
     webhook_max_age: Duration,
+    /// Accept and deliver to webhook URLs on loopback, private, link-local or unspecified
+    /// addresses (refused by default, against request forgery into the server's network).
+    #[arg(long, env = "KEYGATE_WEBHOOK_ALLOW_INTERNAL")]
+    webhook_allow_internal: bool,
     /// Most pending deliveries per endpoint; past it the oldest are dropped and counted.
     #[arg(long, env = "KEYGATE_WEBHOOK_MAX_PENDING", default_value_t = 10_000)]
     webhook_max_pending: u32,
@@ -1241,7 +1246,11 @@ fn webhook_options(builder: KeyServer, f: &WebhookFlags) -> Result<KeyServer, Cl
         }
         policy = policy.expire_after(grace);
     }
-    Ok(builder.webhooks(webhooks).alerts(alerts).rotation_policy(policy))
+    Ok(builder
+        .webhooks(webhooks)
+        .allow_internal_webhooks(f.webhook_allow_internal)
+        .alerts(alerts)
+        .rotation_policy(policy))
 }
 
 /// `90d`, `12h`, `30m`, `45s`, or bare seconds.

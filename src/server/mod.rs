@@ -132,6 +132,10 @@
 //! [`WebhookConfig`]. Expiring-soon alerts are [`AlertConfig::expiring_within`]; the
 //! maximum key age and expiry after it, [`RotationPolicy`].
 //!
+//! URLs whose host is an internal address (loopback, private, link-local, …) are
+//! refused, and names resolving to one are not connected to, unless
+//! [`KeyServer::allow_internal_webhooks`], which says what is checked and what is not.
+//!
 //! # Usage
 //!
 //! `POST /v1/usage` (service token) takes an [`AggregateBatch`](crate::AggregateBatch),
@@ -330,6 +334,7 @@ pub struct KeyServer {
     header_read_timeout: Duration,
     request_body_timeout: Duration,
     webhooks: WebhookConfig,
+    allow_internal_webhooks: bool,
     rotation: RotationPolicy,
 }
 
@@ -370,6 +375,7 @@ impl KeyServer {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
             webhooks: WebhookConfig::default(),
+            allow_internal_webhooks: false,
             rotation: RotationPolicy::default(),
         }
     }
@@ -492,6 +498,23 @@ impl KeyServer {
         self
     }
 
+    /// Accepts and delivers to webhook URLs on internal addresses (default: refused).
+    ///
+    /// By default, against server-side request forgery (an admin token making the key
+    /// service post to the network it runs in): `POST /v1/webhooks` answers 400
+    /// `invalid_url` for a URL whose host is literally a loopback, private (RFC 1918,
+    /// IPv6 unique local), link-local, unspecified, shared (`100.64.0.0/10`), broadcast
+    /// or multicast address, or `localhost`; and at delivery the client connects only
+    /// to the public addresses a name resolves to, so a name pointing at an internal
+    /// address, or rebound to one after the endpoint was added (DNS rebinding), reaches
+    /// nothing. The webhook client then ignores HTTP proxy settings (a proxy would make
+    /// the check moot). Not covered: an internal service reachable at a public address,
+    /// and NAT64 or 6to4 addresses embedding an internal IPv4 one.
+    pub fn allow_internal_webhooks(mut self, allow: bool) -> Self {
+        self.allow_internal_webhooks = allow;
+        self
+    }
+
     /// The maximum key age per environment or owner, and whether keys past it expire
     /// (default: no maximum). Keys are swept every [`AlertConfig::sweep_interval`].
     pub fn rotation_policy(mut self, policy: RotationPolicy) -> Self {
@@ -609,9 +632,13 @@ impl KeyServer {
         });
         let webhook_counters = Arc::new(webhooks::WebhookCounters::default());
         let webhook_worker = if self.webhooks.enabled {
-            let worker =
-                webhooks::WebhookWorker::spawn(store.clone(), self.webhooks.clone(), Arc::clone(&webhook_counters))
-                    .map_err(|e| ServerError::Config(format!("webhook HTTP client: {e}")))?;
+            let worker = webhooks::WebhookWorker::spawn(
+                store.clone(),
+                self.webhooks.clone(),
+                Arc::clone(&webhook_counters),
+                self.allow_internal_webhooks,
+            )
+            .map_err(|e| ServerError::Config(format!("webhook HTTP client: {e}")))?;
             Some(worker)
         } else {
             None
@@ -639,6 +666,7 @@ impl KeyServer {
                 _retention_task: retention_task,
                 meters,
                 webhook_counters,
+                allow_internal_webhooks: self.allow_internal_webhooks,
                 _webhook_worker: webhook_worker,
                 sweep_counters,
                 _sweep_task: sweep_task,

@@ -148,6 +148,8 @@ pub(crate) struct StateInner {
     /// shares it.
     pub meters: Arc<Meters>,
     pub webhook_counters: Arc<WebhookCounters>,
+    /// Webhook URLs on internal addresses accepted (`KeyServer::allow_internal_webhooks`).
+    pub allow_internal_webhooks: bool,
     /// Webhook deliveries; stop when the state is dropped.
     pub _webhook_worker: Option<WebhookWorker>,
     pub sweep_counters: Arc<SweepCounters>,

@@ -16,6 +16,7 @@ use super::state::ServerState;
 use super::store::{NewEndpoint, WebhookEndpoint, now_ms};
 use super::text::shown;
 use super::validate::validate_text;
+use super::webhooks::internal_host;
 
 /// Longest webhook URL accepted.
 pub const MAX_WEBHOOK_URL_LEN: usize = 2048;
@@ -65,7 +66,7 @@ struct CreatedWebhook<'a> {
     secret: &'a str,
 }
 
-fn validate_url(url: &str) -> Result<(), ApiError> {
+fn validate_url(url: &str, allow_internal: bool) -> Result<(), ApiError> {
     let bad = |why: &str| ApiError::invalid("invalid_url", format!("`url` {why}"));
     if url.len() > MAX_WEBHOOK_URL_LEN {
         return Err(bad(&format!("is longer than {MAX_WEBHOOK_URL_LEN} bytes")));
@@ -82,6 +83,12 @@ fn validate_url(url: &str) -> Result<(), ApiError> {
     }
     if parsed.fragment().is_some() {
         return Err(bad("must not have a fragment (#...)"));
+    }
+    if let Some(kind) = internal_host(&parsed).filter(|_| !allow_internal) {
+        return Err(bad(&format!(
+            "points at an internal address ({kind}): webhooks do not reach loopback, private, link-local or \
+             unspecified addresses unless the server allows them (`keygate-server serve --webhook-allow-internal`)"
+        )));
     }
     Ok(())
 }
@@ -143,7 +150,7 @@ async fn create(State(state): State<ServerState>, admin: Admin, req: Request) ->
         serde_json::error::Category::Data => ApiError::invalid("invalid_request", e.to_string()),
         _ => ApiError::invalid("invalid_json", format!("malformed JSON: {e}")),
     })?;
-    validate_url(&req.url)?;
+    validate_url(&req.url, state.inner.allow_internal_webhooks)?;
     let events = validate_events(&req.events)?;
     let description = req.description.unwrap_or_default();
     if !description.is_empty() {
@@ -228,8 +235,9 @@ mod tests {
 
     #[test]
     fn urls_are_http_without_credentials() {
-        assert!(validate_url("https://hooks.example.com/keygate?x=1").is_ok());
-        assert!(validate_url("http://127.0.0.1:9000/").is_ok());
+        assert!(validate_url("https://hooks.example.com/keygate?x=1", false).is_ok());
+        assert!(validate_url("http://127.0.0.1:9000/", true).is_ok());
+        assert!(validate_url("http://127.0.0.1:9000/", false).is_err());
         for bad in [
             "ftp://example.com/",
             "https://user:pw@example.com/",
@@ -237,9 +245,9 @@ mod tests {
             "not a url",
             "https://example.com/#frag",
         ] {
-            assert!(validate_url(bad).is_err(), "{bad}");
+            assert!(validate_url(bad, true).is_err(), "{bad}");
         }
-        assert!(validate_url(&format!("https://example.com/{}", "a".repeat(MAX_WEBHOOK_URL_LEN))).is_err());
+        assert!(validate_url(&format!("https://example.com/{}", "a".repeat(MAX_WEBHOOK_URL_LEN)), true).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! The signature scheme is documented on [`SIGNATURE_HEADER`].
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -209,18 +210,112 @@ pub(crate) fn signature(secret: &str, t: i64, body: &[u8]) -> String {
 pub(crate) struct WebhookWorker(JoinHandle<()>);
 
 impl WebhookWorker {
+    /// `allow_internal`: deliver to internal addresses too (see [`internal_kind`]).
     pub(crate) fn spawn(
         store: Store,
         config: WebhookConfig,
         counters: Arc<WebhookCounters>,
+        allow_internal: bool,
     ) -> Result<Self, reqwest::Error> {
-        let http = crate::remote::http_client(crate::remote::ClientOptions {
+        let mut builder = crate::transport::http_client_builder(crate::remote::ClientOptions {
             connect_timeout: config.connect_timeout,
             timeout: Some(config.request_timeout),
             tcp_keepalive: None,
-        })?;
-        let worker = Worker { store, config, counters, http };
+        });
+        if !allow_internal {
+            // The check applies to the addresses connected to: a proxy would be the
+            // one connected to, and its own connection to the endpoint unchecked.
+            builder = builder.dns_resolver(Arc::new(PublicAddrs)).no_proxy();
+        }
+        let http = builder.build()?;
+        let worker = Worker { store, config, counters, http, allow_internal };
         Ok(Self(tokio::spawn(worker.run())))
+    }
+}
+
+/// What kind of internal address `ip` is, if it is one a webhook must not reach by
+/// default: loopback, private (RFC 1918, IPv6 unique local), link-local (cloud metadata
+/// services live there), unspecified (`0.0.0.0/8`, `::`: "this host"), shared
+/// (carrier-grade NAT, `100.64.0.0/10`), broadcast or multicast. IPv4-mapped IPv6
+/// addresses are judged as their IPv4 address.
+pub(crate) fn internal_kind(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => internal_v4(v4),
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return internal_v4(v4);
+            }
+            let first = v6.segments()[0];
+            if v6.is_loopback() {
+                Some("loopback")
+            } else if v6.is_unspecified() {
+                Some("unspecified")
+            } else if first & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if first & 0xfe00 == 0xfc00 {
+                Some("private (unique local)")
+            } else if v6.is_multicast() {
+                Some("multicast")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+fn internal_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    let [a, b, ..] = ip.octets();
+    if ip.is_loopback() {
+        Some("loopback")
+    } else if ip.is_private() {
+        Some("private")
+    } else if ip.is_link_local() {
+        Some("link-local")
+    } else if a == 0 {
+        Some("unspecified")
+    } else if a == 100 && b & 0xc0 == 64 {
+        Some("shared (carrier-grade NAT)")
+    } else if ip.is_broadcast() {
+        Some("broadcast")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else {
+        None
+    }
+}
+
+/// The kind of internal address `url`'s host literally is (an IP address, or
+/// `localhost` and its subdomains, which resolve to loopback), if it is one. A name
+/// that merely resolves to one is caught when connecting, by [`PublicAddrs`].
+pub(crate) fn internal_host(url: &reqwest::Url) -> Option<&'static str> {
+    let host = url.host_str()?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return internal_kind(ip);
+    }
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    (name == "localhost" || name.ends_with(".localhost")).then_some("loopback (localhost)")
+}
+
+/// The webhook client's resolver unless internal addresses are allowed: the system's
+/// resolver, minus every internal address. What it returns is what the client connects
+/// to, so a name that resolves to an internal address (or is rebound to one after the
+/// endpoint was added) reaches nothing internal; a name with no other address fails
+/// the attempt.
+#[derive(Debug)]
+struct PublicAddrs;
+
+impl reqwest::dns::Resolve for PublicAddrs {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            let all = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let public: Vec<SocketAddr> = all.filter(|a| internal_kind(a.ip()).is_none()).collect();
+            if public.is_empty() {
+                return Err(format!("`{host}` resolves only to internal addresses, which webhooks do not reach").into());
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 
@@ -235,6 +330,7 @@ struct Worker {
     config: WebhookConfig,
     counters: Arc<WebhookCounters>,
     http: reqwest::Client,
+    allow_internal: bool,
 }
 
 impl Worker {
@@ -290,16 +386,30 @@ impl Worker {
     async fn attempt(&self, c: &Claimed, targets: &HashMap<String, Target>) -> Option<Attempt> {
         let target = targets.get(&c.endpoint_id)?;
         let t = OffsetDateTime::now_utc().unix_timestamp();
-        let sent = self
-            .http
-            .post(&target.url)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::USER_AGENT, concat!("keygate-webhooks/", env!("CARGO_PKG_VERSION")))
-            .header(EVENT_ID_HEADER, &c.event_id)
-            .header(SIGNATURE_HEADER, signature(&target.secret, t, c.payload.as_bytes()))
-            .body(c.payload.clone())
-            .send()
-            .await;
+        // An endpoint stored while internal addresses were allowed (or written to the
+        // database directly) is not sent to once they are not.
+        let internal = if self.allow_internal {
+            None
+        } else {
+            reqwest::Url::parse(&target.url).ok().and_then(|u| internal_host(&u))
+        };
+        let sent = match internal {
+            Some(kind) => Err(format!("refused: the host is an internal address ({kind})")),
+            None => self
+                .http
+                .post(&target.url)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .header(http::header::USER_AGENT, concat!("keygate-webhooks/", env!("CARGO_PKG_VERSION")))
+                .header(EVENT_ID_HEADER, &c.event_id)
+                .header(SIGNATURE_HEADER, signature(&target.secret, t, c.payload.as_bytes()))
+                .body(c.payload.clone())
+                .send()
+                .await
+                .map_err(|e| {
+                    let what = if e.is_timeout() { "timed out" } else { "request failed" };
+                    format!("{what}: {}", crate::remote::describe(&e))
+                }),
+        };
         let (status, error) = match sent {
             Ok(mut answer) => {
                 let status = answer.status();
@@ -321,10 +431,7 @@ impl Worker {
                 };
                 (Some(status.as_u16()), error)
             }
-            Err(e) => {
-                let what = if e.is_timeout() { "timed out" } else { "request failed" };
-                (None, Some(format!("{what}: {}", crate::remote::describe(&e))))
-            }
+            Err(e) => (None, Some(e)),
         };
         let at = now_ms();
         let next = match &error {
@@ -354,6 +461,66 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_addresses_are_told_apart_from_public_ones() {
+        let internal = [
+            "127.0.0.1",
+            "127.255.0.9",
+            "10.0.0.1",
+            "172.31.255.255",
+            "192.168.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "0.1.2.3",
+            "100.64.0.1",
+            "100.127.255.254",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fe80::1",
+            "febf::1",
+            "fc00::1",
+            "fdff::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:192.168.1.1",
+        ];
+        for ip in internal {
+            assert!(internal_kind(ip.parse().unwrap()).is_some(), "{ip}");
+        }
+        let public = [
+            "1.1.1.1",
+            "8.8.8.8",
+            "172.32.0.1",
+            "192.169.0.1",
+            "100.128.0.1",
+            "11.0.0.1",
+            "2001:db8::1",
+            "2606:4700::1",
+            "fec0::1",
+            "::ffff:8.8.8.8",
+        ];
+        for ip in public {
+            assert_eq!(internal_kind(ip.parse().unwrap()), None, "{ip}");
+        }
+        let host = |u: &str| internal_host(&reqwest::Url::parse(u).unwrap());
+        assert_eq!(host("http://[::1]:80/"), Some("loopback"));
+        assert_eq!(host("http://0x7f000001/"), Some("loopback"));
+        assert_eq!(host("http://Foo.LocalHost./x"), Some("loopback (localhost)"));
+        assert_eq!(host("https://hooks.example.com/"), None);
+        assert_eq!(host("https://localhost.example.com/"), None);
+    }
+
+    #[tokio::test]
+    async fn the_resolver_drops_internal_addresses() {
+        use reqwest::dns::Resolve;
+        // `localhost` resolves to loopback only (from /etc/hosts): nothing is left.
+        let name: reqwest::dns::Name = "localhost".parse().unwrap();
+        let err = PublicAddrs.resolve(name).await.err().expect("refused");
+        assert!(err.to_string().contains("only to internal addresses"), "{err}");
+    }
 
     #[test]
     fn the_signature_is_hmac_sha256_of_timestamp_dot_body() {
