@@ -4,12 +4,13 @@
 //! PostgreSQL part (fan-out lag between replicas) needs `KEYGATE_TEST_POSTGRES_URL`.
 
 mod server_support;
+mod webhook_support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use keygate::client::KeyPatch;
-use keygate::server::{KeyServer, SqliteStore};
+use keygate::client::{KeyPatch, TokenKind};
+use keygate::server::{KeyServer, RetentionConfig, SqliteStore, WebhookConfig};
 use prom_text_format_parser::{Scrape as Parsed, Type, ValueType};
 use serde_json::json;
 use server_support::{
@@ -382,4 +383,98 @@ async fn postgres_replicas_measure_the_fan_out_lag_of_each_others_changes() {
     assert!(forwarded >= 1.0);
     // Both replicas' find_by_digest etc. are their own: only b's store ops appear here.
     assert_eq!(after.observations(STORE_TIME, &[("op", "create_key")]), 0.0);
+}
+
+#[tokio::test]
+async fn webhook_subscriber_cap_retention_and_new_store_op_series_move() {
+    // The receiver answers 500 to each event's first attempt: one failed attempt, then
+    // one delivery.
+    let receiver = webhook_support::Receiver::start(1).await;
+    let fast = WebhookConfig {
+        poll_interval: Duration::from_millis(20),
+        backoff_base: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(100),
+        ..WebhookConfig::default()
+    };
+    let retention = RetentionConfig { enabled: false, minutes: Duration::from_secs(60), ..RetentionConfig::default() };
+    let t = TestServer::start_on(TestDb::sqlite(), |b| {
+        with_metrics(b).max_event_subscribers(1).allow_internal_webhooks(true).webhooks(fast).retention(retention)
+    })
+    .await;
+    let before = Scrape::of(&t).await;
+    for (series, labels) in [
+        ("keygate_server_event_subscribers_refused_total", &[][..]),
+        ("keygate_server_webhook_deliveries_total", &[("result", "delivered")]),
+        ("keygate_server_webhook_deliveries_total", &[("result", "failed")]),
+        ("keygate_server_webhook_attempts_failed_total", &[]),
+        ("keygate_server_keys_expired_by_policy_total", &[]),
+        ("keygate_server_retention_rows_total", &[("action", "minutes_rolled_up")]),
+        ("keygate_server_retention_rows_total", &[("action", "hours_deleted")]),
+        ("keygate_server_retention_rows_total", &[("action", "batch_ids_deleted")]),
+    ] {
+        assert_eq!(before.counter(series, labels), 0.0, "{series}{labels:?}");
+        assert!(before.has_help(series), "HELP text of {series}");
+    }
+    let help = before.metric("keygate_server_alerts_raised_total").and_then(|m| m.help_desc.clone()).unwrap();
+    assert!(help.contains("key_expiring") && help.contains("key_max_age"), "{help}");
+
+    // A webhook delivered on its second attempt.
+    let hook = t.admin.create_webhook(&receiver.url(), ["key.created"], None).await.unwrap();
+    receiver.set_secret(&hook.secret);
+    let key = t.admin.create_key(new_key("acme", &["a:read"])).await.unwrap();
+    let delivered = eventually(LIMIT, || async {
+        Scrape::of(&t).await.counter("keygate_server_webhook_deliveries_total", &[("result", "delivered")]) == 1.0
+    })
+    .await;
+    assert!(delivered, "the delivery is counted");
+
+    // One stream open, the second refused at the cap.
+    let events = Events::connect(&t).await;
+    let refused = t.http.get(t.url("/v1/events")).bearer_auth(SERVICE).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    drop(events);
+
+    // Usage ten minutes old, rolled up by a pass (minute rows are kept 60 s here).
+    let req = Req {
+        minute: this_minute() - 600,
+        key_id: Some(key.key_id.clone()),
+        route: "/a",
+        method: "GET",
+        outcome: keygate::Outcome::Allowed,
+        status: 200,
+        latency_us: 900,
+    };
+    assert_eq!(t.post_usage(&aggregate_batch(aggregate(&[req]))).await.0, 202);
+    let report = t.server.state().run_retention().await.unwrap();
+    assert!(report.minutes_rolled_up >= 1, "{report:?}");
+
+    // Store methods metered since: tokens, webhooks, roles, alerts.
+    t.admin.create_token(TokenKind::Service, "fleet").await.unwrap();
+    t.admin.list_tokens().await.unwrap();
+    t.admin.list_webhooks().await.unwrap();
+    t.admin.put_role("ops", ["deploy:run"]).await.unwrap();
+    t.admin.delete_role("ops", false).await.unwrap();
+    t.admin.list_alerts(Some(false)).await.unwrap();
+
+    let after = Scrape::of(&t).await;
+    assert_eq!(after.counter("keygate_server_webhook_deliveries_total", &[("result", "delivered")]), 1.0);
+    assert_eq!(after.counter("keygate_server_webhook_deliveries_total", &[("result", "failed")]), 0.0);
+    assert_eq!(after.counter("keygate_server_webhook_attempts_failed_total", &[]), 1.0);
+    assert_eq!(after.counter("keygate_server_event_subscribers_refused_total", &[]), 1.0);
+    let rolled = after.counter("keygate_server_retention_rows_total", &[("action", "minutes_rolled_up")]);
+    assert_eq!(rolled, report.minutes_rolled_up as f64);
+    for op in [
+        "create_webhook",
+        "claim_deliveries",
+        "finish_delivery",
+        "webhook_targets",
+        "create_token",
+        "list_tokens",
+        "active_tokens",
+        "webhooks",
+        "delete_role",
+        "alerts_by_state",
+    ] {
+        assert!(after.observations(STORE_TIME, &[("op", op)]) >= 1.0, "store op `{op}` timed\n{}", after.text);
+    }
 }

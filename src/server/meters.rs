@@ -32,6 +32,11 @@ pub(crate) mod name {
     pub(crate) const EVENTS_PUBLISHED: &str = "keygate_server_events_published_total";
     pub(crate) const ALERTS_RAISED: &str = "keygate_server_alerts_raised_total";
     pub(crate) const RETENTION_PASSES: &str = "keygate_server_retention_passes_total";
+    pub(crate) const RETENTION_ROWS: &str = "keygate_server_retention_rows_total";
+    pub(crate) const EVENT_SUBSCRIBERS_REFUSED: &str = "keygate_server_event_subscribers_refused_total";
+    pub(crate) const WEBHOOK_DELIVERIES: &str = "keygate_server_webhook_deliveries_total";
+    pub(crate) const WEBHOOK_ATTEMPTS_FAILED: &str = "keygate_server_webhook_attempts_failed_total";
+    pub(crate) const KEYS_EXPIRED_BY_POLICY: &str = "keygate_server_keys_expired_by_policy_total";
     pub(crate) const STORE_DURATION: &str = "keygate_server_store_operation_duration_seconds";
     pub(crate) const STORE_ERRORS: &str = "keygate_server_store_errors_total";
     pub(crate) const FEED_CONNECTED: &str = "keygate_server_change_feed_connected";
@@ -55,8 +60,20 @@ const HELP: &[(&str, &str)] = &[
     (name::USAGE_REPORTED, "What middlewares report they could not deliver in full, by kind."),
     (name::EVENT_SUBSCRIBERS, "GET /v1/events streams open now."),
     (name::EVENTS_PUBLISHED, "Events published to the event streams."),
-    (name::ALERTS_RAISED, "Usage alerts raised."),
+    (
+        name::ALERTS_RAISED,
+        "Alerts raised: usage alerts (denial_spike, rate_spike, new_network) and the sweep's key_expiring and \
+         key_max_age.",
+    ),
     (name::RETENTION_PASSES, "Usage retention passes, by result."),
+    (name::RETENTION_ROWS, "Rows usage retention passes rolled up or deleted, by action."),
+    (name::EVENT_SUBSCRIBERS_REFUSED, "GET /v1/events streams refused because the subscriber cap was reached."),
+    (
+        name::WEBHOOK_DELIVERIES,
+        "Webhook deliveries this replica finished, by result (delivered: a 2xx; failed: given up on).",
+    ),
+    (name::WEBHOOK_ATTEMPTS_FAILED, "Webhook delivery attempts that failed (each retried later, or given up on)."),
+    (name::KEYS_EXPIRED_BY_POLICY, "Keys the rotation policy expired past their maximum age and grace period."),
     (name::STORE_DURATION, "Time a store operation took, by operation, failures included."),
     (name::STORE_ERRORS, "Store operations that failed, by operation and error kind."),
     (name::FEED_CONNECTED, "1 while the feed of other replicas' changes is connected (PostgreSQL)."),

@@ -84,6 +84,14 @@ impl ServerState {
         counter(name::ALERTS_RAISED, &[], s.alerts_raised);
         counter(name::RETENTION_PASSES, &[("result", "ok")], s.retention_passes);
         counter(name::RETENTION_PASSES, &[("result", "failed")], s.retention_failures);
+        counter(name::RETENTION_ROWS, &[("action", "minutes_rolled_up")], s.retention_minutes_rolled_up);
+        counter(name::RETENTION_ROWS, &[("action", "hours_deleted")], s.retention_hours_deleted);
+        counter(name::RETENTION_ROWS, &[("action", "batch_ids_deleted")], s.retention_batch_ids_deleted);
+        counter(name::EVENT_SUBSCRIBERS_REFUSED, &[], s.event_subscribers_refused);
+        counter(name::WEBHOOK_DELIVERIES, &[("result", "delivered")], s.webhook_delivered);
+        counter(name::WEBHOOK_DELIVERIES, &[("result", "failed")], s.webhook_failed);
+        counter(name::WEBHOOK_ATTEMPTS_FAILED, &[], s.webhook_attempts_failed);
+        counter(name::KEYS_EXPIRED_BY_POLICY, &[], s.keys_expired_by_policy);
         meters.gauge(name::EVENT_SUBSCRIBERS, &[]).set(s.event_subscribers as f64);
         if self.inner.feed.is_some() {
             meters.gauge(name::FEED_CONNECTED, &[]).set(if s.change_feed_connected { 1.0 } else { 0.0 });

@@ -205,8 +205,13 @@
 //! | `keygate_server_usage_reported_total` | counter | `kind`: `dropped`, `overflowed`, `networks_dropped` | what middlewares report they could not deliver in full |
 //! | `keygate_server_event_subscribers` | gauge | — | `GET /v1/events` streams open now |
 //! | `keygate_server_events_published_total` | counter | — | events published to those streams |
-//! | `keygate_server_alerts_raised_total` | counter | — | usage alerts raised |
+//! | `keygate_server_event_subscribers_refused_total` | counter | — | `GET /v1/events` streams refused (503) because the subscriber cap was reached |
+//! | `keygate_server_alerts_raised_total` | counter | — | alerts raised: usage alerts (`denial_spike`, `rate_spike`, `new_network`) and the sweep's `key_expiring` and `key_max_age` |
 //! | `keygate_server_retention_passes_total` | counter | `result`: `ok`, `failed` | usage retention passes |
+//! | `keygate_server_retention_rows_total` | counter | `action`: `minutes_rolled_up`, `hours_deleted`, `batch_ids_deleted` | rows those passes rolled up into hours or deleted |
+//! | `keygate_server_webhook_deliveries_total` | counter | `result`: `delivered` (a 2xx), `failed` (given up on: too many attempts, or too old) | webhook deliveries this replica finished |
+//! | `keygate_server_webhook_attempts_failed_total` | counter | — | webhook attempts that failed (each retried later, or given up on) |
+//! | `keygate_server_keys_expired_by_policy_total` | counter | — | keys the rotation policy expired (past their maximum age and grace period) |
 //! | `keygate_server_store_operation_duration_seconds` | histogram | `op`: the store operation (`find_by_digest`, `create_key`, `change_key`, `record_usage`, `read_usage`, `ping`, …) | each operation, failures included |
 //! | `keygate_server_store_errors_total` | counter | `op`, `kind`: `unavailable`, `database`, `corrupt`, `not_found`, `conflict`, `config`, `migration` | failed operations (`not_found` and `conflict` are answers to the request, the others faults) |
 //! | `keygate_server_change_feed_connected` | gauge | — | PostgreSQL: 1 while the feed of other replicas' changes is connected |
