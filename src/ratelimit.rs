@@ -54,12 +54,13 @@ impl LimitState {
 /// Most keys tracked at once.
 pub(crate) const DEFAULT_MAX_TRACKED_KEYS: usize = 100_000;
 
-/// Tracks per-key request rates.
+/// Tracks request rates per key id, or per anything else that names a caller (the
+/// cache's miss budget counts per client address).
 #[derive(Debug)]
-pub(crate) struct RateLimiter {
+pub(crate) struct RateLimiter<K = Arc<str>> {
     epoch: Instant,
     max_keys: usize,
-    keys: RwLock<HashMap<Arc<str>, Arc<AtomicU64>>>,
+    keys: RwLock<HashMap<K, Arc<AtomicU64>>>,
 }
 
 impl Default for RateLimiter {
@@ -69,11 +70,6 @@ impl Default for RateLimiter {
 }
 
 impl RateLimiter {
-    /// A limiter tracking at most `max_keys` keys (idle keys are forgotten first).
-    pub(crate) fn new(max_keys: usize) -> Self {
-        Self { epoch: Instant::now(), max_keys, keys: RwLock::new(HashMap::new()) }
-    }
-
     /// Counts one request for the principal's key, if it carries a limit: where the key
     /// stands (`None`: no limit, or not tracked), or `Err` when over it.
     pub(crate) fn admit(&self, principal: &Principal) -> Result<Option<LimitState>, LimitState> {
@@ -82,9 +78,16 @@ impl RateLimiter {
             None => Ok(None),
         }
     }
+}
+
+impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
+    /// A limiter tracking at most `max_keys` keys (idle keys are forgotten first).
+    pub(crate) fn new(max_keys: usize) -> Self {
+        Self { epoch: Instant::now(), max_keys, keys: RwLock::new(HashMap::new()) }
+    }
 
     /// Counts one request for `key_id`, or refuses it when over the limit.
-    pub(crate) fn check(&self, key_id: &Arc<str>, limit: RateLimit) -> Result<Option<LimitState>, LimitState> {
+    pub(crate) fn check(&self, key_id: &K, limit: RateLimit) -> Result<Option<LimitState>, LimitState> {
         if limit.limit == 0 {
             return Err(LimitState { limit, remaining: 0, reset: Duration::from_secs(limit.period_s.max(1)) });
         }
@@ -118,7 +121,7 @@ impl RateLimiter {
         }
     }
 
-    fn slot(&self, key_id: &Arc<str>, now: u64) -> Option<Arc<AtomicU64>> {
+    fn slot(&self, key_id: &K, now: u64) -> Option<Arc<AtomicU64>> {
         if let Some(slot) = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(key_id) {
             return Some(slot.clone());
         }
@@ -128,7 +131,7 @@ impl RateLimiter {
             // changes nothing.
             keys.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
             if keys.len() >= self.max_keys {
-                tracing::warn!(max_keys = self.max_keys, "keygate: rate limiter full, not limiting a new key");
+                tracing::warn!(max_keys = self.max_keys, "keygate: rate limiter full, not limiting a new caller");
                 return None;
             }
         }
@@ -170,7 +173,7 @@ mod tests {
 
     #[test]
     fn full_limiter_forgets_idle_keys() {
-        let rl = RateLimiter::new(2);
+        let rl: RateLimiter = RateLimiter::new(2);
         let limit = RateLimit { limit: 1, period_s: 3600 };
         assert!(rl.check(&Arc::from("a"), limit).is_ok());
         assert!(rl.check(&Arc::from("b"), limit).is_ok());

@@ -109,7 +109,9 @@ struct Shared<V> {
 /// 3. The credential is removed from the request (header, query parameter or cookie)
 ///    unless [`keep_credentials`](ApiKeyLayer::keep_credentials) is set.
 /// 4. The [`Verifier`] decides: valid keys put a [`Principal`](crate::Principal) into the request's
-///    extensions; invalid keys are 401; a verifier error is 503 with `Retry-After`.
+///    extensions; invalid keys are 401; a verifier error is 503 with `Retry-After`, and
+///    a [`CachedVerifier`](crate::CachedVerifier) whose [`MissBudget`](crate::MissBudget)
+///    is spent is 429 with `Retry-After`.
 /// 5. When the response head is ready (or the layer refused), the decided request goes to
 ///    the usage sink as a [`DecidedRequest`](crate::DecidedRequest).
 ///

@@ -36,16 +36,7 @@ impl Record {
             start: Instant::now(),
             method: req.method().clone(),
             route: RouteSource::of(req),
-            client_ip: match client_ip {
-                ClientIp::None => None,
-                ClientIp::Peer => peer_ip(req),
-                ClientIp::Header(name) => req
-                    .headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.rsplit(',').next())
-                    .and_then(|v| v.trim().parse().ok()),
-            },
+            client_ip: client_ip.of(req),
             // A clone of a header value shares its bytes: no copy until a sink wants one.
             request_id: req.headers().get(X_REQUEST_ID).cloned(),
             principal: None,
@@ -80,6 +71,32 @@ impl Record {
             request = request.with_key(id, None);
         }
         sink.record(&request);
+    }
+}
+
+impl ClientIp {
+    /// The client address as configured: what usage events record.
+    pub(super) fn of<B>(&self, req: &Request<B>) -> Option<IpAddr> {
+        match self {
+            ClientIp::None => None,
+            ClientIp::Peer => peer_ip(req),
+            ClientIp::Header(name) => req
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit(',').next())
+                .and_then(|v| v.trim().parse().ok()),
+        }
+    }
+
+    /// The client a cache miss is charged to: as configured, else the peer address when
+    /// the server provides one. It stays in memory, so unlike usage events it needs no
+    /// opt-in.
+    pub(super) fn for_budget<B>(&self, req: &Request<B>) -> Option<IpAddr> {
+        match self {
+            ClientIp::None => peer_ip(req),
+            configured => configured.of(req),
+        }
     }
 }
 

@@ -105,9 +105,10 @@ where
                     // box, so the common future stays small.
                     let shared = self.shared.clone();
                     let inner = take_ready(&mut self.inner);
+                    let client = config.client_ip.for_budget(&req);
                     State::Verify {
                         fut: Box::pin(async move {
-                            let result = shared.verifier.verify(&key).await;
+                            let result = shared.verifier.verify_from(&key, client).await;
                             (result, inner, req)
                         }),
                     }
@@ -162,8 +163,18 @@ impl Config {
         }
         let principal = match result {
             Ok(verdict) => verdict.admit().map_err(|reason| State::rejected(AuthError::refused(reason), false))?,
+            Err(VerifyError::Throttled { retry_after }) => {
+                let err = AuthError::RateLimited { retry_after, limit: None };
+                return Err(State::rejected(err, false));
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "keygate: key service unavailable, failing closed");
+                // The circuit logged once when it opened; every request it turns away
+                // would flood the log.
+                if matches!(e, VerifyError::CircuitOpen) {
+                    tracing::debug!("keygate: key service known to be down (circuit open), failing closed");
+                } else {
+                    tracing::warn!(error = %e, "keygate: key service unavailable, failing closed");
+                }
                 return Err(State::rejected(AuthError::Unavailable { retry_after: self.retry_after }, false));
             }
         };

@@ -406,6 +406,8 @@ async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &S
     let connects = state.connects.fetch_add(1, Ordering::Relaxed) + 1;
     // Whatever happened before this point was not heard: start from an empty cache.
     shared.core.invalidate_all();
+    // The key service answers: lookups need not wait for the circuit's next probe.
+    shared.core.circuit.close("the event stream connected");
     drop(shared);
     state.cache_drops.fetch_add(1, Ordering::Relaxed);
     set_connected(state, true);

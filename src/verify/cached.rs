@@ -56,6 +56,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -66,6 +67,8 @@ use moka::sync::Cache;
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
+use super::budget::{Budgets, MissBudget};
+use super::circuit::{Admit, Circuit, CircuitBreaker};
 use super::{Reason, Verdict, Verifier, VerifyError};
 use crate::key::{ApiKey, DigestHash, KeyDigest};
 use crate::principal::Principal;
@@ -84,7 +87,7 @@ pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(5 * 60);
 pub const DEFAULT_STALE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Durations are capped here so that `Instant + duration` can never overflow.
-const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+pub(super) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// What a [`CachedVerifier`] answers when the wrapped verifier fails and no stale
 /// verdict can be served.
@@ -105,8 +108,9 @@ pub enum FailurePolicy {
 /// The same numbers go to the [`metrics`] facade as `keygate_cache_hits_total`,
 /// `keygate_cache_misses_total`, `keygate_cache_stale_served_total`,
 /// `keygate_cache_negative_hits_total`, `keygate_cache_remote_errors_total`,
-/// `keygate_cache_coalesced_waits_total`, `keygate_cache_fail_open_total` and
-/// `keygate_cache_invalidations_total`, labelled `cache` with the builder's
+/// `keygate_cache_coalesced_waits_total`, `keygate_cache_fail_open_total`,
+/// `keygate_cache_invalidations_total`, `keygate_cache_circuit_rejections_total`,
+/// `keygate_cache_circuit_opened_total` and `keygate_cache_throttled_total`, labelled `cache` with the builder's
 /// [`name`](CachedVerifierBuilder::name) when one is set. The handles are registered
 /// when the verifier is built: install the metrics recorder before that.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -129,6 +133,13 @@ pub struct CacheStats {
     pub fail_open: u64,
     /// Calls to [`CachedVerifier::invalidate_key_id`] and [`CachedVerifier::invalidate_all`].
     pub invalidations: u64,
+    /// Lookups answered without calling the wrapped verifier because the circuit was
+    /// open (stale verdicts served, or [`VerifyError::CircuitOpen`]).
+    pub circuit_rejections: u64,
+    /// Times the circuit opened.
+    pub circuit_opened: u64,
+    /// Lookups of uncached keys refused by the [`MissBudget`].
+    pub throttled: u64,
 }
 
 /// One counter: exact here for [`CacheStats`], and a `metrics` handle registered once.
@@ -165,6 +176,8 @@ struct Counters {
     coalesced_waits: Count,
     fail_open: Count,
     invalidations: Count,
+    circuit_rejections: Count,
+    throttled: Count,
 }
 
 impl Counters {
@@ -178,6 +191,8 @@ impl Counters {
             coalesced_waits: Count::new("keygate_cache_coalesced_waits_total", cache),
             fail_open: Count::new("keygate_cache_fail_open_total", cache),
             invalidations: Count::new("keygate_cache_invalidations_total", cache),
+            circuit_rejections: Count::new("keygate_cache_circuit_rejections_total", cache),
+            throttled: Count::new("keygate_cache_throttled_total", cache),
         }
     }
 }
@@ -287,6 +302,9 @@ pub(crate) struct Core {
     copies_generation: AtomicU64,
     config: Config,
     counters: Counters,
+    pub(crate) circuit: Circuit,
+    /// `None`: [`MissBudget::unlimited`].
+    budgets: Option<Budgets>,
 }
 
 type Flight = OnceCell<Result<Verdict, VerifyError>>;
@@ -302,6 +320,8 @@ struct Config {
     stale_retry_interval: Duration,
     failure_policy: FailurePolicy,
     thread_copies: bool,
+    circuit: CircuitBreaker,
+    miss_budget: MissBudget,
 }
 
 /// A cached valid verdict. moka drops it at the end of its stale window (`lifetime`);
@@ -349,7 +369,7 @@ enum Held {
     Nothing,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section is a handful of map operations that cannot leave the map
     // inconsistent, so a poisoned lock is safe to keep using.
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -427,6 +447,22 @@ impl<V: Verifier> CachedVerifierBuilder<V> {
         self
     }
 
+    /// When to stop calling a verifier that keeps failing, and how to notice it is
+    /// back (default [`CircuitBreaker::new`]: open after 5 consecutive failures, probe
+    /// after 500 ms, then at most every 10 s). See [`CircuitBreaker`].
+    pub fn circuit_breaker(mut self, circuit: CircuitBreaker) -> Self {
+        self.config.circuit = circuit;
+        self
+    }
+
+    /// How many calls to the wrapped verifier keys not in the cache may cause (default
+    /// [`MissBudget::new`]: 300 a minute per client, 1 000 a second in all). See
+    /// [`MissBudget`].
+    pub fn miss_budget(mut self, budget: MissBudget) -> Self {
+        self.config.miss_budget = budget;
+        self
+    }
+
     /// Keep per-thread copies of hot valid verdicts in front of moka (default `true`).
     ///
     /// A copy costs a slot lookup and a clock read; moka's `get` also pins an epoch,
@@ -489,6 +525,8 @@ impl<V: Verifier> CachedVerifierBuilder<V> {
                     copies_generation: AtomicU64::new(0),
                     config,
                     counters: Counters::new(self.name.as_deref()),
+                    circuit: Circuit::new(config.circuit, self.name.as_deref()),
+                    budgets: (config.miss_budget != MissBudget::unlimited()).then(|| Budgets::new(config.miss_budget)),
                 },
             }),
         }
@@ -504,7 +542,8 @@ impl<V: Verifier> CachedVerifier<V> {
 
     /// Starts a builder. Defaults: capacity 100 000 valid and 10 000 invalid verdicts,
     /// positive TTL 30 s (capped at `expires_at`), negative TTL 5 s, stale-if-error
-    /// 5 min, stale retry interval 1 s, [`FailurePolicy::FailClosed`], no name.
+    /// 5 min, stale retry interval 1 s, [`FailurePolicy::FailClosed`], the default
+    /// [`CircuitBreaker`] and [`MissBudget`], no name.
     #[must_use = "the builder does nothing until `build` is called"]
     pub fn builder(inner: V) -> CachedVerifierBuilder<V> {
         CachedVerifierBuilder {
@@ -518,6 +557,8 @@ impl<V: Verifier> CachedVerifier<V> {
                 stale_retry_interval: DEFAULT_STALE_RETRY_INTERVAL,
                 failure_policy: FailurePolicy::FailClosed,
                 thread_copies: true,
+                circuit: CircuitBreaker::new(),
+                miss_budget: MissBudget::new(),
             },
             name: None,
         }
@@ -540,7 +581,16 @@ impl<V: Verifier> CachedVerifier<V> {
             coalesced_waits: c.coalesced_waits.get(),
             fail_open: c.fail_open.get(),
             invalidations: c.invalidations.get(),
+            circuit_rejections: c.circuit_rejections.get(),
+            circuit_opened: self.shared.core.circuit.opened_count(),
+            throttled: c.throttled.get(),
         }
+    }
+
+    /// Whether the circuit is open: lookups that need the wrapped verifier are answered
+    /// without calling it (see [`CircuitBreaker`]).
+    pub fn is_circuit_open(&self) -> bool {
+        self.shared.core.circuit.is_open()
     }
 
     /// Approximate number of valid and invalid verdicts held (moka updates its counts
@@ -734,9 +784,19 @@ impl Core {
 
 impl<V: Verifier> Shared<V> {
     /// One call to the wrapped verifier per digest at a time; everyone else waits for
-    /// its answer.
-    async fn flight(&self, digest: KeyDigest, key: &ApiKey) -> Result<Verdict, VerifyError> {
-        let cell = self.join_or_start(digest);
+    /// its answer. `charge`: the client to charge a new call to, for a key the cache
+    /// holds nothing for (`None`: free, a stale entry's refresh or a probe).
+    async fn flight(
+        &self,
+        digest: KeyDigest,
+        key: &ApiKey,
+        charge: Option<Option<IpAddr>>,
+    ) -> Result<Verdict, VerifyError> {
+        let cell = self.join_or_start(digest, charge).map_err(|retry_after| {
+            self.core.counters.throttled.add();
+            tracing::debug!(?retry_after, "cache: miss budget spent; not asking the verifier");
+            VerifyError::Throttled { retry_after }
+        })?;
         let guard = FlightGuard { flights: &self.core.flights, digest, cell: Some(cell) };
         // If the caller running the initializer is cancelled, `get_or_init` lets the
         // next waiter run its own.
@@ -744,48 +804,106 @@ impl<V: Verifier> Shared<V> {
     }
 
     /// The flight to wait on: the one in progress if it started in the current epoch,
-    /// else a new one.
-    fn join_or_start(&self, digest: KeyDigest) -> Arc<Flight> {
+    /// else a new one, charged to `charge`'s client; `Err`: the budget is spent, retry
+    /// after this long.
+    fn join_or_start(&self, digest: KeyDigest, charge: Option<Option<IpAddr>>) -> Result<Arc<Flight>, Duration> {
         let core = &self.core;
         let mut flights = lock(&core.flights);
         let epoch = core.epoch.load(Ordering::SeqCst);
-        match flights.entry(digest) {
-            MapEntry::Occupied(o) if o.get().0 == epoch => {
+        let entry = flights.entry(digest);
+        if let MapEntry::Occupied(o) = &entry {
+            if o.get().0 == epoch {
                 core.counters.coalesced_waits.add();
-                Arc::clone(&o.get().1)
+                return Ok(Arc::clone(&o.get().1));
             }
-            // The older flight's holders still get its answer; their guards see that it
-            // is no longer the one in the map and leave the map alone.
-            MapEntry::Occupied(mut o) => {
-                let cell = Arc::new(OnceCell::new());
-                o.insert((epoch, Arc::clone(&cell)));
-                cell
-            }
-            MapEntry::Vacant(v) => Arc::clone(&v.insert((epoch, Arc::new(OnceCell::new()))).1),
         }
+        if let (Some(client), Some(budgets)) = (charge, &core.budgets) {
+            budgets.charge(client)?;
+        }
+        let cell = Arc::new(OnceCell::new());
+        // An older flight's holders still get its answer; their guards see that it is
+        // no longer the one in the map and leave the map alone.
+        match entry {
+            MapEntry::Occupied(mut o) => {
+                o.insert((epoch, Arc::clone(&cell)));
+            }
+            MapEntry::Vacant(v) => {
+                v.insert((epoch, Arc::clone(&cell)));
+            }
+        }
+        Ok(cell)
+    }
+
+    /// Starts the open circuit's probe in the background, on `key`: the lookup that
+    /// found it due is not the one to wait for a verifier known to fail.
+    fn probe(self: &Arc<Self>, digest: KeyDigest, key: &ApiKey) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime to run it on: the next lookup on one tries again.
+            self.core.circuit.probe_abandoned();
+            return;
+        };
+        let shared = Arc::clone(self);
+        let key = key.clone();
+        runtime.spawn(async move {
+            let mut guard = ProbeGuard { circuit: &shared.core.circuit, done: false };
+            let result = shared.flight(digest, &key, None).await;
+            guard.done = true;
+            match result {
+                Ok(_) => shared.core.circuit.succeeded(),
+                Err(_) => shared.core.circuit.failed(true),
+            }
+        });
     }
 
     async fn load(&self, digest: KeyDigest, key: &ApiKey) -> Result<Verdict, VerifyError> {
         let core = &self.core;
         // A caller that missed the cache just before the previous flight for this key
         // finished lands here: answer from what that flight cached.
+        // It used that flight's answer, as if it had joined it: counted so.
         if let Some(entry) = core.positive.get(&digest).filter(|e| Instant::now() < e.fresh_until) {
+            core.counters.coalesced_waits.add();
             return Ok(Verdict::Valid(entry.principal.clone()));
         }
         if let Some((reason, key_id)) = core.negative.get(&digest) {
+            core.counters.coalesced_waits.add();
             return Ok(Verdict::Invalid { reason, key_id });
         }
         let epoch = core.epoch.load(Ordering::SeqCst);
         let result = self.inner.verify(key).await;
         match &result {
-            Ok(Verdict::Valid(principal)) => core.store_valid(digest, principal, epoch),
-            Ok(Verdict::Invalid { reason, key_id }) => core.store_invalid(digest, (*reason, key_id.clone()), epoch),
+            Ok(verdict) => {
+                core.circuit.succeeded();
+                match verdict {
+                    Verdict::Valid(principal) => core.store_valid(digest, principal, epoch),
+                    Verdict::Invalid { reason, key_id } => {
+                        core.store_invalid(digest, (*reason, key_id.clone()), epoch);
+                    }
+                }
+            }
+            // A wrapped verifier's own throttling says nothing about its health.
+            Err(VerifyError::Throttled { .. }) => {}
             Err(err) => {
+                core.circuit.failed(false);
                 core.counters.remote_errors.add();
                 tracing::debug!(error = %err, digest = ?digest, "cache: verifier failed");
             }
         }
         result
+    }
+}
+
+/// Lets another probe go when the probe's task is dropped before it finished (the
+/// runtime shutting down).
+struct ProbeGuard<'a> {
+    circuit: &'a Circuit,
+    done: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.circuit.probe_abandoned();
+        }
     }
 }
 
@@ -903,6 +1021,10 @@ impl<V: Verifier> Verifier for CachedVerifier<V> {
     }
 
     async fn verify(&self, key: &ApiKey) -> Result<Verdict, VerifyError> {
+        self.verify_from(key, None).await
+    }
+
+    async fn verify_from(&self, key: &ApiKey, client: Option<IpAddr>) -> Result<Verdict, VerifyError> {
         let shared = &*self.shared;
         let core = &shared.core;
         let digest = key.digest();
@@ -920,8 +1042,24 @@ impl<V: Verifier> Verifier for CachedVerifier<V> {
             Held::Nothing => None,
         };
         core.counters.misses.add();
-        let err = match shared.flight(digest, key).await {
+        let admit = core.circuit.admit();
+        if admit != Admit::Call {
+            if admit == Admit::Probe {
+                self.shared.probe(digest, key);
+            }
+            core.counters.circuit_rejections.add();
+            if let Some(entry) = stale.and_then(|stale| core.positive.get(&digest).filter(|e| Arc::ptr_eq(e, &stale))) {
+                return Ok(core.serve_stale(&entry));
+            }
+            return core.on_error(VerifyError::CircuitOpen);
+        }
+        // Refreshing what the cache holds is free; only keys it knows nothing of are
+        // charged to the miss budget.
+        let charge = stale.is_none().then_some(client);
+        let err = match shared.flight(digest, key, charge).await {
             Ok(verdict) => return Ok(verdict),
+            // Neither stale nor fail-open: a flood of unknown keys must not get in.
+            Err(throttled @ VerifyError::Throttled { .. }) => return Err(throttled),
             Err(err) => err,
         };
         if let Some(stale) = stale {
@@ -948,6 +1086,8 @@ impl<V> fmt::Debug for CachedVerifier<V> {
             .field("stale_if_error", &core.config.stale_if_error)
             .field("stale_retry_interval", &core.config.stale_retry_interval)
             .field("failure_policy", &core.config.failure_policy)
+            .field("circuit_breaker", &core.config.circuit)
+            .field("miss_budget", &core.config.miss_budget)
             .finish_non_exhaustive()
     }
 }

@@ -6,6 +6,7 @@
 //! a verifier that cannot tell never turns into a denial, and never into "valid".
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use crate::key::ApiKey;
@@ -107,6 +108,19 @@ pub enum VerifyError {
     /// Anything else.
     #[error("verification failed: {0}")]
     Other(#[source] SharedError),
+    /// Not asked: the verifier failed so often that a
+    /// [`CachedVerifier`](crate::CachedVerifier)'s circuit is open (see
+    /// [`CircuitBreaker`](crate::CircuitBreaker)).
+    #[error("key service not asked: it keeps failing (circuit open)")]
+    CircuitOpen,
+    /// Not asked: the lookup's [`MissBudget`](crate::MissBudget) is spent. The layer
+    /// answers 429 (`rate_limited`, gRPC `RESOURCE_EXHAUSTED`), not 503, and never lets
+    /// the request through under [`FailurePolicy::FailOpen`](crate::FailurePolicy).
+    #[error("too many lookups of unknown keys; retry in {retry_after:?}")]
+    Throttled {
+        /// When the budget lets the next miss through.
+        retry_after: std::time::Duration,
+    },
 }
 
 /// The cause of a [`VerifyError`]: any error, shared (cloning it is cheap). Made from
@@ -183,6 +197,20 @@ pub trait Verifier: Send + Sync + 'static {
     /// Verifies one key.
     fn verify(&self, key: &ApiKey) -> impl Future<Output = Result<Verdict, VerifyError>> + Send;
 
+    /// Verifies one key for a request from `client`, the address the layer knows for it
+    /// (`None` when it knows none). The layer calls this one; the default forgets the
+    /// client and calls [`verify`](Verifier::verify).
+    /// [`CachedVerifier`](crate::CachedVerifier) charges its
+    /// [`MissBudget`](crate::MissBudget) to the client.
+    fn verify_from(
+        &self,
+        key: &ApiKey,
+        client: Option<IpAddr>,
+    ) -> impl Future<Output = Result<Verdict, VerifyError>> + Send {
+        let _ = client;
+        self.verify(key)
+    }
+
     /// The verdict, if it is known without waiting (a cache hit, an in-memory table).
     ///
     /// The layer asks this first and builds a future only when it answers `None`. It
@@ -198,15 +226,35 @@ impl<V: Verifier> Verifier for Arc<V> {
         (**self).verify(key)
     }
 
+    fn verify_from(
+        &self,
+        key: &ApiKey,
+        client: Option<IpAddr>,
+    ) -> impl Future<Output = Result<Verdict, VerifyError>> + Send {
+        (**self).verify_from(key, client)
+    }
+
     fn verify_now(&self, key: &ApiKey) -> Option<Result<Verdict, VerifyError>> {
         (**self).verify_now(key)
     }
 }
 
 #[cfg(feature = "cache")]
+mod budget;
+#[cfg(feature = "cache")]
 pub(crate) mod cached;
+#[cfg(feature = "cache")]
+mod circuit;
+#[cfg(feature = "cache")]
+pub use budget::{
+    DEFAULT_MISS_BUDGET_CLIENTS, DEFAULT_MISS_BUDGET_OVERALL, DEFAULT_MISS_BUDGET_PER_CLIENT, MissBudget,
+};
 #[cfg(feature = "cache")]
 pub use cached::{
     CacheStats, CachedVerifier, CachedVerifierBuilder, DEFAULT_CACHE_CAPACITY, DEFAULT_NEGATIVE_CAPACITY,
     DEFAULT_NEGATIVE_TTL, DEFAULT_POSITIVE_TTL, DEFAULT_STALE_IF_ERROR, DEFAULT_STALE_RETRY_INTERVAL, FailurePolicy,
+};
+#[cfg(feature = "cache")]
+pub use circuit::{
+    CircuitBreaker, DEFAULT_CIRCUIT_FIRST_PROBE, DEFAULT_CIRCUIT_MAX_PROBE_INTERVAL, DEFAULT_CIRCUIT_OPEN_AFTER,
 };
