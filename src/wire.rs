@@ -19,6 +19,20 @@
 //! by that digest. Older clients send `{"key": "<raw key>"}`, which the key service
 //! still accepts.
 //!
+//! **Why a digest, and what it gives away.** Whatever sits between the middleware and
+//! the key service (a proxy, a TLS-terminating load balancer, request logs, the key
+//! service's own memory) sees digests only, and a digest is not a credential: a
+//! protected service hashes what it is given, so presenting a digest verifies the digest
+//! of the digest. Recovering a key from its digest means inverting SHA-256 over the
+//! key's random part; a generated key has 30 base62 characters (about 178 bits), far
+//! beyond any search. A holder of the service token can ask about a digest it already
+//! has (and learn that key's owner, scopes and roles, as it could with the raw key) and
+//! can follow the event stream (key ids only); it cannot list keys, cannot turn a digest
+//! into a key, and cannot use what it learns against a protected service. One caveat:
+//! keys of a low-entropy format of your own ([`KeyFormat::opaque`](crate::KeyFormat::opaque)
+//! with short or guessable secrets) can be found from their digest by trying
+//! candidates, as they could be from the stored digests; use generated keys.
+//!
 //! Answer, always `200` ([`VerifyAnswer`]):
 //!
 //! - valid ([`ValidKey`]): `{"valid": true, "key_id", "owner", "name", "scopes": [...],
