@@ -164,6 +164,7 @@ pub enum VerifyAnswer {
 /// The fields of a valid answer. Missing text fields read as empty, a missing `meta` as
 /// `null`; `key_id` is required.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ValidKey {
     /// The key's stable id.
     pub key_id: String,
@@ -187,6 +188,7 @@ pub struct ValidKey {
     pub expires_at: Option<OffsetDateTime>,
     /// Free-form JSON.
     #[serde(default)]
+    #[cfg_attr(feature = "server", schema(value_type = Object))]
     pub meta: serde_json::Value,
     /// The key's rate limit, if any.
     #[serde(default)]
@@ -195,6 +197,7 @@ pub struct ValidKey {
 
 /// The fields of a refusal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Refusal {
     /// Why.
     pub code: Reason,
@@ -306,6 +309,7 @@ impl EventName {
 
 /// Data of `revoked`, `updated` and `rotated`: `{"key_id"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct KeyChanged {
     /// The key whose cached verdicts are stale.
     pub key_id: String,
@@ -313,6 +317,7 @@ pub struct KeyChanged {
 
 /// Data of `reset`: `{"reason", "missed"?}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ResetData {
     // Declared first so that the JSON reads as it always has: `{"missed", "reason"}`.
     /// With `lagged`: how many events this subscriber missed.
@@ -324,6 +329,7 @@ pub struct ResetData {
 
 /// Data of `heartbeat`: `{"at"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Heartbeat {
     /// When the key service sent it.
     #[serde(with = "time::serde::rfc3339")]
@@ -332,6 +338,7 @@ pub struct Heartbeat {
 
 /// What an [`Alert`] is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AlertKind {
     /// Denials in one minute far above the key's own recent baseline.
@@ -376,6 +383,7 @@ impl AlertKind {
 /// An anomaly the key service noticed in a key's usage or lifecycle: the data of `alert`, and an
 /// entry of `GET /v1/alerts`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Alert {
     /// The alert's id in the key service (what `POST /v1/alerts/{id}/ack` takes);
     /// absent from older key services.
@@ -410,6 +418,7 @@ pub struct Alert {
 /// The `202` answer to `POST /v1/usage`: `{"accepted": n}`, plus `"duplicate": true`
 /// when an aggregate batch's id had already been applied (nothing was added again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct UsageAccepted {
     /// Requests (aggregate batch) or events (raw batch) stored.
     pub accepted: u64,
@@ -437,11 +446,79 @@ fn is_zero(n: &u64) -> bool {
 
 /// The body of every refusal: `{"error": "<code>", "message": "<what is wrong>"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// Machine-readable code (`invalid_json`, `unauthorized`, `not_found`, ...).
     pub error: String,
     /// What is wrong, for humans.
     pub message: String,
+}
+
+// ---- OpenAPI schemas of the hand-written (de)serializations (the key service's document)
+
+#[cfg(feature = "server")]
+mod schemas {
+    use utoipa::openapi::schema::{AdditionalProperties, AllOfBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+    use utoipa::openapi::{Ref, RefOr};
+    use utoipa::{PartialSchema, ToSchema};
+
+    use super::{Refusal, ValidKey, VerifyAnswer, VerifyRequest};
+
+    /// `{name: string}`, nothing else, `name` required.
+    fn only(name: &str, string: ObjectBuilder) -> Schema {
+        ObjectBuilder::new()
+            .property(name, string)
+            .required(name)
+            .additional_properties(Some(AdditionalProperties::<Schema>::FreeForm(false)))
+            .into()
+    }
+
+    impl PartialSchema for VerifyRequest {
+        fn schema() -> RefOr<Schema> {
+            let digest = ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[0-9a-fA-F]{64}$"))
+                .description(Some("Hex SHA-256 of the key: what keygate sends."));
+            let key = ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some("The raw key: what older clients send."));
+            OneOfBuilder::new()
+                .item(only("digest", digest))
+                .item(only("key", key))
+                .description(Some("Exactly one of `digest` and `key`."))
+                .into()
+        }
+    }
+
+    impl ToSchema for VerifyRequest {}
+
+    /// `allOf` of `{"valid": <valid>}` and the named fields' schema.
+    fn tagged(valid: bool, fields: &str) -> Schema {
+        let tag = ObjectBuilder::new()
+            .property("valid", ObjectBuilder::new().schema_type(Type::Boolean).enum_values(Some([valid])))
+            .required("valid");
+        AllOfBuilder::new().item(tag).item(Ref::from_schema_name(fields)).into()
+    }
+
+    impl PartialSchema for VerifyAnswer {
+        fn schema() -> RefOr<Schema> {
+            OneOfBuilder::new()
+                .item(tagged(true, &ValidKey::name()))
+                .item(tagged(false, &Refusal::name()))
+                .description(Some("`valid: true` with the key's fields, or `valid: false` with the refusal's code."))
+                .into()
+        }
+    }
+
+    impl ToSchema for VerifyAnswer {
+        fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+            for (name, schema) in [(ValidKey::name(), ValidKey::schema()), (Refusal::name(), Refusal::schema())] {
+                schemas.push((name.into_owned(), schema));
+            }
+            <ValidKey as ToSchema>::schemas(schemas);
+            <Refusal as ToSchema>::schemas(schemas);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -43,6 +43,19 @@
 //!
 //! **Verdict precedence**: `REVOKED`, then `DISABLED`, then `EXPIRED`.
 //!
+//! # OpenAPI
+//!
+//! `GET /openapi.json` (no token: the document holds no secrets and nothing of the
+//! instance) answers the OpenAPI 3.1 document of every route of [`router`], generated
+//! from the handlers and the types they read and answer (the admin types of
+//! [`client`](crate::client), the [`wire`](crate::wire) types): parameters, request
+//! bodies, each status a route answers with its body (refusals are
+//! [`ErrorBody`](crate::wire::ErrorBody)), and per route the security scheme it takes,
+//! `admin_token` or `service_token` (both HTTP bearer). The repository keeps a copy as
+//! `docs/openapi.json`, which `tests/server_openapi.rs` checks against the served one
+//! (`KEYGATE_UPDATE_OPENAPI=1 cargo test --all-features --test server_openapi`
+//! rewrites it), besides validating the real answers of every route against it.
+//!
 //! # Tokens
 //!
 //! Callers authenticate with `Authorization: Bearer <token>`: a **service** token for
@@ -245,7 +258,7 @@ use tokio::task::JoinHandle;
 
 // Module order from the bottom up; each imports only modules before it: text, model,
 // token, events, meters, store, error, validate, usage, report, auth, alerts, retention,
-// webhooks, policy, state, tokens_api, manage, webhook_api, metrics, api (and this one,
+// webhooks, policy, state, openapi, tokens_api, manage, webhook_api, metrics, api (and this one,
 // which builds and starts the service; backup stands apart, on its own connection).
 mod alerts;
 mod api;
@@ -257,6 +270,7 @@ mod manage;
 mod meters;
 mod metrics;
 mod model;
+mod openapi;
 mod policy;
 mod report;
 mod retention;
