@@ -263,10 +263,9 @@ macro_rules! token_write {
         let value = each_token_backend!($store, b, $q => {
             let mut $tx = b.write().await?;
             let value = $body;
-            b.commit($tx, $notes).await?;
+            b.commit($tx, $notes, &*$store.sink).await?;
             value
         });
-        $store.published($notes);
         Ok(value)
     }};
 }
