@@ -49,6 +49,22 @@
 //! A subscriber treats unknown events as signs of life. A `revoked`, `updated` or
 //! `rotated` event whose data cannot be read must be treated like `reset`.
 //!
+//! **Resuming.** `revoked`, `updated`, `rotated` and the `reset` of a change too large
+//! to list (`bulk`) carry an SSE `id:`: the change's id in the key service's change log,
+//! a decimal number that only grows (shared by every replica of one database).
+//! `alert`, `heartbeat` and the other `reset`s carry none, which leaves an SSE client's
+//! last event id as it was. Every stream's response has the header
+//! `keygate-events-position: <id>` ([`EVENTS_POSITION_HEADER`]): the stream delivers
+//! every change after that id. A subscriber that reconnects with `Last-Event-ID: <id>`
+//! ([`LAST_EVENT_ID_HEADER`]), the last id it saw (or the position, if it saw none),
+//! gets the changes it missed from the log, in order, then the live ones, none twice;
+//! the response then has `keygate-events-resumed: <id>` ([`EVENTS_RESUMED_HEADER`])
+//! and the subscriber may keep what it cached. Otherwise the stream starts with `reset`,
+//! reason `expired` (the id is older than the log's retention), `future` (newer than
+//! any id of this log) or `bad_id` (not a number), then goes live. A key service that
+//! answers without `keygate-events-resumed` (an older one, which sends no ids) did not
+//! resume: the subscriber must forget everything.
+//!
 //! # Usage: `POST /v1/usage` ([`USAGE_PATH`])
 //!
 //! Two request bodies are accepted on the same path; the answer to both is `202`
@@ -97,6 +113,22 @@ pub const EVENTS_PATH: &str = "/v1/events";
 pub const USAGE_PATH: &str = "/v1/usage";
 /// The SSE comment a key service opens each event stream with.
 pub const EVENTS_GREETING: &str = "keygate events v1";
+/// The request header a subscriber resumes with: the last event id it saw.
+pub const LAST_EVENT_ID_HEADER: &str = "last-event-id";
+/// The response header of every event stream: the change log id it delivers changes
+/// after.
+pub const EVENTS_POSITION_HEADER: &str = "keygate-events-position";
+/// The response header of a resumed event stream: the `Last-Event-ID` it resumed from.
+pub const EVENTS_RESUMED_HEADER: &str = "keygate-events-resumed";
+
+/// Reads an event id (`id:` field, `Last-Event-ID`): a decimal `u64`, at most 20 digits,
+/// nothing else (no sign, no spaces).
+pub fn parse_event_id(text: &str) -> Option<u64> {
+    if text.is_empty() || text.len() > 20 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
 
 // ---- verify
 

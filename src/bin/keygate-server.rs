@@ -44,7 +44,10 @@
 //! Usage retention (`serve`): minute rows are rolled up into hour rows after
 //! `--usage-minutes-hours` (default 168, 7 days), hour rows deleted after
 //! `--usage-hours-days` (default 90), a pass every `--usage-retention-interval-s`
-//! (default 300); `--no-usage-retention` turns the passes off.
+//! (default 300); `--no-usage-retention` turns the passes off. The same passes prune
+//! the change log that resuming event streams replay (`Last-Event-ID`): rows older than
+//! `--change-log-hours` (default 24) or beyond the newest `--change-log-rows` (default
+//! 100 000).
 //!
 //! Metrics (`serve`): `--metrics-listen ADDR` (`KEYGATE_METRICS_LISTEN`; off by default)
 //! serves Prometheus metrics at `GET /metrics` on that address of its own, without a token.
@@ -248,6 +251,12 @@ struct Serve {
     /// Do not prune usage (another replica, or an external job, does).
     #[arg(long, env = "KEYGATE_USAGE_RETENTION_OFF")]
     no_usage_retention: bool,
+    /// Keep the change log (what resuming event streams replay) this many hours.
+    #[arg(long, env = "KEYGATE_CHANGE_LOG_HOURS", default_value_t = 24)]
+    change_log_hours: u64,
+    /// Keep at most this many change log rows.
+    #[arg(long, env = "KEYGATE_CHANGE_LOG_ROWS", default_value_t = 100_000)]
+    change_log_rows: u64,
     /// Serve Prometheus metrics at GET /metrics on this address of its own (no token:
     /// bind it where only the scraper reaches). Off when absent.
     #[arg(long, env = "KEYGATE_METRICS_LISTEN")]
@@ -799,6 +808,8 @@ async fn serve(s: Serve) -> Result<(), CliError> {
         interval: Duration::from_secs(s.usage_retention_interval_s),
         minutes: Duration::from_secs(s.usage_minutes_hours.saturating_mul(3600)),
         hours: Duration::from_secs(s.usage_hours_days.saturating_mul(86_400)),
+        change_log: Duration::from_secs(s.change_log_hours.saturating_mul(3600)),
+        change_log_rows: s.change_log_rows,
         ..RetentionConfig::default()
     };
     let mut builder = KeyServer::builder()

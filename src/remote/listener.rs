@@ -44,10 +44,18 @@ const LIVENESS_TICK: Duration = Duration::from_secs(1);
 ///   ignored.
 /// - `reset` drops the whole cache; `alert`, heartbeats, comments and unknown events
 ///   are only signs of life.
-/// - **Gaps.** Every time a connection is established the whole cache is dropped,
-///   because events sent while disconnected are lost (the first connection too: the
-///   cache may hold verdicts from before the subscription). A stream silent for twice
-///   the heartbeat interval (default 2 × 15 s) counts as lost.
+/// - **Gaps and resumption.** The listener remembers the last event id it saw (the
+///   change log id the key service puts on every change, or the stream's
+///   `keygate-events-position` until one arrives) and reconnects with
+///   `Last-Event-ID`: a key service that resumes the stream (it answers with
+///   `keygate-events-resumed`) replays what was missed, in order, before going live,
+///   so the cache is **kept** across the reconnect, to another replica of the same
+///   database too. The whole cache is dropped when a connection is established
+///   without resumption: the first one (the cache may hold verdicts from before the
+///   subscription), one to a key service that sends no ids (an older one) or that
+///   refused the id (it then also sends `reset`, `expired` or `future`). A stream
+///   silent for twice the heartbeat interval (default 2 × 15 s) counts as lost.
+///   [`ListenerStats`] counts `resumes` and `resets`.
 /// - **Reconnects** use exponential backoff with jitter: a random delay between half
 ///   and all of `min(max_backoff, initial_backoff × 2^n)` (defaults 100 ms and 5 s), where `n`
 ///   counts failures since the last connection that stayed up 10 s. Failing to connect
@@ -62,10 +70,13 @@ const LIVENESS_TICK: Duration = Duration::from_secs(1);
 ///   holds a weak reference). An event longer than 64 KiB (all its lines together)
 ///   ends the connection.
 ///
-/// While disconnected the cache keeps serving under its TTL and stale-if-error rules.
+/// While disconnected the cache keeps serving under its TTL and stale-if-error rules,
+/// exactly as before resumption existed: what changed meanwhile is applied when the
+/// stream resumes (within one round trip of reconnecting), or the cache is dropped.
 ///
 /// Metrics: the gauge `keygate_events_connected` (0 or 1) and the counters
-/// `keygate_events_reconnects_total`, `keygate_events_connect_failures_total`,
+/// `keygate_events_reconnects_total`, `keygate_events_resumes_total`,
+/// `keygate_events_connect_failures_total`,
 /// `keygate_events_invalidations_total` and `keygate_events_invalidation_failures_total`.
 ///
 /// ```no_run
@@ -99,10 +110,18 @@ pub struct ListenerStats {
     pub connect_failures: u64,
     /// Invalidations applied from `revoked`, `updated` and `rotated` events.
     pub invalidations: u64,
-    /// Times the whole cache was dropped (connections, `reset`, unreadable events).
+    /// Times the whole cache was dropped (connections not resumed, `reset`,
+    /// unreadable events).
     pub cache_drops: u64,
     /// Events that should have invalidated a key id but could not be read.
     pub invalidation_failures: u64,
+    /// Connections that resumed from the last event id: the cache was kept.
+    pub resumes: u64,
+    /// `reset` events received (each dropped the cache).
+    pub resets: u64,
+    /// The last event id seen (what the next connection resumes from); `None` before
+    /// the first, or after a key service that sends no ids.
+    pub last_event_id: Option<u64>,
 }
 
 #[derive(Default)]
@@ -114,7 +133,28 @@ struct State {
     invalidations: AtomicU64,
     cache_drops: AtomicU64,
     invalidation_failures: AtomicU64,
+    resumes: AtomicU64,
+    resets: AtomicU64,
+    /// The last event id seen; [`NO_ID`] for none.
+    last_event_id: AtomicU64,
     endpoint: AtomicUsize,
+}
+
+/// [`State::last_event_id`] when there is none (ids are at most `i64::MAX`).
+const NO_ID: u64 = u64::MAX;
+
+impl State {
+    fn new() -> Self {
+        Self { last_event_id: AtomicU64::new(NO_ID), ..Self::default() }
+    }
+
+    fn last_event_id(&self) -> Option<u64> {
+        Some(self.last_event_id.load(Ordering::Relaxed)).filter(|&id| id != NO_ID)
+    }
+
+    fn set_last_event_id(&self, id: Option<u64>) {
+        self.last_event_id.store(id.unwrap_or(NO_ID), Ordering::Relaxed);
+    }
 }
 
 struct Config {
@@ -162,6 +202,9 @@ impl RevocationListener {
             invalidations: get(&s.invalidations),
             cache_drops: get(&s.cache_drops),
             invalidation_failures: get(&s.invalidation_failures),
+            resumes: get(&s.resumes),
+            resets: get(&s.resets),
+            last_event_id: s.last_event_id(),
         }
     }
 
@@ -246,7 +289,7 @@ impl RevocationListenerBuilder {
             max_backoff: self.max_backoff,
             max_line_bytes: self.max_line_bytes,
         };
-        let state = Arc::new(State::default());
+        let state = Arc::new(State::new());
         let (stop_tx, stop_rx) = watch::channel(());
         let task = runtime.spawn(run(cache.downgrade(), config, Arc::clone(&state), stop_rx));
         Ok(RevocationListener { state, stop: Some(stop_tx), task: Some(task) })
@@ -377,7 +420,12 @@ impl EventBound {
 async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &State, endpoint: &Endpoint) -> Ended {
     let dead_after = config.heartbeat_interval.saturating_mul(2);
     let (request, ticket) = config.remote.request(reqwest::Method::GET, endpoint).await;
-    let request = request.header(ACCEPT, "text/event-stream").header(CACHE_CONTROL, "no-cache").send();
+    let mut request = request.header(ACCEPT, "text/event-stream").header(CACHE_CONTROL, "no-cache");
+    let resume_from = state.last_event_id();
+    if let Some(id) = resume_from {
+        request = request.header(wire::LAST_EVENT_ID_HEADER, id.to_string());
+    }
+    let request = request.send();
     let response = match tokio::time::timeout(dead_after, request).await {
         Err(_) => return Ended::NotConnected(format!("no answer within {dead_after:?}")),
         Ok(Err(e)) => return Ended::NotConnected(describe(&e)),
@@ -402,21 +450,43 @@ async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &S
         return Ended::NotConnected("the answer is not text/event-stream".into());
     }
 
+    let header_id =
+        |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).and_then(wire::parse_event_id);
+    let resumed = resume_from.is_some() && header_id(wire::EVENTS_RESUMED_HEADER) == resume_from;
+    let position = header_id(wire::EVENTS_POSITION_HEADER);
+
     let Some(shared) = cache.upgrade() else { return Ended::VerifierGone };
     let connects = state.connects.fetch_add(1, Ordering::Relaxed) + 1;
-    // Whatever happened before this point was not heard: start from an empty cache.
-    shared.core.invalidate_all();
     // The key service answers: lookups need not wait for the circuit's next probe.
     shared.core.circuit.close("the event stream connected");
+    if resumed {
+        // The key service replays what was missed before anything live: the cache stays.
+        state.resumes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("keygate_events_resumes_total").increment(1);
+    } else {
+        // Whatever happened before this point was not heard: start from an empty cache.
+        shared.core.invalidate_all();
+        state.cache_drops.fetch_add(1, Ordering::Relaxed);
+        state.set_last_event_id(position);
+    }
     drop(shared);
-    state.cache_drops.fetch_add(1, Ordering::Relaxed);
     set_connected(state, true);
     if connects > 1 {
         state.reconnects.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("keygate_events_reconnects_total").increment(1);
-        tracing::warn!(endpoint = %endpoint.label, "event stream reconnected after a gap: dropped the whole cache");
+        match resume_from {
+            _ if resumed => {
+                tracing::info!(endpoint = %endpoint.label, after = resume_from, "event stream resumed after a gap: the cache is kept")
+            }
+            Some(_) => {
+                tracing::warn!(endpoint = %endpoint.label, "event stream reconnected but not resumed: dropped the whole cache")
+            }
+            None => {
+                tracing::warn!(endpoint = %endpoint.label, "event stream reconnected after a gap (no event id to resume from): dropped the whole cache")
+            }
+        }
     } else {
-        tracing::info!(endpoint = %endpoint.label, "event stream connected");
+        tracing::info!(endpoint = %endpoint.label, resumed, "event stream connected");
     }
 
     let connected_at = Instant::now();
@@ -452,6 +522,10 @@ async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &S
         };
         let Some(shared) = cache.upgrade() else { return Ended::VerifierGone };
         apply(&shared, state, &event).await;
+        // After applying: a reconnect resumes after what took effect.
+        if let Some(id) = wire::parse_event_id(&event.id) {
+            state.set_last_event_id(Some(id));
+        }
     }
 }
 
@@ -482,6 +556,7 @@ async fn apply<V: Verifier>(shared: &Shared<V>, state: &State, event: &Event) {
             tracing::info!("event stream: reset; dropping the whole cache");
             shared.core.invalidate_all();
             state.cache_drops.fetch_add(1, Ordering::Relaxed);
+            state.resets.fetch_add(1, Ordering::Relaxed);
         }
         _ => tracing::trace!(event = %event.event, "event stream: ignored event"),
     }

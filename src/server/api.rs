@@ -22,7 +22,7 @@ use utoipa::{IntoParams, OpenApi, PartialSchema, ToSchema};
 
 use super::auth::{Admin, Service};
 use super::error::ApiError;
-use super::events::looks_like_key_id;
+use super::events::{FetchChanges, Start, looks_like_key_id, start_from};
 use super::meters::VerifyOutcome;
 use super::model::{
     Alert, AuditRecord, DEFAULT_ENVIRONMENT, KeyInfo, KeyPatch, MAX_GRACE_S, NewKey, RoleInfo, RoleRequest,
@@ -1058,23 +1058,60 @@ async fn ingest_usage(State(state): State<ServerState>, _: Service, req: Request
     security(("service_token" = []))
 )]
 /// Past the subscriber cap, 503 `too_many_subscribers` with `Retry-After`: each stream
-/// holds memory and a file descriptor for as long as it stays open.
-async fn events(State(state): State<ServerState>, service: Service) -> Response {
+/// holds memory and a file descriptor for as long as it stays open. With
+/// `Last-Event-ID`, the stream replays what was missed from the change log first (see
+/// [`EventHub`](super::EventHub)).
+async fn events(State(state): State<ServerState>, service: Service, headers: http::HeaderMap) -> Response {
     // Heartbeats are events of their own (see the `events` module): no keep-alive comments.
     // The stream ends when its token is revoked.
-    match state.inner.hub.try_subscribe_until(Some(service.revoked())) {
-        Some(stream) => Sse::new(stream).into_response(),
-        None => {
-            let max = state.inner.hub.max_subscribers();
-            tracing::warn!(max, "event stream refused: subscriber cap reached");
-            let body = crate::wire::ErrorBody {
-                error: "too_many_subscribers".to_owned(),
-                message: format!("this key service already serves {max} event streams; retry later"),
-            };
-            let retry = [(http::header::RETRY_AFTER, EVENTS_RETRY_AFTER_S.to_string())];
-            (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response()
-        }
+    let Some(subscription) = state.inner.hub.try_subscribe_until(Some(service.revoked())) else {
+        let max = state.inner.hub.max_subscribers();
+        tracing::warn!(max, "event stream refused: subscriber cap reached");
+        let body = crate::wire::ErrorBody {
+            error: "too_many_subscribers".to_owned(),
+            message: format!("this key service already serves {max} event streams; retry later"),
+        };
+        let retry = [(http::header::RETRY_AFTER, EVENTS_RETRY_AFTER_S.to_string())];
+        return (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response();
+    };
+    // Subscribed first, the log read second: a change committing in between is both
+    // replayed and received live, and the live copy is skipped.
+    let start = match headers.get(crate::wire::LAST_EVENT_ID_HEADER) {
+        None => Start::Fresh,
+        Some(value) => match value.to_str() {
+            Err(_) => Start::Refuse("bad_id"),
+            // An empty Last-Event-ID is what an SSE client sends when it has seen no id.
+            Ok(text) if text.trim().is_empty() => Start::Fresh,
+            Ok(text) => match state.inner.store.change_log_bounds().await {
+                Ok(b) => start_from(text.trim(), b.oldest, b.newest.max(subscription.position())),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the change log bounds; the stream starts with reset");
+                    Start::Refuse("unavailable")
+                }
+            },
+        },
+    };
+    let position = match start {
+        Start::Resume(id) => id,
+        Start::Fresh | Start::Refuse(_) => subscription.position(),
+    };
+    match start {
+        Start::Resume(id) => tracing::debug!(after = id, "event stream resumed"),
+        Start::Refuse(reason) => tracing::info!(reason, "event stream cannot resume; it starts with reset"),
+        Start::Fresh => {}
     }
+    let store = state.inner.store.clone();
+    let fetch: FetchChanges = Arc::new(move |after| {
+        let store = store.clone();
+        Box::pin(async move { store.changes_after(after).await.map_err(|e| e.to_string()) })
+    });
+    let mut response = Sse::new(subscription.start(start, Some(fetch))).into_response();
+    let h = response.headers_mut();
+    h.insert(crate::wire::EVENTS_POSITION_HEADER, http::HeaderValue::from(position));
+    if let Start::Resume(id) = start {
+        h.insert(crate::wire::EVENTS_RESUMED_HEADER, http::HeaderValue::from(id));
+    }
+    response
 }
 
 /// The `Retry-After` of a refused event stream, in seconds.

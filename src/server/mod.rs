@@ -76,7 +76,7 @@
 //! Each replica checks tokens against a table in memory, comparing the presented
 //! token's digest with every active one in constant time. The table is reloaded at once
 //! after a change made through this replica (before the answer), when a change note of
-//! another replica arrives on PostgreSQL, when that feed reconnects after a gap, and
+//! another replica arrives on PostgreSQL, when that feed reconnects, and
 //! every [`TOKEN_SYNC_INTERVAL`] (30 s) in any case. A revoked service token's open event
 //! streams are closed. When each token was last used is noted in memory and written
 //! every 30 s and at shutdown, never on the request path.
@@ -502,11 +502,26 @@ impl KeyServer {
         self
     }
 
-    /// How long usage is kept and how often it is pruned (default
-    /// [`RetentionConfig::default`]: minute rows 7 days, hour rows 90 days, a pass every
-    /// 5 minutes).
+    /// How long usage and the change log are kept and how often they are pruned
+    /// (default [`RetentionConfig::default`]: minute rows 7 days, hour rows 90 days, the
+    /// change log 24 hours and 100 000 rows, a pass every 5 minutes).
     pub fn retention(mut self, config: RetentionConfig) -> Self {
         self.retention = config;
+        self
+    }
+
+    /// How long the change log keeps a change for resuming event streams (default 24
+    /// hours; at least 1 second): a stream resuming from an older id gets `reset`. Sets
+    /// [`RetentionConfig::change_log`].
+    pub fn change_log_retention(mut self, keep: Duration) -> Self {
+        self.retention.change_log = keep;
+        self
+    }
+
+    /// Most rows the change log keeps (default 100 000, about 10 MB; at least 1). Sets
+    /// [`RetentionConfig::change_log_rows`].
+    pub fn change_log_max_rows(mut self, rows: u64) -> Self {
+        self.retention.change_log_rows = rows;
         self
     }
 
@@ -629,6 +644,8 @@ impl KeyServer {
             return Err(ServerError::NoAdminToken);
         }
         let hub = EventHub::with_max_subscribers(self.event_buffer, self.heartbeat, self.max_event_subscribers);
+        // Streams start after what the log holds already; the feed catches up from here.
+        hub.advance_to(store.change_log_bounds().await?.newest);
         let meters = Arc::new(if self.metrics_listen.is_some() { meters::Meters::on() } else { meters::Meters::off() });
         let store = store
             .reporting_to(Arc::new(auth::Sink { hub: hub.clone(), tokens: Arc::clone(&tokens) }))

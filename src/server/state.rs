@@ -224,12 +224,16 @@ impl std::fmt::Debug for ServerState {
 
 /// The local subscribers hear what the store committed.
 impl ChangeSink for EventHub {
-    fn publish(&self, note: &ChangeNote) {
-        note.publish(self);
+    fn publish(&self, note: &ChangeNote, id: Option<u64>) {
+        self.change(note, id);
     }
 
-    fn listening(&self) -> bool {
-        self.subscribers() > 0
+    fn position(&self) -> u64 {
+        EventHub::position(self)
+    }
+
+    fn skip_to(&self, id: u64) {
+        self.advance_to(id);
     }
 }
 
