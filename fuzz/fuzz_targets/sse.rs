@@ -17,13 +17,14 @@ use keygate::fuzzing::{EventBound, PARSER_START};
 use keygate::wire::{EventName, KeyChanged};
 use libfuzzer_sys::fuzz_target;
 
-/// Where the model refuses the stream: the byte at which an event grows past `max`
-/// or the UTF-8 goes wrong, if any.
-fn model_refuses_at(stream: &[u8], max: usize) -> Option<usize> {
+/// Where the model refuses the stream: the bytes within which the refusal must fall
+/// (an event growing past `max` is one byte; bad UTF-8 is seen at its first byte or
+/// at the byte after it that cannot continue it).
+fn model_refuses_at(stream: &[u8], max: usize) -> Option<(usize, usize)> {
     let utf8_bad = match std::str::from_utf8(stream) {
         Ok(_) => None,
         // An incomplete character at the very end may still be completed.
-        Err(e) => e.error_len().map(|_| e.valid_up_to()),
+        Err(e) => e.error_len().map(|n| (e.valid_up_to(), e.valid_up_to() + n)),
     };
     let mut event = 0;
     let mut line = 0;
@@ -48,8 +49,9 @@ fn model_refuses_at(stream: &[u8], max: usize) -> Option<usize> {
         i += 1;
     };
     match (utf8_bad, too_long) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+        (Some((lo, hi)), Some(at)) => Some((lo.min(at), hi.min(at))),
+        (Some(range), None) => Some(range),
+        (None, at) => at.map(|at| (at, at)),
     }
 }
 
@@ -126,7 +128,9 @@ fuzz_target!(|data: &[u8]| {
     }
     match (&refused, refused_at) {
         (None, None) => {}
-        (Some(range), Some(at)) => assert!(range.contains(&at), "refused in {range:?}, the model at {at}"),
+        (Some(range), Some((lo, hi))) => {
+            assert!(range.start <= hi && lo < range.end, "refused in {range:?}, the model in {lo}..={hi}")
+        }
         (got, want) => panic!("the bound refused in {got:?}, the model at {want:?}"),
     }
     assert_eq!(EventBound::new(max).accepts(stream).is_some(), refused_at.is_none());

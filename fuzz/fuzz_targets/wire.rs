@@ -23,10 +23,12 @@ fn round_trip<T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(jso
 }
 
 fn verify_request(json: &[u8]) {
-    // The key the input carries, if it is a JSON object with a string `key`.
-    let key = serde_json::from_slice::<serde_json::Value>(json)
-        .ok()
-        .and_then(|v| v.get("key").and_then(|k| k.as_str()).map(str::to_owned));
+    // The key the input carries, if it is a JSON object with a string `key`, and the
+    // object's field names (an error may name those).
+    let value = serde_json::from_slice::<serde_json::Value>(json).ok();
+    let key = value.as_ref().and_then(|v| v.get("key")?.as_str().map(str::to_owned));
+    let names: Vec<String> =
+        value.as_ref().and_then(|v| v.as_object()).map_or(Vec::new(), |o| o.keys().cloned().collect());
     match serde_json::from_slice::<VerifyRequest>(json) {
         Ok(request) => {
             let written = serde_json::to_string(&request).unwrap();
@@ -44,12 +46,11 @@ fn verify_request(json: &[u8]) {
             }
         }
         Err(e) => {
-            // Our own messages, and serde's for a missing or repeated field, name no
-            // values; a key long enough not to be a word of them must not appear.
+            // A key shaped like keygate's (an `_`, which no serde or keygate message
+            // holds) that is not also a field name must not appear in the error.
             let message = e.to_string();
-            if let Some(key) = key.filter(|k| k.len() >= 8 && !k.contains('`')) {
-                let words = "expected exactly one of `digest` and `key` must be 64 hex digits duplicate field";
-                if !words.contains(key.as_str()) {
+            if let Some(key) = key.filter(|k| k.len() >= 8 && k.contains('_') && !k.contains('`')) {
+                if !names.iter().any(|n| n.contains(key.as_str())) {
                     assert!(!message.contains(&key), "the error shows the key: {message}");
                 }
             }

@@ -376,18 +376,30 @@ impl EventBound {
 
     /// Checks a read and returns what the parser gets of it: all of it, less the byte
     /// order mark at the start of the stream.
-    fn pass(&mut self, mut chunk: bytes::Bytes) -> Result<bytes::Bytes, StreamError> {
+    fn pass(&mut self, chunk: bytes::Bytes) -> Result<bytes::Bytes, StreamError> {
         self.check(&chunk)?;
-        while self.bom < BOM.len() && !chunk.is_empty() {
-            if chunk[0] != BOM[self.bom] {
-                // Not a mark (a partial one would have been refused as UTF-8).
+        if self.bom == BOM.len() {
+            return Ok(chunk);
+        }
+        // The mark's bytes are held back until all three are seen: `EF BB BB` is a
+        // character, not a mark.
+        let held = self.bom;
+        let mut i = 0;
+        while self.bom < BOM.len() && i < chunk.len() {
+            if chunk[i] != BOM[self.bom] {
                 self.bom = BOM.len();
-                break;
+                if held == 0 {
+                    return Ok(chunk);
+                }
+                let mut out = bytes::BytesMut::with_capacity(held + chunk.len());
+                out.extend_from_slice(&BOM[..held]);
+                out.extend_from_slice(&chunk);
+                return Ok(out.freeze());
             }
             self.bom += 1;
-            chunk = chunk.slice(1..);
+            i += 1;
         }
-        Ok(chunk)
+        Ok(chunk.slice(i..))
     }
 
     fn check(&mut self, chunk: &[u8]) -> Result<(), StreamError> {
@@ -603,6 +615,14 @@ mod tests {
         // Only the first mark is one; a second is text (a field name here), and no panic.
         let events = parse_in_pieces("\u{feff}\u{feff}data: a\n\ndata: b\n\n".as_bytes(), 2).await;
         assert_eq!(events.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(), ["b"]);
+        // Found by the target too: the start of a mark that turns out to be another
+        // character (`EF BB BB`) is given back, not dropped.
+        for piece in [1, 2, 3] {
+            let events = parse_in_pieces("\u{fefb}: c\ndata: x\n\n".as_bytes(), piece).await;
+            assert_eq!(events.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(), ["x"], "piece {piece}");
+        }
+        let events = parse_in_pieces(&include_bytes!("../../fuzz/regressions/sse-partial-mark")[3..], 2).await;
+        assert!(events.is_empty());
         // The crash input itself (after the target's three bytes of settings).
         let events = parse_in_pieces(&include_bytes!("../../fuzz/regressions/sse-bom")[3..], 1).await;
         assert_eq!(events.len(), 1);
