@@ -351,7 +351,7 @@ mod tests {
     struct Recorded(Mutex<Vec<ChangeNote>>);
 
     impl ChangeSink for Recorded {
-        fn publish(&self, note: &ChangeNote) {
+        fn publish(&self, note: &ChangeNote, _id: Option<u64>) {
             self.0.lock().unwrap().push(note.clone());
         }
     }
