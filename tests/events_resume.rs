@@ -211,13 +211,13 @@ async fn postgres_replicas_deliver_each_others_changes_with_the_shared_ids_in_or
 
 // ---- a fleet across restarts
 
-/// 20 middlewares with 400 warm keys each by default; `KEYGATE_FLEET_KEYS=2000` runs the
-/// issue's 2 000 (40 000 verify calls to warm: measured 98 s in a debug build on two
-/// busy cores, of which 90 s warming; the two restarts take about a second each).
+/// 20 middlewares with 2 000 warm keys each, as issue 15 asks (40 000 verify calls to
+/// warm: measured 63 s in a debug build on two cores, most of it warming; the two
+/// restarts take about a second each). `KEYGATE_FLEET_KEYS=400` runs a quicker fleet.
 const INSTANCES: usize = 20;
 
 fn fleet_keys() -> usize {
-    std::env::var("KEYGATE_FLEET_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(400).clamp(200, 2000)
+    std::env::var("KEYGATE_FLEET_KEYS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000).clamp(200, 2000)
 }
 
 async fn start_on(db: &std::path::Path, addr: std::net::SocketAddr) -> RunningKeyServer {
