@@ -268,6 +268,9 @@ struct Serve {
     /// Most event streams (`GET /v1/events`) served at once; past it, 503 with Retry-After.
     #[arg(long, env = "KEYGATE_MAX_EVENT_SUBSCRIBERS", default_value_t = keygate::server::DEFAULT_MAX_EVENT_SUBSCRIBERS)]
     max_event_subscribers: u64,
+    /// Most verifications answered at once; past it, 503 `overloaded` with Retry-After 1.
+    #[arg(long, env = "KEYGATE_MAX_CONCURRENT_VERIFIES", default_value_t = keygate::server::DEFAULT_MAX_CONCURRENT_VERIFIES)]
+    max_concurrent_verifies: usize,
     /// Seconds a connection has to send a request's headers (and the longest an idle
     /// keep-alive connection stays open).
     #[arg(long, env = "KEYGATE_HEADER_READ_TIMEOUT_S", default_value_t = 10)]
@@ -818,6 +821,7 @@ async fn serve(s: Serve) -> Result<(), CliError> {
         .key_prefix(&s.key_prefix)
         .retention(retention)
         .max_event_subscribers(s.max_event_subscribers)
+        .max_concurrent_verifies(s.max_concurrent_verifies)
         .header_read_timeout(Duration::from_secs(s.header_read_timeout_s))
         .request_body_timeout(Duration::from_secs(s.request_body_timeout_s));
     for (env, prefix) in &s.env_prefixes {

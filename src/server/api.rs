@@ -308,6 +308,19 @@ async fn verify(
     _: Service,
     body: Result<JsonBody<VerifyRequest>, ApiError>,
 ) -> Response {
+    // Shed, don't queue: a middleware whose verify waits behind thousands of others times
+    // out anyway, and the queue would only hold memory. Its cache serves stale verdicts
+    // meanwhile and its circuit breaker backs off.
+    let Ok(_slot) = state.inner.verify_slots.try_acquire() else {
+        state.inner.stats.verify_shed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("verify shed: too many verifications in progress");
+        let body = crate::wire::ErrorBody {
+            error: "overloaded".to_owned(),
+            message: "too many verifications in progress; retry shortly".to_owned(),
+        };
+        let retry = [(http::header::RETRY_AFTER, VERIFY_RETRY_AFTER_S.to_string())];
+        return (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response();
+    };
     state.inner.stats.verify_calls.fetch_add(1, Ordering::Relaxed);
     let started = std::time::Instant::now();
     let verified = |outcome| state.inner.meters.verified(outcome, started.elapsed());
@@ -1050,8 +1063,15 @@ async fn ingest_usage(State(state): State<ServerState>, _: Service, req: Request
     path = "/v1/events",
     tag = "events",
     summary = "Stream invalidations and alerts (the middleware's call)",
+    params(
+        ("Last-Event-ID" = Option<String>, Header, description = "The last event id seen (or the `keygate-events-position` of the previous stream): the stream replays the key changes made after it from the change log, then goes live. An id older than the log's retention, from the future or unreadable starts the stream with `reset`.")
+    ),
     responses(
-        (status = 200, description = "Server-Sent Events, opened with the comment `: keygate events v1`. Events: `revoked`, `updated`, `rotated` (data `KeyChanged`), `reset` (`ResetData`), `alert` (`Alert`), `heartbeat` (`Heartbeat`). The stream ends when its token is revoked.", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-Sent Events, opened with the comment `: keygate events v1`. Events: `revoked`, `updated`, `rotated` (data `KeyChanged`, with an `id:`), `reset` (`ResetData`), `alert` (`Alert`), `heartbeat` (`Heartbeat`). The stream ends when its token is revoked.", content_type = "text/event-stream", body = String,
+            headers(
+                ("keygate-events-position" = u64, description = "The change-log id this stream starts after."),
+                ("keygate-events-resumed" = Option<u64>, description = "Present when the stream resumed after `Last-Event-ID`: that id.")
+            )),
         (status = 401, response = crate::server::openapi::Unauthorized),
         (status = 503, response = crate::server::openapi::Unavailable)
     ),
@@ -1116,6 +1136,12 @@ async fn events(State(state): State<ServerState>, service: Service, headers: htt
 
 /// The `Retry-After` of a refused event stream, in seconds.
 const EVENTS_RETRY_AFTER_S: u64 = 5;
+
+/// The `Retry-After` of a shed verification, in seconds.
+const VERIFY_RETRY_AFTER_S: u64 = 1;
+
+/// Default most verifications answered at once by one key service: 256.
+pub const DEFAULT_MAX_CONCURRENT_VERIFIES: usize = 256;
 
 // ---- helpers
 

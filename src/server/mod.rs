@@ -219,6 +219,7 @@
 //! | `keygate_server_event_subscribers` | gauge | — | `GET /v1/events` streams open now |
 //! | `keygate_server_events_published_total` | counter | — | events published to those streams |
 //! | `keygate_server_event_subscribers_refused_total` | counter | — | `GET /v1/events` streams refused (503) because the subscriber cap was reached |
+//! | `keygate_server_verify_shed_total` | counter | — | verifications refused at once (503 `overloaded`) because `max_concurrent_verifies` were in progress |
 //! | `keygate_server_alerts_raised_total` | counter | — | alerts raised: usage alerts (`denial_spike`, `rate_spike`, `new_network`) and the sweep's `key_expiring` and `key_max_age` |
 //! | `keygate_server_retention_passes_total` | counter | `result`: `ok`, `failed` | usage retention passes |
 //! | `keygate_server_retention_rows_total` | counter | `action`: `minutes_rolled_up`, `hours_deleted`, `batch_ids_deleted` | rows those passes rolled up into hours or deleted |
@@ -285,6 +286,7 @@ mod webhook_api;
 mod webhooks;
 
 pub use alerts::AlertConfig;
+pub use api::DEFAULT_MAX_CONCURRENT_VERIFIES;
 pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};
 pub use auth::{Admin, Service};
 pub use backup::{BackupError, backup_sqlite};
@@ -350,6 +352,7 @@ pub struct KeyServer {
     metrics_listen: Option<SocketAddr>,
     env_prefixes: std::collections::BTreeMap<String, String>,
     max_event_subscribers: u64,
+    max_concurrent_verifies: usize,
     header_read_timeout: Duration,
     request_body_timeout: Duration,
     webhooks: WebhookConfig,
@@ -391,6 +394,7 @@ impl KeyServer {
             metrics_listen: None,
             env_prefixes: DEFAULT_ENV_PREFIXES.iter().map(|(e, p)| ((*e).to_owned(), (*p).to_owned())).collect(),
             max_event_subscribers: DEFAULT_MAX_EVENT_SUBSCRIBERS,
+            max_concurrent_verifies: api::DEFAULT_MAX_CONCURRENT_VERIFIES,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
             webhooks: WebhookConfig::default(),
@@ -424,6 +428,15 @@ impl KeyServer {
     /// `too_many_subscribers` with `Retry-After`.
     pub fn max_event_subscribers(mut self, streams: u64) -> Self {
         self.max_event_subscribers = streams;
+        self
+    }
+
+    /// Most `POST /v1/keys/verify` requests answered at once (default
+    /// [`DEFAULT_MAX_CONCURRENT_VERIFIES`], 256); past it, 503 `overloaded` with
+    /// `Retry-After: 1` at once instead of a queue that grows. A middleware's cache serves
+    /// stale verdicts and its circuit breaker backs off meanwhile.
+    pub fn max_concurrent_verifies(mut self, verifies: usize) -> Self {
+        self.max_concurrent_verifies = verifies;
         self
     }
 
@@ -601,6 +614,9 @@ impl KeyServer {
             crate::key::validate_prefix(prefix)
                 .map_err(|e| ServerError::Config(format!("key prefix `{prefix}` of environment `{env}`: {e}")))?;
         }
+        if self.max_concurrent_verifies == 0 || self.max_concurrent_verifies > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(ServerError::Config("max_concurrent_verifies must be at least 1".into()));
+        }
         if self.max_event_subscribers == 0 {
             return Err(ServerError::Config("the event subscriber cap must be at least 1".into()));
         }
@@ -702,6 +718,7 @@ impl KeyServer {
                 _retention_task: retention_task,
                 meters,
                 webhook_counters,
+                verify_slots: tokio::sync::Semaphore::new(self.max_concurrent_verifies),
                 allow_internal_webhooks: self.allow_internal_webhooks,
                 _webhook_worker: webhook_worker,
                 sweep_counters,

@@ -115,11 +115,12 @@ impl<'s> ToResponse<'s> for Unavailable {
     fn response() -> (&'s str, RefOr<Response>) {
         let retry = HeaderBuilder::new()
             .schema(ObjectBuilder::new().schema_type(Type::Integer))
-            .description(Some("Seconds to wait (`GET /v1/events` past its subscriber cap)."))
+            .description(Some("Seconds to wait (`GET /v1/events` past its subscriber cap, a shed verification)."))
             .build();
         let response = error(
             "The store cannot be reached (`unavailable`); on `GET /v1/events`, also the subscriber cap is reached \
-             (`too_many_subscribers`, with `Retry-After`).",
+             (`too_many_subscribers`, with `Retry-After`); on `POST /v1/keys/verify`, also too many verifications \
+             are in progress (`overloaded`, with `Retry-After`).",
         )
         .header("Retry-After", retry)
         .build();
