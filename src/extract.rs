@@ -382,19 +382,25 @@ pub(crate) fn strip_credential<B>(req: &mut Request<B>, source: &KeySource) {
             }
         }
         KeySource::Cookie(name) => {
-            let kept: Vec<String> = req
-                .headers()
-                .get_all(COOKIE)
-                .iter()
-                .filter_map(|h| h.to_str().ok())
-                .flat_map(|t| t.split(';'))
-                .map(str::trim)
-                .filter(|pair| !pair.is_empty() && pair.split_once('=').map_or(*pair, |(k, _)| k).trim() != name)
-                .map(str::to_owned)
-                .collect();
+            // Bytes, as `from_cookie` reads them: a non-ASCII byte in another cookie
+            // must neither hide ours nor cost the application its other cookies.
+            let mut kept = Vec::new();
+            for header in req.headers().get_all(COOKIE) {
+                for pair in header.as_bytes().split(|&b| b == b';').map(<[u8]>::trim_ascii) {
+                    let k = pair.iter().position(|&b| b == b'=').map_or(pair, |i| &pair[..i]);
+                    if pair.is_empty() || k.trim_ascii() == name.as_bytes() {
+                        continue;
+                    }
+                    if !kept.is_empty() {
+                        kept.extend_from_slice(b"; ");
+                    }
+                    kept.extend_from_slice(pair);
+                }
+            }
             req.headers_mut().remove(COOKIE);
             if !kept.is_empty() {
-                if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+                // Pieces of valid header values joined by "; " are a valid header value.
+                if let Ok(v) = HeaderValue::from_bytes(&kept) {
                     req.headers_mut().insert(COOKIE, v);
                 }
             }
@@ -514,6 +520,12 @@ mod tests {
         assert_eq!(f.key.expose_secret(), "sekrit");
         strip_credential(&mut r, &all()[f.source]);
         assert_eq!(r.headers()[COOKIE], "a=1; b=2");
+
+        // A non-ASCII byte in another cookie: ours still goes, the others stay as sent.
+        let mut r = req(&[("cookie", b"a=\xe9t\xe9; k=sekrit"), ("cookie", b"b=2")], "/p");
+        let f = find_key(&r, &all(), 256).unwrap().unwrap();
+        strip_credential(&mut r, &all()[f.source]);
+        assert_eq!(r.headers()[COOKIE].as_bytes(), b"a=\xe9t\xe9; b=2");
 
         let mut r = req(&[], "/p?x=1&key=sekrit&y=2");
         let f = find_key(&r, &all(), 256).unwrap().unwrap();

@@ -149,6 +149,10 @@ mod usage;
 mod verify;
 pub mod wire;
 
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
+
 #[cfg(any(feature = "remote", feature = "client"))]
 mod transport;
 

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// What happened to a request, as precisely as keygate knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Outcome {

@@ -11,6 +11,7 @@ use crate::scope::{Requirement, ScopeSet};
 
 /// A per-key rate limit, as the key service reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct RateLimit {
     /// Requests allowed per period.
     pub limit: u64,

@@ -481,7 +481,8 @@ pub enum RequirementErrorKind {
     /// A character that cannot start a token.
     #[error("unexpected character `{0}`")]
     BadCharacter(char),
-    /// Parentheses nested too deeply.
+    /// Parentheses nested deeper than 32, or `AND` and `OR` groups nested deeper than
+    /// 33 (their text would need more than 32 levels of parentheses).
     #[error("parentheses nested deeper than 32")]
     TooDeep,
 }
@@ -608,6 +609,19 @@ fn word_term(word: &str, at: usize) -> Result<Requirement, RequirementError> {
     Err(RequirementError { at, kind: RequirementErrorKind::BareWord(word.to_owned()) })
 }
 
+/// Deepest nesting of `AND` / `OR` groups a parsed requirement may have. `Display`
+/// writes parentheses around every nested group (`(a:b AND c:d) OR e:f`, which the text
+/// need not have), so this keeps what parses within the 32 levels of parentheses that
+/// parse: the text of any requirement that parses parses back.
+const MAX_NESTING: usize = 33;
+
+fn nesting(r: &Requirement) -> usize {
+    match r {
+        Requirement::All(v) | Requirement::Any(v) => 1 + v.iter().map(nesting).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 struct Parser<'t, 'a> {
     tokens: &'t [Token<'a>],
     pos: usize,
@@ -620,21 +634,36 @@ impl Parser<'_, '_> {
     }
 
     fn or_depth(&mut self, depth: usize) -> Result<Requirement, RequirementError> {
+        let at = self.at();
         let mut items = vec![self.and_expr(depth)?];
         while matches!(self.tokens.get(self.pos), Some(Token { tok: Tok::Or, .. })) {
             self.pos += 1;
             items.push(self.and_expr(depth)?);
         }
-        Ok(if items.len() == 1 { items.pop().unwrap() } else { Requirement::Any(items) })
+        if items.len() == 1 { Ok(items.pop().unwrap()) } else { Self::group(Requirement::Any(items), at) }
     }
 
     fn and_expr(&mut self, depth: usize) -> Result<Requirement, RequirementError> {
+        let at = self.at();
         let mut items = vec![self.atom(depth)?];
         while matches!(self.tokens.get(self.pos), Some(Token { tok: Tok::And, .. })) {
             self.pos += 1;
             items.push(self.atom(depth)?);
         }
-        Ok(if items.len() == 1 { items.pop().unwrap() } else { Requirement::All(items) })
+        if items.len() == 1 { Ok(items.pop().unwrap()) } else { Self::group(Requirement::All(items), at) }
+    }
+
+    /// Where the next token starts.
+    fn at(&self) -> usize {
+        self.tokens.get(self.pos).map_or(self.len, |t| t.at)
+    }
+
+    /// A group starting at byte `at`, unless it nests too deep.
+    fn group(group: Requirement, at: usize) -> Result<Requirement, RequirementError> {
+        if nesting(&group) > MAX_NESTING {
+            return Err(RequirementError { at, kind: RequirementErrorKind::TooDeep });
+        }
+        Ok(group)
     }
 
     fn atom(&mut self, depth: usize) -> Result<Requirement, RequirementError> {
@@ -708,6 +737,15 @@ mod tests {
         assert_eq!(Requirement::parse(")").unwrap_err().kind, RequirementErrorKind::Unexpected(")".into()));
         let deep = format!("{}a:b{}", "(".repeat(40), ")".repeat(40));
         assert_eq!(Requirement::parse(&deep).unwrap_err().kind, RequirementErrorKind::TooDeep);
+        // Found by `fuzz/fuzz_targets/scope.rs`: 32 levels of parentheses parse, but the
+        // text of `a AND b OR c` inside them adds a 33rd, and did not parse back.
+        let text = std::str::from_utf8(include_bytes!("../fuzz/regressions/scope-display-depth")).unwrap();
+        let expr = text.split('\0').next().unwrap();
+        let err = Requirement::parse(expr).unwrap_err();
+        assert_eq!((err.kind, err.at), (RequirementErrorKind::TooDeep, 0));
+        let within = expr.replacen("x:y OR (", "", 1).replacen(')', "", 1);
+        let r = Requirement::parse(&within).unwrap();
+        assert_eq!(Requirement::parse(&r.to_string()).unwrap(), r);
     }
 
     #[test]

@@ -63,6 +63,22 @@
 //! A subscriber treats unknown events as signs of life. A `revoked`, `updated` or
 //! `rotated` event whose data cannot be read must be treated like `reset`.
 //!
+//! **Resuming.** `revoked`, `updated`, `rotated` and the `reset` of a change too large
+//! to list (`bulk`) carry an SSE `id:`: the change's id in the key service's change log,
+//! a decimal number that only grows (shared by every replica of one database).
+//! `alert`, `heartbeat` and the other `reset`s carry none, which leaves an SSE client's
+//! last event id as it was. Every stream's response has the header
+//! `keygate-events-position: <id>` ([`EVENTS_POSITION_HEADER`]): the stream delivers
+//! every change after that id. A subscriber that reconnects with `Last-Event-ID: <id>`
+//! ([`LAST_EVENT_ID_HEADER`]), the last id it saw (or the position, if it saw none),
+//! gets the changes it missed from the log, in order, then the live ones, none twice;
+//! the response then has `keygate-events-resumed: <id>` ([`EVENTS_RESUMED_HEADER`])
+//! and the subscriber may keep what it cached. Otherwise the stream starts with `reset`,
+//! reason `expired` (the id is older than the log's retention), `future` (newer than
+//! any id of this log) or `bad_id` (not a number), then goes live. A key service that
+//! answers without `keygate-events-resumed` (an older one, which sends no ids) did not
+//! resume: the subscriber must forget everything.
+//!
 //! # Usage: `POST /v1/usage` ([`USAGE_PATH`])
 //!
 //! Two request bodies are accepted on the same path; the answer to both is `202`
@@ -111,6 +127,22 @@ pub const EVENTS_PATH: &str = "/v1/events";
 pub const USAGE_PATH: &str = "/v1/usage";
 /// The SSE comment a key service opens each event stream with.
 pub const EVENTS_GREETING: &str = "keygate events v1";
+/// The request header a subscriber resumes with: the last event id it saw.
+pub const LAST_EVENT_ID_HEADER: &str = "last-event-id";
+/// The response header of every event stream: the change log id it delivers changes
+/// after.
+pub const EVENTS_POSITION_HEADER: &str = "keygate-events-position";
+/// The response header of a resumed event stream: the `Last-Event-ID` it resumed from.
+pub const EVENTS_RESUMED_HEADER: &str = "keygate-events-resumed";
+
+/// Reads an event id (`id:` field, `Last-Event-ID`): a decimal `u64`, at most 20 digits,
+/// nothing else (no sign, no spaces).
+pub fn parse_event_id(text: &str) -> Option<u64> {
+    if text.is_empty() || text.len() > 20 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
 
 // ---- verify
 
@@ -178,6 +210,7 @@ pub enum VerifyAnswer {
 /// The fields of a valid answer. Missing text fields read as empty, a missing `meta` as
 /// `null`; `key_id` is required.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ValidKey {
     /// The key's stable id.
     pub key_id: String,
@@ -201,6 +234,7 @@ pub struct ValidKey {
     pub expires_at: Option<OffsetDateTime>,
     /// Free-form JSON.
     #[serde(default)]
+    #[cfg_attr(feature = "server", schema(value_type = Object))]
     pub meta: serde_json::Value,
     /// The key's rate limit, if any.
     #[serde(default)]
@@ -209,6 +243,7 @@ pub struct ValidKey {
 
 /// The fields of a refusal.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Refusal {
     /// Why.
     pub code: Reason,
@@ -320,6 +355,7 @@ impl EventName {
 
 /// Data of `revoked`, `updated` and `rotated`: `{"key_id"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct KeyChanged {
     /// The key whose cached verdicts are stale.
     pub key_id: String,
@@ -327,6 +363,7 @@ pub struct KeyChanged {
 
 /// Data of `reset`: `{"reason", "missed"?}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ResetData {
     // Declared first so that the JSON reads as it always has: `{"missed", "reason"}`.
     /// With `lagged`: how many events this subscriber missed.
@@ -338,6 +375,7 @@ pub struct ResetData {
 
 /// Data of `heartbeat`: `{"at"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Heartbeat {
     /// When the key service sent it.
     #[serde(with = "time::serde::rfc3339")]
@@ -346,6 +384,7 @@ pub struct Heartbeat {
 
 /// What an [`Alert`] is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AlertKind {
     /// Denials in one minute far above the key's own recent baseline.
@@ -390,6 +429,7 @@ impl AlertKind {
 /// An anomaly the key service noticed in a key's usage or lifecycle: the data of `alert`, and an
 /// entry of `GET /v1/alerts`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct Alert {
     /// The alert's id in the key service (what `POST /v1/alerts/{id}/ack` takes);
     /// absent from older key services.
@@ -424,6 +464,7 @@ pub struct Alert {
 /// The `202` answer to `POST /v1/usage`: `{"accepted": n}`, plus `"duplicate": true`
 /// when an aggregate batch's id had already been applied (nothing was added again).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct UsageAccepted {
     /// Requests (aggregate batch) or events (raw batch) stored.
     pub accepted: u64,
@@ -451,11 +492,79 @@ fn is_zero(n: &u64) -> bool {
 
 /// The body of every refusal: `{"error": "<code>", "message": "<what is wrong>"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// Machine-readable code (`invalid_json`, `unauthorized`, `not_found`, ...).
     pub error: String,
     /// What is wrong, for humans.
     pub message: String,
+}
+
+// ---- OpenAPI schemas of the hand-written (de)serializations (the key service's document)
+
+#[cfg(feature = "server")]
+mod schemas {
+    use utoipa::openapi::schema::{AdditionalProperties, AllOfBuilder, ObjectBuilder, OneOfBuilder, Schema, Type};
+    use utoipa::openapi::{Ref, RefOr};
+    use utoipa::{PartialSchema, ToSchema};
+
+    use super::{Refusal, ValidKey, VerifyAnswer, VerifyRequest};
+
+    /// `{name: string}`, nothing else, `name` required.
+    fn only(name: &str, string: ObjectBuilder) -> Schema {
+        ObjectBuilder::new()
+            .property(name, string)
+            .required(name)
+            .additional_properties(Some(AdditionalProperties::<Schema>::FreeForm(false)))
+            .into()
+    }
+
+    impl PartialSchema for VerifyRequest {
+        fn schema() -> RefOr<Schema> {
+            let digest = ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some("^[0-9a-fA-F]{64}$"))
+                .description(Some("Hex SHA-256 of the key: what keygate sends."));
+            let key = ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some("The raw key: what older clients send."));
+            OneOfBuilder::new()
+                .item(only("digest", digest))
+                .item(only("key", key))
+                .description(Some("Exactly one of `digest` and `key`."))
+                .into()
+        }
+    }
+
+    impl ToSchema for VerifyRequest {}
+
+    /// `allOf` of `{"valid": <valid>}` and the named fields' schema.
+    fn tagged(valid: bool, fields: &str) -> Schema {
+        let tag = ObjectBuilder::new()
+            .property("valid", ObjectBuilder::new().schema_type(Type::Boolean).enum_values(Some([valid])))
+            .required("valid");
+        AllOfBuilder::new().item(tag).item(Ref::from_schema_name(fields)).into()
+    }
+
+    impl PartialSchema for VerifyAnswer {
+        fn schema() -> RefOr<Schema> {
+            OneOfBuilder::new()
+                .item(tagged(true, &ValidKey::name()))
+                .item(tagged(false, &Refusal::name()))
+                .description(Some("`valid: true` with the key's fields, or `valid: false` with the refusal's code."))
+                .into()
+        }
+    }
+
+    impl ToSchema for VerifyAnswer {
+        fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+            for (name, schema) in [(ValidKey::name(), ValidKey::schema()), (Refusal::name(), Refusal::schema())] {
+                schemas.push((name.into_owned(), schema));
+            }
+            <ValidKey as ToSchema>::schemas(schemas);
+            <Refusal as ToSchema>::schemas(schemas);
+        }
+    }
 }
 
 #[cfg(test)]

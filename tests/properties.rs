@@ -1,7 +1,16 @@
-//! Property tests: key format, scope matching, requirement parsing, extraction.
+//! Property tests: key format, scope matching, requirement parsing, extraction, and
+//! credential stripping.
 
-use keygate::{ApiKey, KeyFormat, Requirement, RequirementErrorKind, Scope, ScopeSet};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
+use keygate::{
+    ApiKey, ApiKeyLayer, KeyFormat, KeySource, Principal, Requirement, RequirementErrorKind, Scope, ScopeSet,
+    StaticVerifier,
+};
 use proptest::prelude::*;
+use tower::{Layer, ServiceExt};
 
 const BASE62: &str = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
@@ -143,5 +152,171 @@ proptest! {
     fn role_terms_never_panic(s in "(role\\(|role|[a-zA-Z:*()! ]|AND|OR){0,24}") {
         let _ = Requirement::parse(&s);
         let _ = Requirement::term(&s);
+    }
+}
+
+/// Where a request carries its key.
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    Bearer,
+    Token,
+    Header,
+    Query,
+    Cookie,
+}
+
+/// A request carrying a key in one place, among unrelated headers, parameters and
+/// cookies (none of them named like a credential).
+#[derive(Debug, Clone)]
+struct Carrying {
+    place: Place,
+    /// `Bearer` / `Token` as written (any case), and the spaces after it.
+    scheme_case: u8,
+    spaces: usize,
+    headers: Vec<(String, String)>,
+    params: Vec<(String, String)>,
+    /// Cookies, split over one or two `Cookie` headers.
+    cookies: Vec<(String, String)>,
+    split_cookies_at: usize,
+    /// Where among the parameters or cookies the key goes.
+    at: usize,
+}
+
+fn carrying() -> impl Strategy<Value = Carrying> {
+    let place = prop::sample::select(vec![Place::Bearer, Place::Token, Place::Header, Place::Query, Place::Cookie]);
+    let header_name = "x-[a-z]{1,8}".prop_filter("credential headers", |n| n != "x-api-key");
+    let name = "[a-z][a-z0-9_]{0,7}".prop_filter("credential names", |n| n != "api_key" && n != "session");
+    (
+        place,
+        any::<u8>(),
+        1usize..4,
+        prop::collection::vec((header_name, "[!-~]([ -~]{0,18}[!-~])?"), 0..5),
+        prop::collection::vec((name.clone(), "[A-Za-z0-9._~-]{0,10}"), 0..5),
+        prop::collection::vec((name, "[A-Za-z0-9._~-]{0,10}"), 0..5),
+        any::<usize>(),
+        any::<usize>(),
+    )
+        .prop_map(|(place, scheme_case, spaces, headers, params, cookies, split, at)| Carrying {
+            place,
+            scheme_case,
+            spaces,
+            headers,
+            split_cookies_at: split % (cookies.len() + 1),
+            params,
+            cookies,
+            at,
+        })
+}
+
+fn cased(word: &str, mask: u8) -> String {
+    word.chars()
+        .enumerate()
+        .map(|(i, c)| if mask & (1 << (i % 8)) != 0 { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() })
+        .collect()
+}
+
+impl Carrying {
+    fn request(&self, key: &str) -> Request<Body> {
+        let mut params: Vec<String> = self.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut cookies: Vec<String> = self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let spaces = " ".repeat(self.spaces);
+        let mut req = Request::builder();
+        for (name, value) in &self.headers {
+            req = req.header(name, value);
+        }
+        match self.place {
+            Place::Bearer => {
+                req = req.header("authorization", format!("{}{spaces}{key}", cased("bearer", self.scheme_case)))
+            }
+            Place::Token => {
+                req = req.header("authorization", format!("{}{spaces}{key}", cased("token", self.scheme_case)))
+            }
+            Place::Header => req = req.header("x-api-key", key),
+            Place::Query => params.insert(self.at % (params.len() + 1), format!("api_key={key}")),
+            Place::Cookie => cookies.insert(self.at % (cookies.len() + 1), format!("session={key}")),
+        }
+        let split = self.split_cookies_at.min(cookies.len());
+        for part in [&cookies[..split], &cookies[split..]] {
+            if !part.is_empty() {
+                req = req.header("cookie", part.join("; "));
+            }
+        }
+        let uri = if params.is_empty() { "/p".to_owned() } else { format!("/p?{}", params.join("&")) };
+        req.uri(uri).body(Body::empty()).unwrap()
+    }
+}
+
+/// The cookies of every `Cookie` header, in order.
+fn cookies_of(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .get_all("cookie")
+        .iter()
+        .flat_map(|h| h.to_str().unwrap().split(';'))
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            let (k, v) = c.split_once('=').unwrap_or((c, ""));
+            (k.to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+fn params_of(uri: &Uri) -> Vec<(String, String)> {
+    uri.query()
+        .map(|q| {
+            q.split('&')
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (k.to_owned(), v.to_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    // What the inner service receives, whatever the key's place among unrelated data:
+    // no header, parameter or cookie carries the key, and everything else is as sent.
+    #[test]
+    fn stripping_leaves_no_key_and_everything_else(c in carrying()) {
+        let key = ApiKey::generate("kg").unwrap();
+        let secret = key.expose_secret().to_owned();
+        let seen: Arc<Mutex<Option<(HeaderMap, Uri)>>> = Arc::default();
+        let inner = {
+            let seen = Arc::clone(&seen);
+            tower::service_fn(move |req: Request<Body>| {
+                *seen.lock().unwrap() = Some((req.headers().clone(), req.uri().clone()));
+                async { Ok::<_, std::convert::Infallible>(Response::new(Body::empty())) }
+            })
+        };
+        let layer = ApiKeyLayer::new(StaticVerifier::new().with_key(&key, Principal::builder("key_1").build())).sources([
+            KeySource::bearer(),
+            KeySource::authorization("Token"),
+            KeySource::header("x-api-key"),
+            KeySource::query("api_key"),
+            KeySource::cookie("session"),
+        ]);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let res = runtime.block_on(layer.layer(inner).oneshot(c.request(&secret))).unwrap();
+        prop_assert_eq!(res.status(), StatusCode::OK);
+        let (headers, uri) = seen.lock().unwrap().take().expect("the inner service was called");
+
+        for (name, value) in &headers {
+            prop_assert!(!value.as_bytes().windows(secret.len()).any(|w| w == secret.as_bytes()), "{} carries the key", name);
+        }
+        prop_assert!(!uri.to_string().contains(&secret), "the URI carries the key: {}", uri);
+        prop_assert!(headers.get("authorization").is_none() && headers.get("x-api-key").is_none());
+
+        // Unrelated headers: every value, in order.
+        for (name, _) in &c.headers {
+            let want: Vec<&str> = c.headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect();
+            let got: Vec<&str> = headers.get_all(name).iter().map(|v| v.to_str().unwrap()).collect();
+            prop_assert_eq!(got, want, "header {}", name);
+        }
+        prop_assert_eq!(params_of(&uri), c.params.clone());
+        prop_assert_eq!(uri.path(), "/p");
+        prop_assert_eq!(cookies_of(&headers), c.cookies.clone());
     }
 }

@@ -123,3 +123,63 @@ async fn admin_text_with_invisible_or_bidi_characters_is_refused_precisely() {
     t.admin.create_key(new_key("Müller & Söhne 東京", &["a:b"])).await.unwrap();
     assert_eq!(t.admin.list_keys(None).await.unwrap().len(), 2);
 }
+
+/// More verifications at once than `max_concurrent_verifies` are shed with a fast 503
+/// `overloaded` and `Retry-After`, not queued; the ones in progress finish normally. The
+/// verifications are held inside the store by a lock on the keys table (PostgreSQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifications_past_the_cap_are_shed_at_once() {
+    use sqlx::Connection;
+    let Some(db) = TestDb::postgres().await else { return };
+    let TestDb::Postgres(schema) = &db else { unreachable!() };
+    let t = TestServer::start_on(db.clone(), |b: KeyServer| b.max_concurrent_verifies(2)).await;
+    let key = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    let digest = keygate::ApiKey::new(key.key.expose_secret().to_owned()).digest().to_hex();
+    let verify = || {
+        let req =
+            t.http.post(t.url("/v1/keys/verify")).bearer_auth(SERVICE).json(&serde_json::json!({ "digest": digest }));
+        async move { req.send().await.unwrap() }
+    };
+    assert_eq!(verify().await.status(), 200);
+
+    let mut lock = schema.admin_connection().await;
+    let mut tx = lock.begin().await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {}.keys IN ACCESS EXCLUSIVE MODE", schema.name)).execute(&mut *tx).await.unwrap();
+    let held: Vec<_> = (0..2).map(|_| tokio::spawn(verify())).collect();
+    // Both slots taken: the two are waiting on the lock.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let res = verify().await;
+            res.status() == 503
+        })
+        .await
+    );
+    let shed = verify().await;
+    assert_eq!(shed.status(), 503);
+    assert_eq!(shed.headers()["retry-after"], "1");
+    let body: serde_json::Value = shed.json().await.unwrap();
+    assert_eq!(body["error"], "overloaded");
+    assert!(t.server.stats().verify_shed >= 2);
+    assert!(held.iter().all(|h| !h.is_finished()), "the two in progress still wait");
+
+    tx.rollback().await.unwrap();
+    for h in held {
+        let res = tokio::time::timeout(Duration::from_secs(10), h).await.expect("answered").unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    assert_eq!(verify().await.status(), 200, "the slots are free again");
+}
+
+#[tokio::test]
+async fn a_zero_verify_cap_is_refused_at_start() {
+    let err = KeyServer::builder()
+        .database(TestDb::sqlite().url())
+        .service_token(SERVICE)
+        .admin_token(ADMIN)
+        .listen("127.0.0.1:0".parse().unwrap())
+        .max_concurrent_verifies(0)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("max_concurrent_verifies"), "{err}");
+}

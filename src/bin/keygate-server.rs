@@ -44,7 +44,10 @@
 //! Usage retention (`serve`): minute rows are rolled up into hour rows after
 //! `--usage-minutes-hours` (default 168, 7 days), hour rows deleted after
 //! `--usage-hours-days` (default 90), a pass every `--usage-retention-interval-s`
-//! (default 300); `--no-usage-retention` turns the passes off.
+//! (default 300); `--no-usage-retention` turns the passes off. The same passes prune
+//! the change log that resuming event streams replay (`Last-Event-ID`): rows older than
+//! `--change-log-hours` (default 24) or beyond the newest `--change-log-rows` (default
+//! 100 000).
 //!
 //! Metrics (`serve`): `--metrics-listen ADDR` (`KEYGATE_METRICS_LISTEN`; off by default)
 //! serves Prometheus metrics at `GET /metrics` on that address of its own, without a token.
@@ -248,6 +251,12 @@ struct Serve {
     /// Do not prune usage (another replica, or an external job, does).
     #[arg(long, env = "KEYGATE_USAGE_RETENTION_OFF")]
     no_usage_retention: bool,
+    /// Keep the change log (what resuming event streams replay) this many hours.
+    #[arg(long, env = "KEYGATE_CHANGE_LOG_HOURS", default_value_t = 24)]
+    change_log_hours: u64,
+    /// Keep at most this many change log rows.
+    #[arg(long, env = "KEYGATE_CHANGE_LOG_ROWS", default_value_t = 100_000)]
+    change_log_rows: u64,
     /// Serve Prometheus metrics at GET /metrics on this address of its own (no token:
     /// bind it where only the scraper reaches). Off when absent.
     #[arg(long, env = "KEYGATE_METRICS_LISTEN")]
@@ -259,6 +268,9 @@ struct Serve {
     /// Most event streams (`GET /v1/events`) served at once; past it, 503 with Retry-After.
     #[arg(long, env = "KEYGATE_MAX_EVENT_SUBSCRIBERS", default_value_t = keygate::server::DEFAULT_MAX_EVENT_SUBSCRIBERS)]
     max_event_subscribers: u64,
+    /// Most verifications answered at once; past it, 503 `overloaded` with Retry-After 1.
+    #[arg(long, env = "KEYGATE_MAX_CONCURRENT_VERIFIES", default_value_t = keygate::server::DEFAULT_MAX_CONCURRENT_VERIFIES)]
+    max_concurrent_verifies: usize,
     /// Seconds a connection has to send a request's headers (and the longest an idle
     /// keep-alive connection stays open).
     #[arg(long, env = "KEYGATE_HEADER_READ_TIMEOUT_S", default_value_t = 10)]
@@ -799,6 +811,8 @@ async fn serve(s: Serve) -> Result<(), CliError> {
         interval: Duration::from_secs(s.usage_retention_interval_s),
         minutes: Duration::from_secs(s.usage_minutes_hours.saturating_mul(3600)),
         hours: Duration::from_secs(s.usage_hours_days.saturating_mul(86_400)),
+        change_log: Duration::from_secs(s.change_log_hours.saturating_mul(3600)),
+        change_log_rows: s.change_log_rows,
         ..RetentionConfig::default()
     };
     let mut builder = KeyServer::builder()
@@ -807,6 +821,7 @@ async fn serve(s: Serve) -> Result<(), CliError> {
         .key_prefix(&s.key_prefix)
         .retention(retention)
         .max_event_subscribers(s.max_event_subscribers)
+        .max_concurrent_verifies(s.max_concurrent_verifies)
         .header_read_timeout(Duration::from_secs(s.header_read_timeout_s))
         .request_body_timeout(Duration::from_secs(s.request_body_timeout_s));
     for (env, prefix) in &s.env_prefixes {

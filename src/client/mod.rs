@@ -395,6 +395,7 @@ impl std::fmt::Debug for CreatedWebhook {
 
 /// A page of `GET /v1/webhooks/{id}/deliveries`, newest first.
 #[derive(Debug, Clone, serde::Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct DeliveryPage {
     /// The endpoint.
     pub webhook_id: String,

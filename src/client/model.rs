@@ -9,6 +9,7 @@ use crate::principal::RateLimit;
 
 /// A key as the admin API shows it: never the key itself, nor its hash.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct KeyInfo {
     /// Stable, non-secret id: `key_` + 22 base62 characters.
     pub key_id: String,
@@ -33,6 +34,7 @@ pub struct KeyInfo {
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub revoked_at: Option<OffsetDateTime>,
     /// Free-form JSON object.
+    #[cfg_attr(feature = "server", schema(value_type = Object))]
     pub meta: serde_json::Value,
     /// Optional per-key rate limit, enforced by the middleware.
     pub ratelimit: Option<RateLimit>,
@@ -51,6 +53,7 @@ pub struct KeyInfo {
 
 /// `POST /v1/keys`: a key to create. Unknown fields are rejected.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     /// Who owns the key (1 to 128 bytes, no control characters).
@@ -72,6 +75,7 @@ pub struct NewKey {
     pub expires_at: Option<OffsetDateTime>,
     /// A JSON object of at most 4 KiB; default `{}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "server", schema(value_type = Option<Object>))]
     pub meta: Option<serde_json::Value>,
     /// A rate limit for the middleware to enforce; default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -85,6 +89,7 @@ pub struct NewKey {
 /// `PATCH /v1/keys/{id}`: the fields to change. Absent fields stay as they are;
 /// `expires_at: null` and `ratelimit: null` remove them. Unknown fields are rejected.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct KeyPatch {
     /// New name.
@@ -101,12 +106,15 @@ pub struct KeyPatch {
     pub disabled: Option<bool>,
     /// New metadata object (replaces it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "server", schema(value_type = Option<Object>))]
     pub meta: Option<serde_json::Value>,
     /// New expiry (`null` removes it); must be in the future.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "double_option_time")]
+    #[cfg_attr(feature = "server", schema(value_type = Option<String>, format = DateTime))]
     pub expires_at: Option<Option<OffsetDateTime>>,
     /// New rate limit (`null` removes it).
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "double_option")]
+    #[cfg_attr(feature = "server", schema(value_type = Option<RateLimit>))]
     pub ratelimit: Option<Option<RateLimit>>,
     /// Allows the patch to leave the key with neither scopes nor roles (refused with
     /// 400 `empty_key` otherwise). Changes nothing by itself.
@@ -123,6 +131,7 @@ impl KeyPatch {
 
 /// A role as the admin API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct RoleInfo {
     /// The role's name.
     pub name: String,
@@ -135,6 +144,7 @@ pub struct RoleInfo {
 
 /// One audit record. Records are only ever appended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct AuditRecord {
     /// When.
     #[serde(with = "time::serde::rfc3339")]
@@ -149,11 +159,13 @@ pub struct AuditRecord {
     pub key_id: Option<String>,
     /// What changed: new values on create, `{"field": {"from", "to"}}` on update.
     /// Never a key or a key hash.
+    #[cfg_attr(feature = "server", schema(value_type = Object))]
     pub changes: serde_json::Value,
 }
 
 /// How `GET /v1/usage` groups what it counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum UsageGroupBy {
     /// One bucket per minute with traffic (minute rows; the default). Minutes that
@@ -188,6 +200,7 @@ impl UsageGroupBy {
 /// `status_3xx`, the percentiles) read as absent from older key services, and older
 /// readers ignore them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct UsageBucket {
     /// The bucket's start (grouped by route: the start of the span).
     #[serde(with = "time::serde::rfc3339")]
@@ -265,6 +278,7 @@ impl Default for UsageBucket {
 /// "buckets": [...]}`, buckets oldest first (grouped by route: by route, method and
 /// outcome).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct UsageReport {
     /// The key asked about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -363,6 +377,7 @@ mod double_option_time {
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum TokenKind {
     /// Middlewares: verify, usage, events. Generated ones start with `kgs_`.
@@ -406,6 +421,7 @@ impl std::fmt::Display for TokenKind {
 
 /// A token as the admin API shows it: never the token itself, nor its digest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct TokenInfo {
     /// Stable, non-secret id: `tok_` + 22 base62 characters, or the name of a
     /// bootstrap token.
@@ -433,6 +449,7 @@ pub struct TokenInfo {
 
 /// `POST /v1/tokens`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
     /// What the token may do.
@@ -444,6 +461,7 @@ pub struct NewToken {
 
 /// A created token: the raw token (shown this once) and its fields.
 #[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct CreatedToken {
     /// The token's fields.
     #[serde(flatten)]
@@ -460,6 +478,7 @@ impl std::fmt::Debug for CreatedToken {
 
 /// A webhook endpoint as `GET /v1/webhooks` shows it (never its secret).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct WebhookEndpoint {
     /// `wh_` + 22 base62 characters.
     pub id: String,
@@ -481,6 +500,7 @@ pub struct WebhookEndpoint {
 
 /// Where a delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DeliveryState {
     /// Waiting for its first or next attempt.
@@ -513,6 +533,7 @@ impl DeliveryState {
 
 /// One entry of `GET /v1/webhooks/{id}/deliveries`: one event to one endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct WebhookDelivery {
     /// The delivery's id (increasing).
     pub id: i64,

@@ -44,10 +44,18 @@ const LIVENESS_TICK: Duration = Duration::from_secs(1);
 ///   ignored.
 /// - `reset` drops the whole cache; `alert`, heartbeats, comments and unknown events
 ///   are only signs of life.
-/// - **Gaps.** Every time a connection is established the whole cache is dropped,
-///   because events sent while disconnected are lost (the first connection too: the
-///   cache may hold verdicts from before the subscription). A stream silent for twice
-///   the heartbeat interval (default 2 × 15 s) counts as lost.
+/// - **Gaps and resumption.** The listener remembers the last event id it saw (the
+///   change log id the key service puts on every change, or the stream's
+///   `keygate-events-position` until one arrives) and reconnects with
+///   `Last-Event-ID`: a key service that resumes the stream (it answers with
+///   `keygate-events-resumed`) replays what was missed, in order, before going live,
+///   so the cache is **kept** across the reconnect, to another replica of the same
+///   database too. The whole cache is dropped when a connection is established
+///   without resumption: the first one (the cache may hold verdicts from before the
+///   subscription), one to a key service that sends no ids (an older one) or that
+///   refused the id (it then also sends `reset`, `expired` or `future`). A stream
+///   silent for twice the heartbeat interval (default 2 × 15 s) counts as lost.
+///   [`ListenerStats`] counts `resumes` and `resets`.
 /// - **Reconnects** use exponential backoff with jitter: a random delay between half
 ///   and all of `min(max_backoff, initial_backoff × 2^n)` (defaults 100 ms and 5 s), where `n`
 ///   counts failures since the last connection that stayed up 10 s. Failing to connect
@@ -62,10 +70,13 @@ const LIVENESS_TICK: Duration = Duration::from_secs(1);
 ///   holds a weak reference). An event longer than 64 KiB (all its lines together)
 ///   ends the connection.
 ///
-/// While disconnected the cache keeps serving under its TTL and stale-if-error rules.
+/// While disconnected the cache keeps serving under its TTL and stale-if-error rules,
+/// exactly as before resumption existed: what changed meanwhile is applied when the
+/// stream resumes (within one round trip of reconnecting), or the cache is dropped.
 ///
 /// Metrics: the gauge `keygate_events_connected` (0 or 1) and the counters
-/// `keygate_events_reconnects_total`, `keygate_events_connect_failures_total`,
+/// `keygate_events_reconnects_total`, `keygate_events_resumes_total`,
+/// `keygate_events_connect_failures_total`,
 /// `keygate_events_invalidations_total` and `keygate_events_invalidation_failures_total`.
 ///
 /// ```no_run
@@ -99,10 +110,18 @@ pub struct ListenerStats {
     pub connect_failures: u64,
     /// Invalidations applied from `revoked`, `updated` and `rotated` events.
     pub invalidations: u64,
-    /// Times the whole cache was dropped (connections, `reset`, unreadable events).
+    /// Times the whole cache was dropped (connections not resumed, `reset`,
+    /// unreadable events).
     pub cache_drops: u64,
     /// Events that should have invalidated a key id but could not be read.
     pub invalidation_failures: u64,
+    /// Connections that resumed from the last event id: the cache was kept.
+    pub resumes: u64,
+    /// `reset` events received (each dropped the cache).
+    pub resets: u64,
+    /// The last event id seen (what the next connection resumes from); `None` before
+    /// the first, or after a key service that sends no ids.
+    pub last_event_id: Option<u64>,
 }
 
 #[derive(Default)]
@@ -114,7 +133,28 @@ struct State {
     invalidations: AtomicU64,
     cache_drops: AtomicU64,
     invalidation_failures: AtomicU64,
+    resumes: AtomicU64,
+    resets: AtomicU64,
+    /// The last event id seen; [`NO_ID`] for none.
+    last_event_id: AtomicU64,
     endpoint: AtomicUsize,
+}
+
+/// [`State::last_event_id`] when there is none (ids are at most `i64::MAX`).
+const NO_ID: u64 = u64::MAX;
+
+impl State {
+    fn new() -> Self {
+        Self { last_event_id: AtomicU64::new(NO_ID), ..Self::default() }
+    }
+
+    fn last_event_id(&self) -> Option<u64> {
+        Some(self.last_event_id.load(Ordering::Relaxed)).filter(|&id| id != NO_ID)
+    }
+
+    fn set_last_event_id(&self, id: Option<u64>) {
+        self.last_event_id.store(id.unwrap_or(NO_ID), Ordering::Relaxed);
+    }
 }
 
 struct Config {
@@ -162,6 +202,9 @@ impl RevocationListener {
             invalidations: get(&s.invalidations),
             cache_drops: get(&s.cache_drops),
             invalidation_failures: get(&s.invalidation_failures),
+            resumes: get(&s.resumes),
+            resets: get(&s.resets),
+            last_event_id: s.last_event_id(),
         }
     }
 
@@ -246,7 +289,7 @@ impl RevocationListenerBuilder {
             max_backoff: self.max_backoff,
             max_line_bytes: self.max_line_bytes,
         };
-        let state = Arc::new(State::default());
+        let state = Arc::new(State::new());
         let (stop_tx, stop_rx) = watch::channel(());
         let task = runtime.spawn(run(cache.downgrade(), config, Arc::clone(&state), stop_rx));
         Ok(RevocationListener { state, stop: Some(stop_tx), task: Some(task) })
@@ -328,6 +371,7 @@ fn set_connected(state: &State, connected: bool) {
 enum StreamError {
     Transfer(reqwest::Error),
     TooLong(usize),
+    NotUtf8,
 }
 
 impl fmt::Display for StreamError {
@@ -335,6 +379,7 @@ impl fmt::Display for StreamError {
         match self {
             Self::Transfer(e) => f.write_str(&describe(e)),
             Self::TooLong(max) => write!(f, "an event is longer than {max} bytes"),
+            Self::NotUtf8 => f.write_str("the stream is not UTF-8"),
         }
     }
 }
@@ -343,15 +388,65 @@ impl fmt::Display for StreamError {
 /// refuses the stream once one exceeds the bound: `eventsource-stream` buffers an event
 /// until it is complete and has no bound of its own. Lines end with CRLF, LF or CR; an
 /// empty line ends an event.
-struct EventBound {
+///
+/// It also refuses bytes that are not UTF-8: the parser keeps everything after an
+/// invalid byte, waiting for a character that never completes, and would grow without
+/// bound and stop yielding events while the bytes still look like signs of life. And
+/// it removes the byte order mark a stream may start with: the parser's own removal
+/// slices the mark's first byte off and panics, which would end the listener's task.
+pub(crate) struct EventBound {
     max: usize,
     event: usize,
     line: usize,
     after_cr: bool,
+    /// The start of a character split between reads (at most 3 bytes).
+    partial: [u8; 4],
+    partial_len: usize,
+    /// Bytes of the stream's first 3 that were a byte order mark's.
+    bom: usize,
 }
 
+/// What the parser reads before the stream: an empty line, which is no event, so that
+/// its first text never starts with a byte order mark (see [`EventBound`]).
+pub(crate) const PARSER_START: &[u8] = b"\n";
+
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
 impl EventBound {
+    pub(crate) fn new(max: usize) -> Self {
+        EventBound { max, event: 0, line: 0, after_cr: false, partial: [0; 4], partial_len: 0, bom: 0 }
+    }
+
+    /// Checks a read and returns what the parser gets of it: all of it, less the byte
+    /// order mark at the start of the stream.
+    fn pass(&mut self, chunk: bytes::Bytes) -> Result<bytes::Bytes, StreamError> {
+        self.check(&chunk)?;
+        if self.bom == BOM.len() {
+            return Ok(chunk);
+        }
+        // The mark's bytes are held back until all three are seen: `EF BB BB` is a
+        // character, not a mark.
+        let held = self.bom;
+        let mut i = 0;
+        while self.bom < BOM.len() && i < chunk.len() {
+            if chunk[i] != BOM[self.bom] {
+                self.bom = BOM.len();
+                if held == 0 {
+                    return Ok(chunk);
+                }
+                let mut out = bytes::BytesMut::with_capacity(held + chunk.len());
+                out.extend_from_slice(&BOM[..held]);
+                out.extend_from_slice(&chunk);
+                return Ok(out.freeze());
+            }
+            self.bom += 1;
+            i += 1;
+        }
+        Ok(chunk.slice(i..))
+    }
+
     fn check(&mut self, chunk: &[u8]) -> Result<(), StreamError> {
+        self.check_utf8(chunk)?;
         for &b in chunk {
             if std::mem::take(&mut self.after_cr) && b == b'\n' {
                 continue;
@@ -372,12 +467,51 @@ impl EventBound {
         }
         Ok(())
     }
+
+    fn check_utf8(&mut self, chunk: &[u8]) -> Result<(), StreamError> {
+        let mut rest = chunk;
+        // First finish the character the last read ended inside of.
+        while self.partial_len > 0 {
+            let Some((&b, tail)) = rest.split_first() else { return Ok(()) };
+            rest = tail;
+            self.partial[self.partial_len] = b;
+            self.partial_len += 1;
+            match std::str::from_utf8(&self.partial[..self.partial_len]) {
+                Ok(_) => self.partial_len = 0,
+                Err(e) if e.error_len().is_some() => return Err(StreamError::NotUtf8),
+                Err(_) => {}
+            }
+        }
+        match std::str::from_utf8(rest) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_some() => Err(StreamError::NotUtf8),
+            Err(e) => {
+                // Cut inside a character (1 to 3 bytes): the next read completes it.
+                let tail = &rest[e.valid_up_to()..];
+                self.partial[..tail.len()].copy_from_slice(tail);
+                self.partial_len = tail.len();
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(fuzzing)]
+impl EventBound {
+    pub(crate) fn accepts(&mut self, chunk: &[u8]) -> Option<Vec<u8>> {
+        self.pass(bytes::Bytes::copy_from_slice(chunk)).ok().map(Vec::from)
+    }
 }
 
 async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &State, endpoint: &Endpoint) -> Ended {
     let dead_after = config.heartbeat_interval.saturating_mul(2);
     let (request, ticket) = config.remote.request(reqwest::Method::GET, endpoint).await;
-    let request = request.header(ACCEPT, "text/event-stream").header(CACHE_CONTROL, "no-cache").send();
+    let mut request = request.header(ACCEPT, "text/event-stream").header(CACHE_CONTROL, "no-cache");
+    let resume_from = state.last_event_id();
+    if let Some(id) = resume_from {
+        request = request.header(wire::LAST_EVENT_ID_HEADER, id.to_string());
+    }
+    let request = request.send();
     let response = match tokio::time::timeout(dead_after, request).await {
         Err(_) => return Ended::NotConnected(format!("no answer within {dead_after:?}")),
         Ok(Err(e)) => return Ended::NotConnected(describe(&e)),
@@ -402,35 +536,57 @@ async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &S
         return Ended::NotConnected("the answer is not text/event-stream".into());
     }
 
+    let header_id =
+        |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).and_then(wire::parse_event_id);
+    let resumed = resume_from.is_some() && header_id(wire::EVENTS_RESUMED_HEADER) == resume_from;
+    let position = header_id(wire::EVENTS_POSITION_HEADER);
+
     let Some(shared) = cache.upgrade() else { return Ended::VerifierGone };
     let connects = state.connects.fetch_add(1, Ordering::Relaxed) + 1;
-    // Whatever happened before this point was not heard: start from an empty cache.
-    shared.core.invalidate_all();
     // The key service answers: lookups need not wait for the circuit's next probe.
     shared.core.circuit.close("the event stream connected");
+    if resumed {
+        // The key service replays what was missed before anything live: the cache stays.
+        state.resumes.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("keygate_events_resumes_total").increment(1);
+    } else {
+        // Whatever happened before this point was not heard: start from an empty cache.
+        shared.core.invalidate_all();
+        state.cache_drops.fetch_add(1, Ordering::Relaxed);
+        state.set_last_event_id(position);
+    }
     drop(shared);
-    state.cache_drops.fetch_add(1, Ordering::Relaxed);
     set_connected(state, true);
     if connects > 1 {
         state.reconnects.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("keygate_events_reconnects_total").increment(1);
-        tracing::warn!(endpoint = %endpoint.label, "event stream reconnected after a gap: dropped the whole cache");
+        match resume_from {
+            _ if resumed => {
+                tracing::info!(endpoint = %endpoint.label, after = resume_from, "event stream resumed after a gap: the cache is kept")
+            }
+            Some(_) => {
+                tracing::warn!(endpoint = %endpoint.label, "event stream reconnected but not resumed: dropped the whole cache")
+            }
+            None => {
+                tracing::warn!(endpoint = %endpoint.label, "event stream reconnected after a gap (no event id to resume from): dropped the whole cache")
+            }
+        }
     } else {
-        tracing::info!(endpoint = %endpoint.label, "event stream connected");
+        tracing::info!(endpoint = %endpoint.label, resumed, "event stream connected");
     }
 
     let connected_at = Instant::now();
     // Any byte is a sign of life, comments (the usual heartbeat) included, although the
     // parser never yields those: liveness is measured below the parser.
     let last_seen_ms = AtomicU64::new(0);
-    let mut bound = EventBound { max: config.max_line_bytes, event: 0, line: 0, after_cr: false };
+    let mut bound = EventBound::new(config.max_line_bytes);
     let bytes = response.bytes_stream().map(|chunk| {
         let chunk = chunk.map_err(StreamError::Transfer)?;
         last_seen_ms.store(u64::try_from(connected_at.elapsed().as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
-        bound.check(&chunk)?;
-        Ok::<_, StreamError>(chunk)
+        bound.pass(chunk)
     });
-    let mut events = std::pin::pin!(bytes.eventsource());
+    let start = futures_util::stream::once(std::future::ready(Ok(bytes::Bytes::from_static(PARSER_START))));
+    let mut events = std::pin::pin!(start.chain(bytes).eventsource());
     loop {
         let lost = |why: String| Ended::Lost { lasted: connected_at.elapsed(), why };
         let event = match tokio::time::timeout(LIVENESS_TICK.min(dead_after), events.next()).await {
@@ -452,6 +608,10 @@ async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &S
         };
         let Some(shared) = cache.upgrade() else { return Ended::VerifierGone };
         apply(&shared, state, &event).await;
+        // After applying: a reconnect resumes after what took effect.
+        if let Some(id) = wire::parse_event_id(&event.id) {
+            state.set_last_event_id(Some(id));
+        }
     }
 }
 
@@ -482,6 +642,7 @@ async fn apply<V: Verifier>(shared: &Shared<V>, state: &State, event: &Event) {
             tracing::info!("event stream: reset; dropping the whole cache");
             shared.core.invalidate_all();
             state.cache_drops.fetch_add(1, Ordering::Relaxed);
+            state.resets.fetch_add(1, Ordering::Relaxed);
         }
         _ => tracing::trace!(event = %event.event, "event stream: ignored event"),
     }
@@ -492,7 +653,7 @@ mod tests {
     use super::*;
 
     fn check_in_pieces(input: &[u8], piece: usize, max: usize) -> Result<(), ()> {
-        let mut bound = EventBound { max, event: 0, line: 0, after_cr: false };
+        let mut bound = EventBound::new(max);
         input.chunks(piece).try_for_each(|chunk| bound.check(chunk)).map_err(|_| ())
     }
 
@@ -505,6 +666,60 @@ mod tests {
             assert!(check_in_pieces(long_event.as_bytes(), piece, 64).is_err(), "piece {piece}");
             assert!(check_in_pieces(&[b'a'; 65], piece, 64).is_err(), "piece {piece}");
             assert!(check_in_pieces(b"data: a\r\rdata: b\r\r", piece, 8).is_ok(), "piece {piece}");
+        }
+    }
+
+    /// The events the parser yields from `input` read `piece` bytes at a time, behind
+    /// the bound as in `follow`.
+    async fn parse_in_pieces(input: &[u8], piece: usize) -> Vec<Event> {
+        let mut bound = EventBound::new(1024);
+        let reads: Vec<_> = input.chunks(piece).map(|c| bound.pass(bytes::Bytes::copy_from_slice(c))).collect();
+        let start = futures_util::stream::once(std::future::ready(Ok(bytes::Bytes::from_static(PARSER_START))));
+        let events = start.chain(futures_util::stream::iter(reads)).eventsource();
+        events.filter_map(|e| std::future::ready(e.ok())).collect().await
+    }
+
+    // Found by `fuzz/fuzz_targets/sse.rs`: a stream starting with a byte order mark made
+    // `eventsource-stream` slice inside it and panic, which ended the listener's task.
+    #[tokio::test]
+    async fn a_byte_order_mark_is_dropped_without_reaching_the_parser() {
+        let stream = "\u{feff}event: revoked\ndata: {\"key_id\":\"k\"}\n\n: x\n\n";
+        for piece in [1, 2, 3, 4, 64] {
+            let events = parse_in_pieces(stream.as_bytes(), piece).await;
+            assert_eq!(events.len(), 1, "piece {piece}");
+            assert_eq!((events[0].event.as_str(), events[0].data.as_str()), ("revoked", "{\"key_id\":\"k\"}"));
+        }
+        // Only the first mark is one; a second is text (a field name here), and no panic.
+        let events = parse_in_pieces("\u{feff}\u{feff}data: a\n\ndata: b\n\n".as_bytes(), 2).await;
+        assert_eq!(events.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(), ["b"]);
+        // Found by the target too: the start of a mark that turns out to be another
+        // character (`EF BB BB`) is given back, not dropped.
+        for piece in [1, 2, 3] {
+            let events = parse_in_pieces("\u{fefb}: c\ndata: x\n\n".as_bytes(), piece).await;
+            assert_eq!(events.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(), ["x"], "piece {piece}");
+        }
+        let events = parse_in_pieces(&include_bytes!("../../fuzz/regressions/sse-partial-mark")[3..], 2).await;
+        assert!(events.is_empty());
+        // The crash input itself (after the target's three bytes of settings).
+        let events = parse_in_pieces(&include_bytes!("../../fuzz/regressions/sse-bom")[3..], 1).await;
+        assert_eq!(events.len(), 1);
+    }
+
+    #[test]
+    fn the_event_bound_refuses_bytes_that_are_not_utf8() {
+        // Characters of 2, 3 and 4 bytes, cut anywhere, pass.
+        let text = "data: {\"key_id\":\"clé ✓ 🔑\"}\n\n".repeat(3);
+        for piece in 1..8 {
+            assert!(check_in_pieces(text.as_bytes(), piece, 64).is_ok(), "piece {piece}");
+        }
+        // One bad byte ends the stream, wherever the reads are cut: the parser would
+        // otherwise hold everything after it and never yield another event.
+        let mut bad = b"data: a\xff\n\n".to_vec();
+        bad.extend_from_slice(b"event: revoked\ndata: {\"key_id\":\"k\"}\n\n");
+        for stream in [&bad[..], b"data: \xe2\x82\n\n", b"\xc3\xc3", b"data: \xed\xa0\x80\n\n"] {
+            for piece in 1..8 {
+                assert!(check_in_pieces(stream, piece, 64).is_err(), "piece {piece}: {stream:?}");
+            }
         }
     }
 }

@@ -20,6 +20,9 @@ mod setup;
 mod token_file;
 mod verifier;
 
+#[cfg(fuzzing)]
+pub(crate) use listener::{EventBound, PARSER_START};
+
 pub(crate) use crate::transport::{ClientOptions, ReadError, describe, http_client, read_body};
 pub(crate) use endpoints::{Endpoint, Endpoints, KeyServiceUrls};
 pub(crate) use token_file::{Auth, Ticket};

@@ -14,16 +14,21 @@ use axum::routing::{delete, get, post, put};
 use axum::{Router, http::StatusCode};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 use time::OffsetDateTime;
+use utoipa::openapi::schema::{OneOfBuilder, Schema};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{IntoParams, OpenApi, PartialSchema, ToSchema};
 
 use super::auth::{Admin, Service};
 use super::error::ApiError;
-use super::events::looks_like_key_id;
+use super::events::{FetchChanges, Start, looks_like_key_id, start_from};
 use super::meters::VerifyOutcome;
 use super::model::{
-    DEFAULT_ENVIRONMENT, KeyInfo, KeyPatch, MAX_GRACE_S, NewKey, RoleRequest, RotateRequest, UsageGroupBy, UsageReport,
+    Alert, AuditRecord, DEFAULT_ENVIRONMENT, KeyInfo, KeyPatch, MAX_GRACE_S, NewKey, RoleInfo, RoleRequest,
+    RotateRequest, UsageGroupBy, UsageReport,
 };
+use super::openapi::SecuritySchemes;
 use super::report::{Whose, usage_report};
 use super::state::{ServerState, Stats};
 use super::store::{Applied, BatchMark, NewKeyRecord, NewSecret, now_ms, to_ms};
@@ -58,10 +63,14 @@ const MAX_VERIFY_KEY_LEN: usize = 1024;
 /// | `POST /v1/keys/verify`, `POST /v1/usage`, `GET /v1/events` | service |
 /// | `POST/GET /v1/keys`, `GET/PATCH /v1/keys/{id}`, `POST /v1/keys/{id}/rotate`, `POST /v1/keys/{id}/revoke`, `PUT/DELETE /v1/roles/{name}`, `GET /v1/roles`, `GET /v1/audit`, `GET /v1/usage`, `GET /v1/alerts`, `POST /v1/alerts/{id}/ack`, `POST/GET /v1/tokens`, `POST /v1/tokens/{id}/revoke` | admin |
 /// | `POST/GET /v1/webhooks`, `GET/DELETE /v1/webhooks/{id}`, `GET /v1/webhooks/{id}/deliveries` | admin |
-/// | `GET /healthz` | none |
+/// | `GET /healthz`, `GET /openapi.json` | none |
+///
+/// `GET /openapi.json` answers the OpenAPI 3.1 document of these routes, generated from
+/// this code (the repository keeps a copy as `docs/openapi.json`).
 pub fn router(state: ServerState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi_json))
         .route("/v1/keys/verify", post(verify))
         .route("/v1/keys", post(create_key).get(list_keys))
         .route("/v1/keys/{id}", get(get_key).patch(patch_key))
@@ -87,6 +96,97 @@ pub fn router(state: ServerState) -> Router {
         // Metrics: every request by route template and status class (a no-op when off).
         .layer(axum::middleware::from_fn_with_state(state.clone(), super::metrics::track))
         .with_state(state)
+}
+
+/// The OpenAPI 3.1 document of [`router`]'s routes, served at `GET /openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "keygate key service",
+        version = env!("CARGO_PKG_VERSION"),
+        description = "The reference key service of keygate: keys, roles, audit, usage, alerts, tokens and webhooks \
+                       for operators (admin token), verify, usage upload and events for middlewares (service \
+                       token). Every refusal is `ErrorBody` JSON `{\"error\", \"message\"}`. A path that is not \
+                       a route answers 404 `not_found`; a method a route does not take, 405 `method_not_allowed` with `Allow`.",
+        license(name = "MIT OR Apache-2.0")
+    ),
+    paths(
+        healthz,
+        openapi_json,
+        verify,
+        create_key,
+        list_keys,
+        get_key,
+        patch_key,
+        rotate_key,
+        revoke_key,
+        list_roles,
+        put_role,
+        crate::server::manage::delete_role,
+        audit,
+        read_usage,
+        ingest_usage,
+        alerts,
+        crate::server::manage::ack_alert,
+        events,
+        crate::server::tokens_api::create_token,
+        crate::server::tokens_api::list_tokens,
+        crate::server::tokens_api::revoke_token,
+        crate::server::webhook_api::create,
+        crate::server::webhook_api::list,
+        crate::server::webhook_api::show,
+        crate::server::webhook_api::delete,
+        crate::server::webhook_api::deliveries,
+    ),
+    components(
+        schemas(
+            crate::wire::ErrorBody,
+            crate::wire::KeyChanged,
+            crate::wire::ResetData,
+            crate::wire::Heartbeat,
+            crate::AggregateBatch,
+            crate::UsageBatch,
+        ),
+        responses(
+            crate::server::openapi::BadRequest,
+            crate::server::openapi::Unauthorized,
+            crate::server::openapi::NotFound,
+            crate::server::openapi::Conflict,
+            crate::server::openapi::TooLarge,
+            crate::server::openapi::Internal,
+            crate::server::openapi::Unavailable,
+        )
+    ),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "health", description = "Liveness and this document; no token."),
+        (name = "verify", description = "The middleware's verify call (service token)."),
+        (name = "keys", description = "Issue, change, rotate and revoke keys (admin token)."),
+        (name = "roles", description = "Named sets of scopes (admin token)."),
+        (name = "audit", description = "The append-only audit log (admin token)."),
+        (name = "usage", description = "Usage upload (service token) and reports (admin token)."),
+        (name = "alerts", description = "Anomaly, expiring-soon and maximum-age alerts (admin token)."),
+        (name = "events", description = "Invalidations pushed to middlewares (service token)."),
+        (name = "tokens", description = "Service and admin tokens as data (admin token)."),
+        (name = "webhooks", description = "Webhook endpoints and their delivery log (admin token)."),
+    )
+)]
+struct ApiDoc;
+
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "health",
+    summary = "This document",
+    responses(
+        (status = 200, description = "The OpenAPI 3.1 document of this service; it holds no secrets.", body = serde_json::Value)
+    ),
+    security(())
+)]
+async fn openapi_json() -> Response {
+    // Rendered once: the document is fixed at build time.
+    static DOC: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| super::openapi::render(&ApiDoc::openapi()));
+    ([(http::header::CONTENT_TYPE, "application/json")], DOC.as_str()).into_response()
 }
 
 /// A JSON body read with a size limit, whose every failure is an [`ApiError`]:
@@ -156,9 +256,28 @@ fn parse_time(field: &str, s: &str) -> Result<OffsetDateTime, ApiError> {
     })
 }
 
+/// The answer of `GET /healthz`.
+#[derive(Serialize, ToSchema)]
+struct Health {
+    /// `ok`.
+    #[schema(value_type = String)]
+    status: &'static str,
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    summary = "Whether the service and its store answer",
+    responses(
+        (status = 200, description = "The store answered.", body = Health),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(())
+)]
 async fn healthz(State(state): State<ServerState>) -> Response {
     match state.inner.store.ping().await {
-        Ok(()) => Json(json!({ "status": "ok" })).into_response(),
+        Ok(()) => Json(Health { status: "ok" }).into_response(),
         Err(e) => {
             tracing::error!(error = %e, "health check failed");
             ApiError::Unavailable.into_response()
@@ -168,11 +287,40 @@ async fn healthz(State(state): State<ServerState>) -> Response {
 
 // ---- verify
 
+#[utoipa::path(
+    post,
+    path = "/v1/keys/verify",
+    tag = "verify",
+    summary = "Verify a key (the middleware's call)",
+    request_body = VerifyRequest,
+    responses(
+        (status = 200, description = "The verdict; a refused key is a 200 too.", body = VerifyAnswer),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 413, response = crate::server::openapi::TooLarge),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("service_token" = []))
+)]
 async fn verify(
     State(state): State<ServerState>,
     _: Service,
     body: Result<JsonBody<VerifyRequest>, ApiError>,
 ) -> Response {
+    // Shed, don't queue: a middleware whose verify waits behind thousands of others times
+    // out anyway, and the queue would only hold memory. Its cache serves stale verdicts
+    // meanwhile and its circuit breaker backs off.
+    let Ok(_slot) = state.inner.verify_slots.try_acquire() else {
+        state.inner.stats.verify_shed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("verify shed: too many verifications in progress");
+        let body = crate::wire::ErrorBody {
+            error: "overloaded".to_owned(),
+            message: "too many verifications in progress; retry shortly".to_owned(),
+        };
+        let retry = [(http::header::RETRY_AFTER, VERIFY_RETRY_AFTER_S.to_string())];
+        return (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response();
+    };
     state.inner.stats.verify_calls.fetch_add(1, Ordering::Relaxed);
     let started = std::time::Instant::now();
     let verified = |outcome| state.inner.meters.verified(outcome, started.elapsed());
@@ -264,12 +412,18 @@ async fn decide(state: &ServerState, digest: Option<KeyDigest>) -> Result<Verify
 // ---- keys
 
 /// Create and rotate answers: the raw key, shown once, plus the key's fields.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = CreatedKey)]
 struct Created<'a> {
+    /// The raw key. Store it now: the key service keeps only its digest.
+    #[schema(value_type = String)]
     key: &'a str,
     #[serde(flatten)]
+    #[schema(value_type = KeyInfo)]
     info: &'a KeyInfo,
+    /// After a rotation: when the previous secret stops working.
     #[serde(skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     previous_expires_at: Option<OffsetDateTime>,
 }
 
@@ -285,6 +439,22 @@ fn new_secret(state: &ServerState, environment: &str) -> Result<(ApiKey, NewSecr
     Ok((key, secret))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/keys",
+    tag = "keys",
+    summary = "Create a key",
+    request_body = NewKey,
+    responses(
+        (status = 201, description = "The key, shown this once, and its fields.", body = Created),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 413, response = crate::server::openapi::TooLarge),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 async fn create_key(
     State(state): State<ServerState>,
     admin: Admin,
@@ -328,22 +498,46 @@ async fn create_key(
     Ok((StatusCode::CREATED, Json(body)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
+    /// Only this owner's keys.
     owner: Option<String>,
+    /// At most this many (1 to 1 000; default 1 000).
     limit: Option<u32>,
 }
 
+/// The answer of `GET /v1/keys`.
+#[derive(Serialize, ToSchema)]
+struct KeyList {
+    keys: Vec<KeyInfo>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/keys",
+    tag = "keys",
+    summary = "List keys",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "At most 1 000 keys.", body = KeyList),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 async fn list_keys(
     State(state): State<ServerState>,
     _: Admin,
     q: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyList>, ApiError> {
     let q = query(q)?;
     let limit = q.limit.unwrap_or(MAX_RECORDS).clamp(1, MAX_RECORDS);
     let keys = state.inner.store.list_keys(q.owner.as_deref(), limit).await?;
-    Ok(Json(json!({ "keys": keys })))
+    Ok(Json(KeyList { keys }))
 }
 
 async fn load(state: &ServerState, id: &str) -> Result<KeyInfo, ApiError> {
@@ -351,6 +545,22 @@ async fn load(state: &ServerState, id: &str) -> Result<KeyInfo, ApiError> {
     found.ok_or_else(|| ApiError::NotFound(format!("no key with id `{}`", shown(id))))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/keys/{id}",
+    tag = "keys",
+    summary = "Show a key",
+    params(("id" = String, Path, description = "The key's id (`key_` + 22 base62 characters).")),
+    responses(
+        (status = 200, description = "The key.", body = KeyInfo),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 404, response = crate::server::openapi::NotFound),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 async fn get_key(
     State(state): State<ServerState>,
     _: Admin,
@@ -359,6 +569,25 @@ async fn get_key(
     Ok(Json(load(&state, &path(id)?).await?))
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/keys/{id}",
+    tag = "keys",
+    summary = "Change a key",
+    params(("id" = String, Path, description = "The key's id (`key_` + 22 base62 characters).")),
+    request_body = KeyPatch,
+    responses(
+        (status = 200, description = "The key as changed.", body = KeyInfo),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 404, response = crate::server::openapi::NotFound),
+        (status = 409, response = crate::server::openapi::Conflict),
+        (status = 413, response = crate::server::openapi::TooLarge),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 async fn patch_key(
     State(state): State<ServerState>,
     admin: Admin,
@@ -405,6 +634,25 @@ async fn patch_key(
     Ok(Json(info))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/keys/{id}/rotate",
+    tag = "keys",
+    summary = "Give a key a new secret",
+    params(("id" = String, Path, description = "The key's id (`key_` + 22 base62 characters).")),
+    request_body(content = Option<RotateRequest>, description = "Optional: an empty body means `grace_s` 0."),
+    responses(
+        (status = 200, description = "The new key, shown this once, its fields, and when the previous secret stops working.", body = Created),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 404, response = crate::server::openapi::NotFound),
+        (status = 409, response = crate::server::openapi::Conflict),
+        (status = 413, response = crate::server::openapi::TooLarge),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 async fn rotate_key(
     State(state): State<ServerState>,
     admin: Admin,
@@ -429,6 +677,22 @@ async fn rotate_key(
     Ok(Json(body).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/keys/{id}/revoke",
+    tag = "keys",
+    summary = "Revoke a key (idempotent)",
+    params(("id" = String, Path, description = "The key's id (`key_` + 22 base62 characters).")),
+    responses(
+        (status = 200, description = "The key, revoked, and whether it had been before.", body = Revoked),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 404, response = crate::server::openapi::NotFound),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 /// Revocation is idempotent: revoking a revoked key answers 200 with the key as it
 /// is and `"already_revoked": true`, and writes no audit record.
 async fn revoke_key(
@@ -454,65 +718,165 @@ async fn revoke_key(
 }
 
 /// The revoke answer: the key, and whether it had been revoked before.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
+#[schema(as = RevokedKey)]
 struct Revoked {
     #[serde(flatten)]
     info: KeyInfo,
+    /// The key had been revoked before: nothing changed.
     already_revoked: bool,
 }
 
 // ---- roles
 
+#[utoipa::path(
+    put,
+    path = "/v1/roles/{name}",
+    tag = "roles",
+    summary = "Define or redefine a role",
+    params(("name" = String, Path, description = "The role's name.")),
+    request_body = RoleRequest,
+    responses(
+        (status = 200, description = "The role, and how many keys hold it.", body = RolePut),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 413, response = crate::server::openapi::TooLarge),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 async fn put_role(
     State(state): State<ServerState>,
     admin: Admin,
     name: Result<Path<String>, PathRejection>,
     JsonBody(req): JsonBody<RoleRequest>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RolePut>, ApiError> {
     let name = path(name)?;
     validate_role_name(&name).map_err(|m| ApiError::invalid("invalid_role", m))?;
     let scopes = validate_scopes("scopes", &req.scopes)?;
     let (role, affected) = state.inner.store.put_role(&name, &scopes, admin.actor(), now_ms()).await?;
     tracing::info!(role = %name, keys = affected, "role put");
-    Ok(Json(
-        json!({ "name": role.name, "scopes": role.scopes, "updated_at": rfc3339(role.updated_at), "keys_affected": affected }),
-    ))
+    Ok(Json(RolePut {
+        name: role.name,
+        scopes: role.scopes,
+        updated_at: rfc3339(role.updated_at),
+        keys_affected: affected,
+    }))
 }
 
-async fn list_roles(State(state): State<ServerState>, _: Admin) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "roles": state.inner.store.list_roles().await? })))
+/// The answer of `PUT /v1/roles/{name}`.
+#[derive(Serialize, ToSchema)]
+struct RolePut {
+    name: String,
+    scopes: Vec<String>,
+    #[schema(format = DateTime)]
+    updated_at: Option<String>,
+    /// Keys holding the role, told to forget what they cached (`updated` events).
+    keys_affected: usize,
+}
+
+/// The answer of `GET /v1/roles`.
+#[derive(Serialize, ToSchema)]
+struct RoleList {
+    roles: Vec<RoleInfo>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/roles",
+    tag = "roles",
+    summary = "List roles",
+    responses(
+        (status = 200, description = "Every role.", body = RoleList),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
+async fn list_roles(State(state): State<ServerState>, _: Admin) -> Result<Json<RoleList>, ApiError> {
+    Ok(Json(RoleList { roles: state.inner.store.list_roles().await? }))
 }
 
 // ---- audit, usage, alerts
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct SinceQuery {
+    /// Only what happened at or after this RFC 3339 time.
+    #[param(format = DateTime)]
     since: Option<String>,
 }
 
+/// The answer of `GET /v1/audit`.
+#[derive(Serialize, ToSchema)]
+struct AuditList {
+    records: Vec<AuditRecord>,
+}
+
+/// The answer of `GET /v1/alerts`.
+#[derive(Serialize, ToSchema)]
+struct AlertList {
+    alerts: Vec<Alert>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "audit",
+    summary = "Read the audit log",
+    params(SinceQuery),
+    responses(
+        (status = 200, description = "At most 1 000 records, oldest first.", body = AuditList),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 async fn audit(
     State(state): State<ServerState>,
     _: Admin,
     q: Result<Query<SinceQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditList>, ApiError> {
     let since = query(q)?.since.map(|s| parse_time("since", &s)).transpose()?;
-    Ok(Json(json!({ "records": state.inner.store.audit(since, MAX_RECORDS).await? })))
+    Ok(Json(AuditList { records: state.inner.store.audit(since, MAX_RECORDS).await? }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AlertsQuery {
+    /// Only alerts raised at or after this RFC 3339 time.
+    #[param(format = DateTime)]
     since: Option<String>,
     /// Absent: every alert; `false`: the open ones; `true`: the acknowledged ones.
     acknowledged: Option<bool>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/alerts",
+    tag = "alerts",
+    summary = "List alerts",
+    params(AlertsQuery),
+    responses(
+        (status = 200, description = "At most 1 000 alerts.", body = AlertList),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 async fn alerts(
     State(state): State<ServerState>,
     _: Admin,
     q: Result<Query<AlertsQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AlertList>, ApiError> {
     let q = query(q)?;
     let since = q.since.map(|s| parse_time("since", &s)).transpose()?;
     let store = &state.inner.store;
@@ -520,19 +884,57 @@ async fn alerts(
         None => store.alerts(since, MAX_RECORDS).await?,
         Some(acknowledged) => store.alerts_by_state(since, acknowledged, MAX_RECORDS).await?,
     };
-    Ok(Json(json!({ "alerts": alerts })))
+    Ok(Json(AlertList { alerts }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct UsageParams {
+    /// One key's usage (give exactly one of `key_id` and `owner`).
     key_id: Option<String>,
+    /// The sum over an owner's keys.
     owner: Option<String>,
+    /// From this RFC 3339 time (default: 24 hours before `until`).
+    #[param(format = DateTime)]
     since: Option<String>,
+    /// Until this RFC 3339 time, exclusive (default: now).
+    #[param(format = DateTime)]
     until: Option<String>,
+    /// Grouping (default `minute`).
     group_by: Option<UsageGroupBy>,
 }
 
+/// The body of `POST /v1/usage`: one of two batch forms.
+enum UsageUpload {}
+
+impl PartialSchema for UsageUpload {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(Ref::from_schema_name("AggregateBatch"))
+            .item(Ref::from_schema_name("UsageBatch"))
+            .description(Some("An aggregate batch (told apart by its `batch_id`) or a raw batch of events."))
+            .into()
+    }
+}
+
+impl ToSchema for UsageUpload {}
+
+#[utoipa::path(
+    get,
+    path = "/v1/usage",
+    tag = "usage",
+    summary = "Read a key's or an owner's usage",
+    params(UsageParams),
+    responses(
+        (status = 200, description = "The buckets with traffic.", body = UsageReport),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 async fn read_usage(
     State(state): State<ServerState>,
     _: Admin,
@@ -550,6 +952,23 @@ async fn read_usage(
     Ok(Json(report))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/usage",
+    tag = "usage",
+    summary = "Upload usage (the middleware's call)",
+    request_body(content = UsageUpload, description = "An aggregate batch (it has a `batch_id`; at most 16 MiB) or a raw batch of events (at most 4 MiB)."),
+    responses(
+        (status = 202, description = "Stored, or recognised as applied before (`duplicate`).", body = UsageAccepted),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 409, response = crate::server::openapi::Conflict),
+        (status = 413, response = crate::server::openapi::TooLarge),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("service_token" = []))
+)]
 /// `POST /v1/usage`: an aggregate batch (it has a `batch_id`, up to 16 MiB) or a raw
 /// batch of events (up to 4 MiB).
 async fn ingest_usage(State(state): State<ServerState>, _: Service, req: Request) -> Result<Response, ApiError> {
@@ -639,28 +1058,90 @@ async fn ingest_usage(State(state): State<ServerState>, _: Service, req: Request
 
 // ---- events
 
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "events",
+    summary = "Stream invalidations and alerts (the middleware's call)",
+    params(
+        ("Last-Event-ID" = Option<String>, Header, description = "The last event id seen (or the `keygate-events-position` of the previous stream): the stream replays the key changes made after it from the change log, then goes live. An id older than the log's retention, from the future or unreadable starts the stream with `reset`.")
+    ),
+    responses(
+        (status = 200, description = "Server-Sent Events, opened with the comment `: keygate events v1`. Events: `revoked`, `updated`, `rotated` (data `KeyChanged`, with an `id:`), `reset` (`ResetData`), `alert` (`Alert`), `heartbeat` (`Heartbeat`). The stream ends when its token is revoked.", content_type = "text/event-stream", body = String,
+            headers(
+                ("keygate-events-position" = u64, description = "The change-log id this stream starts after."),
+                ("keygate-events-resumed" = Option<u64>, description = "Present when the stream resumed after `Last-Event-ID`: that id.")
+            )),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("service_token" = []))
+)]
 /// Past the subscriber cap, 503 `too_many_subscribers` with `Retry-After`: each stream
-/// holds memory and a file descriptor for as long as it stays open.
-async fn events(State(state): State<ServerState>, service: Service) -> Response {
+/// holds memory and a file descriptor for as long as it stays open. With
+/// `Last-Event-ID`, the stream replays what was missed from the change log first (see
+/// [`EventHub`](super::EventHub)).
+async fn events(State(state): State<ServerState>, service: Service, headers: http::HeaderMap) -> Response {
     // Heartbeats are events of their own (see the `events` module): no keep-alive comments.
     // The stream ends when its token is revoked.
-    match state.inner.hub.try_subscribe_until(Some(service.revoked())) {
-        Some(stream) => Sse::new(stream).into_response(),
-        None => {
-            let max = state.inner.hub.max_subscribers();
-            tracing::warn!(max, "event stream refused: subscriber cap reached");
-            let body = crate::wire::ErrorBody {
-                error: "too_many_subscribers".to_owned(),
-                message: format!("this key service already serves {max} event streams; retry later"),
-            };
-            let retry = [(http::header::RETRY_AFTER, EVENTS_RETRY_AFTER_S.to_string())];
-            (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response()
-        }
+    let Some(subscription) = state.inner.hub.try_subscribe_until(Some(service.revoked())) else {
+        let max = state.inner.hub.max_subscribers();
+        tracing::warn!(max, "event stream refused: subscriber cap reached");
+        let body = crate::wire::ErrorBody {
+            error: "too_many_subscribers".to_owned(),
+            message: format!("this key service already serves {max} event streams; retry later"),
+        };
+        let retry = [(http::header::RETRY_AFTER, EVENTS_RETRY_AFTER_S.to_string())];
+        return (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response();
+    };
+    // Subscribed first, the log read second: a change committing in between is both
+    // replayed and received live, and the live copy is skipped.
+    let start = match headers.get(crate::wire::LAST_EVENT_ID_HEADER) {
+        None => Start::Fresh,
+        Some(value) => match value.to_str() {
+            Err(_) => Start::Refuse("bad_id"),
+            // An empty Last-Event-ID is what an SSE client sends when it has seen no id.
+            Ok(text) if text.trim().is_empty() => Start::Fresh,
+            Ok(text) => match state.inner.store.change_log_bounds().await {
+                Ok(b) => start_from(text.trim(), b.oldest, b.newest.max(subscription.position())),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the change log bounds; the stream starts with reset");
+                    Start::Refuse("unavailable")
+                }
+            },
+        },
+    };
+    let position = match start {
+        Start::Resume(id) => id,
+        Start::Fresh | Start::Refuse(_) => subscription.position(),
+    };
+    match start {
+        Start::Resume(id) => tracing::debug!(after = id, "event stream resumed"),
+        Start::Refuse(reason) => tracing::info!(reason, "event stream cannot resume; it starts with reset"),
+        Start::Fresh => {}
     }
+    let store = state.inner.store.clone();
+    let fetch: FetchChanges = Arc::new(move |after| {
+        let store = store.clone();
+        Box::pin(async move { store.changes_after(after).await.map_err(|e| e.to_string()) })
+    });
+    let mut response = Sse::new(subscription.start(start, Some(fetch))).into_response();
+    let h = response.headers_mut();
+    h.insert(crate::wire::EVENTS_POSITION_HEADER, http::HeaderValue::from(position));
+    if let Start::Resume(id) = start {
+        h.insert(crate::wire::EVENTS_RESUMED_HEADER, http::HeaderValue::from(id));
+    }
+    response
 }
 
 /// The `Retry-After` of a refused event stream, in seconds.
 const EVENTS_RETRY_AFTER_S: u64 = 5;
+
+/// The `Retry-After` of a shed verification, in seconds.
+const VERIFY_RETRY_AFTER_S: u64 = 1;
+
+/// Default most verifications answered at once by one key service: 256.
+pub const DEFAULT_MAX_CONCURRENT_VERIFIES: usize = 256;
 
 // ---- helpers
 

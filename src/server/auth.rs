@@ -276,19 +276,23 @@ pub(crate) struct Sink {
 }
 
 impl ChangeSink for Sink {
-    fn publish(&self, note: &ChangeNote) {
+    fn publish(&self, note: &ChangeNote, id: Option<u64>) {
         match note {
             ChangeNote::Tokens => self.tokens.changed(),
             ChangeNote::Reset(_) => {
                 self.tokens.changed();
-                self.hub.publish(note);
+                self.hub.publish(note, id);
             }
-            _ => self.hub.publish(note),
+            _ => self.hub.publish(note, id),
         }
     }
 
-    fn listening(&self) -> bool {
-        self.hub.listening()
+    fn position(&self) -> u64 {
+        self.hub.position()
+    }
+
+    fn skip_to(&self, id: u64) {
+        self.hub.advance_to(id);
     }
 }
 

@@ -34,6 +34,7 @@ pub(crate) mod name {
     pub(crate) const RETENTION_PASSES: &str = "keygate_server_retention_passes_total";
     pub(crate) const RETENTION_ROWS: &str = "keygate_server_retention_rows_total";
     pub(crate) const EVENT_SUBSCRIBERS_REFUSED: &str = "keygate_server_event_subscribers_refused_total";
+    pub(crate) const VERIFY_SHED: &str = "keygate_server_verify_shed_total";
     pub(crate) const WEBHOOK_DELIVERIES: &str = "keygate_server_webhook_deliveries_total";
     pub(crate) const WEBHOOK_ATTEMPTS_FAILED: &str = "keygate_server_webhook_attempts_failed_total";
     pub(crate) const KEYS_EXPIRED_BY_POLICY: &str = "keygate_server_keys_expired_by_policy_total";
@@ -68,6 +69,7 @@ const HELP: &[(&str, &str)] = &[
     (name::RETENTION_PASSES, "Usage retention passes, by result."),
     (name::RETENTION_ROWS, "Rows usage retention passes rolled up or deleted, by action."),
     (name::EVENT_SUBSCRIBERS_REFUSED, "GET /v1/events streams refused because the subscriber cap was reached."),
+    (name::VERIFY_SHED, "Verifications refused at once because max_concurrent_verifies were in progress."),
     (
         name::WEBHOOK_DELIVERIES,
         "Webhook deliveries this replica finished, by result (delivered: a 2xx; failed: given up on).",

@@ -88,6 +88,7 @@ impl ServerState {
         counter(name::RETENTION_ROWS, &[("action", "hours_deleted")], s.retention_hours_deleted);
         counter(name::RETENTION_ROWS, &[("action", "batch_ids_deleted")], s.retention_batch_ids_deleted);
         counter(name::EVENT_SUBSCRIBERS_REFUSED, &[], s.event_subscribers_refused);
+        counter(name::VERIFY_SHED, &[], s.verify_shed);
         counter(name::WEBHOOK_DELIVERIES, &[("result", "delivered")], s.webhook_delivered);
         counter(name::WEBHOOK_DELIVERIES, &[("result", "failed")], s.webhook_failed);
         counter(name::WEBHOOK_ATTEMPTS_FAILED, &[], s.webhook_attempts_failed);

@@ -43,6 +43,19 @@
 //!
 //! **Verdict precedence**: `REVOKED`, then `DISABLED`, then `EXPIRED`.
 //!
+//! # OpenAPI
+//!
+//! `GET /openapi.json` (no token: the document holds no secrets and nothing of the
+//! instance) answers the OpenAPI 3.1 document of every route of [`router`], generated
+//! from the handlers and the types they read and answer (the admin types of
+//! [`client`](crate::client), the [`wire`](crate::wire) types): parameters, request
+//! bodies, each status a route answers with its body (refusals are
+//! [`ErrorBody`](crate::wire::ErrorBody)), and per route the security scheme it takes,
+//! `admin_token` or `service_token` (both HTTP bearer). The repository keeps a copy as
+//! `docs/openapi.json`, which `tests/server_openapi.rs` checks against the served one
+//! (`KEYGATE_UPDATE_OPENAPI=1 cargo test --all-features --test server_openapi`
+//! rewrites it), besides validating the real answers of every route against it.
+//!
 //! # Tokens
 //!
 //! Callers authenticate with `Authorization: Bearer <token>`: a **service** token for
@@ -63,7 +76,7 @@
 //! Each replica checks tokens against a table in memory, comparing the presented
 //! token's digest with every active one in constant time. The table is reloaded at once
 //! after a change made through this replica (before the answer), when a change note of
-//! another replica arrives on PostgreSQL, when that feed reconnects after a gap, and
+//! another replica arrives on PostgreSQL, when that feed reconnects, and
 //! every [`TOKEN_SYNC_INTERVAL`] (30 s) in any case. A revoked service token's open event
 //! streams are closed. When each token was last used is noted in memory and written
 //! every 30 s and at shutdown, never on the request path.
@@ -206,6 +219,7 @@
 //! | `keygate_server_event_subscribers` | gauge | — | `GET /v1/events` streams open now |
 //! | `keygate_server_events_published_total` | counter | — | events published to those streams |
 //! | `keygate_server_event_subscribers_refused_total` | counter | — | `GET /v1/events` streams refused (503) because the subscriber cap was reached |
+//! | `keygate_server_verify_shed_total` | counter | — | verifications refused at once (503 `overloaded`) because `max_concurrent_verifies` were in progress |
 //! | `keygate_server_alerts_raised_total` | counter | — | alerts raised: usage alerts (`denial_spike`, `rate_spike`, `new_network`) and the sweep's `key_expiring` and `key_max_age` |
 //! | `keygate_server_retention_passes_total` | counter | `result`: `ok`, `failed` | usage retention passes |
 //! | `keygate_server_retention_rows_total` | counter | `action`: `minutes_rolled_up`, `hours_deleted`, `batch_ids_deleted` | rows those passes rolled up into hours or deleted |
@@ -245,7 +259,7 @@ use tokio::task::JoinHandle;
 
 // Module order from the bottom up; each imports only modules before it: text, model,
 // token, events, meters, store, error, validate, usage, report, auth, alerts, retention,
-// webhooks, policy, state, tokens_api, manage, webhook_api, metrics, api (and this one,
+// webhooks, policy, state, openapi, tokens_api, manage, webhook_api, metrics, api (and this one,
 // which builds and starts the service; backup stands apart, on its own connection).
 mod alerts;
 mod api;
@@ -257,6 +271,7 @@ mod manage;
 mod meters;
 mod metrics;
 mod model;
+mod openapi;
 mod policy;
 mod report;
 mod retention;
@@ -271,6 +286,7 @@ mod webhook_api;
 mod webhooks;
 
 pub use alerts::AlertConfig;
+pub use api::DEFAULT_MAX_CONCURRENT_VERIFIES;
 pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};
 pub use auth::{Admin, Service};
 pub use backup::{BackupError, backup_sqlite};
@@ -336,6 +352,7 @@ pub struct KeyServer {
     metrics_listen: Option<SocketAddr>,
     env_prefixes: std::collections::BTreeMap<String, String>,
     max_event_subscribers: u64,
+    max_concurrent_verifies: usize,
     header_read_timeout: Duration,
     request_body_timeout: Duration,
     webhooks: WebhookConfig,
@@ -377,6 +394,7 @@ impl KeyServer {
             metrics_listen: None,
             env_prefixes: DEFAULT_ENV_PREFIXES.iter().map(|(e, p)| ((*e).to_owned(), (*p).to_owned())).collect(),
             max_event_subscribers: DEFAULT_MAX_EVENT_SUBSCRIBERS,
+            max_concurrent_verifies: api::DEFAULT_MAX_CONCURRENT_VERIFIES,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             request_body_timeout: DEFAULT_REQUEST_BODY_TIMEOUT,
             webhooks: WebhookConfig::default(),
@@ -410,6 +428,15 @@ impl KeyServer {
     /// `too_many_subscribers` with `Retry-After`.
     pub fn max_event_subscribers(mut self, streams: u64) -> Self {
         self.max_event_subscribers = streams;
+        self
+    }
+
+    /// Most `POST /v1/keys/verify` requests answered at once (default
+    /// [`DEFAULT_MAX_CONCURRENT_VERIFIES`], 256); past it, 503 `overloaded` with
+    /// `Retry-After: 1` at once instead of a queue that grows. A middleware's cache serves
+    /// stale verdicts and its circuit breaker backs off meanwhile.
+    pub fn max_concurrent_verifies(mut self, verifies: usize) -> Self {
+        self.max_concurrent_verifies = verifies;
         self
     }
 
@@ -488,11 +515,26 @@ impl KeyServer {
         self
     }
 
-    /// How long usage is kept and how often it is pruned (default
-    /// [`RetentionConfig::default`]: minute rows 7 days, hour rows 90 days, a pass every
-    /// 5 minutes).
+    /// How long usage and the change log are kept and how often they are pruned
+    /// (default [`RetentionConfig::default`]: minute rows 7 days, hour rows 90 days, the
+    /// change log 24 hours and 100 000 rows, a pass every 5 minutes).
     pub fn retention(mut self, config: RetentionConfig) -> Self {
         self.retention = config;
+        self
+    }
+
+    /// How long the change log keeps a change for resuming event streams (default 24
+    /// hours; at least 1 second): a stream resuming from an older id gets `reset`. Sets
+    /// [`RetentionConfig::change_log`].
+    pub fn change_log_retention(mut self, keep: Duration) -> Self {
+        self.retention.change_log = keep;
+        self
+    }
+
+    /// Most rows the change log keeps (default 100 000, about 10 MB; at least 1). Sets
+    /// [`RetentionConfig::change_log_rows`].
+    pub fn change_log_max_rows(mut self, rows: u64) -> Self {
+        self.retention.change_log_rows = rows;
         self
     }
 
@@ -572,6 +614,9 @@ impl KeyServer {
             crate::key::validate_prefix(prefix)
                 .map_err(|e| ServerError::Config(format!("key prefix `{prefix}` of environment `{env}`: {e}")))?;
         }
+        if self.max_concurrent_verifies == 0 || self.max_concurrent_verifies > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(ServerError::Config("max_concurrent_verifies must be at least 1".into()));
+        }
         if self.max_event_subscribers == 0 {
             return Err(ServerError::Config("the event subscriber cap must be at least 1".into()));
         }
@@ -615,6 +660,8 @@ impl KeyServer {
             return Err(ServerError::NoAdminToken);
         }
         let hub = EventHub::with_max_subscribers(self.event_buffer, self.heartbeat, self.max_event_subscribers);
+        // Streams start after what the log holds already; the feed catches up from here.
+        hub.advance_to(store.change_log_bounds().await?.newest);
         let meters = Arc::new(if self.metrics_listen.is_some() { meters::Meters::on() } else { meters::Meters::off() });
         let store = store
             .reporting_to(Arc::new(auth::Sink { hub: hub.clone(), tokens: Arc::clone(&tokens) }))
@@ -671,6 +718,7 @@ impl KeyServer {
                 _retention_task: retention_task,
                 meters,
                 webhook_counters,
+                verify_slots: tokio::sync::Semaphore::new(self.max_concurrent_verifies),
                 allow_internal_webhooks: self.allow_internal_webhooks,
                 _webhook_worker: webhook_worker,
                 sweep_counters,

@@ -25,7 +25,7 @@ pub const MAX_RATELIMIT_PERIOD_S: u64 = 24 * 3600;
 pub const DEFAULT_ENVIRONMENT: &str = "live";
 
 /// `POST /v1/keys/{id}/rotate`.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RotateRequest {
     /// How long the old key keeps working, in seconds (0 to 30 days; default 0).
@@ -34,7 +34,7 @@ pub struct RotateRequest {
 }
 
 /// `PUT /v1/roles/{name}`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RoleRequest {
     /// The role's scopes, at most 64 (replaces the list).

@@ -7,7 +7,10 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 
-use super::store::{RetentionCutoffs, RetentionReport, Store, StoreError};
+use super::store::{
+    ChangeLogCutoff, DEFAULT_CHANGE_LOG_MAX_ROWS, DEFAULT_CHANGE_LOG_RETENTION, RetentionCutoffs, RetentionReport,
+    Store, StoreError,
+};
 use super::usage::USAGE_BATCH_ID_RETENTION;
 
 /// Transactions of each kind one pass runs at most; the next pass goes on.
@@ -22,6 +25,8 @@ const MAX_TRANSACTIONS_PER_PASS: u32 = 100;
 /// | [`minutes`](Self::minutes) | 7 days |
 /// | [`hours`](Self::hours) | 90 days |
 /// | [`rows_per_transaction`](Self::rows_per_transaction) | 5 000 |
+/// | [`change_log`](Self::change_log) | 24 hours |
+/// | [`change_log_rows`](Self::change_log_rows) | 100 000 |
 ///
 /// Every `interval`, a pass
 /// 1. rolls up minute rows older than `minutes` into per-key hour rows and deletes them,
@@ -29,7 +34,12 @@ const MAX_TRANSACTIONS_PER_PASS: u32 = 100;
 ///    running the pass at the same time takes other rows: no minute counts twice);
 /// 2. deletes hour rows (per key, and per key and route) older than `hours`;
 /// 3. forgets applied batch ids after 25 hours
-///    ([`USAGE_BATCH_ID_RETENTION`](super::USAGE_BATCH_ID_RETENTION)).
+///    ([`USAGE_BATCH_ID_RETENTION`](super::USAGE_BATCH_ID_RETENTION));
+/// 4. deletes change log rows (what a resuming event stream replays, see
+///    [`EventHub`](super::EventHub)) older than `change_log` or beyond the newest
+///    `change_log_rows`, but never the newest one. A row costs about 100 bytes: the
+///    default bound holds about 10 MB. A stream resuming from an id deleted since gets
+///    `reset` (`expired`).
 ///
 /// Each step runs transactions of at most `rows_per_transaction` rows, at most 100 of
 /// them per pass, so a pass never holds a lock for long; what is left waits for the
@@ -66,6 +76,10 @@ pub struct RetentionConfig {
     pub hours: Duration,
     /// Rows one transaction rolls up or deletes at most (default 5 000; 1 to 100 000).
     pub rows_per_transaction: u32,
+    /// Change log rows older than this are deleted (default 24 hours; at least 1 second).
+    pub change_log: Duration,
+    /// Most change log rows kept (default 100 000; at least 1).
+    pub change_log_rows: u64,
 }
 
 impl Default for RetentionConfig {
@@ -76,6 +90,8 @@ impl Default for RetentionConfig {
             minutes: Duration::from_secs(7 * 86_400),
             hours: Duration::from_secs(90 * 86_400),
             rows_per_transaction: 5000,
+            change_log: DEFAULT_CHANGE_LOG_RETENTION,
+            change_log_rows: DEFAULT_CHANGE_LOG_MAX_ROWS,
         }
     }
 }
@@ -97,6 +113,12 @@ impl RetentionConfig {
         if !(1..=100_000).contains(&self.rows_per_transaction) {
             return Err("rows per retention transaction must be 1 to 100 000".into());
         }
+        if self.change_log < Duration::from_secs(1) || self.change_log > Duration::from_secs(100 * 365 * 86_400) {
+            return Err("the change log must be kept 1 second to 100 years".into());
+        }
+        if self.change_log_rows == 0 {
+            return Err("the change log must keep at least 1 row".into());
+        }
         Ok(())
     }
 
@@ -108,6 +130,11 @@ impl RetentionConfig {
             batches_before_ms: before(USAGE_BATCH_ID_RETENTION).saturating_mul(1000),
             rows_per_transaction: self.rows_per_transaction,
             max_transactions: MAX_TRANSACTIONS_PER_PASS,
+            change_log: Some(ChangeLogCutoff {
+                before_ms: (now.unix_timestamp_nanos() / 1_000_000) as i64
+                    - i64::try_from(self.change_log.as_millis()).unwrap_or(i64::MAX),
+                max_rows: self.change_log_rows,
+            }),
         }
     }
 }
@@ -140,6 +167,7 @@ pub(crate) async fn run_pass(
                     minutes_rolled_up = r.minutes_rolled_up,
                     hours_deleted = r.hours_deleted,
                     batch_ids_deleted = r.batch_ids_deleted,
+                    changes_deleted = r.changes_deleted,
                     "usage retention pass"
                 );
             }

@@ -24,6 +24,9 @@ use super::webhooks::{WebhookCounters, WebhookWorker};
 pub struct ServerStats {
     /// `POST /v1/keys/verify` requests handled (past token check).
     pub verify_calls: u64,
+    /// Verifications refused at once (503 `overloaded`) because
+    /// `max_concurrent_verifies` were in progress.
+    pub verify_shed: u64,
     /// Verify answers `valid: true`.
     pub verify_valid: u64,
     /// Verify answers `valid: false`.
@@ -92,6 +95,7 @@ pub struct ServerStats {
 #[derive(Debug, Default)]
 pub(crate) struct Stats {
     pub verify_calls: AtomicU64,
+    pub verify_shed: AtomicU64,
     pub verify_valid: AtomicU64,
     pub verify_invalid: AtomicU64,
     pub usage_batches: AtomicU64,
@@ -148,6 +152,8 @@ pub(crate) struct StateInner {
     /// shares it.
     pub meters: Arc<Meters>,
     pub webhook_counters: Arc<WebhookCounters>,
+    /// One permit per verification in progress (see `KeyServer::max_concurrent_verifies`).
+    pub verify_slots: tokio::sync::Semaphore,
     /// Webhook URLs on internal addresses accepted (`KeyServer::allow_internal_webhooks`).
     pub allow_internal_webhooks: bool,
     /// Webhook deliveries; stop when the state is dropped.
@@ -182,6 +188,7 @@ impl ServerState {
         let feed = self.inner.feed.as_ref().map(ChangeFeed::stats).unwrap_or_default();
         ServerStats {
             verify_calls: get(&s.verify_calls),
+            verify_shed: get(&s.verify_shed),
             verify_valid: get(&s.verify_valid),
             verify_invalid: get(&s.verify_invalid),
             usage_batches: get(&s.usage_batches),
@@ -224,12 +231,16 @@ impl std::fmt::Debug for ServerState {
 
 /// The local subscribers hear what the store committed.
 impl ChangeSink for EventHub {
-    fn publish(&self, note: &ChangeNote) {
-        note.publish(self);
+    fn publish(&self, note: &ChangeNote, id: Option<u64>) {
+        self.change(note, id);
     }
 
-    fn listening(&self) -> bool {
-        self.subscribers() > 0
+    fn position(&self) -> u64 {
+        EventHub::position(self)
+    }
+
+    fn skip_to(&self, id: u64) {
+        self.advance_to(id);
     }
 }
 

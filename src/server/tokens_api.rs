@@ -6,7 +6,8 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::api::JsonBody;
 use super::auth::Admin;
@@ -27,6 +28,23 @@ async fn create(store: &Store, new: &NewToken, actor: &str) -> Result<CreatedTok
     Ok(CreatedToken { info, token })
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tokens",
+    tag = "tokens",
+    summary = "Create a token",
+    request_body = NewToken,
+    responses(
+        (status = 201, description = "The token, shown this once, and its fields.", body = CreatedToken),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 409, response = crate::server::openapi::Conflict),
+        (status = 413, response = crate::server::openapi::TooLarge),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 /// `POST /v1/tokens {kind, name}`: `201 {id, name, kind, prefix, created_at, ..., token}`,
 /// the token shown this once.
 pub(crate) async fn create_token(
@@ -41,9 +59,28 @@ pub(crate) async fn create_token(
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
+/// The answer of `GET /v1/tokens`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct TokenList {
+    tokens: Vec<TokenInfo>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/tokens",
+    tag = "tokens",
+    summary = "List tokens",
+    responses(
+        (status = 200, description = "This replica's bootstrap tokens, then every stored one, active ones first; never a token or its digest.", body = TokenList),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 /// `GET /v1/tokens`: the bootstrap tokens of this replica, then every stored token,
 /// active ones first, each group oldest first; never a token or its digest.
-pub(crate) async fn list_tokens(State(state): State<ServerState>, _: Admin) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn list_tokens(State(state): State<ServerState>, _: Admin) -> Result<Json<TokenList>, ApiError> {
     let tokens = &state.inner.tokens;
     let limit = u32::try_from(MAX_ACTIVE_TOKENS * 10).unwrap_or(u32::MAX);
     let mut list: Vec<TokenInfo> = tokens.bootstrap_infos();
@@ -55,9 +92,26 @@ pub(crate) async fn list_tokens(State(state): State<ServerState>, _: Admin) -> R
         }
         list.push(t);
     }
-    Ok(Json(json!({ "tokens": list })))
+    Ok(Json(TokenList { tokens: list }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/tokens/{id}/revoke",
+    tag = "tokens",
+    summary = "Revoke a token (idempotent)",
+    params(("id" = String, Path, description = "The token's id (`tok_` + 22 base62 characters).")),
+    responses(
+        (status = 200, description = "The token, revoked.", body = TokenInfo),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 404, response = crate::server::openapi::NotFound),
+        (status = 409, response = crate::server::openapi::Conflict),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
 /// `POST /v1/tokens/{id}/revoke`: idempotent; refused (409) for the last active admin
 /// token and for bootstrap tokens. The token stops working on this replica before the
 /// answer, its event streams closed; other replicas follow on the change note.

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
 
 use super::auth::Admin;
 use super::error::ApiError;
@@ -17,6 +17,7 @@ use super::store::{NewEndpoint, WebhookEndpoint, now_ms};
 use super::text::shown;
 use super::validate::validate_text;
 use super::webhooks::internal_host;
+use crate::client::DeliveryPage;
 
 /// Longest webhook URL accepted.
 pub const MAX_WEBHOOK_URL_LEN: usize = 2048;
@@ -48,22 +49,34 @@ pub(crate) fn event_types() -> Vec<String> {
 }
 
 /// `POST /v1/webhooks`: an endpoint to add. Unknown fields are rejected.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewWebhook {
+    /// Where deliveries are posted: `http` or `https`, no credentials, no fragment.
     url: String,
+    /// Event types (`key.revoked`) or prefixes (`alert.*`); empty or `*`: every type.
     #[serde(default)]
     events: Vec<String>,
+    /// Free text.
     #[serde(default)]
     description: Option<String>,
 }
 
 /// The answer to `POST /v1/webhooks`: the endpoint and its secret, shown this once.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct CreatedWebhook<'a> {
     #[serde(flatten)]
+    #[schema(value_type = WebhookEndpoint)]
     endpoint: &'a WebhookEndpoint,
+    /// The signing secret (`whsec_...`). Store it now: it is not shown again.
+    #[schema(value_type = String)]
     secret: &'a str,
+}
+
+/// The answer of `GET /v1/webhooks`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct WebhookList {
+    webhooks: Vec<WebhookEndpoint>,
 }
 
 fn validate_url(url: &str, allow_internal: bool) -> Result<(), ApiError> {
@@ -142,7 +155,25 @@ pub(crate) fn routes() -> Router<ServerState> {
 /// Largest `POST /v1/webhooks` body.
 const CREATE_BODY_LIMIT: usize = 16 * 1024;
 
-async fn create(State(state): State<ServerState>, admin: Admin, req: Request) -> Result<Response, ApiError> {
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks",
+    tag = "webhooks",
+    operation_id = "create_webhook",
+    summary = "Add a webhook endpoint",
+    request_body = NewWebhook,
+    responses(
+        (status = 201, description = "The endpoint and its signing secret, shown this once.", body = CreatedWebhook),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 409, response = crate::server::openapi::Conflict),
+        (status = 413, response = crate::server::openapi::TooLarge),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
+pub(crate) async fn create(State(state): State<ServerState>, admin: Admin, req: Request) -> Result<Response, ApiError> {
     let bytes = axum::body::to_bytes(req.into_body(), CREATE_BODY_LIMIT)
         .await
         .map_err(|_| ApiError::TooLarge(CREATE_BODY_LIMIT))?;
@@ -169,8 +200,22 @@ async fn create(State(state): State<ServerState>, admin: Admin, req: Request) ->
     Ok((StatusCode::CREATED, Json(CreatedWebhook { endpoint: &created, secret: &endpoint.secret })).into_response())
 }
 
-async fn list(State(state): State<ServerState>, _: Admin) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "webhooks": state.inner.store.webhooks().await? })))
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks",
+    tag = "webhooks",
+    operation_id = "list_webhooks",
+    summary = "List webhook endpoints",
+    responses(
+        (status = 200, description = "Every endpoint, never a secret.", body = WebhookList),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
+pub(crate) async fn list(State(state): State<ServerState>, _: Admin) -> Result<Json<WebhookList>, ApiError> {
+    Ok(Json(WebhookList { webhooks: state.inner.store.webhooks().await? }))
 }
 
 fn endpoint_id(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -179,7 +224,24 @@ fn endpoint_id(p: Result<Path<String>, PathRejection>) -> Result<String, ApiErro
     if plausible { Ok(id) } else { Err(ApiError::NotFound(format!("no webhook with id `{}`", shown(&id)))) }
 }
 
-async fn show(
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{id}",
+    tag = "webhooks",
+    operation_id = "show_webhook",
+    summary = "Show a webhook endpoint",
+    params(("id" = String, Path, description = "The endpoint's id (`wh_` + 22 base62 characters).")),
+    responses(
+        (status = 200, description = "The endpoint.", body = WebhookEndpoint),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 404, response = crate::server::openapi::NotFound),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
+pub(crate) async fn show(
     State(state): State<ServerState>,
     _: Admin,
     id: Result<Path<String>, PathRejection>,
@@ -189,7 +251,24 @@ async fn show(
     found.map(Json).ok_or_else(|| ApiError::NotFound(format!("no webhook with id `{id}`")))
 }
 
-async fn delete(
+#[utoipa::path(
+    delete,
+    path = "/v1/webhooks/{id}",
+    tag = "webhooks",
+    operation_id = "delete_webhook",
+    summary = "Remove a webhook endpoint",
+    params(("id" = String, Path, description = "The endpoint's id (`wh_` + 22 base62 characters).")),
+    responses(
+        (status = 200, description = "The endpoint as it was; its pending deliveries are dropped.", body = WebhookEndpoint),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 404, response = crate::server::openapi::NotFound),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
+pub(crate) async fn delete(
     State(state): State<ServerState>,
     admin: Admin,
     id: Result<Path<String>, PathRejection>,
@@ -200,19 +279,39 @@ async fn delete(
     Ok(Json(removed))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
-struct PageQuery {
+pub(crate) struct PageQuery {
+    /// At most this many (1 to 500; default 100).
     limit: Option<u32>,
+    /// Only deliveries with a smaller id: the previous page's `next_before`.
     before: Option<i64>,
 }
 
-async fn deliveries(
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{id}/deliveries",
+    tag = "webhooks",
+    operation_id = "webhook_deliveries",
+    summary = "Read an endpoint's delivery log",
+    params(("id" = String, Path, description = "The endpoint's id (`wh_` + 22 base62 characters)."), PageQuery),
+    responses(
+        (status = 200, description = "A page of deliveries, newest first.", body = DeliveryPage),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 404, response = crate::server::openapi::NotFound),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("admin_token" = []))
+)]
+pub(crate) async fn deliveries(
     State(state): State<ServerState>,
     _: Admin,
     id: Result<Path<String>, PathRejection>,
     q: Result<Query<PageQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DeliveryPage>, ApiError> {
     let id = endpoint_id(id)?;
     let q = q.map(|Query(q)| q).map_err(|e| ApiError::invalid("invalid_query", e.body_text()))?;
     let limit = q.limit.unwrap_or(100).clamp(1, MAX_DELIVERIES_PAGE);
@@ -220,13 +319,13 @@ async fn deliveries(
     let endpoint = store.webhook(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no webhook with id `{id}`")))?;
     let page = store.webhook_deliveries(&id, q.before, limit).await?;
     let next_before = if page.len() == limit as usize { page.last().map(|d| d.id) } else { None };
-    Ok(Json(json!({
-        "webhook_id": id,
-        "dropped": endpoint.dropped,
-        "pending": endpoint.pending,
-        "deliveries": page,
-        "next_before": next_before,
-    })))
+    Ok(Json(DeliveryPage {
+        webhook_id: id,
+        dropped: endpoint.dropped,
+        pending: endpoint.pending,
+        deliveries: page,
+        next_before,
+    }))
 }
 
 #[cfg(test)]

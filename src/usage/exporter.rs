@@ -12,6 +12,7 @@ use super::{AggregateBatch, UsageEvent};
 /// One batch of usage events, as the pipeline hands it to an exporter and as
 /// `POST /v1/usage` carries it: `{"events": [...], "dropped": n}`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct UsageBatch {
     /// The events, oldest first. May be empty when the batch only reports drops.
     pub events: Vec<UsageEvent>,

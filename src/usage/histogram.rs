@@ -197,14 +197,32 @@ impl std::fmt::Debug for LatencyHistogram {
     }
 }
 
+/// A histogram on the wire: its totals and the buckets that are not empty.
 #[derive(Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 struct Sparse {
+    /// Latencies recorded.
     count: u64,
+    /// Their sum, microseconds.
     sum_us: u64,
+    /// The largest, microseconds.
     max_us: u64,
+    /// `[index, count]` pairs, indexes increasing, counts adding up to `count`.
+    #[cfg_attr(feature = "server", schema(value_type = Vec<Vec<u64>>))]
     buckets: Vec<(usize, u32)>,
 }
+
+// The document describes the wire form: the sparse one.
+#[cfg(feature = "server")]
+impl utoipa::PartialSchema for LatencyHistogram {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        <Sparse as utoipa::PartialSchema>::schema()
+    }
+}
+
+#[cfg(feature = "server")]
+impl utoipa::ToSchema for LatencyHistogram {}
 
 impl Serialize for LatencyHistogram {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {

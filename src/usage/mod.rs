@@ -32,29 +32,37 @@ use crate::outcome::Outcome;
 
 /// One request's usage record. Never carries the key: only its id.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct UsageEvent {
     /// When the request arrived.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
     /// The key's id, when a key was verified.
+    #[cfg_attr(feature = "server", schema(value_type = Option<String>))]
     pub key_id: Option<Arc<str>>,
     /// The key's owner, when a key was verified.
+    #[cfg_attr(feature = "server", schema(value_type = Option<String>))]
     pub owner: Option<Arc<str>>,
     /// Allowed, or the precise denial.
     pub outcome: Outcome,
     /// HTTP method.
     /// (Standard methods are static strings: recording them allocates nothing.)
+    #[cfg_attr(feature = "server", schema(value_type = String))]
     pub method: std::borrow::Cow<'static, str>,
     /// Route template (`/reports/{id}`), gRPC method path, or the raw path cut short.
+    #[cfg_attr(feature = "server", schema(value_type = String))]
     pub route: Arc<str>,
     /// Response status (for gRPC rejections, the HTTP status the case maps to).
     pub status: u16,
     /// Request start to response head (`latency_ms` on the wire, fractional).
     #[serde(rename = "latency_ms", with = "duration_ms")]
+    #[cfg_attr(feature = "server", schema(value_type = f64))]
     pub latency: Duration,
     /// Client address, when configured.
+    #[cfg_attr(feature = "server", schema(value_type = Option<String>))]
     pub client_ip: Option<IpAddr>,
     /// `x-request-id`, when present.
+    #[cfg_attr(feature = "server", schema(value_type = Option<String>))]
     pub request_id: Option<Arc<str>>,
 }
 

@@ -21,6 +21,7 @@ pub const OVERFLOW_METHOD: &str = "*";
 /// The key service applies a `batch_id` at most once, so a batch sent again after a lost
 /// answer never counts twice.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct AggregateBatch {
     /// 32 lowercase hex digits (128 random bits), the same on every attempt to send it.
     pub batch_id: String,
@@ -51,17 +52,21 @@ impl AggregateBatch {
 
 /// The requests of one minute with the same key, route, method and outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct AggregateRow {
     /// Start of the minute, Unix seconds (a multiple of 60).
     pub minute: i64,
     /// The key's id; `None` for requests without a known key (no key, malformed, unknown)
     /// and for the table-wide overflow row.
     #[serde(default)]
+    #[cfg_attr(feature = "server", schema(value_type = Option<String>))]
     pub key_id: Option<Arc<str>>,
     /// Route template, gRPC method, or the raw path cut short; [`OVERFLOW_ROUTE`] for
     /// overflow rows.
+    #[cfg_attr(feature = "server", schema(value_type = String))]
     pub route: Arc<str>,
     /// HTTP method; [`OVERFLOW_METHOD`] for overflow rows.
+    #[cfg_attr(feature = "server", schema(value_type = String))]
     pub method: Arc<str>,
     /// Allowed, or the precise denial.
     pub outcome: Outcome,
@@ -77,6 +82,7 @@ pub struct AggregateRow {
 
 /// Responses by status class.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct StatusCounts {
     /// 1xx, and anything outside 100–599.
     #[serde(rename = "1xx", default)]
@@ -128,8 +134,10 @@ impl StatusCounts {
 
 /// A client network a key was used from in an interval.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 pub struct ClientNetwork {
     /// The key.
+    #[cfg_attr(feature = "server", schema(value_type = String))]
     pub key_id: Arc<str>,
     /// `203.0.113.0/24` or `2001:db8:1::/48` (see [`network_of`]).
     pub network: String,

@@ -60,6 +60,7 @@ impl Verdict {
 /// one 401 for all of these except `Expired`; logs and usage events see the precise
 /// reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Reason {
     /// No such key.

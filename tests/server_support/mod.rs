@@ -264,6 +264,10 @@ where
 pub struct Events {
     res: reqwest::Response,
     buf: String,
+    /// The response headers of the stream.
+    pub headers: reqwest::header::HeaderMap,
+    /// The `id:` of the last event read that had one.
+    pub last_id: Option<String>,
 }
 
 impl Events {
@@ -273,10 +277,29 @@ impl Events {
 
     /// A stream opened with this service token.
     pub async fn connect_as(t: &TestServer, token: &str) -> Self {
-        let res = t.http_stream().get(t.url("/v1/events")).bearer_auth(token).send().await.unwrap();
+        Self::open(t, token, None).await
+    }
+
+    /// A stream resumed with `Last-Event-ID: last_event_id`.
+    pub async fn resume(t: &TestServer, last_event_id: &str) -> Self {
+        Self::open(t, SERVICE, Some(last_event_id)).await
+    }
+
+    async fn open(t: &TestServer, token: &str, last_event_id: Option<&str>) -> Self {
+        let mut req = t.http_stream().get(t.url("/v1/events")).bearer_auth(token);
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let res = req.send().await.unwrap();
         assert_eq!(res.status(), 200);
         assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-        Self { res, buf: String::new() }
+        let headers = res.headers().clone();
+        Self { res, buf: String::new(), headers, last_id: None }
+    }
+
+    /// A response header of the stream, as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).map(|v| v.to_str().unwrap().to_owned())
     }
 
     /// The next event as `(name, data)` (comments skipped); `None` when the stream
@@ -297,6 +320,8 @@ impl Events {
                         name = v.trim_start().to_owned();
                     } else if let Some(v) = line.strip_prefix("data:") {
                         data.push(v.trim_start().to_owned());
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        self.last_id = Some(v.trim_start().to_owned());
                     }
                 }
                 if !name.is_empty() || !data.is_empty() {

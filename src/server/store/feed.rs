@@ -22,11 +22,16 @@ pub(crate) struct FeedStats {
     pub(crate) connected: bool,
     /// Notes from other replicas published to this replica's subscribers.
     pub(crate) forwarded: u64,
-    /// This replica's own notes, skipped (its subscribers had them already).
+    /// This replica's own logged changes, published when they came back (in id order).
+    pub(crate) own_published: u64,
+    /// This replica's own unlogged notes, skipped (its subscribers had them already).
     pub(crate) own_skipped: u64,
+    /// Changes published from the change log after a (re)connection.
+    pub(crate) caught_up: u64,
     /// Notes that could not be read (each one published `reset` instead).
     pub(crate) unreadable: u64,
-    /// Connections established after the first (each one followed by `reset`).
+    /// Connections established after the first (each one followed by a catch-up from
+    /// the change log, or `reset` when the log no longer holds what was missed).
     pub(crate) reconnects: u64,
 }
 
@@ -34,7 +39,9 @@ pub(crate) struct FeedStats {
 #[derive(Debug)]
 pub(crate) struct FeedCounters {
     forwarded: AtomicU64,
+    own_published: AtomicU64,
     own_skipped: AtomicU64,
+    caught_up: AtomicU64,
     unreadable: AtomicU64,
     connects: AtomicU64,
     connected: watch::Sender<bool>,
@@ -44,27 +51,37 @@ pub(crate) struct FeedCounters {
 }
 
 impl FeedCounters {
-    /// Reads one payload from the feed: skips this replica's own notes, hands the
-    /// others to `sink`, and publishes `reset` for one it cannot read (a lost
-    /// invalidation is never ignored).
+    /// Reads one payload from the feed: hands logged changes (this replica's too) and
+    /// the other replicas' unlogged notes to `sink`, skips this replica's own unlogged
+    /// notes, and publishes `reset` for one it cannot read (a lost invalidation is
+    /// never ignored).
     pub(crate) fn forward(&self, sink: &dyn ChangeSink, own_origin: &str, payload: &str) {
-        match ChangeNote::decode_timed(payload) {
-            Ok((origin, _, _)) if origin == own_origin => {
+        match ChangeNote::decode_full(payload) {
+            Ok(d) if d.origin == own_origin && d.id.is_none() => {
                 self.own_skipped.fetch_add(1, Ordering::Relaxed);
             }
-            Ok((_, note, sent_at_ms)) => {
-                if let Some(sent) = sent_at_ms {
-                    self.lag.record(unix_ms_now().saturating_sub(sent).max(0) as f64 / 1000.0);
+            Ok(d) => {
+                if d.origin == own_origin {
+                    self.own_published.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    if let Some(sent) = d.sent_at_ms {
+                        self.lag.record(unix_ms_now().saturating_sub(sent).max(0) as f64 / 1000.0);
+                    }
+                    self.forwarded.fetch_add(1, Ordering::Relaxed);
                 }
-                sink.publish(&note);
-                self.forwarded.fetch_add(1, Ordering::Relaxed);
+                sink.publish(&d.note, d.id);
             }
             Err(why) => {
                 tracing::warn!(error = %why, "unreadable change note from another replica; telling subscribers to reset");
                 self.unreadable.fetch_add(1, Ordering::Relaxed);
-                sink.publish(&ChangeNote::Reset("unreadable".into()));
+                sink.publish(&ChangeNote::Reset("unreadable".into()), None);
             }
         }
+    }
+
+    /// Counts changes published from the change log.
+    pub(crate) fn caught_up(&self, n: u64) {
+        self.caught_up.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Marks the feed connected (counting the connection) or disconnected; returns the
@@ -96,7 +113,9 @@ impl ChangeFeed {
     {
         let counters = Arc::new(FeedCounters {
             forwarded: AtomicU64::new(0),
+            own_published: AtomicU64::new(0),
             own_skipped: AtomicU64::new(0),
+            caught_up: AtomicU64::new(0),
             unreadable: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             connected: watch::Sender::new(false),
@@ -112,7 +131,9 @@ impl ChangeFeed {
         FeedStats {
             connected: *c.connected.borrow(),
             forwarded: c.forwarded.load(Ordering::Relaxed),
+            own_published: c.own_published.load(Ordering::Relaxed),
             own_skipped: c.own_skipped.load(Ordering::Relaxed),
+            caught_up: c.caught_up.load(Ordering::Relaxed),
             unreadable: c.unreadable.load(Ordering::Relaxed),
             reconnects: c.connects.load(Ordering::Relaxed).saturating_sub(1),
         }
@@ -139,11 +160,11 @@ mod tests {
     use crate::server::events::KeyEvent;
 
     #[derive(Debug, Default)]
-    struct Recorded(Mutex<Vec<ChangeNote>>);
+    struct Recorded(Mutex<Vec<(ChangeNote, Option<u64>)>>);
 
     impl ChangeSink for Recorded {
-        fn publish(&self, note: &ChangeNote) {
-            self.0.lock().unwrap().push(note.clone());
+        fn publish(&self, note: &ChangeNote, id: Option<u64>) {
+            self.0.lock().unwrap().push((note.clone(), id));
         }
     }
 
@@ -152,15 +173,25 @@ mod tests {
         let sink = Recorded::default();
         let feed = ChangeFeed::spawn(Histogram::noop(), |_| async {});
         let c = &feed.counters;
-        c.forward(&sink, "me", &ChangeNote::Key(KeyEvent::Updated, "key_a".into()).encode("me"));
-        c.forward(&sink, "me", &ChangeNote::Key(KeyEvent::Updated, "key_a".into()).encode("other"));
+        let note = ChangeNote::Key(KeyEvent::Updated, "key_a".into());
+        c.forward(&sink, "me", &note.encode("me", None));
+        c.forward(&sink, "me", &note.encode("other", None));
+        c.forward(&sink, "me", &note.encode("me", Some(5)));
+        c.forward(&sink, "me", &note.encode("other", Some(6)));
         c.forward(&sink, "me", "garbage");
         let s = feed.stats();
-        assert_eq!((s.own_skipped, s.forwarded, s.unreadable), (1, 1, 1));
-        // The forwarded note and the reset for the unreadable one.
+        assert_eq!((s.own_skipped, s.own_published, s.forwarded, s.unreadable), (1, 1, 2, 1));
+        // The other replica's note, both logged ones with their ids (this replica's own
+        // included: the feed publishes every logged change, in id order), and the reset
+        // for the unreadable one.
         assert_eq!(
             *sink.0.lock().unwrap(),
-            [ChangeNote::Key(KeyEvent::Updated, "key_a".into()), ChangeNote::Reset("unreadable".into())]
+            [
+                (note.clone(), None),
+                (note.clone(), Some(5)),
+                (note, Some(6)),
+                (ChangeNote::Reset("unreadable".into()), None)
+            ]
         );
         assert!(!feed.wait_connected(Duration::from_millis(10)).await);
         c.set_connected(true);

@@ -18,6 +18,7 @@ use super::meters::Meters;
 use super::model::{Alert, AuditRecord, KeyInfo, KeyPatch, RoleInfo, UsageBucket};
 use super::text::rfc3339;
 
+pub(crate) mod changelog;
 mod feed;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -26,6 +27,8 @@ mod rows;
 mod sqlite;
 mod usage;
 mod webhooks;
+pub(crate) use changelog::LogBounds;
+pub use changelog::{DEFAULT_CHANGE_LOG_MAX_ROWS, DEFAULT_CHANGE_LOG_RETENTION};
 pub(crate) use feed::ChangeFeed;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
@@ -33,7 +36,8 @@ pub(crate) use rows::bucket_from;
 pub use sqlite::SqliteStore;
 pub use usage::RetentionReport;
 pub(crate) use usage::{
-    Applied, BatchMark, ReadKind, ReadRow, RetentionCutoffs, Tally, UsageDelta, UsageKey, UsageOf, UsageRead,
+    Applied, BatchMark, ChangeLogCutoff, ReadKind, ReadRow, RetentionCutoffs, Tally, UsageDelta, UsageKey, UsageOf,
+    UsageRead,
 };
 pub(crate) use webhooks::{Attempt, AttemptNext, Claimed, NewEndpoint, Target, WebhookEvent};
 pub(crate) use webhooks::{WebhookDelivery, WebhookEndpoint};
@@ -171,14 +175,19 @@ pub(crate) enum NetworkSeen {
 
 /// Where a store reports the changes it committed (the key service's event hub).
 pub(crate) trait ChangeSink: fmt::Debug + Send + Sync + 'static {
-    /// Hands over one committed change.
-    fn publish(&self, note: &ChangeNote);
+    /// Hands over one committed change, with its change log id if it is logged. Logged
+    /// changes come in the order of their ids; one at or below an id handed over before
+    /// is a duplicate (a feed catching up from the log) and is skipped.
+    fn publish(&self, note: &ChangeNote, id: Option<u64>);
 
-    /// Whether anyone listens now: a feed of other replicas' changes that connects late
-    /// tells them to start over (default `true`).
-    fn listening(&self) -> bool {
-        true
+    /// The newest change log id handed over (0 for none): where a feed catches up from.
+    fn position(&self) -> u64 {
+        0
     }
+
+    /// Moves the position up to `id` without handing anything over (after a `reset`
+    /// that covers what lies before it).
+    fn skip_to(&self, _id: u64) {}
 }
 
 /// The sink of a store no key service has attached to.
@@ -186,11 +195,7 @@ pub(crate) trait ChangeSink: fmt::Debug + Send + Sync + 'static {
 struct Unheard;
 
 impl ChangeSink for Unheard {
-    fn publish(&self, _: &ChangeNote) {}
-
-    fn listening(&self) -> bool {
-        false
-    }
+    fn publish(&self, _: &ChangeNote, _: Option<u64>) {}
 }
 
 /// The storage a key service runs on: [`SqliteStore`], or [`PostgresStore`] with
@@ -295,28 +300,43 @@ macro_rules! each_backend {
     };
 }
 
+/// `$body` once per backend, with `$c` its module of change log statements.
+macro_rules! each_log_backend {
+    ($store:expr, $b:ident, $c:ident => $body:expr) => {
+        match &$store.backend {
+            Backend::Sqlite($b) => {
+                use sqlite::change_log_sql as $c;
+                $body
+            }
+            #[cfg(feature = "postgres")]
+            Backend::Postgres($b) => {
+                use postgres::change_log_sql as $c;
+                $body
+            }
+        }
+    };
+}
+
 /// A write: `$body`, in a write transaction `$tx` of the backend with its queries `$q`,
-/// returns the value and the notes it made; they are committed together, then the
-/// notes go to the sink.
+/// returns the value and the notes it made; the notes are logged (those that change
+/// verdicts) and committed with the change, then go to the sink.
 macro_rules! write_tx {
     ($store:expr, |$tx:ident, $q:ident| $body:expr) => {{
-        let (value, notes) = each_backend!($store, b, $q => {
+        let value = each_backend!($store, b, $q => {
             let mut $tx = b.write().await?;
             let (value, notes): (_, Vec<ChangeNote>) = $body;
-            b.commit($tx, &notes).await?;
-            (value, notes)
+            b.commit($tx, &notes, &*$store.sink).await?;
+            value
         });
-        $store.published(&notes);
         Ok(value)
     }};
     ($store:expr, |$tx:ident, $q:ident, $w:ident| $body:expr) => {{
-        let (value, notes) = each_backend!($store, b, $q, $w => {
+        let value = each_backend!($store, b, $q, $w => {
             let mut $tx = b.write().await?;
             let (value, notes): (_, Vec<ChangeNote>) = $body;
-            b.commit($tx, &notes).await?;
-            (value, notes)
+            b.commit($tx, &notes, &*$store.sink).await?;
+            value
         });
-        $store.published(&notes);
         Ok(value)
     }};
 }
@@ -356,11 +376,17 @@ impl Store {
         result
     }
 
-    /// The one publish point: after commit, the notes go to the local subscribers.
-    fn published(&self, notes: &[ChangeNote]) {
-        for note in notes {
-            self.sink.publish(note);
-        }
+    /// The change log's oldest and newest ids.
+    pub(crate) async fn change_log_bounds(&self) -> Result<LogBounds, StoreError> {
+        self.metered("change_log_bounds", async { each_log_backend!(self, b, c => c::bounds(b.pool()).await) }).await
+    }
+
+    /// Up to [`changelog::PAGE_ROWS`] logged changes with ids above `after`, oldest first.
+    pub(crate) async fn changes_after(&self, after: u64) -> Result<Vec<(u64, ChangeNote)>, StoreError> {
+        self.metered("changes_after", async {
+            each_log_backend!(self, b, c => c::after(b.pool(), after, changelog::PAGE_ROWS).await)
+        })
+        .await
     }
 
     /// Checks the database answers.
@@ -564,7 +590,7 @@ impl Store {
                 let n = each_backend!(self, b, q => {
                     let mut tx = b.write().await?;
                     let n = q::delete_before(&mut tx, table, primary_key, column, before, cut.rows_per_transaction).await?;
-                    b.commit(tx, &[]).await?;
+                    b.commit(tx, &[], &*self.sink).await?;
                     n
                 });
                 if table == "usage_batches" {
@@ -572,6 +598,20 @@ impl Store {
                 } else {
                     report.hours_deleted += n;
                 }
+                if n < per_tx {
+                    break;
+                }
+            }
+        }
+        if let Some(log) = cut.change_log {
+            for _ in 0..cut.max_transactions {
+                let n = each_log_backend!(self, b, c => {
+                    let mut tx = b.write().await?;
+                    let n = c::prune(&mut tx, log.before_ms, log.max_rows, cut.rows_per_transaction).await?;
+                    b.commit(tx, &[], &*self.sink).await?;
+                    n
+                });
+                report.changes_deleted += n;
                 if n < per_tx {
                     break;
                 }

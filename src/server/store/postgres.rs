@@ -33,6 +33,8 @@ super::webhooks::webhook_queries!(
 // Tokens (issue 14).
 super::token_queries!(sqlx::Postgres, name_lock = super::xact_lock);
 
+super::changelog::change_log_queries!(sqlx::Postgres);
+
 /// Changes of one name in a namespace serialize, whether or not its row exists yet.
 async fn xact_lock(conn: &mut PgConnection, namespace: i32, name: &str) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))").bind(namespace).bind(name).execute(conn).await?;
@@ -46,6 +48,9 @@ const STATEMENT_TIMEOUT: &str = "30s";
 /// Advisory lock namespace of migrations (first key of the two-key form; the others are
 /// in `queries`).
 const LOCK_MIGRATE: i32 = 0x6b67_0001;
+/// Advisory lock namespace of the change log: held from a change's log rows to its
+/// commit, so that ids are handed out in commit order across replicas.
+const LOCK_CHANGE_LOG: i32 = 0x6b67_0005;
 /// Largest `NOTIFY` payload PostgreSQL takes is 8 000 bytes.
 const MAX_PAYLOAD: usize = 7900;
 /// Attempts of a usage batch that lost a deadlock or serialization race.
@@ -196,15 +201,29 @@ impl PostgresStore {
         Ok(self.inner.pool.begin().await?)
     }
 
-    /// Sends the notes to the other replicas and commits: `NOTIFY` in the transaction
-    /// is delivered exactly when, and only if, the change commits.
+    /// Logs the notes, sends them to every replica (this one included) and commits:
+    /// `NOTIFY` in the transaction is delivered exactly when, and only if, the change
+    /// commits. Logged notes are published by each replica's feed, this one's too, in
+    /// the order of their ids; only the others (alerts, token changes) go to `sink` here.
     pub(super) async fn commit(
         &self,
         mut tx: Transaction<'static, sqlx::Postgres>,
         notes: &[ChangeNote],
+        sink: &dyn ChangeSink,
     ) -> Result<(), StoreError> {
-        for note in notes {
-            let payload = note.encode(&self.inner.origin);
+        let ids = if notes.iter().any(|n| super::changelog::row_of(n).is_some()) {
+            // Until the commit: a change that took its id later commits later, so a
+            // reader of the log never sees id n before an id below it is visible.
+            sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext(current_schema()::text))")
+                .bind(LOCK_CHANGE_LOG)
+                .execute(&mut *tx)
+                .await?;
+            change_log_sql::append(&mut tx, notes, super::to_ms(super::now_ms())).await?
+        } else {
+            vec![None; notes.len()]
+        };
+        for (note, id) in notes.iter().zip(&ids) {
+            let payload = note.encode(&self.inner.origin, *id);
             if payload.len() > MAX_PAYLOAD {
                 // Only alerts can be this large (their detail); a key change never is.
                 tracing::warn!(
@@ -215,7 +234,13 @@ impl PostgresStore {
             }
             sqlx::query("SELECT pg_notify($1, $2)").bind(&self.inner.channel).bind(payload).execute(&mut *tx).await?;
         }
-        Ok(tx.commit().await?)
+        tx.commit().await?;
+        for (note, id) in notes.iter().zip(ids) {
+            if id.is_none() {
+                sink.publish(note, None);
+            }
+        }
+        Ok(())
     }
 
     /// Stores a batch's usage in one transaction, with its batch id when it has one (a
@@ -478,15 +503,29 @@ async fn feed(inner: Arc<Inner>, sink: Arc<dyn ChangeSink>, counters: Arc<FeedCo
             }
         };
         let connects = counters.set_connected(true);
-        // Changes made while not listening were not heard: subscribers must start over.
-        // The first connection only needs it when someone subscribed before it was up.
-        if connects > 1 || sink.listening() {
-            sink.publish(&ChangeNote::Reset("gap".into()));
+        // Listening now: what was committed before is in the log, what commits from
+        // now on is heard (the hub skips what it hears twice).
+        match catch_up(&inner, &*sink).await {
+            Ok(CatchUp::Published(n)) => {
+                counters.caught_up(n);
+                if connects > 1 {
+                    tracing::info!(channel = %inner.channel, changes = n, "change feed reconnected; caught up from the change log");
+                } else {
+                    tracing::info!(channel = %inner.channel, "change feed listening");
+                }
+            }
+            Ok(CatchUp::TooFar) => {
+                tracing::warn!(channel = %inner.channel, "change feed reconnected after a gap the change log no longer holds: told subscribers to reset");
+                sink.publish(&ChangeNote::Reset("gap".into()), None);
+            }
+            Err(e) => {
+                tracing::warn!(channel = %inner.channel, error = %e, "change feed cannot read the change log: told subscribers to reset");
+                sink.publish(&ChangeNote::Reset("gap".into()), None);
+            }
         }
         if connects > 1 {
-            tracing::warn!(channel = %inner.channel, "change feed reconnected after a gap: told subscribers to reset");
-        } else {
-            tracing::info!(channel = %inner.channel, "change feed listening");
+            // Token changes are not logged: reload them, in case one was missed.
+            sink.publish(&ChangeNote::Tokens, None);
         }
         let up = tokio::time::Instant::now();
         let why = pump(&mut listener, &inner, &*sink, &counters).await;
@@ -499,6 +538,39 @@ async fn feed(inner: Arc<Inner>, sink: Arc<dyn ChangeSink>, counters: Arc<FeedCo
         tokio::time::sleep(backoff(failures)).await;
         failures = failures.saturating_add(1);
     }
+}
+
+/// What a catch-up did.
+enum CatchUp {
+    /// Published this many changes from the log.
+    Published(u64),
+    /// The log no longer holds (or holds too much of) what was missed; the sink was
+    /// moved past it.
+    TooFar,
+}
+
+/// Most pages of the change log a feed reads to catch up before it resets instead.
+const CATCH_UP_MAX_PAGES: u32 = 200;
+
+/// Publishes the logged changes after the sink's position, in order.
+async fn catch_up(inner: &Inner, sink: &dyn ChangeSink) -> Result<CatchUp, StoreError> {
+    let mut after = sink.position();
+    let bounds = change_log_sql::bounds(&inner.pool).await?;
+    let missing = bounds.oldest.is_some_and(|oldest| after.saturating_add(1) < oldest);
+    let mut published = 0;
+    if !missing {
+        for _ in 0..CATCH_UP_MAX_PAGES {
+            let page = change_log_sql::after(&inner.pool, after, super::changelog::PAGE_ROWS).await?;
+            let Some(&(last, _)) = page.last() else { return Ok(CatchUp::Published(published)) };
+            for (id, note) in &page {
+                sink.publish(note, Some(*id));
+            }
+            published += page.len() as u64;
+            after = last;
+        }
+    }
+    sink.skip_to(bounds.newest);
+    Ok(CatchUp::TooFar)
 }
 
 async fn listen(inner: &Inner) -> Result<PgListener, sqlx::Error> {

@@ -13,8 +13,8 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
-use super::StoreError;
 use super::usage::{Applied, BatchMark, TALLY_COLUMNS, Tally, UsageDelta, UsageKey, UsageTable, hours_of};
+use super::{ChangeSink, StoreError};
 use crate::server::events::ChangeNote;
 
 // SQLite has no row locks; a write transaction (`BEGIN IMMEDIATE`) already holds the
@@ -24,6 +24,8 @@ super::webhooks::webhook_queries!(sqlx::Sqlite, row_lock = "", name_lock = super
 
 // Tokens (issue 14).
 super::token_queries!(sqlx::Sqlite, name_lock = super::no_lock);
+
+super::changelog::change_log_queries!(sqlx::Sqlite);
 
 static MIGRATOR: Migrator = sqlx::migrate!("src/server/store/migrations/sqlite");
 
@@ -42,6 +44,9 @@ async fn no_lock(_: &mut SqliteConnection, _: i32, _: &str) -> Result<(), StoreE
 pub struct SqliteStore {
     pool: SqlitePool,
     memory: bool,
+    /// Held from a change's log rows to its publication, so that this process publishes
+    /// changes in the order of their ids.
+    publishing: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -61,7 +66,7 @@ impl SqliteStore {
             SqlitePoolOptions::new().max_connections(8).idle_timeout(Duration::from_secs(600))
         };
         let pool = pool_opts.acquire_timeout(Duration::from_secs(5)).connect_with(opts).await?;
-        let store = Self { pool, memory };
+        let store = Self { pool, memory, publishing: Default::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -96,13 +101,26 @@ impl SqliteStore {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
-    /// Commits; the notes need no more (one process serves a SQLite store).
+    /// Logs the notes (the write lock orders their ids), commits and hands them to
+    /// `sink` in id order (one process serves a SQLite store: nobody else needs them).
     pub(super) async fn commit(
         &self,
-        tx: Transaction<'static, sqlx::Sqlite>,
-        _: &[ChangeNote],
+        mut tx: Transaction<'static, sqlx::Sqlite>,
+        notes: &[ChangeNote],
+        sink: &dyn ChangeSink,
     ) -> Result<(), StoreError> {
-        Ok(tx.commit().await?)
+        if notes.is_empty() {
+            return Ok(tx.commit().await?);
+        }
+        // Two changes commit one after the other, but their publications could race
+        // and swap: a subscriber seeing id 11 before 10 would resume after 11.
+        let _in_order = self.publishing.lock().await;
+        let ids = change_log_sql::append(&mut tx, notes, super::to_ms(super::now_ms())).await?;
+        tx.commit().await?;
+        for (note, id) in notes.iter().zip(ids) {
+            sink.publish(note, id);
+        }
+        Ok(())
     }
 
     /// Stores a batch's usage in one transaction, with its batch id when it has one

@@ -260,13 +260,12 @@ macro_rules! each_token_backend {
 /// are committed with it (sent to the other replicas) and then go to the sink.
 macro_rules! token_write {
     ($store:expr, |$tx:ident, $q:ident| $body:expr) => {{
-        let (value, notes) = each_token_backend!($store, b, $q => {
+        let value = each_token_backend!($store, b, $q => {
             let mut $tx = b.write().await?;
             let (value, notes): (_, Vec<ChangeNote>) = $body;
-            b.commit($tx, &notes).await?;
-            (value, notes)
+            b.commit($tx, &notes, &*$store.sink).await?;
+            value
         });
-        $store.published(&notes);
         Ok(value)
     }};
 }
@@ -352,7 +351,7 @@ mod tests {
     struct Recorded(Mutex<Vec<ChangeNote>>);
 
     impl ChangeSink for Recorded {
-        fn publish(&self, note: &ChangeNote) {
+        fn publish(&self, note: &ChangeNote, _id: Option<u64>) {
             self.0.lock().unwrap().push(note.clone());
         }
     }

@@ -308,6 +308,9 @@ pub struct RetentionReport {
     pub hours_deleted: u64,
     /// Applied batch ids forgotten.
     pub batch_ids_deleted: u64,
+    /// Change log rows deleted (older than the change log's retention, or beyond its
+    /// row bound).
+    pub changes_deleted: u64,
 }
 
 /// What a retention pass removes: rows before these times (Unix seconds; batch ids in
@@ -320,6 +323,16 @@ pub(crate) struct RetentionCutoffs {
     pub(crate) batches_before_ms: i64,
     pub(crate) rows_per_transaction: u32,
     pub(crate) max_transactions: u32,
+    /// What to prune of the change log, if anything.
+    pub(crate) change_log: Option<ChangeLogCutoff>,
+}
+
+/// The change log rows a retention pass deletes: older than `before_ms` (Unix ms) or
+/// beyond the newest `max_rows`; never the newest row.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChangeLogCutoff {
+    pub(crate) before_ms: i64,
+    pub(crate) max_rows: u64,
 }
 
 /// Minute rows deleted by a roll-up, summed per key and hour.
