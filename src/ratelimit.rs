@@ -51,6 +51,9 @@ impl LimitState {
     }
 }
 
+/// Least time between two sweeps of a full limiter: 1 s.
+const SWEEP_INTERVAL_NS: u64 = 1_000_000_000;
+
 /// Most keys tracked at once.
 pub(crate) const DEFAULT_MAX_TRACKED_KEYS: usize = 100_000;
 
@@ -61,6 +64,8 @@ pub(crate) struct RateLimiter<K = Arc<str>> {
     epoch: Instant,
     max_keys: usize,
     keys: RwLock<HashMap<K, Arc<AtomicU64>>>,
+    /// Nanoseconds after `epoch` of the last sweep of a full map.
+    swept_at: AtomicU64,
 }
 
 impl Default for RateLimiter {
@@ -83,7 +88,7 @@ impl RateLimiter {
 impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
     /// A limiter tracking at most `max_keys` keys (idle keys are forgotten first).
     pub(crate) fn new(max_keys: usize) -> Self {
-        Self { epoch: Instant::now(), max_keys, keys: RwLock::new(HashMap::new()) }
+        Self { epoch: Instant::now(), max_keys, keys: RwLock::new(HashMap::new()), swept_at: AtomicU64::new(0) }
     }
 
     /// Counts one request for `key_id`, or refuses it when over the limit.
@@ -127,11 +132,21 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
         }
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
         if keys.len() >= self.max_keys {
+            // Sweeping walks every entry: at most once a second, or a flood of new
+            // callers would cost a walk each (and a log line each).
+            let last = self.swept_at.load(Ordering::Relaxed);
+            if last != 0 && now.saturating_sub(last) < SWEEP_INTERVAL_NS {
+                return None;
+            }
+            self.swept_at.store(now.max(1), Ordering::Relaxed);
             // A key whose arrival time has passed is fully replenished: forgetting it
             // changes nothing.
             keys.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
             if keys.len() >= self.max_keys {
-                tracing::warn!(max_keys = self.max_keys, "keygate: rate limiter full, not limiting a new caller");
+                tracing::warn!(
+                    max_keys = self.max_keys,
+                    "keygate: rate limiter full, not limiting new callers for now"
+                );
                 return None;
             }
         }
@@ -180,5 +195,9 @@ mod tests {
         // Both are busy for an hour, so a third key cannot be tracked and passes.
         assert!(rl.check(&Arc::from("c"), limit).is_ok());
         assert!(rl.check(&Arc::from("a"), limit).is_err());
+        // Within the second after a sweep, a new key is not tracked without one.
+        assert!(rl.check(&Arc::from("d"), limit).is_ok());
+        assert!(rl.check(&Arc::from("d"), limit).is_ok(), "not tracked");
+        assert_eq!(rl.keys.read().unwrap().len(), 2);
     }
 }
