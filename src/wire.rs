@@ -48,6 +48,16 @@
 //! Any other status, an unknown `code`, or a body that does not parse is an error on the
 //! middleware's side ([`VerifyError`](crate::VerifyError), HTTP 503), never a denial.
 //!
+//! # Batch verify: `POST /v1/keys/verify-batch` ([`VERIFY_BATCH_PATH`])
+//!
+//! Request ([`VerifyBatchRequest`]): `{"digests": ["<hex>", ...]}`, 1 to
+//! [`MAX_VERIFY_BATCH`] (500) digests, never raw keys. Answer, `200`
+//! ([`VerifyBatchAnswer`]): `{"answers": [...]}`, one [`VerifyAnswer`] per digest in
+//! the request's order. A [`CachedVerifier`](crate::CachedVerifier) uses it to refresh
+//! hot verdicts before they go stale and to revalidate what it holds after a `reset`:
+//! one call instead of hundreds, off the request path. A batch takes one slot of the key
+//! service's verify concurrency; shed, it is a `503` like a single verify.
+//!
 //! # Events: `GET /v1/events` ([`EVENTS_PATH`])
 //!
 //! Server-Sent Events (`text/event-stream`). The stream opens with the comment
@@ -121,6 +131,11 @@ use crate::verify::Reason;
 
 /// Path of the verify call.
 pub const VERIFY_PATH: &str = "/v1/keys/verify";
+/// Path of the batch verify call.
+pub const VERIFY_BATCH_PATH: &str = "/v1/keys/verify-batch";
+/// Most digests one batch verify call may carry: 500 (about 34 KB of JSON, inside the
+/// key service's 64 KiB request bound).
+pub const MAX_VERIFY_BATCH: usize = 500;
 /// Path of the event stream.
 pub const EVENTS_PATH: &str = "/v1/events";
 /// Path of the usage upload.
@@ -239,6 +254,54 @@ pub struct ValidKey {
     /// The key's rate limit, if any.
     #[serde(default)]
     pub ratelimit: Option<RateLimit>,
+}
+
+/// The body of `POST /v1/keys/verify-batch`: `{"digests": ["<hex SHA-256>", ...]}`, from
+/// 1 to [`MAX_VERIFY_BATCH`] digests. Digests only: a batch never carries a raw key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyBatchRequest {
+    /// The digests to verify, answered in this order (repeats are answered twice).
+    pub digests: Vec<KeyDigest>,
+}
+
+impl Serialize for VerifyBatchRequest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Raw {
+            digests: Vec<String>,
+        }
+        Raw { digests: self.digests.iter().map(KeyDigest::to_hex).collect() }.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for VerifyBatchRequest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            digests: Vec<String>,
+        }
+        let raw = Raw::deserialize(d)?;
+        if raw.digests.is_empty() || raw.digests.len() > MAX_VERIFY_BATCH {
+            return Err(D::Error::custom(format!("`digests` must hold 1 to {MAX_VERIFY_BATCH} digests")));
+        }
+        let digests = raw
+            .digests
+            .iter()
+            .map(|hex| KeyDigest::from_hex(hex))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| D::Error::custom("every digest must be 64 hex digits"))?;
+        Ok(Self { digests })
+    }
+}
+
+/// The answer to `POST /v1/keys/verify-batch`: `{"answers": [VerifyAnswer, ...]}`, one
+/// per digest of the request, in its order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+pub struct VerifyBatchAnswer {
+    /// One answer per requested digest, in order.
+    pub answers: Vec<VerifyAnswer>,
 }
 
 /// The fields of a refusal.
@@ -508,7 +571,7 @@ mod schemas {
     use utoipa::openapi::{Ref, RefOr};
     use utoipa::{PartialSchema, ToSchema};
 
-    use super::{Refusal, ValidKey, VerifyAnswer, VerifyRequest};
+    use super::{MAX_VERIFY_BATCH, Refusal, ValidKey, VerifyAnswer, VerifyBatchRequest, VerifyRequest};
 
     /// `{name: string}`, nothing else, `name` required.
     fn only(name: &str, string: ObjectBuilder) -> Schema {
@@ -537,6 +600,24 @@ mod schemas {
     }
 
     impl ToSchema for VerifyRequest {}
+
+    impl PartialSchema for VerifyBatchRequest {
+        fn schema() -> RefOr<Schema> {
+            let digest = ObjectBuilder::new().schema_type(Type::String).pattern(Some("^[0-9a-fA-F]{64}$"));
+            let digests = utoipa::openapi::schema::ArrayBuilder::new()
+                .items(digest)
+                .min_items(Some(1))
+                .max_items(Some(MAX_VERIFY_BATCH))
+                .description(Some("Hex SHA-256 digests of the keys, answered in this order."));
+            ObjectBuilder::new()
+                .property("digests", digests)
+                .required("digests")
+                .additional_properties(Some(AdditionalProperties::<Schema>::FreeForm(false)))
+                .into()
+        }
+    }
+
+    impl ToSchema for VerifyBatchRequest {}
 
     /// `allOf` of `{"valid": <valid>}` and the named fields' schema.
     fn tagged(valid: bool, fields: &str) -> Schema {
@@ -583,6 +664,21 @@ mod tests {
         for bad in [r#"{}"#, r#"{"digest":"ab"}"#, r#"{"digest":"00","key":"k"}"#, r#"{"keys":"k"}"#] {
             let err = serde_json::from_str::<VerifyRequest>(bad).unwrap_err().to_string();
             assert!(!err.contains("kg_secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn batch_requests_carry_1_to_max_digests() {
+        let digests: Vec<KeyDigest> = (0..3).map(|i| ApiKey::new(format!("kg_{i}")).digest()).collect();
+        let request = VerifyBatchRequest { digests: digests.clone() };
+        let json = serde_json::to_string(&request).unwrap();
+        assert_eq!(serde_json::from_str::<VerifyBatchRequest>(&json).unwrap(), request);
+        let hex = digests[0].to_hex();
+        let many = format!(r#"{{"digests":[{}]}}"#, vec![format!("\"{hex}\""); MAX_VERIFY_BATCH + 1].join(","));
+        let one_less = many.replacen(&format!("\"{hex}\","), "", 1);
+        assert_eq!(serde_json::from_str::<VerifyBatchRequest>(&one_less).unwrap().digests.len(), MAX_VERIFY_BATCH);
+        for bad in [&many[..], r#"{"digests":[]}"#, r#"{"digests":["ab"]}"#, r#"{"keys":["kg_1"]}"#, r#"{}"#] {
+            assert!(serde_json::from_str::<VerifyBatchRequest>(bad).is_err(), "{bad}");
         }
     }
 

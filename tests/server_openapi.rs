@@ -373,6 +373,16 @@ async fn every_route_answers_as_the_document_says() {
     let vbody = || Body::Json(json!({ "key": "kg_x" }));
     assert_eq!(c.call(POST, "/v1/keys/verify", "/v1/keys/verify", a, vbody()).await.0, 401, "an admin token");
     assert_eq!(c.call(POST, "/v1/keys/verify", "/v1/keys/verify", none, vbody()).await.0, 401);
+    let batch = |token, body| c.call(POST, "/v1/keys/verify-batch", "/v1/keys/verify-batch", token, body);
+    let unknown = keygate::ApiKey::new("kg_nosuchkey").digest().to_hex();
+    let (st, answers) = batch(s, Body::Json(json!({ "digests": [digest, unknown] }))).await;
+    assert_eq!(
+        (st, &answers["answers"][0]["valid"], &answers["answers"][1]["code"]),
+        (200, &json!(true), &json!("NOT_FOUND"))
+    );
+    assert_eq!(batch(s, Body::Json(json!({ "digests": [] }))).await.0, 400);
+    assert_eq!(batch(s, Body::Raw(vec![b' '; 70 * 1024])).await.0, 413);
+    assert_eq!(batch(a, Body::Json(json!({ "digests": [digest] }))).await.0, 401, "an admin token");
 
     // ---- rotate
     let rotate = format!("/v1/keys/{id}/rotate");

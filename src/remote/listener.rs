@@ -38,19 +38,23 @@ const LIVENESS_TICK: Duration = Duration::from_secs(1);
 /// The events are those of [`wire`](crate::wire#events-get-v1events).
 ///
 /// - `revoked`, `updated` and `rotated` events (data `{"key_id": "..."}`) invalidate
-///   that key id at once; an event of these kinds whose data cannot be read drops the
-///   whole cache instead (logged at `warn`, counted in `invalidation_failures` and
+///   that key id at once; an event of these kinds whose data cannot be read
+///   revalidates the whole cache instead (logged at `warn`, counted in `invalidation_failures` and
 ///   `keygate_events_invalidation_failures_total`): a failed invalidation is never
 ///   ignored.
-/// - `reset` drops the whole cache; `alert`, heartbeats, comments and unknown events
-///   are only signs of life.
+/// - `reset` revalidates the whole cache ([`CachedVerifier::revalidate_all`]): with
+///   [`HttpVerifier`](crate::HttpVerifier), no verdict held is served again until the
+///   key service confirms it, in background batches at a bounded rate (or within the
+///   cache's [`serve_during_revalidation`](crate::CachedVerifierBuilder::serve_during_revalidation)
+///   window); with a verifier that cannot verify by digest, the cache is dropped.
+///   `alert`, heartbeats, comments and unknown events are only signs of life.
 /// - **Gaps and resumption.** The listener remembers the last event id it saw (the
 ///   change log id the key service puts on every change, or the stream's
 ///   `keygate-events-position` until one arrives) and reconnects with
 ///   `Last-Event-ID`: a key service that resumes the stream (it answers with
 ///   `keygate-events-resumed`) replays what was missed, in order, before going live,
 ///   so the cache is **kept** across the reconnect, to another replica of the same
-///   database too. The whole cache is dropped when a connection is established
+///   database too. The whole cache is revalidated when a connection is established
 ///   without resumption: the first one (the cache may hold verdicts from before the
 ///   subscription), one to a key service that sends no ids (an older one) or that
 ///   refused the id (it then also sends `reset`, `expired` or `future`). A stream
@@ -110,14 +114,14 @@ pub struct ListenerStats {
     pub connect_failures: u64,
     /// Invalidations applied from `revoked`, `updated` and `rotated` events.
     pub invalidations: u64,
-    /// Times the whole cache was dropped (connections not resumed, `reset`,
-    /// unreadable events).
+    /// Times the whole cache was revalidated, or dropped (connections not resumed,
+    /// `reset`, unreadable events).
     pub cache_drops: u64,
     /// Events that should have invalidated a key id but could not be read.
     pub invalidation_failures: u64,
     /// Connections that resumed from the last event id: the cache was kept.
     pub resumes: u64,
-    /// `reset` events received (each dropped the cache).
+    /// `reset` events received (each revalidated the cache).
     pub resets: u64,
     /// The last event id seen (what the next connection resumes from); `None` before
     /// the first, or after a key service that sends no ids.
@@ -550,8 +554,9 @@ async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &S
         state.resumes.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("keygate_events_resumes_total").increment(1);
     } else {
-        // Whatever happened before this point was not heard: start from an empty cache.
-        shared.core.invalidate_all();
+        // Whatever happened before this point was not heard: nothing held is trusted
+        // until confirmed again.
+        shared.revalidate_all();
         state.cache_drops.fetch_add(1, Ordering::Relaxed);
         state.set_last_event_id(position);
     }
@@ -615,7 +620,7 @@ async fn follow<V: Verifier>(cache: &Weak<Shared<V>>, config: &Config, state: &S
     }
 }
 
-async fn apply<V: Verifier>(shared: &Shared<V>, state: &State, event: &Event) {
+async fn apply<V: Verifier>(shared: &Arc<Shared<V>>, state: &State, event: &Event) {
     match EventName::parse(&event.event) {
         Some(EventName::Key(kind)) => {
             match serde_json::from_str::<KeyChanged>(&event.data).ok().filter(|d| !d.key_id.is_empty()) {
@@ -631,16 +636,16 @@ async fn apply<V: Verifier>(shared: &Shared<V>, state: &State, event: &Event) {
                     metrics::counter!("keygate_events_invalidation_failures_total").increment(1);
                     tracing::warn!(
                         event = kind.name(),
-                        "event stream: unreadable event data; dropping the whole cache"
+                        "event stream: unreadable event data; revalidating the whole cache"
                     );
-                    shared.core.invalidate_all();
+                    shared.revalidate_all();
                     state.cache_drops.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
         Some(EventName::Reset) => {
-            tracing::info!("event stream: reset; dropping the whole cache");
-            shared.core.invalidate_all();
+            tracing::info!("event stream: reset; revalidating the whole cache");
+            shared.revalidate_all();
             state.cache_drops.fetch_add(1, Ordering::Relaxed);
             state.resets.fetch_add(1, Ordering::Relaxed);
         }

@@ -237,8 +237,17 @@ impl Remote {
         method: reqwest::Method,
         endpoint: &Endpoint,
     ) -> (reqwest::RequestBuilder, Ticket) {
+        self.request_to(method, endpoint.url.clone()).await
+    }
+
+    /// [`request`](Self::request) to another URL of the same key service.
+    pub(crate) async fn request_to(
+        &self,
+        method: reqwest::Method,
+        url: reqwest::Url,
+    ) -> (reqwest::RequestBuilder, Ticket) {
         let (auth, ticket) = self.auth.header().await;
-        (self.client.request(method, endpoint.url.clone()).header(http::header::AUTHORIZATION, auth), ticket)
+        (self.client.request(method, url).header(http::header::AUTHORIZATION, auth), ticket)
     }
 }
 

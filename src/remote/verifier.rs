@@ -1,21 +1,23 @@
-//! [`HttpVerifier`]: asks the key service (wire protocol v1, `POST /v1/keys/verify`).
+//! [`HttpVerifier`]: asks the key service (wire protocol v1, `POST /v1/keys/verify`, and
+//! `POST /v1/keys/verify-batch` for a cache's background refreshes).
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{ACCEPT, CONTENT_TYPE};
 
-use crate::key::ApiKey;
+use crate::key::{ApiKey, KeyDigest};
 use crate::principal::Principal;
 use crate::remote::{
-    Endpoint, KeyServiceUrls, ReadError, Remote, RemoteConfigError, RemoteSettings, Ticket, answered_by, describe,
-    read_body, remote_builder_methods,
+    Endpoint, KeyServiceUrls, ReadError, Remote, RemoteConfigError, RemoteSettings, Ticket, describe, read_body,
+    remote_builder_methods,
 };
 use crate::scope::{ScopeSet, validate_role};
 use crate::verify::{SharedError, Verdict, Verifier, VerifyError};
-use crate::wire::{self, Refusal, ValidKey, VerifyAnswer, VerifyRequest};
+use crate::wire::{self, Refusal, ValidKey, VerifyAnswer, VerifyBatchAnswer, VerifyBatchRequest, VerifyRequest};
 
 /// Default deadline of one verification, retries and failover included: 2 s.
 pub const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -83,8 +85,17 @@ pub struct HttpVerifier {
 
 struct Inner {
     remote: Remote,
+    /// Per endpoint, in the same order: its batch verify URL.
+    batch_urls: Box<[reqwest::Url]>,
     timeout: Duration,
     max_response_bytes: usize,
+}
+
+/// Which call: the single verify at the endpoint's URL, or the batch one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    One,
+    Batch,
 }
 
 impl fmt::Debug for HttpVerifier {
@@ -141,8 +152,21 @@ impl HttpVerifierBuilder {
     /// Checks the URLs and the token and builds the verifier.
     pub fn build(self) -> Result<HttpVerifier, RemoteConfigError> {
         let remote = self.remote.build(wire::VERIFY_PATH, None, None)?;
+        let batch_urls = (0..remote.endpoints.len())
+            .map(|i| {
+                let mut url = remote.endpoints.get(i).url.clone();
+                let base = url.path().strip_suffix(wire::VERIFY_PATH).unwrap_or("").to_owned();
+                url.set_path(&format!("{base}{}", wire::VERIFY_BATCH_PATH));
+                url
+            })
+            .collect();
         Ok(HttpVerifier {
-            inner: Arc::new(Inner { remote, timeout: self.timeout, max_response_bytes: self.max_response_bytes }),
+            inner: Arc::new(Inner {
+                remote,
+                batch_urls,
+                timeout: self.timeout,
+                max_response_bytes: self.max_response_bytes,
+            }),
         })
     }
 }
@@ -165,18 +189,56 @@ impl Verifier for HttpVerifier {
         let inner = &*self.inner;
         let body = serde_json::to_vec(&VerifyRequest::Digest(key.digest()))
             .map_err(|e| VerifyError::Other(SharedError::new(e)))?;
-        match tokio::time::timeout(inner.timeout, inner.call(Bytes::from(body))).await {
-            Ok(result) => result,
-            Err(_) => {
-                tracing::debug!(timeout = ?inner.timeout, "key service: verify timed out");
-                Err(VerifyError::Timeout(inner.timeout))
+        inner.timed(inner.call(Call::One, Bytes::from(body), inner.max_response_bytes, parse_answer)).await
+    }
+
+    /// `POST /v1/keys/verify-batch`, [`MAX_VERIFY_BATCH`](wire::MAX_VERIFY_BATCH) digests
+    /// per call at most (more are sent in several calls, one after the other); each call
+    /// has the verify `timeout`, and its answer may be `max_response_bytes` per digest. An answer whose count differs from the request's is a
+    /// [`VerifyError::BadAnswer`].
+    fn verify_digests(
+        &self,
+        digests: &[KeyDigest],
+    ) -> Option<impl Future<Output = Result<Vec<Verdict>, VerifyError>> + Send> {
+        let inner = &*self.inner;
+        Some(async move {
+            let mut verdicts = Vec::with_capacity(digests.len());
+            for chunk in digests.chunks(wire::MAX_VERIFY_BATCH) {
+                let request = VerifyBatchRequest { digests: chunk.to_vec() };
+                let body = serde_json::to_vec(&request).map_err(|e| VerifyError::Other(SharedError::new(e)))?;
+                // Each answer may be as large as a single one.
+                let limit = inner.max_response_bytes.saturating_mul(chunk.len());
+                let answers =
+                    inner.timed(inner.call(Call::Batch, Bytes::from(body), limit, parse_batch_answer)).await?;
+                if answers.len() != chunk.len() {
+                    let message = format!("{} answers to a batch of {}", answers.len(), chunk.len());
+                    return Err(VerifyError::BadAnswer(message.into()));
+                }
+                verdicts.extend(answers);
             }
-        }
+            Ok(verdicts)
+        })
     }
 }
 
 impl Inner {
-    async fn call(&self, body: Bytes) -> Result<Verdict, VerifyError> {
+    async fn timed<T>(&self, call: impl Future<Output = Result<T, VerifyError>>) -> Result<T, VerifyError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::debug!(timeout = ?self.timeout, "key service: verify timed out");
+                Err(VerifyError::Timeout(self.timeout))
+            }
+        }
+    }
+
+    async fn call<T>(
+        &self,
+        which: Call,
+        body: Bytes,
+        limit: usize,
+        parse: fn(&[u8]) -> Result<T, VerifyError>,
+    ) -> Result<T, VerifyError> {
         let endpoints = &self.remote.endpoints;
         let n = endpoints.len();
         let mut cursor = endpoints.start();
@@ -186,7 +248,7 @@ impl Inner {
         let mut last = None;
         while let Some(index) = endpoints.pick(cursor, tried) {
             let endpoint = endpoints.get(index);
-            match self.attempt(endpoint, body.clone()).await {
+            match self.attempt(which, index, endpoint, body.clone(), limit, parse).await {
                 Ok(verdict) => {
                     endpoints.mark_up(index);
                     return Ok(verdict);
@@ -229,8 +291,20 @@ impl Inner {
         Err(last.unwrap_or_else(|| VerifyError::Unreachable("no key service to ask".into())))
     }
 
-    async fn attempt(&self, endpoint: &Endpoint, body: Bytes) -> Result<Verdict, Failure> {
-        let (request, ticket) = self.remote.request(reqwest::Method::POST, endpoint).await;
+    async fn attempt<T>(
+        &self,
+        which: Call,
+        index: usize,
+        endpoint: &Endpoint,
+        body: Bytes,
+        limit: usize,
+        parse: fn(&[u8]) -> Result<T, VerifyError>,
+    ) -> Result<T, Failure> {
+        let url = match which {
+            Call::One => endpoint.url.clone(),
+            Call::Batch => self.batch_urls[index].clone(),
+        };
+        let (request, ticket) = self.remote.request_to(reqwest::Method::POST, url.clone()).await;
         let response = request
             .header(CONTENT_TYPE, "application/json")
             .header(ACCEPT, "application/json")
@@ -240,22 +314,24 @@ impl Inner {
             .await
             .map_err(|e| self.classify(e))?;
         let status = response.status();
-        if status == reqwest::StatusCode::UNAUTHORIZED && answered_by(&response, endpoint) {
+        // From another URL: a redirect was followed somewhere (never by our client).
+        let answered = response.url() == &url;
+        if status == reqwest::StatusCode::UNAUTHORIZED && answered {
             return Err(Failure::Refused(VerifyError::Status(401), ticket));
         }
-        if status != reqwest::StatusCode::OK || !answered_by(&response, endpoint) {
+        if status != reqwest::StatusCode::OK || !answered {
             if matches!(status.as_u16(), 401 | 403) {
                 tracing::error!(endpoint = %endpoint.label, %status, "key service refused the service token");
-            } else if status.is_redirection() || !answered_by(&response, endpoint) {
+            } else if status.is_redirection() || !answered {
                 tracing::error!(endpoint = %endpoint.label, %status, "key service answered with a redirect; not followed");
             }
             return Err(Failure::Final(VerifyError::Status(status.as_u16())));
         }
-        let body = read_body(response, self.max_response_bytes).await.map_err(|e| match e {
+        let body = read_body(response, limit).await.map_err(|e| match e {
             ReadError::Transfer(e) => self.classify(e),
             too_large => Failure::Final(VerifyError::BadAnswer(SharedError::new(too_large))),
         })?;
-        parse_answer(&body).map_err(Failure::Final)
+        parse(&body).map_err(Failure::Final)
     }
 
     fn classify(&self, e: reqwest::Error) -> Failure {
@@ -305,8 +381,20 @@ impl std::error::Error for Cause {
 /// Turns a 200 answer into a verdict. Anything unexpected is a `BadAnswer`: a key
 /// service we do not understand must never turn into a denial or a grant.
 pub(crate) fn parse_answer(body: &[u8]) -> Result<Verdict, VerifyError> {
+    let answer: VerifyAnswer = serde_json::from_slice(body).map_err(|e| VerifyError::BadAnswer(SharedError::new(e)))?;
+    verdict_of(answer)
+}
+
+/// A batch's answers, each read as [`parse_answer`] reads one: a single strange answer
+/// fails the whole batch.
+fn parse_batch_answer(body: &[u8]) -> Result<Vec<Verdict>, VerifyError> {
+    let batch: VerifyBatchAnswer =
+        serde_json::from_slice(body).map_err(|e| VerifyError::BadAnswer(SharedError::new(e)))?;
+    batch.answers.into_iter().map(verdict_of).collect()
+}
+
+fn verdict_of(answer: VerifyAnswer) -> Result<Verdict, VerifyError> {
     let bad = |what: SharedError| VerifyError::BadAnswer(what);
-    let answer: VerifyAnswer = serde_json::from_slice(body).map_err(|e| bad(SharedError::new(e)))?;
     let answer = match answer {
         VerifyAnswer::Invalid(Refusal { code, key_id }) => {
             // A key id that comes with a denial is kept for usage events; a malformed

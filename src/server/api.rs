@@ -1,7 +1,7 @@
 //! The HTTP API of protocol v1 (the middleware's side is documented in
 //! [`wire`](crate::wire)) as an axum [`Router`].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -31,7 +31,7 @@ use super::model::{
 use super::openapi::SecuritySchemes;
 use super::report::{Whose, usage_report};
 use super::state::{ServerState, Stats};
-use super::store::{Applied, BatchMark, NewKeyRecord, NewSecret, now_ms, to_ms};
+use super::store::{Applied, BatchMark, Found, NewKeyRecord, NewSecret, now_ms, to_ms};
 use super::text::{rfc3339, shown};
 use super::usage::{self, AGGREGATE_BODY_LIMIT, BatchForm};
 use super::validate::{
@@ -42,7 +42,10 @@ use super::webhook_api;
 use crate::key::{ApiKey, KeyDigest};
 use crate::usage::{AggregateBatch, UsageBatch};
 use crate::verify::Reason;
-use crate::wire::{Refusal, UsageAccepted, ValidKey, VerifyAnswer, VerifyRequest};
+use crate::wire::{
+    MAX_VERIFY_BATCH, Refusal, UsageAccepted, ValidKey, VerifyAnswer, VerifyBatchAnswer, VerifyBatchRequest,
+    VerifyRequest,
+};
 
 /// Largest admin or verify request body: 64 KiB.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -60,7 +63,7 @@ const MAX_VERIFY_KEY_LEN: usize = 1024;
 ///
 /// | route | token |
 /// | --- | --- |
-/// | `POST /v1/keys/verify`, `POST /v1/usage`, `GET /v1/events` | service |
+/// | `POST /v1/keys/verify`, `POST /v1/keys/verify-batch`, `POST /v1/usage`, `GET /v1/events` | service |
 /// | `POST/GET /v1/keys`, `GET/PATCH /v1/keys/{id}`, `POST /v1/keys/{id}/rotate`, `POST /v1/keys/{id}/revoke`, `PUT/DELETE /v1/roles/{name}`, `GET /v1/roles`, `GET /v1/audit`, `GET /v1/usage`, `GET /v1/alerts`, `POST /v1/alerts/{id}/ack`, `POST/GET /v1/tokens`, `POST /v1/tokens/{id}/revoke` | admin |
 /// | `POST/GET /v1/webhooks`, `GET/DELETE /v1/webhooks/{id}`, `GET /v1/webhooks/{id}/deliveries` | admin |
 /// | `GET /healthz`, `GET /openapi.json` | none |
@@ -72,6 +75,7 @@ pub fn router(state: ServerState) -> Router {
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(openapi_json))
         .route("/v1/keys/verify", post(verify))
+        .route("/v1/keys/verify-batch", post(verify_batch))
         .route("/v1/keys", post(create_key).get(list_keys))
         .route("/v1/keys/{id}", get(get_key).patch(patch_key))
         .route("/v1/keys/{id}/rotate", post(rotate_key))
@@ -114,6 +118,7 @@ pub fn router(state: ServerState) -> Router {
         healthz,
         openapi_json,
         verify,
+        verify_batch,
         create_key,
         list_keys,
         get_key,
@@ -311,16 +316,7 @@ async fn verify(
     // Shed, don't queue: a middleware whose verify waits behind thousands of others times
     // out anyway, and the queue would only hold memory. Its cache serves stale verdicts
     // meanwhile and its circuit breaker backs off.
-    let Ok(_slot) = state.inner.verify_slots.try_acquire() else {
-        state.inner.stats.verify_shed.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!("verify shed: too many verifications in progress");
-        let body = crate::wire::ErrorBody {
-            error: "overloaded".to_owned(),
-            message: "too many verifications in progress; retry shortly".to_owned(),
-        };
-        let retry = [(http::header::RETRY_AFTER, VERIFY_RETRY_AFTER_S.to_string())];
-        return (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response();
-    };
+    let Ok(_slot) = state.inner.verify_slots.try_acquire() else { return shed(&state) };
     state.inner.stats.verify_calls.fetch_add(1, Ordering::Relaxed);
     let started = std::time::Instant::now();
     let verified = |outcome| state.inner.meters.verified(outcome, started.elapsed());
@@ -368,11 +364,15 @@ async fn verify(
 /// carries the key id for every reason but `NOT_FOUND`: it lets the middleware attribute
 /// its denials (usage, alerts); only the middleware sees it, never the client.
 async fn decide(state: &ServerState, digest: Option<KeyDigest>) -> Result<VerifyAnswer, ApiError> {
-    let not_found = VerifyAnswer::Invalid(Refusal { code: Reason::NotFound, key_id: None });
-    let Some(digest) = digest else { return Ok(not_found) };
-    let Some(found) = state.inner.store.find_by_digest(&digest).await? else {
+    let Some(digest) = digest else { return Ok(answer_for(None)) };
+    Ok(answer_for(state.inner.store.find_by_digest(&digest).await?))
+}
+
+/// The answer for what a lookup found (`None`: no such key).
+fn answer_for(found: Option<Found>) -> VerifyAnswer {
+    let Some(found) = found else {
         tracing::debug!("verify: no such key");
-        return Ok(not_found);
+        return VerifyAnswer::Invalid(Refusal { code: Reason::NotFound, key_id: None });
     };
     let k = found.key;
     let now = OffsetDateTime::now_utc();
@@ -393,10 +393,10 @@ async fn decide(state: &ServerState, digest: Option<KeyDigest>) -> Result<Verify
     };
     tracing::debug!(key_id = %k.key_id, outcome = reason.map_or("VALID", Reason::code), "verify");
     if let Some(code) = reason {
-        return Ok(VerifyAnswer::Invalid(Refusal { code, key_id: Some(k.key_id) }));
+        return VerifyAnswer::Invalid(Refusal { code, key_id: Some(k.key_id) });
     }
     let scopes: BTreeSet<&String> = k.scopes.iter().chain(found.role_scopes.iter()).collect();
-    Ok(VerifyAnswer::Valid(ValidKey {
+    VerifyAnswer::Valid(ValidKey {
         scopes: scopes.into_iter().cloned().collect(),
         key_id: k.key_id,
         owner: k.owner,
@@ -406,7 +406,70 @@ async fn decide(state: &ServerState, digest: Option<KeyDigest>) -> Result<Verify
         expires_at,
         meta: k.meta,
         ratelimit: k.ratelimit,
-    }))
+    })
+}
+
+/// The fast 503 of a verification that found every slot taken. Shed, don't queue: a
+/// middleware whose verify waits behind thousands of others times out anyway, and the
+/// queue would only hold memory. Its cache serves stale verdicts meanwhile and its
+/// circuit breaker backs off.
+fn shed(state: &ServerState) -> Response {
+    state.inner.stats.verify_shed.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!("verify shed: too many verifications in progress");
+    let body = crate::wire::ErrorBody {
+        error: "overloaded".to_owned(),
+        message: "too many verifications in progress; retry shortly".to_owned(),
+    };
+    let retry = [(http::header::RETRY_AFTER, VERIFY_RETRY_AFTER_S.to_string())];
+    (StatusCode::SERVICE_UNAVAILABLE, retry, Json(body)).into_response()
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/keys/verify-batch",
+    tag = "verify",
+    summary = "Verify up to 500 keys by digest in one call (the middleware's refresh)",
+    request_body = VerifyBatchRequest,
+    responses(
+        (status = 200, description = "One verdict per digest, in the request's order.", body = VerifyBatchAnswer),
+        (status = 400, response = crate::server::openapi::BadRequest),
+        (status = 401, response = crate::server::openapi::Unauthorized),
+        (status = 413, response = crate::server::openapi::TooLarge),
+        (status = 500, response = crate::server::openapi::Internal),
+        (status = 503, response = crate::server::openapi::Unavailable)
+    ),
+    security(("service_token" = []))
+)]
+async fn verify_batch(
+    State(state): State<ServerState>,
+    _: Service,
+    body: Result<JsonBody<VerifyBatchRequest>, ApiError>,
+) -> Response {
+    // One slot for the whole batch: it is one query, and a middleware sends few.
+    let Ok(_slot) = state.inner.verify_slots.try_acquire() else { return shed(&state) };
+    let request = match body {
+        Ok(JsonBody(request)) => request,
+        Err(ApiError::Invalid { .. }) => {
+            let expected = format!(
+                r#"expected a JSON object {{"digests": [...]}} with 1 to {MAX_VERIFY_BATCH} hex SHA-256 digests"#
+            );
+            return ApiError::invalid("invalid_request", expected).into_response();
+        }
+        Err(e) => return e.into_response(),
+    };
+    let stats = &state.inner.stats;
+    stats.verify_batches.fetch_add(1, Ordering::Relaxed);
+    stats.verify_batch_digests.fetch_add(request.digests.len() as u64, Ordering::Relaxed);
+    let found: HashMap<KeyDigest, Found> = match state.inner.store.find_by_digests(&request.digests).await {
+        Ok(found) => found.into_iter().collect(),
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let answers: Vec<VerifyAnswer> = request.digests.iter().map(|d| answer_for(found.get(d).cloned())).collect();
+    let valid = answers.iter().filter(|a| matches!(a, VerifyAnswer::Valid(_))).count() as u64;
+    stats.verify_valid.fetch_add(valid, Ordering::Relaxed);
+    stats.verify_invalid.fetch_add(answers.len() as u64 - valid, Ordering::Relaxed);
+    tracing::debug!(digests = answers.len(), valid, "verify batch");
+    Json(VerifyBatchAnswer { answers }).into_response()
 }
 
 // ---- keys

@@ -35,6 +35,8 @@ pub(crate) mod name {
     pub(crate) const RETENTION_ROWS: &str = "keygate_server_retention_rows_total";
     pub(crate) const EVENT_SUBSCRIBERS_REFUSED: &str = "keygate_server_event_subscribers_refused_total";
     pub(crate) const VERIFY_SHED: &str = "keygate_server_verify_shed_total";
+    pub(crate) const VERIFY_BATCHES: &str = "keygate_server_verify_batches_total";
+    pub(crate) const VERIFY_BATCH_DIGESTS: &str = "keygate_server_verify_batch_digests_total";
     pub(crate) const WEBHOOK_DELIVERIES: &str = "keygate_server_webhook_deliveries_total";
     pub(crate) const WEBHOOK_ATTEMPTS_FAILED: &str = "keygate_server_webhook_attempts_failed_total";
     pub(crate) const KEYS_EXPIRED_BY_POLICY: &str = "keygate_server_keys_expired_by_policy_total";
@@ -70,6 +72,8 @@ const HELP: &[(&str, &str)] = &[
     (name::RETENTION_ROWS, "Rows usage retention passes rolled up or deleted, by action."),
     (name::EVENT_SUBSCRIBERS_REFUSED, "GET /v1/events streams refused because the subscriber cap was reached."),
     (name::VERIFY_SHED, "Verifications refused at once because max_concurrent_verifies were in progress."),
+    (name::VERIFY_BATCHES, "POST /v1/keys/verify-batch calls past the token check and shedding."),
+    (name::VERIFY_BATCH_DIGESTS, "Digests in the batch verify calls counted by keygate_server_verify_batches_total."),
     (
         name::WEBHOOK_DELIVERIES,
         "Webhook deliveries this replica finished, by result (delivered: a 2xx; failed: given up on).",

@@ -89,6 +89,8 @@ impl ServerState {
         counter(name::RETENTION_ROWS, &[("action", "batch_ids_deleted")], s.retention_batch_ids_deleted);
         counter(name::EVENT_SUBSCRIBERS_REFUSED, &[], s.event_subscribers_refused);
         counter(name::VERIFY_SHED, &[], s.verify_shed);
+        counter(name::VERIFY_BATCHES, &[], s.verify_batches);
+        counter(name::VERIFY_BATCH_DIGESTS, &[], s.verify_batch_digests);
         counter(name::WEBHOOK_DELIVERIES, &[("result", "delivered")], s.webhook_delivered);
         counter(name::WEBHOOK_DELIVERIES, &[("result", "failed")], s.webhook_failed);
         counter(name::WEBHOOK_ATTEMPTS_FAILED, &[], s.webhook_attempts_failed);

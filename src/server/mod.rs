@@ -291,7 +291,7 @@ pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};
 pub use auth::{Admin, Service};
 pub use backup::{BackupError, backup_sqlite};
 pub use error::{ApiError, ServerError};
-pub use events::{DEFAULT_MAX_EVENT_SUBSCRIBERS, EventHub};
+pub use events::{DEFAULT_MAX_EVENT_SUBSCRIBERS, EventHub, MAX_EVENTS_PER_CHANGE};
 pub use policy::{POLICY_ACTOR, RotationPolicy};
 pub use report::{MAX_USAGE_BUCKETS, MAX_USAGE_ROUTES, MAX_USAGE_ROWS, MAX_USAGE_SPAN};
 pub use retention::RetentionConfig;

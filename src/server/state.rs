@@ -27,9 +27,13 @@ pub struct ServerStats {
     /// Verifications refused at once (503 `overloaded`) because
     /// `max_concurrent_verifies` were in progress.
     pub verify_shed: u64,
-    /// Verify answers `valid: true`.
+    /// `POST /v1/keys/verify-batch` requests handled (past token check and shedding).
+    pub verify_batches: u64,
+    /// Digests in the batches counted by `verify_batches`.
+    pub verify_batch_digests: u64,
+    /// Verify answers `valid: true` (single and batched).
     pub verify_valid: u64,
-    /// Verify answers `valid: false`.
+    /// Verify answers `valid: false` (single and batched).
     pub verify_invalid: u64,
     /// Usage batches applied (aggregate and raw; not the duplicates).
     pub usage_batches: u64,
@@ -96,6 +100,8 @@ pub struct ServerStats {
 pub(crate) struct Stats {
     pub verify_calls: AtomicU64,
     pub verify_shed: AtomicU64,
+    pub verify_batches: AtomicU64,
+    pub verify_batch_digests: AtomicU64,
     pub verify_valid: AtomicU64,
     pub verify_invalid: AtomicU64,
     pub usage_batches: AtomicU64,
@@ -189,6 +195,8 @@ impl ServerState {
         ServerStats {
             verify_calls: get(&s.verify_calls),
             verify_shed: get(&s.verify_shed),
+            verify_batches: get(&s.verify_batches),
+            verify_batch_digests: get(&s.verify_batch_digests),
             verify_valid: get(&s.verify_valid),
             verify_invalid: get(&s.verify_invalid),
             usage_batches: get(&s.usage_batches),

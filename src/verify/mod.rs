@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::key::ApiKey;
+use crate::key::{ApiKey, KeyDigest};
 use crate::principal::Principal;
 
 mod static_verifier;
@@ -220,6 +220,22 @@ pub trait Verifier: Send + Sync + 'static {
         let _ = key;
         None
     }
+
+    /// Verifies several keys by their digests alone, in one call: one verdict per digest,
+    /// in order. `None`: this verifier needs the key itself (the default).
+    ///
+    /// A [`CachedVerifier`](crate::CachedVerifier) whose verifier can do this refreshes hot
+    /// verdicts before they go stale and revalidates what it holds after an event-stream
+    /// `reset`, in the background and in batches; without it, a verdict is refreshed by
+    /// the first request that finds it stale, and a `reset` drops the cache.
+    /// [`HttpVerifier`](crate::HttpVerifier) sends `POST /v1/keys/verify-batch`.
+    fn verify_digests(
+        &self,
+        digests: &[KeyDigest],
+    ) -> Option<impl Future<Output = Result<Vec<Verdict>, VerifyError>> + Send> {
+        let _ = digests;
+        None::<std::future::Ready<Result<Vec<Verdict>, VerifyError>>>
+    }
 }
 
 impl<V: Verifier> Verifier for Arc<V> {
@@ -238,6 +254,13 @@ impl<V: Verifier> Verifier for Arc<V> {
     fn verify_now(&self, key: &ApiKey) -> Option<Result<Verdict, VerifyError>> {
         (**self).verify_now(key)
     }
+
+    fn verify_digests(
+        &self,
+        digests: &[KeyDigest],
+    ) -> Option<impl Future<Output = Result<Vec<Verdict>, VerifyError>> + Send> {
+        (**self).verify_digests(digests)
+    }
 }
 
 #[cfg(feature = "cache")]
@@ -253,7 +276,8 @@ pub use budget::{
 #[cfg(feature = "cache")]
 pub use cached::{
     CacheStats, CachedVerifier, CachedVerifierBuilder, DEFAULT_CACHE_CAPACITY, DEFAULT_NEGATIVE_CAPACITY,
-    DEFAULT_NEGATIVE_TTL, DEFAULT_POSITIVE_TTL, DEFAULT_STALE_IF_ERROR, DEFAULT_STALE_RETRY_INTERVAL, FailurePolicy,
+    DEFAULT_NEGATIVE_TTL, DEFAULT_POSITIVE_TTL, DEFAULT_REFRESH_AHEAD, DEFAULT_REFRESH_BATCH,
+    DEFAULT_REVALIDATION_RATE, DEFAULT_STALE_IF_ERROR, DEFAULT_STALE_RETRY_INTERVAL, FailurePolicy,
 };
 #[cfg(feature = "cache")]
 pub use circuit::{

@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::RwLock;
 
 use time::OffsetDateTime;
@@ -98,7 +99,10 @@ impl StaticVerifier {
     }
 
     fn lookup(&self, key: &ApiKey) -> Verdict {
-        let digest = key.digest();
+        self.lookup_digest(&key.digest())
+    }
+
+    fn lookup_digest(&self, digest: &KeyDigest) -> Verdict {
         let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
         match keys.get(digest.as_bytes()) {
             None => Verdict::invalid(Reason::NotFound),
@@ -122,5 +126,12 @@ impl Verifier for StaticVerifier {
 
     fn verify_now(&self, key: &ApiKey) -> Option<Result<Verdict, VerifyError>> {
         Some(Ok(self.lookup(key)))
+    }
+
+    fn verify_digests(
+        &self,
+        digests: &[KeyDigest],
+    ) -> Option<impl Future<Output = Result<Vec<Verdict>, VerifyError>> + Send> {
+        Some(std::future::ready(Ok(digests.iter().map(|d| self.lookup_digest(d)).collect())))
     }
 }

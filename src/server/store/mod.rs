@@ -511,6 +511,16 @@ impl Store {
             .await
     }
 
+    /// The keys holding the secrets with these digests, in one query (an index lookup per
+    /// digest): each found digest once, in no particular order; digests of no key are
+    /// left out.
+    pub async fn find_by_digests(&self, digests: &[KeyDigest]) -> Result<Vec<(KeyDigest, Found)>, StoreError> {
+        self.metered("find_by_digests", async {
+            each_backend!(self, b, q => q::find_by_digests(b.pool(), digests).await)
+        })
+        .await
+    }
+
     /// Audit records, oldest first: from `since` on, or the newest `limit` without it.
     pub async fn audit(&self, since: Option<OffsetDateTime>, limit: u32) -> Result<Vec<AuditRecord>, StoreError> {
         self.metered("audit", async { each_backend!(self, b, q => q::audit(b.pool(), since, limit).await) }).await

@@ -213,6 +213,37 @@ macro_rules! shared_queries {
                 row.as_ref().map(found_from_row).transpose()
             }
 
+            pub(crate) async fn find_by_digests<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                digests: &[KeyDigest],
+            ) -> Result<Vec<(KeyDigest, Found)>, StoreError> {
+                if digests.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let placeholders: Vec<String> = (1..=digests.len()).map(|i| format!("${i}")).collect();
+                let sql = format!(
+                    "SELECT {KEY_COLUMNS}, s.digest AS digest, s.expires_at AS secret_expires_at, \
+                     (SELECT string_agg(r.scopes, '\n') FROM key_roles kr JOIN roles r ON r.name = kr.role \
+                      WHERE kr.key_id = k.key_id) AS role_scopes \
+                     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id WHERE s.digest IN ({})",
+                    placeholders.join(", ")
+                );
+                let mut query = sqlx::query(&sql);
+                for digest in digests {
+                    query = query.bind(&digest.as_bytes()[..]);
+                }
+                let rows = query.fetch_all(ex).await?;
+                rows.iter()
+                    .map(|row| {
+                        let bytes: Vec<u8> = ::sqlx::Row::try_get(row, "digest")?;
+                        let digest = <[u8; 32]>::try_from(bytes.as_slice())
+                            .map(KeyDigest::from_bytes)
+                            .map_err(|_| StoreError::Corrupt("a stored digest is not 32 bytes".into()))?;
+                        Ok((digest, found_from_row(row)?))
+                    })
+                    .collect()
+            }
+
             pub(crate) async fn audit<'e>(
                 ex: impl Executor<'e, Database = $db>,
                 since: Option<OffsetDateTime>,

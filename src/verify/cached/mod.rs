@@ -19,7 +19,9 @@
 //! Defaults: [`DEFAULT_CACHE_CAPACITY`] (100 000) valid and [`DEFAULT_NEGATIVE_CAPACITY`]
 //! (10 000) invalid verdicts; [`DEFAULT_POSITIVE_TTL`] 30 s, never past the key's
 //! `expires_at`; [`DEFAULT_NEGATIVE_TTL`] 5 s; [`DEFAULT_STALE_IF_ERROR`] 5 min;
-//! [`DEFAULT_STALE_RETRY_INTERVAL`] 1 s; [`FailurePolicy::FailClosed`].
+//! [`DEFAULT_STALE_RETRY_INTERVAL`] 1 s; [`FailurePolicy::FailClosed`];
+//! [`DEFAULT_REFRESH_AHEAD`] 10 s, [`DEFAULT_REFRESH_BATCH`] 100,
+//! [`DEFAULT_REVALIDATION_RATE`] 1 000 a second, nothing unconfirmed served after a reset.
 //!
 //! # Why invalidation holds under concurrency
 //!
@@ -57,7 +59,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry as MapEntry;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -67,6 +69,7 @@ use moka::sync::Cache;
 use time::OffsetDateTime;
 use tokio::sync::OnceCell;
 
+use self::refresh::{Refresh, RefreshConfig};
 use super::budget::{Budgets, MissBudget};
 use super::circuit::{Admit, Circuit, CircuitBreaker};
 use super::{Reason, Verdict, Verifier, VerifyError};
@@ -85,6 +88,15 @@ pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(5);
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(5 * 60);
 /// Default pause between refresh attempts of one stale entry while the verifier fails: 1 s.
 pub const DEFAULT_STALE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+/// Default time before a valid verdict goes stale from which a hit on it starts its
+/// background refresh: 10 s.
+pub const DEFAULT_REFRESH_AHEAD: Duration = Duration::from_secs(10);
+/// Default number of digests in one background refresh call: 100.
+pub const DEFAULT_REFRESH_BATCH: usize = 100;
+/// Default pace of revalidation after a `reset`: 1 000 verdicts a second.
+pub const DEFAULT_REVALIDATION_RATE: u32 = 1_000;
+
+mod refresh;
 
 /// Durations are capped here so that `Instant + duration` can never overflow.
 pub(super) const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -110,7 +122,9 @@ pub enum FailurePolicy {
 /// `keygate_cache_negative_hits_total`, `keygate_cache_remote_errors_total`,
 /// `keygate_cache_coalesced_waits_total`, `keygate_cache_fail_open_total`,
 /// `keygate_cache_invalidations_total`, `keygate_cache_circuit_rejections_total`,
-/// `keygate_cache_circuit_opened_total` and `keygate_cache_throttled_total`, labelled `cache` with the builder's
+/// `keygate_cache_circuit_opened_total`, `keygate_cache_throttled_total`,
+/// `keygate_cache_refreshed_ahead_total`, `keygate_cache_revalidated_total` and
+/// `keygate_cache_refresh_batches_total`, labelled `cache` with the builder's
 /// [`name`](CachedVerifierBuilder::name) when one is set. The handles are registered
 /// when the verifier is built: install the metrics recorder before that.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -140,6 +154,12 @@ pub struct CacheStats {
     pub circuit_opened: u64,
     /// Lookups of uncached keys refused by the [`MissBudget`].
     pub throttled: u64,
+    /// Hot valid verdicts refreshed in the background before they went stale.
+    pub refreshed_ahead: u64,
+    /// Verdicts confirmed (or replaced) in the background after a `reset`.
+    pub revalidated: u64,
+    /// Batch calls to the wrapped verifier ([`Verifier::verify_digests`]) for either.
+    pub refresh_batches: u64,
 }
 
 /// One counter: exact here for [`CacheStats`], and a `metrics` handle registered once.
@@ -158,8 +178,12 @@ impl Count {
     }
 
     fn add(&self) {
-        self.n.fetch_add(1, Ordering::Relaxed);
-        self.metric.increment(1);
+        self.add_n(1);
+    }
+
+    fn add_n(&self, n: u64) {
+        self.n.fetch_add(n, Ordering::Relaxed);
+        self.metric.increment(n);
     }
 
     fn get(&self) -> u64 {
@@ -178,6 +202,9 @@ struct Counters {
     invalidations: Count,
     circuit_rejections: Count,
     throttled: Count,
+    refreshed_ahead: Count,
+    revalidated: Count,
+    refresh_batches: Count,
 }
 
 impl Counters {
@@ -193,6 +220,9 @@ impl Counters {
             invalidations: Count::new("keygate_cache_invalidations_total", cache),
             circuit_rejections: Count::new("keygate_cache_circuit_rejections_total", cache),
             throttled: Count::new("keygate_cache_throttled_total", cache),
+            refreshed_ahead: Count::new("keygate_cache_refreshed_ahead_total", cache),
+            revalidated: Count::new("keygate_cache_revalidated_total", cache),
+            refresh_batches: Count::new("keygate_cache_refresh_batches_total", cache),
         }
     }
 }
@@ -231,6 +261,27 @@ impl Counters {
 /// cached invalid verdict get the error (or the fail-open principal, see
 /// [`FailurePolicy`]). A verdict of `Invalid` from the verifier removes any stale
 /// valid entry at once.
+///
+/// # Refresh ahead, and revalidation after a reset
+///
+/// With a verifier that can [verify by digest](Verifier::verify_digests)
+/// ([`HttpVerifier`](crate::HttpVerifier), [`StaticVerifier`](crate::StaticVerifier)), a
+/// hit on a valid verdict in the last [`refresh_ahead`](CachedVerifierBuilder::refresh_ahead)
+/// of its TTL (default 10 s, never in the first half) queues it for a background refresh:
+/// one task per cache sends what came due together as one batch call (default 100
+/// digests), one batch at a time, and stores the answers as any other (a refusal
+/// replaces the verdict at once). A key in use therefore never waits for the verifier
+/// after its first request, and a revocation the event stream missed still lands within
+/// one TTL. [`revalidate_all`](CachedVerifier::revalidate_all), which the
+/// [`RevocationListener`](crate::RevocationListener) calls on a `reset`, marks every
+/// verdict held unconfirmed and revalidates them in batches at
+/// [`revalidation_rate`](CachedVerifierBuilder::revalidation_rate) (default 1 000 a
+/// second); unconfirmed verdicts are not served (but within
+/// [`serve_during_revalidation`](CachedVerifierBuilder::serve_during_revalidation)), not
+/// even stale, and a lookup of one asks the verifier at no cost to the miss budget.
+/// Background calls respect the circuit: none is made while it is open. A verifier
+/// answering 404 or 405 to the batch call (an older key service) is asked no more
+/// batches; refreshes then happen on the request path, and a reset drops the cache.
 ///
 /// # Invalidation
 ///
@@ -305,6 +356,7 @@ pub(crate) struct Core {
     pub(crate) circuit: Circuit,
     /// `None`: [`MissBudget::unlimited`].
     budgets: Option<Budgets>,
+    refresh: Refresh,
 }
 
 type Flight = OnceCell<Result<Verdict, VerifyError>>;
@@ -322,6 +374,7 @@ struct Config {
     thread_copies: bool,
     circuit: CircuitBreaker,
     miss_budget: MissBudget,
+    refresh: RefreshConfig,
 }
 
 /// A cached valid verdict. moka drops it at the end of its stale window (`lifetime`);
@@ -330,6 +383,12 @@ struct Positive {
     principal: Principal,
     stored_at: Instant,
     fresh_until: Instant,
+    /// From here on a hit queues a background refresh (see [`refresh`]).
+    refresh_at: Instant,
+    /// Queued for a background refresh already.
+    queued: AtomicBool,
+    /// The reset generation it was stored in: an older one is unconfirmed.
+    generation: u64,
     lifetime: Duration,
     /// Milliseconds after `stored_at` before which a failed refresh is not retried.
     retry_after_ms: AtomicU64,
@@ -363,8 +422,11 @@ impl moka::Expiry<KeyDigest, Arc<Positive>> for PositiveExpiry {
 
 /// What the cache holds for a digest.
 enum Held {
-    Fresh(Principal),
+    /// And whether a background refresh is now due (the caller queues it).
+    Fresh(Principal, bool),
     Stale(Arc<Positive>),
+    /// Stored before a `reset` and not confirmed since: asked again, never served stale.
+    Unconfirmed,
     Refused(Reason, Option<Arc<str>>),
     Nothing,
 }
@@ -476,6 +538,48 @@ impl<V: Verifier> CachedVerifierBuilder<V> {
         self
     }
 
+    /// How long before a valid verdict goes stale a hit on it starts a background refresh
+    /// (default [`DEFAULT_REFRESH_AHEAD`], 10 s; zero turns refresh-ahead off). A key in
+    /// use is then never refreshed on the request path: its verdict is renewed by a
+    /// batch call ([`Verifier::verify_digests`]) while it is still served. The refresh
+    /// starts no earlier than halfway through the verdict's fresh time, so that short
+    /// TTLs do not turn every hit into a call. Keys not used in that window expire as
+    /// before. Needs a verifier that verifies by digest
+    /// ([`HttpVerifier`](crate::HttpVerifier), [`StaticVerifier`](crate::StaticVerifier));
+    /// with any other, nothing is refreshed ahead. At most 10 000 digests wait for a
+    /// refresh; past that, verdicts refresh on the request path.
+    pub fn refresh_ahead(mut self, before_stale: Duration) -> Self {
+        self.config.refresh.ahead = before_stale.min(MAX_DURATION);
+        self
+    }
+
+    /// Most digests in one background batch call, refresh-ahead or revalidation (default
+    /// [`DEFAULT_REFRESH_BATCH`], 100; at least 1). [`HttpVerifier`](crate::HttpVerifier)
+    /// sends up to 500 per request.
+    pub fn refresh_batch_size(mut self, digests: usize) -> Self {
+        self.config.refresh.batch = digests.max(1);
+        self
+    }
+
+    /// How many verdicts a second are revalidated in the background after a `reset`
+    /// (default [`DEFAULT_REVALIDATION_RATE`], 1 000; at least 1): what one cache adds to
+    /// the key service's load when a fleet's event streams all reset at once.
+    pub fn revalidation_rate(mut self, per_second: u32) -> Self {
+        self.config.refresh.revalidation_rate = per_second.max(1);
+        self
+    }
+
+    /// How long after a `reset` verdicts held from before it are still served while
+    /// they are revalidated (default zero: strict, none is served until confirmed; a key
+    /// asked about first is verified on the request path). A window serves, for at most
+    /// that long, verdicts the reset said may be wrong (a key revoked while the event
+    /// stream was down): choose it no longer than the time you accept a revoked key to
+    /// work. Past the window, what is not yet confirmed is treated as under strict.
+    pub fn serve_during_revalidation(mut self, window: Duration) -> Self {
+        self.config.refresh.serve_during_revalidation = window.min(MAX_DURATION);
+        self
+    }
+
     /// A name for this cache (default none): the `cache` label of its metrics, and the
     /// name of its moka caches in moka's own diagnostics.
     pub fn name(mut self, name: impl Into<String>) -> Self {
@@ -512,6 +616,7 @@ impl<V: Verifier> CachedVerifierBuilder<V> {
             positive = positive.name(&format!("{name}-valid"));
             negative = negative.name(&format!("{name}-invalid"));
         }
+        let batch_capable = self.inner.verify_digests(&[]).is_some();
         CachedVerifier {
             shared: Arc::new(Shared {
                 inner: self.inner,
@@ -527,6 +632,7 @@ impl<V: Verifier> CachedVerifierBuilder<V> {
                     counters: Counters::new(self.name.as_deref()),
                     circuit: Circuit::new(config.circuit, self.name.as_deref()),
                     budgets: (config.miss_budget != MissBudget::unlimited()).then(|| Budgets::new(config.miss_budget)),
+                    refresh: Refresh::new(config.refresh, batch_capable),
                 },
             }),
         }
@@ -559,6 +665,12 @@ impl<V: Verifier> CachedVerifier<V> {
                 thread_copies: true,
                 circuit: CircuitBreaker::new(),
                 miss_budget: MissBudget::new(),
+                refresh: RefreshConfig {
+                    ahead: DEFAULT_REFRESH_AHEAD,
+                    batch: DEFAULT_REFRESH_BATCH,
+                    revalidation_rate: DEFAULT_REVALIDATION_RATE,
+                    serve_during_revalidation: Duration::ZERO,
+                },
             },
             name: None,
         }
@@ -584,6 +696,9 @@ impl<V: Verifier> CachedVerifier<V> {
             circuit_rejections: c.circuit_rejections.get(),
             circuit_opened: self.shared.core.circuit.opened_count(),
             throttled: c.throttled.get(),
+            refreshed_ahead: c.refreshed_ahead.get(),
+            revalidated: c.revalidated.get(),
+            refresh_batches: c.refresh_batches.get(),
         }
     }
 
@@ -610,6 +725,20 @@ impl<V: Verifier> CachedVerifier<V> {
     /// Drops every cached verdict, valid or invalid, fresh or stale.
     pub fn invalidate_all(&self) {
         self.shared.core.invalidate_all();
+    }
+
+    /// Treats every valid verdict held as unconfirmed, as
+    /// [`RevocationListener`](crate::RevocationListener) does on a `reset`: none is
+    /// served again (but within
+    /// [`serve_during_revalidation`](CachedVerifierBuilder::serve_during_revalidation))
+    /// until the wrapped verifier confirms it, in background batches at the
+    /// [`revalidation_rate`](CachedVerifierBuilder::revalidation_rate), or on the request
+    /// path for a key asked about first. Cached refusals are dropped. A wrapped verifier
+    /// that cannot [verify by digest](Verifier::verify_digests) gets
+    /// [`invalidate_all`](Self::invalidate_all) instead. Batches need a Tokio runtime:
+    /// called outside one, the revalidation starts with the next lookup queued on one.
+    pub fn revalidate_all(&self) {
+        self.shared.revalidate_all();
     }
 
     /// Runs moka's pending housekeeping (evictions, expirations, counts) now instead of
@@ -684,16 +813,28 @@ impl Core {
         if self.config.thread_copies {
             if let Some(principal) = copies::get(self.id, generation, digest, now) {
                 self.counters.hits.add();
-                return Held::Fresh(principal);
+                return Held::Fresh(principal, false);
             }
         }
         match self.positive.get(digest) {
+            Some(entry) if entry.generation != self.refresh.generation() => {
+                if now < entry.fresh_until && self.refresh.serving_old(now) {
+                    self.counters.hits.add();
+                    Held::Fresh(entry.principal.clone(), false)
+                } else {
+                    Held::Unconfirmed
+                }
+            }
             Some(entry) if now < entry.fresh_until => {
                 self.counters.hits.add();
+                let due = now >= entry.refresh_at && !entry.queued.swap(true, Ordering::Relaxed);
                 if self.config.thread_copies {
-                    copies::put(self.id, generation, digest, &entry.principal, entry.fresh_until);
+                    // A copy ends where refresh-ahead starts: the hit that queues the
+                    // refresh has to come through here.
+                    let until = entry.fresh_until.min(entry.refresh_at);
+                    copies::put(self.id, generation, digest, &entry.principal, until);
                 }
-                Held::Fresh(entry.principal.clone())
+                Held::Fresh(entry.principal.clone(), due)
             }
             Some(entry) => Held::Stale(entry),
             None => match self.negative.get(digest) {
@@ -726,6 +867,9 @@ impl Core {
             principal: principal.clone(),
             stored_at: now,
             fresh_until: now + fresh,
+            refresh_at: self.refresh.due_at(now, fresh),
+            queued: AtomicBool::new(false),
+            generation: self.refresh.generation(),
             lifetime,
             retry_after_ms: AtomicU64::new(0),
         };
@@ -756,6 +900,15 @@ impl Core {
         self.negative.insert(digest, refusal);
         if self.epoch.load(Ordering::SeqCst) != epoch {
             self.negative.invalidate(&digest);
+        }
+    }
+
+    /// Lets the next hit on these verdicts queue their refresh again.
+    fn unmark_queued(&self, digests: &[KeyDigest]) {
+        for digest in digests {
+            if let Some(entry) = self.positive.get(digest) {
+                entry.queued.store(false, Ordering::Relaxed);
+            }
         }
     }
 
@@ -860,7 +1013,8 @@ impl<V: Verifier> Shared<V> {
         // A caller that missed the cache just before the previous flight for this key
         // finished lands here: answer from what that flight cached.
         // It used that flight's answer, as if it had joined it: counted so.
-        if let Some(entry) = core.positive.get(&digest).filter(|e| Instant::now() < e.fresh_until) {
+        let confirmed = |e: &Arc<Positive>| Instant::now() < e.fresh_until && e.generation == core.refresh.generation();
+        if let Some(entry) = core.positive.get(&digest).filter(confirmed) {
             core.counters.coalesced_waits.add();
             return Ok(Verdict::Valid(entry.principal.clone()));
         }
@@ -1013,10 +1167,16 @@ mod copies {
 impl<V: Verifier> Verifier for CachedVerifier<V> {
     fn verify_now(&self, key: &ApiKey) -> Option<Result<Verdict, VerifyError>> {
         // What is held fresh only: anything stale, missing or failing takes the async path.
-        match self.shared.core.held(&key.digest()) {
-            Held::Fresh(principal) => Some(Ok(Verdict::Valid(principal))),
+        let digest = key.digest();
+        match self.shared.core.held(&digest) {
+            Held::Fresh(principal, due) => {
+                if due {
+                    self.shared.refresh_ahead(digest);
+                }
+                Some(Ok(Verdict::Valid(principal)))
+            }
             Held::Refused(reason, key_id) => Some(Ok(Verdict::Invalid { reason, key_id })),
-            Held::Stale(_) | Held::Nothing => None,
+            Held::Stale(_) | Held::Unconfirmed | Held::Nothing => None,
         }
     }
 
@@ -1028,8 +1188,14 @@ impl<V: Verifier> Verifier for CachedVerifier<V> {
         let shared = &*self.shared;
         let core = &shared.core;
         let digest = key.digest();
+        let mut known = true;
         let stale = match core.held(&digest) {
-            Held::Fresh(principal) => return Ok(Verdict::Valid(principal)),
+            Held::Fresh(principal, due) => {
+                if due {
+                    self.shared.refresh_ahead(digest);
+                }
+                return Ok(Verdict::Valid(principal));
+            }
             Held::Refused(reason, key_id) => return Ok(Verdict::Invalid { reason, key_id }),
             Held::Stale(entry) => {
                 if entry.millis_at(Instant::now()) < entry.retry_after_ms.load(Ordering::Relaxed) {
@@ -1039,7 +1205,11 @@ impl<V: Verifier> Verifier for CachedVerifier<V> {
                 }
                 Some(entry)
             }
-            Held::Nothing => None,
+            Held::Unconfirmed => None,
+            Held::Nothing => {
+                known = false;
+                None
+            }
         };
         core.counters.misses.add();
         let admit = core.circuit.admit();
@@ -1053,9 +1223,9 @@ impl<V: Verifier> Verifier for CachedVerifier<V> {
             }
             return core.on_error(VerifyError::CircuitOpen);
         }
-        // Refreshing what the cache holds is free; only keys it knows nothing of are
-        // charged to the miss budget.
-        let charge = stale.is_none().then_some(client);
+        // Refreshing or confirming what the cache holds is free; only keys it knows
+        // nothing of are charged to the miss budget.
+        let charge = (!known).then_some(client);
         let err = match shared.flight(digest, key, charge).await {
             Ok(verdict) => return Ok(verdict),
             // Neither stale nor fail-open: a flood of unknown keys must not get in.
@@ -1170,7 +1340,7 @@ mod tests {
         let cache = CachedVerifier::builder(inner).positive_ttl(Duration::from_millis(20)).build();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async { cache.verify(&key).await.unwrap() });
-        assert!(matches!(cache.shared.core.held(&key.digest()), Held::Fresh(_)));
+        assert!(matches!(cache.shared.core.held(&key.digest()), Held::Fresh(..)));
         std::thread::sleep(Duration::from_millis(40));
         assert!(matches!(cache.shared.core.held(&key.digest()), Held::Stale(_)), "kept for the stale window");
         assert!(cache.verify_now(&key).is_none());
