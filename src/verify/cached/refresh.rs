@@ -8,9 +8,9 @@
 //! a cache never has more than one batch call in flight.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use super::{Core, Shared, lock};
@@ -191,47 +191,52 @@ impl<V: Verifier> Shared<V> {
             refresh.release_worker();
             return;
         };
-        let shared = Arc::clone(self);
+        // Weak between batches: a cache dropped by its users goes, and with it the
+        // event-stream listener that watches for that, even while batches still fail.
+        let guard = WorkerGuard(Arc::downgrade(self));
         runtime.spawn(async move {
-            let guard = WorkerGuard(&shared.core.refresh);
-            while let Some(work) = {
+            loop {
                 tokio::time::sleep(LINGER).await;
-                shared.core.refresh.next(&shared.core)
-            } {
-                match work {
+                let Some(shared) = guard.0.upgrade() else { break };
+                let Some(work) = shared.core.refresh.next(&shared.core) else {
+                    // `next` cleared the flag: a new worker may already own it.
+                    std::mem::forget(guard);
+                    return;
+                };
+                let pause = match work {
                     Work::Ahead(digests) => shared.refresh_batch(digests, false).await,
                     Work::Revalidate(digests) => {
-                        let n = digests.len();
-                        shared.refresh_batch(digests, true).await;
                         let rate = f64::from(shared.core.refresh.config.revalidation_rate.max(1));
-                        tokio::time::sleep(Duration::from_secs_f64(n as f64 / rate)).await;
+                        let pace = Duration::from_secs_f64(digests.len() as f64 / rate);
+                        shared.refresh_batch(digests, true).await.max(pace)
                     }
-                }
+                };
+                drop(shared);
+                tokio::time::sleep(pause).await;
             }
-            std::mem::forget(guard);
         });
     }
 
-    async fn refresh_batch(&self, digests: Vec<KeyDigest>, revalidating: bool) {
+    /// One batch; how long to wait before the next.
+    async fn refresh_batch(&self, digests: Vec<KeyDigest>, revalidating: bool) -> Duration {
         let core = &self.core;
-        let retry_later = |digests: Vec<KeyDigest>| async move {
+        let retry_later = |digests: Vec<KeyDigest>| {
             if revalidating {
-                {
-                    let mut queues = lock(&core.refresh.queues);
-                    for digest in digests.into_iter().rev() {
-                        queues.revalidate.push_front(digest);
-                    }
+                let mut queues = lock(&core.refresh.queues);
+                for digest in digests.into_iter().rev() {
+                    queues.revalidate.push_front(digest);
                 }
-                tokio::time::sleep(RETRY_PAUSE).await;
+                RETRY_PAUSE
             } else {
                 // Queued again by the next hit, or refreshed by the first stale lookup.
                 core.unmark_queued(&digests);
+                Duration::ZERO
             }
         };
         if core.circuit.is_open() {
-            return retry_later(digests).await;
+            return retry_later(digests);
         }
-        let Some(call) = self.inner.verify_digests(&digests) else { return };
+        let Some(call) = self.inner.verify_digests(&digests) else { return Duration::ZERO };
         let epoch = core.epoch.load(Ordering::SeqCst);
         core.counters.refresh_batches.add();
         let verdicts = match call.await {
@@ -244,7 +249,7 @@ impl<V: Verifier> Shared<V> {
                     answered = verdicts.len(),
                     "cache: batch refresh answer miscounted"
                 );
-                return retry_later(digests).await;
+                return retry_later(digests);
             }
             Err(VerifyError::Status(status @ (404 | 405))) => {
                 // A key service from before batch verify: not a failure of the service,
@@ -253,13 +258,13 @@ impl<V: Verifier> Shared<V> {
                 core.refresh.capable.store(false, Ordering::Relaxed);
                 // Left marked queued: their next hits must not try again.
                 lock(&core.refresh.queues).revalidate.clear();
-                return;
+                return Duration::ZERO;
             }
             Err(err) => {
                 core.circuit.failed(false);
                 core.counters.remote_errors.add();
                 tracing::debug!(error = %err, digests = digests.len(), revalidating, "cache: batch refresh failed");
-                return retry_later(digests).await;
+                return retry_later(digests);
             }
         };
         core.circuit.succeeded();
@@ -269,22 +274,25 @@ impl<V: Verifier> Shared<V> {
                 Verdict::Invalid { reason, key_id } => core.store_invalid(*digest, (reason, key_id), epoch),
             }
         }
-        let counter = if revalidating { &core.counters.revalidated } else { &core.counters.refreshed_ahead };
-        counter.add_n(digests.len() as u64);
         if core.epoch.load(Ordering::SeqCst) != epoch {
             // An invalidation overlapped the call: its answers were not stored (one of
             // them may predate it). Ask again.
-            retry_later(digests).await;
+            return retry_later(digests);
         }
+        let counter = if revalidating { &core.counters.revalidated } else { &core.counters.refreshed_ahead };
+        counter.add_n(digests.len() as u64);
+        Duration::ZERO
     }
 }
 
-/// Lets the next queueing start a worker if this one's task is dropped mid-way (the
-/// runtime shutting down) or panics.
-struct WorkerGuard<'a>(&'a Refresh);
+/// Lets the next queueing start a worker if this one's task ends otherwise than by
+/// finding no work: dropped mid-way (the runtime shutting down), or a panic.
+struct WorkerGuard<V: Verifier>(Weak<Shared<V>>);
 
-impl Drop for WorkerGuard<'_> {
+impl<V: Verifier> Drop for WorkerGuard<V> {
     fn drop(&mut self) {
-        self.0.release_worker();
+        if let Some(shared) = self.0.upgrade() {
+            shared.core.refresh.release_worker();
+        }
     }
 }
