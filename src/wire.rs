@@ -462,6 +462,9 @@ pub enum AlertKind {
     /// its environment or owner (once per secret; the alert's `minute` is then the
     /// second the secret was made).
     KeyMaxAge,
+    /// The key was reported leaked (GitHub secret scanning) and revoked or disabled;
+    /// `detail` names where it was found.
+    Leaked,
 }
 
 impl AlertKind {
@@ -473,6 +476,7 @@ impl AlertKind {
             Self::NewNetwork => "new_network",
             Self::KeyExpiring => "key_expiring",
             Self::KeyMaxAge => "key_max_age",
+            Self::Leaked => "leaked",
         }
     }
 
@@ -484,6 +488,7 @@ impl AlertKind {
             "new_network" => Some(Self::NewNetwork),
             "key_expiring" => Some(Self::KeyExpiring),
             "key_max_age" => Some(Self::KeyMaxAge),
+            "leaked" => Some(Self::Leaked),
             _ => None,
         }
     }

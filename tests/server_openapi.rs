@@ -133,6 +133,22 @@ impl Checker {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
+    /// A GitHub secret scanning report, signed with `signature` (no token).
+    async fn report(&self, id: &str, signature: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+        let template = "/v1/leaks/github";
+        let mut req = self.t.http.post(self.t.url(template)).header("content-type", "application/json").body(body);
+        req = req.header("Github-Public-Key-Identifier", id);
+        if let Some(signature) = signature {
+            req = req.header("Github-Public-Key-Signature", signature);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let content_type = res.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned());
+        let text = res.text().await.unwrap();
+        self.check(&Method::POST, template, status, content_type.as_deref(), &text, None);
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
     fn check(
         &self,
         method: &Method,
@@ -287,12 +303,17 @@ const DELETE: Method = Method::DELETE;
 const NOT_DRIVEN: &[(&str, &str, u16, &str)] = &[
     ("/v1/usage", "post", 409, "PostgreSQL only: usage rows changing under a batch on every retry"),
     ("/v1/webhooks", "post", 409, "the endpoint cap (too many endpoints to add in a test)"),
+    ("/v1/leaks/github", "post", 404, "secret scanning off: tests/server_leaks.rs (this server has it on)"),
 ];
 
 #[tokio::test]
 async fn every_route_answers_as_the_document_says() {
+    let github_keys = server_support::github::KeysDocument::default();
+    let github = github_keys.add("k1");
+    let keys_url = github_keys.serve().await;
     let t = TestServer::start_on(TestDb::sqlite(), |b| {
-        b.heartbeat(Duration::from_millis(200))
+        b.secret_scanning(keygate::server::SecretScanning::github().keys_url(keys_url))
+            .heartbeat(Duration::from_millis(200))
             .max_event_subscribers(1)
             .alerts(AlertConfig { sweep_interval: Duration::from_millis(50), ..AlertConfig::default() })
             // Deliveries stay pending in the log: nothing is sent anywhere.
@@ -383,6 +404,15 @@ async fn every_route_answers_as_the_document_says() {
     assert_eq!(batch(s, Body::Json(json!({ "digests": [] }))).await.0, 400);
     assert_eq!(batch(s, Body::Raw(vec![b' '; 70 * 1024])).await.0, 413);
     assert_eq!(batch(a, Body::Json(json!({ "digests": [digest] }))).await.0, 401, "an admin token");
+
+    // ---- leak reports (GitHub's signature instead of a token)
+    let sign = |body: &[u8]| server_support::github::sign(&github, body);
+    let body = serde_json::to_vec(&json!([{ "token": "kg_nosuchkey", "type": "keygate_api_key", "url": "https://github.com/o/r", "source": "content" }])).unwrap();
+    let (st, labels) = c.report("k1", Some(&sign(&body)), body.clone()).await;
+    assert_eq!((st, &labels[0]["label"]), (200, &json!("false_positive")));
+    assert_eq!(c.report("k1", None, body.clone()).await.0, 401);
+    assert_eq!(c.report("k1", Some(&sign(b"[1]")), b"[1]".to_vec()).await.0, 400);
+    assert_eq!(c.report("k1", Some("AAAA"), vec![b' '; keygate::server::REPORT_BODY_LIMIT + 1]).await.0, 413);
 
     // ---- rotate
     let rotate = format!("/v1/keys/{id}/rotate");

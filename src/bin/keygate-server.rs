@@ -72,7 +72,10 @@
 //! before a key expires; `--max-key-age live=90d` (repeatable; `--max-key-age-owner
 //! acme=30d` per owner) raises `key_max_age` past it and, with
 //! `--expire-after-max-age-grace 7d`, expires the key that much later (audit actor
-//! `policy`). Durations: a number with `s`, `m`, `h` or `d` (`90d`, `12h`; bare: seconds).
+//! `policy`). `--github-secret-scanning` takes GitHub's leaked-key reports at
+//! `POST /v1/leaks/github` (keys from `--github-keys-url`, default GitHub's; reported keys
+//! are revoked, or disabled with `--leak-action disable`). Durations: a number with `s`,
+//! `m`, `h` or `d` (`90d`, `12h`; bare: seconds).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -109,7 +112,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the key service.
-    Serve(Serve),
+    Serve(Box<Serve>),
     /// Manage keys.
     #[command(subcommand)]
     Keys(KeysCmd),
@@ -698,7 +701,7 @@ fn init_logging(format: LogFormat) {
 
 async fn run(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Serve(s) => serve(s).await,
+        Command::Serve(s) => serve(*s).await,
         Command::Keys(cmd) => keys(cmd).await,
         Command::Tokens(cmd) => tokens(cmd).await,
         Command::Roles(RolesCmd::Put { conn, name, scopes }) => {
@@ -1232,6 +1235,15 @@ struct WebhookFlags {
     /// Expire keys this long after they passed their maximum age (default: never).
     #[arg(long, value_parser = parse_span)]
     expire_after_max_age_grace: Option<Duration>,
+    /// Take GitHub secret scanning reports at POST /v1/leaks/github (off by default).
+    #[arg(long, env = "KEYGATE_GITHUB_SECRET_SCANNING")]
+    github_secret_scanning: bool,
+    /// Where GitHub's secret scanning public keys are fetched from.
+    #[arg(long, env = "KEYGATE_GITHUB_KEYS_URL", default_value = keygate::server::GITHUB_KEYS_URL)]
+    github_keys_url: String,
+    /// What a leak report does to a key: revoke (default) or disable.
+    #[arg(long, env = "KEYGATE_LEAK_ACTION", default_value = "revoke", value_parser = ["revoke", "disable"])]
+    leak_action: String,
 }
 
 fn webhook_options(builder: KeyServer, f: &WebhookFlags) -> Result<KeyServer, CliError> {
@@ -1261,11 +1273,17 @@ fn webhook_options(builder: KeyServer, f: &WebhookFlags) -> Result<KeyServer, Cl
         }
         policy = policy.expire_after(grace);
     }
-    Ok(builder
+    let mut builder = builder
         .webhooks(webhooks)
         .allow_internal_webhooks(f.webhook_allow_internal)
         .alerts(alerts)
-        .rotation_policy(policy))
+        .rotation_policy(policy);
+    if f.github_secret_scanning {
+        use keygate::server::{LeakAction, SecretScanning};
+        let action = if f.leak_action == "disable" { LeakAction::Disable } else { LeakAction::Revoke };
+        builder = builder.secret_scanning(SecretScanning::github().keys_url(&f.github_keys_url).action(action));
+    }
+    Ok(builder)
 }
 
 /// `90d`, `12h`, `30m`, `45s`, or bare seconds.

@@ -67,6 +67,7 @@ const MAX_VERIFY_KEY_LEN: usize = 1024;
 /// | `POST/GET /v1/keys`, `GET/PATCH /v1/keys/{id}`, `POST /v1/keys/{id}/rotate`, `POST /v1/keys/{id}/revoke`, `PUT/DELETE /v1/roles/{name}`, `GET /v1/roles`, `GET /v1/audit`, `GET /v1/usage`, `GET /v1/alerts`, `POST /v1/alerts/{id}/ack`, `POST/GET /v1/tokens`, `POST /v1/tokens/{id}/revoke` | admin |
 /// | `POST/GET /v1/webhooks`, `GET/DELETE /v1/webhooks/{id}`, `GET /v1/webhooks/{id}/deliveries` | admin |
 /// | `GET /healthz`, `GET /openapi.json` | none |
+/// | `POST /v1/leaks/github` | GitHub's signature (see [`secret_scanning`](super::KeyServer::secret_scanning)) |
 ///
 /// `GET /openapi.json` answers the OpenAPI 3.1 document of these routes, generated from
 /// this code (the repository keeps a copy as `docs/openapi.json`).
@@ -92,6 +93,8 @@ pub fn router(state: ServerState) -> Router {
         // Operator commands of the CLI: roles delete, alerts ack.
         .route("/v1/roles/{name}", delete(super::manage::delete_role))
         .route("/v1/alerts/{id}/ack", post(super::manage::ack_alert))
+        // GitHub secret scanning (signed reports, no token): see `leaks`.
+        .route("/v1/leaks/github", post(super::leaks::github_report))
         // Webhooks: endpoints and their delivery log (see the `webhook_api` module).
         .merge(webhook_api::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
@@ -119,6 +122,7 @@ pub fn router(state: ServerState) -> Router {
         openapi_json,
         verify,
         verify_batch,
+        crate::server::leaks::github_report,
         create_key,
         list_keys,
         get_key,
@@ -174,6 +178,7 @@ pub fn router(state: ServerState) -> Router {
         (name = "events", description = "Invalidations pushed to middlewares (service token)."),
         (name = "tokens", description = "Service and admin tokens as data (admin token)."),
         (name = "webhooks", description = "Webhook endpoints and their delivery log (admin token)."),
+        (name = "leaks", description = "Leaked-key reports from GitHub secret scanning (signed, no token)."),
     )
 )]
 struct ApiDoc;
@@ -208,7 +213,7 @@ impl<S: Send + Sync, T: DeserializeOwned, const LIMIT: usize> FromRequest<S> for
 }
 
 /// The body, refused with 413 beyond `limit` bytes (declared or sent).
-async fn read_body(req: Request, limit: usize) -> Result<bytes::Bytes, ApiError> {
+pub(super) async fn read_body(req: Request, limit: usize) -> Result<bytes::Bytes, ApiError> {
     let declared = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
@@ -237,7 +242,7 @@ fn is_length_limit(e: &axum::Error) -> bool {
     false
 }
 
-fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+pub(super) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::invalid("invalid_json", "the request body is empty; expected a JSON object"));
     }

@@ -137,7 +137,7 @@
 //! | `key.revoked` | revoked (once) |
 //! | `key.expiring` | the key expires within [`AlertConfig::expiring_within`] (once per expiry) |
 //! | `key.expired` | the rotation policy expired it |
-//! | `alert.<kind>` | every other alert (`alert.denial_spike`, `alert.rate_spike`, `alert.new_network`, `alert.key_max_age`) |
+//! | `alert.<kind>` | every other alert (`alert.denial_spike`, `alert.rate_spike`, `alert.new_network`, `alert.key_max_age`, `alert.leaked`) |
 //!
 //! Each event is written to an outbox in the transaction of its change (one row per endpoint that wants it) and
 //! delivered by a background worker, signed ([`SIGNATURE_HEADER`], with a verification
@@ -148,6 +148,25 @@
 //! URLs whose host is an internal address (loopback, private, link-local, …) are
 //! refused, and names resolving to one are not connected to, unless
 //! [`KeyServer::allow_internal_webhooks`], which says what is checked and what is not.
+//!
+//! # Leaked keys (GitHub secret scanning)
+//!
+//! With [`KeyServer::secret_scanning`] (`--github-secret-scanning`), `POST /v1/leaks/github`
+//! takes the reports of GitHub's secret scanning partner program. A report is a JSON
+//! array of `{"token", "type", "url", "source"}` (at most [`MAX_REPORTED_TOKENS`], body at
+//! most [`REPORT_BODY_LIMIT`]), signed: `Github-Public-Key-Identifier` names a key of the
+//! public keys document ([`GITHUB_KEYS_URL`] by default; fetched on the first report and
+//! again, at most once a minute, for an identifier it does not hold), and
+//! `Github-Public-Key-Signature` is the base64 DER ECDSA P-256 signature of the raw body
+//! over SHA-256. A missing or bad signature, or an unknown identifier, is 401 and changes
+//! nothing; a keys document that cannot be fetched is 503 (GitHub retries). Each token is
+//! looked up by digest: a key of this service is revoked (or disabled, [`LeakAction`])
+//! with the audit actor [`LEAK_ACTOR`] and the report (`url`, `source`, `token_type`) in
+//! the audit record's `changes.report`, a `revoked` (or `updated`) event to every
+//! middleware, a `leaked` alert and its `alert.leaked` webhook. The answer labels each
+//! token `true_positive` (a key here) or `false_positive`, as GitHub expects. A key
+//! reported again, or revoked meanwhile, is labelled `true_positive` and nothing else
+//! happens.
 //!
 //! # Usage
 //!
@@ -267,6 +286,7 @@ mod auth;
 mod backup;
 mod error;
 mod events;
+mod leaks;
 mod manage;
 mod meters;
 mod metrics;
@@ -292,6 +312,10 @@ pub use auth::{Admin, Service};
 pub use backup::{BackupError, backup_sqlite};
 pub use error::{ApiError, ServerError};
 pub use events::{DEFAULT_MAX_EVENT_SUBSCRIBERS, EventHub, MAX_EVENTS_PER_CHANGE};
+pub use leaks::{
+    DEFAULT_KEYS_REFETCH, GITHUB_KEYS_URL, LEAK_ACTOR, LeakAction, MAX_REPORTED_TOKENS, REPORT_BODY_LIMIT,
+    SecretScanning,
+};
 pub use policy::{POLICY_ACTOR, RotationPolicy};
 pub use report::{MAX_USAGE_BUCKETS, MAX_USAGE_ROUTES, MAX_USAGE_ROWS, MAX_USAGE_SPAN};
 pub use retention::RetentionConfig;
@@ -358,6 +382,7 @@ pub struct KeyServer {
     webhooks: WebhookConfig,
     allow_internal_webhooks: bool,
     rotation: RotationPolicy,
+    secret_scanning: Option<SecretScanning>,
 }
 
 impl std::fmt::Debug for KeyServer {
@@ -400,6 +425,7 @@ impl KeyServer {
             webhooks: WebhookConfig::default(),
             allow_internal_webhooks: false,
             rotation: RotationPolicy::default(),
+            secret_scanning: None,
         }
     }
 
@@ -562,6 +588,17 @@ impl KeyServer {
         self
     }
 
+    /// Takes leaked-key reports from GitHub's secret scanning partner program at
+    /// `POST /v1/leaks/github` (default: off, the route answers 404). A report is
+    /// accepted only with a valid signature from a key of the configured keys document;
+    /// each reported token that is a key here is revoked (or disabled, see
+    /// [`LeakAction`]) with an audit record whose actor is [`LEAK_ACTOR`] and a `leaked`
+    /// alert. See the [`leaks`](self#leaked-keys-github-secret-scanning) section.
+    pub fn secret_scanning(mut self, config: SecretScanning) -> Self {
+        self.secret_scanning = Some(config);
+        self
+    }
+
     /// The maximum key age per environment or owner, and whether keys past it expire
     /// (default: no maximum). Keys are swept every [`AlertConfig::sweep_interval`].
     pub fn rotation_policy(mut self, policy: RotationPolicy) -> Self {
@@ -695,6 +732,10 @@ impl KeyServer {
         } else {
             None
         };
+        let leaks = match self.secret_scanning.take() {
+            Some(config) => Some(leaks::Leaks::new(config).map_err(ServerError::Config)?),
+            None => None,
+        };
         let sweep_counters = Arc::new(policy::SweepCounters::default());
         let sweep_task = policy::SweepTask::spawn(
             store.clone(),
@@ -720,6 +761,7 @@ impl KeyServer {
                 webhook_counters,
                 verify_slots: tokio::sync::Semaphore::new(self.max_concurrent_verifies),
                 allow_internal_webhooks: self.allow_internal_webhooks,
+                leaks,
                 _webhook_worker: webhook_worker,
                 sweep_counters,
                 _sweep_task: sweep_task,

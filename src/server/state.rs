@@ -162,6 +162,8 @@ pub(crate) struct StateInner {
     pub verify_slots: tokio::sync::Semaphore,
     /// Webhook URLs on internal addresses accepted (`KeyServer::allow_internal_webhooks`).
     pub allow_internal_webhooks: bool,
+    /// GitHub secret scanning reports (`KeyServer::secret_scanning`); `None`: off.
+    pub leaks: Option<super::leaks::Leaks>,
     /// Webhook deliveries; stop when the state is dropped.
     pub _webhook_worker: Option<WebhookWorker>,
     pub sweep_counters: Arc<SweepCounters>,

@@ -36,8 +36,8 @@ const KEY_EVENTS: [&str; 8] = [
     "key.expiring",
     "key.expired",
 ];
-const ALERT_KINDS: [AlertKind; 4] =
-    [AlertKind::DenialSpike, AlertKind::RateSpike, AlertKind::NewNetwork, AlertKind::KeyMaxAge];
+const ALERT_KINDS: [AlertKind; 5] =
+    [AlertKind::DenialSpike, AlertKind::RateSpike, AlertKind::NewNetwork, AlertKind::KeyMaxAge, AlertKind::Leaked];
 
 /// Every webhook event type: the key lifecycle events and `alert.<kind>`.
 pub(crate) fn event_types() -> Vec<String> {

@@ -3,6 +3,8 @@
 //! (`KEYGATE_TEST_POSTGRES_URL`).
 #![allow(dead_code)]
 
+pub mod github;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

@@ -430,7 +430,7 @@ impl Store {
         actor: &str,
         at: OffsetDateTime,
     ) -> Result<KeyInfo, StoreError> {
-        self.change_key(key_id, KeyChange::Update(patch), actor, at).await
+        self.change_key(key_id, KeyChange::Update(patch), actor, at, None).await
     }
 
     /// Makes `secret` the key's current secret; the previous ones stop at `grace_until`
@@ -443,7 +443,7 @@ impl Store {
         actor: &str,
         at: OffsetDateTime,
     ) -> Result<KeyInfo, StoreError> {
-        self.change_key(key_id, KeyChange::Rotate { secret, grace_until }, actor, at).await
+        self.change_key(key_id, KeyChange::Rotate { secret, grace_until }, actor, at, None).await
     }
 
     /// Revokes a key for good and writes `key.revoke`.
@@ -453,7 +453,22 @@ impl Store {
         actor: &str,
         at: OffsetDateTime,
     ) -> Result<KeyInfo, StoreError> {
-        self.change_key(key_id, KeyChange::Revoke, actor, at).await
+        self.change_key(key_id, KeyChange::Revoke, actor, at, None).await
+    }
+
+    /// Revokes (or, with `disable`, disables) a key reported leaked; `report` (where it
+    /// was found) goes into the audit record's `changes` as `report`.
+    pub(crate) async fn leaked(
+        &self,
+        key_id: &str,
+        disable: bool,
+        actor: &str,
+        at: OffsetDateTime,
+        report: &Value,
+    ) -> Result<KeyInfo, StoreError> {
+        let patch = KeyPatch { disabled: Some(true), ..KeyPatch::default() };
+        let change = if disable { KeyChange::Update(&patch) } else { KeyChange::Revoke };
+        self.change_key(key_id, change, actor, at, Some(report)).await
     }
 
     async fn change_key(
@@ -462,6 +477,7 @@ impl Store {
         change: KeyChange<'_>,
         actor: &str,
         at: OffsetDateTime,
+        report: Option<&Value>,
     ) -> Result<KeyInfo, StoreError> {
         self.metered("change_key", async {
             write_tx!(self, |tx, q, w| {
@@ -471,7 +487,7 @@ impl Store {
                     KeyChange::Update(_) => q::key_locked(&mut tx, key_id).await?,
                     _ => None,
                 };
-                let key = q::change_key(&mut tx, key_id, &change, actor, at).await?;
+                let key = q::change_key(&mut tx, key_id, &change, actor, at, report).await?;
                 let events = webhook_events_of(&change, &key, before.as_ref(), actor, at)?;
                 w::enqueue(&mut tx, &events, self.webhook_queue).await?;
                 let note = ChangeNote::Key(change.event(), key.key_id.clone());
@@ -865,7 +881,7 @@ impl Store {
                     Some(_) => {
                         let patch = KeyPatch { expires_at: Some(Some(now)), ..KeyPatch::default() };
                         let change = KeyChange::Update(&patch);
-                        let key = q::change_key(&mut tx, key_id, &change, actor, now).await?;
+                        let key = q::change_key(&mut tx, key_id, &change, actor, now, None).await?;
                         let event = WebhookEvent::new("key.expired", now, key_event_data(&key, actor))?;
                         w::enqueue(&mut tx, &[event], self.webhook_queue).await?;
                         (true, vec![ChangeNote::Key(change.event(), key.key_id)])

@@ -130,13 +130,17 @@ macro_rules! shared_queries {
                 change: &KeyChange<'_>,
                 actor: &str,
                 at: OffsetDateTime,
+                report: Option<&Value>,
             ) -> Result<KeyInfo, StoreError> {
                 let mut key = load_key(conn, key_id, $row_lock).await?;
                 if key.revoked {
                     return Err(StoreError::Conflict(format!("key `{}` is revoked; revocation is final", key.key_id)));
                 }
                 let roles_before = key.roles.clone();
-                let changes = change.apply(&mut key, at);
+                let mut changes = change.apply(&mut key, at);
+                if let (Some(report), Some(fields)) = (report, changes.as_object_mut()) {
+                    fields.insert("report".to_owned(), report.clone());
+                }
                 match change {
                     KeyChange::Update(_) if key.roles != roles_before => write_roles(conn, key_id, &key.roles).await?,
                     KeyChange::Rotate { secret, grace_until } => {
@@ -600,7 +604,7 @@ macro_rules! shared_queries {
                     let key = load_key(conn, key_id, $row_lock).await?;
                     let roles: Vec<String> = key.roles.iter().filter(|r| r.as_str() != name).cloned().collect();
                     let patch = $crate::server::model::KeyPatch { roles: Some(roles), ..Default::default() };
-                    change_key(conn, key_id, &KeyChange::Update(&patch), actor, at).await?;
+                    change_key(conn, key_id, &KeyChange::Update(&patch), actor, at, None).await?;
                 }
                 sqlx::query("DELETE FROM roles WHERE name = $1").bind(name).execute(&mut *conn).await?;
                 let changes = ::serde_json::json!({
