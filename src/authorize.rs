@@ -126,6 +126,23 @@ impl RequireScopes {
         Self::try_role(name).unwrap_or_else(|e| panic!("RequireScopes::role({name:?}): {e}"))
     }
 
+    /// Keys of this environment only: the same as `RequireScopes::expr("env(NAME)")`. A
+    /// key of another environment gets 403 `wrong_environment`; combine with scopes in an
+    /// expression (`"reports:read AND env(live)"`). Panics on a name that is not
+    /// `[a-z][a-z0-9_-]{0,31}`.
+    ///
+    /// ```
+    /// use keygate::RequireScopes;
+    ///
+    /// let live_only = RequireScopes::environment("live");
+    /// ```
+    pub fn environment(name: &str) -> Self {
+        match Requirement::environment(name) {
+            Ok(requirement) => Self::requirement(requirement),
+            Err(e) => panic!("RequireScopes::environment({name:?}): {e}"),
+        }
+    }
+
     /// [`all`](Self::all), returning the error.
     pub fn try_all<I, S>(terms: I) -> Result<Self, RequirementError>
     where
@@ -254,6 +271,9 @@ impl RequireScopes {
             return Err(AuthError::MissingCredentials);
         };
         match requirement {
+            Some(r) if !principal.satisfies(r) && !r.allows_environment(principal.environment()) => {
+                Err(AuthError::WrongEnvironment { required: r.environments().iter().map(|&e| e.to_owned()).collect() })
+            }
             Some(r) if !principal.satisfies(r) => Err(AuthError::InsufficientScope {
                 required: r.to_string(),
                 scopes: r.scopes().iter().map(|s| s.as_str().to_owned()).collect(),

@@ -81,6 +81,12 @@ pub enum AuthError {
         /// The roles the requirement names (for `required_roles`).
         roles: Vec<String>,
     },
+    /// The key's environment is not one the route takes (a test key on a live route).
+    #[error("the API key's environment is not allowed here (required: {})", required.join(" or "))]
+    WrongEnvironment {
+        /// The environments the requirement names (for `required_environments`).
+        required: Vec<String>,
+    },
     /// The key service could not answer.
     #[error("the key service is unavailable")]
     Unavailable {
@@ -103,7 +109,7 @@ pub enum AuthError {
 impl AuthError {
     /// A stable snake_case name for the case, for a service's own error bodies, logs
     /// and metrics: `missing_key`, `invalid_key`, `expired_key`,
-    /// `conflicting_credentials`, `insufficient_scope`, `key_service_unavailable`,
+    /// `conflicting_credentials`, `insufficient_scope`, `wrong_environment`, `key_service_unavailable`,
     /// `rate_limited`, `misconfigured`. A code never changes meaning; new cases get
     /// new codes.
     ///
@@ -120,6 +126,7 @@ impl AuthError {
             Self::InvalidKey(_) => "invalid_key",
             Self::Expired => "expired_key",
             Self::InsufficientScope { .. } => "insufficient_scope",
+            Self::WrongEnvironment { .. } => "wrong_environment",
             Self::Unavailable { .. } => "key_service_unavailable",
             Self::RateLimited { .. } => "rate_limited",
             Self::Misconfigured(_) => "misconfigured",
@@ -131,7 +138,7 @@ impl AuthError {
         match self {
             Self::MissingCredentials | Self::InvalidKey(_) | Self::Expired => StatusCode::UNAUTHORIZED,
             Self::ConflictingCredentials(_) => StatusCode::BAD_REQUEST,
-            Self::InsufficientScope { .. } => StatusCode::FORBIDDEN,
+            Self::InsufficientScope { .. } | Self::WrongEnvironment { .. } => StatusCode::FORBIDDEN,
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -158,6 +165,7 @@ impl AuthError {
             },
             Self::Expired => Outcome::Expired,
             Self::InsufficientScope { .. } => Outcome::InsufficientScope,
+            Self::WrongEnvironment { .. } => Outcome::WrongEnvironment,
             Self::Unavailable { .. } => Outcome::Unavailable,
             Self::RateLimited { .. } => Outcome::RateLimited,
             Self::Misconfigured(_) => Outcome::Unavailable,
@@ -173,6 +181,9 @@ impl AuthError {
             Self::InvalidKey(_) => "the API key is not valid".into(),
             Self::Expired => "the API key has expired".into(),
             Self::InsufficientScope { required, scopes, roles } => insufficient_detail(required, scopes, roles),
+            Self::WrongEnvironment { required } => {
+                format!("API keys of this environment cannot be used here; use a key of: {}", required.join(", "))
+            }
             Self::Unavailable { .. } => "the key service is unavailable; retry later".into(),
             Self::RateLimited { .. } => "the API key's rate limit is exhausted; retry later".into(),
             Self::Misconfigured(_) => "authentication is misconfigured on this server".into(),
@@ -195,6 +206,7 @@ impl AuthError {
             Self::InvalidKey(_) => "Invalid API key",
             Self::Expired => "Expired API key",
             Self::InsufficientScope { .. } => "Insufficient scope",
+            Self::WrongEnvironment { .. } => "Wrong key environment",
             Self::Unavailable { .. } => "Key service unavailable",
             Self::RateLimited { .. } => "Rate limit exceeded",
             Self::Misconfigured(_) => "Authentication misconfigured",
@@ -224,6 +236,8 @@ impl AuthError {
             Self::InsufficientScope { scopes, .. } => {
                 format!("{base}, error=\"insufficient_scope\", scope=\"{}\"", quote(&scopes.join(" ")))
             }
+            // RFC 6750 has no code for it: the closest, a key without the right to this.
+            Self::WrongEnvironment { .. } => format!("{base}, error=\"insufficient_scope\""),
             _ => return None,
         })
     }
@@ -240,6 +254,9 @@ impl AuthError {
         if let Self::InsufficientScope { scopes, roles, .. } = self {
             body["required_scopes"] = serde_json::json!(scopes);
             body["required_roles"] = serde_json::json!(roles);
+        }
+        if let Self::WrongEnvironment { required } = self {
+            body["required_environments"] = serde_json::json!(required);
         }
         Bytes::from(body.to_string())
     }

@@ -31,6 +31,8 @@ pub enum Outcome {
     Disabled,
     /// Valid key without the scope the route needs.
     InsufficientScope,
+    /// Valid key of an environment the route does not take.
+    WrongEnvironment,
     /// The key service could not answer and nothing stale was usable.
     Unavailable,
     /// The key's own rate limit was exceeded.
@@ -57,6 +59,7 @@ impl Outcome {
             Self::Expired => "expired",
             Self::Disabled => "disabled",
             Self::InsufficientScope => "insufficient_scope",
+            Self::WrongEnvironment => "wrong_environment",
             Self::Unavailable => "unavailable",
             Self::RateLimited => "rate_limited",
         }

@@ -179,7 +179,7 @@ impl Principal {
 
     /// Whether the principal meets `requirement`.
     pub fn satisfies(&self, requirement: &Requirement) -> bool {
-        requirement.is_satisfied_by(&self.inner.scopes, &self.inner.roles)
+        requirement.is_satisfied_in(&self.inner.scopes, &self.inner.roles, self.environment())
     }
 
     /// Whether the key has expired at `now`.

@@ -259,17 +259,25 @@ impl<'de> serde::Deserialize<'de> for ScopeSet {
     }
 }
 
-/// What a route needs: scopes and roles combined with `AND` / `OR`.
+/// What a route needs: scopes, roles and key environments combined with `AND` / `OR`.
 ///
-/// Written as text, a scope is `resource:action` and a role is `role(NAME)` (see
-/// [`Scope`] for the whole syntax); [`Display`](fmt::Display) writes that syntax, and
-/// [`parse`](Self::parse) reads it back to an equal requirement.
+/// Written as text, a scope is `resource:action`, a role is `role(NAME)` and an
+/// environment `env(NAME)` (see [`Scope`] for the whole syntax); [`Display`](fmt::Display)
+/// writes that syntax, and [`parse`](Self::parse) reads it back to an equal requirement.
+///
+/// An environment term holds when the key's environment is that one (`live`, `test`, or
+/// any name the key service gives): `reports:read AND env(live)` keeps test keys off a
+/// route. A key whose environment alone rules it out, whatever scopes and roles it had,
+/// is refused with 403 `wrong_environment`; one that falls short otherwise with 403
+/// `insufficient_scope`.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Requirement {
     /// A scope the key must be granted.
     Scope(Scope),
     /// A role the key must carry.
     Role(Arc<str>),
+    /// The environment the key must be of.
+    Environment(Arc<str>),
     /// Every sub-requirement.
     All(Vec<Requirement>),
     /// At least one sub-requirement.
@@ -311,6 +319,16 @@ impl Requirement {
     /// assert!(Requirement::term("admin").is_err());
     /// ```
     pub fn term(term: &str) -> Result<Self, RequirementError> {
+        if term.starts_with("env(") {
+            let (name, end) = named_at(term, 0, Named::Env)?;
+            if end < term.len() {
+                return Err(RequirementError {
+                    at: end,
+                    kind: RequirementErrorKind::Unexpected(term[end..].to_owned()),
+                });
+            }
+            return Ok(Self::Environment(Arc::from(name)));
+        }
         if term.starts_with("role(") {
             let (name, end) = role_at(term, 0)?;
             if end < term.len() {
@@ -333,7 +351,21 @@ impl Requirement {
         Ok(Self::Role(Arc::from(name)))
     }
 
-    /// Parses an expression: scopes and `role(NAME)` terms joined by `AND` / `OR`
+    /// The key environment `name` (`live`, not `env(live)`): `[a-z][a-z0-9_-]{0,31}`.
+    ///
+    /// ```
+    /// use keygate::Requirement;
+    ///
+    /// let live = Requirement::environment("live").unwrap();
+    /// assert_eq!(live, Requirement::parse("env(live)").unwrap());
+    /// assert!(Requirement::environment("Live").is_err());
+    /// ```
+    pub fn environment(name: &str) -> Result<Self, RequirementError> {
+        validate_environment(name).map_err(|kind| RequirementError { at: 0, kind })?;
+        Ok(Self::Environment(Arc::from(name)))
+    }
+
+    /// Parses an expression: scopes, `role(NAME)` and `env(NAME)` terms joined by `AND` / `OR`
     /// (case-insensitive, `AND` binds tighter) with parentheses. Errors carry the byte
     /// offset of the mistake.
     pub fn parse(expr: &str) -> Result<Self, RequirementError> {
@@ -346,14 +378,65 @@ impl Requirement {
         Ok(req)
     }
 
-    /// Whether `scopes` and `roles` meet the requirement.
+    /// Whether `scopes` and `roles` meet the requirement, for a key of no known
+    /// environment (an `env(…)` term never holds); see
+    /// [`is_satisfied_in`](Self::is_satisfied_in).
     pub fn is_satisfied_by(&self, scopes: &ScopeSet, roles: &[Arc<str>]) -> bool {
-        match self {
+        self.holds(&|term| match term {
             Self::Scope(s) => scopes.grants(s),
             Self::Role(r) => roles.iter().any(|have| have == r),
-            Self::All(v) => v.iter().all(|r| r.is_satisfied_by(scopes, roles)),
-            Self::Any(v) => v.iter().any(|r| r.is_satisfied_by(scopes, roles)),
+            _ => false,
+        })
+    }
+
+    /// Whether a key with `scopes` and `roles` in `environment` meets the requirement.
+    ///
+    /// ```
+    /// use keygate::{Requirement, ScopeSet};
+    ///
+    /// let r = Requirement::parse("reports:read AND env(live)").unwrap();
+    /// let scopes = ScopeSet::parse(["reports:read"]).unwrap();
+    /// assert!(r.is_satisfied_in(&scopes, &[], "live"));
+    /// assert!(!r.is_satisfied_in(&scopes, &[], "test"));
+    /// ```
+    pub fn is_satisfied_in(&self, scopes: &ScopeSet, roles: &[Arc<str>], environment: &str) -> bool {
+        self.holds(&|term| match term {
+            Self::Scope(s) => scopes.grants(s),
+            Self::Role(r) => roles.iter().any(|have| have == r),
+            Self::Environment(e) => **e == *environment,
+            _ => false,
+        })
+    }
+
+    /// Whether some key of `environment` could meet the requirement, scopes and roles
+    /// aside: false when the environment alone rules it out (`wrong_environment`).
+    pub fn allows_environment(&self, environment: &str) -> bool {
+        self.holds(&|term| match term {
+            Self::Environment(e) => **e == *environment,
+            _ => true,
+        })
+    }
+
+    /// The requirement's value with each term decided by `term`.
+    fn holds(&self, term: &impl Fn(&Requirement) -> bool) -> bool {
+        match self {
+            Self::All(v) => v.iter().all(|r| r.holds(term)),
+            Self::Any(v) => v.iter().any(|r| r.holds(term)),
+            leaf => term(leaf),
         }
+    }
+
+    /// Every environment named anywhere in the requirement.
+    pub fn environments(&self) -> Vec<&str> {
+        let mut out = Vec::new();
+        self.walk(&mut |r| {
+            if let Self::Environment(e) = r {
+                if !out.contains(&&**e) {
+                    out.push(&**e);
+                }
+            }
+        });
+        out
     }
 
     /// Every scope named anywhere in the requirement, in order, without repeats: what a
@@ -394,6 +477,7 @@ impl Requirement {
         match self {
             Self::Scope(s) => f.write_str(s.as_str()),
             Self::Role(r) => write!(f, "role({r})"),
+            Self::Environment(e) => write!(f, "env({e})"),
             Self::All(v) | Self::Any(v) => {
                 let op = if matches!(self, Self::All(_)) { " AND " } else { " OR " };
                 if v.is_empty() {
@@ -469,6 +553,12 @@ pub enum RequirementErrorKind {
     /// A role not written exactly `role(NAME)`.
     #[error("write a role as `role(NAME)`: lower-case `role`, then `(`, the name and `)` with no spaces")]
     RoleSyntax,
+    /// An environment not written exactly `env(NAME)`.
+    #[error("write an environment as `env(NAME)`: lower-case `env`, then `(`, the name and `)` with no spaces")]
+    EnvSyntax,
+    /// An environment name that is not `[a-z][a-z0-9_-]{0,31}`.
+    #[error("`{0}` is not an environment name ([a-z][a-z0-9_-]{{0,31}}, e.g. `live`)")]
+    BadEnvironment(String),
     /// A token appeared where it cannot.
     #[error("unexpected `{0}`")]
     Unexpected(String),
@@ -496,6 +586,8 @@ enum Tok<'a> {
     Term(&'a str),
     /// A role's name, already validated.
     Role(&'a str),
+    /// An environment's name, already validated.
+    Env(&'a str),
 }
 
 #[derive(Debug)]
@@ -513,6 +605,7 @@ impl Token<'_> {
             Tok::Close => ")".into(),
             Tok::Term(t) => t.into(),
             Tok::Role(r) => format!("role({r})"),
+            Tok::Env(e) => format!("env({e})"),
         }
     }
 }
@@ -544,6 +637,17 @@ fn tokenize(expr: &str) -> Result<Vec<Token<'_>>, RequirementError> {
                     }
                 }
                 let word = &expr[start..i];
+                if word.eq_ignore_ascii_case("env") {
+                    if word == "env" && bytes.get(i) == Some(&b'(') {
+                        let (name, end) = named_at(expr, start, Named::Env)?;
+                        out.push(Token { tok: Tok::Env(name), at: start });
+                        i = end;
+                        continue;
+                    }
+                    if expr[i..].trim_start_matches([' ', '\t', '\n', '\r']).starts_with('(') {
+                        return Err(RequirementError { at: start, kind: RequirementErrorKind::EnvSyntax });
+                    }
+                }
                 if word.eq_ignore_ascii_case("role") {
                     if word == "role" && bytes.get(i) == Some(&b'(') {
                         let (name, end) = role_at(expr, start)?;
@@ -578,21 +682,53 @@ fn tokenize(expr: &str) -> Result<Vec<Token<'_>>, RequirementError> {
     Ok(out)
 }
 
-/// Reads `role(NAME)` starting at `start` (where `role(` is): the name and the offset
-/// just past `)`. The name runs to the first `)`, `(` or space, so that a missing `)`
-/// is reported here rather than swallowing the rest of the expression.
+/// The two `keyword(NAME)` terms.
+#[derive(Clone, Copy)]
+enum Named {
+    Role,
+    Env,
+}
+
 fn role_at(expr: &str, start: usize) -> Result<(&str, usize), RequirementError> {
-    let name_at = start + "role(".len();
+    named_at(expr, start, Named::Role)
+}
+
+/// `[a-z][a-z0-9_-]{0,31}`, as the key service checks a key's environment.
+fn validate_environment(name: &str) -> Result<(), RequirementErrorKind> {
+    let mut bytes = name.bytes();
+    let first_ok = bytes.next().is_some_and(|b| b.is_ascii_lowercase());
+    let rest_ok = bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if first_ok && rest_ok && name.len() <= 32 {
+        Ok(())
+    } else {
+        Err(RequirementErrorKind::BadEnvironment(truncate(name)))
+    }
+}
+
+/// Reads `role(NAME)` or `env(NAME)` starting at `start` (where the keyword is): the
+/// name and the offset just past `)`. The name runs to the first `)`, `(` or space, so
+/// that a missing `)` is reported here rather than swallowing the rest of the expression.
+fn named_at(expr: &str, start: usize, named: Named) -> Result<(&str, usize), RequirementError> {
+    let (keyword, syntax) = match named {
+        Named::Role => ("role(", RequirementErrorKind::RoleSyntax),
+        Named::Env => ("env(", RequirementErrorKind::EnvSyntax),
+    };
+    let name_at = start + keyword.len();
     let rest = &expr[name_at..];
     let len = rest.find(|c: char| matches!(c, ')' | '(') || c.is_ascii_whitespace()).unwrap_or(rest.len());
     if !rest[len..].starts_with(')') {
-        return Err(RequirementError { at: start, kind: RequirementErrorKind::RoleSyntax });
+        return Err(RequirementError { at: start, kind: syntax });
     }
     let name = &rest[..len];
-    if name.is_empty() {
-        return Err(RequirementError { at: name_at, kind: RequirementErrorKind::EmptyRole });
+    match named {
+        Named::Role if name.is_empty() => {
+            return Err(RequirementError { at: name_at, kind: RequirementErrorKind::EmptyRole });
+        }
+        Named::Role => {
+            validate_role(name).map_err(|e| RequirementError { at: name_at, kind: RequirementErrorKind::Term(e) })?
+        }
+        Named::Env => validate_environment(name).map_err(|kind| RequirementError { at: name_at, kind })?,
     }
-    validate_role(name).map_err(|e| RequirementError { at: name_at, kind: RequirementErrorKind::Term(e) })?;
     Ok((name, name_at + len + 1))
 }
 
@@ -674,6 +810,7 @@ impl Parser<'_, '_> {
         match t.tok {
             Tok::Term(word) => word_term(word, t.at),
             Tok::Role(name) => Ok(Requirement::Role(Arc::from(name))),
+            Tok::Env(name) => Ok(Requirement::Environment(Arc::from(name))),
             Tok::Open => {
                 if depth >= 32 {
                     return Err(RequirementError { at: t.at, kind: RequirementErrorKind::TooDeep });
