@@ -87,6 +87,9 @@ pub enum AuthError {
         /// The environments the requirement names (for `required_environments`).
         required: Vec<String>,
     },
+    /// The request comes from outside the key's (or its owner's) allowed networks.
+    #[error("the API key may not be used from this address")]
+    IpNotAllowed,
     /// The key service could not answer.
     #[error("the key service is unavailable")]
     Unavailable {
@@ -109,7 +112,8 @@ pub enum AuthError {
 impl AuthError {
     /// A stable snake_case name for the case, for a service's own error bodies, logs
     /// and metrics: `missing_key`, `invalid_key`, `expired_key`,
-    /// `conflicting_credentials`, `insufficient_scope`, `wrong_environment`, `key_service_unavailable`,
+    /// `conflicting_credentials`, `insufficient_scope`, `wrong_environment`, `ip_not_allowed`,
+    /// `key_service_unavailable`,
     /// `rate_limited`, `misconfigured`. A code never changes meaning; new cases get
     /// new codes.
     ///
@@ -127,6 +131,7 @@ impl AuthError {
             Self::Expired => "expired_key",
             Self::InsufficientScope { .. } => "insufficient_scope",
             Self::WrongEnvironment { .. } => "wrong_environment",
+            Self::IpNotAllowed => "ip_not_allowed",
             Self::Unavailable { .. } => "key_service_unavailable",
             Self::RateLimited { .. } => "rate_limited",
             Self::Misconfigured(_) => "misconfigured",
@@ -138,7 +143,9 @@ impl AuthError {
         match self {
             Self::MissingCredentials | Self::InvalidKey(_) | Self::Expired => StatusCode::UNAUTHORIZED,
             Self::ConflictingCredentials(_) => StatusCode::BAD_REQUEST,
-            Self::InsufficientScope { .. } | Self::WrongEnvironment { .. } => StatusCode::FORBIDDEN,
+            Self::InsufficientScope { .. } | Self::WrongEnvironment { .. } | Self::IpNotAllowed => {
+                StatusCode::FORBIDDEN
+            }
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -166,6 +173,7 @@ impl AuthError {
             Self::Expired => Outcome::Expired,
             Self::InsufficientScope { .. } => Outcome::InsufficientScope,
             Self::WrongEnvironment { .. } => Outcome::WrongEnvironment,
+            Self::IpNotAllowed => Outcome::IpNotAllowed,
             Self::Unavailable { .. } => Outcome::Unavailable,
             Self::RateLimited { .. } => Outcome::RateLimited,
             Self::Misconfigured(_) => Outcome::Unavailable,
@@ -184,6 +192,7 @@ impl AuthError {
             Self::WrongEnvironment { required } => {
                 format!("API keys of this environment cannot be used here; use a key of: {}", required.join(", "))
             }
+            Self::IpNotAllowed => "the API key may not be used from this address".into(),
             Self::Unavailable { .. } => "the key service is unavailable; retry later".into(),
             Self::RateLimited { .. } => "the API key's rate limit is exhausted; retry later".into(),
             Self::Misconfigured(_) => "authentication is misconfigured on this server".into(),
@@ -207,6 +216,7 @@ impl AuthError {
             Self::Expired => "Expired API key",
             Self::InsufficientScope { .. } => "Insufficient scope",
             Self::WrongEnvironment { .. } => "Wrong key environment",
+            Self::IpNotAllowed => "Address not allowed",
             Self::Unavailable { .. } => "Key service unavailable",
             Self::RateLimited { .. } => "Rate limit exceeded",
             Self::Misconfigured(_) => "Authentication misconfigured",
@@ -237,7 +247,7 @@ impl AuthError {
                 format!("{base}, error=\"insufficient_scope\", scope=\"{}\"", quote(&scopes.join(" ")))
             }
             // RFC 6750 has no code for it: the closest, a key without the right to this.
-            Self::WrongEnvironment { .. } => format!("{base}, error=\"insufficient_scope\""),
+            Self::WrongEnvironment { .. } | Self::IpNotAllowed => format!("{base}, error=\"insufficient_scope\""),
             _ => return None,
         })
     }

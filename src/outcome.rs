@@ -33,6 +33,8 @@ pub enum Outcome {
     InsufficientScope,
     /// Valid key of an environment the route does not take.
     WrongEnvironment,
+    /// Valid key used from outside its (or its owner's) allowed networks.
+    IpNotAllowed,
     /// The key service could not answer and nothing stale was usable.
     Unavailable,
     /// The key's own rate limit was exceeded.
@@ -60,6 +62,7 @@ impl Outcome {
             Self::Disabled => "disabled",
             Self::InsufficientScope => "insufficient_scope",
             Self::WrongEnvironment => "wrong_environment",
+            Self::IpNotAllowed => "ip_not_allowed",
             Self::Unavailable => "unavailable",
             Self::RateLimited => "rate_limited",
         }

@@ -7,6 +7,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
+use ipnet::IpNet;
+
 use crate::scope::{Requirement, ScopeSet};
 
 /// A per-key rate limit, as the key service reports it.
@@ -54,6 +56,12 @@ struct Inner {
     expires_at: Option<OffsetDateTime>,
     meta: serde_json::Value,
     ratelimit: Option<RateLimit>,
+    /// The networks the key may be used from (empty: any).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    networks: Arc<[IpNet]>,
+    /// The networks the owner's keys may be used from (empty: any).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    owner_networks: Arc<[IpNet]>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     fail_open: bool,
 }
@@ -72,6 +80,8 @@ impl Principal {
                 expires_at: None,
                 meta: serde_json::Value::Null,
                 ratelimit: None,
+                networks: Arc::from([]),
+                owner_networks: Arc::from([]),
                 fail_open: false,
             },
         }
@@ -170,6 +180,31 @@ impl Principal {
     /// The key's own rate limit, if it carries one.
     pub fn ratelimit(&self) -> Option<RateLimit> {
         self.inner.ratelimit
+    }
+
+    /// The networks the key may be used from; empty: any.
+    pub fn allowed_networks(&self) -> &[IpNet] {
+        &self.inner.networks
+    }
+
+    /// The networks the owner's keys may be used from; empty: any.
+    pub fn owner_allowed_networks(&self) -> &[IpNet] {
+        &self.inner.owner_networks
+    }
+
+    /// Whether a request from `client` may use the key: inside the key's networks and
+    /// the owner's, where either has a list. An unknown address (`None`) passes only
+    /// when neither has one.
+    pub fn allows_client(&self, client: Option<std::net::IpAddr>) -> bool {
+        let inside = |networks: &[IpNet]| {
+            networks.is_empty() || client.is_some_and(|ip| networks.iter().any(|n| n.contains(&ip)))
+        };
+        inside(&self.inner.networks) && inside(&self.inner.owner_networks)
+    }
+
+    /// Whether the key or its owner restricts the networks it may be used from.
+    pub(crate) fn has_network_rules(&self) -> bool {
+        !self.inner.networks.is_empty() || !self.inner.owner_networks.is_empty()
     }
 
     /// True for the anonymous principal of a fail-open verifier.
@@ -286,6 +321,22 @@ impl PrincipalBuilder {
         self.inner.ratelimit = rl;
         self
     }
+    /// The networks the key may be used from (default: any). A request from outside
+    /// them gets 403 `ip_not_allowed`; see
+    /// [`ApiKeyLayer::trusted_proxies`](crate::ApiKeyLayer::trusted_proxies) for which
+    /// address is checked.
+    pub fn allowed_networks(mut self, networks: impl IntoIterator<Item = IpNet>) -> Self {
+        self.inner.networks = networks.into_iter().collect();
+        self
+    }
+
+    /// The networks every key of the owner may be used from (default: any); checked
+    /// besides the key's own.
+    pub fn owner_allowed_networks(mut self, networks: impl IntoIterator<Item = IpNet>) -> Self {
+        self.inner.owner_networks = networks.into_iter().collect();
+        self
+    }
+
     /// Finishes the principal.
     pub fn build(self) -> Principal {
         Principal { inner: Arc::new(self.inner) }

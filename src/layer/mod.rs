@@ -15,22 +15,16 @@ use crate::ratelimit::{DEFAULT_MAX_TRACKED_KEYS, RateLimiter};
 use crate::usage::UsageSink;
 use crate::verify::Verifier;
 
+mod client_ip;
 mod record;
 mod service;
+
+use client_ip::ClientIp;
 
 pub use service::{ApiKeyService, ResponseFuture};
 
 /// `Retry-After` for 503 answers unless [`ApiKeyLayer::retry_after`] says otherwise.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
-
-/// Where a usage event's client IP comes from.
-#[derive(Debug, Clone, Default)]
-enum ClientIp {
-    #[default]
-    None,
-    Peer,
-    Header(HeaderName),
-}
 
 #[derive(Clone)]
 struct Config {
@@ -354,6 +348,32 @@ impl<V: Verifier> ApiKeyLayer<V> {
     pub fn client_ip_from_header(mut self, name: &str) -> Self {
         let name = HeaderName::from_bytes(name.as_bytes()).expect("client_ip_from_header: invalid header name");
         self.config_mut().client_ip = ClientIp::Header(name);
+        self
+    }
+
+    /// Believe forwarded addresses from peers in these networks (IPv4 and IPv6 CIDRs,
+    /// `10.0.0.0/8`, `2001:db8::/32`, or single addresses): the request's client is the
+    /// peer address, or, when the peer is one of these proxies, the rightmost address in
+    /// `Forwarded` (or, without it, `X-Forwarded-For`) that is not; never the leftmost
+    /// entry on its own word, which the client may have written itself. Network
+    /// allowlists, the miss budget and usage events use that address. Default: no
+    /// proxy is trusted, the peer address counts and forwarding headers are ignored.
+    /// Panics on a network that does not parse.
+    pub fn trusted_proxies<I, S>(mut self, networks: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let networks: Arc<[ipnet::IpNet]> = networks
+            .into_iter()
+            .map(|n| {
+                let n = n.as_ref();
+                n.parse::<ipnet::IpNet>()
+                    .or_else(|_| n.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .unwrap_or_else(|_| panic!("trusted_proxies: `{n}` is not a network (203.0.113.0/24) or address"))
+            })
+            .collect();
+        self.config_mut().client_ip = ClientIp::TrustedProxies(networks);
         self
     }
 

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use http::{HeaderName, HeaderValue, Method, Request};
 
-use super::ClientIp;
+use super::client_ip::ClientIp;
 use crate::outcome::Outcome;
 use crate::principal::Principal;
 use crate::usage::{DecidedRequest, UsageSink};
@@ -72,42 +72,6 @@ impl Record {
         }
         sink.record(&request);
     }
-}
-
-impl ClientIp {
-    /// The client address as configured: what usage events record.
-    pub(super) fn of<B>(&self, req: &Request<B>) -> Option<IpAddr> {
-        match self {
-            ClientIp::None => None,
-            ClientIp::Peer => peer_ip(req),
-            ClientIp::Header(name) => req
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.rsplit(',').next())
-                .and_then(|v| v.trim().parse().ok()),
-        }
-    }
-
-    /// The client a cache miss is charged to: as configured, else the peer address when
-    /// the server provides one. It stays in memory, so unlike usage events it needs no
-    /// opt-in.
-    pub(super) fn for_budget<B>(&self, req: &Request<B>) -> Option<IpAddr> {
-        match self {
-            ClientIp::None => peer_ip(req),
-            configured => configured.of(req),
-        }
-    }
-}
-
-#[cfg(feature = "axum")]
-fn peer_ip<B>(req: &Request<B>) -> Option<IpAddr> {
-    req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip())
-}
-
-#[cfg(not(feature = "axum"))]
-fn peer_ip<B>(_: &Request<B>) -> Option<IpAddr> {
-    None
 }
 
 /// Where a usage event's route comes from, kept cheaply until the event is built.

@@ -105,7 +105,7 @@ where
                     // box, so the common future stays small.
                     let shared = self.shared.clone();
                     let inner = take_ready(&mut self.inner);
-                    let client = config.client_ip.for_budget(&req);
+                    let client = config.client_ip.trusted(&req);
                     State::Verify {
                         fut: Box::pin(async move {
                             let result = shared.verifier.verify_from(&key, client).await;
@@ -178,6 +178,11 @@ impl Config {
                 return Err(State::rejected(AuthError::Unavailable { retry_after: self.retry_after }, false));
             }
         };
+        // Before the route's policy: the answer is the same whatever the key may do here.
+        if principal.has_network_rules() && !principal.allows_client(self.client_ip.trusted(req)) {
+            tracing::debug!(key_id = principal.key_id(), "keygate: request from outside the key's networks");
+            return Err(State::rejected(AuthError::IpNotAllowed, false));
+        }
         let limit = match &self.rate_limiter {
             Some(limiter) => limiter.admit(&principal).map_err(|refused| {
                 let err = AuthError::RateLimited { retry_after: refused.reset, limit: Some(refused.limit) };
