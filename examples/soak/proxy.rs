@@ -50,7 +50,7 @@ struct Conn {
 
 impl Proxy {
     /// Listens on an ephemeral port of 127.0.0.1 in front of `upstream`.
-    /// `swallow_events`: see [`Args::sabotage_events`](crate::Args).
+    /// `swallow_events`: the driver's `--sabotage-events` (checks the checker).
     pub async fn start(upstream: SocketAddr, stream: Arc<Stream>, swallow_events: bool) -> io::Result<Self> {
         let proxy = Self {
             inner: Arc::new(Inner {
