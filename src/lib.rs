@@ -110,8 +110,8 @@
 //! it in this list:
 //!
 //! 1. `outcome`: [`Outcome`], what happened to a request; uses nothing.
-//! 2. `body`, `key`, `scope`, `principal`: rejection bodies, the key and its format
-//!    check, scopes and requirements, the verified identity.
+//! 2. `body`, `key`, `scope`, `quota`, `principal`: rejection bodies, the key and its
+//!    format check, scopes and requirements, limits and credits, the verified identity.
 //! 3. `verify`: [`Verifier`] and its implementations, the cache, the remote client;
 //!    `ratelimit`: per-key limits.
 //! 4. `error`: [`AuthError`], every rejection, rendered for HTTP or gRPC, or by the
@@ -143,6 +143,7 @@ mod key;
 mod layer;
 mod outcome;
 mod principal;
+pub mod quota;
 mod ratelimit;
 mod scope;
 mod usage;
