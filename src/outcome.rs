@@ -33,8 +33,10 @@ pub enum Outcome {
     InsufficientScope,
     /// The key service could not answer and nothing stale was usable.
     Unavailable,
-    /// The key's own rate limit was exceeded.
+    /// A rate limit of the key (or of its owner) was exceeded.
     RateLimited,
+    /// The key's (or its owner's) credits were spent.
+    UsageExceeded,
 }
 
 impl Outcome {
@@ -59,6 +61,7 @@ impl Outcome {
             Self::InsufficientScope => "insufficient_scope",
             Self::Unavailable => "unavailable",
             Self::RateLimited => "rate_limited",
+            Self::UsageExceeded => "usage_exceeded",
         }
     }
 }
