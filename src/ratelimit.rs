@@ -100,7 +100,8 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
     }
 
     /// Counts one request for `key_id`, or refuses it when over the limit (burst
-    /// `limit`).
+    /// `limit`). (The cache's miss budget is its one user.)
+    #[cfg_attr(not(feature = "cache"), allow(dead_code))]
     pub(crate) fn check(&self, key_id: &K, limit: RateLimit) -> Result<Option<LimitState>, LimitState> {
         self.spend(key_id, &Limit::new(REQUESTS, limit.limit, limit.period_s), 1, false)
     }
