@@ -242,3 +242,38 @@ async fn the_cli_sets_limits_credits_and_owner_settings() {
     let out = cmd.output().await.unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[tokio::test]
+async fn aggregates_keep_both_refusals_apart() {
+    use keygate::Outcome;
+    use keygate::client::{UsageGroupBy, UsageQuery};
+    use server_support::{Req, aggregate, aggregate_batch, this_minute};
+
+    let t = TestServer::start().await;
+    let k = t.admin.create_key(new_key("acme", &["a:b"])).await.unwrap();
+    let req = |outcome, status| Req {
+        minute: this_minute(),
+        key_id: Some(k.key_id.clone()),
+        route: "/export",
+        method: "POST",
+        outcome,
+        status,
+        latency_us: 100,
+    };
+    let reqs = [
+        req(Outcome::Allowed, 200),
+        req(Outcome::RateLimited, 429),
+        req(Outcome::UsageExceeded, 429),
+        req(Outcome::UsageExceeded, 429),
+    ];
+    let (status, _) = t.post_usage(&aggregate_batch(aggregate(&reqs))).await;
+    assert_eq!(status, 202);
+    let report = t.admin.usage_report(&UsageQuery::key(&k.key_id).group_by(UsageGroupBy::Route)).await.unwrap();
+    let mut by_outcome: Vec<(String, u64)> =
+        report.buckets.iter().map(|b| (b.outcome.clone().unwrap(), b.requests)).collect();
+    by_outcome.sort();
+    assert_eq!(
+        by_outcome,
+        [("allowed".to_owned(), 1), ("rate_limited".to_owned(), 1), ("usage_exceeded".to_owned(), 2)]
+    );
+}
