@@ -12,7 +12,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::RejectionBody;
+use crate::charge::{self, LimitFields};
 use crate::context::{InnerReport, LayerContext};
+use crate::cost::Cost;
 use crate::error::{AuthError, Rejections, is_grpc};
 use crate::principal::Principal;
 use crate::scope::{Requirement, RequirementError};
@@ -66,6 +68,11 @@ struct Policy {
     rule: Rule,
     /// `None`: the ApiKeyLayer's realm.
     realm: Option<Arc<str>>,
+    /// The route's cost, or the methods' without one of their own (`None`: the
+    /// layer's).
+    cost: Option<Cost>,
+    /// gRPC methods' own costs.
+    method_costs: HashMap<String, Cost>,
 }
 
 #[derive(Debug)]
@@ -220,6 +227,48 @@ impl RequireScopes {
         Self { policy: Arc::new(policy) }
     }
 
+    /// What a request of this route costs, or of every method without a
+    /// [`method_cost`](Self::method_cost) (default: the layer's, [`Cost::new`] unless
+    /// set there). It replaces what the layer in front charged; see [`Cost`].
+    ///
+    /// ```
+    /// use keygate::{Cost, RequireScopes};
+    ///
+    /// let export = RequireScopes::all(["reports:read"]).cost(Cost::new().credits(10));
+    /// ```
+    pub fn cost(self, cost: Cost) -> Self {
+        let mut policy = self.into_policy();
+        policy.cost = Some(cost);
+        Self { policy: Arc::new(policy) }
+    }
+
+    /// What a call of the gRPC method `path` costs. Panics when called on a route
+    /// requirement rather than [`methods`](Self::methods).
+    ///
+    /// ```
+    /// use keygate::{Cost, RequireScopes};
+    ///
+    /// let policy = RequireScopes::methods()
+    ///     .method("/reports.Reports/Get", "reports:read")
+    ///     .method("/reports.Reports/Export", "reports:read")
+    ///     .method_cost("/reports.Reports/Export", Cost::free().limit("exports", 1).credits(50));
+    /// ```
+    pub fn method_cost(self, path: &str, cost: Cost) -> Self {
+        assert!(path.starts_with('/'), "RequireScopes::method_cost: gRPC paths look like /package.Service/Method");
+        let mut policy = self.into_policy();
+        assert!(
+            matches!(policy.rule, Rule::Methods { .. }),
+            "RequireScopes::method_cost: start from RequireScopes::methods()"
+        );
+        policy.method_costs.insert(path.to_owned(), cost);
+        Self { policy: Arc::new(policy) }
+    }
+
+    /// The cost this policy states for a request of `path`, if it states one.
+    pub(crate) fn cost_for(&self, path: &str) -> Option<&Cost> {
+        self.policy.method_costs.get(path).or(self.policy.cost.as_ref())
+    }
+
     fn set_unlisted(self, u: Unlisted) -> Self {
         self.edit(|rule| match rule {
             Rule::Methods { unlisted, .. } => *unlisted = u,
@@ -228,7 +277,7 @@ impl RequireScopes {
     }
 
     fn from_rule(rule: Rule) -> Self {
-        Self { policy: Arc::new(Policy { rule, realm: None }) }
+        Self { policy: Arc::new(Policy { rule, realm: None, cost: None, method_costs: HashMap::new() }) }
     }
 
     fn into_policy(self) -> Policy {
@@ -238,6 +287,8 @@ impl RequireScopes {
                 Rule::Methods { map, unlisted } => Rule::Methods { map: map.clone(), unlisted: unlisted.clone() },
             },
             realm: arc.realm.clone(),
+            cost: arc.cost.clone(),
+            method_costs: arc.method_costs.clone(),
         })
     }
 
@@ -327,29 +378,45 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
         let Some(ctx) = req.extensions().get::<LayerContext>() else {
             let err = AuthError::Misconfigured("RequireScopes needs an ApiKeyLayer in front of it");
             RequireScopes::log_rejection(&err);
             // No layer, so neither its realm nor its hook: keygate's own answer.
             let res = Rejections::default().render(&err, is_grpc(&req), self.policy.realm_override());
-            return RequireScopesFuture { kind: Kind::Rejected { res: Some(res) }, report: None };
+            return RequireScopesFuture { kind: Kind::Rejected { res: Some(res) }, report: None, fields: None };
         };
         let mut report = ctx.wants_outcome.then(InnerReport::default);
         #[cfg(feature = "axum")]
         if let Some(report) = report.as_mut().filter(|_| ctx.wants_route) {
             report.route = req.extensions().get::<axum::extract::MatchedPath>().cloned();
         }
+        let fields_on = ctx.rejections.ratelimit_fields;
         let principal = if ctx.anonymous { None } else { req.extensions().get::<Principal>() };
-        match self.policy.check(req.uri().path(), principal) {
-            Ok(()) => RequireScopesFuture { kind: Kind::Inner { fut: self.inner.call(req) }, report },
+        let checked = self.policy.check(req.uri().path(), principal);
+        // Met: the route's cost replaces the layer's. Not met: the request does not run,
+        // and costs nothing.
+        let charged = match (checked, self.policy.cost_for(req.uri().path())) {
+            (Ok(()), Some(cost)) => charge::recharge(&mut req, cost),
+            (Ok(()), None) => Ok(None),
+            (Err(err), _) => {
+                charge::refund(&mut req);
+                Err(err)
+            }
+        };
+        match charged {
+            Ok(state) => {
+                let fields = state.filter(|_| fields_on).map(LimitFields);
+                RequireScopesFuture { kind: Kind::Inner { fut: self.inner.call(req) }, report, fields }
+            }
             Err(err) => {
                 RequireScopes::log_rejection(&err);
                 if let Some(report) = report.as_mut() {
                     report.denied = Some(err.outcome());
                 }
+                let ctx = req.extensions().get::<LayerContext>().expect("found above");
                 let res = ctx.rejections.render(&err, is_grpc(&req), self.policy.realm_override());
-                RequireScopesFuture { kind: Kind::Rejected { res: Some(res) }, report }
+                RequireScopesFuture { kind: Kind::Rejected { res: Some(res) }, report, fields: None }
             }
         }
     }
@@ -361,6 +428,7 @@ pin_project! {
         #[pin]
         kind: Kind<F, ResB>,
         report: Option<InnerReport>,
+        fields: Option<LimitFields>,
     }
 }
 
@@ -384,6 +452,9 @@ where
             KindProj::Inner { fut } => ready!(fut.poll(cx))?,
             KindProj::Rejected { res } => res.take().expect("RequireScopesFuture polled after completion"),
         };
+        if let Some(fields) = this.fields.take() {
+            fields.0.write_fields(res.headers_mut());
+        }
         if let Some(mut report) = this.report.take() {
             // A denial made further in (a nested policy, the principal extractor) is
             // the one that decided the request.

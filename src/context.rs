@@ -43,3 +43,19 @@ pub(crate) struct InnerReport {
     #[cfg(feature = "axum")]
     pub(crate) route: Option<axum::extract::MatchedPath>,
 }
+
+impl InnerReport {
+    /// The report of an inner layer for `req`: the route the router matched, when the
+    /// outer layer asked for it.
+    pub(crate) fn for_request<B>(req: &http::Request<B>, ctx: &LayerContext) -> Self {
+        #[cfg_attr(not(feature = "axum"), allow(unused_mut))]
+        let mut report = Self::default();
+        #[cfg(feature = "axum")]
+        if ctx.wants_route {
+            report.route = req.extensions().get::<axum::extract::MatchedPath>().cloned();
+        }
+        #[cfg(not(feature = "axum"))]
+        let _ = (req, ctx);
+        report
+    }
+}

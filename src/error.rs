@@ -44,6 +44,7 @@ pub enum InvalidKey {
 /// | missing scope or role | `insufficient_scope` | 403 | `…, error="insufficient_scope", scope="…"` (no `scope` when only roles would do) | 7 PERMISSION_DENIED |
 /// | key service unavailable | `key_service_unavailable` | 503 + `Retry-After` | none | 14 UNAVAILABLE |
 /// | rate limited | `rate_limited` | 429 + `Retry-After` + `RateLimit` fields | none | 8 RESOURCE_EXHAUSTED |
+/// | credits spent | `usage_exceeded` | 429 (+ `Retry-After` until the next refill, when there is one) | none | 8 RESOURCE_EXHAUSTED |
 /// | keygate set up wrongly | `misconfigured` | 500 | none | 13 INTERNAL |
 ///
 /// HTTP bodies are `application/problem+json` (RFC 9457) with the code as a `code`
@@ -96,13 +97,21 @@ pub enum AuthError {
         /// Suggested wait.
         retry_after: Duration,
     },
-    /// The key's rate limit is exhausted.
+    /// A rate limit of the key (or of its owner) is exhausted.
     #[error("rate limit exceeded")]
     RateLimited {
         /// When the limit lets the next request through.
         retry_after: Duration,
         /// The limit that was exceeded, for the `RateLimit` fields (`None`: not told).
         limit: Option<RateLimit>,
+        /// Its name in the `RateLimit` fields (`None`: `requests`).
+        name: Option<Arc<str>>,
+    },
+    /// The key's (or its owner's) credits are spent.
+    #[error("usage exceeded: no credits left")]
+    UsageExceeded {
+        /// Until the next refill, if the credits have one.
+        retry_after: Option<Duration>,
     },
     /// keygate is configured wrongly (for example `RequireScopes` without `ApiKeyLayer`).
     #[error("server misconfiguration: {0}")]
@@ -113,8 +122,8 @@ impl AuthError {
     /// A stable snake_case name for the case, for a service's own error bodies, logs
     /// and metrics: `missing_key`, `invalid_key`, `expired_key`,
     /// `conflicting_credentials`, `insufficient_scope`, `wrong_environment`, `ip_not_allowed`,
-    /// `key_service_unavailable`,
-    /// `rate_limited`, `misconfigured`. A code never changes meaning; new cases get
+    /// `key_service_unavailable`, `rate_limited`, `usage_exceeded`, `misconfigured`. A code
+    /// never changes meaning; new cases get
     /// new codes.
     ///
     /// ```
@@ -134,6 +143,7 @@ impl AuthError {
             Self::IpNotAllowed => "ip_not_allowed",
             Self::Unavailable { .. } => "key_service_unavailable",
             Self::RateLimited { .. } => "rate_limited",
+            Self::UsageExceeded { .. } => "usage_exceeded",
             Self::Misconfigured(_) => "misconfigured",
         }
     }
@@ -147,7 +157,7 @@ impl AuthError {
                 StatusCode::FORBIDDEN
             }
             Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::RateLimited { .. } | Self::UsageExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -176,6 +186,7 @@ impl AuthError {
             Self::IpNotAllowed => Outcome::IpNotAllowed,
             Self::Unavailable { .. } => Outcome::Unavailable,
             Self::RateLimited { .. } => Outcome::RateLimited,
+            Self::UsageExceeded { .. } => Outcome::UsageExceeded,
             Self::Misconfigured(_) => Outcome::Unavailable,
         }
     }
@@ -195,6 +206,7 @@ impl AuthError {
             Self::IpNotAllowed => "the API key may not be used from this address".into(),
             Self::Unavailable { .. } => "the key service is unavailable; retry later".into(),
             Self::RateLimited { .. } => "the API key's rate limit is exhausted; retry later".into(),
+            Self::UsageExceeded { .. } => "the API key's credits are spent".into(),
             Self::Misconfigured(_) => "authentication is misconfigured on this server".into(),
         }
     }
@@ -219,6 +231,7 @@ impl AuthError {
             Self::IpNotAllowed => "Address not allowed",
             Self::Unavailable { .. } => "Key service unavailable",
             Self::RateLimited { .. } => "Rate limit exceeded",
+            Self::UsageExceeded { .. } => "Usage exceeded",
             Self::Misconfigured(_) => "Authentication misconfigured",
         }
     }
@@ -316,8 +329,8 @@ impl AuthError {
     /// A refused key's standing against the limit it exceeded.
     fn limit_state(&self) -> Option<LimitState> {
         match self {
-            Self::RateLimited { retry_after, limit: Some(limit) } => {
-                Some(LimitState { limit: *limit, remaining: 0, reset: *retry_after })
+            Self::RateLimited { retry_after, limit: Some(limit), name } => {
+                Some(LimitState { name: name.clone(), limit: *limit, remaining: 0, reset: *retry_after })
             }
             _ => None,
         }
@@ -357,6 +370,7 @@ impl AuthError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Unavailable { retry_after } | Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            Self::UsageExceeded { retry_after } => *retry_after,
             _ => None,
         }
     }
@@ -552,7 +566,8 @@ mod tests {
                 "insufficient_scope",
             ),
             (AuthError::Unavailable { retry_after: Duration::from_secs(1) }, "key_service_unavailable"),
-            (AuthError::RateLimited { retry_after: Duration::from_secs(1), limit: None }, "rate_limited"),
+            (AuthError::RateLimited { retry_after: Duration::from_secs(1), limit: None, name: None }, "rate_limited"),
+            (AuthError::UsageExceeded { retry_after: None }, "usage_exceeded"),
             (AuthError::Misconfigured("x"), "misconfigured"),
         ];
         for (err, code) in &cases {

@@ -110,14 +110,16 @@
 //! it in this list:
 //!
 //! 1. `outcome`: [`Outcome`], what happened to a request; uses nothing.
-//! 2. `body`, `key`, `scope`, `principal`: rejection bodies, the key and its format
-//!    check, scopes and requirements, the verified identity.
+//! 2. `body`, `key`, `scope`, `quota`, `principal`: rejection bodies, the key and its
+//!    format check, scopes and requirements, limits and credits, the verified identity.
 //! 3. `verify`: [`Verifier`] and its implementations, the cache, the remote client;
-//!    `ratelimit`: per-key limits.
+//!    `cost`: what a route draws ([`Cost`]); `ratelimit`: GCRA; `meter`: the limit
+//!    engine that charges costs against a principal's limits and credits.
 //! 4. `error`: [`AuthError`], every rejection, rendered for HTTP or gRPC, or by the
 //!    service's own hook.
 //! 5. `context`: what keygate's layers tell each other about a request (how to answer,
-//!    anonymous, route template).
+//!    anonymous, route template); `charge`: what the request was charged, and the
+//!    [`Cost`] route layer that changes it.
 //! 6. `extract`: finding the key in a request.
 //! 7. `authorize`: [`RequireScopes`]; `handler`: the [`Principal`] extractor.
 //! 8. `usage`: decided requests, the aggregator and the raw-event pipeline.
@@ -134,15 +136,19 @@
 
 mod authorize;
 mod body;
+mod charge;
 mod context;
+mod cost;
 mod error;
 mod extract;
 #[cfg(feature = "axum")]
 mod handler;
 mod key;
 mod layer;
+mod meter;
 mod outcome;
 mod principal;
+pub mod quota;
 mod ratelimit;
 mod scope;
 mod usage;
@@ -168,6 +174,8 @@ pub mod server;
 
 pub use authorize::{RequireScopes, RequireScopesFuture, RequireScopesService};
 pub use body::{KeygateBody, RejectionBody};
+pub use charge::{CostFuture, CostService};
+pub use cost::Cost;
 pub use error::{AuthError, DEFAULT_REALM, InvalidKey};
 pub use extract::{AuthScheme, DEFAULT_MAX_KEY_LEN, KeySource};
 #[cfg(feature = "axum")]

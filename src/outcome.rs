@@ -37,8 +37,10 @@ pub enum Outcome {
     IpNotAllowed,
     /// The key service could not answer and nothing stale was usable.
     Unavailable,
-    /// The key's own rate limit was exceeded.
+    /// A rate limit of the key (or of its owner) was exceeded.
     RateLimited,
+    /// The key's (or its owner's) credits were spent.
+    UsageExceeded,
 }
 
 impl Outcome {
@@ -65,6 +67,7 @@ impl Outcome {
             Self::IpNotAllowed => "ip_not_allowed",
             Self::Unavailable => "unavailable",
             Self::RateLimited => "rate_limited",
+            Self::UsageExceeded => "usage_exceeded",
         }
     }
 }

@@ -3,12 +3,12 @@
 use std::fmt;
 use std::sync::Arc;
 
+use ipnet::IpNet;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
 
-use ipnet::IpNet;
-
+use crate::quota::{Credits, Limit, Quota, REQUESTS};
 use crate::scope::{Requirement, ScopeSet};
 
 /// A per-key rate limit, as the key service reports it.
@@ -62,6 +62,9 @@ struct Inner {
     /// The networks the owner's keys may be used from (empty: any).
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     owner_networks: Arc<[IpNet]>,
+    // `None` for a key with no limits and no credits: the layer's one branch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    quota: Option<Arc<Quota>>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     fail_open: bool,
 }
@@ -82,8 +85,10 @@ impl Principal {
                 ratelimit: None,
                 networks: Arc::from([]),
                 owner_networks: Arc::from([]),
+                quota: None,
                 fail_open: false,
             },
+            quota: Quota::default(),
         }
     }
 
@@ -207,6 +212,32 @@ impl Principal {
         !self.inner.networks.is_empty() || !self.inner.owner_networks.is_empty()
     }
 
+    /// The key's named limits (the `requests` one included, when
+    /// [`ratelimit`](Self::ratelimit) is set).
+    pub fn limits(&self) -> &[Limit] {
+        self.inner.quota.as_deref().map_or(&[], |q| &q.limits)
+    }
+
+    /// The key's own credits, if it has any.
+    pub fn credits(&self) -> Option<&Credits> {
+        self.inner.quota.as_deref().and_then(|q| q.credits.as_ref())
+    }
+
+    /// The owner's limits, shared by all of the owner's keys.
+    pub fn owner_limits(&self) -> &[Limit] {
+        self.inner.quota.as_deref().map_or(&[], |q| &q.owner_limits)
+    }
+
+    /// The owner's credits, shared by all of the owner's keys.
+    pub fn owner_credits(&self) -> Option<&Credits> {
+        self.inner.quota.as_deref().and_then(|q| q.owner_credits.as_ref())
+    }
+
+    /// Everything the key may spend, or `None` when it has no limits and no credits.
+    pub fn quota(&self) -> Option<&Arc<Quota>> {
+        self.inner.quota.as_ref()
+    }
+
     /// True for the anonymous principal of a fail-open verifier.
     pub fn is_fail_open(&self) -> bool {
         self.inner.fail_open
@@ -274,6 +305,7 @@ impl MetaError {
 #[must_use]
 pub struct PrincipalBuilder {
     inner: Inner,
+    quota: Quota,
 }
 
 impl PrincipalBuilder {
@@ -316,9 +348,36 @@ impl PrincipalBuilder {
         self.inner.meta = meta;
         self
     }
-    /// Rate limit.
+    /// Rate limit: the limit named `requests` (replacing one set with
+    /// [`limits`](Self::limits)).
     pub fn ratelimit(mut self, rl: Option<RateLimit>) -> Self {
         self.inner.ratelimit = rl;
+        self.quota.limits.retain(|l| &*l.name != REQUESTS);
+        if let Some(rl) = rl {
+            self.quota.limits.push(Limit::new(REQUESTS, rl.limit, rl.period_s));
+        }
+        self
+    }
+    /// Named limits (replacing those set before; a `requests` limit is also what
+    /// [`Principal::ratelimit`] reports).
+    pub fn limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
+        self.quota.limits = limits.into_iter().collect();
+        self.inner.ratelimit = None;
+        self
+    }
+    /// Credits.
+    pub fn credits(mut self, credits: Option<Credits>) -> Self {
+        self.quota.credits = credits;
+        self
+    }
+    /// The owner's limits, shared by all of its keys.
+    pub fn owner_limits(mut self, limits: impl IntoIterator<Item = Limit>) -> Self {
+        self.quota.owner_limits = limits.into_iter().collect();
+        self
+    }
+    /// The owner's credits, shared by all of its keys.
+    pub fn owner_credits(mut self, credits: Option<Credits>) -> Self {
+        self.quota.owner_credits = credits;
         self
     }
     /// The networks the key may be used from (default: any). A request from outside
@@ -338,7 +397,12 @@ impl PrincipalBuilder {
     }
 
     /// Finishes the principal.
-    pub fn build(self) -> Principal {
+    pub fn build(mut self) -> Principal {
+        // `ratelimit` and the `requests` limit are one thing seen two ways.
+        if let Some(l) = self.quota.limit(REQUESTS) {
+            self.inner.ratelimit = Some(RateLimit { limit: l.limit, period_s: l.period_s });
+        }
+        self.inner.quota = (!self.quota.is_empty()).then(|| Arc::new(self.quota));
         Principal { inner: Arc::new(self.inner) }
     }
 }

@@ -1,8 +1,7 @@
-//! Per-key rate limits, for keys whose principal carries a [`RateLimit`].
-//!
-//! GCRA (the generic cell rate algorithm): one atomic "theoretical arrival time" per
-//! key id, so checking a limit is a read lock and a compare-and-swap. A key may send
-//! `limit` requests in a burst and then one every `period / limit`.
+//! Rate limits: GCRA (the generic cell rate algorithm), one atomic "theoretical arrival
+//! time" per tracked name (a key's limit, an owner's, a client address), so checking a
+//! limit is a read lock and a compare-and-swap. A caller may spend `burst` units at
+//! once (default `limit`) and then one every `period / limit`.
 //!
 //! Limits are enforced per process: with N replicas of a service a key can make up to
 //! N × `limit` requests per period in total.
@@ -14,18 +13,17 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::principal::{Principal, RateLimit};
-
-/// The policy's name in the `RateLimit-Policy` and `RateLimit` fields: a key's one limit
-/// counts requests.
-const POLICY_NAME: &str = "requests";
+use crate::principal::RateLimit;
+use crate::quota::{Limit, REQUESTS};
 
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Where a key stands against its limit once a request was counted (or refused).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LimitState {
+    /// The limit's name in the fields (`None`: `requests`).
+    pub(crate) name: Option<Arc<str>>,
     pub(crate) limit: RateLimit,
     /// Requests the key could still make right now.
     pub(crate) remaining: u64,
@@ -36,16 +34,18 @@ pub(crate) struct LimitState {
 impl LimitState {
     /// The IETF `RateLimit-Policy` and `RateLimit` fields
     /// (draft-ietf-httpapi-ratelimit-headers, structured-field form):
-    /// `"requests";q=<limit>;w=<period s>` and `"requests";r=<remaining>;t=<s>`, `t`
+    /// `"<name>";q=<limit>;w=<period s>` and `"<name>";r=<remaining>;t=<s>`, `t`
     /// rounded up like `Retry-After`. A field already set is left alone.
     pub(crate) fn write_fields(&self, headers: &mut HeaderMap) {
+        // Names are `[a-z0-9_-]`: nothing to escape in a structured-field string.
+        let name = self.name.as_deref().unwrap_or(REQUESTS);
         if !headers.contains_key(&RATELIMIT_POLICY) {
-            let v = format!("\"{POLICY_NAME}\";q={};w={}", self.limit.limit, self.limit.period_s.max(1));
+            let v = format!("\"{name}\";q={};w={}", self.limit.limit, self.limit.period_s.max(1));
             headers.insert(RATELIMIT_POLICY.clone(), HeaderValue::try_from(v).expect("digits and ASCII"));
         }
         if !headers.contains_key(&RATELIMIT) {
             let t = self.reset.as_nanos().div_ceil(1_000_000_000);
-            let v = format!("\"{POLICY_NAME}\";r={};t={t}", self.remaining);
+            let v = format!("\"{name}\";r={};t={t}", self.remaining);
             headers.insert(RATELIMIT.clone(), HeaderValue::try_from(v).expect("digits and ASCII"));
         }
     }
@@ -74,14 +74,22 @@ impl Default for RateLimiter {
     }
 }
 
-impl RateLimiter {
-    /// Counts one request for the principal's key, if it carries a limit: where the key
-    /// stands (`None`: no limit, or not tracked), or `Err` when over it.
-    pub(crate) fn admit(&self, principal: &Principal) -> Result<Option<LimitState>, LimitState> {
-        match principal.ratelimit() {
-            Some(limit) => self.check(principal.key_id_arc(), limit),
-            None => Ok(None),
-        }
+/// A limit as GCRA counts it, in nanoseconds.
+#[derive(Debug, Clone, Copy)]
+struct Gcra {
+    /// Time one unit of cost takes to come back.
+    interval: u64,
+    /// How far the arrival time may run ahead of now: `(burst - 1) × interval`.
+    tolerance: u64,
+}
+
+impl Gcra {
+    fn new(limit: u64, period_s: u64, burst: u64) -> Self {
+        // Saturating throughout: a key service may send any u64, and an absurd period
+        // must mean "very slow", never an overflow.
+        let period = period_s.max(1).saturating_mul(1_000_000_000);
+        let interval = (period / limit.max(1)).max(1);
+        Self { interval, tolerance: interval.saturating_mul(burst.max(1) - 1) }
     }
 }
 
@@ -91,38 +99,68 @@ impl<K: std::hash::Hash + Eq + Clone> RateLimiter<K> {
         Self { epoch: Instant::now(), max_keys, keys: RwLock::new(HashMap::new()), swept_at: AtomicU64::new(0) }
     }
 
-    /// Counts one request for `key_id`, or refuses it when over the limit.
+    /// Counts one request for `key_id`, or refuses it when over the limit (burst
+    /// `limit`). (The cache's miss budget is its one user.)
+    #[cfg_attr(not(feature = "cache"), allow(dead_code))]
     pub(crate) fn check(&self, key_id: &K, limit: RateLimit) -> Result<Option<LimitState>, LimitState> {
-        if limit.limit == 0 {
-            return Err(LimitState { limit, remaining: 0, reset: Duration::from_secs(limit.period_s.max(1)) });
+        self.spend(key_id, &Limit::new(REQUESTS, limit.limit, limit.period_s), 1, false)
+    }
+
+    /// Spends `cost` units of `limit` for `key_id`, or refuses (and spends nothing) when
+    /// that would exceed it. `named`: the state names the limit (else `requests`).
+    pub(crate) fn spend(
+        &self,
+        key_id: &K,
+        limit: &Limit,
+        cost: u64,
+        named: bool,
+    ) -> Result<Option<LimitState>, LimitState> {
+        let rate = RateLimit { limit: limit.limit, period_s: limit.period_s };
+        let name = named.then(|| limit.name.clone());
+        let burst = limit.effective_burst();
+        if limit.limit == 0 || cost > burst {
+            let reset = Duration::from_secs(limit.period_s.max(1));
+            return Err(LimitState { name, limit: rate, remaining: 0, reset });
         }
-        // Saturating throughout: a key service may send any u64, and an absurd period
-        // must mean "very slow", never an overflow.
-        let period = limit.period_s.max(1).saturating_mul(1_000_000_000);
-        let interval = (period / limit.limit).max(1);
-        let tolerance = period.saturating_sub(interval);
+        let g = Gcra::new(limit.limit, limit.period_s, burst);
+        let increment = g.interval.saturating_mul(cost);
         let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let Some(tat) = self.slot(key_id, now) else { return Ok(None) };
         let mut current = tat.load(Ordering::Acquire);
         loop {
             let start = current.max(now);
-            if start - now > tolerance {
-                let reset = Duration::from_nanos(start - now - tolerance);
-                return Err(LimitState { limit, remaining: 0, reset });
+            // The last of the `cost` units must fit in the burst: the first at `start`,
+            // the others one interval apart.
+            let ahead_after = (start - now).saturating_add(increment - g.interval);
+            if ahead_after > g.tolerance {
+                let reset = Duration::from_nanos(ahead_after - g.tolerance);
+                return Err(LimitState { name, limit: rate, remaining: 0, reset });
             }
-            let next = start.saturating_add(interval);
+            let next = start.saturating_add(increment);
             match tat.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     // `ahead` is how far the key's arrival time runs ahead of now: each
-                    // `interval` of it is one request of the quota in use, and the
-                    // oldest comes back once `ahead` drops to the next multiple.
+                    // `interval` of it is one unit of the burst in use, and the oldest
+                    // comes back once `ahead` drops to the next multiple.
                     let ahead = next.saturating_sub(now);
-                    let remaining = period.saturating_sub(ahead) / interval;
-                    let reset = ahead - (ahead.div_ceil(interval) - 1) * interval;
-                    return Ok(Some(LimitState { limit, remaining, reset: Duration::from_nanos(reset) }));
+                    let capacity = g.tolerance.saturating_add(g.interval);
+                    let remaining = capacity.saturating_sub(ahead) / g.interval;
+                    let reset = ahead - (ahead.div_ceil(g.interval) - 1) * g.interval;
+                    return Ok(Some(LimitState { name, limit: rate, remaining, reset: Duration::from_nanos(reset) }));
                 }
                 Err(actual) => current = actual,
             }
+        }
+    }
+
+    /// Gives back `cost` units spent before (a route that costs otherwise than the
+    /// layer charged, or a later limit refused).
+    pub(crate) fn give_back(&self, key_id: &K, limit: &Limit, cost: u64) {
+        let g = Gcra::new(limit.limit, limit.period_s, limit.effective_burst());
+        let decrement = g.interval.saturating_mul(cost);
+        let slot = self.keys.read().unwrap_or_else(|e| e.into_inner()).get(key_id).cloned();
+        if let Some(tat) = slot {
+            let _ = tat.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t.saturating_sub(decrement)));
         }
     }
 
@@ -184,6 +222,24 @@ mod tests {
         assert!(rl.check(&key, RateLimit { limit: 1, period_s: u64::MAX }).is_err());
         assert!(rl.check(&Arc::from("key_2"), RateLimit { limit: u64::MAX, period_s: u64::MAX }).is_ok());
         assert!(rl.check(&Arc::from("key_3"), RateLimit { limit: 0, period_s: 1 }).is_err());
+    }
+
+    #[test]
+    fn a_burst_below_the_limit_and_costs_above_one() {
+        let rl = RateLimiter::default();
+        let key: Arc<str> = Arc::from("key_1");
+        // 100 per 100 s with a burst of 5: five at once, then one a second.
+        let limit = Limit::new("reports", 100, 100).burst(5);
+        let first = rl.spend(&key, &limit, 3, true).unwrap().unwrap();
+        assert_eq!((first.remaining, first.name.as_deref()), (2, Some("reports")));
+        assert!(rl.spend(&key, &limit, 3, true).is_err(), "3 more do not fit in the 2 left");
+        assert_eq!(rl.spend(&key, &limit, 2, true).unwrap().unwrap().remaining, 0);
+        let refused = rl.spend(&key, &limit, 1, true).unwrap_err();
+        assert!(refused.reset > Duration::from_millis(900) && refused.reset <= Duration::from_secs(1), "{refused:?}");
+        // Giving back makes room again; a cost above the burst never fits.
+        rl.give_back(&key, &limit, 2);
+        assert_eq!(rl.spend(&key, &limit, 2, true).unwrap().unwrap().remaining, 0);
+        assert!(rl.spend(&Arc::from("key_2"), &limit, 6, true).is_err());
     }
 
     #[test]

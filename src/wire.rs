@@ -37,9 +37,16 @@
 //!
 //! - valid ([`ValidKey`]): `{"valid": true, "key_id", "owner", "name", "scopes": [...],
 //!   "roles": [...], "environment", "expires_at": RFC 3339 or null, "meta": {...},
-//!   "ratelimit": {"limit", "period_s"} or null}`. `expires_at` is the earliest of the
-//!   key's expiry and, after a rotation, the end of the old secret's grace: no cache may
-//!   keep the answer longer.
+//!   "ratelimit": {"limit", "period_s"} or null, "limits"?: [Limit...], "credits"?: Credits,
+//!   "owner_limits"?: [Limit...], "owner_credits"?: Credits}`. `expires_at` is the earliest
+//!   of the key's expiry and, after a rotation, the end of the old secret's grace: no cache
+//!   may keep the answer longer. `limits` are the key's named limits ([`Limit`]
+//!   `{"name", "limit", "period_s", "burst"?}`), `credits` its credits ([`Credits`]
+//!   `{"remaining", "refill"?}`); the `owner_` fields are the owner's, shared by all of
+//!   its keys. Each is left out when empty, and read as empty when absent (answers of
+//!   older key services). `ratelimit` repeats the limit named `requests` for older
+//!   middlewares; a middleware that finds `ratelimit` and no `requests` limit reads it
+//!   as that limit.
 //! - refused ([`Refusal`]): `{"valid": false, "code": "NOT_FOUND" | "REVOKED" |
 //!   "EXPIRED" | "DISABLED", "key_id"?}` ([`Reason`]). `key_id` is present when the key
 //!   exists (every code but `NOT_FOUND`), so that the middleware can attribute denials;
@@ -127,6 +134,7 @@ use time::OffsetDateTime;
 
 use crate::key::{ApiKey, KeyDigest};
 use crate::principal::RateLimit;
+use crate::quota::{Credits, Limit};
 use crate::verify::Reason;
 
 /// Path of the verify call.
@@ -215,6 +223,9 @@ impl<'de> Deserialize<'de> for VerifyRequest {
 
 /// The answer to `POST /v1/keys/verify`, tagged by its `valid` field.
 #[derive(Debug, Clone, PartialEq)]
+// A valid answer is the common one and is read once per cache miss: boxing it would
+// cost an allocation for nothing, and change the public type.
+#[allow(clippy::large_enum_variant)]
 pub enum VerifyAnswer {
     /// `{"valid": true, ...}`.
     Valid(ValidKey),
@@ -251,9 +262,21 @@ pub struct ValidKey {
     #[serde(default)]
     #[cfg_attr(feature = "server", schema(value_type = Object))]
     pub meta: serde_json::Value,
-    /// The key's rate limit, if any.
+    /// The key's rate limit, if any: its limit named `requests`, for older middlewares.
     #[serde(default)]
     pub ratelimit: Option<RateLimit>,
+    /// The key's named limits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<Limit>,
+    /// The key's credits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<Credits>,
+    /// The owner's limits, shared by all of its keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owner_limits: Vec<Limit>,
+    /// The owner's credits, shared by all of its keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_credits: Option<Credits>,
 }
 
 /// The body of `POST /v1/keys/verify-batch`: `{"digests": ["<hex SHA-256>", ...]}`, from

@@ -338,6 +338,19 @@ async fn every_route_answers_as_the_document_says() {
     assert_eq!(c.call(PUT, "/v1/roles/{name}", "/v1/roles/reader", none, Body::Json(role.clone())).await.0, 401);
     assert_eq!(c.call(PUT, "/v1/roles/{name}", "/v1/roles/reader", a, Body::Raw(vec![b' '; 70 * 1024])).await.0, 413);
     assert_eq!(c.call(GET, "/v1/roles", "/v1/roles", a, Body::None).await.0, 200);
+
+    // ---- owners' limits and credits
+    let owner = "/v1/owners/{owner}";
+    let quota =
+        json!({ "limits": [{ "name": "requests", "limit": 10, "period_s": 1 }], "credits": { "remaining": 5 } });
+    assert_eq!(c.call(PUT, owner, "/v1/owners/acme", a, Body::Json(quota.clone())).await.0, 200);
+    let bad = json!({ "limits": [{ "name": "Requests", "limit": 10, "period_s": 1 }] });
+    assert_eq!(c.call(PUT, owner, "/v1/owners/acme", a, Body::Json(bad)).await.0, 400);
+    assert_eq!(c.call(PUT, owner, "/v1/owners/acme", none, Body::Json(quota.clone())).await.0, 401);
+    assert_eq!(c.call(PUT, owner, "/v1/owners/acme", a, Body::Raw(vec![b' '; 70 * 1024])).await.0, 413);
+    assert_eq!(c.call(GET, owner, "/v1/owners/acme", a, Body::None).await.0, 200);
+    assert_eq!(c.call(GET, owner, "/v1/owners/a%0Ab", a, Body::None).await.0, 400);
+    assert_eq!(c.call(GET, owner, "/v1/owners/acme", s, Body::None).await.0, 401);
     assert_eq!(c.call(GET, "/v1/roles", "/v1/roles", s, Body::None).await.0, 401);
 
     // ---- keys
@@ -628,7 +641,7 @@ async fn every_route_answers_as_the_document_says() {
 
     // ---- no method the document leaves out is mounted on its paths
     for (template, item) in c.doc["paths"].as_object().unwrap() {
-        let path = template.replace("{id}", "x").replace("{name}", "x");
+        let path = template.replace("{id}", "x").replace("{name}", "x").replace("{owner}", "x");
         for m in [GET, POST, PUT, PATCH, DELETE] {
             if item.get(m.as_str().to_lowercase()).is_some() {
                 continue;

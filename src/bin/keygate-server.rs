@@ -84,8 +84,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use keygate::RateLimit;
 use keygate::client::{
-    AdminClient, ClientError, CreatedKey, KeyInfo, KeyPatch, NewKey, NewToken, TokenInfo, TokenKind, UsageGroupBy,
-    UsageQuery, UsageReport,
+    AdminClient, ClientError, CreatedKey, KeyInfo, KeyPatch, NewKey, NewToken, OwnerInfo, OwnerQuota, TokenInfo,
+    TokenKind, UsageGroupBy, UsageQuery, UsageReport,
 };
 use keygate::server::{BackupError, KeyServer, RetentionConfig};
 use time::OffsetDateTime;
@@ -119,6 +119,9 @@ enum Command {
     /// Manage roles.
     #[command(subcommand)]
     Roles(RolesCmd),
+    /// Limits and credits shared by all of an owner's keys.
+    #[command(subcommand)]
+    Owners(OwnersCmd),
     /// Show the audit log (newest 1 000 records, or from --since).
     Audit {
         #[command(flatten)]
@@ -329,40 +332,7 @@ struct Conn {
 #[derive(Subcommand)]
 enum KeysCmd {
     /// Create a key and print it (the only time it is shown).
-    Create {
-        #[command(flatten)]
-        conn: Conn,
-        /// Owner.
-        #[arg(long)]
-        owner: String,
-        /// Human name.
-        #[arg(long)]
-        name: String,
-        /// A scope (repeatable).
-        #[arg(long = "scope")]
-        scopes: Vec<String>,
-        /// A role (repeatable).
-        #[arg(long = "role")]
-        roles: Vec<String>,
-        /// Environment (`live`, `test`).
-        #[arg(long = "env")]
-        environment: Option<String>,
-        /// Expiry, RFC 3339.
-        #[arg(long, conflicts_with = "expires_in")]
-        expires_at: Option<String>,
-        /// Expiry from now: `30d`, `12h`, `45m`, `90s`.
-        #[arg(long, value_parser = parse_duration)]
-        expires_in: Option<time::Duration>,
-        /// Metadata, a JSON object.
-        #[arg(long)]
-        meta: Option<String>,
-        /// Rate limit for the middleware: `LIMIT/PERIOD`, e.g. `100/60s`, `5000/1h`.
-        #[arg(long, value_parser = parse_ratelimit)]
-        rate_limit: Option<RateLimit>,
-        /// Allow a key with neither scopes nor roles (it only authenticates).
-        #[arg(long)]
-        allow_empty: bool,
-    },
+    Create(Box<CreateArgs>),
     /// Change a key: only the fields given change.
     Update(Box<UpdateArgs>),
     /// Disable a key (verify answers DISABLED) until `keys enable`.
@@ -414,6 +384,45 @@ enum KeysCmd {
 }
 
 #[derive(Args)]
+struct CreateArgs {
+    #[command(flatten)]
+    conn: Conn,
+    /// Owner.
+    #[arg(long)]
+    owner: String,
+    /// Human name.
+    #[arg(long)]
+    name: String,
+    /// A scope (repeatable).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
+    /// A role (repeatable).
+    #[arg(long = "role")]
+    roles: Vec<String>,
+    /// Environment (`live`, `test`).
+    #[arg(long = "env")]
+    environment: Option<String>,
+    /// Expiry, RFC 3339.
+    #[arg(long, conflicts_with = "expires_in")]
+    expires_at: Option<String>,
+    /// Expiry from now: `30d`, `12h`, `45m`, `90s`.
+    #[arg(long, value_parser = parse_duration)]
+    expires_in: Option<time::Duration>,
+    /// Metadata, a JSON object.
+    #[arg(long)]
+    meta: Option<String>,
+    /// Rate limit for the middleware: `LIMIT/PERIOD`, e.g. `100/60s`, `5000/1h` (the
+    /// limit named `requests`).
+    #[arg(long, value_parser = parse_ratelimit)]
+    rate_limit: Option<RateLimit>,
+    #[command(flatten)]
+    quota: QuotaArgs,
+    /// Allow a key with neither scopes nor roles (it only authenticates).
+    #[arg(long)]
+    allow_empty: bool,
+}
+
+#[derive(Args)]
 struct UpdateArgs {
     #[command(flatten)]
     conn: Conn,
@@ -452,6 +461,15 @@ struct UpdateArgs {
     /// Remove the rate limit.
     #[arg(long)]
     no_rate_limit: bool,
+    /// Replace the named limits with these (with --limit).
+    #[command(flatten)]
+    quota: QuotaArgs,
+    /// Remove every named limit.
+    #[arg(long, conflicts_with = "limits")]
+    clear_limits: bool,
+    /// Remove the credits.
+    #[arg(long, conflicts_with_all = ["credits", "refill"])]
+    no_credits: bool,
     /// Allow the change to leave the key with neither scopes nor roles.
     #[arg(long)]
     allow_empty: bool,
@@ -484,6 +502,94 @@ enum RolesCmd {
         #[arg(long)]
         detach: bool,
     },
+}
+
+// ---- limits and credits (issue 16)
+
+/// `--limit`, `--credits` and `--refill`, for keys and owners.
+#[derive(Args)]
+struct QuotaArgs {
+    /// A named limit, `NAME=LIMIT/PERIOD[,burst=N]`: `requests=100/1s,burst=20`,
+    /// `reports=1000/1h` (repeatable; replaces the list).
+    #[arg(long = "limit", value_parser = parse_limit)]
+    limits: Vec<keygate::quota::Limit>,
+    /// Credits remaining.
+    #[arg(long)]
+    credits: Option<u64>,
+    /// How credits come back: `every:3600s:500`, `daily:1000`, `monthly:10000@1`
+    /// (remaining set to the amount; needs --credits).
+    #[arg(long, requires = "credits", value_parser = parse_refill)]
+    refill: Option<keygate::quota::Refill>,
+}
+
+impl QuotaArgs {
+    fn credits(&self) -> Option<keygate::quota::Credits> {
+        self.credits.map(|remaining| keygate::quota::Credits { remaining, refill: self.refill })
+    }
+}
+
+fn parse_limit(s: &str) -> Result<keygate::quota::Limit, String> {
+    s.parse()
+}
+
+fn parse_refill(s: &str) -> Result<keygate::quota::Refill, String> {
+    s.parse()
+}
+
+#[derive(Subcommand)]
+enum OwnersCmd {
+    /// Show an owner's limits and credits.
+    Show {
+        #[command(flatten)]
+        conn: Conn,
+        /// The owner, as its keys name it.
+        owner: String,
+    },
+    /// Set an owner's limits and credits, replacing what was set (none given: clears).
+    Set {
+        #[command(flatten)]
+        conn: Conn,
+        /// The owner, as its keys name it.
+        owner: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+    },
+}
+
+async fn owners(cmd: OwnersCmd) -> Result<(), CliError> {
+    let (conn, info) = match cmd {
+        OwnersCmd::Show { conn, owner } => {
+            let info = client(&conn)?.get_owner(&owner).await?;
+            (conn, info)
+        }
+        OwnersCmd::Set { conn, owner, quota } => {
+            let body = OwnerQuota { credits: quota.credits(), limits: quota.limits };
+            let info = client(&conn)?.put_owner(&owner, &body).await?;
+            (conn, info)
+        }
+    };
+    print(&conn, &info, || describe_owner(&info));
+    Ok(())
+}
+
+fn describe_owner(o: &OwnerInfo) -> String {
+    format!(
+        "owner:        {}
+limits:       {}
+credits:      {}
+updated_at:   {}",
+        o.owner,
+        join_limits(&o.limits),
+        o.credits.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string),
+        fmt_time(o.updated_at)
+    )
+}
+
+fn join_limits(limits: &[keygate::quota::Limit]) -> String {
+    if limits.is_empty() {
+        return "-".to_owned();
+    }
+    limits.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 // ---- tokens (issue 14)
@@ -704,6 +810,7 @@ async fn run(command: Command) -> Result<(), CliError> {
         Command::Serve(s) => serve(*s).await,
         Command::Keys(cmd) => keys(cmd).await,
         Command::Tokens(cmd) => tokens(cmd).await,
+        Command::Owners(cmd) => owners(cmd).await,
         Command::Roles(RolesCmd::Put { conn, name, scopes }) => {
             let role = client(&conn)?.put_role(&name, scopes).await?;
             print(&conn, &role, || format!("role {} = [{}]", role.name, role.scopes.join(", ")));
@@ -888,19 +995,21 @@ async fn shutdown_signal() {
 
 async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
     match cmd {
-        KeysCmd::Create {
-            conn,
-            owner,
-            name,
-            scopes,
-            roles,
-            environment,
-            expires_at,
-            expires_in,
-            meta,
-            rate_limit,
-            allow_empty,
-        } => {
+        KeysCmd::Create(args) => {
+            let CreateArgs {
+                conn,
+                owner,
+                name,
+                scopes,
+                roles,
+                environment,
+                expires_at,
+                expires_in,
+                meta,
+                rate_limit,
+                quota,
+                allow_empty,
+            } = *args;
             let meta = meta.as_deref().map(parse_meta).transpose()?;
             let expires_at = match (expires_at, expires_in) {
                 (Some(at), _) => Some(parse_time(&at)?),
@@ -916,6 +1025,8 @@ async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
                 expires_at,
                 meta,
                 ratelimit: rate_limit,
+                credits: quota.credits(),
+                limits: quota.limits,
                 allow_empty,
             };
             let created = client(&conn)?.create_key(new).await?;
@@ -936,8 +1047,12 @@ async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
                 no_expiry,
                 rate_limit,
                 no_rate_limit,
+                quota,
+                clear_limits,
+                no_credits,
                 allow_empty,
             } = *args;
+            let credits = if no_credits { Some(None) } else { quota.credits().map(Some) };
             let patch = KeyPatch {
                 name,
                 scopes: (clear_scopes || !scopes.is_empty()).then_some(scopes),
@@ -951,12 +1066,15 @@ async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
                     (None, None, false) => None,
                 },
                 ratelimit: if no_rate_limit { Some(None) } else { rate_limit.map(Some) },
+                limits: (clear_limits || !quota.limits.is_empty()).then_some(quota.limits),
+                credits,
                 allow_empty,
             };
             if patch.is_empty() {
                 return Err(CliError::Usage(
                     "nothing to change: give --name, --scope/--clear-scopes, --role/--clear-roles, --meta, \
-                     --expires-at/--expires-in/--no-expiry or --rate-limit/--no-rate-limit"
+                     --expires-at/--expires-in/--no-expiry, --rate-limit/--no-rate-limit, --limit/--clear-limits \
+                     or --credits/--no-credits"
                         .into(),
                 ));
             }
@@ -1120,7 +1238,8 @@ fn print_created(conn: &Conn, c: &CreatedKey) {
 fn describe(k: &KeyInfo) -> String {
     format!(
         "key_id:       {}\nprefix:       {}…\nowner:        {}\nname:         {}\nscopes:       {}\nroles:        {}\n\
-         environment:  {}\nstate:        {}\nexpires_at:   {}\ncreated_at:   {}\nlast_used_at: {}\nmeta:         {}",
+         environment:  {}\nstate:        {}\nexpires_at:   {}\ncreated_at:   {}\nlast_used_at: {}\nmeta:         {}\n\
+         limits:       {}\ncredits:      {}",
         k.key_id,
         k.key_prefix,
         k.owner,
@@ -1132,7 +1251,9 @@ fn describe(k: &KeyInfo) -> String {
         fmt_time(k.expires_at),
         fmt_time(Some(k.created_at)),
         fmt_time(k.last_used_at),
-        k.meta
+        k.meta,
+        join_limits(&k.limits),
+        k.credits.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string)
     )
 }
 

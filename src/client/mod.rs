@@ -34,8 +34,8 @@ use crate::wire::{Alert, ErrorBody};
 mod model;
 
 pub use model::{
-    AuditRecord, CreatedToken, DeliveryState, KeyInfo, KeyPatch, NewKey, NewToken, RoleInfo, TokenInfo, TokenKind,
-    UsageBucket, UsageGroupBy, UsageQuery, UsageReport, WebhookDelivery, WebhookEndpoint,
+    AuditRecord, CreatedToken, DeliveryState, KeyInfo, KeyPatch, NewKey, NewToken, OwnerInfo, OwnerQuota, RoleInfo,
+    TokenInfo, TokenKind, UsageBucket, UsageGroupBy, UsageQuery, UsageReport, WebhookDelivery, WebhookEndpoint,
 };
 
 /// What an admin call can fail with.
@@ -212,6 +212,16 @@ impl AdminClient {
     /// [`revoke_key`](Self::revoke_key) tells the two apart.
     pub async fn revoke(&self, key_id: &str) -> Result<KeyInfo, ClientError> {
         self.send(self.request(Method::POST, &format!("/v1/keys/{}/revoke", encode(key_id)))).await
+    }
+
+    /// `GET /v1/owners/{owner}`: the owner's limits and credits (empty when none were set).
+    pub async fn get_owner(&self, owner: &str) -> Result<OwnerInfo, ClientError> {
+        self.send(self.request(Method::GET, &format!("/v1/owners/{}", encode(owner)))).await
+    }
+
+    /// `PUT /v1/owners/{owner}`: replaces the owner's limits and credits.
+    pub async fn put_owner(&self, owner: &str, quota: &OwnerQuota) -> Result<OwnerInfo, ClientError> {
+        self.send(self.request(Method::PUT, &format!("/v1/owners/{}", encode(owner))).json(quota)).await
     }
 
     /// `PUT /v1/roles/{name}`.

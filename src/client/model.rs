@@ -6,6 +6,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use time::OffsetDateTime;
 
 use crate::principal::RateLimit;
+use crate::quota::{Credits, Limit};
 
 /// A key as the admin API shows it: never the key itself, nor its hash.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,8 +37,16 @@ pub struct KeyInfo {
     /// Free-form JSON object.
     #[cfg_attr(feature = "server", schema(value_type = Object))]
     pub meta: serde_json::Value,
-    /// Optional per-key rate limit, enforced by the middleware.
+    /// Optional per-key rate limit, enforced by the middleware: the limit named
+    /// `requests` in `limits`, shown here too for older clients.
     pub ratelimit: Option<RateLimit>,
+    /// Named rate limits (at most 16), enforced by the middleware.
+    #[serde(default)]
+    pub limits: Vec<Limit>,
+    /// Credits, spent by the middleware. Middlewares count them per process until a
+    /// fleet-wide engine is configured: `remaining` here is what each process starts from.
+    #[serde(default)]
+    pub credits: Option<Credits>,
     /// Creation time.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -77,9 +86,16 @@ pub struct NewKey {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "server", schema(value_type = Option<Object>))]
     pub meta: Option<serde_json::Value>,
-    /// A rate limit for the middleware to enforce; default none.
+    /// A rate limit for the middleware to enforce; default none. It is the limit named
+    /// `requests`: sending it and a `requests` limit in `limits` is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ratelimit: Option<RateLimit>,
+    /// Named rate limits, at most 16 (names `[a-z0-9_-]{1,32}`, each once); default none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<Limit>,
+    /// Credits; default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits: Option<Credits>,
     /// Allows a key with neither scopes nor roles (it authenticates, and passes no
     /// scope or role check); without it such a key is refused with 400 `empty_key`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -87,7 +103,7 @@ pub struct NewKey {
 }
 
 /// `PATCH /v1/keys/{id}`: the fields to change. Absent fields stay as they are;
-/// `expires_at: null` and `ratelimit: null` remove them. Unknown fields are rejected.
+/// `expires_at: null`, `ratelimit: null` and `credits: null` remove them. Unknown fields are rejected.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
@@ -116,6 +132,14 @@ pub struct KeyPatch {
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "double_option")]
     #[cfg_attr(feature = "server", schema(value_type = Option<RateLimit>))]
     pub ratelimit: Option<Option<RateLimit>>,
+    /// New named limits (replaces the list; `[]` removes them all). With `ratelimit`
+    /// too, the list may not name `requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Vec<Limit>>,
+    /// New credits (`null` removes them).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "double_option")]
+    #[cfg_attr(feature = "server", schema(value_type = Option<Credits>))]
+    pub credits: Option<Option<Credits>>,
     /// Allows the patch to leave the key with neither scopes nor roles (refused with
     /// 400 `empty_key` otherwise). Changes nothing by itself.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -127,6 +151,39 @@ impl KeyPatch {
     pub fn is_empty(&self) -> bool {
         Self { allow_empty: false, ..self.clone() } == Self::default()
     }
+}
+
+/// An owner's limits and credits, shared by all of its keys (`GET` and `PUT
+/// /v1/owners/{owner}`). An owner nothing was set for shows empty ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+pub struct OwnerInfo {
+    /// The owner, as keys name it.
+    pub owner: String,
+    /// Named rate limits, counted for all of the owner's keys together.
+    #[serde(default)]
+    pub limits: Vec<Limit>,
+    /// Credits, spent by all of the owner's keys together (per process until a
+    /// fleet-wide engine is configured).
+    #[serde(default)]
+    pub credits: Option<Credits>,
+    /// Last change, if any was made.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub updated_at: Option<OffsetDateTime>,
+}
+
+/// `PUT /v1/owners/{owner}`: the owner's limits and credits, replacing what was set.
+/// Unknown fields are rejected.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "server", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct OwnerQuota {
+    /// Named rate limits, at most 16; default none.
+    #[serde(default)]
+    pub limits: Vec<Limit>,
+    /// Credits; default (`null`) none.
+    #[serde(default)]
+    pub credits: Option<Credits>,
 }
 
 /// A role as the admin API shows it.
@@ -152,7 +209,7 @@ pub struct AuditRecord {
     /// The name of the token that acted (`bootstrap-admin` for the configured admin token,
     /// `offline-cli` for `keygate-server tokens create --database`).
     pub actor: String,
-    /// `key.create`, `key.update`, `key.rotate`, `key.revoke`, `role.put`, `role.delete`,
+    /// `key.create`, `key.update`, `key.rotate`, `key.revoke`, `role.put`, `role.delete`, `owner.put`,
     /// `alert.ack`, `token.create`, `token.revoke`.
     pub action: String,
     /// The key concerned, if any.

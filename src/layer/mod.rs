@@ -8,10 +8,11 @@ use http::{HeaderName, Response};
 use tower_layer::Layer;
 
 use crate::authorize::RequireScopes;
+use crate::cost::Cost;
 use crate::error::{AuthError, Rejections};
 use crate::extract::{DEFAULT_MAX_KEY_LEN, KeySource};
 use crate::key::KeyFormat;
-use crate::ratelimit::{DEFAULT_MAX_TRACKED_KEYS, RateLimiter};
+use crate::meter::{LimitEngine, LocalEngine};
 use crate::usage::UsageSink;
 use crate::verify::Verifier;
 
@@ -38,9 +39,11 @@ struct Config {
     retry_after: Duration,
     usage: Option<Arc<dyn UsageSink>>,
     client_ip: ClientIp,
-    // Shared by every route the layer is applied to: a key's limit is per process,
-    // not per route.
-    rate_limiter: Option<Arc<RateLimiter>>,
+    // Shared by every route the layer is applied to: a key's limits are per process
+    // (with the local engine), not per route.
+    engine: Option<Arc<dyn LimitEngine>>,
+    /// What a request costs unless its route (or the layer's policy) says otherwise.
+    cost: Cost,
     policy: Option<RequireScopes>,
 }
 
@@ -56,7 +59,8 @@ impl std::fmt::Debug for Config {
             .field("retry_after", &self.retry_after)
             .field("usage", &self.usage.is_some())
             .field("client_ip", &self.client_ip)
-            .field("rate_limits", &self.rate_limiter.is_some())
+            .field("rate_limits", &self.engine.is_some())
+            .field("cost", &self.cost)
             .field("policy", &self.policy)
             .finish()
     }
@@ -151,7 +155,8 @@ impl<V: Verifier> ApiKeyLayer<V> {
             retry_after: DEFAULT_RETRY_AFTER,
             usage: None,
             client_ip: ClientIp::None,
-            rate_limiter: Some(Arc::new(RateLimiter::new(DEFAULT_MAX_TRACKED_KEYS))),
+            engine: Some(Arc::new(LocalEngine::default())),
+            cost: Cost::new(),
             policy: None,
         };
         Self { shared: Arc::new(Shared { verifier, config }) }
@@ -274,16 +279,37 @@ impl<V: Verifier> ApiKeyLayer<V> {
         self
     }
 
-    /// Enforce the rate limit a key's principal carries (default `true`): 429 with
-    /// `Retry-After` once a key exceeds it.
+    /// Enforce the limits and credits a key's principal carries, its own and its
+    /// owner's (default `true`): 429 `rate_limited` with `Retry-After` once a limit is
+    /// exhausted, 429 `usage_exceeded` once credits are spent (with `Retry-After` until
+    /// the next refill, when they have one); gRPC `RESOURCE_EXHAUSTED` for both. What a
+    /// request draws is its route's [`Cost`] (default [`Cost::new`]: 1 from `requests`,
+    /// 1 credit). A key with no limits and no credits costs one branch, nothing more.
     ///
-    /// Limits are counted per process with GCRA (a key may send `limit` requests in a
-    /// burst, then one every `period / limit`): with N replicas of a service a key can
-    /// make up to N × `limit` requests per period. Up to 100 000 keys are tracked at
-    /// once; past that, idle keys are forgotten first, and a new key that still finds
-    /// no room is not limited (and a warning is logged).
+    /// Everything is counted **per process**, until a fleet-wide engine is configured:
+    /// - each named limit with GCRA per key (an owner's limits per owner): a key may
+    ///   spend `burst` (default `limit`) at once, then one unit every `period / limit`;
+    ///   with N replicas of a service a key can make up to N × `limit` per period;
+    /// - credits as a counter per key (and per owner) that starts from the verify
+    ///   answer's `remaining`, and is set to the refill amount at each refill time (the
+    ///   same UTC times in every process). Each process counts on its own: with N
+    ///   replicas a key can spend up to N × its credits. A counter starts again from the
+    ///   answer's `remaining` when the key service states other credits.
+    ///
+    /// Up to 100 000 keys (and as many owners) are tracked at once; past that, idle
+    /// ones are forgotten first, and a new one that still finds no room is not limited
+    /// (and a warning is logged). `false` turns all of it off, route costs included.
     pub fn rate_limits(mut self, enforce: bool) -> Self {
-        self.config_mut().rate_limiter = enforce.then(|| Arc::new(RateLimiter::new(DEFAULT_MAX_TRACKED_KEYS)));
+        self.config_mut().engine = enforce.then(|| Arc::new(LocalEngine::default()) as Arc<dyn LimitEngine>);
+        self
+    }
+
+    /// What a request costs unless its route says otherwise (default [`Cost::new`]: 1
+    /// from `requests`, 1 credit). A route says otherwise with a [`Cost`] route layer or
+    /// a [`RequireScopes`] cost; this layer's own policy's cost
+    /// ([`require`](Self::require)) is charged instead of this one.
+    pub fn cost(mut self, cost: Cost) -> Self {
+        self.config_mut().cost = cost;
         self
     }
 
@@ -296,9 +322,11 @@ impl<V: Verifier> ApiKeyLayer<V> {
     /// RateLimit: "requests";r=99;t=1
     /// ```
     ///
-    /// `q` and `w` are the key's limit and period in seconds; `r` is how many requests
-    /// it could still make at once; `t` the seconds (rounded up) until the next
-    /// request's worth of quota comes back, on a 429 the same wait as `Retry-After`.
+    /// The fields name the binding limit (`requests` here): on a 429 the one that
+    /// refused, otherwise the one the request drew from with the least left.
+    /// `q` and `w` are its limit and period in seconds; `r` is how many units the key
+    /// could still spend at once; `t` the seconds (rounded up) until the next unit
+    /// comes back, on a 429 the same wait as `Retry-After`.
     /// The limit replenishes continuously (GCRA), one request every `w / q` seconds.
     /// A field the inner service or an [`on_rejection`](Self::on_rejection) hook set
     /// is left alone. Turn them off when a key's limit is nobody else's business.

@@ -13,6 +13,7 @@ use super::record::Record;
 use super::{Config, Shared};
 use crate::authorize::RequireScopes;
 use crate::body::RejectionBody;
+use crate::charge::Charged;
 use crate::context::{InnerReport, LayerContext};
 use crate::error::{AuthError, InvalidKey, http_status_of_grpc, is_grpc};
 use crate::extract::{find_key, strip_credential};
@@ -164,7 +165,7 @@ impl Config {
         let principal = match result {
             Ok(verdict) => verdict.admit().map_err(|reason| State::rejected(AuthError::refused(reason), false))?,
             Err(VerifyError::Throttled { retry_after }) => {
-                let err = AuthError::RateLimited { retry_after, limit: None };
+                let err = AuthError::RateLimited { retry_after, limit: None, name: None };
                 return Err(State::rejected(err, false));
             }
             Err(e) => {
@@ -183,15 +184,26 @@ impl Config {
             tracing::debug!(key_id = principal.key_id(), "keygate: request from outside the key's networks");
             return Err(State::rejected(AuthError::IpNotAllowed, false));
         }
-        let limit = match &self.rate_limiter {
-            Some(limiter) => limiter.admit(&principal).map_err(|refused| {
-                let err = AuthError::RateLimited { retry_after: refused.reset, limit: Some(refused.limit) };
-                State::rejected(err, false)
-            })?,
-            None => None,
+        // The one branch a key without limits or credits pays.
+        let (limit, charged) = match (&self.engine, principal.quota()) {
+            (Some(engine), Some(quota)) => {
+                let policy_cost = self.policy.as_ref().and_then(|p| p.cost_for(req.uri().path()));
+                let cost = policy_cost.unwrap_or(&self.cost);
+                let state = engine.charge(&principal, quota, cost).map_err(|r| State::rejected(r.into(), false))?;
+                let charged = Charged { engine: engine.clone(), cost: cost.clone() };
+                req.extensions_mut().insert(charged.clone());
+                (state, Some((charged, principal.clone())))
+            }
+            _ => (None, None),
         };
         let outcome = if principal.is_fail_open() { Outcome::FailOpen } else { Outcome::Allowed };
-        self.let_in(req, Some(principal), record.as_ref())?;
+        if let Err(rejection) = self.let_in(req, Some(principal), record.as_ref()) {
+            // Refused by the policy: a request that does not run costs nothing.
+            if let Some((charged, principal)) = charged {
+                charged.give_back(&principal);
+            }
+            return Err(rejection);
+        }
         Ok((outcome, limit))
     }
 
@@ -305,7 +317,7 @@ where
                 StateProj::Inner { fut, outcome, limit } => {
                     let outcome = *outcome;
                     let mut res = ready!(fut.poll(cx))?;
-                    if let Some(limit) = limit.filter(|_| config.rejections.ratelimit_fields) {
+                    if let Some(limit) = limit.as_ref().filter(|_| config.rejections.ratelimit_fields) {
                         limit.write_fields(res.headers_mut());
                     }
                     if let (Some(record), Some(sink)) = (this.record.take(), config.usage.as_ref()) {

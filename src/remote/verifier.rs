@@ -404,15 +404,39 @@ fn verdict_of(answer: VerifyAnswer) -> Result<Verdict, VerifyError> {
         }
         VerifyAnswer::Valid(answer) => answer,
     };
-    let ValidKey { key_id, owner, name, scopes, roles, environment, expires_at, meta, ratelimit } = answer;
+    let ValidKey {
+        key_id,
+        owner,
+        name,
+        scopes,
+        roles,
+        environment,
+        expires_at,
+        meta,
+        ratelimit,
+        limits,
+        credits,
+        owner_limits,
+        owner_credits,
+    } = answer;
     if key_id.is_empty() {
         return Err(bad("a valid answer with an empty key_id".into()));
     }
+    // Limits the key service could not have accepted are an answer we do not understand.
+    let problem = crate::quota::limits_problem(&limits)
+        .or_else(|| crate::quota::limits_problem(&owner_limits))
+        .or_else(|| credits.as_ref().and_then(|c| c.problem()))
+        .or_else(|| owner_credits.as_ref().and_then(|c| c.problem()));
+    if let Some(why) = problem {
+        return Err(bad(why.into()));
+    }
+    // An older key service sends only `ratelimit`: it is the `requests` limit.
+    let ratelimit = ratelimit.filter(|_| !limits.iter().any(|l| &*l.name == crate::quota::REQUESTS));
     let scopes = ScopeSet::parse(scopes).map_err(|e| bad(SharedError::new(e)))?;
     for role in &roles {
         validate_role(role).map_err(|e| bad(SharedError::new(e)))?;
     }
-    let principal = Principal::builder(key_id)
+    let mut principal = Principal::builder(key_id)
         .owner(owner)
         .name(name)
         .scopes(scopes)
@@ -420,9 +444,14 @@ fn verdict_of(answer: VerifyAnswer) -> Result<Verdict, VerifyError> {
         .environment(environment)
         .expires_at(expires_at)
         .meta(meta)
-        .ratelimit(ratelimit)
-        .build();
-    Ok(Verdict::Valid(principal))
+        .limits(limits)
+        .credits(credits)
+        .owner_limits(owner_limits)
+        .owner_credits(owner_credits);
+    if ratelimit.is_some() {
+        principal = principal.ratelimit(ratelimit);
+    }
+    Ok(Verdict::Valid(principal.build()))
 }
 
 #[cfg(test)]

@@ -35,8 +35,8 @@ use super::store::{Applied, BatchMark, Found, NewKeyRecord, NewSecret, now_ms, t
 use super::text::{rfc3339, shown};
 use super::usage::{self, AGGREGATE_BODY_LIMIT, BatchForm};
 use super::validate::{
-    validate_environment, validate_expiry, validate_meta, validate_ratelimit, validate_role_name, validate_roles,
-    validate_scopes, validate_text,
+    merge_ratelimit, validate_credits, validate_environment, validate_expiry, validate_meta, validate_ratelimit,
+    validate_role_name, validate_roles, validate_scopes, validate_text,
 };
 use super::webhook_api;
 use crate::key::{ApiKey, KeyDigest};
@@ -64,7 +64,7 @@ const MAX_VERIFY_KEY_LEN: usize = 1024;
 /// | route | token |
 /// | --- | --- |
 /// | `POST /v1/keys/verify`, `POST /v1/keys/verify-batch`, `POST /v1/usage`, `GET /v1/events` | service |
-/// | `POST/GET /v1/keys`, `GET/PATCH /v1/keys/{id}`, `POST /v1/keys/{id}/rotate`, `POST /v1/keys/{id}/revoke`, `PUT/DELETE /v1/roles/{name}`, `GET /v1/roles`, `GET /v1/audit`, `GET /v1/usage`, `GET /v1/alerts`, `POST /v1/alerts/{id}/ack`, `POST/GET /v1/tokens`, `POST /v1/tokens/{id}/revoke` | admin |
+/// | `POST/GET /v1/keys`, `GET/PATCH /v1/keys/{id}`, `POST /v1/keys/{id}/rotate`, `POST /v1/keys/{id}/revoke`, `PUT/DELETE /v1/roles/{name}`, `GET /v1/roles`, `GET/PUT /v1/owners/{owner}`, `GET /v1/audit`, `GET /v1/usage`, `GET /v1/alerts`, `POST /v1/alerts/{id}/ack`, `POST/GET /v1/tokens`, `POST /v1/tokens/{id}/revoke` | admin |
 /// | `POST/GET /v1/webhooks`, `GET/DELETE /v1/webhooks/{id}`, `GET /v1/webhooks/{id}/deliveries` | admin |
 /// | `GET /healthz`, `GET /openapi.json` | none |
 /// | `POST /v1/leaks/github` | GitHub's signature (see [`secret_scanning`](super::KeyServer::secret_scanning)) |
@@ -95,6 +95,8 @@ pub fn router(state: ServerState) -> Router {
         .route("/v1/alerts/{id}/ack", post(super::manage::ack_alert))
         // GitHub secret scanning (signed reports, no token): see `leaks`.
         .route("/v1/leaks/github", post(super::leaks::github_report))
+        // Owners' limits and credits (issue 16).
+        .route("/v1/owners/{owner}", get(super::owners_api::get_owner).put(super::owners_api::put_owner))
         // Webhooks: endpoints and their delivery log (see the `webhook_api` module).
         .merge(webhook_api::routes())
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
@@ -137,6 +139,8 @@ pub fn router(state: ServerState) -> Router {
         ingest_usage,
         alerts,
         crate::server::manage::ack_alert,
+        crate::server::owners_api::get_owner,
+        crate::server::owners_api::put_owner,
         events,
         crate::server::tokens_api::create_token,
         crate::server::tokens_api::list_tokens,
@@ -172,6 +176,7 @@ pub fn router(state: ServerState) -> Router {
         (name = "verify", description = "The middleware's verify call (service token)."),
         (name = "keys", description = "Issue, change, rotate and revoke keys (admin token)."),
         (name = "roles", description = "Named sets of scopes (admin token)."),
+        (name = "owners", description = "Limits and credits shared by all of an owner's keys (admin token)."),
         (name = "audit", description = "The append-only audit log (admin token)."),
         (name = "usage", description = "Usage upload (service token) and reports (admin token)."),
         (name = "alerts", description = "Anomaly, expiring-soon and maximum-age alerts (admin token)."),
@@ -411,6 +416,10 @@ fn answer_for(found: Option<Found>) -> VerifyAnswer {
         expires_at,
         meta: k.meta,
         ratelimit: k.ratelimit,
+        limits: k.limits,
+        credits: k.credits,
+        owner_limits: found.owner_limits,
+        owner_credits: found.owner_credits,
     })
 }
 
@@ -540,8 +549,9 @@ async fn create_key(
     }
     let meta = req.meta.unwrap_or_else(|| json!({}));
     validate_meta(&meta)?;
-    if let Some(rl) = &req.ratelimit {
-        validate_ratelimit(rl)?;
+    let limits = merge_ratelimit(req.limits, req.ratelimit.as_ref())?;
+    if let Some(credits) = &req.credits {
+        validate_credits(credits)?;
     }
     // What the request says is checked first; then what it names must exist.
     refuse_empty(&scopes, &roles, req.allow_empty)?;
@@ -557,7 +567,8 @@ async fn create_key(
         environment,
         expires_at: req.expires_at.map(truncate_ms),
         meta,
-        ratelimit: req.ratelimit,
+        limits,
+        credits: req.credits,
         created_at: now,
     };
     let info = state.inner.store.create_key(&record, admin.actor()).await?;
@@ -667,7 +678,8 @@ async fn patch_key(
     if patch.is_empty() {
         return Err(ApiError::invalid(
             "invalid_request",
-            "nothing to change: send one or more of name, scopes, roles, disabled, meta, expires_at, ratelimit",
+            "nothing to change: send one or more of name, scopes, roles, disabled, meta, expires_at, ratelimit, \
+             limits, credits",
         ));
     }
     if let Some(name) = &patch.name {
@@ -690,6 +702,20 @@ async fn patch_key(
     }
     if let Some(Some(rl)) = &patch.ratelimit {
         validate_ratelimit(rl)?;
+    }
+    if let Some(limits) = &patch.limits {
+        // With `ratelimit` in the same patch, the list may not name `requests`.
+        let rl = patch.ratelimit.flatten();
+        merge_ratelimit(limits.clone(), rl.as_ref())?;
+        if patch.ratelimit == Some(None) && limits.iter().any(|l| &*l.name == crate::quota::REQUESTS) {
+            return Err(ApiError::invalid(
+                "invalid_limit",
+                "`ratelimit: null` removes the limit named `requests`, which `limits` sets",
+            ));
+        }
+    }
+    if let Some(Some(credits)) = &patch.credits {
+        validate_credits(credits)?;
     }
     let before = load(&state, &id).await?;
     if patch.scopes.is_some() || patch.roles.is_some() {

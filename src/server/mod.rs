@@ -131,7 +131,7 @@
 //! | type | when |
 //! | --- | --- |
 //! | `key.created` | a key was created |
-//! | `key.updated` | a patch changed its name, scopes, roles, expiry, meta or rate limit; `data.changed` lists which (`name`, `scopes`, `roles`, `expires_at`, `meta`, `ratelimit`). A patch that changes nothing sends nothing |
+//! | `key.updated` | a patch changed its name, scopes, roles, expiry, meta, rate limit, limits or credits; `data.changed` lists which (`name`, `scopes`, `roles`, `expires_at`, `meta`, `ratelimit`, `limits`, `credits`). A patch that changes nothing sends nothing |
 //! | `key.disabled`, `key.enabled` | a patch changed `disabled` (beside `key.updated` when it changed more) |
 //! | `key.rotated` | a new secret; `data.previous_expires_at` ends the old one |
 //! | `key.revoked` | revoked (once) |
@@ -292,6 +292,7 @@ mod meters;
 mod metrics;
 mod model;
 mod openapi;
+mod owners_api;
 mod policy;
 mod report;
 mod retention;

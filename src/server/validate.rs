@@ -3,6 +3,7 @@
 use time::OffsetDateTime;
 
 use crate::principal::RateLimit;
+use crate::quota::{Credits, Limit, REQUESTS, limits_problem};
 use crate::scope::{Scope, validate_role};
 
 use super::error::ApiError;
@@ -178,6 +179,40 @@ pub(crate) fn validate_ratelimit(rl: &RateLimit) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// Named limits: at most 16, names `[a-z0-9_-]{1,32}` and each once, positive
+/// numbers, periods up to 31 days.
+pub(crate) fn validate_limits(limits: &[Limit]) -> Result<(), ApiError> {
+    match limits_problem(limits) {
+        Some(why) => Err(ApiError::invalid("invalid_limit", why)),
+        None => Ok(()),
+    }
+}
+
+/// Credits: a bounded count and a refill that makes sense.
+pub(crate) fn validate_credits(credits: &Credits) -> Result<(), ApiError> {
+    match credits.problem() {
+        Some(why) => Err(ApiError::invalid("invalid_credits", why)),
+        None => Ok(()),
+    }
+}
+
+/// The limits of a request that may also send the single `ratelimit` (the `requests`
+/// limit, for older clients): both naming `requests` is refused.
+pub(crate) fn merge_ratelimit(mut limits: Vec<Limit>, ratelimit: Option<&RateLimit>) -> Result<Vec<Limit>, ApiError> {
+    if let Some(rl) = ratelimit {
+        validate_ratelimit(rl)?;
+        if limits.iter().any(|l| &*l.name == REQUESTS) {
+            return Err(ApiError::invalid(
+                "invalid_limit",
+                "`ratelimit` is the limit named `requests`: send it or a `requests` limit in `limits`, not both",
+            ));
+        }
+        limits.insert(0, Limit::new(REQUESTS, rl.limit, rl.period_s));
+    }
+    validate_limits(&limits)?;
+    Ok(limits)
 }
 
 #[cfg(test)]

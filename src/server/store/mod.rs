@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 
 use crate::key::KeyDigest;
 use crate::principal::RateLimit;
+use crate::quota::{Credits, Limit};
 
 use super::events::{ChangeNote, KeyEvent, MAX_EVENTS_PER_CHANGE};
 use super::meters::Meters;
@@ -136,8 +137,10 @@ pub(crate) struct NewKeyRecord {
     pub(crate) expires_at: Option<OffsetDateTime>,
     /// Metadata object.
     pub(crate) meta: Value,
-    /// Rate limit.
-    pub(crate) ratelimit: Option<RateLimit>,
+    /// Validated named limits (the `requests` one is also `ratelimit`).
+    pub(crate) limits: Vec<Limit>,
+    /// Validated credits.
+    pub(crate) credits: Option<Credits>,
     /// Creation time.
     pub(crate) created_at: OffsetDateTime,
 }
@@ -160,6 +163,10 @@ pub struct Found {
     pub secret_expires_at: Option<OffsetDateTime>,
     /// The scopes of the key's roles that exist (duplicates possible).
     pub role_scopes: Vec<String>,
+    /// The owner's limits, shared by all of its keys.
+    pub owner_limits: Vec<Limit>,
+    /// The owner's credits, shared by all of its keys.
+    pub owner_credits: Option<Credits>,
 }
 
 /// Whether a client network was new for a key.
@@ -345,6 +352,9 @@ macro_rules! write_tx {
 // above, which it uses.
 mod tokens;
 pub(crate) use tokens::{ActiveToken, Revoked, token_queries};
+
+// ---- owners and limits (issue 16), in `owners.rs`.
+pub(crate) mod owners;
 
 impl Store {
     /// Reports every change this store commits to `sink` from now on.
@@ -972,6 +982,8 @@ fn webhook_events_of(
                 ("expires_at", before.expires_at != key.expires_at),
                 ("meta", before.meta != key.meta),
                 ("ratelimit", before.ratelimit != key.ratelimit),
+                ("limits", before.limits != key.limits),
+                ("credits", before.credits != key.credits),
             ]
             .into_iter()
             .filter_map(|(field, differs)| differs.then_some(field))
@@ -1049,7 +1061,9 @@ pub(crate) fn create_changes(key: &NewKeyRecord) -> Value {
         "environment": key.environment,
         "expires_at": key.expires_at.and_then(rfc3339),
         "meta": key.meta,
-        "ratelimit": key.ratelimit,
+        "ratelimit": owners::ratelimit_of(&key.limits),
+        "limits": key.limits,
+        "credits": key.credits,
         "key_prefix": key.secret.key_prefix,
     })
 }
@@ -1146,9 +1160,24 @@ pub(crate) fn apply_patch(key: &mut KeyInfo, patch: &KeyPatch) -> Value {
         note("expires_at", json!(key.expires_at.and_then(rfc3339)), json!(expires_at.and_then(rfc3339)));
         key.expires_at = expires_at;
     }
+    // `ratelimit` is the `requests` limit: the API refused a patch that sets both.
+    let mut limits = patch.limits.clone().unwrap_or_else(|| key.limits.clone());
     if let Some(ratelimit) = patch.ratelimit {
+        limits.retain(|l| &*l.name != crate::quota::REQUESTS);
+        if let Some(rl) = ratelimit {
+            limits.insert(0, Limit::new(crate::quota::REQUESTS, rl.limit, rl.period_s));
+        }
+    }
+    if limits != key.limits {
+        let ratelimit = owners::ratelimit_of(&limits);
         note("ratelimit", json!(key.ratelimit), json!(ratelimit));
+        note("limits", json!(key.limits), json!(limits));
         key.ratelimit = ratelimit;
+        key.limits = limits;
+    }
+    if let Some(credits) = &patch.credits {
+        note("credits", json!(key.credits), json!(credits));
+        key.credits.clone_from(credits);
     }
     Value::Object(changes)
 }

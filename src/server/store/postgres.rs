@@ -33,6 +33,9 @@ super::webhooks::webhook_queries!(
 // Tokens (issue 14).
 super::token_queries!(sqlx::Postgres, name_lock = super::xact_lock);
 
+// Owners' limits and credits (issue 16).
+super::owners::owner_queries!(sqlx::Postgres, name_lock = super::xact_lock);
+
 super::changelog::change_log_queries!(sqlx::Postgres);
 
 /// Changes of one name in a namespace serialize, whether or not its row exists yet.

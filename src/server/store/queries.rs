@@ -33,6 +33,7 @@ macro_rules! shared_queries {
             };
             use $crate::server::store::usage::{BatchMark, ReadRow, TALLY_COLUMNS, Tally, UsageKey, UsageRead, UsageTable};
             use $crate::server::store::queries::{LOCK_NETWORK, LOCK_ROLE};
+            use $crate::server::store::owners::{credits_json, limits_json, ratelimit_of};
             use $crate::server::store::{
                 Found, KeyChange, NetworkSeen, NewKeyRecord, NewSecret, StoreError, action, create_changes,
                 parse_json_list, to_ms,
@@ -97,8 +98,8 @@ macro_rules! shared_queries {
                 let created = to_ms(key.created_at);
                 sqlx::query(
                     "INSERT INTO keys (key_id, owner, name, scopes, roles, environment, expires_at, disabled, meta, \
-                     ratelimit_limit, ratelimit_period_s, key_prefix, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                     ratelimit_limit, ratelimit_period_s, key_prefix, created_at, limits, credits) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
                 )
                 .bind(&key.key_id)
                 .bind(&key.owner)
@@ -109,10 +110,12 @@ macro_rules! shared_queries {
                 .bind(key.expires_at.map(to_ms))
                 .bind(false)
                 .bind(key.meta.to_string())
-                .bind(key.ratelimit.map(|r| r.limit as i64))
-                .bind(key.ratelimit.map(|r| r.period_s as i64))
+                .bind(ratelimit_of(&key.limits).map(|r| r.limit as i64))
+                .bind(ratelimit_of(&key.limits).map(|r| r.period_s as i64))
                 .bind(&key.secret.key_prefix)
                 .bind(created)
+                .bind(limits_json(&key.limits))
+                .bind(credits_json(key.credits.as_ref()))
                 .execute(&mut *conn)
                 .await?;
                 insert_secret(conn, &key.key_id, &key.secret, created).await?;
@@ -208,8 +211,10 @@ macro_rules! shared_queries {
                 let row = sqlx::query(&format!(
                     "SELECT {KEY_COLUMNS}, s.expires_at AS secret_expires_at, \
                      (SELECT string_agg(r.scopes, '\n') FROM key_roles kr JOIN roles r ON r.name = kr.role \
-                      WHERE kr.key_id = k.key_id) AS role_scopes \
-                     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id WHERE s.digest = $1"
+                      WHERE kr.key_id = k.key_id) AS role_scopes, \
+                     o.limits AS owner_limits, o.credits AS owner_credits \
+                     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id \
+                     LEFT JOIN owners o ON o.owner = k.owner WHERE s.digest = $1"
                 ))
                 .bind(&digest.as_bytes()[..])
                 .fetch_optional(ex)
@@ -228,8 +233,10 @@ macro_rules! shared_queries {
                 let sql = format!(
                     "SELECT {KEY_COLUMNS}, s.digest AS digest, s.expires_at AS secret_expires_at, \
                      (SELECT string_agg(r.scopes, '\n') FROM key_roles kr JOIN roles r ON r.name = kr.role \
-                      WHERE kr.key_id = k.key_id) AS role_scopes \
-                     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id WHERE s.digest IN ({})",
+                      WHERE kr.key_id = k.key_id) AS role_scopes, \
+                     o.limits AS owner_limits, o.credits AS owner_credits \
+                     FROM key_secrets s JOIN keys k ON k.key_id = s.key_id \
+                     LEFT JOIN owners o ON o.owner = k.owner WHERE s.digest IN ({})",
                     placeholders.join(", ")
                 );
                 let mut query = sqlx::query(&sql);
@@ -477,7 +484,7 @@ macro_rules! shared_queries {
                 sqlx::query(
                     "UPDATE keys SET name = $2, scopes = $3, roles = $4, expires_at = $5, disabled = $6, \
                      revoked_at = $7, meta = $8, ratelimit_limit = $9, ratelimit_period_s = $10, key_prefix = $11, \
-                     updated_at = $12 WHERE key_id = $1",
+                     updated_at = $12, limits = $13, credits = $14 WHERE key_id = $1",
                 )
                 .bind(&key.key_id)
                 .bind(&key.name)
@@ -491,6 +498,8 @@ macro_rules! shared_queries {
                 .bind(key.ratelimit.map(|r| r.period_s as i64))
                 .bind(&key.key_prefix)
                 .bind(key.updated_at.map(to_ms))
+                .bind(limits_json(&key.limits))
+                .bind(credits_json(key.credits.as_ref()))
                 .execute(&mut *conn)
                 .await?;
                 Ok(())

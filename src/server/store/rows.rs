@@ -4,6 +4,7 @@
 
 use sqlx::Row;
 
+use super::owners::{credits_from, limits_from, ratelimit_of};
 use super::usage::Tally;
 use super::{Found, StoreError, from_ms, from_ms_opt, parse_json, parse_json_list, ratelimit_from};
 use crate::server::model::{Alert, AlertKind, AuditRecord, KeyInfo, RoleInfo, UsageBucket};
@@ -11,7 +12,7 @@ use crate::server::model::{Alert, AlertKind, AuditRecord, KeyInfo, RoleInfo, Usa
 /// The columns [`key_from_row`] reads, from `keys k`.
 pub(crate) const KEY_COLUMNS: &str = "k.key_id, k.owner, k.name, k.scopes, k.roles, k.environment, k.expires_at, \
      k.disabled, k.revoked_at, k.meta, k.ratelimit_limit, k.ratelimit_period_s, k.key_prefix, k.created_at, \
-     k.updated_at, k.last_used_at";
+     k.updated_at, k.last_used_at, k.limits, k.credits";
 
 /// The columns [`alert_from_row`] reads, from `alerts`.
 pub(crate) const ALERT_COLUMNS: &str =
@@ -64,6 +65,8 @@ impl_get!(sqlx::postgres::PgRow);
 
 pub(crate) fn key_from_row(row: &impl Get) -> Result<KeyInfo, StoreError> {
     let revoked_at = from_ms_opt(row.opt_int("revoked_at")?)?;
+    let legacy = ratelimit_from(row.opt_int("ratelimit_limit")?, row.opt_int("ratelimit_period_s")?);
+    let limits = limits_from(&row.text("limits")?, legacy)?;
     Ok(KeyInfo {
         key_id: row.text("key_id")?,
         owner: row.text("owner")?,
@@ -76,7 +79,9 @@ pub(crate) fn key_from_row(row: &impl Get) -> Result<KeyInfo, StoreError> {
         revoked: revoked_at.is_some(),
         revoked_at,
         meta: parse_json(&row.text("meta")?)?,
-        ratelimit: ratelimit_from(row.opt_int("ratelimit_limit")?, row.opt_int("ratelimit_period_s")?),
+        ratelimit: ratelimit_of(&limits),
+        limits,
+        credits: credits_from(row.opt_text("credits")?.as_deref())?,
         created_at: from_ms(row.int("created_at")?)?,
         updated_at: from_ms_opt(row.opt_int("updated_at")?)?,
         last_used_at: from_ms_opt(row.opt_int("last_used_at")?)?,
@@ -97,6 +102,11 @@ pub(crate) fn found_from_row(row: &impl Get) -> Result<Found, StoreError> {
         key: key_from_row(row)?,
         secret_expires_at: from_ms_opt(row.opt_int("secret_expires_at")?)?,
         role_scopes,
+        owner_limits: match row.opt_text("owner_limits")? {
+            Some(json) => limits_from(&json, None)?,
+            None => Vec::new(),
+        },
+        owner_credits: credits_from(row.opt_text("owner_credits")?.as_deref())?,
     })
 }
 

@@ -25,6 +25,9 @@ super::webhooks::webhook_queries!(sqlx::Sqlite, row_lock = "", name_lock = super
 // Tokens (issue 14).
 super::token_queries!(sqlx::Sqlite, name_lock = super::no_lock);
 
+// Owners' limits and credits (issue 16).
+super::owners::owner_queries!(sqlx::Sqlite, name_lock = super::no_lock);
+
 super::changelog::change_log_queries!(sqlx::Sqlite);
 
 static MIGRATOR: Migrator = sqlx::migrate!("src/server/store/migrations/sqlite");
