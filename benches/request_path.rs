@@ -20,7 +20,11 @@
 //! - `keygate_one_layer_cached_usage`: the same cache and usage, with the route's
 //!   requirement enforced by the layer itself (`ApiKeyLayer::require`): one layer
 //!   per route instead of two;
-//! - `keygate_one_layer_cached_usage_hot_key`: the same, one key calling.
+//! - `keygate_one_layer_cached_usage_hot_key`: the same, one key calling;
+//! - `keygate_static_limited`: `keygate_static` with every key carrying a `requests`
+//!   limit (GCRA per key, per process), one key calling;
+//! - `keygate_static_credits`: the same key with credits too, on a route whose
+//!   `RequireScopes` states a cost of 1 from `requests` and 2 credits.
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use std::hint::black_box;
@@ -59,6 +63,26 @@ fn keyed_route() -> Router {
 
 fn one_layer_route<V: Verifier>(layer: ApiKeyLayer<V>) -> Router {
     Router::new().route("/reports", get(|| async { "ok" }).layer(layer.require(RequireScopes::all(["reports:read"]))))
+}
+
+fn costed_route() -> Router {
+    let policy = RequireScopes::all(["reports:read"]).cost(keygate::Cost::new().credits(2));
+    Router::new().route("/reports", get(|| async { "ok" }).route_layer(policy))
+}
+
+/// One key with a limit no benchmark run reaches (and credits, when `credits`).
+fn limited_key(credits: bool) -> (Vec<HeaderValue>, StaticVerifier) {
+    let verifier = StaticVerifier::new();
+    let key = ApiKey::generate("kg").unwrap();
+    let huge = 1_000_000_000_000_000;
+    let p = Principal::builder("key_limited")
+        .owner("acme")
+        .scopes(ScopeSet::parse(["reports:read"]).unwrap())
+        .limits([keygate::quota::Limit::new("requests", huge, 1)])
+        .credits(credits.then_some(keygate::quota::Credits { remaining: huge, refill: None }))
+        .build();
+    verifier.insert(&key, p);
+    (vec![HeaderValue::from_str(&format!("Bearer {}", key.expose_secret())).unwrap()], verifier)
 }
 
 fn keys() -> (Vec<HeaderValue>, StaticVerifier) {
@@ -103,8 +127,12 @@ fn bench(c: &mut Criterion) {
     let (headers, verifier) = keys();
     let verifier = Arc::new(verifier);
 
-    let cached =
-        CachedVerifier::builder(verifier.clone()).max_capacity(100_000).positive_ttl(Duration::from_secs(3600)).build();
+    // No miss budget: warming 10 000 keys in a loop is setup, and would spend it.
+    let cached = CachedVerifier::builder(verifier.clone())
+        .max_capacity(100_000)
+        .positive_ttl(Duration::from_secs(3600))
+        .miss_budget(keygate::MissBudget::unlimited())
+        .build();
     // The aggregator's worker runs on its own runtime thread, as it would beside a
     // multi-threaded server: the benchmark's single thread never yields to it.
     let background = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -124,6 +152,8 @@ fn bench(c: &mut Criterion) {
     let static_layer = ApiKeyLayer::from_arc(verifier.clone());
     let layer = ApiKeyLayer::from_arc(cached.clone()).usage(aggregator);
     let hot = vec![headers[0].clone()];
+    let (limited, limited_verifier) = limited_key(false);
+    let (credited, credited_verifier) = limited_key(true);
     let variants = [
         Variant::new("no_auth", route(), headers.clone()),
         Variant::new("static_bearer", route().layer(bearer), token),
@@ -133,7 +163,10 @@ fn bench(c: &mut Criterion) {
         // shape, where the key's cache lines stay warm.
         Variant::new("keygate_cached_usage_hot_key", keyed_route().layer(layer.clone()), hot.clone()),
         Variant::new("keygate_one_layer_cached_usage", one_layer_route(layer.clone()), headers.clone()),
-        Variant::new("keygate_one_layer_cached_usage_hot_key", one_layer_route(layer), hot),
+        Variant::new("keygate_one_layer_cached_usage_hot_key", one_layer_route(layer), hot.clone()),
+        Variant::new("keygate_static_hot_key", keyed_route().layer(ApiKeyLayer::from_arc(verifier.clone())), hot),
+        Variant::new("keygate_static_limited", keyed_route().layer(ApiKeyLayer::new(limited_verifier)), limited),
+        Variant::new("keygate_static_credits", costed_route().layer(ApiKeyLayer::new(credited_verifier)), credited),
     ];
 
     let mut group = c.benchmark_group("request_path");

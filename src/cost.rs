@@ -9,7 +9,8 @@ use crate::quota::{REQUESTS, name_problem};
 /// The default, [`Cost::new`], is what every route costs unless it says otherwise: 1
 /// from the limit named `requests` and 1 credit, when the key has them. A key without
 /// a limit or credits the cost names is not limited by it; a limit the key has and the
-/// cost does not name is not drawn from.
+/// cost does not name is not drawn from. A cost above a limit's burst never fits in it:
+/// such a request is always refused.
 ///
 /// A route states its cost with [`Cost`] as a route layer (axum), or with
 /// [`RequireScopes::cost`](crate::RequireScopes::cost) and

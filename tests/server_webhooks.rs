@@ -395,7 +395,8 @@ async fn a_patch_sends_key_updated_naming_what_changed_and_only_when_something_d
         ("key.updated", json!(["roles"])),
         ("key.updated", json!(["expires_at"])),
         ("key.updated", json!(["meta"])),
-        ("key.updated", json!(["ratelimit"])),
+        // `ratelimit` is the limit named `requests`: both changed.
+        ("key.updated", json!(["ratelimit", "limits"])),
         ("key.disabled", Value::Null),
         ("key.updated", json!(["name", "meta"])),
     ]
