@@ -102,3 +102,25 @@ pub(crate) fn describe(e: &reqwest::Error) -> String {
     }
     if out.is_empty() { e.to_string() } else { out }
 }
+
+/// A reqwest error shown by its causes (reqwest's own line repeats the URL), with
+/// reqwest's error as its source.
+pub(crate) struct Cause(pub(crate) reqwest::Error);
+
+impl fmt::Debug for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&describe(&self.0))
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
