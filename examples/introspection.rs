@@ -110,10 +110,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let auth = ApiKeyLayer::new(verifier).format(KeyFormat::opaque()).max_key_len(4096);
 
     let app = Router::new()
-        .route(
-            "/reports",
-            get(|p: Principal| async move { Json(json!({"client": p.key_id(), "owner": p.owner()})) }),
-        )
+        .route("/reports", get(|p: Principal| async move { Json(json!({"client": p.key_id(), "owner": p.owner()})) }))
         .route_layer(RequireScopes::all(["reports:read"]))
         .layer(auth)
         .route("/health", get(|| async { "ok" }));

@@ -205,17 +205,17 @@ pub use verify::{
     FailurePolicy, MissBudget,
 };
 
+#[cfg(feature = "introspection")]
+pub use introspection::{
+    ClientAuth, DEFAULT_INTROSPECTION_CONNECT_TIMEOUT, DEFAULT_INTROSPECTION_MAX_RESPONSE_BYTES,
+    DEFAULT_INTROSPECTION_TIMEOUT, IntrospectionConfigError, IntrospectionVerifier, IntrospectionVerifierBuilder,
+};
 #[cfg(feature = "remote")]
 pub use remote::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAILOVER_COOLDOWN, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_INITIAL_BACKOFF,
     DEFAULT_MAX_BACKOFF, DEFAULT_MAX_LINE_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_VERIFY_TIMEOUT,
     HttpExporterBuildError, HttpUsageExporter, HttpUsageExporterBuilder, HttpVerifier, HttpVerifierBuilder,
     ListenerStats, RemoteAuth, RemoteAuthBuilder, RemoteConfigError, RevocationListener, RevocationListenerBuilder,
-};
-#[cfg(feature = "introspection")]
-pub use introspection::{
-    ClientAuth, DEFAULT_INTROSPECTION_CONNECT_TIMEOUT, DEFAULT_INTROSPECTION_MAX_RESPONSE_BYTES,
-    DEFAULT_INTROSPECTION_TIMEOUT, IntrospectionConfigError, IntrospectionVerifier, IntrospectionVerifierBuilder,
 };
 // Service tokens read from a file (issue 14).
 #[cfg(feature = "remote")]

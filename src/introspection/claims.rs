@@ -192,7 +192,10 @@ mod tests {
         assert_eq!(reason(r#"{"active":true,"sub":"u","aud":"other","iss":"https://as"}"#), Reason::NotFound);
         assert_eq!(reason(r#"{"active":true,"sub":"u","iss":"https://as"}"#), Reason::NotFound);
         assert_eq!(reason(r#"{"active":true,"sub":"u","aud":["x","api"],"iss":"https://evil"}"#), Reason::NotFound);
-        assert_eq!(reason(r#"{"active":true,"sub":"u","aud":["x","api"],"iss":"https://as","exp":1}"#), Reason::Expired);
+        assert_eq!(
+            reason(r#"{"active":true,"sub":"u","aud":["x","api"],"iss":"https://as","exp":1}"#),
+            Reason::Expired
+        );
         assert!(matches!(
             parse(r#"{"active":true,"sub":"u","aud":["x","api"],"iss":"https://as"}"#, &r),
             Ok(Verdict::Valid(_))

@@ -577,7 +577,10 @@ mod tests {
         let base = || IntrospectionVerifier::builder("http://127.0.0.1:9/i");
         assert!(matches!(base().build(), Err(IntrospectionConfigError::MissingClientAuth)));
         assert!(matches!(base().bearer_token("a b").build(), Err(IntrospectionConfigError::InvalidCredentials)));
-        assert!(matches!(base().client_secret_post("", "x").build(), Err(IntrospectionConfigError::InvalidCredentials)));
+        assert!(matches!(
+            base().client_secret_post("", "x").build(),
+            Err(IntrospectionConfigError::InvalidCredentials)
+        ));
         assert!(matches!(
             base().bearer_token("t").map_scope("read", "reports").build(),
             Err(IntrospectionConfigError::ScopeMapping { .. })
