@@ -207,8 +207,8 @@ pub use verify::{
 
 #[cfg(feature = "introspection")]
 pub use introspection::{
-    ClientAuth, DEFAULT_INTROSPECTION_CONNECT_TIMEOUT, DEFAULT_INTROSPECTION_MAX_RESPONSE_BYTES,
-    DEFAULT_INTROSPECTION_TIMEOUT, IntrospectionConfigError, IntrospectionVerifier, IntrospectionVerifierBuilder,
+    DEFAULT_INTROSPECTION_CONNECT_TIMEOUT, DEFAULT_INTROSPECTION_MAX_RESPONSE_BYTES, DEFAULT_INTROSPECTION_TIMEOUT,
+    IntrospectionConfigError, IntrospectionVerifier, IntrospectionVerifierBuilder,
 };
 #[cfg(feature = "remote")]
 pub use remote::{

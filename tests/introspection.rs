@@ -240,11 +240,10 @@ async fn an_inactive_token_is_refused_and_negatively_cached() {
 #[tokio::test]
 async fn a_verdict_is_not_cached_past_the_tokens_exp() {
     let Some(server) = AuthServer::start().await else { return };
-    // A positive TTL far longer than the token lives: only `exp` can end the entry.
-    let cached = CachedVerifier::builder(server.verifier().build().unwrap())
-        .positive_ttl(Duration::from_secs(3600))
-        .stale_if_error(Duration::ZERO)
-        .build();
+    // A positive TTL far longer than the token lives (and the default 5 min stale window):
+    // only `exp` can end the entry.
+    let cached =
+        CachedVerifier::builder(server.verifier().build().unwrap()).positive_ttl(Duration::from_secs(3600)).build();
     let app = app(cached);
     // app-short's tokens live 3 s.
     let token = server.token("app-short", "read").await;
@@ -427,4 +426,74 @@ async fn the_request_is_an_rfc_7662_form() {
     );
     assert_eq!(seen[1].0.as_deref(), Some("Bearer rs-bearer"));
     assert_eq!(form(&seen[1].1), [("token".to_string(), token.to_string())]);
+}
+
+#[derive(Clone, Default)]
+struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Buffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Every log line down to TRACE (keygate's, reqwest's, hyper's), every error and the
+/// verifier's `Debug`, through a grant, a refusal, a wrong audience and a failure:
+/// none holds a token or the client secret.
+#[tokio::test(flavor = "current_thread")]
+async fn no_token_or_client_secret_in_logs_errors_or_debug() {
+    let Some(server) = AuthServer::start().await else { return };
+    let good = server.token("app", "read").await;
+    let foreign = server.token("app-other", "read").await;
+    let revoked = server.token("app", "read").await;
+    server.revoke("app", &revoked).await;
+
+    let buffer = Buffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let verifier = server.verifier().build().unwrap();
+    let debug = format!("{verifier:?}");
+    let app = app(CachedVerifier::new(verifier));
+    assert_eq!(call(&app, "GET", "/reports", &good).await.0, StatusCode::OK);
+    assert_eq!(call(&app, "GET", "/reports", &revoked).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&app, "GET", "/reports", &foreign).await.0, StatusCode::UNAUTHORIZED);
+    // Refused client credentials, then the server gone: errors.
+    let wrong =
+        IntrospectionVerifier::builder(server.introspection_url()).client_secret_basic("rs-basic", "wr0ng-secret");
+    let wrong = wrong.build().unwrap();
+    let refused = wrong.verify(&ApiKey::new(good.clone())).await.unwrap_err();
+    let verifier = server.verifier().build().unwrap();
+    drop(server);
+    let mut down = None;
+    for _ in 0..100 {
+        match verifier.verify(&ApiKey::new(good.clone())).await {
+            Err(e) => {
+                down = Some(e);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let down = down.expect("the server stopped");
+
+    let logs = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("introspect"), "the log was captured");
+    let everything = format!("{logs}\n{debug}\n{refused} {refused:?}\n{down} {down:?}");
+    for secret in [&good, &foreign, &revoked, BASIC_SECRET, "wr0ng-secret"] {
+        assert!(!everything.contains(secret), "a secret in the output");
+    }
+    // Nor the secret's Basic encoding.
+    use base64::Engine as _;
+    let basic = base64::engine::general_purpose::STANDARD.encode("rs-basic:s3cr%3At%20%25basic%2B");
+    assert!(!everything.contains(&basic));
 }

@@ -166,7 +166,7 @@ mod tests {
         );
         assert_eq!((p.key_id(), p.owner(), p.name()), ("app", "u1", "ann"));
         let scopes: Vec<_> = p.scopes().iter().map(|s| s.as_str().to_owned()).collect();
-        assert_eq!(scopes, ["reports:read", "billing:write"]);
+        assert_eq!(scopes, ["billing:write", "reports:read"]);
         assert_eq!(p.expires_at().unwrap().unix_timestamp(), 4102444800);
         assert_eq!(p.meta()["iss"], "https://as");
         assert_eq!(p.meta()["x"], 1);

@@ -20,33 +20,24 @@ use crate::verify::{SharedError, Verdict, Verifier, VerifyError};
 mod claims;
 
 /// Default deadline of one introspection call, the retry included: 2 s.
+#[cfg_attr(docsrs, doc(cfg(feature = "introspection")))]
 pub const DEFAULT_INTROSPECTION_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default connect timeout to the authorization server: 500 ms.
+#[cfg_attr(docsrs, doc(cfg(feature = "introspection")))]
 pub const DEFAULT_INTROSPECTION_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Default largest introspection answer read: 64 KiB.
+#[cfg_attr(docsrs, doc(cfg(feature = "introspection")))]
 pub const DEFAULT_INTROSPECTION_MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
-/// How keygate authenticates itself to the authorization server's introspection
-/// endpoint. `Debug` shows the method and the client id, never a secret.
+/// How keygate authenticates itself to the introspection endpoint. `Debug` shows the
+/// method and the client id, never a secret.
 #[derive(Clone)]
-#[cfg_attr(docsrs, doc(cfg(feature = "introspection")))]
-#[non_exhaustive]
-pub enum ClientAuth {
+enum ClientAuth {
     /// `client_secret_basic` (RFC 6749 2.3.1): `Authorization: Basic`, id and secret
     /// form-urlencoded first.
-    ClientSecretBasic {
-        /// The client id.
-        client_id: String,
-        /// The client secret.
-        client_secret: Zeroizing<String>,
-    },
+    ClientSecretBasic { client_id: String, client_secret: Zeroizing<String> },
     /// `client_secret_post`: `client_id` and `client_secret` in the form body.
-    ClientSecretPost {
-        /// The client id.
-        client_id: String,
-        /// The client secret.
-        client_secret: Zeroizing<String>,
-    },
+    ClientSecretPost { client_id: String, client_secret: Zeroizing<String> },
     /// `Authorization: Bearer <token>`, a token the authorization server gave this
     /// resource server for introspection (RFC 7662 2.1 allows it).
     Bearer(Zeroizing<String>),
@@ -275,12 +266,6 @@ impl IntrospectionVerifierBuilder {
     /// authentication.
     pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
         self.auth = Some(ClientAuth::Bearer(Zeroizing::new(token.into())));
-        self
-    }
-
-    /// Authenticates as `auth` says.
-    pub fn client_auth(mut self, auth: ClientAuth) -> Self {
-        self.auth = Some(auth);
         self
     }
 
