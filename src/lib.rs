@@ -100,6 +100,7 @@
 //! | `axum` | yes | the [`Principal`] extractor, route templates from `MatchedPath` |
 //! | `cache` | yes | `CachedVerifier` (moka) |
 //! | `remote` | yes | `HttpVerifier`, `HttpUsageExporter`, `RevocationListener`, `RemoteAuth` (reqwest + rustls) |
+//! | `introspection` | no | `IntrospectionVerifier`: OAuth2 token introspection (RFC 7662) against any authorization server (reqwest + rustls) |
 //! | `client` | no | `AdminClient` for the key service's admin API (reqwest only) |
 //! | `tonic` | no | [`RejectionBody`] for tonic's body, to layer tonic servers |
 //! | `server` | no | the reference key service and the binary `keygate-server` (sqlx, SQLite; includes `client`) |
@@ -125,8 +126,9 @@
 //! 8. `usage`: decided requests, the aggregator and the raw-event pipeline.
 //! 9. `layer`: [`ApiKeyLayer`], which runs all of the above in that order.
 //!
-//! `wire`, `transport` and `remote` sit beside this chain (the protocol types, the HTTP
-//! client every keygate client uses, and the remote parts); only `remote::setup`
+//! `wire`, `transport`, `remote` and `introspection` sit beside this chain (the protocol
+//! types, the HTTP client every keygate client uses, the remote parts, and the OAuth2
+//! introspection verifier); only `remote::setup`
 //! (`RemoteAuth`) uses the whole chain, as it builds the layer. `client` is the admin
 //! API's client and types (feature `client`); `server` is the other side of the wire,
 //! and reads and answers `client`'s types.
@@ -159,8 +161,11 @@ pub mod wire;
 #[doc(hidden)]
 pub mod fuzzing;
 
-#[cfg(any(feature = "remote", feature = "client"))]
+#[cfg(any(feature = "remote", feature = "client", feature = "introspection"))]
 mod transport;
+
+#[cfg(feature = "introspection")]
+mod introspection;
 
 #[cfg(feature = "remote")]
 mod remote;
@@ -208,6 +213,11 @@ pub use verify::{
     FailurePolicy, MissBudget,
 };
 
+#[cfg(feature = "introspection")]
+pub use introspection::{
+    DEFAULT_INTROSPECTION_CONNECT_TIMEOUT, DEFAULT_INTROSPECTION_MAX_RESPONSE_BYTES, DEFAULT_INTROSPECTION_TIMEOUT,
+    IntrospectionConfigError, IntrospectionVerifier, IntrospectionVerifierBuilder,
+};
 #[cfg(feature = "remote")]
 pub use remote::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_FAILOVER_COOLDOWN, DEFAULT_HEARTBEAT_INTERVAL, DEFAULT_INITIAL_BACKOFF,

@@ -102,3 +102,30 @@ pub(crate) fn describe(e: &reqwest::Error) -> String {
     }
     if out.is_empty() { e.to_string() } else { out }
 }
+
+/// A reqwest error shown by its causes (reqwest's own line repeats the URL), with
+/// reqwest's error as its source (for the verifiers' errors; the admin client reports its
+/// own way).
+#[cfg(any(feature = "remote", feature = "introspection"))]
+pub(crate) struct Cause(pub(crate) reqwest::Error);
+
+#[cfg(any(feature = "remote", feature = "introspection"))]
+impl fmt::Debug for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+#[cfg(any(feature = "remote", feature = "introspection"))]
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&describe(&self.0))
+    }
+}
+
+#[cfg(any(feature = "remote", feature = "introspection"))]
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}

@@ -23,7 +23,7 @@ mod verifier;
 #[cfg(fuzzing)]
 pub(crate) use listener::{EventBound, PARSER_START};
 
-pub(crate) use crate::transport::{ClientOptions, ReadError, describe, http_client, read_body};
+pub(crate) use crate::transport::{Cause, ClientOptions, ReadError, describe, http_client, read_body};
 pub(crate) use endpoints::{Endpoint, Endpoints, KeyServiceUrls};
 pub(crate) use token_file::{Auth, Ticket};
 pub use token_file::{DEFAULT_TOKEN_FILE_POLL, MAX_TOKEN_FILE_BYTES};

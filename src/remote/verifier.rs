@@ -12,7 +12,7 @@ use http::header::{ACCEPT, CONTENT_TYPE};
 use crate::key::{ApiKey, KeyDigest};
 use crate::principal::Principal;
 use crate::remote::{
-    Endpoint, KeyServiceUrls, ReadError, Remote, RemoteConfigError, RemoteSettings, Ticket, describe, read_body,
+    Cause, Endpoint, KeyServiceUrls, ReadError, Remote, RemoteConfigError, RemoteSettings, Ticket, read_body,
     remote_builder_methods,
 };
 use crate::scope::{ScopeSet, validate_role};
@@ -353,28 +353,6 @@ impl Inner {
         } else {
             Failure::Final(VerifyError::Other(SharedError::new(cause)))
         }
-    }
-}
-
-/// A reqwest error shown by its causes (reqwest's own line repeats the URL), with
-/// reqwest's error as its source.
-struct Cause(reqwest::Error);
-
-impl fmt::Debug for Cause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
-    }
-}
-
-impl fmt::Display for Cause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&describe(&self.0))
-    }
-}
-
-impl std::error::Error for Cause {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.0)
     }
 }
 

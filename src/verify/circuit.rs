@@ -175,7 +175,8 @@ impl Circuit {
     }
 
     /// Closes the circuit without a call: something else showed the key service is
-    /// back (the event stream connected).
+    /// back (the event stream connected). Only the revocation listener knows that.
+    #[cfg(feature = "remote")]
     pub(crate) fn close(&self, why: &'static str) {
         let mut state = lock(&self.state);
         state.failures = 0;
