@@ -38,7 +38,10 @@
 //! - valid ([`ValidKey`]): `{"valid": true, "key_id", "owner", "name", "scopes": [...],
 //!   "roles": [...], "environment", "expires_at": RFC 3339 or null, "meta": {...},
 //!   "ratelimit": {"limit", "period_s"} or null, "limits"?: [Limit...], "credits"?: Credits,
-//!   "owner_limits"?: [Limit...], "owner_credits"?: Credits}`. `expires_at` is the earliest
+//!   "owner_limits"?: [Limit...], "owner_credits"?: Credits, "allowed_networks"?: [CIDR...],
+//!   "owner_allowed_networks"?: [CIDR...]}` (the networks the key, and every key of its
+//!   owner, may be used from; a middleware refuses a request from elsewhere with 403
+//!   `ip_not_allowed`). `expires_at` is the earliest
 //!   of the key's expiry and, after a rotation, the end of the old secret's grace: no cache
 //!   may keep the answer longer. `limits` are the key's named limits ([`Limit`]
 //!   `{"name", "limit", "period_s", "burst"?}`), `credits` its credits ([`Credits`]
@@ -277,6 +280,12 @@ pub struct ValidKey {
     /// The owner's credits, shared by all of its keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_credits: Option<Credits>,
+    /// Networks the key may be used from (CIDRs); empty or absent: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_networks: Vec<String>,
+    /// Networks every key of the owner may be used from (CIDRs); empty or absent: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owner_allowed_networks: Vec<String>,
 }
 
 /// The body of `POST /v1/keys/verify-batch`: `{"digests": ["<hex SHA-256>", ...]}`, from

@@ -135,6 +135,7 @@ async fn an_owner_limit_is_shared_by_its_keys_and_travels_in_the_answer() {
     let quota = OwnerQuota {
         limits: vec![Limit::new("requests", 5, 3600)],
         credits: Some(Credits { remaining: 1000, refill: Some(Refill::Monthly { day: 1, amount: 1000 }) }),
+        ..OwnerQuota::default()
     };
     t.admin.put_owner("acme", &quota).await.unwrap();
     let a = t.admin.create_key(new_key("acme", &["a:b"])).await.unwrap();

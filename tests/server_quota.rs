@@ -69,6 +69,7 @@ async fn round_trip(t: TestServer) {
     let quota = OwnerQuota {
         limits: vec![Limit::new("requests", 1000, 60)],
         credits: Some(Credits { remaining: 50, refill: Some(Refill::Daily { amount: 50 }) }),
+        ..OwnerQuota::default()
     };
     let owner = t.admin.put_owner("acme", &quota).await.unwrap();
     assert_eq!((owner.limits.clone(), owner.credits.clone()), (quota.limits.clone(), quota.credits.clone()));
@@ -156,7 +157,7 @@ async fn bad_limits_and_credits_are_refused() {
         let e = t.admin.create_key(new).await.unwrap_err();
         assert_eq!(refused(e), (400, code.to_owned()), "{shown}");
     }
-    let bad_owner = OwnerQuota { limits: vec![Limit::new("", 1, 1)], credits: None };
+    let bad_owner = OwnerQuota { limits: vec![Limit::new("", 1, 1)], ..OwnerQuota::default() };
     assert_eq!(refused(t.admin.put_owner("acme", &bad_owner).await.unwrap_err()), (400, "invalid_limit".into()));
     // Unknown fields are refused too: a typo must not silently mean "no limit".
     let res = t

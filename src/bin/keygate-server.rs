@@ -417,6 +417,9 @@ struct CreateArgs {
     rate_limit: Option<RateLimit>,
     #[command(flatten)]
     quota: QuotaArgs,
+    /// A network the key may be used from (CIDR or address; repeatable). Default: any.
+    #[arg(long = "allow-network", value_name = "CIDR")]
+    allow_networks: Vec<String>,
     /// Allow a key with neither scopes nor roles (it only authenticates).
     #[arg(long)]
     allow_empty: bool,
@@ -470,6 +473,12 @@ struct UpdateArgs {
     /// Remove the credits.
     #[arg(long, conflicts_with_all = ["credits", "refill"])]
     no_credits: bool,
+    /// Replace the key's network allowlist with these (CIDR or address; repeatable).
+    #[arg(long = "allow-network", value_name = "CIDR", conflicts_with = "clear_networks")]
+    allow_networks: Vec<String>,
+    /// Remove the network allowlist: any network again.
+    #[arg(long)]
+    clear_networks: bool,
     /// Allow the change to leave the key with neither scopes nor roles.
     #[arg(long)]
     allow_empty: bool,
@@ -553,6 +562,9 @@ enum OwnersCmd {
         owner: String,
         #[command(flatten)]
         quota: QuotaArgs,
+        /// A network every key of the owner may be used from (CIDR or address; repeatable).
+        #[arg(long = "allow-network", value_name = "CIDR")]
+        allow_networks: Vec<String>,
     },
 }
 
@@ -562,8 +574,8 @@ async fn owners(cmd: OwnersCmd) -> Result<(), CliError> {
             let info = client(&conn)?.get_owner(&owner).await?;
             (conn, info)
         }
-        OwnersCmd::Set { conn, owner, quota } => {
-            let body = OwnerQuota { credits: quota.credits(), limits: quota.limits };
+        OwnersCmd::Set { conn, owner, quota, allow_networks } => {
+            let body = OwnerQuota { credits: quota.credits(), limits: quota.limits, allowed_networks: allow_networks };
             let info = client(&conn)?.put_owner(&owner, &body).await?;
             (conn, info)
         }
@@ -577,10 +589,12 @@ fn describe_owner(o: &OwnerInfo) -> String {
         "owner:        {}
 limits:       {}
 credits:      {}
+networks:     {}
 updated_at:   {}",
         o.owner,
         join_limits(&o.limits),
         o.credits.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string),
+        join_networks(&o.allowed_networks),
         fmt_time(o.updated_at)
     )
 }
@@ -1008,6 +1022,7 @@ async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
                 meta,
                 rate_limit,
                 quota,
+                allow_networks,
                 allow_empty,
             } = *args;
             let meta = meta.as_deref().map(parse_meta).transpose()?;
@@ -1027,6 +1042,7 @@ async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
                 ratelimit: rate_limit,
                 credits: quota.credits(),
                 limits: quota.limits,
+                allowed_networks: allow_networks,
                 allow_empty,
             };
             let created = client(&conn)?.create_key(new).await?;
@@ -1050,6 +1066,8 @@ async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
                 quota,
                 clear_limits,
                 no_credits,
+                allow_networks,
+                clear_networks,
                 allow_empty,
             } = *args;
             let credits = if no_credits { Some(None) } else { quota.credits().map(Some) };
@@ -1068,13 +1086,14 @@ async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
                 ratelimit: if no_rate_limit { Some(None) } else { rate_limit.map(Some) },
                 limits: (clear_limits || !quota.limits.is_empty()).then_some(quota.limits),
                 credits,
+                allowed_networks: (clear_networks || !allow_networks.is_empty()).then_some(allow_networks),
                 allow_empty,
             };
             if patch.is_empty() {
                 return Err(CliError::Usage(
                     "nothing to change: give --name, --scope/--clear-scopes, --role/--clear-roles, --meta, \
                      --expires-at/--expires-in/--no-expiry, --rate-limit/--no-rate-limit, --limit/--clear-limits \
-                     or --credits/--no-credits"
+                     --credits/--no-credits or --allow-network/--clear-networks"
                         .into(),
                 ));
             }
@@ -1239,7 +1258,7 @@ fn describe(k: &KeyInfo) -> String {
     format!(
         "key_id:       {}\nprefix:       {}…\nowner:        {}\nname:         {}\nscopes:       {}\nroles:        {}\n\
          environment:  {}\nstate:        {}\nexpires_at:   {}\ncreated_at:   {}\nlast_used_at: {}\nmeta:         {}\n\
-         limits:       {}\ncredits:      {}",
+         limits:       {}\ncredits:      {}\nnetworks:     {}",
         k.key_id,
         k.key_prefix,
         k.owner,
@@ -1253,8 +1272,13 @@ fn describe(k: &KeyInfo) -> String {
         fmt_time(k.last_used_at),
         k.meta,
         join_limits(&k.limits),
-        k.credits.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string)
+        k.credits.as_ref().map_or_else(|| "-".to_owned(), ToString::to_string),
+        join_networks(&k.allowed_networks)
     )
+}
+
+fn join_networks(networks: &[String]) -> String {
+    if networks.is_empty() { "any".to_owned() } else { networks.join(", ") }
 }
 
 fn state(k: &KeyInfo) -> &'static str {

@@ -47,6 +47,9 @@ pub struct KeyInfo {
     /// fleet-wide engine is configured: `remaining` here is what each process starts from.
     #[serde(default)]
     pub credits: Option<Credits>,
+    /// Networks the key may be used from (CIDRs); empty: any.
+    #[serde(default)]
+    pub allowed_networks: Vec<String>,
     /// Creation time.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -96,6 +99,10 @@ pub struct NewKey {
     /// Credits; default none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credits: Option<Credits>,
+    /// Networks the key may be used from: IPv4 and IPv6 CIDRs or addresses, at most 32;
+    /// default none (any network). A request from elsewhere gets 403 `ip_not_allowed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_networks: Vec<String>,
     /// Allows a key with neither scopes nor roles (it authenticates, and passes no
     /// scope or role check); without it such a key is refused with 400 `empty_key`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -140,6 +147,9 @@ pub struct KeyPatch {
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "double_option")]
     #[cfg_attr(feature = "server", schema(value_type = Option<Credits>))]
     pub credits: Option<Option<Credits>>,
+    /// New network allowlist, replacing the old one (`[]`: any network again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_networks: Option<Vec<String>>,
     /// Allows the patch to leave the key with neither scopes nor roles (refused with
     /// 400 `empty_key` otherwise). Changes nothing by itself.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -167,6 +177,9 @@ pub struct OwnerInfo {
     /// fleet-wide engine is configured).
     #[serde(default)]
     pub credits: Option<Credits>,
+    /// Networks every key of the owner may be used from (CIDRs); empty: any.
+    #[serde(default)]
+    pub allowed_networks: Vec<String>,
     /// Last change, if any was made.
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub updated_at: Option<OffsetDateTime>,
@@ -184,6 +197,10 @@ pub struct OwnerQuota {
     /// Credits; default (`null`) none.
     #[serde(default)]
     pub credits: Option<Credits>,
+    /// Networks every key of the owner may be used from, besides each key's own list
+    /// (CIDRs or addresses, at most 32); default none (any network).
+    #[serde(default)]
+    pub allowed_networks: Vec<String>,
 }
 
 /// A role as the admin API shows it.

@@ -396,6 +396,8 @@ fn verdict_of(answer: VerifyAnswer) -> Result<Verdict, VerifyError> {
         credits,
         owner_limits,
         owner_credits,
+        allowed_networks,
+        owner_allowed_networks,
     } = answer;
     if key_id.is_empty() {
         return Err(bad("a valid answer with an empty key_id".into()));
@@ -408,6 +410,11 @@ fn verdict_of(answer: VerifyAnswer) -> Result<Verdict, VerifyError> {
     if let Some(why) = problem {
         return Err(bad(why.into()));
     }
+    // A list we cannot read must not turn into "any network".
+    let networks = |list: Vec<String>| -> Result<Vec<ipnet::IpNet>, VerifyError> {
+        list.iter().map(|n| n.parse().map_err(|_| bad("an allowed network is not a CIDR".into()))).collect()
+    };
+    let (allowed_networks, owner_allowed_networks) = (networks(allowed_networks)?, networks(owner_allowed_networks)?);
     // An older key service sends only `ratelimit`: it is the `requests` limit.
     let ratelimit = ratelimit.filter(|_| !limits.iter().any(|l| &*l.name == crate::quota::REQUESTS));
     let scopes = ScopeSet::parse(scopes).map_err(|e| bad(SharedError::new(e)))?;
@@ -425,7 +432,9 @@ fn verdict_of(answer: VerifyAnswer) -> Result<Verdict, VerifyError> {
         .limits(limits)
         .credits(credits)
         .owner_limits(owner_limits)
-        .owner_credits(owner_credits);
+        .owner_credits(owner_credits)
+        .allowed_networks(allowed_networks)
+        .owner_allowed_networks(owner_allowed_networks);
     if ratelimit.is_some() {
         principal = principal.ratelimit(ratelimit);
     }

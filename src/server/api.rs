@@ -35,8 +35,8 @@ use super::store::{Applied, BatchMark, Found, NewKeyRecord, NewSecret, now_ms, t
 use super::text::{rfc3339, shown};
 use super::usage::{self, AGGREGATE_BODY_LIMIT, BatchForm};
 use super::validate::{
-    merge_ratelimit, validate_credits, validate_environment, validate_expiry, validate_meta, validate_ratelimit,
-    validate_role_name, validate_roles, validate_scopes, validate_text,
+    merge_ratelimit, validate_credits, validate_environment, validate_expiry, validate_meta, validate_networks,
+    validate_ratelimit, validate_role_name, validate_roles, validate_scopes, validate_text,
 };
 use super::webhook_api;
 use crate::key::{ApiKey, KeyDigest};
@@ -420,6 +420,8 @@ fn answer_for(found: Option<Found>) -> VerifyAnswer {
         credits: k.credits,
         owner_limits: found.owner_limits,
         owner_credits: found.owner_credits,
+        allowed_networks: k.allowed_networks,
+        owner_allowed_networks: found.owner_allowed_networks,
     })
 }
 
@@ -569,6 +571,7 @@ async fn create_key(
         meta,
         limits,
         credits: req.credits,
+        allowed_networks: validate_networks(&req.allowed_networks)?,
         created_at: now,
     };
     let info = state.inner.store.create_key(&record, admin.actor()).await?;
@@ -679,8 +682,11 @@ async fn patch_key(
         return Err(ApiError::invalid(
             "invalid_request",
             "nothing to change: send one or more of name, scopes, roles, disabled, meta, expires_at, ratelimit, \
-             limits, credits",
+             limits, credits, allowed_networks",
         ));
+    }
+    if let Some(networks) = &patch.allowed_networks {
+        patch.allowed_networks = Some(validate_networks(networks)?);
     }
     if let Some(name) = &patch.name {
         validate_text("name", name)?;

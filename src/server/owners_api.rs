@@ -75,7 +75,9 @@ pub(crate) async fn put_owner(
     if let Some(credits) = &req.credits {
         validate_credits(credits)?;
     }
-    let info = state.inner.store.put_owner(&owner, &req.limits, req.credits.as_ref(), admin.actor(), now_ms()).await?;
+    let networks = super::validate::validate_networks(&req.allowed_networks)?;
+    let store = &state.inner.store;
+    let info = store.put_owner(&owner, &req.limits, req.credits.as_ref(), &networks, admin.actor(), now_ms()).await?;
     tracing::info!(owner = %owner, limits = info.limits.len(), credits = info.credits.is_some(), "owner limits set");
     Ok(Json(info))
 }

@@ -165,6 +165,35 @@ fn meta_strings(path: &str, v: &serde_json::Value) -> Result<(), ApiError> {
     }
 }
 
+/// Most networks in one allowlist (a key's or an owner's).
+pub const MAX_ALLOWED_NETWORKS: usize = 32;
+
+/// A network allowlist, canonical: each entry a CIDR (`203.0.113.0/24`) or an address
+/// (`203.0.113.7`, kept as `/32` or `/128`), host bits cleared, repeats dropped, in the
+/// order given; at most [`MAX_ALLOWED_NETWORKS`].
+pub(crate) fn validate_networks(networks: &[String]) -> Result<Vec<String>, ApiError> {
+    if networks.len() > MAX_ALLOWED_NETWORKS {
+        let message = format!("`allowed_networks` holds at most {MAX_ALLOWED_NETWORKS} networks");
+        return Err(ApiError::invalid("invalid_network", message));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(networks.len());
+    for text in networks {
+        let net = text
+            .trim()
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.trim().parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| {
+                let shown: String = text.chars().take(64).collect();
+                ApiError::invalid("invalid_network", format!("`{shown}` is not a CIDR (203.0.113.0/24) or an address"))
+            })?;
+        let canonical = net.trunc().to_string();
+        if !out.contains(&canonical) {
+            out.push(canonical);
+        }
+    }
+    Ok(out)
+}
+
 pub(crate) fn validate_ratelimit(rl: &RateLimit) -> Result<(), ApiError> {
     // The store keeps the limit in a signed 64-bit column: larger values would come
     // back as "no limit".

@@ -141,6 +141,8 @@ pub(crate) struct NewKeyRecord {
     pub(crate) limits: Vec<Limit>,
     /// Validated credits.
     pub(crate) credits: Option<Credits>,
+    /// Validated, canonical network allowlist.
+    pub(crate) allowed_networks: Vec<String>,
     /// Creation time.
     pub(crate) created_at: OffsetDateTime,
 }
@@ -167,6 +169,8 @@ pub struct Found {
     pub owner_limits: Vec<Limit>,
     /// The owner's credits, shared by all of its keys.
     pub owner_credits: Option<Credits>,
+    /// The owner's network allowlist.
+    pub owner_allowed_networks: Vec<String>,
 }
 
 /// Whether a client network was new for a key.
@@ -983,6 +987,7 @@ fn webhook_events_of(
                 ("meta", before.meta != key.meta),
                 ("ratelimit", before.ratelimit != key.ratelimit),
                 ("limits", before.limits != key.limits),
+                ("allowed_networks", before.allowed_networks != key.allowed_networks),
                 ("credits", before.credits != key.credits),
             ]
             .into_iter()
@@ -1064,6 +1069,7 @@ pub(crate) fn create_changes(key: &NewKeyRecord) -> Value {
         "ratelimit": owners::ratelimit_of(&key.limits),
         "limits": key.limits,
         "credits": key.credits,
+        "allowed_networks": key.allowed_networks,
         "key_prefix": key.secret.key_prefix,
     })
 }
@@ -1178,6 +1184,10 @@ pub(crate) fn apply_patch(key: &mut KeyInfo, patch: &KeyPatch) -> Value {
     if let Some(credits) = &patch.credits {
         note("credits", json!(key.credits), json!(credits));
         key.credits.clone_from(credits);
+    }
+    if let Some(networks) = &patch.allowed_networks {
+        note("allowed_networks", json!(key.allowed_networks), json!(networks));
+        key.allowed_networks.clone_from(networks);
     }
     Value::Object(changes)
 }

@@ -71,16 +71,23 @@ macro_rules! owner_queries {
                 ex: impl ::sqlx::Executor<'e, Database = $db>,
                 owner: &str,
             ) -> Result<OwnerInfo, StoreError> {
-                let row = sqlx::query("SELECT limits, credits, updated_at FROM owners WHERE owner = $1")
+                let row = sqlx::query("SELECT limits, credits, allowed_networks, updated_at FROM owners WHERE owner = $1")
                     .bind(owner)
                     .fetch_optional(ex)
                     .await?;
                 match row {
-                    None => Ok(OwnerInfo { owner: owner.to_owned(), limits: Vec::new(), credits: None, updated_at: None }),
+                    None => Ok(OwnerInfo {
+                        owner: owner.to_owned(),
+                        limits: Vec::new(),
+                        credits: None,
+                        allowed_networks: Vec::new(),
+                        updated_at: None,
+                    }),
                     Some(row) => owner_info(
                         owner,
                         limits_from(&row.try_get::<String, _>("limits")?, None)?,
                         credits_from(row.try_get::<Option<String>, _>("credits")?.as_deref())?,
+                        $crate::server::store::parse_json_list(&row.try_get::<String, _>("allowed_networks")?)?,
                         row.try_get("updated_at")?,
                     ),
                 }
@@ -94,22 +101,24 @@ macro_rules! owner_queries {
                 owner: &str,
                 limits: &[Limit],
                 credits: Option<&Credits>,
+                networks: &[String],
                 actor: &str,
                 at: OffsetDateTime,
             ) -> Result<(OwnerInfo, Vec<String>), StoreError> {
                 $name_lock(&mut *conn, LOCK_OWNER, owner).await?;
                 let before = get(&mut *conn, owner).await?;
-                if before.limits == limits && before.credits.as_ref() == credits {
+                if before.limits == limits && before.credits.as_ref() == credits && before.allowed_networks == networks {
                     return Ok((before, Vec::new()));
                 }
                 sqlx::query(
-                    "INSERT INTO owners (owner, limits, credits, updated_at) VALUES ($1, $2, $3, $4) \
+                    "INSERT INTO owners (owner, limits, credits, allowed_networks, updated_at) VALUES ($1, $2, $3, $4, $5) \
                      ON CONFLICT (owner) DO UPDATE SET limits = EXCLUDED.limits, credits = EXCLUDED.credits, \
-                     updated_at = EXCLUDED.updated_at",
+                     allowed_networks = EXCLUDED.allowed_networks, updated_at = EXCLUDED.updated_at",
                 )
                 .bind(owner)
                 .bind(limits_json(limits))
                 .bind(credits_json(credits))
+                .bind(::serde_json::Value::from(networks.to_vec()).to_string())
                 .bind(to_ms(at))
                 .execute(&mut *conn)
                 .await?;
@@ -123,12 +132,14 @@ macro_rules! owner_queries {
                     "owner": owner,
                     "limits": { "from": before.limits, "to": limits },
                     "credits": { "from": before.credits, "to": credits },
+                    "allowed_networks": { "from": before.allowed_networks, "to": networks },
                 });
                 super::shared::write_audit(conn, at, actor, OWNER_PUT, None, &changes).await?;
                 let info = OwnerInfo {
                     owner: owner.to_owned(),
                     limits: limits.to_vec(),
                     credits: credits.cloned(),
+                    allowed_networks: networks.to_vec(),
                     updated_at: Some(at),
                 };
                 Ok((info, affected))
@@ -143,9 +154,10 @@ pub(crate) fn owner_info(
     owner: &str,
     limits: Vec<Limit>,
     credits: Option<Credits>,
+    allowed_networks: Vec<String>,
     updated_at: i64,
 ) -> Result<OwnerInfo, StoreError> {
-    Ok(OwnerInfo { owner: owner.to_owned(), limits, credits, updated_at: Some(from_ms(updated_at)?) })
+    Ok(OwnerInfo { owner: owner.to_owned(), limits, credits, allowed_networks, updated_at: Some(from_ms(updated_at)?) })
 }
 
 /// `$body` once per backend, with `$b` the backend and `$q` its owner queries.
@@ -180,13 +192,14 @@ impl Store {
         owner: &str,
         limits: &[Limit],
         credits: Option<&Credits>,
+        networks: &[String],
         actor: &str,
         at: OffsetDateTime,
     ) -> Result<OwnerInfo, StoreError> {
         self.metered("put_owner", async {
             let value = each_owner_backend!(self, b, q => {
                 let mut tx = b.write().await?;
-                let (info, affected) = q::put(&mut tx, owner, limits, credits, actor, at).await?;
+                let (info, affected) = q::put(&mut tx, owner, limits, credits, networks, actor, at).await?;
                 let notes: Vec<ChangeNote> = super::notes_for_keys(KeyEvent::Updated, affected);
                 b.commit(tx, &notes, &*self.sink).await?;
                 info

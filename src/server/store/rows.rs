@@ -12,7 +12,7 @@ use crate::server::model::{Alert, AlertKind, AuditRecord, KeyInfo, RoleInfo, Usa
 /// The columns [`key_from_row`] reads, from `keys k`.
 pub(crate) const KEY_COLUMNS: &str = "k.key_id, k.owner, k.name, k.scopes, k.roles, k.environment, k.expires_at, \
      k.disabled, k.revoked_at, k.meta, k.ratelimit_limit, k.ratelimit_period_s, k.key_prefix, k.created_at, \
-     k.updated_at, k.last_used_at, k.limits, k.credits";
+     k.updated_at, k.last_used_at, k.limits, k.credits, k.allowed_networks";
 
 /// The columns [`alert_from_row`] reads, from `alerts`.
 pub(crate) const ALERT_COLUMNS: &str =
@@ -82,6 +82,7 @@ pub(crate) fn key_from_row(row: &impl Get) -> Result<KeyInfo, StoreError> {
         ratelimit: ratelimit_of(&limits),
         limits,
         credits: credits_from(row.opt_text("credits")?.as_deref())?,
+        allowed_networks: parse_json_list(&row.text("allowed_networks")?)?,
         created_at: from_ms(row.int("created_at")?)?,
         updated_at: from_ms_opt(row.opt_int("updated_at")?)?,
         last_used_at: from_ms_opt(row.opt_int("last_used_at")?)?,
@@ -107,6 +108,10 @@ pub(crate) fn found_from_row(row: &impl Get) -> Result<Found, StoreError> {
             None => Vec::new(),
         },
         owner_credits: credits_from(row.opt_text("owner_credits")?.as_deref())?,
+        owner_allowed_networks: match row.opt_text("owner_allowed_networks")? {
+            Some(json) => parse_json_list(&json)?,
+            None => Vec::new(),
+        },
     })
 }
 
