@@ -52,6 +52,11 @@
 //! Metrics (`serve`): `--metrics-listen ADDR` (`KEYGATE_METRICS_LISTEN`; off by default)
 //! serves Prometheus metrics at `GET /metrics` on that address of its own, without a token.
 //!
+//! Console (`serve`): the admin console in the browser is on by default under `/console`
+//! on the listen address; `--console-listen ADDR` (`KEYGATE_CONSOLE_LISTEN`) serves it on
+//! an address of its own instead, `--no-console` (`KEYGATE_NO_CONSOLE`) turns it off,
+//! `--console-secure-cookies` marks its session cookie `Secure` (behind TLS).
+//!
 //! `backup` copies a SQLite store consistently while servers use it (`VACUUM INTO`); it
 //! refuses to overwrite `--to` unless `--force`. PostgreSQL is backed up with `pg_dump`.
 //! `healthcheck` exits 0 when `--url` answers 200 (for container health checks: the
@@ -264,6 +269,16 @@ struct Serve {
     /// bind it where only the scraper reaches). Off when absent.
     #[arg(long, env = "KEYGATE_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve the admin console (still under /console) on this address of its own
+    /// instead of the listen address.
+    #[arg(long, env = "KEYGATE_CONSOLE_LISTEN", conflicts_with = "no_console")]
+    console_listen: Option<SocketAddr>,
+    /// No admin console at all.
+    #[arg(long, env = "KEYGATE_NO_CONSOLE")]
+    no_console: bool,
+    /// Mark the console's session cookie `Secure` (set it when TLS fronts the console).
+    #[arg(long, env = "KEYGATE_CONSOLE_SECURE_COOKIES")]
+    console_secure_cookies: bool,
     /// The key prefix of an environment, `ENV=PREFIX` (repeatable; default `test=kgtest`;
     /// other environments use --key-prefix).
     #[arg(long = "env-prefix", value_name = "ENV=PREFIX", value_parser = parse_env_prefix)]
@@ -833,6 +848,15 @@ async fn serve(s: Serve) -> Result<(), CliError> {
     if let Some(addr) = s.metrics_listen {
         builder = builder.metrics_listen(addr);
     }
+    builder = builder.console(if s.no_console {
+        keygate::server::ConsoleConfig::off()
+    } else {
+        let config = keygate::server::ConsoleConfig::default().secure_cookies(s.console_secure_cookies);
+        match s.console_listen {
+            Some(addr) => config.listen(addr),
+            None => config,
+        }
+    });
     let service_token = match &s.service_token_file {
         Some(path) => Some(read_token_file("--service-token-file", path)?),
         None => s.service_token.clone(),

@@ -422,6 +422,17 @@ impl Store {
             .await
     }
 
+    /// One page of at most `limit` keys in key id order, narrowed by `filter`, starting
+    /// after `filter.after` (the last key id of the page before): pages over any number
+    /// of keys, each key once, also while keys are created in between.
+    pub async fn page_keys(&self, filter: &KeyFilter, limit: u32) -> Result<Vec<KeyInfo>, StoreError> {
+        let now = now_ms_i64();
+        self.metered("page_keys", async {
+            each_backend!(self, b, q => q::page_keys(b.pool(), filter, now, limit).await)
+        })
+        .await
+    }
+
     /// Applies a validated patch and writes `key.update`. A revoked key is a conflict.
     pub(crate) async fn update_key(
         &self,
@@ -1167,4 +1178,69 @@ mod tests {
         assert_eq!(many, [ChangeNote::Reset("bulk".into())]);
         assert!(notes_for_keys(KeyEvent::Updated, Vec::new()).is_empty());
     }
+}
+
+/// What [`Store::page_keys`] narrows a listing to. Empty: every key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyFilter {
+    /// Only keys whose id sorts after this one (the cursor: the last id of the page before).
+    pub after: Option<String>,
+    /// Only keys whose owner, name, id or display prefix holds this text (case-insensitive
+    /// for ASCII).
+    pub search: Option<String>,
+    /// Only keys of this environment.
+    pub environment: Option<String>,
+    /// Only keys in this state.
+    pub state: Option<KeyState>,
+}
+
+/// A key's state as the listing filters it: exactly one applies to each key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// Not revoked, not disabled, not past its expiry.
+    Active,
+    /// Disabled and not revoked.
+    Disabled,
+    /// Revoked.
+    Revoked,
+    /// Past its expiry and not revoked (disabled or not).
+    Expired,
+}
+
+impl KeyState {
+    /// Every state, in the order pages list them.
+    pub const ALL: [KeyState; 4] = [Self::Active, Self::Disabled, Self::Revoked, Self::Expired];
+
+    /// `active`, `disabled`, `revoked` or `expired`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Disabled => "disabled",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// The state named `s`, if any.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// `%text%` for `LIKE ... ESCAPE '\'`, lower-cased, the text's own `%`, `_` and `\` escaped.
+pub(crate) fn like_pattern(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('%');
+    for c in text.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
+fn now_ms_i64() -> i64 {
+    to_ms(now_ms())
 }

@@ -1,0 +1,478 @@
+//! The admin console (`/console`) over HTTP against a real key service: sign-in and
+//! sign-out, the session cookie, CSRF, revoked tokens' sessions, the security headers
+//! of every page, the raw key shown once, a revocation from the key page reaching a
+//! protected app, and paging over 2 500 keys.
+
+mod server_support;
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::get;
+use http::{Request, StatusCode, header};
+use keygate::client::{AdminClient, TokenKind};
+use keygate::server::ConsoleConfig;
+use keygate::{ApiKey, ApiKeyLayer, CachedVerifier, HttpVerifier, Principal, RevocationListener};
+use reqwest::header::HeaderMap;
+use server_support::{ADMIN, SERVICE, TestDb, TestServer, new_key};
+use tower::ServiceExt;
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+/// A browser without a cookie jar: the session cookie is kept by hand, so a test can
+/// replay an old one.
+struct Browser {
+    http: reqwest::Client,
+    base: String,
+    cookie: Option<String>,
+}
+
+struct Page {
+    status: u16,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Page {
+    fn location(&self) -> &str {
+        self.headers.get("location").map_or("", |v| v.to_str().unwrap())
+    }
+
+    /// The value of the first `<input name="csrf">`.
+    fn csrf(&self) -> String {
+        let at = self.body.find(r#"name="csrf" value=""#).expect("the page has a CSRF field") + 19;
+        self.body[at..].split('"').next().unwrap().to_owned()
+    }
+}
+
+impl Browser {
+    fn new(base: String) -> Self {
+        let http =
+            reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).timeout(LIMIT).build().unwrap();
+        Self { http, base, cookie: None }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Page {
+        let req = match &self.cookie {
+            Some(c) => req.header("cookie", c),
+            None => req,
+        };
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let body = res.text().await.unwrap();
+        Page { status, headers, body }
+    }
+
+    async fn get(&self, path: &str) -> Page {
+        self.send(self.http.get(format!("{}{path}", self.base))).await
+    }
+
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> Page {
+        self.send(self.http.post(format!("{}{path}", self.base)).form(form)).await
+    }
+
+    /// Signs in with `token`; keeps the session cookie. Returns the answer.
+    async fn sign_in(&mut self, token: &str) -> Page {
+        let page = self.post("/console/sign-in", &[("token", token)]).await;
+        if let Some(set) = page.headers.get("set-cookie") {
+            let set = set.to_str().unwrap();
+            self.cookie = Some(set.split(';').next().unwrap().to_owned());
+        }
+        page
+    }
+
+    /// A POST of a form of the page at `from`, with its CSRF token and `fields`.
+    async fn submit(&self, from: &str, action: &str, fields: &[(&str, &str)]) -> Page {
+        let csrf = self.get(from).await.csrf();
+        let mut form = vec![("csrf", csrf.as_str())];
+        form.extend_from_slice(fields);
+        self.post(action, &form).await
+    }
+}
+
+fn assert_security_headers(what: &str, page: &Page) {
+    let h = |name: &str| page.headers.get(name).map(|v| v.to_str().unwrap().to_owned());
+    let csp = h("content-security-policy").unwrap_or_else(|| panic!("{what}: no Content-Security-Policy"));
+    for directive in [
+        "default-src 'none'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+        "form-action 'self'",
+        "base-uri 'none'",
+    ] {
+        assert!(csp.contains(directive), "{what}: CSP `{csp}` lacks {directive}");
+    }
+    assert!(!csp.contains("unsafe-inline"), "{what}: {csp}");
+    assert_eq!(h("x-frame-options").as_deref(), Some("DENY"), "{what}");
+    assert_eq!(h("referrer-policy").as_deref(), Some("no-referrer"), "{what}");
+    assert_eq!(h("x-content-type-options").as_deref(), Some("nosniff"), "{what}");
+    assert_eq!(h("cache-control").as_deref(), Some("no-store"), "{what}");
+}
+
+async fn signed_in(t: &TestServer, token: &str) -> Browser {
+    let mut b = Browser::new(t.server.url());
+    let page = b.sign_in(token).await;
+    assert_eq!(page.status, 303, "sign-in: {}", page.body);
+    b
+}
+
+/// The raw key on the page shown after a create or rotate.
+fn raw_key(page: &Page) -> Option<String> {
+    let at = page.body.find(r#"id="raw-key">"#)? + 13;
+    Some(page.body[at..].split('<').next().unwrap().trim().to_owned())
+}
+
+#[tokio::test]
+async fn sign_in_with_a_good_token_and_a_wrong_one() {
+    let t = TestServer::start().await;
+    let mut b = Browser::new(t.server.url());
+    let page = b.get("/console/keys").await;
+    assert_eq!((page.status, page.location()), (303, "/console/sign-in"), "no session: to the sign-in page");
+
+    let wrong = b.sign_in("adm-wrong-token-0123456789abcdefghijk").await;
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.body.contains("not an active admin token"), "{}", wrong.body);
+    assert!(wrong.headers.get("set-cookie").is_none());
+    // A service token is a token, but not an admin one.
+    assert_eq!(b.sign_in(SERVICE).await.status, 401);
+
+    let good = b.sign_in(ADMIN).await;
+    assert_eq!((good.status, good.location()), (303, "/console/keys"));
+    let cookie = good.headers["set-cookie"].to_str().unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
+        assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
+    }
+    assert!(!cookie.contains("Secure"), "not configured: {cookie}");
+    let id = cookie.split(';').next().unwrap().split('=').nth(1).unwrap();
+    assert_eq!(id.len(), 43, "32 random bytes, base64url");
+    let keys = b.get("/console/keys").await;
+    assert_eq!(keys.status, 200);
+    assert!(keys.body.contains("Signed in as <strong>bootstrap-admin</strong>"), "{}", keys.body);
+    assert!(!keys.body.contains(ADMIN), "the token is never on a page");
+}
+
+#[tokio::test]
+async fn secure_cookies_and_the_sign_in_limit() {
+    let t = TestServer::start_on(TestDb::sqlite(), |b| {
+        b.console(ConsoleConfig::default().secure_cookies(true).sign_in_attempts_per_minute(3))
+    })
+    .await;
+    let mut b = Browser::new(t.server.url());
+    let page = b.sign_in(ADMIN).await;
+    assert!(page.headers["set-cookie"].to_str().unwrap().contains("; Secure"));
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(b.sign_in("adm-wrong-token-0123456789abcdefghijk").await.status);
+    }
+    assert_eq!(statuses, [401, 401, 429, 429], "three attempts a minute, the good one included");
+    assert_eq!(b.sign_in(ADMIN).await.status, 429, "even a good token waits");
+}
+
+#[tokio::test]
+async fn sign_out_ends_the_session_and_the_old_cookie_no_longer_works() {
+    let t = TestServer::start().await;
+    let b = signed_in(&t, ADMIN).await;
+    assert_eq!(b.get("/console/keys").await.status, 200);
+    let out = b.submit("/console/keys", "/console/sign-out", &[]).await;
+    assert_eq!(out.status, 303);
+    assert!(out.headers["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+    // The browser would drop the cookie; replaying it finds no session.
+    let again = b.get("/console/keys").await;
+    assert_eq!((again.status, again.location()), (303, "/console/sign-in"));
+}
+
+#[tokio::test]
+async fn a_post_without_the_csrf_token_changes_nothing_and_changes_are_audited_under_the_token_name() {
+    let t = TestServer::start().await;
+    let alice = t.admin.create_token(TokenKind::Admin, "alice").await.unwrap();
+    let created = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    let b = signed_in(&t, &alice.token).await;
+    let key_page = format!("/console/keys/{}", created.key_id);
+    let action = format!("{key_page}/revoke");
+
+    let none = b.post(&action, &[("confirm", "yes")]).await;
+    assert_eq!(none.status, 403, "no CSRF token");
+    let wrong = b.post(&action, &[("confirm", "yes"), ("csrf", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")]).await;
+    assert_eq!(wrong.status, 403, "another token");
+    assert!(wrong.body.contains("Nothing was changed"));
+    assert!(!t.admin.get_key(&created.key_id).await.unwrap().revoked, "refused POSTs change nothing");
+    // A session's token is its own: another session's is refused.
+    let other = signed_in(&t, ADMIN).await;
+    let other_csrf = other.get("/console/keys").await.csrf();
+    assert_eq!(b.post(&action, &[("confirm", "yes"), ("csrf", &other_csrf)]).await.status, 403);
+
+    // Without the confirmation: nothing either.
+    let unconfirmed = b.submit(&key_page, &action, &[]).await;
+    assert!(unconfirmed.body.contains("Tick the confirmation"), "{}", unconfirmed.body);
+    assert!(!t.admin.get_key(&created.key_id).await.unwrap().revoked);
+
+    let done = b.submit(&key_page, &action, &[("confirm", "yes")]).await;
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert!(done.body.contains("The key is revoked."));
+    assert!(t.admin.get_key(&created.key_id).await.unwrap().revoked);
+    let audit = t.admin.audit(None).await.unwrap();
+    let record = audit.iter().find(|r| r.action == "key.revoke").expect("a key.revoke record");
+    assert_eq!(record.actor, "alice", "the signed-in token's name");
+    assert!(done.body.contains("key.revoke"), "the key page lists its audit records");
+}
+
+#[tokio::test]
+async fn the_session_of_a_revoked_token_is_refused_and_changes_nothing() {
+    let t = TestServer::start().await;
+    // The last active stored admin token cannot be revoked: another one stays.
+    t.admin.create_token(TokenKind::Admin, "keeper").await.unwrap();
+    let bob = t.admin.create_token(TokenKind::Admin, "bob").await.unwrap();
+    let created = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    let b = signed_in(&t, &bob.token).await;
+    let key_page = format!("/console/keys/{}", created.key_id);
+    let csrf = b.get(&key_page).await.csrf();
+
+    t.admin.revoke_token(&bob.info.id).await.unwrap();
+    let post = b.post(&format!("{key_page}/revoke"), &[("confirm", "yes"), ("csrf", &csrf)]).await;
+    assert_eq!(post.status, 303);
+    assert!(post.location().starts_with("/console/sign-in"), "{}", post.location());
+    assert!(!t.admin.get_key(&created.key_id).await.unwrap().revoked);
+    let disable = b.post(&format!("{key_page}/disabled"), &[("disabled", "true"), ("csrf", &csrf)]).await;
+    assert_eq!(disable.status, 303);
+    assert!(!t.admin.get_key(&created.key_id).await.unwrap().disabled);
+    assert_eq!(b.get("/console/keys").await.status, 303, "the session is gone");
+    let page = b.get("/console/sign-in?ended=revoked").await;
+    assert!(page.body.contains("no longer active"));
+}
+
+#[tokio::test]
+async fn every_console_answer_carries_the_security_headers() {
+    let t = TestServer::start().await;
+    let created = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    let anonymous = Browser::new(t.server.url());
+    for path in
+        ["/console/sign-in", "/console/assets/console.css", "/console/assets/console.js", "/console/keys", "/console"]
+    {
+        let page = anonymous.get(path).await;
+        assert_security_headers(path, &page);
+    }
+    let css = anonymous.get("/console/assets/console.css").await;
+    assert!(css.headers["content-type"].to_str().unwrap().starts_with("text/css"));
+    assert!(css.body.contains("prefers-color-scheme: dark"));
+    assert_security_headers("a refused sign-in", &anonymous.post("/console/sign-in", &[("token", "nope")]).await);
+
+    let b = signed_in(&t, ADMIN).await;
+    let key_page = format!("/console/keys/{}", created.key_id);
+    for path in ["/console/keys", "/console/keys?q=acme&state=active", "/console/keys/new", key_page.as_str()] {
+        let page = b.get(path).await;
+        assert_eq!(page.status, 200, "{path}");
+        assert_security_headers(path, &page);
+        assert!(!page.body.contains("<script>") && !page.body.contains(" style="), "{path}: nothing inline");
+        assert!(page.body.contains(r#"<script src="/console/assets/console.js""#));
+    }
+    let rotated = b.submit(&key_page, &format!("{key_page}/rotate"), &[("grace_s", "3600")]).await;
+    assert_security_headers("rotate", &rotated);
+    let shown = b.get(rotated.location()).await;
+    assert_security_headers("the rotated key", &shown);
+    assert!(raw_key(&shown).is_some());
+    assert_security_headers("a refused POST", &b.post(&format!("{key_page}/revoke"), &[]).await);
+    assert_security_headers("an unknown key", &b.get("/console/keys/key_nope").await);
+}
+
+fn protected(cache: &CachedVerifier<HttpVerifier>) -> Router {
+    Router::new()
+        .route("/reports", get(|p: Principal| async move { p.owner().to_owned() }))
+        .layer(ApiKeyLayer::new(cache.clone()))
+}
+
+async fn call(app: &Router, key: &str) -> StatusCode {
+    let req =
+        Request::get("/reports").header(header::AUTHORIZATION, format!("Bearer {key}")).body(Body::empty()).unwrap();
+    tokio::time::timeout(LIMIT, app.clone().oneshot(req)).await.expect("request hung").unwrap().status()
+}
+
+#[tokio::test]
+async fn a_created_key_is_shown_once_works_and_a_revocation_from_its_page_is_refused_within_a_second() {
+    let t = TestServer::start().await;
+    let b = signed_in(&t, ADMIN).await;
+    let form = b.get("/console/keys/new").await;
+    assert!(form.body.contains(r#"<label for="owner">"#), "labelled fields");
+    // A refusal of the API shows next to its field, the values kept.
+    let refused = b
+        .submit(
+            "/console/keys/new",
+            "/console/keys/new",
+            &[("owner", "acme"), ("name", "ci"), ("scopes", "not a scope!")],
+        )
+        .await;
+    assert_eq!(refused.status, 400);
+    assert!(refused.body.contains(r#"class="field-error""#), "{}", refused.body);
+    assert!(refused.body.contains(r#"value="acme""#));
+    assert!(t.admin.list_keys(None).await.unwrap().is_empty(), "nothing created");
+
+    let created = b
+        .submit(
+            "/console/keys/new",
+            "/console/keys/new",
+            &[
+                ("owner", "acme"),
+                ("name", "ci <b>"),
+                ("environment", "live"),
+                ("scopes", "reports:read, billing:read"),
+                ("roles", ""),
+            ],
+        )
+        .await;
+    assert_eq!(created.status, 303, "{}", created.body);
+    let shown_at = created.location().to_owned();
+    assert!(shown_at.ends_with("/created"), "{shown_at}");
+    let shown = b.get(&shown_at).await;
+    assert_eq!(shown.headers["cache-control"], "no-store");
+    let raw = raw_key(&shown).expect("the raw key is on the page");
+    assert!(raw.starts_with("kg_"), "{raw}");
+    assert_eq!(shown.body.matches(&raw).count(), 1, "shown once on the page");
+    assert!(shown.body.contains("cannot be shown again"));
+    let reload = b.get(&shown_at).await;
+    assert_eq!(reload.status, 200);
+    assert!(!reload.body.contains(&raw), "a reload never shows it again");
+    assert!(raw_key(&reload).is_none());
+
+    let keys = t.admin.list_keys(None).await.unwrap();
+    assert_eq!(keys.len(), 1);
+    let key = &keys[0];
+    assert_eq!((key.owner.as_str(), key.name.as_str()), ("acme", "ci <b>"));
+    assert_eq!(key.scopes, ["billing:read", "reports:read"]);
+    assert_eq!(t.admin.audit(None).await.unwrap().last().unwrap().actor, "bootstrap-admin");
+    let key_page = b.get(&format!("/console/keys/{}", key.key_id)).await;
+    assert!(key_page.body.contains("ci &lt;b&gt;"), "escaped");
+    assert!(!key_page.body.contains(&raw));
+
+    // The key works against a protected app, until revoked from its page.
+    let http = HttpVerifier::builder(t.server.url()).service_token(SERVICE).build().unwrap();
+    let cache = CachedVerifier::builder(http).positive_ttl(Duration::from_secs(600)).build();
+    let listener = RevocationListener::builder(t.server.url()).service_token(SERVICE).spawn(&cache).unwrap();
+    let app = protected(&cache);
+    let started = Instant::now();
+    while !listener.is_connected() {
+        assert!(started.elapsed() < LIMIT, "the listener connects");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(call(&app, &raw).await, StatusCode::OK);
+    assert_eq!(call(&app, &raw).await, StatusCode::OK, "cached");
+    let key_path = format!("/console/keys/{}", key.key_id);
+    let revoked = b.submit(&key_path, &format!("{key_path}/revoke"), &[("confirm", "yes")]).await;
+    assert_eq!(revoked.status, 200);
+    let at = Instant::now();
+    while call(&app, &raw).await != StatusCode::UNAUTHORIZED {
+        assert!(at.elapsed() < Duration::from_secs(1), "the protected app refuses the key within 1 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("revoked from the console: refused after {:?}", at.elapsed());
+    let _ = ApiKey::new(raw);
+}
+
+#[tokio::test]
+async fn rotate_with_grace_and_disable_then_enable() {
+    let t = TestServer::start().await;
+    let created = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    let b = signed_in(&t, ADMIN).await;
+    let key_page = format!("/console/keys/{}", created.key_id);
+    let rotated = b.submit(&key_page, &format!("{key_page}/rotate"), &[("grace_s", "3600")]).await;
+    let new = raw_key(&b.get(rotated.location()).await).expect("the new key, once");
+    assert_eq!(t.code(&new).await, "VALID");
+    assert_eq!(t.code(created.key.expose_secret()).await, "VALID", "the old key, within its grace");
+
+    let off = b.submit(&key_page, &format!("{key_page}/disabled"), &[("disabled", "true")]).await;
+    assert_eq!(off.status, 303);
+    assert!(t.admin.get_key(&created.key_id).await.unwrap().disabled);
+    assert!(b.get(&key_page).await.body.contains(">Enable<"));
+    b.submit(&key_page, &format!("{key_page}/disabled"), &[("disabled", "false")]).await;
+    assert!(!t.admin.get_key(&created.key_id).await.unwrap().disabled);
+    let actions: Vec<String> = t.admin.audit(None).await.unwrap().into_iter().map(|r| r.action).collect();
+    assert!(actions.iter().filter(|a| a.as_str() == "key.update").count() >= 2, "{actions:?}");
+}
+
+/// The key ids linked from a list page.
+fn listed(page: &Page) -> Vec<String> {
+    page.body
+        .match_indices(r#"<a href="/console/keys/key_"#)
+        .map(|(at, _)| page.body[at + 23..].split('"').next().unwrap().to_owned())
+        .collect()
+}
+
+fn next_link(page: &Page) -> Option<String> {
+    let at = page.body.find(r#"rel="next" href=""#)? + 17;
+    Some(page.body[at..].split('"').next().unwrap().replace("&amp;", "&"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_through_2500_keys_reaches_each_exactly_once() {
+    let t = TestServer::start().await;
+    let mut all = BTreeSet::new();
+    for chunk in 0..25 {
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                let admin = AdminClient::new(t.server.url(), ADMIN).unwrap();
+                let owner = if i % 10 == 0 { "needle-team" } else { "acme" };
+                tokio::spawn(async move { admin.create_key(new_key(owner, &["reports:read"])).await.unwrap().key_id })
+            })
+            .collect();
+        for task in tasks {
+            all.insert(task.await.unwrap());
+        }
+        let _ = chunk;
+    }
+    assert_eq!(all.len(), 2500);
+    let b = signed_in(&t, ADMIN).await;
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    let mut path = "/console/keys".to_owned();
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        assert!(pages <= 60, "bounded: 50 pages of 50");
+        let page = b.get(&path).await;
+        assert_eq!(page.status, 200);
+        for id in listed(&page) {
+            *seen.entry(id).or_default() += 1;
+        }
+        match next_link(&page) {
+            Some(next) => path = next,
+            None => break,
+        }
+    }
+    assert_eq!(pages, 50);
+    assert_eq!(seen.len(), 2500, "every key reached");
+    assert!(seen.values().all(|n| *n == 1), "each exactly once");
+    assert!(seen.keys().cloned().collect::<BTreeSet<_>>() == all, "the keys listed are the keys created");
+
+    // Search and state filters narrow the same paging.
+    let needles = b.get("/console/keys?q=NEEDLE&per_page=500").await;
+    assert_eq!(listed(&needles).len(), 250, "case-insensitive owner search");
+    let one = all.iter().next().unwrap().clone();
+    t.admin.revoke(&one).await.unwrap();
+    let revoked = b.get("/console/keys?state=revoked").await;
+    assert_eq!(listed(&revoked), [one.clone()]);
+    let active = b.get(&format!("/console/keys?state=active&q={}", &one[4..])).await;
+    assert!(listed(&active).is_empty(), "a revoked key is not active");
+    let wildcard = b.get("/console/keys?q=%25").await;
+    assert!(listed(&wildcard).is_empty(), "`%` matches itself, not everything");
+}
+
+#[tokio::test]
+async fn the_console_on_its_own_listener_or_off() {
+    let t = TestServer::start_on(TestDb::sqlite(), |b| {
+        b.console(ConsoleConfig::default().listen("127.0.0.1:0".parse().unwrap()))
+    })
+    .await;
+    let own = t.server.console_addr().expect("its own address");
+    assert_ne!(own, t.server.addr());
+    let main = Browser::new(t.server.url());
+    assert_eq!(main.get("/console/sign-in").await.status, 404, "not on the API listener");
+    let mut console = Browser::new(format!("http://{own}"));
+    assert_eq!(console.get("/console/sign-in").await.status, 200);
+    assert_eq!(console.sign_in(ADMIN).await.status, 303);
+    assert_eq!(console.get("/console/keys").await.status, 200);
+
+    let off = TestServer::start_on(TestDb::sqlite(), |b| b.console(ConsoleConfig::off())).await;
+    assert!(off.server.console_addr().is_none());
+    assert_eq!(Browser::new(off.server.url()).get("/console/sign-in").await.status, 404);
+}
