@@ -12,7 +12,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::routing::get;
 use http::{Request, StatusCode, header};
-use keygate::client::{AdminClient, TokenKind};
+use keygate::client::{AdminClient, KeyListQuery, TokenKind};
 use keygate::server::ConsoleConfig;
 use keygate::{ApiKey, ApiKeyLayer, CachedVerifier, HttpVerifier, Principal, RevocationListener};
 use reqwest::header::HeaderMap;
@@ -444,6 +444,34 @@ async fn paging_through_2500_keys_reaches_each_exactly_once() {
     assert!(seen.values().all(|n| *n == 1), "each exactly once");
     assert!(seen.keys().cloned().collect::<BTreeSet<_>>() == all, "the keys listed are the keys created");
 
+    // The API pages the same way, oldest first: 1 000 a page by default.
+    let first = t.admin.list_keys_page(&KeyListQuery::default()).await.unwrap();
+    assert_eq!(first.keys.len(), 1000);
+    assert!(first.next.is_some());
+    let mut api_pages = 0;
+    let mut query = KeyListQuery::default().limit(300);
+    let mut through_api = Vec::new();
+    loop {
+        api_pages += 1;
+        assert!(api_pages <= 20, "bounded");
+        let page = t.admin.list_keys_page(&query).await.unwrap();
+        through_api.extend(page.keys.into_iter().map(|k| (k.created_at, k.key_id)));
+        match page.next {
+            Some(next) => query = query.after(next),
+            None => break,
+        }
+    }
+    assert_eq!(api_pages, 9, "2 500 keys, 300 a page");
+    assert_eq!(through_api.len(), 2500);
+    assert!(through_api.windows(2).all(|w| w[0] < w[1]), "oldest first, each once");
+    assert!(through_api.iter().map(|(_, id)| id.clone()).collect::<BTreeSet<_>>() == all);
+    let all_again = t.admin.list_all_keys(&KeyListQuery::default().owner("needle-team"), 10).await.unwrap();
+    assert_eq!(all_again.len(), 250);
+    let bad = t.admin.list_keys_page(&KeyListQuery::default().after("nonsense")).await.unwrap_err();
+    assert!(bad.to_string().contains("cursor"), "{bad}");
+    let bad = t.admin.list_keys_page(&KeyListQuery::default().state("sleeping")).await.unwrap_err();
+    assert!(bad.to_string().contains("state"), "{bad}");
+
     // Search and state filters narrow the same paging.
     let needles = b.get("/console/keys?q=NEEDLE&per_page=500").await;
     assert_eq!(listed(&needles).len(), 250, "case-insensitive owner search");
@@ -453,6 +481,8 @@ async fn paging_through_2500_keys_reaches_each_exactly_once() {
     assert_eq!(listed(&revoked), [one.clone()]);
     let active = b.get(&format!("/console/keys?state=active&q={}", &one[4..])).await;
     assert!(listed(&active).is_empty(), "a revoked key is not active");
+    let api_revoked = t.admin.list_keys_page(&KeyListQuery::default().state("revoked")).await.unwrap();
+    assert_eq!(api_revoked.keys.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>(), [one.clone()]);
     let wildcard = b.get("/console/keys?q=%25").await;
     assert!(listed(&wildcard).is_empty(), "`%` matches itself, not everything");
 }

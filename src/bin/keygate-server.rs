@@ -3,7 +3,7 @@
 //! ```text
 //! keygate-server serve --db sqlite://keys.db --listen 127.0.0.1:7700
 //! keygate-server keys create --owner acme --name ci --scope reports:read [--expires-in 30d]
-//! keygate-server keys list [--owner acme]
+//! keygate-server keys list [--owner acme] [--search TEXT] [--state active] [--limit 100] [--after CURSOR | --all]
 //! keygate-server keys show key_...
 //! keygate-server keys update key_... [--scope S]... [--role R]... [--meta JSON] [--expires-in 12h] [--rate-limit 100/60s]
 //! keygate-server keys disable key_... | keys enable key_...
@@ -394,13 +394,31 @@ enum KeysCmd {
         /// The key id.
         key_id: String,
     },
-    /// List keys.
+    /// List keys, oldest first, one page (the next page's cursor goes to stderr) or all.
     List {
         #[command(flatten)]
         conn: Conn,
         /// Only this owner's.
         #[arg(long)]
         owner: Option<String>,
+        /// Only keys whose owner, name, key id or prefix holds this text.
+        #[arg(long)]
+        search: Option<String>,
+        /// Only keys of this environment.
+        #[arg(long)]
+        environment: Option<String>,
+        /// Only keys in this state: active, disabled, revoked or expired.
+        #[arg(long)]
+        state: Option<String>,
+        /// Keys per page (1 to 1 000; default 1 000).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// The page after this cursor (printed by the page before).
+        #[arg(long, conflicts_with = "all")]
+        after: Option<String>,
+        /// Every page, following the cursors.
+        #[arg(long)]
+        all: bool,
     },
     /// Show one key.
     Show {
@@ -995,8 +1013,19 @@ async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
             let k = client(&conn)?.enable(&key_id).await?;
             print(&conn, &k, || format!("enabled {}", k.key_id));
         }
-        KeysCmd::List { conn, owner } => {
-            let keys = client(&conn)?.list_keys(owner.as_deref()).await?;
+        KeysCmd::List { conn, owner, search, environment, state: wanted, limit, after, all } => {
+            let query = keygate::client::KeyListQuery { owner, search, environment, state: wanted, limit, after };
+            let admin = client(&conn)?;
+            let keys = if all {
+                // A bound against a server that never ends its cursors: 10 000 pages.
+                admin.list_all_keys(&query, 10_000).await?
+            } else {
+                let page = admin.list_keys_page(&query).await?;
+                if let Some(next) = &page.next {
+                    eprintln!("more keys: --after {next}");
+                }
+                page.keys
+            };
             print(&conn, &keys, || {
                 let rows = keys.iter().map(|k| {
                     vec![

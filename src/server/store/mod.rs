@@ -422,9 +422,9 @@ impl Store {
             .await
     }
 
-    /// One page of at most `limit` keys in key id order, narrowed by `filter`, starting
-    /// after `filter.after` (the last key id of the page before): pages over any number
-    /// of keys, each key once, also while keys are created in between.
+    /// One page of at most `limit` keys, oldest first (creation time, then key id),
+    /// narrowed by `filter`, starting after `filter.after` (the cursor of the last key of
+    /// the page before): pages over any number of keys, each key once.
     pub async fn page_keys(&self, filter: &KeyFilter, limit: u32) -> Result<Vec<KeyInfo>, StoreError> {
         let now = now_ms_i64();
         self.metered("page_keys", async {
@@ -1183,8 +1183,10 @@ mod tests {
 /// What [`Store::page_keys`] narrows a listing to. Empty: every key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyFilter {
-    /// Only keys whose id sorts after this one (the cursor: the last id of the page before).
-    pub after: Option<String>,
+    /// Only keys after this one in listing order (the last key of the page before).
+    pub after: Option<KeyCursor>,
+    /// Only this owner's keys.
+    pub owner: Option<String>,
     /// Only keys whose owner, name, id or display prefix holds this text (case-insensitive
     /// for ASCII).
     pub search: Option<String>,
@@ -1192,6 +1194,37 @@ pub struct KeyFilter {
     pub environment: Option<String>,
     /// Only keys in this state.
     pub state: Option<KeyState>,
+}
+
+/// A place in the listing of keys (oldest first): just after a key. Written as
+/// `{created_at unix ms}.{key_id}`, which clients treat as opaque.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCursor {
+    pub(crate) created_ms: i64,
+    pub(crate) key_id: String,
+}
+
+impl KeyCursor {
+    /// Just after `key`.
+    pub fn after(key: &KeyInfo) -> Self {
+        Self { created_ms: to_ms(key.created_at), key_id: key.key_id.clone() }
+    }
+
+    /// The cursor `s` writes, if it is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ms, id) = s.split_once('.')?;
+        let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return None;
+        }
+        Some(Self { created_ms: ms.parse().ok()?, key_id: id.to_owned() })
+    }
+}
+
+impl std::fmt::Display for KeyCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.created_ms, self.key_id)
+    }
 }
 
 /// A key's state as the listing filters it: exactly one applies to each key.

@@ -89,7 +89,7 @@ macro_rules! shared_queries {
                 rows.iter().map(key_from_row).collect()
             }
 
-            /// One page of keys in key id order after `filter.after`, narrowed by the
+            /// One page of keys, oldest first, after `filter.after`, narrowed by the
             /// filter (see [`KeyFilter`](crate::server::store::KeyFilter)).
             pub(crate) async fn page_keys<'e>(
                 ex: impl Executor<'e, Database = $db>,
@@ -99,7 +99,9 @@ macro_rules! shared_queries {
             ) -> Result<Vec<KeyInfo>, StoreError> {
                 // `LIKE ... ESCAPE`: the search text's own `%` and `_` match themselves.
                 let rows = sqlx::query(&format!(
-                    "SELECT {KEY_COLUMNS} FROM keys k WHERE (CAST($1 AS TEXT) IS NULL OR k.key_id > $1) \
+                    "SELECT {KEY_COLUMNS} FROM keys k WHERE (CAST($1 AS BIGINT) IS NULL OR k.created_at > $1 \
+                          OR (k.created_at = $1 AND k.key_id > $7)) \
+                     AND (CAST($8 AS TEXT) IS NULL OR k.owner = $8) \
                      AND (CAST($2 AS TEXT) IS NULL OR LOWER(k.owner) LIKE $2 ESCAPE '\\' \
                           OR LOWER(k.name) LIKE $2 ESCAPE '\\' OR LOWER(k.key_id) LIKE $2 ESCAPE '\\' \
                           OR LOWER(k.key_prefix) LIKE $2 ESCAPE '\\') \
@@ -110,14 +112,16 @@ macro_rules! shared_queries {
                           OR ($4 = 'expired' AND k.revoked_at IS NULL AND k.expires_at IS NOT NULL AND k.expires_at <= $5) \
                           OR ($4 = 'active' AND k.revoked_at IS NULL AND NOT k.disabled \
                               AND (k.expires_at IS NULL OR k.expires_at > $5))) \
-                     ORDER BY k.key_id LIMIT $6"
+                     ORDER BY k.created_at, k.key_id LIMIT $6"
                 ))
-                .bind(filter.after.as_deref())
+                .bind(filter.after.as_ref().map(|c| c.created_ms))
                 .bind(filter.search.as_deref().map(like_pattern))
                 .bind(filter.environment.as_deref())
                 .bind(filter.state.map(|s| s.as_str()))
                 .bind(now_ms)
                 .bind(i64::from(limit))
+                .bind(filter.after.as_ref().map(|c| c.key_id.as_str()))
+                .bind(filter.owner.as_deref())
                 .fetch_all(ex)
                 .await?;
                 rows.iter().map(key_from_row).collect()

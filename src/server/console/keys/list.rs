@@ -1,4 +1,5 @@
-//! `GET /console/keys`: search, filters and cursor paging over any number of keys.
+//! `GET /console/keys`: search, filters and cursor paging over any number of keys,
+//! oldest first.
 
 use axum::extract::{Query, State};
 use axum::response::Response;
@@ -10,7 +11,7 @@ use serde::Deserialize;
 use super::badge;
 use crate::server::console::layout::{message, page};
 use crate::server::console::{Shared, Signed};
-use crate::server::store::{KeyFilter, KeyState};
+use crate::server::store::{KeyCursor, KeyFilter, KeyState};
 
 /// Keys per page by default, and at most.
 const PAGE: u32 = 50;
@@ -44,7 +45,8 @@ pub(in crate::server::console) async fn list(
     let search = some(&q.q).map(|s| s.chars().take(MAX_SEARCH).collect::<String>());
     let state_name = some(&q.state);
     let filter = KeyFilter {
-        after: some(&q.after),
+        after: some(&q.after).and_then(|c| KeyCursor::parse(&c)),
+        owner: None,
         search: search.clone(),
         environment: some(&q.environment),
         state: state_name.as_deref().and_then(KeyState::parse),
@@ -112,7 +114,7 @@ pub(in crate::server::console) async fn list(
             @if filter.after.is_some() { a href={ "/console/keys?" (base_query) } { "First page" } }
             @if more {
                 @if let Some(last) = shown.last() {
-                    a rel="next" href={ "/console/keys?" (base_query) "&after=" (enc(&last.key_id)) } { "Next page" }
+                    a rel="next" href={ "/console/keys?" (base_query) "&after=" (enc(&KeyCursor::after(last).to_string())) } { "Next page" }
                 }
             }
         }
