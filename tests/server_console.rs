@@ -506,3 +506,47 @@ async fn the_console_on_its_own_listener_or_off() {
     assert!(off.server.console_addr().is_none());
     assert_eq!(Browser::new(off.server.url()).get("/console/sign-in").await.status, 404);
 }
+
+/// The listing's query on PostgreSQL: cursor, search (with `%` and `_` matching
+/// themselves), environment and state filters.
+#[tokio::test]
+async fn paging_and_filters_on_postgres() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let t = TestServer::start_on(db, |b| b).await;
+    let mut all = BTreeSet::new();
+    for i in 0..120 {
+        let mut k = new_key(if i % 4 == 0 { "under_score" } else { "acme" }, &["reports:read"]);
+        if i % 3 == 0 {
+            k.environment = Some("test".into());
+        }
+        all.insert(t.admin.create_key(k).await.unwrap().key_id);
+    }
+    let mut seen = Vec::new();
+    let mut query = KeyListQuery::default().limit(50);
+    for _ in 0..10 {
+        let page = t.admin.list_keys_page(&query).await.unwrap();
+        seen.extend(page.keys.into_iter().map(|k| k.key_id));
+        match page.next {
+            Some(next) => query = query.after(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 120);
+    assert!(seen.iter().cloned().collect::<BTreeSet<_>>() == all);
+    let page = |q: KeyListQuery| {
+        let admin = &t.admin;
+        async move { admin.list_keys_page(&q).await.unwrap().keys.len() }
+    };
+    assert_eq!(page(KeyListQuery::default().search("UNDER_")).await, 30);
+    assert_eq!(page(KeyListQuery::default().search("r_s")).await, 30, "`_` matches itself");
+    assert_eq!(page(KeyListQuery::default().search("%")).await, 0);
+    assert_eq!(page(KeyListQuery::default().environment("test")).await, 40);
+    let one = all.iter().next().unwrap();
+    t.admin.disable(one).await.unwrap();
+    assert_eq!(page(KeyListQuery::default().state("disabled")).await, 1);
+    assert_eq!(page(KeyListQuery::default().state("active")).await, 119);
+    assert_eq!(page(KeyListQuery::default().state("revoked")).await, 0);
+    let b = signed_in(&t, ADMIN).await;
+    let console = b.get("/console/keys?state=disabled").await;
+    assert_eq!(listed(&console), [one.clone()]);
+}
