@@ -478,11 +478,11 @@ async fn paging_through_2500_keys_reaches_each_exactly_once() {
     let one = all.iter().next().unwrap().clone();
     t.admin.revoke(&one).await.unwrap();
     let revoked = b.get("/console/keys?state=revoked").await;
-    assert_eq!(listed(&revoked), [one.clone()]);
+    assert_eq!(listed(&revoked), vec![one.clone()]);
     let active = b.get(&format!("/console/keys?state=active&q={}", &one[4..])).await;
     assert!(listed(&active).is_empty(), "a revoked key is not active");
     let api_revoked = t.admin.list_keys_page(&KeyListQuery::default().state("revoked")).await.unwrap();
-    assert_eq!(api_revoked.keys.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>(), [one.clone()]);
+    assert_eq!(api_revoked.keys.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>(), vec![one.clone()]);
     let wildcard = b.get("/console/keys?q=%25").await;
     assert!(listed(&wildcard).is_empty(), "`%` matches itself, not everything");
 }
@@ -548,5 +548,5 @@ async fn paging_and_filters_on_postgres() {
     assert_eq!(page(KeyListQuery::default().state("revoked")).await, 0);
     let b = signed_in(&t, ADMIN).await;
     let console = b.get("/console/keys?state=disabled").await;
-    assert_eq!(listed(&console), [one.clone()]);
+    assert_eq!(listed(&console), vec![one.clone()]);
 }

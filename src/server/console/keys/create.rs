@@ -15,8 +15,8 @@ use maud::{Markup, html};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use super::key::{FormMap, check_csrf};
-use crate::server::console::layout::{csrf_field, message, page};
+use super::key::{FormMap, csrf_ok};
+use crate::server::console::layout::{csrf_field, csrf_refused, message, page};
 use crate::server::console::{Shared, Signed};
 
 /// The form's fields, in order: (name, label, hint).
@@ -76,8 +76,8 @@ pub(in crate::server::console) async fn create(
     signed: Signed,
     Form(form): Form<FormMap>,
 ) -> Response {
-    if let Err(refused) = check_csrf(&signed, &form) {
-        return refused;
+    if !csrf_ok(&signed, &form) {
+        return csrf_refused(&signed);
     }
     let text = |f: &str| form.get(f).map(|s| s.trim().to_owned()).unwrap_or_default();
     let mut body = json!({

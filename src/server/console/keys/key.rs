@@ -24,13 +24,9 @@ const GRACES: &[(u64, &str)] =
 
 pub(in crate::server::console) type FormMap = HashMap<String, String>;
 
-/// Refuses the POST unless it carries the session's CSRF token.
-pub(in crate::server::console) fn check_csrf(signed: &Signed, form: &FormMap) -> Result<(), Response> {
-    if csrf::matches(signed.csrf(), form.get(csrf::FIELD).map(String::as_str)) {
-        Ok(())
-    } else {
-        Err(csrf_refused(signed))
-    }
+/// Whether the POST carries the session's CSRF token.
+pub(in crate::server::console) fn csrf_ok(signed: &Signed, form: &FormMap) -> bool {
+    csrf::matches(signed.csrf(), form.get(csrf::FIELD).map(String::as_str))
 }
 
 /// The page for a refusal of the API that is not about a form field.
@@ -153,8 +149,8 @@ pub(in crate::server::console) async fn rotate(
     Path(id): Path<String>,
     Form(form): Form<FormMap>,
 ) -> Response {
-    if let Err(refused) = check_csrf(&signed, &form) {
-        return refused;
+    if !csrf_ok(&signed, &form) {
+        return csrf_refused(&signed);
     }
     let Some(grace_s) = form.get("grace_s").and_then(|g| g.parse::<u64>().ok()) else {
         return render(&console, &signed, &id, Some(("Choose how long the old key keeps working.", true))).await;
@@ -172,8 +168,8 @@ pub(in crate::server::console) async fn revoke(
     Path(id): Path<String>,
     Form(form): Form<FormMap>,
 ) -> Response {
-    if let Err(refused) = check_csrf(&signed, &form) {
-        return refused;
+    if !csrf_ok(&signed, &form) {
+        return csrf_refused(&signed);
     }
     if form.get("confirm").map(String::as_str) != Some("yes") {
         return render(&console, &signed, &id, Some(("Tick the confirmation to revoke the key.", true))).await;
@@ -191,8 +187,8 @@ pub(in crate::server::console) async fn set_disabled(
     Path(id): Path<String>,
     Form(form): Form<FormMap>,
 ) -> Response {
-    if let Err(refused) = check_csrf(&signed, &form) {
-        return refused;
+    if !csrf_ok(&signed, &form) {
+        return csrf_refused(&signed);
     }
     let disabled = match form.get("disabled").map(String::as_str) {
         Some("true") => true,
