@@ -16,7 +16,7 @@ use keygate::client::{AdminClient, KeyListQuery, TokenKind};
 use keygate::server::ConsoleConfig;
 use keygate::{ApiKey, ApiKeyLayer, CachedVerifier, HttpVerifier, Principal, RevocationListener};
 use reqwest::header::HeaderMap;
-use server_support::{ADMIN, SERVICE, TestDb, TestServer, new_key};
+use server_support::{ADMIN, Req, SERVICE, TestDb, TestServer, aggregate, aggregate_batch, new_key, this_minute};
 use tower::ServiceExt;
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -549,4 +549,52 @@ async fn paging_and_filters_on_postgres() {
     let b = signed_in(&t, ADMIN).await;
     let console = b.get("/console/keys?state=disabled").await;
     assert_eq!(listed(&console), vec![one.clone()]);
+}
+
+/// A `data-` attribute of the first element that has it.
+fn data(body: &str, name: &str) -> u64 {
+    let needle = format!(r#"{name}=""#);
+    let at = body.find(&needle).unwrap_or_else(|| panic!("no {name}")) + needle.len();
+    body[at..].split('"').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_usage_chart_holds_the_points_and_totals_of_the_traffic_sent() {
+    let t = TestServer::start().await;
+    let created = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    let req = |minute: i64, outcome: keygate::Outcome, status: u16, latency_us: u64| Req {
+        minute,
+        key_id: Some(created.key_id.clone()),
+        route: "/reports",
+        method: "GET",
+        outcome,
+        status,
+        latency_us,
+    };
+    let now = this_minute();
+    let mut reqs = vec![req(now, keygate::Outcome::Allowed, 200, 900); 7];
+    reqs.extend(vec![req(now - 600, keygate::Outcome::Allowed, 200, 4_000); 5]);
+    reqs.extend(vec![req(now - 600, keygate::Outcome::InsufficientScope, 403, 100); 3]);
+    // Older than an hour: in the day's chart, not the hour's.
+    reqs.extend(vec![req(now - 7200, keygate::Outcome::Allowed, 200, 500); 11]);
+    assert_eq!(t.post_usage(&aggregate_batch(aggregate(&reqs))).await.0, 202);
+
+    let b = signed_in(&t, ADMIN).await;
+    let key_page = format!("/console/keys/{}", created.key_id);
+    let hour = b.get(&key_page).await.body;
+    let svg = &hour[hour.find("<svg").expect("a chart")..];
+    assert_eq!(data(svg, "data-points"), 60, "a bar a minute");
+    assert_eq!(data(svg, "data-allowed"), 12);
+    assert_eq!(data(svg, "data-denied"), 3);
+    assert_eq!(svg.matches(r#"<g class="bar""#).count(), 60);
+    assert_eq!(svg.matches(r#"<rect class="allowed""#).count(), 2, "two minutes with traffic allowed");
+    assert_eq!(svg.matches(r#"<rect class="denied""#).count(), 1);
+    assert!(svg.contains(r#"<polyline class="p99""#), "the latency line");
+    let day = b.get(&format!("{key_page}?usage=day")).await.body;
+    let svg = &day[day.find("<svg").unwrap()..];
+    assert_eq!(data(svg, "data-points"), 24);
+    assert_eq!(data(svg, "data-allowed"), 23, "the older traffic too");
+    assert_eq!(data(svg, "data-denied"), 3);
+    let week = b.get(&format!("{key_page}?usage=week")).await.body;
+    assert_eq!(data(&week[week.find("<svg").unwrap()..], "data-points"), 7);
 }

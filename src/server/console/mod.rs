@@ -13,6 +13,7 @@
 //! token's name as the actor.
 
 mod assets;
+mod chart;
 mod config;
 mod csrf;
 mod dispatch;

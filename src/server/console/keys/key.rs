@@ -4,13 +4,14 @@
 use std::collections::HashMap;
 
 use axum::Form;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use http::{Method, StatusCode};
 use maud::{Markup, html};
 use serde_json::{Value, json};
 
 use super::badge;
+use super::usage::{Span, usage};
 use crate::server::console::dispatch::Refused;
 use crate::server::console::layout::{csrf_field, csrf_refused, message, page, time};
 use crate::server::console::{Shared, Signed, csrf};
@@ -41,6 +42,10 @@ fn encode(id: &str) -> String {
 }
 
 async fn render(console: &Shared, signed: &Signed, id: &str, note: Option<(&str, bool)>) -> Response {
+    render_span(console, signed, id, note, Span::Hour).await
+}
+
+async fn render_span(console: &Shared, signed: &Signed, id: &str, note: Option<(&str, bool)>, span: Span) -> Response {
     let key: KeyInfo = match console.call(&signed.token, Method::GET, &format!("/v1/keys/{}", encode(id)), None).await {
         Ok(k) => k,
         Err(r) => return refused_page(signed, &r),
@@ -54,6 +59,7 @@ async fn render(console: &Shared, signed: &Signed, id: &str, note: Option<(&str,
         h1 { (key.name) " " (badge(&key)) }
         @if let Some((text, error)) = note { (message(text, error)) }
         (fields(&key))
+        (usage(console, signed, &key, span).await)
         @if !key.revoked { (actions(signed, &key)) }
         h2 { "Recent audit records" }
         @if audit.is_empty() { p.muted { "None." } } @else {
@@ -139,8 +145,10 @@ pub(in crate::server::console) async fn show(
     State(console): State<Shared>,
     signed: Signed,
     Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    render(&console, &signed, &id, None).await
+    let span = q.get("usage").and_then(|s| Span::parse(s)).unwrap_or(Span::Hour);
+    render_span(&console, &signed, &id, None, span).await
 }
 
 pub(in crate::server::console) async fn rotate(

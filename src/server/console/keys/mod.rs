@@ -4,6 +4,7 @@
 mod create;
 mod key;
 mod list;
+mod usage;
 
 pub(super) use create::{create, new_form, reveal};
 pub(super) use key::{revoke, rotate, set_disabled, show};
