@@ -598,3 +598,61 @@ async fn the_usage_chart_holds_the_points_and_totals_of_the_traffic_sent() {
     let week = b.get(&format!("{key_page}?usage=week")).await.body;
     assert_eq!(data(&week[week.find("<svg").unwrap()..], "data-points"), 7);
 }
+
+#[tokio::test]
+async fn the_audit_log_filters_and_an_alert_is_acknowledged_from_the_console() {
+    let t = TestServer::start().await;
+    let alice = t.admin.create_token(TokenKind::Admin, "alice").await.unwrap();
+    let a = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    let other = t.admin.create_key(new_key("other", &["reports:read"])).await.unwrap();
+    let b = signed_in(&t, &alice.token).await;
+    let a_page = format!("/console/keys/{}", a.key_id);
+    b.submit(&a_page, &format!("{a_page}/disabled"), &[("disabled", "true")]).await;
+
+    let log = b.get("/console/audit").await;
+    assert_eq!(log.status, 200);
+    assert_security_headers("audit", &log);
+    assert!(log.body.contains(&other.key_id) && log.body.contains(&a.key_id));
+    let by_actor = b.get("/console/audit?actor=alice").await.body;
+    assert!(by_actor.contains("key.update") && !by_actor.contains("key.create"), "alice only updated");
+    let by_key = b.get(&format!("/console/audit?key_id={}", other.key_id)).await.body;
+    assert!(!by_key.contains(&format!(">{}<", a.key_id)), "only the other key's records");
+    let by_action = b.get("/console/audit?action=token.").await.body;
+    assert!(by_action.contains("token.create") && !by_action.contains("key.create"));
+    let later = b.get("/console/audit?since=2999-01-01T00:00").await.body;
+    assert!(later.contains("No records match."));
+    assert!(b.get("/console/audit?since=yesterday").await.body.contains("Not a time"));
+
+    // A new network for a key with a history raises an alert; acknowledge it here.
+    let now = this_minute();
+    let req = Req {
+        minute: now,
+        key_id: Some(a.key_id.clone()),
+        route: "/r",
+        method: "GET",
+        outcome: keygate::Outcome::Allowed,
+        status: 200,
+        latency_us: 100,
+    };
+    for (i, net) in ["203.0.113.0/24", "198.51.100.0/24"].into_iter().enumerate() {
+        let mut batch = aggregate_batch(aggregate(std::slice::from_ref(&req)));
+        let minute = now - 60 * (2 - i as i64);
+        batch.networks = vec![keygate::ClientNetwork { key_id: a.key_id.as_str().into(), network: net.into(), minute }];
+        assert_eq!(t.post_usage(&batch).await.0, 202);
+    }
+    let open = t.admin.list_alerts(Some(false)).await.unwrap();
+    assert_eq!(open.len(), 1);
+    let id = open[0].id.unwrap();
+    let page = b.get("/console/alerts").await;
+    assert!(page.body.contains("new_network"), "{}", page.body);
+    let action = format!("/console/alerts/{id}/ack");
+    assert_eq!(b.post(&action, &[]).await.status, 403, "no CSRF token");
+    assert_eq!(t.admin.list_alerts(Some(false)).await.unwrap().len(), 1);
+    let acked = b.submit("/console/alerts", &action, &[]).await;
+    assert_eq!((acked.status, acked.location()), (303, "/console/alerts"));
+    assert!(t.admin.list_alerts(Some(false)).await.unwrap().is_empty());
+    assert!(b.get("/console/alerts").await.body.contains("No alerts."));
+    assert!(b.get("/console/alerts?all=1").await.body.contains("new_network"));
+    let audit = t.admin.audit(None).await.unwrap();
+    assert_eq!(audit.iter().find(|r| r.action == "alert.ack").map(|r| r.actor.as_str()), Some("alice"));
+}

@@ -26,6 +26,8 @@ pub(crate) fn page(status: StatusCode, title: &str, signed: Option<&Signed>, con
                         nav aria-label="Main" {
                             a href="/console/keys" { "Keys" }
                             a href="/console/keys/new" { "Create a key" }
+                            a href="/console/audit" { "Audit log" }
+                            a href="/console/alerts" { "Alerts" }
                         }
                         span.muted { "Signed in as " strong { (s.actor()) } }
                         form method="post" action="/console/sign-out" {

@@ -12,7 +12,9 @@
 //! session's token ([`dispatch`]): the same checks, the same audit records, with the
 //! token's name as the actor.
 
+mod alerts;
 mod assets;
+mod audit;
 mod chart;
 mod config;
 mod csrf;
@@ -88,6 +90,9 @@ pub(crate) fn router(server: ServerState, config: &ConsoleConfig) -> Router {
         .route("/console/keys/{id}/rotate", post(keys::rotate))
         .route("/console/keys/{id}/revoke", post(keys::revoke))
         .route("/console/keys/{id}/disabled", post(keys::set_disabled))
+        .route("/console/audit", get(audit::audit))
+        .route("/console/alerts", get(alerts::alerts))
+        .route("/console/alerts/{id}/ack", post(alerts::ack))
         .layer(DefaultBodyLimit::max(FORM_LIMIT))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(console)
