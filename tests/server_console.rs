@@ -656,3 +656,33 @@ async fn the_audit_log_filters_and_an_alert_is_acknowledged_from_the_console() {
     let audit = t.admin.audit(None).await.unwrap();
     assert_eq!(audit.iter().find(|r| r.action == "alert.ack").map(|r| r.actor.as_str()), Some("alice"));
 }
+
+#[tokio::test]
+async fn roles_are_defined_changed_and_deleted_with_the_cli_rules() {
+    let t = TestServer::start().await;
+    let b = signed_in(&t, ADMIN).await;
+    let saved = b
+        .submit("/console/roles", "/console/roles", &[("name", "analyst"), ("scopes", "reports:read, dashboards:read")])
+        .await;
+    assert_eq!(saved.status, 303, "{}", saved.body);
+    let roles = t.admin.list_roles().await.unwrap();
+    assert_eq!(roles.len(), 1);
+    assert_eq!(roles[0].scopes, ["dashboards:read", "reports:read"]);
+    let bad = b.submit("/console/roles", "/console/roles", &[("name", "analyst"), ("scopes", "not a scope!")]).await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains(r#"class="message error""#), "the API's refusal as a message");
+    assert_eq!(t.admin.list_roles().await.unwrap()[0].scopes.len(), 2, "unchanged");
+
+    let mut k = new_key("acme", &[]);
+    k.roles = vec!["analyst".into()];
+    let held = t.admin.create_key(k).await.unwrap();
+    let refused = b.submit("/console/roles", "/console/roles/analyst/delete", &[]).await;
+    assert_eq!(refused.status, 400, "a role keys hold is not deleted without detaching");
+    assert_eq!(t.admin.list_roles().await.unwrap().len(), 1);
+    let deleted = b.submit("/console/roles", "/console/roles/analyst/delete", &[("detach", "yes")]).await;
+    assert!(deleted.body.contains("Deleted the role analyst."), "{}", deleted.body);
+    assert!(t.admin.list_roles().await.unwrap().is_empty());
+    assert!(t.admin.get_key(&held.key_id).await.unwrap().roles.is_empty());
+    assert_eq!(b.post("/console/roles", &[("name", "x"), ("scopes", "a:b")]).await.status, 403, "no CSRF token");
+    assert!(t.admin.list_roles().await.unwrap().is_empty());
+}

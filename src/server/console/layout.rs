@@ -26,6 +26,7 @@ pub(crate) fn page(status: StatusCode, title: &str, signed: Option<&Signed>, con
                         nav aria-label="Main" {
                             a href="/console/keys" { "Keys" }
                             a href="/console/keys/new" { "Create a key" }
+                            a href="/console/roles" { "Roles" }
                             a href="/console/audit" { "Audit log" }
                             a href="/console/alerts" { "Alerts" }
                         }

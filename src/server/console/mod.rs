@@ -21,6 +21,7 @@ mod csrf;
 mod dispatch;
 mod keys;
 mod layout;
+mod roles;
 mod session;
 mod sign_in;
 
@@ -90,6 +91,8 @@ pub(crate) fn router(server: ServerState, config: &ConsoleConfig) -> Router {
         .route("/console/keys/{id}/rotate", post(keys::rotate))
         .route("/console/keys/{id}/revoke", post(keys::revoke))
         .route("/console/keys/{id}/disabled", post(keys::set_disabled))
+        .route("/console/roles", get(roles::roles).post(roles::put))
+        .route("/console/roles/{name}/delete", post(roles::delete))
         .route("/console/audit", get(audit::audit))
         .route("/console/alerts", get(alerts::alerts))
         .route("/console/alerts/{id}/ack", post(alerts::ack))
