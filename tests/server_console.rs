@@ -686,3 +686,36 @@ async fn roles_are_defined_changed_and_deleted_with_the_cli_rules() {
     assert_eq!(b.post("/console/roles", &[("name", "x"), ("scopes", "a:b")]).await.status, 403, "no CSRF token");
     assert!(t.admin.list_roles().await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_key_is_edited_from_its_page() {
+    let t = TestServer::start().await;
+    t.admin.put_role("ops", ["deploy:run"]).await.unwrap();
+    let created = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    let b = signed_in(&t, ADMIN).await;
+    let key_page = format!("/console/keys/{}", created.key_id);
+    let action = format!("{key_page}/edit");
+    let fields =
+        [("name", "renamed"), ("scopes", "reports:read billing:read"), ("roles", "ops"), ("expires_in_days", "30")];
+    assert_eq!(b.post(&action, &fields).await.status, 403, "no CSRF token");
+    assert_eq!(t.admin.get_key(&created.key_id).await.unwrap().name, "acme key");
+    let saved = b.submit(&key_page, &action, &fields).await;
+    assert!(saved.body.contains("Saved."), "{}", saved.body);
+    let k = t.admin.get_key(&created.key_id).await.unwrap();
+    assert_eq!(k.name, "renamed");
+    assert_eq!(k.scopes, ["billing:read", "reports:read"]);
+    assert_eq!(k.roles, ["ops"]);
+    let days = (k.expires_at.unwrap() - time::OffsetDateTime::now_utc()).whole_days();
+    assert!((29..=30).contains(&days), "{days}");
+    let unknown = b.submit(&key_page, &action, &[("name", "renamed"), ("scopes", "a:b"), ("roles", "nope")]).await;
+    assert!(unknown.body.contains(r#"class="message error""#), "{}", unknown.body);
+    assert_eq!(t.admin.get_key(&created.key_id).await.unwrap().roles, ["ops"], "unchanged");
+    b.submit(
+        &key_page,
+        &action,
+        &[("name", "renamed"), ("scopes", "reports:read"), ("roles", ""), ("expires_in_days", "0")],
+    )
+    .await;
+    let k = t.admin.get_key(&created.key_id).await.unwrap();
+    assert!(k.expires_at.is_none() && k.roles.is_empty());
+}

@@ -91,6 +91,7 @@ pub(crate) fn router(server: ServerState, config: &ConsoleConfig) -> Router {
         .route("/console/keys/{id}/rotate", post(keys::rotate))
         .route("/console/keys/{id}/revoke", post(keys::revoke))
         .route("/console/keys/{id}/disabled", post(keys::set_disabled))
+        .route("/console/keys/{id}/edit", post(keys::edit))
         .route("/console/roles", get(roles::roles).post(roles::put))
         .route("/console/roles/{name}/delete", post(roles::delete))
         .route("/console/audit", get(audit::audit))

@@ -108,6 +108,18 @@ fn actions(signed: &Signed, k: &KeyInfo) -> Markup {
     html! {
         h2 { "Actions" }
         div.actions {
+            form method="post" action={ (base) "/edit" } {
+                (csrf_field(signed))
+                label for="edit-name" { "Name" }
+                input #edit-name type="text" name="name" value=(k.name) required;
+                label for="edit-scopes" { "Scopes (separated by spaces or commas)" }
+                input #edit-scopes type="text" name="scopes" value=(k.scopes.join(" "));
+                label for="edit-roles" { "Roles" }
+                input #edit-roles type="text" name="roles" value=(k.roles.join(" "));
+                label for="edit-expiry" { "Expires in (days; empty: keep, 0: never)" }
+                input #edit-expiry type="text" name="expires_in_days" inputmode="numeric";
+                p { button type="submit" { "Save changes" } }
+            }
             form method="post" action={ (base) "/rotate" } {
                 (csrf_field(signed))
                 label for="grace_s" { "Rotate: the old key keeps working for" }
@@ -206,6 +218,49 @@ pub(in crate::server::console) async fn set_disabled(
     let path = format!("/v1/keys/{}", encode(&id));
     match console.call::<Value>(&signed.token, Method::PATCH, &path, Some(&json!({ "disabled": disabled }))).await {
         Ok(_) => Redirect::to(&format!("/console/keys/{}", encode(&id))).into_response(),
+        Err(r) => render(&console, &signed, &id, Some((&r.message, true))).await,
+    }
+}
+
+fn split(list: Option<&String>) -> Vec<String> {
+    list.map(|s| s.split([' ', ',', '\n', '\r', '\t']).filter(|p| !p.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+pub(in crate::server::console) async fn edit(
+    State(console): State<Shared>,
+    signed: Signed,
+    Path(id): Path<String>,
+    Form(form): Form<FormMap>,
+) -> Response {
+    if !csrf_ok(&signed, &form) {
+        return csrf_refused(&signed);
+    }
+    let mut patch = json!({
+        "name": form.get("name").map(|n| n.trim()).unwrap_or_default(),
+        "scopes": split(form.get("scopes")),
+        "roles": split(form.get("roles")),
+    });
+    match form.get("expires_in_days").map(|d| d.trim()).filter(|d| !d.is_empty()) {
+        None => {}
+        Some("0") => patch["expires_at"] = Value::Null,
+        Some(days) => {
+            let Some(days) = days.parse::<u32>().ok().filter(|d| *d <= 36_500) else {
+                return render(
+                    &console,
+                    &signed,
+                    &id,
+                    Some(("Expires in: a whole number of days, 0 to 36 500.", true)),
+                )
+                .await;
+            };
+            let at = time::OffsetDateTime::now_utc() + time::Duration::days(i64::from(days));
+            patch["expires_at"] = json!(crate::server::text::rfc3339(at));
+        }
+    }
+    let path = format!("/v1/keys/{}", encode(&id));
+    match console.call::<Value>(&signed.token, Method::PATCH, &path, Some(&patch)).await {
+        Ok(_) => render(&console, &signed, &id, Some(("Saved.", false))).await,
         Err(r) => render(&console, &signed, &id, Some((&r.message, true))).await,
     }
 }

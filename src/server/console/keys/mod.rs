@@ -7,7 +7,7 @@ mod list;
 mod usage;
 
 pub(super) use create::{create, new_form, reveal};
-pub(super) use key::{refused_page, revoke, rotate, set_disabled, show};
+pub(super) use key::{edit, refused_page, revoke, rotate, set_disabled, show};
 pub(super) use list::list;
 
 use maud::{Markup, html};
