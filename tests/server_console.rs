@@ -276,6 +276,10 @@ async fn every_console_answer_carries_the_security_headers() {
     assert!(raw_key(&shown).is_some());
     assert_security_headers("a refused POST", &b.post(&format!("{key_page}/revoke"), &[]).await);
     assert_security_headers("an unknown key", &b.get("/console/keys/key_nope").await);
+    let missing = anonymous.get("/console/no/such/page").await;
+    assert_eq!(missing.status, 404);
+    assert!(missing.headers["content-type"].to_str().unwrap().starts_with("text/html"));
+    assert_security_headers("an unknown console path", &missing);
 }
 
 fn protected(cache: &CachedVerifier<HttpVerifier>) -> Router {
@@ -645,6 +649,8 @@ async fn the_audit_log_filters_and_an_alert_is_acknowledged_from_the_console() {
     let id = open[0].id.unwrap();
     let page = b.get("/console/alerts").await;
     assert!(page.body.contains("new_network"), "{}", page.body);
+    assert!(b.get(&a_page).await.body.contains("new_network"), "the key page lists its alerts");
+    assert!(!b.get(&format!("/console/keys/{}", other.key_id)).await.body.contains("new_network"));
     let action = format!("/console/alerts/{id}/ack");
     assert_eq!(b.post(&action, &[]).await.status, 403, "no CSRF token");
     assert_eq!(t.admin.list_alerts(Some(false)).await.unwrap().len(), 1);

@@ -97,9 +97,21 @@ pub(crate) fn router(server: ServerState, config: &ConsoleConfig) -> Router {
         .route("/console/audit", get(audit::audit))
         .route("/console/alerts", get(alerts::alerts))
         .route("/console/alerts/{id}/ack", post(alerts::ack))
+        // Any other console path: an HTML 404 with the same headers (the API's fallback
+        // would answer JSON).
+        .route("/console/{*rest}", get(not_found))
         .layer(DefaultBodyLimit::max(FORM_LIMIT))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(console)
+}
+
+async fn not_found() -> Response {
+    layout::page(
+        http::StatusCode::NOT_FOUND,
+        "Not found",
+        None,
+        maud::html! { h1 { "Not found" } p { a href="/console/keys" { "Go to the keys" } } },
+    )
 }
 
 /// The headers every console answer carries, pages, redirects and assets alike.

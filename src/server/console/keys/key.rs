@@ -15,13 +15,18 @@ use super::usage::{Span, usage};
 use crate::server::console::dispatch::Refused;
 use crate::server::console::layout::{csrf_field, csrf_refused, message, page, time};
 use crate::server::console::{Shared, Signed, csrf};
-use crate::server::model::{AuditRecord, KeyInfo};
+use crate::server::model::{Alert, AuditRecord, KeyInfo};
 
 /// Audit records the key page shows, newest first.
 const RECENT_AUDIT: usize = 20;
 /// The grace choices of the rotate form, in seconds.
 const GRACES: &[(u64, &str)] =
     &[(0, "none: the old key stops now"), (300, "5 minutes"), (3600, "1 hour"), (86_400, "1 day"), (604_800, "7 days")];
+
+#[derive(serde::Deserialize)]
+struct AlertList {
+    alerts: Vec<Alert>,
+}
 
 pub(in crate::server::console) type FormMap = HashMap<String, String>;
 
@@ -55,12 +60,29 @@ async fn render_span(console: &Shared, signed: &Signed, id: &str, note: Option<(
         Ok(all) => all.into_iter().filter(|r| r.key_id.as_deref() == Some(id)).rev().take(RECENT_AUDIT).collect(),
         Err(_) => Vec::new(),
     };
+    // The newest alerts (the API answers at most 1 000), this key's.
+    let alerts: Vec<Alert> = match console.call::<AlertList>(&signed.token, Method::GET, "/v1/alerts", None).await {
+        Ok(l) => l.alerts.into_iter().filter(|a| a.key_id == id).rev().take(RECENT_AUDIT).collect(),
+        Err(_) => Vec::new(),
+    };
     let content = html! {
         h1 { (key.name) " " (badge(&key)) }
         @if let Some((text, error)) = note { (message(text, error)) }
         (fields(&key))
         (usage(console, signed, &key, span).await)
         @if !key.revoked { (actions(signed, &key)) }
+        h2 { "Alerts" }
+        @if alerts.is_empty() { p.muted { "None." } } @else {
+            table {
+                thead { tr { th { "At" } th { "Kind" } th { "Detail" } th { "Acknowledged" } } }
+                tbody {
+                    @for a in &alerts {
+                        tr { td { (time(Some(a.at))) } td { (a.kind.as_str()) } td { (a.detail) } td { (time(a.acknowledged_at)) } }
+                    }
+                }
+            }
+            p { a href="/console/alerts" { "Acknowledge on the alerts page" } }
+        }
         h2 { "Recent audit records" }
         @if audit.is_empty() { p.muted { "None." } } @else {
             table {
