@@ -550,6 +550,10 @@ async fn paging_and_filters_on_postgres() {
     assert_eq!(page(KeyListQuery::default().state("disabled")).await, 1);
     assert_eq!(page(KeyListQuery::default().state("active")).await, 119);
     assert_eq!(page(KeyListQuery::default().state("revoked")).await, 0);
+    let mut k = new_key("acme", &["reports:read"]);
+    k.expires_at = Some(time::OffsetDateTime::now_utc() + time::Duration::days(1));
+    t.admin.create_key(k).await.unwrap();
+    assert_eq!(page(KeyListQuery::default().state("expiring")).await, 1);
     let b = signed_in(&t, ADMIN).await;
     let console = b.get("/console/keys?state=disabled").await;
     assert_eq!(listed(&console), vec![one.clone()]);
@@ -724,4 +728,30 @@ async fn a_key_is_edited_from_its_page() {
     .await;
     let k = t.admin.get_key(&created.key_id).await.unwrap();
     assert!(k.expires_at.is_none() && k.roles.is_empty());
+}
+
+#[tokio::test]
+async fn expiring_soon_is_a_filter_of_its_own() {
+    let t = TestServer::start().await;
+    let expiring = |days: i64| {
+        let mut k = new_key("acme", &["reports:read"]);
+        k.expires_at = Some(time::OffsetDateTime::now_utc() + time::Duration::days(days));
+        k
+    };
+    let soon = t.admin.create_key(expiring(2)).await.unwrap();
+    t.admin.create_key(expiring(30)).await.unwrap();
+    t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap();
+    let disabled = t.admin.create_key(expiring(3)).await.unwrap();
+    t.admin.disable(&disabled.key_id).await.unwrap();
+    let api = t.admin.list_keys_page(&KeyListQuery::default().state("expiring")).await.unwrap();
+    assert_eq!(
+        api.keys.iter().map(|k| k.key_id.clone()).collect::<Vec<_>>(),
+        vec![soon.key_id.clone()],
+        "within 7 days, active"
+    );
+    assert_eq!(t.admin.list_keys_page(&KeyListQuery::default().state("active")).await.unwrap().keys.len(), 3);
+    let b = signed_in(&t, ADMIN).await;
+    let page = b.get("/console/keys?state=expiring").await;
+    assert_eq!(listed(&page), vec![soon.key_id.clone()]);
+    assert!(page.body.contains("expiring soon"));
 }

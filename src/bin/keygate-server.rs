@@ -407,7 +407,7 @@ enum KeysCmd {
         /// Only keys of this environment.
         #[arg(long)]
         environment: Option<String>,
-        /// Only keys in this state: active, disabled, revoked or expired.
+        /// Only keys in this state: active, expiring (soon), disabled, revoked or expired.
         #[arg(long)]
         state: Option<String>,
         /// Keys per page (1 to 1 000; default 1 000).

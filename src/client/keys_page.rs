@@ -22,7 +22,8 @@ pub struct KeyListQuery {
     pub search: Option<String>,
     /// Only keys of this environment.
     pub environment: Option<String>,
-    /// Only keys in this state: `active`, `disabled`, `revoked` or `expired`.
+    /// Only keys in this state: `active`, `expiring` (soon), `disabled`, `revoked` or
+    /// `expired`.
     pub state: Option<String>,
     /// Keys per page (1 to 1 000; default 1 000).
     pub limit: Option<u32>,

@@ -581,7 +581,9 @@ struct ListQuery {
     q: Option<String>,
     /// Only keys of this environment.
     environment: Option<String>,
-    /// Only keys in this state: `active`, `disabled`, `revoked` or `expired`.
+    /// Only keys in this state: `active`, `disabled`, `revoked` or `expired`; or
+    /// `expiring`: active keys that expire within the alerts' `expiring_within` (7 days
+    /// by default).
     state: Option<String>,
 }
 
@@ -626,14 +628,21 @@ async fn list_keys(
     };
     let key_state = match q.state.as_deref() {
         Some(s) => Some(KeyState::parse(s).ok_or_else(|| {
-            ApiError::invalid("invalid_request", "`state` must be one of active, disabled, revoked, expired")
+            ApiError::invalid("invalid_request", "`state` must be one of active, expiring, disabled, revoked, expired")
         })?),
         None => None,
     };
     if let Some(text) = &q.q {
         validate_text("q", text)?;
     }
-    let filter = KeyFilter { after, owner: q.owner, search: q.q, environment: q.environment, state: key_state };
+    let filter = KeyFilter {
+        after,
+        owner: q.owner,
+        search: q.q,
+        environment: q.environment,
+        state: key_state,
+        expiring_within: state.inner.alerts.expiring_within,
+    };
     // One more than answered: whether another page follows.
     let mut keys = state.inner.store.page_keys(&filter, limit + 1).await?;
     let next = if keys.len() > limit as usize {

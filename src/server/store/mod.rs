@@ -1194,6 +1194,8 @@ pub struct KeyFilter {
     pub environment: Option<String>,
     /// Only keys in this state.
     pub state: Option<KeyState>,
+    /// What [`KeyState::Expiring`] means: expiring within this long from now.
+    pub expiring_within: std::time::Duration,
 }
 
 /// A place in the listing of keys (oldest first): just after a key. Written as
@@ -1227,7 +1229,8 @@ impl std::fmt::Display for KeyCursor {
     }
 }
 
-/// A key's state as the listing filters it: exactly one applies to each key.
+/// A key's state as the listing filters it: one of the first four applies to each key;
+/// [`Expiring`](Self::Expiring) narrows [`Active`](Self::Active).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {
     /// Not revoked, not disabled, not past its expiry.
@@ -1238,19 +1241,22 @@ pub enum KeyState {
     Revoked,
     /// Past its expiry and not revoked (disabled or not).
     Expired,
+    /// Active, and past its expiry within [`KeyFilter::expiring_within`].
+    Expiring,
 }
 
 impl KeyState {
     /// Every state, in the order pages list them.
-    pub const ALL: [KeyState; 4] = [Self::Active, Self::Disabled, Self::Revoked, Self::Expired];
+    pub const ALL: [KeyState; 5] = [Self::Active, Self::Expiring, Self::Disabled, Self::Revoked, Self::Expired];
 
-    /// `active`, `disabled`, `revoked` or `expired`.
+    /// `active`, `expiring`, `disabled`, `revoked` or `expired`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Active => "active",
             Self::Disabled => "disabled",
             Self::Revoked => "revoked",
             Self::Expired => "expired",
+            Self::Expiring => "expiring",
         }
     }
 

@@ -111,7 +111,9 @@ macro_rules! shared_queries {
                           OR ($4 = 'disabled' AND k.revoked_at IS NULL AND k.disabled) \
                           OR ($4 = 'expired' AND k.revoked_at IS NULL AND k.expires_at IS NOT NULL AND k.expires_at <= $5) \
                           OR ($4 = 'active' AND k.revoked_at IS NULL AND NOT k.disabled \
-                              AND (k.expires_at IS NULL OR k.expires_at > $5))) \
+                              AND (k.expires_at IS NULL OR k.expires_at > $5)) \
+                          OR ($4 = 'expiring' AND k.revoked_at IS NULL AND NOT k.disabled \
+                              AND k.expires_at > $5 AND k.expires_at <= $9)) \
                      ORDER BY k.created_at, k.key_id LIMIT $6"
                 ))
                 .bind(filter.after.as_ref().map(|c| c.created_ms))
@@ -122,6 +124,7 @@ macro_rules! shared_queries {
                 .bind(i64::from(limit))
                 .bind(filter.after.as_ref().map(|c| c.key_id.as_str()))
                 .bind(filter.owner.as_deref())
+                .bind(now_ms.saturating_add(i64::try_from(filter.expiring_within.as_millis()).unwrap_or(i64::MAX)))
                 .fetch_all(ex)
                 .await?;
                 rows.iter().map(key_from_row).collect()

@@ -50,6 +50,7 @@ pub(in crate::server::console) async fn list(
         search: search.clone(),
         environment: some(&q.environment),
         state: state_name.as_deref().and_then(KeyState::parse),
+        expiring_within: console.server.inner.alerts.expiring_within,
     };
     // One more than shown: whether a next page exists.
     let found = console.server.inner.store.page_keys(&filter, per_page + 1).await;
@@ -85,7 +86,9 @@ pub(in crate::server::console) async fn list(
                 select #state name="state" {
                     option value="" { "any" }
                     @for s in KeyState::ALL {
-                        option value=(s.as_str()) selected[filter.state == Some(s)] { (s.as_str()) }
+                        option value=(s.as_str()) selected[filter.state == Some(s)] {
+                            @if s == KeyState::Expiring { "expiring soon" } @else { (s.as_str()) }
+                        }
                     }
                 }
             }
