@@ -426,3 +426,27 @@ async fn serve_checks_its_environment_prefixes() {
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     assert!(stderr(&out).contains("ENV=PREFIX"), "{}", stderr(&out));
 }
+
+#[tokio::test]
+async fn keys_list_pages_with_a_cursor_or_all_of_them() {
+    let t = TestServer::start().await;
+    for _ in 0..5 {
+        create(&t, &["--scope", "a:b"]).await;
+    }
+    let first = cli(&t, &["keys", "list", "--json", "--limit", "2"]).await;
+    assert_eq!(code(&first), 0);
+    let keys: Value = serde_json::from_str(&stdout(&first)).unwrap();
+    assert_eq!(keys.as_array().unwrap().len(), 2);
+    let err = stderr(&first);
+    let cursor = err.trim().strip_prefix("more keys: --after ").unwrap_or_else(|| panic!("{err}")).to_owned();
+    let second = json(&t, &["keys", "list", "--limit", "2", "--after", &cursor]).await;
+    assert_eq!(second.as_array().unwrap().len(), 2);
+    assert_ne!(second[0]["key_id"], keys[0]["key_id"]);
+    assert_ne!(second[0]["key_id"], keys[1]["key_id"]);
+    let all = json(&t, &["keys", "list", "--limit", "2", "--all"]).await;
+    assert_eq!(all.as_array().unwrap().len(), 5, "three pages followed");
+    let ids: std::collections::BTreeSet<&str> =
+        all.as_array().unwrap().iter().map(|k| k["key_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), 5, "each once");
+    assert_eq!(json(&t, &["keys", "list", "--state", "revoked"]).await, Value::Array(vec![]));
+}

@@ -3,7 +3,7 @@
 //! ```text
 //! keygate-server serve --db sqlite://keys.db --listen 127.0.0.1:7700
 //! keygate-server keys create --owner acme --name ci --scope reports:read [--expires-in 30d]
-//! keygate-server keys list [--owner acme]
+//! keygate-server keys list [--owner acme] [--search TEXT] [--state active] [--limit 100] [--after CURSOR | --all]
 //! keygate-server keys show key_...
 //! keygate-server keys update key_... [--scope S]... [--role R]... [--meta JSON] [--expires-in 12h] [--rate-limit 100/60s]
 //! keygate-server keys disable key_... | keys enable key_...
@@ -51,6 +51,11 @@
 //!
 //! Metrics (`serve`): `--metrics-listen ADDR` (`KEYGATE_METRICS_LISTEN`; off by default)
 //! serves Prometheus metrics at `GET /metrics` on that address of its own, without a token.
+//!
+//! Console (`serve`): the admin console in the browser is on by default under `/console`
+//! on the listen address; `--console-listen ADDR` (`KEYGATE_CONSOLE_LISTEN`) serves it on
+//! an address of its own instead, `--no-console` (`KEYGATE_NO_CONSOLE`) turns it off,
+//! `--console-secure-cookies` marks its session cookie `Secure` (behind TLS).
 //!
 //! `backup` copies a SQLite store consistently while servers use it (`VACUUM INTO`); it
 //! refuses to overwrite `--to` unless `--force`. PostgreSQL is backed up with `pg_dump`.
@@ -267,6 +272,16 @@ struct Serve {
     /// bind it where only the scraper reaches). Off when absent.
     #[arg(long, env = "KEYGATE_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve the admin console (still under /console) on this address of its own
+    /// instead of the listen address.
+    #[arg(long, env = "KEYGATE_CONSOLE_LISTEN", conflicts_with = "no_console")]
+    console_listen: Option<SocketAddr>,
+    /// No admin console at all.
+    #[arg(long, env = "KEYGATE_NO_CONSOLE")]
+    no_console: bool,
+    /// Mark the console's session cookie `Secure` (set it when TLS fronts the console).
+    #[arg(long, env = "KEYGATE_CONSOLE_SECURE_COOKIES")]
+    console_secure_cookies: bool,
     /// The key prefix of an environment, `ENV=PREFIX` (repeatable; default `test=kgtest`;
     /// other environments use --key-prefix).
     #[arg(long = "env-prefix", value_name = "ENV=PREFIX", value_parser = parse_env_prefix)]
@@ -349,13 +364,31 @@ enum KeysCmd {
         /// The key id.
         key_id: String,
     },
-    /// List keys.
+    /// List keys, oldest first, one page (the next page's cursor goes to stderr) or all.
     List {
         #[command(flatten)]
         conn: Conn,
         /// Only this owner's.
         #[arg(long)]
         owner: Option<String>,
+        /// Only keys whose owner, name, key id or prefix holds this text.
+        #[arg(long)]
+        search: Option<String>,
+        /// Only keys of this environment.
+        #[arg(long)]
+        environment: Option<String>,
+        /// Only keys in this state: active, expiring (soon), disabled, revoked or expired.
+        #[arg(long)]
+        state: Option<String>,
+        /// Keys per page (1 to 1 000; default 1 000).
+        #[arg(long)]
+        limit: Option<u32>,
+        /// The page after this cursor (printed by the page before).
+        #[arg(long, conflicts_with = "all")]
+        after: Option<String>,
+        /// Every page, following the cursors.
+        #[arg(long)]
+        all: bool,
     },
     /// Show one key.
     Show {
@@ -954,6 +987,15 @@ async fn serve(s: Serve) -> Result<(), CliError> {
     if let Some(addr) = s.metrics_listen {
         builder = builder.metrics_listen(addr);
     }
+    builder = builder.console(if s.no_console {
+        keygate::server::ConsoleConfig::off()
+    } else {
+        let config = keygate::server::ConsoleConfig::default().secure_cookies(s.console_secure_cookies);
+        match s.console_listen {
+            Some(addr) => config.listen(addr),
+            None => config,
+        }
+    });
     let service_token = match &s.service_token_file {
         Some(path) => Some(read_token_file("--service-token-file", path)?),
         None => s.service_token.clone(),
@@ -1108,8 +1150,19 @@ async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
             let k = client(&conn)?.enable(&key_id).await?;
             print(&conn, &k, || format!("enabled {}", k.key_id));
         }
-        KeysCmd::List { conn, owner } => {
-            let keys = client(&conn)?.list_keys(owner.as_deref()).await?;
+        KeysCmd::List { conn, owner, search, environment, state: wanted, limit, after, all } => {
+            let query = keygate::client::KeyListQuery { owner, search, environment, state: wanted, limit, after };
+            let admin = client(&conn)?;
+            let keys = if all {
+                // A bound against a server that never ends its cursors: 10 000 pages.
+                admin.list_all_keys(&query, 10_000).await?
+            } else {
+                let page = admin.list_keys_page(&query).await?;
+                if let Some(next) = &page.next {
+                    eprintln!("more keys: --after {next}");
+                }
+                page.keys
+            };
             print(&conn, &keys, || {
                 let rows = keys.iter().map(|k| {
                     vec![

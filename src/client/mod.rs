@@ -31,7 +31,10 @@ use crate::key::ApiKey;
 use crate::transport::{ClientOptions, ReadError, http_client, read_body};
 use crate::wire::{Alert, ErrorBody};
 
+mod keys_page;
 mod model;
+
+pub use keys_page::{KeyListQuery, KeyPage};
 
 pub use model::{
     AuditRecord, CreatedToken, DeliveryState, KeyInfo, KeyPatch, NewKey, NewToken, OwnerInfo, OwnerQuota, RoleInfo,
@@ -188,13 +191,36 @@ impl AdminClient {
         self.send(self.request(Method::GET, &format!("/v1/keys/{}", encode(key_id)))).await
     }
 
-    /// `GET /v1/keys?owner=`: up to 1 000 keys, oldest first.
+    /// `GET /v1/keys?owner=`: the first 1 000 keys, oldest first (page on with
+    /// [`list_keys_page`](Self::list_keys_page)).
     pub async fn list_keys(&self, owner: Option<&str>) -> Result<Vec<KeyInfo>, ClientError> {
         let mut req = self.request(Method::GET, "/v1/keys");
         if let Some(owner) = owner {
             req = req.query(&[("owner", owner)]);
         }
         Ok(self.send::<Keys>(req).await?.keys)
+    }
+
+    /// `GET /v1/keys` with `query`: one page of keys, oldest first, and the cursor of the
+    /// next.
+    pub async fn list_keys_page(&self, query: &KeyListQuery) -> Result<KeyPage, ClientError> {
+        self.send(self.request(Method::GET, "/v1/keys").query(&query.pairs())).await
+    }
+
+    /// Every key `query` selects, following the cursors from `query.after` (or the first
+    /// page) to the last page, at most `max_pages` pages (a bound, not a target).
+    pub async fn list_all_keys(&self, query: &KeyListQuery, max_pages: usize) -> Result<Vec<KeyInfo>, ClientError> {
+        let mut query = query.clone();
+        let mut keys = Vec::new();
+        for _ in 0..max_pages {
+            let page = self.list_keys_page(&query).await?;
+            keys.extend(page.keys);
+            match page.next {
+                Some(next) => query.after = Some(next),
+                None => break,
+            }
+        }
+        Ok(keys)
     }
 
     /// `PATCH /v1/keys/{id}`.

@@ -31,7 +31,7 @@ use super::model::{
 use super::openapi::SecuritySchemes;
 use super::report::{Whose, usage_report};
 use super::state::{ServerState, Stats};
-use super::store::{Applied, BatchMark, Found, NewKeyRecord, NewSecret, now_ms, to_ms};
+use super::store::{Applied, BatchMark, Found, KeyCursor, KeyFilter, KeyState, NewKeyRecord, NewSecret, now_ms, to_ms};
 use super::text::{rfc3339, shown};
 use super::usage::{self, AGGREGATE_BODY_LIMIT, BatchForm};
 use super::validate::{
@@ -588,12 +588,27 @@ struct ListQuery {
     owner: Option<String>,
     /// At most this many (1 to 1 000; default 1 000).
     limit: Option<u32>,
+    /// The page after this cursor: the `next` of the answer before.
+    after: Option<String>,
+    /// Only keys whose owner, name, key id or display prefix holds this text
+    /// (case-insensitive for ASCII).
+    q: Option<String>,
+    /// Only keys of this environment.
+    environment: Option<String>,
+    /// Only keys in this state: `active`, `disabled`, `revoked` or `expired`; or
+    /// `expiring`: active keys that expire within the alerts' `expiring_within` (7 days
+    /// by default).
+    state: Option<String>,
 }
 
 /// The answer of `GET /v1/keys`.
 #[derive(Serialize, ToSchema)]
 struct KeyList {
+    /// Oldest first.
     keys: Vec<KeyInfo>,
+    /// More keys follow: ask again with `after` set to this cursor. Absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
 }
 
 #[utoipa::path(
@@ -603,7 +618,7 @@ struct KeyList {
     summary = "List keys",
     params(ListQuery),
     responses(
-        (status = 200, description = "At most 1 000 keys.", body = KeyList),
+        (status = 200, description = "One page of at most `limit` keys, oldest first, and the cursor of the next page.", body = KeyList),
         (status = 400, response = crate::server::openapi::BadRequest),
         (status = 401, response = crate::server::openapi::Unauthorized),
         (status = 500, response = crate::server::openapi::Internal),
@@ -618,8 +633,39 @@ async fn list_keys(
 ) -> Result<Json<KeyList>, ApiError> {
     let q = query(q)?;
     let limit = q.limit.unwrap_or(MAX_RECORDS).clamp(1, MAX_RECORDS);
-    let keys = state.inner.store.list_keys(q.owner.as_deref(), limit).await?;
-    Ok(Json(KeyList { keys }))
+    let after = match q.after.as_deref() {
+        Some(c) => Some(
+            KeyCursor::parse(c)
+                .ok_or_else(|| ApiError::invalid("invalid_request", "`after` is not a cursor of this listing"))?,
+        ),
+        None => None,
+    };
+    let key_state = match q.state.as_deref() {
+        Some(s) => Some(KeyState::parse(s).ok_or_else(|| {
+            ApiError::invalid("invalid_request", "`state` must be one of active, expiring, disabled, revoked, expired")
+        })?),
+        None => None,
+    };
+    if let Some(text) = &q.q {
+        validate_text("q", text)?;
+    }
+    let filter = KeyFilter {
+        after,
+        owner: q.owner,
+        search: q.q,
+        environment: q.environment,
+        state: key_state,
+        expiring_within: state.inner.alerts.expiring_within,
+    };
+    // One more than answered: whether another page follows.
+    let mut keys = state.inner.store.page_keys(&filter, limit + 1).await?;
+    let next = if keys.len() > limit as usize {
+        keys.truncate(limit as usize);
+        keys.last().map(|k| KeyCursor::after(k).to_string())
+    } else {
+        None
+    };
+    Ok(Json(KeyList { keys, next }))
 }
 
 async fn load(state: &ServerState, id: &str) -> Result<KeyInfo, ApiError> {

@@ -284,6 +284,7 @@ mod alerts;
 mod api;
 mod auth;
 mod backup;
+mod console;
 mod error;
 mod events;
 mod leaks;
@@ -311,6 +312,10 @@ pub use api::DEFAULT_MAX_CONCURRENT_VERIFIES;
 pub use api::{BODY_LIMIT, JsonBody, MAX_USAGE_EVENTS, USAGE_BODY_LIMIT, router};
 pub use auth::{Admin, Service};
 pub use backup::{BackupError, backup_sqlite};
+pub use console::{
+    ConsoleConfig, DEFAULT_CONSOLE_ABSOLUTE_TIMEOUT, DEFAULT_CONSOLE_IDLE_TIMEOUT, DEFAULT_CONSOLE_MAX_SESSIONS,
+    DEFAULT_SIGN_IN_ATTEMPTS_PER_MINUTE,
+};
 pub use error::{ApiError, ServerError};
 pub use events::{DEFAULT_MAX_EVENT_SUBSCRIBERS, EventHub, MAX_EVENTS_PER_CHANGE};
 pub use leaks::{
@@ -323,7 +328,7 @@ pub use retention::RetentionConfig;
 pub use state::{ServerState, ServerStats};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
-pub use store::{RetentionReport, SqliteStore, Store, StoreError};
+pub use store::{KeyCursor, KeyFilter, KeyState, RetentionReport, SqliteStore, Store, StoreError};
 pub use usage::{
     AGGREGATE_BODY_LIMIT, MAX_AGGREGATE_NETWORKS, MAX_AGGREGATE_ROWS, MAX_USAGE_AGE, MAX_USAGE_AHEAD,
     MAX_USAGE_ROUTE_LEN, USAGE_BATCH_ID_RETENTION,
@@ -384,6 +389,7 @@ pub struct KeyServer {
     allow_internal_webhooks: bool,
     rotation: RotationPolicy,
     secret_scanning: Option<SecretScanning>,
+    console: ConsoleConfig,
 }
 
 impl std::fmt::Debug for KeyServer {
@@ -402,6 +408,7 @@ impl KeyServer {
     /// (`kgtest` for environment `test`), heartbeat 15 s, event buffer 1 024 per
     /// subscriber, at most 1 000 event streams, header read timeout 10 s, request body
     /// timeout 30 s, [`AlertConfig::default`], [`RetentionConfig::default`], [`WebhookConfig::default`], no [`RotationPolicy`], metrics off,
+    /// the admin console on under `/console` ([`ConsoleConfig::default`]),
     /// and no bootstrap token: a persistent database must hold an admin token, and on
     /// `sqlite::memory:` the tokens not given are generated (read them from
     /// [`RunningKeyServer`]).
@@ -427,6 +434,7 @@ impl KeyServer {
             allow_internal_webhooks: false,
             rotation: RotationPolicy::default(),
             secret_scanning: None,
+            console: ConsoleConfig::default(),
         }
     }
 
@@ -620,6 +628,14 @@ impl KeyServer {
         self
     }
 
+    /// The admin console in the browser (default: on, under `/console` on the key
+    /// service's listener; [`ConsoleConfig::off`] turns it off, [`ConsoleConfig::listen`]
+    /// moves it to an address of its own). Only [`start`](Self::start) serves it.
+    pub fn console(mut self, config: ConsoleConfig) -> Self {
+        self.console = config;
+        self
+    }
+
     /// The configured tokens, checked.
     fn configured_tokens(&mut self) -> Result<(Option<String>, Option<String>), ServerError> {
         let service = self.service_token.take();
@@ -663,6 +679,7 @@ impl KeyServer {
         }
         self.webhooks.validate().map_err(ServerError::Config)?;
         self.rotation.validate().map_err(ServerError::Config)?;
+        self.console.validate().map_err(ServerError::Config)?;
         let (mut service, mut admin) = self.configured_tokens()?;
         let store = match self.store.take() {
             Some(s) => s,
@@ -776,6 +793,7 @@ impl KeyServer {
         let listen = self.listen;
         let metrics_listen = self.metrics_listen;
         let timeouts = (self.header_read_timeout, self.request_body_timeout);
+        let console_config = self.console.clone();
         let (state, service_token, admin_token) = self.build().await?;
         let listener =
             tokio::net::TcpListener::bind(listen).await.map_err(|source| ServerError::Bind { addr: listen, source })?;
@@ -784,7 +802,16 @@ impl KeyServer {
             Some(at) => Some(serve_metrics(at, state.clone(), timeouts.0).await?),
             None => None,
         };
-        let app = router(state.clone())
+        let mut app = router(state.clone());
+        let mut console_served = None;
+        if console_config.enabled {
+            let pages = console::router(state.clone(), &console_config);
+            match console_config.listen {
+                None => app = app.merge(pages),
+                Some(at) => console_served = Some(serve_console(at, pages, timeouts).await?),
+            }
+        }
+        let app = app
             .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(timeouts.1))
             .layer(tower_http::trace::TraceLayer::new_for_http());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -800,6 +827,7 @@ impl KeyServer {
         });
         tracing::info!(%addr, "key service listening");
         let (metrics_addr, metrics_task) = metrics.unzip();
+        let (console_addr, console_task) = console_served.unzip();
         Ok(RunningKeyServer {
             addr,
             state,
@@ -809,6 +837,8 @@ impl KeyServer {
             admin_token,
             metrics_addr,
             metrics_task,
+            console_addr,
+            console_task,
         })
     }
 }
@@ -831,6 +861,22 @@ async fn serve_metrics(
     Ok((addr, task))
 }
 
+/// Binds the console's own listener and serves its pages on it until aborted.
+async fn serve_console(
+    at: SocketAddr,
+    pages: axum::Router,
+    (header_read_timeout, body_timeout): (Duration, Duration),
+) -> Result<(SocketAddr, JoinHandle<()>), ServerError> {
+    let listener = tokio::net::TcpListener::bind(at).await.map_err(|source| ServerError::Bind { addr: at, source })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: at, source })?;
+    let app = pages
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(body_timeout))
+        .layer(tower_http::trace::TraceLayer::new_for_http());
+    let task = tokio::spawn(serve::serve(listener, app, header_read_timeout, std::future::pending()));
+    tracing::info!(%addr, "console listening");
+    Ok((addr, task))
+}
+
 /// A key service serving in the background. Dropping it starts a graceful shutdown;
 /// [`shutdown`](Self::shutdown) also waits for it.
 pub struct RunningKeyServer {
@@ -842,6 +888,8 @@ pub struct RunningKeyServer {
     admin_token: Option<String>,
     metrics_addr: Option<SocketAddr>,
     metrics_task: Option<JoinHandle<()>>,
+    console_addr: Option<SocketAddr>,
+    console_task: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RunningKeyServer {
@@ -868,6 +916,12 @@ impl RunningKeyServer {
     /// [`metrics_listen`](KeyServer::metrics_listen) was set.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The bound address of the console's own listener, when
+    /// [`ConsoleConfig::listen`] was set (otherwise the console is at [`url`](Self::url)`/console`).
+    pub fn console_addr(&self) -> Option<SocketAddr> {
+        self.console_addr
     }
 
     /// A snapshot of the counters.
@@ -913,6 +967,9 @@ impl RunningKeyServer {
         if let Some(metrics) = self.metrics_task.take() {
             metrics.abort();
         }
+        if let Some(console) = self.console_task.take() {
+            console.abort();
+        }
         if let Some(mut task) = self.task.take() {
             if tokio::time::timeout(Duration::from_secs(10), &mut task).await.is_err() {
                 tracing::warn!("graceful shutdown timed out; aborting open connections");
@@ -934,6 +991,9 @@ impl Drop for RunningKeyServer {
         }
         if let Some(metrics) = self.metrics_task.take() {
             metrics.abort();
+        }
+        if let Some(console) = self.console_task.take() {
+            console.abort();
         }
     }
 }
@@ -961,7 +1021,7 @@ mod serve {
         http.timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
         tokio::pin!(stop);
         loop {
-            let (stream, _) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
@@ -974,7 +1034,9 @@ mod serve {
                 () = &mut stop => break,
             };
             let _ = stream.set_nodelay(true);
-            let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+            // The peer's address, for handlers that need it (the console's sign-in limit).
+            let app = tower_layer::Layer::layer(&axum::Extension(axum::extract::ConnectInfo(peer)), app.clone());
+            let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 if let Err(e) = conn.await {

@@ -436,6 +436,17 @@ impl Store {
             .await
     }
 
+    /// One page of at most `limit` keys, oldest first (creation time, then key id),
+    /// narrowed by `filter`, starting after `filter.after` (the cursor of the last key of
+    /// the page before): pages over any number of keys, each key once.
+    pub async fn page_keys(&self, filter: &KeyFilter, limit: u32) -> Result<Vec<KeyInfo>, StoreError> {
+        let now = now_ms_i64();
+        self.metered("page_keys", async {
+            each_backend!(self, b, q => q::page_keys(b.pool(), filter, now, limit).await)
+        })
+        .await
+    }
+
     /// Applies a validated patch and writes `key.update`. A revoked key is a conflict.
     pub(crate) async fn update_key(
         &self,
@@ -1206,4 +1217,108 @@ mod tests {
         assert_eq!(many, [ChangeNote::Reset("bulk".into())]);
         assert!(notes_for_keys(KeyEvent::Updated, Vec::new()).is_empty());
     }
+}
+
+/// What [`Store::page_keys`] narrows a listing to. Empty: every key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyFilter {
+    /// Only keys after this one in listing order (the last key of the page before).
+    pub after: Option<KeyCursor>,
+    /// Only this owner's keys.
+    pub owner: Option<String>,
+    /// Only keys whose owner, name, id or display prefix holds this text (case-insensitive
+    /// for ASCII).
+    pub search: Option<String>,
+    /// Only keys of this environment.
+    pub environment: Option<String>,
+    /// Only keys in this state.
+    pub state: Option<KeyState>,
+    /// What [`KeyState::Expiring`] means: expiring within this long from now.
+    pub expiring_within: std::time::Duration,
+}
+
+/// A place in the listing of keys (oldest first): just after a key. Written as
+/// `{created_at unix ms}.{key_id}`, which clients treat as opaque.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyCursor {
+    pub(crate) created_ms: i64,
+    pub(crate) key_id: String,
+}
+
+impl KeyCursor {
+    /// Just after `key`.
+    pub fn after(key: &KeyInfo) -> Self {
+        Self { created_ms: to_ms(key.created_at), key_id: key.key_id.clone() }
+    }
+
+    /// The cursor `s` writes, if it is one.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ms, id) = s.split_once('.')?;
+        let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !ok {
+            return None;
+        }
+        Some(Self { created_ms: ms.parse().ok()?, key_id: id.to_owned() })
+    }
+}
+
+impl std::fmt::Display for KeyCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.created_ms, self.key_id)
+    }
+}
+
+/// A key's state as the listing filters it: one of the first four applies to each key;
+/// [`Expiring`](Self::Expiring) narrows [`Active`](Self::Active).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// Not revoked, not disabled, not past its expiry.
+    Active,
+    /// Disabled and not revoked.
+    Disabled,
+    /// Revoked.
+    Revoked,
+    /// Past its expiry and not revoked (disabled or not).
+    Expired,
+    /// Active, and past its expiry within [`KeyFilter::expiring_within`].
+    Expiring,
+}
+
+impl KeyState {
+    /// Every state, in the order pages list them.
+    pub const ALL: [KeyState; 5] = [Self::Active, Self::Expiring, Self::Disabled, Self::Revoked, Self::Expired];
+
+    /// `active`, `expiring`, `disabled`, `revoked` or `expired`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Disabled => "disabled",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+            Self::Expiring => "expiring",
+        }
+    }
+
+    /// The state named `s`, if any.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// `%text%` for `LIKE ... ESCAPE '\'`, lower-cased, the text's own `%`, `_` and `\` escaped.
+pub(crate) fn like_pattern(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('%');
+    for c in text.to_lowercase().chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('%');
+    out
+}
+
+fn now_ms_i64() -> i64 {
+    to_ms(now_ms())
 }

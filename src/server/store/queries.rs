@@ -39,6 +39,8 @@ macro_rules! shared_queries {
                 parse_json_list, to_ms,
             };
 
+            use $crate::server::store::like_pattern;
+
             type Conn = <$db as ::sqlx::Database>::Connection;
             type Row = <$db as ::sqlx::Database>::Row;
 
@@ -83,6 +85,47 @@ macro_rules! shared_queries {
                 ))
                 .bind(owner)
                 .bind(i64::from(limit))
+                .fetch_all(ex)
+                .await?;
+                rows.iter().map(key_from_row).collect()
+            }
+
+            /// One page of keys, oldest first, after `filter.after`, narrowed by the
+            /// filter (see [`KeyFilter`](crate::server::store::KeyFilter)).
+            pub(crate) async fn page_keys<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                filter: &$crate::server::store::KeyFilter,
+                now_ms: i64,
+                limit: u32,
+            ) -> Result<Vec<KeyInfo>, StoreError> {
+                // `LIKE ... ESCAPE`: the search text's own `%` and `_` match themselves.
+                let rows = sqlx::query(&format!(
+                    "SELECT {KEY_COLUMNS} FROM keys k WHERE (CAST($1 AS BIGINT) IS NULL OR k.created_at > $1 \
+                          OR (k.created_at = $1 AND k.key_id > $7)) \
+                     AND (CAST($8 AS TEXT) IS NULL OR k.owner = $8) \
+                     AND (CAST($2 AS TEXT) IS NULL OR LOWER(k.owner) LIKE $2 ESCAPE '\\' \
+                          OR LOWER(k.name) LIKE $2 ESCAPE '\\' OR LOWER(k.key_id) LIKE $2 ESCAPE '\\' \
+                          OR LOWER(k.key_prefix) LIKE $2 ESCAPE '\\') \
+                     AND (CAST($3 AS TEXT) IS NULL OR k.environment = $3) \
+                     AND (CAST($4 AS TEXT) IS NULL \
+                          OR ($4 = 'revoked' AND k.revoked_at IS NOT NULL) \
+                          OR ($4 = 'disabled' AND k.revoked_at IS NULL AND k.disabled) \
+                          OR ($4 = 'expired' AND k.revoked_at IS NULL AND k.expires_at IS NOT NULL AND k.expires_at <= $5) \
+                          OR ($4 = 'active' AND k.revoked_at IS NULL AND NOT k.disabled \
+                              AND (k.expires_at IS NULL OR k.expires_at > $5)) \
+                          OR ($4 = 'expiring' AND k.revoked_at IS NULL AND NOT k.disabled \
+                              AND k.expires_at > $5 AND k.expires_at <= $9)) \
+                     ORDER BY k.created_at, k.key_id LIMIT $6"
+                ))
+                .bind(filter.after.as_ref().map(|c| c.created_ms))
+                .bind(filter.search.as_deref().map(like_pattern))
+                .bind(filter.environment.as_deref())
+                .bind(filter.state.map(|s| s.as_str()))
+                .bind(now_ms)
+                .bind(i64::from(limit))
+                .bind(filter.after.as_ref().map(|c| c.key_id.as_str()))
+                .bind(filter.owner.as_deref())
+                .bind(now_ms.saturating_add(i64::try_from(filter.expiring_within.as_millis()).unwrap_or(i64::MAX)))
                 .fetch_all(ex)
                 .await?;
                 rows.iter().map(key_from_row).collect()
