@@ -114,6 +114,14 @@ fn fields(k: &KeyInfo) -> Markup {
             dt { "Rate limit" } dd {
                 @match &k.ratelimit { Some(rl) => { (rl.limit) " per " (rl.period_s) " s" } None => { "—" } }
             }
+            dt { "Limits" } dd.mono {
+                @if k.limits.is_empty() { "—" }
+                @for (i, l) in k.limits.iter().enumerate() { @if i > 0 { ", " } (l) }
+            }
+            dt { "Credits" } dd.mono { @match &k.credits { Some(c) => { (c) } None => { "—" } } }
+            dt { "Allowed networks" } dd.mono {
+                @if k.allowed_networks.is_empty() { "any" } @else { (k.allowed_networks.join(", ")) }
+            }
             dt { "Expires" } dd { (time(k.expires_at)) }
             dt { "Disabled" } dd { @if k.disabled { "yes" } @else { "no" } }
             dt { "Revoked" } dd { (time(k.revoked_at)) }
