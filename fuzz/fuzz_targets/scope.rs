@@ -35,6 +35,8 @@ fn model_satisfied(req: &Requirement, scopes: &[Scope], roles: &[Arc<str>]) -> b
     match req {
         Requirement::Scope(s) => scopes.iter().any(|g| model_grants(g.as_str(), s.as_str())),
         Requirement::Role(r) => roles.contains(r),
+        // `is_satisfied_by` knows no environment: an `env(…)` term never holds there.
+        Requirement::Environment(_) => false,
         Requirement::All(v) => v.iter().all(|r| model_satisfied(r, scopes, roles)),
         Requirement::Any(v) => v.iter().any(|r| model_satisfied(r, scopes, roles)),
     }
