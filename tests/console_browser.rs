@@ -95,6 +95,29 @@ async fn click(c: &Client, css: &str) {
     c.find(Locator::Css(css)).await.unwrap_or_else(|e| panic!("{css}: {e}")).click().await.unwrap();
 }
 
+/// Waits (up to 10 s) until the page's path ends with `suffix`: a click's navigation
+/// finishes after `click` returns.
+async fn until_path(c: &Client, suffix: &str) -> bool {
+    for _ in 0..200 {
+        if c.current_url().await.is_ok_and(|u| u.path().ends_with(suffix)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Waits (up to 10 s) until the page's source holds `needle`.
+async fn until_source(c: &Client, needle: &str) -> bool {
+    for _ in 0..200 {
+        if c.source().await.is_ok_and(|s| s.contains(needle)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_in_a_real_browser() {
     let Some(driver) = driver().await else { return };
@@ -107,11 +130,11 @@ async fn the_console_in_a_real_browser() {
     assert!(c.current_url().await.unwrap().path().ends_with("/console/sign-in"));
     fill(&c, "#token", "adm-wrong-token-0123456789abcdefghijk").await;
     click(&c, "form[action='/console/sign-in'] button").await;
-    assert!(c.source().await.unwrap().contains("not an active admin token"));
+    assert!(until_source(&c, "not an active admin token").await);
     fill(&c, "#token", ADMIN).await;
     click(&c, "form[action='/console/sign-in'] button").await;
-    assert!(c.current_url().await.unwrap().path().ends_with("/console/keys"));
-    assert!(c.source().await.unwrap().contains("bootstrap-admin"));
+    assert!(until_path(&c, "/console/keys").await);
+    assert!(until_source(&c, "bootstrap-admin").await);
 
     // Create a key: the raw key once, gone after a reload.
     c.goto(&format!("{base}/console/keys/new")).await.unwrap();
@@ -119,7 +142,7 @@ async fn the_console_in_a_real_browser() {
     fill(&c, "#name", "browser").await;
     fill(&c, "#scopes", "reports:read").await;
     click(&c, "form[action='/console/keys/new'] button[type=submit]").await;
-    let raw = c.find(Locator::Css("#raw-key")).await.unwrap().text().await.unwrap().trim().to_owned();
+    let raw = c.wait().for_element(Locator::Css("#raw-key")).await.unwrap().text().await.unwrap().trim().to_owned();
     assert!(raw.starts_with("kg_"), "{raw}");
     c.refresh().await.unwrap();
     let source = c.source().await.unwrap();
@@ -184,12 +207,12 @@ async fn the_console_in_a_real_browser() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     println!("revoked in the browser: refused after {:?}", at.elapsed());
-    let page = c.source().await.unwrap();
-    assert!(page.contains("The key is revoked."), "{page}");
+    assert!(until_source(&c, "The key is revoked.").await, "{}", c.source().await.unwrap());
 
     // Sign-out ends the session.
     click(&c, "form[action='/console/sign-out'] button").await;
+    assert!(until_path(&c, "/console/sign-in").await, "signed out");
     c.goto(&format!("{base}/console/keys")).await.unwrap();
-    assert!(c.current_url().await.unwrap().path().ends_with("/console/sign-in"));
+    assert!(until_path(&c, "/console/sign-in").await, "the old session no longer works");
     c.close().await.unwrap();
 }
