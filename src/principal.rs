@@ -380,6 +380,13 @@ impl PrincipalBuilder {
         self.quota.owner_credits = credits;
         self
     }
+    /// Which setting of the key's and the owner's credits these are (see
+    /// [`Quota::credits_revision`]).
+    pub fn credits_revisions(mut self, key: Option<u64>, owner: Option<u64>) -> Self {
+        self.quota.credits_revision = key;
+        self.quota.owner_credits_revision = owner;
+        self
+    }
     /// The networks the key may be used from (default: any). A request from outside
     /// them gets 403 `ip_not_allowed`; see
     /// [`ApiKeyLayer::trusted_proxies`](crate::ApiKeyLayer::trusted_proxies) for which

@@ -362,6 +362,14 @@ pub struct Quota {
     /// The owner's credits, spent by all of the owner's keys together.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner_credits: Option<Credits>,
+    /// Which setting of the key's credits `credits` is (the key service changes it when
+    /// an operator sets them, not when it reconciles what was spent); `None` from key
+    /// services that do not say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits_revision: Option<u64>,
+    /// The same for `owner_credits`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner_credits_revision: Option<u64>,
 }
 
 impl Quota {

@@ -280,6 +280,14 @@ pub struct ValidKey {
     /// The owner's credits, shared by all of its keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner_credits: Option<Credits>,
+    /// Changes whenever an operator sets the key's credits (and only then): a fleet-wide
+    /// engine starts counting afresh from `credits` when it differs from what it counted
+    /// from, and otherwise keeps its own count (which the key service reconciles back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credits_revision: Option<u64>,
+    /// The same for `owner_credits`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_credits_revision: Option<u64>,
     /// Networks the key may be used from (CIDRs); empty or absent: any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_networks: Vec<String>,

@@ -396,6 +396,8 @@ fn verdict_of(answer: VerifyAnswer) -> Result<Verdict, VerifyError> {
         credits,
         owner_limits,
         owner_credits,
+        credits_revision,
+        owner_credits_revision,
         allowed_networks,
         owner_allowed_networks,
     } = answer;
@@ -433,6 +435,7 @@ fn verdict_of(answer: VerifyAnswer) -> Result<Verdict, VerifyError> {
         .credits(credits)
         .owner_limits(owner_limits)
         .owner_credits(owner_credits)
+        .credits_revisions(credits_revision, owner_credits_revision)
         .allowed_networks(allowed_networks)
         .owner_allowed_networks(owner_allowed_networks);
     if ratelimit.is_some() {

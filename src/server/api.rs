@@ -420,6 +420,10 @@ fn answer_for(found: Option<Found>) -> VerifyAnswer {
         credits: k.credits,
         owner_limits: found.owner_limits,
         owner_credits: found.owner_credits,
+        // Set by the store once it keeps credit revisions (fleet-wide engines reseed on
+        // a change); until then engines count from each answer's credits.
+        credits_revision: None,
+        owner_credits_revision: None,
         allowed_networks: k.allowed_networks,
         owner_allowed_networks: found.owner_allowed_networks,
     })

@@ -17,6 +17,9 @@ use crate::principal::Principal;
 use crate::quota::{Credits, Limit, Quota};
 use crate::ratelimit::{DEFAULT_MAX_TRACKED_KEYS, LimitState, RateLimiter};
 
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
+
 /// Why a charge was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Refused {
