@@ -12,7 +12,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::body::RejectionBody;
-use crate::charge::{self, LimitFields};
+use crate::charge::{self, BoxAfterRecharge, LimitFields, Recharge};
 use crate::context::{InnerReport, LayerContext};
 use crate::cost::Cost;
 use crate::error::{AuthError, Rejections, is_grpc};
@@ -367,8 +367,11 @@ pub struct RequireScopesService<S> {
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for RequireScopesService<S>
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>>,
-    ResB: RejectionBody,
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    ReqB: Send + 'static,
+    ResB: RejectionBody + 'static,
 {
     type Response = Response<ResB>;
     type Error = S::Error;
@@ -397,7 +400,15 @@ where
         // Met: the route's cost replaces the layer's. Not met: the request does not run,
         // and costs nothing.
         let charged = match (checked, self.policy.cost_for(req.uri().path())) {
-            (Ok(()), Some(cost)) => charge::recharge(&mut req, cost),
+            (Ok(()), Some(cost)) => match charge::recharge(&mut req, cost) {
+                Recharge::Done(done) => done,
+                Recharge::Wait(wait) => {
+                    let (inner, cost) = (charge::take_ready(&mut self.inner), cost.clone());
+                    let realm = self.policy.realm_override().map(str::to_owned);
+                    let fut = Box::pin(charge::after_recharge(wait, inner, req, cost, realm));
+                    return RequireScopesFuture { kind: Kind::Waiting { fut }, report, fields: None };
+                }
+            },
             (Ok(()), None) => Ok(None),
             (Err(err), _) => {
                 charge::refund(&mut req);
@@ -424,7 +435,7 @@ where
 
 pin_project! {
     /// The future of [`RequireScopesService`].
-    pub struct RequireScopesFuture<F, ResB> {
+    pub struct RequireScopesFuture<F: Future, ResB> {
         #[pin]
         kind: Kind<F, ResB>,
         report: Option<InnerReport>,
@@ -434,8 +445,9 @@ pin_project! {
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, ResB> {
+    enum Kind<F: Future, ResB> {
         Inner { #[pin] fut: F },
+        Waiting { fut: BoxAfterRecharge<F> },
         Rejected { res: Option<Response<ResB>> },
     }
 }
@@ -450,6 +462,13 @@ where
         let this = self.project();
         let mut res = match this.kind.project() {
             KindProj::Inner { fut } => ready!(fut.poll(cx))?,
+            KindProj::Waiting { fut } => {
+                let (res, denied) = ready!(fut.as_mut().poll(cx));
+                if let (Some(report), Some(denied)) = (this.report.as_mut(), denied) {
+                    report.denied = Some(denied);
+                }
+                res?
+            }
             KindProj::Rejected { res } => res.take().expect("RequireScopesFuture polled after completion"),
         };
         if let Some(fields) = this.fields.take() {

@@ -20,7 +20,8 @@ use crate::body::RejectionBody;
 use crate::context::{InnerReport, LayerContext};
 use crate::cost::Cost;
 use crate::error::{AuthError, is_grpc};
-use crate::meter::{LimitEngine, Refused};
+use crate::meter::{Charge, LimitEngine, Refused};
+use crate::outcome::Outcome;
 use crate::principal::Principal;
 use crate::ratelimit::LimitState;
 
@@ -53,39 +54,104 @@ impl From<Refused> for AuthError {
                 AuthError::RateLimited { retry_after: state.reset, limit: Some(state.limit), name: state.name }
             }
             Refused::Credits(retry_after) => AuthError::UsageExceeded { retry_after },
+            Refused::Unavailable(retry_after) => AuthError::LimitsUnavailable { retry_after },
         }
     }
 }
 
-/// Charges `cost` instead of what the request was charged: `Ok` with the binding
-/// limit's standing, or the refusal (the request is then charged nothing). A request
-/// the layer did not charge (no limits or credits, or limits off) costs nothing here.
-pub(crate) fn recharge<B>(req: &mut Request<B>, cost: &Cost) -> Result<Option<LimitState>, AuthError> {
+/// A recharge's answer: at once, or once the engine has asked its store.
+pub(crate) enum Recharge {
+    /// The binding limit's standing, or the refusal.
+    Done(Result<Option<LimitState>, AuthError>),
+    /// The request's charge is given back already; [`settle`] what this resolves to.
+    Wait(Pin<Box<dyn Future<Output = Result<Option<LimitState>, Refused>> + Send>>),
+}
+
+/// Charges `cost` instead of what the request was charged. A request the layer did
+/// not charge (no limits or credits, or limits off) costs nothing here.
+pub(crate) fn recharge<B>(req: &mut Request<B>, cost: &Cost) -> Recharge {
     if req.extensions().get::<Charged>().is_none() {
-        return Ok(None);
+        return Recharge::Done(Ok(None));
     }
-    let Some(principal) = req.extensions().get::<Principal>().cloned() else { return Ok(None) };
-    let Some(charged) = req.extensions_mut().get_mut::<Charged>() else { return Ok(None) };
-    let Some(quota) = principal.quota() else { return Ok(None) };
+    let Some(principal) = req.extensions().get::<Principal>().cloned() else { return Recharge::Done(Ok(None)) };
+    let Some(charged) = req.extensions_mut().get_mut::<Charged>() else { return Recharge::Done(Ok(None)) };
+    let Some(quota) = principal.quota() else { return Recharge::Done(Ok(None)) };
     if charged.cost == *cost {
-        return Ok(None);
+        return Recharge::Done(Ok(None));
     }
     charged.engine.refund(&principal, quota, &charged.cost);
+    // Until the new charge is settled the request holds none.
+    charged.cost = Cost::free();
     match charged.engine.charge(&principal, quota, cost) {
-        Ok(state) => {
-            charged.cost = cost.clone();
-            Ok(state)
-        }
-        Err(refused) => {
-            charged.cost = Cost::free();
-            Err(refused.into())
-        }
+        Charge::Done(result) => Recharge::Done(settle(req, cost, result)),
+        Charge::Wait(fut) => Recharge::Wait(fut),
     }
+}
+
+/// Records the outcome of charging `cost` in the request.
+pub(crate) fn settle<B>(
+    req: &mut Request<B>,
+    cost: &Cost,
+    result: Result<Option<LimitState>, Refused>,
+) -> Result<Option<LimitState>, AuthError> {
+    let state = result.map_err(AuthError::from)?;
+    if let Some(charged) = req.extensions_mut().get_mut::<Charged>() {
+        charged.cost = cost.clone();
+    }
+    Ok(state)
 }
 
 /// Gives back what the request was charged (a policy refused it after the charge).
 pub(crate) fn refund<B>(req: &mut Request<B>) {
+    // Charging nothing never waits.
     let _ = recharge(req, &Cost::free());
+}
+
+/// The service that was driven to readiness goes with the request; a clone stays.
+pub(crate) fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
+/// What a route layer's request waits on when its recharge asks the engine's store.
+pub(crate) type BoxAfterRecharge<F> = Pin<Box<dyn Future<Output = (<F as Future>::Output, Option<Outcome>)> + Send>>;
+
+/// A route layer's request once a waiting recharge settled: the inner service's
+/// response with the route's standing written, or the rejection; and the denial to
+/// report, if it was refused.
+pub(crate) async fn after_recharge<S, ReqB, ResB>(
+    wait: Pin<Box<dyn Future<Output = Result<Option<LimitState>, Refused>> + Send>>,
+    mut inner: S,
+    mut req: Request<ReqB>,
+    cost: Cost,
+    realm: Option<String>,
+) -> (Result<Response<ResB>, S::Error>, Option<Outcome>)
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: RejectionBody,
+{
+    let result = wait.await;
+    let fields_on = req.extensions().get::<LayerContext>().is_some_and(|c| c.rejections.ratelimit_fields);
+    match settle(&mut req, &cost, result) {
+        Ok(state) => {
+            let mut res = match inner.call(req).await {
+                Ok(res) => res,
+                Err(e) => return (Err(e), None),
+            };
+            if let Some(state) = state.filter(|_| fields_on) {
+                state.write_fields(res.headers_mut());
+            }
+            (Ok(res), None)
+        }
+        Err(err) => {
+            tracing::debug!(reason = %err, "keygate: route cost refused");
+            let res = match req.extensions().get::<LayerContext>() {
+                Some(ctx) => ctx.rejections.render(&err, is_grpc(&req), realm.as_deref()),
+                None => err.to_http_response(realm.as_deref().unwrap_or("api")),
+            };
+            (Ok(res), Some(err.outcome()))
+        }
+    }
 }
 
 impl<S> Layer<S> for Cost {
@@ -106,8 +172,11 @@ pub struct CostService<S> {
 
 impl<S, ReqB, ResB> Service<Request<ReqB>> for CostService<S>
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>>,
-    ResB: RejectionBody,
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    ReqB: Send + 'static,
+    ResB: RejectionBody + 'static,
 {
     type Response = Response<ResB>;
     type Error = S::Error;
@@ -125,7 +194,15 @@ where
         };
         let mut report = ctx.wants_outcome.then(|| InnerReport::for_request(&req, ctx));
         let fields_on = ctx.rejections.ratelimit_fields;
-        match recharge(&mut req, &self.cost) {
+        let done = match recharge(&mut req, &self.cost) {
+            Recharge::Done(done) => done,
+            Recharge::Wait(wait) => {
+                let inner = take_ready(&mut self.inner);
+                let fut = Box::pin(after_recharge(wait, inner, req, self.cost.clone(), None));
+                return CostFuture { kind: CostKind::Waiting { fut }, state: None, report };
+            }
+        };
+        match done {
             Ok(state) => {
                 let state = state.filter(|_| fields_on);
                 CostFuture { kind: CostKind::Inner { fut: self.inner.call(req) }, state, report }
@@ -145,7 +222,7 @@ where
 
 pin_project! {
     /// The future of [`CostService`].
-    pub struct CostFuture<F, ResB> {
+    pub struct CostFuture<F: Future, ResB> {
         #[pin]
         kind: CostKind<F, ResB>,
         state: Option<LimitState>,
@@ -155,8 +232,9 @@ pin_project! {
 
 pin_project! {
     #[project = CostKindProj]
-    enum CostKind<F, ResB> {
+    enum CostKind<F: Future, ResB> {
         Inner { #[pin] fut: F },
+        Waiting { fut: BoxAfterRecharge<F> },
         Rejected { res: Option<Response<ResB>> },
     }
 }
@@ -171,6 +249,13 @@ where
         let this = self.project();
         let mut res = match this.kind.project() {
             CostKindProj::Inner { fut } => ready!(fut.poll(cx))?,
+            CostKindProj::Waiting { fut } => {
+                let (res, denied) = ready!(fut.as_mut().poll(cx));
+                if let (Some(report), Some(denied)) = (this.report.as_mut(), denied) {
+                    report.denied = Some(denied);
+                }
+                res?
+            }
             CostKindProj::Rejected { res } => res.take().expect("CostFuture polled after completion"),
         };
         // The route's standing, set before the layer in front writes its own (which

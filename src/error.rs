@@ -45,6 +45,7 @@ pub enum InvalidKey {
 /// | key service unavailable | `key_service_unavailable` | 503 + `Retry-After` | none | 14 UNAVAILABLE |
 /// | rate limited | `rate_limited` | 429 + `Retry-After` + `RateLimit` fields | none | 8 RESOURCE_EXHAUSTED |
 /// | credits spent | `usage_exceeded` | 429 (+ `Retry-After` until the next refill, when there is one) | none | 8 RESOURCE_EXHAUSTED |
+/// | limits cannot be counted (fleet-wide store down, policy fails closed) | `limits_unavailable` | 503 + `Retry-After` | none | 14 UNAVAILABLE |
 /// | keygate set up wrongly | `misconfigured` | 500 | none | 13 INTERNAL |
 ///
 /// HTTP bodies are `application/problem+json` (RFC 9457) with the code as a `code`
@@ -113,6 +114,13 @@ pub enum AuthError {
         /// Until the next refill, if the credits have one.
         retry_after: Option<Duration>,
     },
+    /// The fleet-wide limit engine cannot count (Redis is down) and the limit's policy
+    /// fails closed.
+    #[error("limits cannot be counted now")]
+    LimitsUnavailable {
+        /// Suggested wait.
+        retry_after: Duration,
+    },
     /// keygate is configured wrongly (for example `RequireScopes` without `ApiKeyLayer`).
     #[error("server misconfiguration: {0}")]
     Misconfigured(&'static str),
@@ -122,7 +130,8 @@ impl AuthError {
     /// A stable snake_case name for the case, for a service's own error bodies, logs
     /// and metrics: `missing_key`, `invalid_key`, `expired_key`,
     /// `conflicting_credentials`, `insufficient_scope`, `wrong_environment`, `ip_not_allowed`,
-    /// `key_service_unavailable`, `rate_limited`, `usage_exceeded`, `misconfigured`. A code
+    /// `key_service_unavailable`, `rate_limited`, `usage_exceeded`, `limits_unavailable`,
+    /// `misconfigured`. A code
     /// never changes meaning; new cases get
     /// new codes.
     ///
@@ -144,6 +153,7 @@ impl AuthError {
             Self::Unavailable { .. } => "key_service_unavailable",
             Self::RateLimited { .. } => "rate_limited",
             Self::UsageExceeded { .. } => "usage_exceeded",
+            Self::LimitsUnavailable { .. } => "limits_unavailable",
             Self::Misconfigured(_) => "misconfigured",
         }
     }
@@ -156,7 +166,7 @@ impl AuthError {
             Self::InsufficientScope { .. } | Self::WrongEnvironment { .. } | Self::IpNotAllowed => {
                 StatusCode::FORBIDDEN
             }
-            Self::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable { .. } | Self::LimitsUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::RateLimited { .. } | Self::UsageExceeded { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Misconfigured(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -184,7 +194,7 @@ impl AuthError {
             Self::InsufficientScope { .. } => Outcome::InsufficientScope,
             Self::WrongEnvironment { .. } => Outcome::WrongEnvironment,
             Self::IpNotAllowed => Outcome::IpNotAllowed,
-            Self::Unavailable { .. } => Outcome::Unavailable,
+            Self::Unavailable { .. } | Self::LimitsUnavailable { .. } => Outcome::Unavailable,
             Self::RateLimited { .. } => Outcome::RateLimited,
             Self::UsageExceeded { .. } => Outcome::UsageExceeded,
             Self::Misconfigured(_) => Outcome::Unavailable,
@@ -207,6 +217,7 @@ impl AuthError {
             Self::Unavailable { .. } => "the key service is unavailable; retry later".into(),
             Self::RateLimited { .. } => "the API key's rate limit is exhausted; retry later".into(),
             Self::UsageExceeded { .. } => "the API key's credits are spent".into(),
+            Self::LimitsUnavailable { .. } => "usage limits cannot be checked now; retry later".into(),
             Self::Misconfigured(_) => "authentication is misconfigured on this server".into(),
         }
     }
@@ -232,6 +243,7 @@ impl AuthError {
             Self::Unavailable { .. } => "Key service unavailable",
             Self::RateLimited { .. } => "Rate limit exceeded",
             Self::UsageExceeded { .. } => "Usage exceeded",
+            Self::LimitsUnavailable { .. } => "Limits unavailable",
             Self::Misconfigured(_) => "Authentication misconfigured",
         }
     }
@@ -369,7 +381,9 @@ impl AuthError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Unavailable { retry_after } | Self::RateLimited { retry_after, .. } => Some(*retry_after),
+            Self::Unavailable { retry_after }
+            | Self::RateLimited { retry_after, .. }
+            | Self::LimitsUnavailable { retry_after } => Some(*retry_after),
             Self::UsageExceeded { retry_after } => *retry_after,
             _ => None,
         }
@@ -568,6 +582,7 @@ mod tests {
             (AuthError::Unavailable { retry_after: Duration::from_secs(1) }, "key_service_unavailable"),
             (AuthError::RateLimited { retry_after: Duration::from_secs(1), limit: None, name: None }, "rate_limited"),
             (AuthError::UsageExceeded { retry_after: None }, "usage_exceeded"),
+            (AuthError::LimitsUnavailable { retry_after: Duration::from_secs(1) }, "limits_unavailable"),
             (AuthError::Misconfigured("x"), "misconfigured"),
         ];
         for (err, code) in &cases {

@@ -105,6 +105,7 @@
 //! | `tonic` | no | [`RejectionBody`] for tonic's body, to layer tonic servers |
 //! | `server` | no | the reference key service and the binary `keygate-server` (sqlx, SQLite; includes `client`) |
 //! | `postgres` | no | the key service's PostgreSQL store |
+//! | `redis` | no | `RedisLimits`: limits and credits counted fleet-wide on Redis, in leases (redis) |
 //!
 //! # Reading the source
 //! The modules follow the path of a request, and a module only uses the ones above
@@ -212,6 +213,10 @@ pub use verify::{
     DEFAULT_REFRESH_BATCH, DEFAULT_REVALIDATION_RATE, DEFAULT_STALE_IF_ERROR, DEFAULT_STALE_RETRY_INTERVAL,
     FailurePolicy, MissBudget,
 };
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use meter::redis::{RedisDown, RedisLimits, RedisLimitsBuilder, RedisLimitsError, RedisLimitsStats};
 
 #[cfg(feature = "introspection")]
 pub use introspection::{

@@ -304,6 +304,30 @@ impl<V: Verifier> ApiKeyLayer<V> {
         self
     }
 
+    /// Enforce limits and credits fleet-wide on Redis instead of per process: every
+    /// instance with the same [`RedisLimits`](crate::RedisLimits) (same Redis, same
+    /// prefix) shares one count per key and limit, with no Redis round trip on the
+    /// request path while a lease lasts. Route costs and the answers (429
+    /// `rate_limited`, 429 `usage_exceeded`) are as with [`rate_limits`](Self::rate_limits);
+    /// a limit whose Redis-down policy fails closed answers 503 `limits_unavailable`.
+    ///
+    /// ```no_run
+    /// use keygate::{ApiKeyLayer, RedisLimits, StaticVerifier};
+    ///
+    /// # async fn demo() -> Result<(), keygate::RedisLimitsError> {
+    /// let limits = RedisLimits::builder("redis://127.0.0.1:6379").expected_instances(3).build()?;
+    /// let layer = ApiKeyLayer::new(StaticVerifier::new()).fleet_limits(limits.clone());
+    /// // ... serve, then give back what this instance holds:
+    /// limits.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn fleet_limits(mut self, limits: crate::RedisLimits) -> Self {
+        self.config_mut().engine = Some(limits.into_engine());
+        self
+    }
+
     /// What a request costs unless its route says otherwise (default [`Cost::new`]: 1
     /// from `requests`, 1 credit). A route says otherwise with a [`Cost`] route layer or
     /// a [`RequireScopes`] cost; this layer's own policy's cost

@@ -13,13 +13,14 @@ use super::record::Record;
 use super::{Config, Shared};
 use crate::authorize::RequireScopes;
 use crate::body::RejectionBody;
-use crate::charge::Charged;
+use crate::charge::{Charged, take_ready};
 use crate::context::{InnerReport, LayerContext};
 use crate::error::{AuthError, InvalidKey, http_status_of_grpc, is_grpc};
 use crate::extract::{find_key, strip_credential};
 use crate::key::ApiKey;
 use crate::outcome::Outcome;
 use crate::principal::Principal;
+use crate::meter::{Charge, Refused};
 use crate::ratelimit::LimitState;
 use crate::verify::{Verdict, Verifier, VerifyError};
 
@@ -55,6 +56,32 @@ impl<S: std::fmt::Debug, V> std::fmt::Debug for ApiKeyService<S, V> {
 
 /// The verifier's answer, with the ready service and the request it will take.
 type BoxVerify<S, B> = Pin<Box<dyn Future<Output = (Result<Verdict, VerifyError>, S, Request<B>)> + Send>>;
+
+/// The limit engine's answer, with what the request was charged, its principal, the
+/// ready service and the request.
+type BoxCharge<S, B> =
+    Pin<Box<dyn Future<Output = (Result<Option<LimitState>, Refused>, Charged, Principal, S, Request<B>)> + Send>>;
+
+/// What the layer decided once the key was verified: let in (with the outcome and the
+/// binding limit's standing), or wait for the limit engine.
+enum Admit {
+    In(Outcome, Option<LimitState>),
+    Charging(Charging),
+}
+
+/// A charge the limit engine is still deciding.
+struct Charging {
+    fut: Pin<Box<dyn Future<Output = Result<Option<LimitState>, Refused>> + Send>>,
+    charged: Charged,
+    principal: Principal,
+}
+
+impl Charging {
+    fn boxed<S: Send + 'static, B: Send + 'static>(self, inner: S, req: Request<B>) -> BoxCharge<S, B> {
+        let Self { fut, charged, principal } = self;
+        Box::pin(async move { (fut.await, charged, principal, inner, req) })
+    }
+}
 
 impl<S, V, ReqB, ResB> Service<Request<ReqB>> for ApiKeyService<S, V>
 where
@@ -96,8 +123,11 @@ where
             // inner service that was just driven to readiness takes the request at once.
             Ok(Some(key)) => match self.shared.verifier.verify_now(&key) {
                 Some(result) => match config.admit(result, &mut req, &span, &mut record) {
-                    Ok((outcome, limit)) => {
+                    Ok(Admit::In(outcome, limit)) => {
                         State::Inner { fut: call_inner(&mut self.inner, req, &span), outcome, limit }
+                    }
+                    Ok(Admit::Charging(charging)) => {
+                        State::Charge { fut: charging.boxed(take_ready(&mut self.inner), req) }
                     }
                     Err(rejection) => rejection,
                 },
@@ -136,14 +166,15 @@ impl Config {
 
     /// Verify's answer, then the key's own limits, then the route's policy. The usage
     /// record and the span learn the key id whatever the answer. Admitted: the outcome,
-    /// and where the key stands against its rate limit if it has one.
+    /// and where the key stands against its rate limit if it has one; or the charge
+    /// the limit engine has yet to decide.
     fn admit<S, B>(
         &self,
         result: Result<Verdict, VerifyError>,
         req: &mut Request<B>,
         span: &tracing::Span,
         record: &mut Option<Record>,
-    ) -> Result<(Outcome, Option<LimitState>), State<S, B>>
+    ) -> Result<Admit, State<S, B>>
     where
         S: Service<Request<B>>,
     {
@@ -185,21 +216,43 @@ impl Config {
             return Err(State::rejected(AuthError::IpNotAllowed, false));
         }
         // The one branch a key without limits or credits pays.
-        let (limit, charged) = match (&self.engine, principal.quota()) {
-            (Some(engine), Some(quota)) => {
-                let policy_cost = self.policy.as_ref().and_then(|p| p.cost_for(req.uri().path()));
-                let cost = policy_cost.unwrap_or(&self.cost);
-                let state = engine.charge(&principal, quota, cost).map_err(|r| State::rejected(r.into(), false))?;
-                let charged = Charged { engine: engine.clone(), cost: cost.clone() };
-                req.extensions_mut().insert(charged.clone());
-                (state, Some((charged, principal.clone())))
-            }
-            _ => (None, None),
+        let (engine, quota) = match (&self.engine, principal.quota()) {
+            (Some(engine), Some(quota)) => (engine, quota),
+            _ => return self.enter(req, principal, None, None, record.as_ref()).map(|(o, l)| Admit::In(o, l)),
         };
+        let policy_cost = self.policy.as_ref().and_then(|p| p.cost_for(req.uri().path()));
+        let charged = Charged { engine: engine.clone(), cost: policy_cost.unwrap_or(&self.cost).clone() };
+        match engine.charge(&principal, quota, &charged.cost) {
+            Charge::Done(result) => {
+                let state = result.map_err(|r| State::rejected(r.into(), false))?;
+                let (outcome, limit) = self.enter(req, principal, state, Some(charged), record.as_ref())?;
+                Ok(Admit::In(outcome, limit))
+            }
+            Charge::Wait(fut) => Ok(Admit::Charging(Charging { fut, charged, principal })),
+        }
+    }
+
+    /// The key was charged (`charged`, with the binding limit's standing `limit`) or
+    /// has nothing to charge: the route's policy, then in.
+    fn enter<S, B>(
+        &self,
+        req: &mut Request<B>,
+        principal: Principal,
+        limit: Option<LimitState>,
+        charged: Option<Charged>,
+        record: Option<&Record>,
+    ) -> Result<(Outcome, Option<LimitState>), State<S, B>>
+    where
+        S: Service<Request<B>>,
+    {
         let outcome = if principal.is_fail_open() { Outcome::FailOpen } else { Outcome::Allowed };
-        if let Err(rejection) = self.let_in(req, Some(principal), record.as_ref()) {
+        let refund = charged.map(|charged| {
+            req.extensions_mut().insert(charged.clone());
+            (charged, principal.clone())
+        });
+        if let Err(rejection) = self.let_in(req, Some(principal), record) {
             // Refused by the policy: a request that does not run costs nothing.
-            if let Some((charged, principal)) = charged {
+            if let Some((charged, principal)) = refund {
                 charged.give_back(&principal);
             }
             return Err(rejection);
@@ -242,12 +295,6 @@ fn call_inner<S: Service<R>, R>(inner: &mut S, req: R, span: &tracing::Span) -> 
     if span.is_none() { inner.call(req) } else { span.in_scope(|| inner.call(req)) }
 }
 
-/// The service that was driven to readiness goes with the request; a clone stays.
-fn take_ready<S: Clone>(inner: &mut S) -> S {
-    let clone = inner.clone();
-    std::mem::replace(inner, clone)
-}
-
 pin_project! {
     /// The future of [`ApiKeyService`].
     pub struct ResponseFuture<S, B>
@@ -270,6 +317,7 @@ pin_project! {
         S: Service<Request<B>>,
     {
         Verify { fut: BoxVerify<S, B> },
+        Charge { fut: BoxCharge<S, B> },
         Inner { #[pin] fut: S::Future, outcome: Outcome, limit: Option<LimitState> },
         // `by_policy`: the layer's own policy refused, and its realm answers.
         Rejected { err: Option<AuthError>, by_policy: bool },
@@ -295,7 +343,8 @@ impl<V: Verifier> SharedConfig for Shared<V> {
 
 impl<S, B, ResB> Future for ResponseFuture<S, B>
 where
-    S: Service<Request<B>, Response = Response<ResB>>,
+    S: Service<Request<B>, Response = Response<ResB>> + Send + 'static,
+    B: Send + 'static,
     ResB: RejectionBody,
 {
     type Output = Result<Response<ResB>, S::Error>;
@@ -309,8 +358,20 @@ where
                 StateProj::Verify { fut } => {
                     let (result, mut inner, mut req) = ready!(fut.as_mut().poll(cx));
                     let next = match config.admit(result, &mut req, this.span, this.record) {
-                        Ok((outcome, limit)) => State::Inner { fut: inner.call(req), outcome, limit },
+                        Ok(Admit::In(outcome, limit)) => State::Inner { fut: inner.call(req), outcome, limit },
+                        Ok(Admit::Charging(charging)) => State::Charge { fut: charging.boxed(inner, req) },
                         Err(rejection) => rejection,
+                    };
+                    this.state.set(next);
+                }
+                StateProj::Charge { fut } => {
+                    let (result, charged, principal, mut inner, mut req) = ready!(fut.as_mut().poll(cx));
+                    let next = match result {
+                        Err(refused) => State::rejected(refused.into(), false),
+                        Ok(limit) => match config.enter(&mut req, principal, limit, Some(charged), this.record.as_ref()) {
+                            Ok((outcome, limit)) => State::Inner { fut: inner.call(req), outcome, limit },
+                            Err(rejection) => rejection,
+                        },
                     };
                     this.state.set(next);
                 }

@@ -7,6 +7,8 @@
 //! refusal gives back what was charged before it.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -27,6 +29,17 @@ pub(crate) enum Refused {
     Limit(LimitState),
     /// Credits are spent; the wait until the next refill, if they have one.
     Credits(Option<Duration>),
+    /// The engine cannot count now (its store is down and the policy fails closed);
+    /// the suggested wait.
+    Unavailable(Duration),
+}
+
+/// A charge's answer: at once, or once the engine has asked its store.
+pub(crate) enum Charge {
+    /// Decided without waiting (the common case).
+    Done(Result<Option<LimitState>, Refused>),
+    /// Decided once this resolves; nothing is charged if it is dropped first.
+    Wait(Pin<Box<dyn Future<Output = Result<Option<LimitState>, Refused>> + Send>>),
 }
 
 /// Charges costs against quotas. Implementations decide where the counts live (this
@@ -35,7 +48,7 @@ pub(crate) trait LimitEngine: Send + Sync + std::fmt::Debug + 'static {
     /// Charges `cost` for `principal`, whose quota is `quota`: all of it, or nothing
     /// and the refusal. `Ok` carries the binding limit's standing (the one with the
     /// least left), if the cost drew from a limit.
-    fn charge(&self, principal: &Principal, quota: &Quota, cost: &Cost) -> Result<Option<LimitState>, Refused>;
+    fn charge(&self, principal: &Principal, quota: &Quota, cost: &Cost) -> Charge;
 
     /// Gives back a charge made before with the same `cost`.
     fn refund(&self, principal: &Principal, quota: &Quota, cost: &Cost);
@@ -131,7 +144,19 @@ impl LocalEngine {
 }
 
 impl LimitEngine for LocalEngine {
-    fn charge(&self, p: &Principal, quota: &Quota, cost: &Cost) -> Result<Option<LimitState>, Refused> {
+    fn charge(&self, p: &Principal, quota: &Quota, cost: &Cost) -> Charge {
+        Charge::Done(self.charge_now(p, quota, cost))
+    }
+
+    fn refund(&self, p: &Principal, quota: &Quota, cost: &Cost) {
+        for step in steps(quota, cost) {
+            self.undo(p, &step);
+        }
+    }
+}
+
+impl LocalEngine {
+    fn charge_now(&self, p: &Principal, quota: &Quota, cost: &Cost) -> Result<Option<LimitState>, Refused> {
         let now = OffsetDateTime::now_utc();
         let mut binding: Option<LimitState> = None;
         for (i, step) in steps(quota, cost).enumerate() {
@@ -151,12 +176,6 @@ impl LimitEngine for LocalEngine {
             }
         }
         Ok(binding)
-    }
-
-    fn refund(&self, p: &Principal, quota: &Quota, cost: &Cost) {
-        for step in steps(quota, cost) {
-            self.undo(p, &step);
-        }
     }
 }
 
@@ -251,7 +270,7 @@ mod tests {
     }
 
     fn charge(e: &LocalEngine, p: &Principal, cost: &Cost) -> Result<Option<LimitState>, Refused> {
-        e.charge(p, p.quota().unwrap(), cost)
+        e.charge_now(p, p.quota().unwrap(), cost)
     }
 
     #[test]
