@@ -79,26 +79,46 @@ pub(crate) fn recharge<B>(req: &mut Request<B>, cost: &Cost) -> Recharge {
     if charged.cost == *cost {
         return Recharge::Done(Ok(None));
     }
-    charged.engine.refund(&principal, quota, &charged.cost);
-    // Until the new charge is settled the request holds none.
-    charged.cost = Cost::free();
-    match charged.engine.charge(&principal, quota, cost) {
+    // Only the difference moves: what the route costs less is given back, what it costs
+    // more is charged, so a fleet-wide engine never holds both costs at once.
+    let (up, down) = (cost.minus(&charged.cost), charged.cost.minus(cost));
+    if !down.is_free() {
+        charged.engine.refund(&principal, quota, &down);
+    }
+    // Until the rest is settled the request holds what both costs share.
+    charged.cost = charged.cost.minus(&down);
+    if up.is_free() {
+        charged.cost = cost.clone();
+        return Recharge::Done(Ok(None));
+    }
+    match charged.engine.charge(&principal, quota, &up) {
         Charge::Done(result) => Recharge::Done(settle(req, cost, result)),
         Charge::Wait(fut) => Recharge::Wait(fut),
     }
 }
 
-/// Records the outcome of charging `cost` in the request.
+/// Records the outcome of charging the rest of `cost` in the request: it holds all of
+/// `cost`, or (refused) nothing, what it held given back.
 pub(crate) fn settle<B>(
     req: &mut Request<B>,
     cost: &Cost,
     result: Result<Option<LimitState>, Refused>,
 ) -> Result<Option<LimitState>, AuthError> {
-    let state = result.map_err(AuthError::from)?;
-    if let Some(charged) = req.extensions_mut().get_mut::<Charged>() {
-        charged.cost = cost.clone();
+    let principal = req.extensions().get::<Principal>().cloned();
+    let Some(charged) = req.extensions_mut().get_mut::<Charged>() else { return result.map_err(AuthError::from) };
+    match result {
+        Ok(state) => {
+            charged.cost = cost.clone();
+            Ok(state)
+        }
+        Err(refused) => {
+            if let Some(quota) = principal.as_ref().and_then(Principal::quota) {
+                charged.engine.refund(principal.as_ref().expect("has a quota"), quota, &charged.cost);
+            }
+            charged.cost = Cost::free();
+            Err(refused.into())
+        }
     }
-    Ok(state)
 }
 
 /// Gives back what the request was charged (a policy refused it after the charge).

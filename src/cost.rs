@@ -104,6 +104,21 @@ impl Cost {
     }
 }
 
+impl Cost {
+    /// What this cost draws beyond `other`, item by item (never below zero).
+    pub(crate) fn minus(&self, other: &Cost) -> Cost {
+        let limits: Vec<(Arc<str>, u64)> = self
+            .limits
+            .iter()
+            .filter_map(|(n, u)| {
+                let d = u.saturating_sub(other.units_of(n));
+                (d > 0).then(|| (n.clone(), d))
+            })
+            .collect();
+        Cost { limits: limits.into(), credits: self.credits.saturating_sub(other.credits) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +132,15 @@ mod tests {
         let c = Cost::new().limit("requests", 0).credits(0);
         assert!(c.is_free());
         assert_eq!(Cost::new().limit("requests", 3).units_of("requests"), 3);
+    }
+
+    #[test]
+    fn a_difference_is_taken_item_by_item() {
+        let a = Cost::new().limit("reports", 2).credits(10);
+        let b = Cost::new().credits(1);
+        let d = a.minus(&b);
+        assert_eq!((d.units_of("requests"), d.units_of("reports"), d.credit_units()), (0, 2, 9));
+        assert!(b.minus(&a).is_free());
     }
 
     #[test]

@@ -18,9 +18,9 @@ use crate::context::{InnerReport, LayerContext};
 use crate::error::{AuthError, InvalidKey, http_status_of_grpc, is_grpc};
 use crate::extract::{find_key, strip_credential};
 use crate::key::ApiKey;
+use crate::meter::{Charge, Refused};
 use crate::outcome::Outcome;
 use crate::principal::Principal;
-use crate::meter::{Charge, Refused};
 use crate::ratelimit::LimitState;
 use crate::verify::{Verdict, Verifier, VerifyError};
 
@@ -368,10 +368,12 @@ where
                     let (result, charged, principal, mut inner, mut req) = ready!(fut.as_mut().poll(cx));
                     let next = match result {
                         Err(refused) => State::rejected(refused.into(), false),
-                        Ok(limit) => match config.enter(&mut req, principal, limit, Some(charged), this.record.as_ref()) {
-                            Ok((outcome, limit)) => State::Inner { fut: inner.call(req), outcome, limit },
-                            Err(rejection) => rejection,
-                        },
+                        Ok(limit) => {
+                            match config.enter(&mut req, principal, limit, Some(charged), this.record.as_ref()) {
+                                Ok((outcome, limit)) => State::Inner { fut: inner.call(req), outcome, limit },
+                                Err(rejection) => rejection,
+                            }
+                        }
                     };
                     this.state.set(next);
                 }

@@ -4,12 +4,37 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// What a Redis grant was taken under: a credits lease is void once the count it came
-/// from was reseeded (a new revision) or refilled.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+use crate::quota::{Credits, Refill};
+
+/// Which count a credits grant was taken from: a lease is void once that count was
+/// reseeded (an operator set new credits) or refilled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(super) struct Origin {
-    pub(super) revision: String,
+    /// The key service's credits revision, if it gives one.
+    pub(super) revision: Option<u64>,
+    /// The credits as stated: without a revision, they name the count.
+    pub(super) remaining: u64,
+    pub(super) refill: Option<Refill>,
+    /// The Unix second of the refill the count is at (-1: no refill).
     pub(super) refilled_at: i64,
+}
+
+impl Origin {
+    /// Whether `other` names the same count. With a revision, `remaining` is what the
+    /// key service reconciled and does not name it.
+    pub(super) fn same_count(&self, other: &Origin) -> bool {
+        self.refilled_at == other.refilled_at
+            && match (self.revision, other.revision) {
+                (Some(a), Some(b)) => a == b,
+                (None, None) => self.remaining == other.remaining && self.refill == other.refill,
+                _ => false,
+            }
+    }
+
+    /// The count's revision as Redis keeps it.
+    pub(super) fn tag(&self) -> String {
+        super::schema::revision(self.revision, &Credits { remaining: self.remaining, refill: self.refill })
+    }
 }
 
 /// What a local attempt to spend found.
@@ -88,7 +113,7 @@ impl Lease {
     /// limits).
     pub(super) fn try_spend(&self, units: u64, origin: Option<&Origin>) -> Local {
         let mut s = self.lock();
-        if origin.is_some_and(|o| *o != s.origin) {
+        if origin.is_some_and(|o| !o.same_count(&s.origin)) {
             // The count was reseeded or refilled since this lease was taken: what it
             // holds belongs to a count that no longer exists.
             s.held = 0;
@@ -141,10 +166,10 @@ impl Lease {
         let mut s = self.lock();
         s.emission_us = emission_us;
         if let Some(origin) = origin {
-            if origin != s.origin {
+            if !origin.same_count(&s.origin) {
                 s.held = 0;
-                s.origin = origin;
             }
+            s.origin = origin;
         }
         s.held = s.held.saturating_add(granted);
         s.left = left;
@@ -170,7 +195,7 @@ impl Lease {
             return (None, false);
         }
         s.idle_sweeps = s.idle_sweeps.saturating_add(1);
-        let returned = (s.held > 0).then(|| (std::mem::take(&mut s.held), s.origin.clone()));
+        let returned = (s.held > 0).then(|| (std::mem::take(&mut s.held), s.origin));
         (returned, s.idle_sweeps >= forget_after && s.held == 0)
     }
 
@@ -182,7 +207,7 @@ impl Lease {
     /// Everything held, for shutdown.
     pub(super) fn take_all(&self) -> (u64, Origin) {
         let mut s = self.lock();
-        (std::mem::take(&mut s.held), s.origin.clone())
+        (std::mem::take(&mut s.held), s.origin)
     }
 
     /// Notes `units` spent while Redis was down.
@@ -195,7 +220,7 @@ impl Lease {
     /// against.
     pub(super) fn take_owed(&self) -> (u64, Origin) {
         let mut s = self.lock();
-        (std::mem::take(&mut s.owed), s.origin.clone())
+        (std::mem::take(&mut s.owed), s.origin)
     }
 }
 
@@ -203,8 +228,8 @@ impl Lease {
 mod tests {
     use super::*;
 
-    fn origin(rev: &str) -> Origin {
-        Origin { revision: rev.into(), refilled_at: 0 }
+    fn origin(rev: u64) -> Origin {
+        Origin { revision: Some(rev), remaining: 10, refill: None, refilled_at: 0 }
     }
 
     #[test]
@@ -221,12 +246,12 @@ mod tests {
     #[test]
     fn a_new_origin_voids_what_is_held() {
         let l = Lease::new();
-        l.add(5, 0, Some(origin("1")), 0);
-        assert_eq!(l.try_spend(1, Some(&origin("1"))), Local::Spent { left: 4, low: false });
-        assert_eq!(l.try_spend(1, Some(&origin("2"))), Local::Fetch);
-        l.add(2, 0, Some(origin("2")), 0);
-        assert_eq!(l.try_spend(2, Some(&origin("2"))), Local::Spent { left: 0, low: false });
-        assert_eq!(l.try_spend(1, Some(&origin("2"))), Local::Fetch, "the old 4 were dropped");
+        l.add(5, 0, Some(origin(1)), 0);
+        assert_eq!(l.try_spend(1, Some(&origin(1))), Local::Spent { left: 4, low: false });
+        assert_eq!(l.try_spend(1, Some(&origin(2))), Local::Fetch);
+        l.add(2, 0, Some(origin(2)), 0);
+        assert_eq!(l.try_spend(2, Some(&origin(2))), Local::Spent { left: 0, low: false });
+        assert_eq!(l.try_spend(1, Some(&origin(2))), Local::Fetch, "the old 4 were dropped");
     }
 
     #[test]

@@ -114,7 +114,7 @@ impl RedisLimitsBuilder {
         self
     }
 
-    /// Longest wait for one Redis call before it counts as Redis down (default 100 ms).
+    /// Longest wait for one Redis call before it counts as failed (default 250 ms).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -179,6 +179,7 @@ impl RedisLimitsBuilder {
             leases: RwLock::new(HashMap::new()),
             fallback: LocalEngine::default(),
             down: AtomicBool::new(false),
+            failures: AtomicU64::new(0),
             stats: Counters::default(),
             full_warned: AtomicBool::new(false),
         });
@@ -229,6 +230,8 @@ impl RedisLimitsBuilder {
 /// - **A rate limit** admits, over any interval `T`, at most
 ///   `burst + limit × T / period + N × M` units: units taken from the limit earlier and
 ///   spent in `T` are the N × M term. Idle leases go back as above.
+/// - A call that times out may still have been applied by Redis: its units are then
+///   counted twice (in Redis and by the fallback), which errs towards refusing.
 /// - **Strict** mode ([`strict_credits`](RedisLimitsBuilder::strict_credits),
 ///   [`strict_limit`](RedisLimitsBuilder::strict_limit)) takes exactly each request's
 ///   cost with one atomic Redis call on the request path (the round trip, about 0.1 ms
@@ -242,8 +245,8 @@ impl RedisLimitsBuilder {
 ///
 /// # When Redis is down
 /// A Redis call that fails or takes longer than
-/// [`timeout`](RedisLimitsBuilder::timeout) (default 100 ms) switches the engine to
-/// its fallback, logs a warning and counts the switch
+/// [`timeout`](RedisLimitsBuilder::timeout) (default 250 ms) is decided by the
+/// fallback; the third such call in a row switches the engine to it, logs a warning and counts the switch
 /// ([`RedisLimitsStats::switched_to_fallback`]); a probe then asks Redis every second
 /// and switches back (an info line, [`RedisLimitsStats::switched_back`]), with no
 /// restart. Meanwhile leases already held are spent, and what they cannot pay goes by
@@ -275,7 +278,7 @@ impl RedisLimits {
             lease_window: Duration::from_millis(100),
             max_lease: 100,
             expected_instances: 1,
-            timeout: Duration::from_millis(100),
+            timeout: Duration::from_millis(250),
             strict_credits: false,
             strict_limits: HashSet::new(),
             credits_down: RedisDown::LocalShare,
@@ -360,9 +363,14 @@ struct Engine {
     leases: RwLock<HashMap<Bucket, Arc<Lease>>>,
     fallback: LocalEngine,
     down: AtomicBool,
+    /// Failed calls in a row.
+    failures: AtomicU64,
     stats: Counters,
     full_warned: AtomicBool,
 }
+
+/// Failed Redis calls in a row that switch the engine to its fallback.
+const FAILURES_TO_SWITCH: u64 = 3;
 
 /// A Redis call that did not answer in time or failed.
 struct Unreachable;
@@ -410,21 +418,28 @@ impl Engine {
         let mut conn = self.conn.clone();
         let result = tokio::time::timeout(self.config.timeout, inv.invoke_async::<T>(&mut conn)).await;
         match result {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok(v)) => {
+                self.failures.store(0, Ordering::Relaxed);
+                Ok(v)
+            }
             Ok(Err(e)) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 self.switch_down(&e.to_string());
                 Err(Unreachable)
             }
             Err(_) => {
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 self.switch_down("no answer within the timeout");
                 Err(Unreachable)
             }
         }
     }
 
+    /// A failed call: this request goes by the fallback, and the third failure in a
+    /// row switches the engine to it (one slow answer under load is not an outage).
     fn switch_down(&self, why: &str) {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        if self.failures.fetch_add(1, Ordering::AcqRel) + 1 < FAILURES_TO_SWITCH {
+            return;
+        }
         if !self.down.swap(true, Ordering::AcqRel) {
             self.stats.to_fallback.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = why, "keygate: Redis unreachable, limits switched to their fallback");
@@ -442,7 +457,7 @@ impl Engine {
                 let mut inv = scripts::TAKE_CREDITS.key(&key);
                 inv.arg(want)
                     .arg(lack)
-                    .arg(&origin.revision)
+                    .arg(origin.tag())
                     .arg(credits.remaining)
                     .arg(refill)
                     .arg(origin.refilled_at)
@@ -450,7 +465,7 @@ impl Engine {
                     .arg(expiry);
                 let (granted, left, at): (u64, u64, i64) = self.call(inv).await?;
                 self.stats.taken.fetch_add(granted, Ordering::Relaxed);
-                let origin = Origin { revision: origin.revision.clone(), refilled_at: at };
+                let origin = Origin { refilled_at: at, ..*origin };
                 if granted < lack {
                     let wait = credits.refill.map(|r| until(r.next_after(OffsetDateTime::now_utc())));
                     return Ok(Err(Refused::Credits(wait)));
@@ -479,7 +494,7 @@ impl Engine {
         let given = match &bucket.name {
             None => {
                 let mut inv = scripts::GIVE_CREDITS.key(&key);
-                inv.arg(units).arg(&origin.revision).arg(origin.refilled_at);
+                inv.arg(units).arg(origin.tag()).arg(origin.refilled_at);
                 self.call::<i64>(inv).await
             }
             Some(_) => {
@@ -577,10 +592,8 @@ impl Engine {
                 self.fallback.apply(&p, &s, now)
             }
             Measure::Credits { credits, .. } => {
-                let share = Credits {
-                    remaining: credits.remaining / n,
-                    refill: credits.refill.map(|r| scale_refill(r, n)),
-                };
+                let share =
+                    Credits { remaining: credits.remaining / n, refill: credits.refill.map(|r| scale_refill(r, n)) };
                 let s = match step.bucket.holder {
                     Holder::Key => Step::KeyCredits(&share, step.units),
                     Holder::Owner => Step::OwnerCredits(&share, step.units),
@@ -608,7 +621,7 @@ impl Engine {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let origin = match &step.measure {
-                    Measure::Credits { origin, .. } => origin.clone(),
+                    Measure::Credits { origin, .. } => *origin,
                     Measure::Limit(_) => Origin::default(),
                 };
                 engine.give(&step.bucket, step.units, &origin, emission(&step)).await;
@@ -730,40 +743,61 @@ fn last_before(r: Refill, next: OffsetDateTime, now: OffsetDateTime) -> OffsetDa
     }
 }
 
-/// The steps of a charge, owned, with what each is counted from.
+/// A step's bucket, units and (credits) the count it draws from; `now` is read once,
+/// and only for credits with a refill.
+fn locate(
+    p: &Principal,
+    quota: &Quota,
+    step: &Step<'_>,
+    now: &mut Option<OffsetDateTime>,
+) -> (Bucket, u64, Option<Origin>) {
+    let limit = |holder, id: &Arc<str>, l: &Limit| Bucket { holder, id: id.clone(), name: Some(l.name.clone()) };
+    let mut credits = |holder, id: &Arc<str>, c: &Credits, revision: Option<u64>| {
+        let refilled_at = match c.refill {
+            None => -1,
+            Some(_) => refilled_at(c, *now.get_or_insert_with(OffsetDateTime::now_utc)),
+        };
+        let origin = Origin { revision, remaining: c.remaining, refill: c.refill, refilled_at };
+        (Bucket { holder, id: id.clone(), name: None }, origin)
+    };
+    match *step {
+        Step::KeyLimit(l, u) => (limit(Holder::Key, p.key_id_arc(), l), u, None),
+        Step::OwnerLimit(l, u) => (limit(Holder::Owner, p.owner_arc(), l), u, None),
+        Step::KeyCredits(c, u) => {
+            let (b, o) = credits(Holder::Key, p.key_id_arc(), c, quota.credits_revision);
+            (b, u, Some(o))
+        }
+        Step::OwnerCredits(c, u) => {
+            let (b, o) = credits(Holder::Owner, p.owner_arc(), c, quota.owner_credits_revision);
+            (b, u, Some(o))
+        }
+    }
+}
+
+/// The steps of a charge, owned, for the path that waits on Redis.
 fn owned_steps(p: &Principal, quota: &Quota, cost: &Cost) -> Vec<OwnedStep> {
-    let now = OffsetDateTime::now_utc();
-    let credits = |holder: Holder, id: &Arc<str>, c: &Credits, rev: Option<u64>, units: u64| OwnedStep {
-        bucket: Bucket { holder, id: id.clone(), name: None },
-        measure: Measure::Credits {
-            credits: c.clone(),
-            origin: Origin { revision: schema::revision(rev, c), refilled_at: refilled_at(c, now) },
-        },
-        units,
-    };
-    let limit = |holder: Holder, id: &Arc<str>, l: &Limit, units: u64| OwnedStep {
-        bucket: Bucket { holder, id: id.clone(), name: Some(l.name.clone()) },
-        measure: Measure::Limit(l.clone()),
-        units,
-    };
+    let mut now = None;
     steps(quota, cost)
-        .map(|s| match s {
-            Step::KeyLimit(l, u) => limit(Holder::Key, p.key_id_arc(), l, u),
-            Step::OwnerLimit(l, u) => limit(Holder::Owner, p.owner_arc(), l, u),
-            Step::KeyCredits(c, u) => credits(Holder::Key, p.key_id_arc(), c, quota.credits_revision, u),
-            Step::OwnerCredits(c, u) => credits(Holder::Owner, p.owner_arc(), c, quota.owner_credits_revision, u),
+        .map(|step| {
+            let (bucket, units, origin) = locate(p, quota, &step, &mut now);
+            let measure = match (step, origin) {
+                (Step::KeyLimit(l, _) | Step::OwnerLimit(l, _), _) => Measure::Limit(l.clone()),
+                (Step::KeyCredits(c, _) | Step::OwnerCredits(c, _), origin) => {
+                    Measure::Credits { credits: c.clone(), origin: origin.unwrap_or_default() }
+                }
+            };
+            OwnedStep { bucket, measure, units }
         })
         .collect()
 }
 
 impl LimitEngine for RedisLimits {
     fn charge(&self, p: &Principal, quota: &Quota, cost: &Cost) -> Charge {
-        let steps = owned_steps(p, quota, cost);
-        let engine = self.engine.clone();
-        // Every step paid from its lease: no future, no Redis.
-        if let Some(done) = engine.charge_now(&steps) {
+        // Every step paid from its lease: no future, no Redis, no allocation.
+        if let Some(done) = self.engine.charge_now(p, quota, cost) {
             return Charge::Done(done);
         }
+        let (engine, steps) = (self.engine.clone(), owned_steps(p, quota, cost));
         Charge::Wait(Box::pin(async move { engine.charge_all(steps).await }))
     }
 
@@ -777,33 +811,63 @@ impl LimitEngine for RedisLimits {
 impl Engine {
     /// The charge from leases alone, or `None` when a step needs Redis (nothing is then
     /// charged).
-    fn charge_now(self: &Arc<Self>, steps: &[OwnedStep]) -> Option<Result<Option<LimitState>, Refused>> {
+    fn charge_now(
+        self: &Arc<Self>,
+        p: &Principal,
+        quota: &Quota,
+        cost: &Cost,
+    ) -> Option<Result<Option<LimitState>, Refused>> {
         let mut binding: Option<LimitState> = None;
-        for (i, step) in steps.iter().enumerate() {
-            let origin = match &step.measure {
-                Measure::Credits { origin, .. } => Some(origin),
-                Measure::Limit(_) => None,
-            };
-            let local = match (!self.strict(step)).then(|| self.lease(&step.bucket)).flatten() {
-                Some(lease) => {
-                    let local = lease.try_spend(step.units, origin);
-                    if matches!(local, Local::Spent { low: true, .. }) {
-                        self.top_up(step, &lease);
-                    }
-                    local
+        let mut now = None;
+        // Gives back the first `n` steps, spent from their leases (no allocation: the
+        // steps are found again).
+        let undo = |n: usize| {
+            let mut now = None;
+            for step in steps(quota, cost).take(n) {
+                let (bucket, units, _) = locate(p, quota, &step, &mut now);
+                if let Some(lease) = self.lease(&bucket) {
+                    lease.give_back(units);
                 }
-                None => Local::Fetch,
+            }
+        };
+        for (i, step) in steps(quota, cost).enumerate() {
+            let (bucket, units, origin) = locate(p, quota, &step, &mut now);
+            let strict = match &bucket.name {
+                Some(name) => self.config.strict_limits.contains(&**name),
+                None => self.config.strict_credits,
             };
-            match local_result(step, local) {
-                Some(Ok(state)) => keep_binding(&mut binding, state),
-                other => {
-                    for done in &steps[..i] {
-                        self.refund_step(done.clone());
+            let Some(lease) = (!strict).then(|| self.lease(&bucket)).flatten() else {
+                undo(i);
+                return None;
+            };
+            match lease.try_spend(units, origin.as_ref()) {
+                Local::Spent { left, low } => {
+                    if let (Step::KeyLimit(l, _) | Step::OwnerLimit(l, _), state) = (&step, left) {
+                        keep_binding(
+                            &mut binding,
+                            Some(limit_state(l, state.min(l.effective_burst()), Duration::from_micros(emission_us(l)))),
+                        );
                     }
-                    return match other {
-                        Some(Err(refused)) => Some(Err(refused)),
-                        _ => None,
+                    if low {
+                        let owned = owned_steps(p, quota, cost).into_iter().find(|s| s.bucket == bucket);
+                        if let Some(owned) = owned {
+                            self.top_up(&owned, &lease);
+                        }
+                    }
+                }
+                Local::Refused { wait } => {
+                    undo(i);
+                    let refused = match step {
+                        Step::KeyLimit(l, _) | Step::OwnerLimit(l, _) => Refused::Limit(limit_state(l, 0, wait)),
+                        Step::KeyCredits(c, _) | Step::OwnerCredits(c, _) => {
+                            Refused::Credits(c.refill.map(|r| until(r.next_after(OffsetDateTime::now_utc()))))
+                        }
                     };
+                    return Some(Err(refused));
+                }
+                Local::Fetch => {
+                    undo(i);
+                    return None;
                 }
             }
         }
@@ -851,6 +915,12 @@ fn keep_binding(binding: &mut Option<LimitState>, state: Option<LimitState>) {
 /// the fallback is in force, Redis is probed and, once back, what was spent meanwhile
 /// is debited.
 async fn sweeper(engine: Weak<Engine>) {
+    // Connect now rather than on the first request.
+    if let Some(engine) = engine.upgrade() {
+        let mut conn = engine.conn.clone();
+        let _ =
+            tokio::time::timeout(engine.config.timeout * 4, redis::cmd("PING").query_async::<String>(&mut conn)).await;
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -894,6 +964,7 @@ impl Engine {
         let ping = redis::cmd("PING");
         let answer = tokio::time::timeout(self.config.timeout, ping.query_async::<String>(&mut conn)).await;
         if matches!(answer, Ok(Ok(_))) && self.down.swap(false, Ordering::AcqRel) {
+            self.failures.store(0, Ordering::Relaxed);
             self.stats.back.fetch_add(1, Ordering::Relaxed);
             tracing::info!("keygate: Redis reachable again, limits counted fleet-wide");
         }
@@ -902,7 +973,7 @@ impl Engine {
     /// Debits credits spent while Redis was down (never below zero).
     async fn debit(&self, bucket: &Bucket, units: u64, origin: &Origin) {
         let mut inv = scripts::DEBIT_CREDITS.key(self.key(bucket));
-        inv.arg(units).arg(&origin.revision);
+        inv.arg(units).arg(origin.tag());
         let _ = self.call::<i64>(inv).await;
     }
 }
