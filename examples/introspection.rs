@@ -16,12 +16,20 @@
 //! | `GET /health` | nothing |
 //! | `GET /reports` | scope `reports:read` (map the server's own name with `--map-scope`) |
 //!
+//! A connection has 10 s (`--header-read-timeout-ms`) to send a request's headers and a
+//! request body may pause 30 s (`--request-body-timeout-ms`), as in
+//! `examples/protected.rs` (both serve through `examples/support/serve.rs`). Ctrl-C or
+//! SIGTERM stops it gracefully.
+//!
 //! The address it listens on is printed (`listening on 127.0.0.1:8080`), so
 //! `--listen 127.0.0.1:0` works too. Try it with a token from your server:
 //!
 //! ```sh
 //! curl -s -H "Authorization: Bearer $ACCESS_TOKEN" localhost:8080/reports
 //! ```
+
+#[path = "support/serve.rs"]
+mod serve;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -72,6 +80,13 @@ struct Args {
     /// Where to listen.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// How long a connection has to send a request's headers, in milliseconds (also the
+    /// longest an idle keep-alive connection stays open).
+    #[arg(long, default_value_t = 10_000)]
+    header_read_timeout_ms: u64,
+    /// How long a request body may pause, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    request_body_timeout_ms: u64,
 }
 
 fn parse_mapping(s: &str) -> Result<(String, String), String> {
@@ -117,7 +132,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     println!("listening on {}", listener.local_addr()?);
-    // A production service bounds header reads too: see examples/protected.rs.
-    axum::serve(listener, app).with_graceful_shutdown(async { _ = tokio::signal::ctrl_c().await }).await?;
+    let header_read_timeout = Duration::from_millis(args.header_read_timeout_ms.max(1));
+    let body_timeout = Duration::from_millis(args.request_body_timeout_ms);
+    serve::serve(listener, app, header_read_timeout, body_timeout, serve::shutdown_signal()).await;
     Ok(())
 }

@@ -19,7 +19,8 @@
 //!
 //! A connection has 10 s (`--header-read-timeout-ms`) to send a request's headers and a
 //! request body may pause 30 s (`--request-body-timeout-ms`): `axum::serve` bounds
-//! neither, so the example serves through hyper's HTTP/1 builder (see `serve`).
+//! neither, so the example serves through hyper's HTTP/1 builder (see
+//! `examples/support/serve.rs`).
 //!
 //! Each protected route answers JSON naming the caller's key id and owner. The address
 //! it listens on is printed (`listening on 127.0.0.1:8080`), so `--listen 127.0.0.1:0`
@@ -31,6 +32,9 @@
 //! curl -s localhost:8080/health
 //! curl -s -H "Authorization: Bearer $KEY" localhost:8080/reports
 //! ```
+
+#[path = "support/serve.rs"]
+mod serve;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -96,17 +100,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .route("/admin", get(admin).route_layer(RequireScopes::role("admin")))
         .layer(auth);
-    let app = Router::new()
-        .route("/health", get(health))
-        .merge(protected)
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(Duration::from_millis(args.request_body_timeout_ms)));
+    let app = Router::new().route("/health", get(health)).merge(protected);
 
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "protected service listening");
     // On standard output too, for scripts (and tests) that listen on port 0.
     println!("listening on {addr}");
-    serve(listener, app, Duration::from_millis(args.header_read_timeout_ms.max(1)), shutdown_signal()).await;
+    let header_read_timeout = Duration::from_millis(args.header_read_timeout_ms.max(1));
+    let body_timeout = Duration::from_millis(args.request_body_timeout_ms);
+    serve::serve(listener, app, header_read_timeout, body_timeout, serve::shutdown_signal()).await;
 
     // The server has stopped and every request in flight is decided: what the aggregator
     // holds now is all the usage there will be.
@@ -114,71 +117,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let usage = remote.shutdown().await;
     tracing::info!(?cache, ?usage, "stopped");
     Ok(())
-}
-
-/// Serves `app` until `stop`, then lets open connections finish their requests.
-/// `axum::serve` cannot bound how long a client takes to send its headers (a client
-/// that sends half of them would hold its connection forever), so connections go
-/// through hyper's HTTP/1 builder with a timer.
-async fn serve(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    header_read_timeout: Duration,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
-
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
-    tokio::pin!(stop);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => break,
-        };
-        let conn = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-}
-
-/// Ctrl-C, or SIGTERM (what container runtimes and systemd send) on Unix.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; stop with Ctrl-C");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutting down");
 }
 
 async fn health() -> Json<Value> {

@@ -2,6 +2,7 @@
 //! `AuthError` handed outward in extensions, optional auth answered in auth terms, and
 //! the challenge scheme, over real loopback sockets.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
@@ -9,9 +10,10 @@ use axum::response::Response;
 use axum::routing::get;
 use bytes::Bytes;
 use http::header;
+use keygate::quota::{Credits, Limit, Refill};
 use keygate::{
-    ApiKey, ApiKeyLayer, AuthError, KeySource, Principal, RateLimit, RequireScopes, ScopeSet, StaticVerifier, Verdict,
-    Verifier, VerifyError,
+    ApiKey, ApiKeyLayer, AuthError, Cost, KeySource, Principal, RateLimit, RequireScopes, ScopeSet, StaticVerifier,
+    Verdict, Verifier, VerifyError,
 };
 use reqwest::StatusCode;
 use time::OffsetDateTime;
@@ -79,7 +81,9 @@ fn routes() -> Router {
 async fn serve(router: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    // With the peer address, which network allowlists check.
+    let app = router.into_make_service_with_connect_info::<SocketAddr>();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     format!("http://{addr}")
 }
 
@@ -162,6 +166,112 @@ async fn every_rejection_goes_through_the_hook_with_the_headers_keygate_keeps() 
     // A good key is untouched by the hook.
     let res = get_with(&base, "/reports", &[bearer(&keys.reader)]).await;
     assert_eq!((res.status(), res.text().await.unwrap().as_str()), (StatusCode::OK, "key_reader"));
+}
+
+/// Keys for the cases added after the first seven codes: environments, networks,
+/// credits and named limits.
+struct LaterKeys {
+    test_env: ApiKey,
+    partner: ApiKey,
+    spent: ApiKey,
+    refilling: ApiKey,
+    reports_limited: ApiKey,
+}
+
+fn later_keys() -> (StaticVerifier, LaterKeys) {
+    let k = LaterKeys {
+        test_env: ApiKey::generate("kgtest").unwrap(),
+        partner: ApiKey::generate("kg").unwrap(),
+        spent: ApiKey::generate("kg").unwrap(),
+        refilling: ApiKey::generate("kg").unwrap(),
+        reports_limited: ApiKey::generate("kg").unwrap(),
+    };
+    let key = |id: &str| Principal::builder(id).owner("acme").environment("live");
+    // Credits and limits are counted by the layer itself (per process): a static
+    // principal that states them is enforced exactly like a key service's answer.
+    let daily = Credits { remaining: 0, refill: Some(Refill::Daily { amount: 100 }) };
+    let v = StaticVerifier::new()
+        .with_key(&k.test_env, Principal::builder("key_test").owner("acme").environment("test").build())
+        .with_key(&k.partner, key("key_partner").allowed_networks(["203.0.113.0/24".parse().unwrap()]).build())
+        .with_key(&k.spent, key("key_spent").credits(Some(Credits { remaining: 0, refill: None })).build())
+        .with_key(&k.refilling, key("key_refilling").credits(Some(daily)).build())
+        .with_key(&k.reports_limited, key("key_reports").limits([Limit::new("reports", 1, 3600)]).build());
+    (v, k)
+}
+
+fn later_routes() -> Router {
+    Router::new()
+        .route("/live", get(|| async { "live" }).route_layer(RequireScopes::environment("live")))
+        .route("/reports", get(|| async { "report" }).route_layer(Cost::free().limit("reports", 1)))
+}
+
+#[tokio::test]
+async fn the_later_codes_go_through_the_hook_with_the_headers_keygate_keeps() {
+    let (verifier, k) = later_keys();
+    let layer = ApiKeyLayer::new(verifier).realm("reports").on_rejection(our_error);
+    let base = serve(later_routes().layer(layer)).await;
+
+    // A test key on a live-only route: 403, the hook's body, keygate's challenge.
+    let res = get_with(&base, "/live", &[bearer(&k.test_env)]).await;
+    assert_eq!(
+        header_of(&res, "www-authenticate").as_deref(),
+        Some(r#"Bearer realm="reports", error="insufficient_scope""#)
+    );
+    let (status, code, message) = ours(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "wrong_environment"));
+    assert!(message.contains("live"), "{message}");
+
+    // 127.0.0.1 is outside the key's 203.0.113.0/24: 403, the same challenge.
+    let res = get_with(&base, "/live", &[bearer(&k.partner)]).await;
+    assert_eq!(
+        header_of(&res, "www-authenticate").as_deref(),
+        Some(r#"Bearer realm="reports", error="insufficient_scope""#)
+    );
+    let (status, code, _) = ours(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::FORBIDDEN, "ip_not_allowed"));
+
+    // Credits spent and never refilled: 429 with nothing to wait for, so no Retry-After.
+    let res = get_with(&base, "/live", &[bearer(&k.spent)]).await;
+    assert_eq!(header_of(&res, "retry-after"), None);
+    assert_eq!(header_of(&res, "www-authenticate"), None, "no challenge on a 429");
+    let (status, code, _) = ours(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::TOO_MANY_REQUESTS, "usage_exceeded"));
+
+    // Credits spent with a daily refill: Retry-After until the next midnight UTC.
+    let res = get_with(&base, "/live", &[bearer(&k.refilling)]).await;
+    let after: u64 = header_of(&res, "retry-after").expect("a refill to wait for").parse().unwrap();
+    assert!((1..=86_400).contains(&after), "{after}");
+    let (status, code, _) = ours(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::TOO_MANY_REQUESTS, "usage_exceeded"));
+
+    // A named limit other than `requests`: 429, Retry-After and fields naming it.
+    assert_eq!(get_with(&base, "/reports", &[bearer(&k.reports_limited)]).await.status(), StatusCode::OK);
+    let res = get_with(&base, "/reports", &[bearer(&k.reports_limited)]).await;
+    let after: u64 = header_of(&res, "retry-after").unwrap().parse().unwrap();
+    assert!((1..=3600).contains(&after), "{after}");
+    assert_eq!(header_of(&res, "ratelimit-policy").as_deref(), Some(r#""reports";q=1;w=3600"#));
+    assert_eq!(header_of(&res, "ratelimit"), Some(format!(r#""reports";r=0;t={after}"#)));
+    let (status, code, _) = ours(res).await;
+    assert_eq!((status, code.as_str()), (StatusCode::TOO_MANY_REQUESTS, "rate_limited"));
+}
+
+#[tokio::test]
+async fn a_challenge_the_hook_sets_on_a_later_403_is_kept_as_it_is() {
+    let (verifier, k) = later_keys();
+    let layer = ApiKeyLayer::new(verifier).on_rejection(|err: &AuthError| {
+        let mut res = our_error(err);
+        res.headers_mut().insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static(r#"ApiKey realm="own""#));
+        res
+    });
+    let base = serve(later_routes().layer(layer)).await;
+    for (key, code) in [(&k.test_env, "wrong_environment"), (&k.partner, "ip_not_allowed")] {
+        let res = get_with(&base, "/live", &[bearer(key)]).await;
+        let challenges: Vec<_> =
+            res.headers().get_all("www-authenticate").iter().map(|v| v.to_str().unwrap().to_owned()).collect();
+        assert_eq!(challenges, [r#"ApiKey realm="own""#], "{code}");
+        let (status, body_code, _) = ours(res).await;
+        assert_eq!((status, body_code.as_str()), (StatusCode::FORBIDDEN, code));
+    }
 }
 
 #[tokio::test]

@@ -478,3 +478,44 @@ async fn webhook_subscriber_cap_retention_and_new_store_op_series_move() {
         assert!(after.observations(STORE_TIME, &[("op", op)]) >= 1.0, "store op `{op}` timed\n{}", after.text);
     }
 }
+
+/// The `keygate_server_*` names in `text`'s lines that `pick` keeps (every name on the
+/// line, so that a table row naming several series counts each).
+fn series_names(text: &str, pick: impl Fn(&str) -> bool) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for line in text.lines().filter(|l| pick(l)) {
+        let mut rest = line;
+        while let Some(at) = rest.find("keygate_server_") {
+            let tail = &rest[at..];
+            let end =
+                tail.find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')).unwrap_or(tail.len());
+            names.insert(tail[..end].to_owned());
+            rest = &tail[end..];
+        }
+    }
+    names
+}
+
+#[test]
+fn every_emitted_series_is_in_the_readme_table_and_the_module_docs() {
+    let read = |path: &str| std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    // What is emitted: the series names `meters.rs` declares (every series goes through
+    // one of them; `HELP` refers to each).
+    let emitted = series_names(&read("src/server/meters.rs"), |l| l.trim_start().starts_with("pub(crate) const "));
+    assert!(emitted.len() >= 29, "the parser found too few names: {emitted:?}");
+    // The first column of the README's metrics table, and of the module docs' table.
+    let first_cell = |l: &str| l.split('|').nth(1).map(str::to_owned).unwrap_or_default();
+    let readme = read("README.md");
+    let readme_rows: String =
+        readme.lines().filter(|l| l.starts_with("| `keygate_server_")).map(|l| first_cell(l) + "\n").collect();
+    let module = read("src/server/mod.rs");
+    let module_rows: String =
+        module.lines().filter(|l| l.starts_with("//! | `keygate_server_")).map(|l| first_cell(l) + "\n").collect();
+    for (table, rows) in [("README.md", readme_rows), ("the keygate::server docs", module_rows)] {
+        let documented = series_names(&rows, |_| true);
+        let missing: Vec<_> = emitted.difference(&documented).collect();
+        let stale: Vec<_> = documented.difference(&emitted).collect();
+        assert!(missing.is_empty(), "emitted but not in {table}'s metrics table: {missing:?}");
+        assert!(stale.is_empty(), "in {table}'s metrics table but never emitted: {stale:?}");
+    }
+}

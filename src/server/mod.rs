@@ -238,7 +238,9 @@
 //! | `keygate_server_event_subscribers` | gauge | — | `GET /v1/events` streams open now |
 //! | `keygate_server_events_published_total` | counter | — | events published to those streams |
 //! | `keygate_server_event_subscribers_refused_total` | counter | — | `GET /v1/events` streams refused (503) because the subscriber cap was reached |
-//! | `keygate_server_verify_shed_total` | counter | — | verifications refused at once (503 `overloaded`) because `max_concurrent_verifies` were in progress |
+//! | `keygate_server_verify_shed_total` | counter | — | verifications refused at once (503 `overloaded`) because `max_concurrent_verifies` were in progress, single and batched |
+//! | `keygate_server_verify_batches_total` | counter | — | `POST /v1/keys/verify-batch` calls past the token check, shedding and the body's check |
+//! | `keygate_server_verify_batch_digests_total` | counter | — | digests in those calls (a batch holds 1 to [`MAX_VERIFY_BATCH`](crate::wire::MAX_VERIFY_BATCH)) |
 //! | `keygate_server_alerts_raised_total` | counter | — | alerts raised: usage alerts (`denial_spike`, `rate_spike`, `new_network`) and the sweep's `key_expiring` and `key_max_age` |
 //! | `keygate_server_retention_passes_total` | counter | `result`: `ok`, `failed` | usage retention passes |
 //! | `keygate_server_retention_rows_total` | counter | `action`: `minutes_rolled_up`, `hours_deleted`, `batch_ids_deleted` | rows those passes rolled up into hours or deleted |

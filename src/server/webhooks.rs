@@ -38,8 +38,8 @@ use super::store::{Attempt, AttemptNext, Claimed, Store, StoreError, Target, now
 /// use hmac::{Hmac, Mac};
 /// use sha2::Sha256;
 ///
-/// /// Whether `header` (the `keygate-signature` value) signs `body` with `secret`,
-/// /// made at most 5 minutes from `now` (Unix seconds).
+/// /// Whether `header` (the `keygate-signature` value) signs `body` (the raw request
+/// /// body) with `secret`, made at most 5 minutes from `now` (Unix seconds).
 /// fn verify(secret: &str, header: &str, body: &[u8], now: i64) -> bool {
 ///     let (mut t, mut v1) = (None, None);
 ///     for part in header.split(',') {
@@ -51,7 +51,7 @@ use super::store::{Attempt, AttemptNext, Claimed, Store, StoreError, Target, now
 ///     }
 ///     let (Some(t), Some(v1)) = (t, v1) else { return false };
 ///     if (now - t).abs() > 300 {
-///         return false;
+///         return false; // more than 5 minutes away: a replay (or a clock far off)
 ///     }
 ///     let Ok(expected) = (0..v1.len())
 ///         .step_by(2)
@@ -63,17 +63,17 @@ use super::store::{Attempt, AttemptNext, Claimed, Store, StoreError, Target, now
 ///     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
 ///     mac.update(format!("{t}.").as_bytes());
 ///     mac.update(body);
-///     // `verify_slice` compares in constant time.
-///     mac.verify_slice(&expected).is_ok()
+///     mac.verify_slice(&expected).is_ok() // constant-time comparison
 /// }
-/// # let body = br#"{"id":"evt_1"}"#;
-/// # let mut mac = Hmac::<Sha256>::new_from_slice(b"whsec_test").unwrap();
-/// # mac.update(b"1700000000.");
-/// # mac.update(body);
-/// # let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
-/// # assert!(verify("whsec_test", &format!("t=1700000000,v1={hex}"), body, 1_700_000_100));
-/// # assert!(!verify("whsec_test", &format!("t=1700000000,v1={hex}"), body, 1_700_000_400));
-/// # assert!(!verify("whsec_other", &format!("t=1700000000,v1={hex}"), body, 1_700_000_100));
+/// # // What keygate sends for the body `{}` at t=1700000000 with the secret
+/// # // `whsec_test` (the delivery worker's own test checks it signs exactly this).
+/// # let sent = "t=1700000000,v1=35495024f4ef3f94e5a93e22221544c4b75e9a42300cd965ab81cb85cd994e91";
+/// # assert!(verify("whsec_test", sent, b"{}", 1_700_000_100));
+/// # assert!(!verify("whsec_test", sent, b"{} ", 1_700_000_100), "another body");
+/// # assert!(!verify("whsec_other", sent, b"{}", 1_700_000_100), "another secret");
+/// # assert!(!verify("whsec_test", sent, b"{}", 1_700_000_400), "too old");
+/// # assert!(!verify("whsec_test", "t=1700000000,v1=3549", b"{}", 1_700_000_100), "cut short");
+/// # assert!(!verify("whsec_test", "t=1700000000", b"{}", 1_700_000_100), "no v1");
 /// ```
 pub const SIGNATURE_HEADER: &str = "keygate-signature";
 /// The header carrying a delivery's event id.
@@ -529,6 +529,31 @@ mod tests {
         assert_eq!(sig, "t=1700000000,v1=35495024f4ef3f94e5a93e22221544c4b75e9a42300cd965ab81cb85cd994e91");
         assert_ne!(sig, signature("whsec_other", 1_700_000_000, b"{}"));
         assert_ne!(sig, signature("whsec_test", 1_700_000_001, b"{}"));
+    }
+
+    /// The code between the fences of the Rust block holding `needle`, each line
+    /// through `line` (`None`: not part of the shown code).
+    fn rust_block(text: &str, needle: &str, line: impl Fn(&str) -> Option<String>) -> Option<String> {
+        let lines: Vec<String> = text.lines().filter_map(line).collect();
+        let mut blocks = lines.split(|l| l.starts_with("```"));
+        // Fences alternate: every second piece is inside a block.
+        blocks.next();
+        blocks.step_by(2).map(|b| b.join("\n")).find(|b| b.contains(needle))
+    }
+
+    #[test]
+    fn the_readme_verification_snippet_is_the_compiled_doctest() {
+        let read = |path: &str| std::fs::read_to_string(format!("{}/{path}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let needle = "fn verify(secret: &str, header: &str, body: &[u8]";
+        let readme = rust_block(&read("README.md"), needle, |l| Some(l.to_owned())).expect("the README's snippet");
+        // The doctest on `SIGNATURE_HEADER`, as rustdoc shows it: `# ` lines hidden.
+        let doc = |l: &str| {
+            let l = l.trim_start().strip_prefix("///")?;
+            let l = l.strip_prefix(' ').unwrap_or(l);
+            (!l.starts_with("# ")).then(|| l.to_owned())
+        };
+        let doctest = rust_block(&read("src/server/webhooks.rs"), needle, doc).expect("the doctest");
+        assert_eq!(readme, doctest, "README.md's webhook snippet differs from the doctest on SIGNATURE_HEADER");
     }
 
     #[test]
