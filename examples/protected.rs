@@ -22,6 +22,11 @@
 //! neither, so the example serves through hyper's HTTP/1 builder (see
 //! `examples/support/serve.rs`).
 //!
+//! With `--redis redis://127.0.0.1:6379`, a key's limits and credits are counted
+//! fleet-wide (every instance on the same Redis shares them; `--strict-credits` for one
+//! atomic Redis call per request, `--expected-instances N` for the share each counts
+//! while Redis is down) instead of per process; build it with `--features server,redis`.
+//!
 //! Each protected route answers JSON naming the caller's key id and owner. The address
 //! it listens on is printed (`listening on 127.0.0.1:8080`), so `--listen 127.0.0.1:0`
 //! works too. Ctrl-C or SIGTERM stops it gracefully: it stops taking connections, lets
@@ -42,7 +47,7 @@ use std::time::Duration;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use clap::Parser;
-use keygate::{Principal, RemoteAuth, RequireScopes};
+use keygate::{Principal, RedisLimits, RemoteAuth, RequireScopes};
 use serde_json::{Value, json};
 
 /// A protected axum service in front of a keygate key service.
@@ -70,6 +75,21 @@ struct Args {
     /// How long a request body may pause, in milliseconds.
     #[arg(long, default_value_t = 30_000)]
     request_body_timeout_ms: u64,
+    /// Enforce limits and credits fleet-wide on this Redis (`redis://host:6379`)
+    /// instead of per process.
+    #[arg(long)]
+    redis: Option<String>,
+    /// With `--redis`: charge credits with one atomic Redis call per request (exact,
+    /// no leases).
+    #[arg(long, requires = "redis")]
+    strict_credits: bool,
+    /// With `--redis`: the prefix of the engine's Redis keys.
+    #[arg(long, requires = "redis", default_value = "keygate:")]
+    redis_prefix: String,
+    /// With `--redis`: how many instances share the limits (the share each counts
+    /// while Redis is down).
+    #[arg(long, requires = "redis", default_value_t = 1)]
+    expected_instances: u64,
 }
 
 #[tokio::main]
@@ -86,10 +106,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // any gap in the stream the cache is dropped); every decided request one addition
     // into a bounded in-memory table that goes to the key service once per interval,
     // each batch applied there at most once.
-    let (auth, remote) = RemoteAuth::builder(args.key_service, args.service_token)
+    let mut setup = RemoteAuth::builder(args.key_service, args.service_token)
         .cache(move |c| c.positive_ttl(Duration::from_secs(args.cache_ttl)))
-        .usage(|u| u.flush_interval(Duration::from_millis(args.usage_interval_ms.max(1))))
-        .build()?;
+        .usage(|u| u.flush_interval(Duration::from_millis(args.usage_interval_ms.max(1))));
+    // Limits and credits shared by every instance on the same Redis; without it, each
+    // process counts on its own.
+    if let Some(url) = &args.redis {
+        let limits = RedisLimits::builder(url)
+            .prefix(&args.redis_prefix)
+            .strict_credits(args.strict_credits)
+            .expected_instances(args.expected_instances)
+            .build()?;
+        setup = setup.fleet_limits(limits);
+    }
+    let (auth, remote) = setup.build()?;
 
     let protected = Router::new()
         .route(

@@ -218,3 +218,45 @@ async fn the_protected_example_closes_a_connection_that_never_finishes_its_heade
     assert_eq!(status, 200);
     assert!(app.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_with_redis_share_fifty_credits_exactly() {
+    let Some(binary) = example_binary() else {
+        eprintln!("SKIPPED: examples/protected is not built; run `cargo test` without --test");
+        return;
+    };
+    let Some(redis) = std::env::var("KEYGATE_TEST_REDIS_URL").ok().filter(|u| !u.is_empty()) else {
+        eprintln!("skipped: set KEYGATE_TEST_REDIS_URL (e.g. redis://127.0.0.1:6379) to run the example with --redis");
+        return;
+    };
+    let ks = TestServer::start().await;
+    let credits = keygate::quota::Credits { remaining: 50, refill: None };
+    let key = ks.admin.create_key(NewKey { credits: Some(credits), ..new_key(&["reports:read"], &[]) }).await.unwrap();
+    let prefix = format!("kgtest:{:016x}:", fastrand::u64(..));
+    let flags = ["--redis", &redis, "--strict-credits", "--redis-prefix", &prefix, "--expected-instances", "2"];
+    let mut apps = [
+        Protected::start_with(binary.clone(), &ks.server.url(), &flags),
+        Protected::start_with(binary, &ks.server.url(), &flags),
+    ];
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    // 200 requests, alternately to each instance, 20 at a time.
+    let mut allowed = 0;
+    for round in 0..10 {
+        let mut batch = Vec::new();
+        for i in 0..20 {
+            let url = format!("{}/reports", apps[(round * 20 + i) % 2].url);
+            batch.push(send(http.get(url).bearer_auth(key.key.expose_secret())));
+        }
+        for (status, body) in futures_util::future::join_all(batch).await {
+            match status {
+                200 => allowed += 1,
+                429 => assert_eq!(body["code"], "usage_exceeded"),
+                other => panic!("unexpected {other}: {body}"),
+            }
+        }
+    }
+    assert_eq!(allowed, 50, "two instances, one count of 50 credits");
+    for app in &mut apps {
+        assert!(app.terminate().success());
+    }
+}

@@ -77,6 +77,8 @@ pub struct RemoteAuth {
     verifier: CachedVerifier<HttpVerifier>,
     listener: Option<RevocationListener>,
     aggregator: Option<AggregatorHandle>,
+    #[cfg(feature = "redis")]
+    limits: Option<crate::RedisLimits>,
     shut_down: bool,
 }
 
@@ -92,6 +94,8 @@ impl RemoteAuth {
             cache: Vec::new(),
             listener: Some(RevocationListener::builder(urls.clone()).service_token(token.as_str())),
             usage: Some((UsageAggregator::builder(), HttpUsageExporter::builder(urls).service_token(token.as_str()))),
+            #[cfg(feature = "redis")]
+            limits: None,
         }
     }
 
@@ -108,6 +112,8 @@ impl RemoteAuth {
             cache: Vec::new(),
             listener: Some(RevocationListener::builder(urls.clone()).service_token_file(path.clone())),
             usage: Some((UsageAggregator::builder(), HttpUsageExporter::builder(urls).service_token_file(path))),
+            #[cfg(feature = "redis")]
+            limits: None,
         }
     }
 
@@ -147,7 +153,8 @@ impl RemoteAuth {
     }
 
     /// Delivers the usage of the last interval and everything pending, stops the
-    /// revocation listener, and returns the aggregator's final counters (`None` without
+    /// revocation listener, gives fleet-wide limit leases back (with
+    /// [`fleet_limits`](RemoteAuthBuilder::fleet_limits)), and returns the aggregator's final counters (`None` without
     /// usage).
     ///
     /// Call it after the server has stopped taking requests: requests decided after
@@ -171,7 +178,15 @@ impl RemoteAuth {
                 None => None,
             }
         };
-        let ((), stats) = tokio::join!(stop_listener, flush_usage);
+        #[cfg(feature = "redis")]
+        let give_back_leases = async {
+            if let Some(limits) = self.limits.take() {
+                limits.shutdown().await;
+            }
+        };
+        #[cfg(not(feature = "redis"))]
+        let give_back_leases = async {};
+        let ((), stats, ()) = tokio::join!(stop_listener, flush_usage, give_back_leases);
         // Set only once done: a shutdown cancelled half way warns like a drop.
         self.shut_down = true;
         stats
@@ -228,6 +243,8 @@ pub struct RemoteAuthBuilder {
     cache: Vec<CacheConfig>,
     listener: Option<RevocationListenerBuilder>,
     usage: Option<(UsageAggregatorBuilder, HttpUsageExporterBuilder)>,
+    #[cfg(feature = "redis")]
+    limits: Option<crate::RedisLimits>,
 }
 
 impl RemoteAuthBuilder {
@@ -283,6 +300,16 @@ impl RemoteAuthBuilder {
         self
     }
 
+    /// Limits and credits counted fleet-wide on Redis
+    /// ([`ApiKeyLayer::fleet_limits`]); the handle's
+    /// [`shutdown`](RemoteAuth::shutdown) gives this instance's leases back.
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn fleet_limits(mut self, limits: crate::RedisLimits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
     /// Checks every setting, builds the parts, spawns the listener and the aggregator's
     /// worker on the current Tokio runtime, and returns the layer and its handle.
     ///
@@ -312,7 +339,21 @@ impl RemoteAuthBuilder {
         if let Some(sink) = sink {
             layer = layer.usage(sink);
         }
-        Ok((layer, RemoteAuth { verifier, listener, aggregator, shut_down: false }))
+        #[cfg(feature = "redis")]
+        if let Some(limits) = &self.limits {
+            layer = layer.fleet_limits(limits.clone());
+        }
+        Ok((
+            layer,
+            RemoteAuth {
+                verifier,
+                listener,
+                aggregator,
+                #[cfg(feature = "redis")]
+                limits: self.limits,
+                shut_down: false,
+            },
+        ))
     }
 }
 
