@@ -74,14 +74,27 @@ impl Browser {
         self.send(self.http.post(format!("{}{path}", self.base)).form(form)).await
     }
 
-    /// Signs in with `token`; keeps the session cookie. Returns the answer.
+    /// Signs in with `token` through the sign-in form (its pre-session cookie and
+    /// token); keeps the session cookie. Returns the answer.
     async fn sign_in(&mut self, token: &str) -> Page {
-        let page = self.post("/console/sign-in", &[("token", token)]).await;
-        if let Some(set) = page.headers.get("set-cookie") {
-            let set = set.to_str().unwrap();
-            self.cookie = Some(set.split(';').next().unwrap().to_owned());
+        let form = self.get("/console/sign-in").await;
+        let pre = set_cookie(&form, "keygate_sign_in").expect("the sign-in form sets its cookie");
+        let csrf = form.csrf();
+        let req = self.http.post(format!("{}/console/sign-in", self.base)).header("cookie", pre);
+        let page = self.send_as_is(req.form(&[("csrf", csrf.as_str()), ("token", token)])).await;
+        if let Some(session) = set_cookie(&page, "keygate_console") {
+            self.cookie = Some(session);
         }
         page
+    }
+
+    /// Sends `req` with no cookie of this browser's.
+    async fn send_as_is(&self, req: reqwest::RequestBuilder) -> Page {
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let body = res.text().await.unwrap();
+        Page { status, headers, body }
     }
 
     /// A POST of a form of the page at `from`, with its CSRF token and `fields`.
@@ -91,6 +104,24 @@ impl Browser {
         form.extend_from_slice(fields);
         self.post(action, &form).await
     }
+}
+
+/// `name=value` of the answer's `Set-Cookie` for `name`, unless it clears it.
+fn set_cookie(page: &Page, name: &str) -> Option<String> {
+    page.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).find_map(|set| {
+        let pair = set.split(';').next().unwrap();
+        let (n, v) = pair.split_once('=')?;
+        (n == name && !v.is_empty()).then(|| pair.to_owned())
+    })
+}
+
+/// The whole `Set-Cookie` header for `name`.
+fn set_cookie_header(page: &Page, name: &str) -> Option<String> {
+    page.headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|set| set.starts_with(&format!("{name}=")))
 }
 
 fn assert_security_headers(what: &str, page: &Page) {
@@ -136,13 +167,13 @@ async fn sign_in_with_a_good_token_and_a_wrong_one() {
     let wrong = b.sign_in("adm-wrong-token-0123456789abcdefghijk").await;
     assert_eq!(wrong.status, 401);
     assert!(wrong.body.contains("not an active admin token"), "{}", wrong.body);
-    assert!(wrong.headers.get("set-cookie").is_none());
+    assert!(set_cookie(&wrong, "keygate_console").is_none(), "no session");
     // A service token is a token, but not an admin one.
     assert_eq!(b.sign_in(SERVICE).await.status, 401);
 
     let good = b.sign_in(ADMIN).await;
     assert_eq!((good.status, good.location()), (303, "/console/keys"));
-    let cookie = good.headers["set-cookie"].to_str().unwrap().to_owned();
+    let cookie = set_cookie_header(&good, "keygate_console").expect("a session cookie");
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
         assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
     }
@@ -156,6 +187,56 @@ async fn sign_in_with_a_good_token_and_a_wrong_one() {
 }
 
 #[tokio::test]
+async fn a_sign_in_without_the_form_token_is_refused_and_opens_no_session() {
+    let t = TestServer::start().await;
+    let b = Browser::new(t.server.url());
+    let form = b.get("/console/sign-in").await;
+    assert_eq!(form.status, 200);
+    assert_security_headers("the sign-in form", &form);
+    let cookie = set_cookie_header(&form, "keygate_sign_in").expect("a pre-session cookie");
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console/sign-in", "Max-Age=600"] {
+        assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
+    }
+    let pre = set_cookie(&form, "keygate_sign_in").unwrap();
+    let field = form.csrf();
+    assert!(!pre.contains(&field), "the field is the cookie's signature, not a copy of it");
+    let url = format!("{}/console/sign-in", b.base);
+    let refused = |page: &Page, what: &str| {
+        assert_eq!(page.status, 403, "{what}: {}", page.body);
+        assert!(page.body.contains("did not come from this console"), "{what}: a message: {}", page.body);
+        assert!(set_cookie(page, "keygate_console").is_none(), "{what}: no session");
+        assert_security_headers(what, page);
+    };
+    // A cross-site form: the token, no pre-session cookie, no field.
+    let none = b.send_as_is(b.http.post(&url).form(&[("token", ADMIN)])).await;
+    refused(&none, "neither");
+    let no_cookie = b.send_as_is(b.http.post(&url).form(&[("csrf", field.as_str()), ("token", ADMIN)])).await;
+    refused(&no_cookie, "the field without the cookie");
+    let no_field = b.send_as_is(b.http.post(&url).header("cookie", &pre).form(&[("token", ADMIN)])).await;
+    refused(&no_field, "the cookie without the field");
+    // A planted cookie with a field of the attacker's choosing.
+    let planted = b
+        .send_as_is(
+            b.http.post(&url).header("cookie", "keygate_sign_in=1.abc").form(&[("csrf", "abc"), ("token", ADMIN)]),
+        )
+        .await;
+    refused(&planted, "a forged pair");
+    let other = b.get("/console/sign-in").await;
+    let mixed = b
+        .send_as_is(b.http.post(&url).header("cookie", &pre).form(&[("csrf", other.csrf().as_str()), ("token", ADMIN)]))
+        .await;
+    refused(&mixed, "the field of another form");
+    // The genuine pair still signs in.
+    let ok = b
+        .send_as_is(b.http.post(&url).header("cookie", &pre).form(&[("csrf", field.as_str()), ("token", ADMIN)]))
+        .await;
+    assert_eq!((ok.status, ok.location()), (303, "/console/keys"), "{}", ok.body);
+    assert!(set_cookie(&ok, "keygate_console").is_some());
+    let spent = set_cookie_header(&ok, "keygate_sign_in").expect("the form's cookie is cleared");
+    assert!(spent.contains("Max-Age=0"), "{spent}");
+}
+
+#[tokio::test]
 async fn secure_cookies_and_the_sign_in_limit() {
     let t = TestServer::start_on(TestDb::sqlite(), |b| {
         b.console(ConsoleConfig::default().secure_cookies(true).sign_in_attempts_per_minute(3))
@@ -163,7 +244,9 @@ async fn secure_cookies_and_the_sign_in_limit() {
     .await;
     let mut b = Browser::new(t.server.url());
     let page = b.sign_in(ADMIN).await;
-    assert!(page.headers["set-cookie"].to_str().unwrap().contains("; Secure"));
+    assert!(set_cookie_header(&page, "keygate_console").unwrap().contains("; Secure"));
+    let form = b.get("/console/sign-in").await;
+    assert!(set_cookie_header(&form, "keygate_sign_in").unwrap().contains("; Secure"), "the sign-in form's cookie too");
     let mut statuses = Vec::new();
     for _ in 0..4 {
         statuses.push(b.sign_in("adm-wrong-token-0123456789abcdefghijk").await.status);

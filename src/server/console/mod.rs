@@ -62,6 +62,8 @@ pub(crate) struct Console {
     api: Router,
     sessions: Sessions,
     sign_in: RateLimiter<IpAddr>,
+    /// Signs the sign-in form's pre-session token.
+    sign_in_key: csrf::SignInKey,
     config: ConsoleConfig,
 }
 
@@ -75,6 +77,7 @@ pub(crate) fn router(server: ServerState, config: &ConsoleConfig) -> Router {
         server,
         sessions: Sessions::new(config.idle_timeout, config.absolute_timeout, config.max_sessions),
         sign_in: RateLimiter::new(SIGN_IN_TRACKED),
+        sign_in_key: csrf::SignInKey::generate(),
         config: config.clone(),
     });
     Router::new()
@@ -138,10 +141,15 @@ fn client_ip(parts: &Parts) -> IpAddr {
 
 /// The session id the request's cookie names.
 fn session_cookie(parts: &Parts) -> Option<String> {
+    cookie(parts, session::COOKIE)
+}
+
+/// The value of the request's cookie `wanted` (of at most 64 bytes: ours are shorter).
+fn cookie(parts: &Parts, wanted: &str) -> Option<String> {
     parts.headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(
         |pair| {
             let (name, value) = pair.trim().split_once('=')?;
-            (name == session::COOKIE && !value.is_empty() && value.len() <= 64).then(|| value.to_owned())
+            (name == wanted && !value.is_empty() && value.len() <= 64).then(|| value.to_owned())
         },
     )
 }
