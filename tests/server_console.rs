@@ -838,3 +838,131 @@ async fn expiring_soon_is_a_filter_of_its_own() {
     assert_eq!(listed(&page), vec![soon.key_id.clone()]);
     assert!(page.body.contains("expiring soon"));
 }
+
+/// The `data-sort` link of the column header that sorts by `sort`.
+fn sort_link(page: &Page, sort: &str) -> String {
+    let needle = format!(r#"data-sort="{sort}""#);
+    let at = page.body.find(&needle).unwrap_or_else(|| panic!("no header link to {sort}"));
+    let start = page.body[..at].rfind(r#"href=""#).unwrap() + 6;
+    page.body[start..].split('"').next().unwrap().replace("&amp;", "&")
+}
+
+/// Every key id the console lists from `path` on, following the next-page links.
+async fn page_through(b: &Browser, mut path: String) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        let page = b.get(&path).await;
+        assert_eq!(page.status, 200, "{path}");
+        ids.extend(listed(&page));
+        match next_link(&page) {
+            Some(next) => path = next,
+            None => return ids,
+        }
+    }
+    panic!("more than 100 pages from {path}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sorting_by_each_column_either_way_and_paging_under_each_sort_reaches_every_key_once() {
+    let t = TestServer::start().await;
+    let mut tasks = Vec::new();
+    for i in 0..250u32 {
+        let admin = AdminClient::new(t.server.url(), ADMIN).unwrap();
+        // Repeated names and owners: the key id breaks the ties.
+        let mut k = new_key(&format!("team-{}", (b'a' + (i % 7) as u8) as char), &["reports:read"]);
+        k.name = format!("n{:03}", (i * 37) % 100);
+        tasks.push(tokio::spawn(async move { admin.create_key(k).await.unwrap().key_id }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.push(task.await.unwrap());
+    }
+    // A fifth of the keys used, in a few distinct minutes (ties again).
+    let now = this_minute();
+    let reqs: Vec<Req> = all
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 5 == 0)
+        .map(|(i, id)| Req {
+            minute: now - 60 * (i as i64 % 4),
+            key_id: Some(id.clone()),
+            route: "/reports",
+            method: "GET",
+            outcome: keygate::Outcome::Allowed,
+            status: 200,
+            latency_us: 100,
+        })
+        .collect();
+    assert_eq!(t.post_usage(&aggregate_batch(aggregate(&reqs))).await.0, 202);
+    let keys = t.admin.list_all_keys(&KeyListQuery::default(), 10).await.unwrap();
+    assert_eq!(keys.len(), 250);
+    assert_eq!(keys.iter().filter(|k| k.last_used_at.is_some()).count(), 50, "usage recorded");
+    let by_id: HashMap<String, keygate::client::KeyInfo> = keys.into_iter().map(|k| (k.key_id.clone(), k)).collect();
+
+    let b = signed_in(&t, ADMIN).await;
+    let ms = |t: Option<time::OffsetDateTime>| t.map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+    for column in ["created", "name", "owner", "last_used"] {
+        for descending in [false, true] {
+            let sort = if descending { format!("{column}:desc") } else { column.to_owned() };
+            let mut expected: Vec<&keygate::client::KeyInfo> = by_id.values().collect();
+            expected.sort_by(|a, b| {
+                let order = match column {
+                    "created" => ms(Some(a.created_at)).cmp(&ms(Some(b.created_at))),
+                    "name" => a.name.cmp(&b.name),
+                    "owner" => a.owner.cmp(&b.owner),
+                    _ => ms(a.last_used_at).cmp(&ms(b.last_used_at)),
+                };
+                order.then_with(|| a.key_id.cmp(&b.key_id))
+            });
+            if descending {
+                expected.reverse();
+            }
+            let expected: Vec<String> = expected.into_iter().map(|k| k.key_id.clone()).collect();
+
+            let seen = page_through(&b, format!("/console/keys?per_page=17&sort={}", sort.replace(':', "%3A"))).await;
+            let unique: BTreeSet<&String> = seen.iter().collect();
+            assert_eq!(seen.len(), 250, "{sort}: every key reached");
+            assert_eq!(unique.len(), 250, "{sort}: each exactly once");
+            assert_eq!(seen, expected, "{sort}: in order, ties by key id");
+
+            let mut query = KeyListQuery::default().sort(sort.clone()).limit(33);
+            let mut through_api = Vec::new();
+            for _ in 0..20 {
+                let page = t.admin.list_keys_page(&query).await.unwrap();
+                through_api.extend(page.keys.into_iter().map(|k| k.key_id));
+                match page.next {
+                    Some(next) => query = query.after(next),
+                    None => break,
+                }
+            }
+            assert_eq!(through_api, expected, "{sort}: the API pages the same order");
+        }
+    }
+
+    // The header links sort and keep the filters; a second click reverses.
+    let filtered = b.get("/console/keys?q=team-c&state=active&per_page=5").await;
+    let by_name = sort_link(&filtered, "name");
+    for kept in ["q=team%2Dc", "state=active", "per_page=5", "sort=name"] {
+        assert!(by_name.contains(kept), "{by_name} keeps {kept}");
+    }
+    assert!(!by_name.contains("after="), "a new order starts at its first page");
+    let sorted = b.get(&by_name).await;
+    assert!(sorted.body.contains(r#"aria-sort="ascending""#));
+    assert!(sort_link(&sorted, "name:desc").contains("sort=name%3Adesc"), "the second click reverses");
+    let team_c: Vec<String> = {
+        let mut v: Vec<&keygate::client::KeyInfo> = by_id.values().filter(|k| k.owner == "team-c").collect();
+        v.sort_by(|a, b| b.name.cmp(&a.name).then_with(|| b.key_id.cmp(&a.key_id)));
+        v.into_iter().map(|k| k.key_id.clone()).collect()
+    };
+    let seen = page_through(&b, sort_link(&sorted, "name:desc")).await;
+    assert_eq!(seen, team_c, "filtered, sorted and paged: each of team-c's keys once, in order");
+
+    // A cursor belongs to its order.
+    let created = t.admin.list_keys_page(&KeyListQuery::default().limit(3)).await.unwrap().next.unwrap();
+    let err = t.admin.list_keys_page(&KeyListQuery::default().sort("name").after(created)).await.unwrap_err();
+    assert!(err.to_string().contains("cursor"), "{err}");
+    let err = t.admin.list_keys_page(&KeyListQuery::default().sort("size")).await.unwrap_err();
+    assert!(err.to_string().contains("sort"), "{err}");
+    let junk = b.get("/console/keys?sort=size&after=nonsense").await;
+    assert_eq!(junk.status, 200, "the console falls back to the default order");
+}

@@ -90,7 +90,7 @@ macro_rules! shared_queries {
                 rows.iter().map(key_from_row).collect()
             }
 
-            /// One page of keys, oldest first, after `filter.after`, narrowed by the
+            /// One page of keys in `filter.sort`, after `filter.after`, narrowed by the
             /// filter (see [`KeyFilter`](crate::server::store::KeyFilter)).
             pub(crate) async fn page_keys<'e>(
                 ex: impl Executor<'e, Database = $db>,
@@ -98,10 +98,31 @@ macro_rules! shared_queries {
                 now_ms: i64,
                 limit: u32,
             ) -> Result<Vec<KeyInfo>, StoreError> {
+                use $crate::server::store::{KeySortBy, SortValue};
+                // The column and direction come from the enum, never from the request.
+                let column = match filter.sort.by {
+                    KeySortBy::Created => "k.created_at",
+                    KeySortBy::Name => "k.name",
+                    KeySortBy::Owner => "k.owner",
+                    KeySortBy::LastUsed => "COALESCE(k.last_used_at, 0)",
+                };
+                let (past, dir) = if filter.sort.descending { ("<", "DESC") } else { (">", "ASC") };
+                // A numeric cursor value binds `$1`, a text one `$10`; the other is NULL.
+                let (int_at, text_at) = match filter.after.as_ref().map(|c| &c.value) {
+                    Some(SortValue::Int(v)) => (Some(*v), None),
+                    Some(SortValue::Text(t)) => (None, Some(t.as_str())),
+                    None => (None, None),
+                };
+                let ((at, ty), (other, other_ty)) = if filter.sort.by.is_text() {
+                    (("$10", "TEXT"), ("$1", "BIGINT"))
+                } else {
+                    (("$1", "BIGINT"), ("$10", "TEXT"))
+                };
                 // `LIKE ... ESCAPE`: the search text's own `%` and `_` match themselves.
                 let rows = sqlx::query(&format!(
-                    "SELECT {KEY_COLUMNS} FROM keys k WHERE (CAST($1 AS BIGINT) IS NULL OR k.created_at > $1 \
-                          OR (k.created_at = $1 AND k.key_id > $7)) \
+                    "SELECT {KEY_COLUMNS} FROM keys k WHERE \
+                     (CAST({other} AS {other_ty}) IS NULL OR 1 = 1) \
+                     AND (CAST({at} AS {ty}) IS NULL OR {column} {past} {at} OR ({column} = {at} AND k.key_id {past} $7)) \
                      AND (CAST($8 AS TEXT) IS NULL OR k.owner = $8) \
                      AND (CAST($2 AS TEXT) IS NULL OR LOWER(k.owner) LIKE $2 ESCAPE '\\' \
                           OR LOWER(k.name) LIKE $2 ESCAPE '\\' OR LOWER(k.key_id) LIKE $2 ESCAPE '\\' \
@@ -115,9 +136,9 @@ macro_rules! shared_queries {
                               AND (k.expires_at IS NULL OR k.expires_at > $5)) \
                           OR ($4 = 'expiring' AND k.revoked_at IS NULL AND NOT k.disabled \
                               AND k.expires_at > $5 AND k.expires_at <= $9)) \
-                     ORDER BY k.created_at, k.key_id LIMIT $6"
+                     ORDER BY {column} {dir}, k.key_id {dir} LIMIT $6"
                 ))
-                .bind(filter.after.as_ref().map(|c| c.created_ms))
+                .bind(int_at)
                 .bind(filter.search.as_deref().map(like_pattern))
                 .bind(filter.environment.as_deref())
                 .bind(filter.state.map(|s| s.as_str()))
@@ -126,6 +147,7 @@ macro_rules! shared_queries {
                 .bind(filter.after.as_ref().map(|c| c.key_id.as_str()))
                 .bind(filter.owner.as_deref())
                 .bind(now_ms.saturating_add(i64::try_from(filter.expiring_within.as_millis()).unwrap_or(i64::MAX)))
+                .bind(text_at)
                 .fetch_all(ex)
                 .await?;
                 rows.iter().map(key_from_row).collect()
