@@ -569,6 +569,21 @@ impl Store {
         self.metered("audit", async { each_backend!(self, b, q => q::audit(b.pool(), since, limit).await) }).await
     }
 
+    /// One page of at most `limit` audit records narrowed by `filter`, newest first,
+    /// each with its id (the order records were written): the newest, those older than
+    /// a record, or the oldest of those newer than one.
+    pub(crate) async fn audit_page(
+        &self,
+        filter: &AuditFilter,
+        at: AuditPage,
+        limit: u32,
+    ) -> Result<Vec<(i64, AuditRecord)>, StoreError> {
+        self.metered("audit_page", async {
+            each_backend!(self, b, q => q::audit_page(b.pool(), filter, at, limit).await)
+        })
+        .await
+    }
+
     /// Which of these key ids belong to keys of this store.
     pub(crate) async fn known_keys(&self, ids: &[&str]) -> Result<std::collections::HashSet<String>, StoreError> {
         self.metered("known_keys", async { each_backend!(self, b, q => q::known_keys(b.pool(), ids).await) }).await
@@ -1239,6 +1254,37 @@ pub struct KeyFilter {
     pub expiring_within: std::time::Duration,
     /// The listing's order; [`after`](Self::after) must be a cursor of the same order.
     pub sort: KeySort,
+}
+
+/// What [`Store::audit_page`] narrows the audit log to. Empty: every record.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AuditFilter {
+    /// Only records of this key.
+    pub(crate) key_id: Option<String>,
+    /// Only records of this actor.
+    pub(crate) actor: Option<String>,
+    /// Only records whose action starts with this (ASCII case-insensitive).
+    pub(crate) action_prefix: Option<String>,
+    /// Only records from this time on.
+    pub(crate) since: Option<OffsetDateTime>,
+}
+
+/// Which page of the audit log [`Store::audit_page`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuditPage {
+    /// The newest records.
+    Newest,
+    /// The newest of the records older than the record with this id.
+    Before(i64),
+    /// The oldest of the records newer than the record with this id.
+    After(i64),
+}
+
+/// `text%` for `LIKE ... ESCAPE '\'`, lower-cased, the text's own `%`, `_` and `\` escaped.
+pub(crate) fn prefix_pattern(text: &str) -> String {
+    let mut out = like_pattern(text);
+    out.remove(0);
+    out
 }
 
 /// The column a listing of keys is ordered by; ties are broken by key id.

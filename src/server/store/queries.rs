@@ -330,6 +330,48 @@ macro_rules! shared_queries {
                 rows.iter().map(audit_from_row).collect()
             }
 
+            pub(crate) async fn audit_page<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                filter: &$crate::server::store::AuditFilter,
+                at: $crate::server::store::AuditPage,
+                limit: u32,
+            ) -> Result<Vec<(i64, AuditRecord)>, StoreError> {
+                use $crate::server::store::AuditPage;
+                let (before, after, order) = match at {
+                    AuditPage::Newest => (None, None, "DESC"),
+                    AuditPage::Before(id) => (Some(id), None, "DESC"),
+                    // The oldest newer ones: read upwards, then turned newest first.
+                    AuditPage::After(id) => (None, Some(id), "ASC"),
+                };
+                let sql = format!(
+                    "SELECT {AUDIT_COLUMNS} FROM audit WHERE (CAST($1 AS TEXT) IS NULL OR key_id = $1) \
+                     AND (CAST($2 AS TEXT) IS NULL OR actor = $2) \
+                     AND (CAST($3 AS TEXT) IS NULL OR LOWER(action) LIKE $3 ESCAPE '\\') \
+                     AND (CAST($4 AS BIGINT) IS NULL OR at >= $4) \
+                     AND (CAST($5 AS BIGINT) IS NULL OR id < $5) \
+                     AND (CAST($6 AS BIGINT) IS NULL OR id > $6) \
+                     ORDER BY id {order} LIMIT $7"
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(filter.key_id.as_deref())
+                    .bind(filter.actor.as_deref())
+                    .bind(filter.action_prefix.as_deref().map($crate::server::store::prefix_pattern))
+                    .bind(filter.since.map(to_ms))
+                    .bind(before)
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(ex)
+                    .await?;
+                let mut records = rows
+                    .iter()
+                    .map(|row| Ok((::sqlx::Row::try_get::<i64, _>(row, "id")?, audit_from_row(row)?)))
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                if matches!(at, AuditPage::After(_)) {
+                    records.reverse();
+                }
+                Ok(records)
+            }
+
             pub(crate) async fn alerts<'e>(
                 ex: impl Executor<'e, Database = $db>,
                 since: Option<OffsetDateTime>,
