@@ -967,6 +967,96 @@ async fn sorting_by_each_column_either_way_and_paging_under_each_sort_reaches_ev
     assert_eq!(junk.status, 200, "the console falls back to the default order");
 }
 
+fn attr_list(body: &str, table_id: &str, attr: &str) -> Vec<String> {
+    let Some(start) = body.find(&format!(r#"<table id="{table_id}""#)) else { return Vec::new() };
+    let table = &body[start..start + body[start..].find("</table>").unwrap()];
+    let needle = format!(r#"{attr}=""#);
+    table
+        .match_indices(&needle)
+        .map(|(at, _)| table[at + needle.len()..].split('"').next().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_usage_of_an_owner_totals_the_traffic_recorded_and_ranks_its_keys() {
+    let t = TestServer::start().await;
+    let a = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap().key_id;
+    let bk = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap().key_id;
+    let idle = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap().key_id;
+    let other = t.admin.create_key(new_key("other", &["reports:read"])).await.unwrap().key_id;
+    t.admin.create_key(new_key("quiet", &["reports:read"])).await.unwrap();
+    let req = |key: &str, minute: i64, outcome: keygate::Outcome| Req {
+        minute,
+        key_id: Some(key.to_owned()),
+        route: "/reports",
+        method: "GET",
+        outcome,
+        status: if outcome.is_allowed() { 200 } else { 403 },
+        latency_us: 500,
+    };
+    use keygate::Outcome::{Allowed, InsufficientScope};
+    let now = this_minute();
+    let mut reqs = vec![req(&a, now, Allowed); 7];
+    reqs.extend(vec![req(&a, now - 600, InsufficientScope); 3]);
+    reqs.extend(vec![req(&bk, now, Allowed); 5]);
+    reqs.extend(vec![req(&bk, now - 120, InsufficientScope); 9]);
+    // Older than the hour: in the day's and the week's sums only.
+    reqs.extend(vec![req(&a, now - 7200, Allowed); 11]);
+    // Another owner's traffic counts for that owner only.
+    reqs.extend(vec![req(&other, now, Allowed); 100]);
+    assert_eq!(t.post_usage(&aggregate_batch(aggregate(&reqs))).await.0, 202);
+
+    let b = signed_in(&t, ADMIN).await;
+    let keys = b.get("/console/keys").await;
+    assert!(keys.body.contains(r#"<a href="/console/usage">Usage</a>"#), "in the navigation");
+    assert!(keys.body.contains(r#"href="/console/usage?owner=acme""#), "the owner column links to its usage");
+    let key_page = b.get(&format!("/console/keys/{a}")).await;
+    assert!(key_page.body.contains(r#"href="/console/usage?owner=acme""#), "and the key page");
+
+    let hour = b.get("/console/usage?owner=acme&span=hour").await;
+    assert_eq!(hour.status, 200);
+    assert_security_headers("the usage page", &hour);
+    let totals = &hour.body[hour.body.find(r#"id="totals""#).expect("totals")..];
+    assert_eq!(
+        (
+            data(totals, "data-requests"),
+            data(totals, "data-allowed"),
+            data(totals, "data-denied"),
+            data(totals, "data-keys")
+        ),
+        (24, 12, 12, 2),
+        "the hour's traffic of acme's keys"
+    );
+    assert_eq!(attr_list(&hour.body, "top-requests", "data-key"), [bk.clone(), a.clone()], "14 requests, then 10");
+    assert_eq!(attr_list(&hour.body, "top-requests", "data-requests"), ["14", "10"]);
+    assert_eq!(attr_list(&hour.body, "top-denied", "data-key"), [bk.clone(), a.clone()], "9 denials, then 3");
+    assert_eq!(attr_list(&hour.body, "top-denied", "data-denied"), ["9", "3"]);
+    assert!(!hour.body.contains(&idle), "a key without traffic is in neither list");
+    assert!(!hour.body.contains(&other), "another owner's key is not");
+
+    let day = b.get("/console/usage?owner=acme&span=day").await;
+    let totals = &day.body[day.body.find(r#"id="totals""#).unwrap()..];
+    assert_eq!((data(totals, "data-requests"), data(totals, "data-allowed")), (35, 23), "the older traffic too");
+    assert_eq!(attr_list(&day.body, "top-requests", "data-key"), [a.clone(), bk.clone()], "21 requests, then 14");
+    assert_eq!(attr_list(&day.body, "top-denied", "data-key"), [bk.clone(), a.clone()]);
+    let week = b.get("/console/usage?owner=acme&span=week").await;
+    assert_eq!(data(&week.body[week.body.find(r#"id="totals""#).unwrap()..], "data-requests"), 35);
+    let other_page = b.get("/console/usage?owner=other&span=hour").await;
+    assert_eq!(data(&other_page.body[other_page.body.find(r#"id="totals""#).unwrap()..], "data-requests"), 100);
+
+    let quiet = b.get("/console/usage?owner=quiet").await;
+    assert_eq!(quiet.status, 200);
+    assert!(quiet.body.contains("No usage recorded for <strong>quiet</strong>"), "{}", quiet.body);
+    assert!(!quiet.body.contains(r#"id="top-requests""#));
+    let nobody = b.get("/console/usage?owner=nobody").await;
+    assert!(nobody.body.contains("No keys belong to <strong>nobody</strong>"), "{}", nobody.body);
+    let pick = b.get("/console/usage").await;
+    assert!(pick.body.contains("Pick an owner"));
+    for owner in ["acme", "other", "quiet"] {
+        assert!(pick.body.contains(&format!(r#"<option value="{owner}">"#)), "{owner} offered");
+    }
+}
+
 fn prev_link(page: &Page) -> Option<String> {
     let at = page.body.find(r#"rel="prev" href=""#)? + 17;
     Some(page.body[at..].split('"').next().unwrap().replace("&amp;", "&"))

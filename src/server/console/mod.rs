@@ -24,6 +24,7 @@ mod layout;
 mod roles;
 mod session;
 mod sign_in;
+mod usage;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -99,6 +100,7 @@ pub(crate) fn router(server: ServerState, config: &ConsoleConfig) -> Router {
         .route("/console/roles/{name}/delete", post(roles::delete))
         .route("/console/audit", get(audit::audit))
         .route("/console/alerts", get(alerts::alerts))
+        .route("/console/usage", get(usage::usage))
         .route("/console/alerts/{id}/ack", post(alerts::ack))
         // Any other console path: an HTML 404 with the same headers (the API's fallback
         // would answer JSON).

@@ -37,8 +37,8 @@ pub(crate) use rows::bucket_from;
 pub use sqlite::SqliteStore;
 pub use usage::RetentionReport;
 pub(crate) use usage::{
-    Applied, BatchMark, ChangeLogCutoff, ReadKind, ReadRow, RetentionCutoffs, Tally, UsageDelta, UsageKey, UsageOf,
-    UsageRead,
+    Applied, BatchMark, ChangeLogCutoff, KeyUsage, OwnerUsage, ReadKind, ReadRow, RetentionCutoffs, Tally, UsageDelta,
+    UsageKey, UsageOf, UsageRead,
 };
 pub(crate) use webhooks::{Attempt, AttemptNext, Claimed, NewEndpoint, Target, WebhookEvent};
 pub(crate) use webhooks::{WebhookDelivery, WebhookEndpoint};
@@ -610,6 +610,32 @@ impl Store {
             each_backend!(self, b, q => q::read_usage(b.pool(), read, &mut each).await)
         })
         .await
+    }
+
+    /// `owner`'s usage with `at` in `[from, to)` (Unix seconds): its `limit` busiest
+    /// and most denied keys, and the sums over all of them. Three statements, not one
+    /// snapshot: traffic stored meanwhile may be in one part and not another.
+    pub(crate) async fn owner_usage(
+        &self,
+        owner: &str,
+        from: i64,
+        to: i64,
+        limit: u32,
+    ) -> Result<OwnerUsage, StoreError> {
+        self.metered("owner_usage", async {
+            each_backend!(self, b, q => {
+                let top_requests = q::top_keys(b.pool(), owner, from, to, false, limit).await?;
+                let top_denied = q::top_keys(b.pool(), owner, from, to, true, limit).await?;
+                let (total, keys_used) = q::owner_total(b.pool(), owner, from, to).await?;
+                Ok(OwnerUsage { top_requests, top_denied, total, keys_used })
+            })
+        })
+        .await
+    }
+
+    /// The owners of keys, by name, at most `limit`.
+    pub(crate) async fn key_owners(&self, limit: u32) -> Result<Vec<String>, StoreError> {
+        self.metered("key_owners", async { each_backend!(self, b, q => q::key_owners(b.pool(), limit).await) }).await
     }
 
     /// A key's minutes in `[since, since + limit minutes)`, oldest first: what the

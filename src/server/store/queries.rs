@@ -462,6 +462,79 @@ macro_rules! shared_queries {
                 Ok(n)
             }
 
+            /// `owner`'s keys with the most requests (or, with `by_denied`, the most
+            /// denied ones, only those with a denial) with `at` in `[from, to)`.
+            pub(crate) async fn top_keys<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                owner: &str,
+                from: i64,
+                to: i64,
+                by_denied: bool,
+                limit: u32,
+            ) -> Result<Vec<$crate::server::store::KeyUsage>, StoreError> {
+                use $crate::server::store::usage::OWNER_ROWS;
+                let column = if by_denied { "denied" } else { "requests" };
+                // The casts: PostgreSQL sums BIGINTs as NUMERIC.
+                let sql = format!(
+                    "SELECT u.key_id AS key_id, k.name AS name, CAST(SUM(u.requests) AS BIGINT) AS requests, \
+                     CAST(SUM(u.allowed) AS BIGINT) AS allowed, CAST(SUM(u.denied) AS BIGINT) AS denied \
+                     FROM ({OWNER_ROWS}) AS u JOIN keys k ON k.key_id = u.key_id \
+                     GROUP BY u.key_id, k.name HAVING SUM(u.{column}) > 0 \
+                     ORDER BY SUM(u.{column}) DESC, u.key_id LIMIT $4"
+                );
+                let rows =
+                    sqlx::query(&sql).bind(owner).bind(from).bind(to).bind(i64::from(limit)).fetch_all(ex).await?;
+                rows.iter()
+                    .map(|row| {
+                        let n = |c: &str| ::sqlx::Row::try_get::<i64, _>(row, c).map(|v| v.max(0) as u64);
+                        Ok($crate::server::store::KeyUsage {
+                            key_id: ::sqlx::Row::try_get(row, "key_id")?,
+                            name: ::sqlx::Row::try_get(row, "name")?,
+                            requests: n("requests")?,
+                            allowed: n("allowed")?,
+                            denied: n("denied")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            /// The sums over `owner`'s keys with `at` in `[from, to)`, and how many of
+            /// its keys have a request in it.
+            pub(crate) async fn owner_total<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                owner: &str,
+                from: i64,
+                to: i64,
+            ) -> Result<($crate::server::store::KeyUsage, u64), StoreError> {
+                use $crate::server::store::usage::OWNER_ROWS;
+                let sql = format!(
+                    "SELECT CAST(COALESCE(SUM(u.requests), 0) AS BIGINT) AS requests, \
+                     CAST(COALESCE(SUM(u.allowed), 0) AS BIGINT) AS allowed, \
+                     CAST(COALESCE(SUM(u.denied), 0) AS BIGINT) AS denied, \
+                     CAST(COUNT(DISTINCT CASE WHEN u.requests > 0 THEN u.key_id END) AS BIGINT) AS keys_used \
+                     FROM ({OWNER_ROWS}) AS u"
+                );
+                let row = sqlx::query(&sql).bind(owner).bind(from).bind(to).fetch_one(ex).await?;
+                let n = |c: &str| ::sqlx::Row::try_get::<i64, _>(&row, c).map(|v| v.max(0) as u64);
+                let total = $crate::server::store::KeyUsage {
+                    requests: n("requests")?,
+                    allowed: n("allowed")?,
+                    denied: n("denied")?,
+                    ..Default::default()
+                };
+                Ok((total, n("keys_used")?))
+            }
+
+            pub(crate) async fn key_owners<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                limit: u32,
+            ) -> Result<Vec<String>, StoreError> {
+                Ok(sqlx::query_scalar("SELECT DISTINCT owner FROM keys ORDER BY owner LIMIT $1")
+                    .bind(i64::from(limit))
+                    .fetch_all(ex)
+                    .await?)
+            }
+
             /// Deletes up to `limit` minute rows older than `before` and returns them,
             /// for the caller to add to hour rows in the same transaction. Each row is
             /// taken by one transaction only: a row another one holds is passed over.

@@ -145,7 +145,7 @@ pub(in crate::server::console) async fn list(
                     @for k in shown {
                         tr {
                             td { a href={ "/console/keys/" (k.key_id) } { (k.name) } }
-                            td { (k.owner) }
+                            td { a href={ "/console/usage?owner=" (enc(&k.owner)) } title="Usage of this owner" { (k.owner) } }
                             td { (badge(k)) }
                             td { (k.environment) }
                             td.mono { (k.key_prefix) }
