@@ -1111,3 +1111,84 @@ async fn audit_paging_older_and_newer_reaches_each_record_once_with_the_filters_
     let nobody = b.get("/console/audit?actor=nobody").await;
     assert!(nobody.body.contains("No records match."));
 }
+
+/// The sorted listing, the audit pages and an owner's usage on PostgreSQL: text and
+/// number cursors, `COALESCE` of never-used keys, the `LIKE` prefix, the sums' casts.
+#[tokio::test]
+async fn sorting_audit_paging_and_owner_usage_on_postgres() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let t = TestServer::start_on(db, |b| b).await;
+    let mut ids = Vec::new();
+    for i in 0..40u32 {
+        let mut k = new_key(if i % 3 == 0 { "beta" } else { "alpha" }, &["reports:read"]);
+        k.name = format!("n{:02}", (i * 7) % 13);
+        ids.push(t.admin.create_key(k).await.unwrap().key_id);
+    }
+    let now = this_minute();
+    let req = |key: &str, outcome: keygate::Outcome| Req {
+        minute: now,
+        key_id: Some(key.to_owned()),
+        route: "/reports",
+        method: "GET",
+        outcome,
+        status: 200,
+        latency_us: 100,
+    };
+    let mut reqs = vec![req(&ids[0], keygate::Outcome::Allowed); 6];
+    reqs.extend(vec![req(&ids[3], keygate::Outcome::InsufficientScope); 4]);
+    reqs.extend(vec![req(&ids[1], keygate::Outcome::Allowed); 2]);
+    assert_eq!(t.post_usage(&aggregate_batch(aggregate(&reqs))).await.0, 202);
+    let keys = t.admin.list_all_keys(&KeyListQuery::default(), 10).await.unwrap();
+    let ms = |t: Option<time::OffsetDateTime>| t.map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+    for sort in ["name", "name:desc", "owner:desc", "last_used", "last_used:desc", "created:desc"] {
+        let mut expected = keys.clone();
+        expected.sort_by(|a, b| {
+            let o = match sort.split(':').next().unwrap() {
+                "name" => a.name.cmp(&b.name),
+                "owner" => a.owner.cmp(&b.owner),
+                "last_used" => ms(a.last_used_at).cmp(&ms(b.last_used_at)),
+                _ => ms(Some(a.created_at)).cmp(&ms(Some(b.created_at))),
+            };
+            o.then_with(|| a.key_id.cmp(&b.key_id))
+        });
+        if sort.ends_with(":desc") {
+            expected.reverse();
+        }
+        let expected: Vec<String> = expected.into_iter().map(|k| k.key_id).collect();
+        let got: Vec<String> = t
+            .admin
+            .list_all_keys(&KeyListQuery::default().sort(sort).limit(7), 20)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| k.key_id)
+            .collect();
+        assert_eq!(got, expected, "{sort}");
+    }
+
+    let b = signed_in(&t, ADMIN).await;
+    let mut audit = Vec::new();
+    let mut path = "/console/audit?action=KEY.cr&per_page=9".to_owned();
+    for _ in 0..10 {
+        let page = b.get(&path).await;
+        audit.extend(listed(&page));
+        match next_link(&page) {
+            Some(next) => path = next,
+            None => break,
+        }
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(audit, newest_first, "older pages, the prefix case-insensitive");
+    let last = b.get(&path).await;
+    let newer = b.get(&prev_link(&last).unwrap()).await;
+    assert_eq!(listed(&newer), newest_first[27..36].to_vec(), "the next newer page");
+
+    let alpha = b.get("/console/usage?owner=alpha&span=hour").await;
+    let totals = &alpha.body[alpha.body.find(r#"id="totals""#).unwrap()..];
+    assert_eq!((data(totals, "data-requests"), data(totals, "data-denied"), data(totals, "data-keys")), (2, 0, 1));
+    let beta = b.get("/console/usage?owner=beta&span=week").await;
+    let totals = &beta.body[beta.body.find(r#"id="totals""#).unwrap()..];
+    assert_eq!((data(totals, "data-requests"), data(totals, "data-denied"), data(totals, "data-keys")), (10, 4, 2));
+    assert_eq!(attr_list(&beta.body, "top-requests", "data-key"), [ids[0].clone(), ids[3].clone()]);
+    assert_eq!(attr_list(&beta.body, "top-denied", "data-key"), [ids[3].clone()]);
+}
