@@ -345,7 +345,19 @@ async fn every_console_answer_carries_the_security_headers() {
 
     let b = signed_in(&t, ADMIN).await;
     let key_page = format!("/console/keys/{}", created.key_id);
-    for path in ["/console/keys", "/console/keys?q=acme&state=active", "/console/keys/new", key_page.as_str()] {
+    for path in [
+        "/console/keys",
+        "/console/keys?q=acme&state=active&sort=last_used%3Adesc",
+        "/console/keys/new",
+        key_page.as_str(),
+        "/console/usage",
+        "/console/usage?owner=acme&span=week",
+        "/console/audit?action=key&per_page=1",
+        "/console/audit?before=1",
+        "/console/audit?after=1",
+        "/console/roles",
+        "/console/alerts",
+    ] {
         let page = b.get(path).await;
         assert_eq!(page.status, 200, "{path}");
         assert_security_headers(path, &page);
