@@ -1204,3 +1204,37 @@ async fn sorting_audit_paging_and_owner_usage_on_postgres() {
     assert_eq!(attr_list(&beta.body, "top-requests", "data-key"), [ids[0].clone(), ids[3].clone()]);
     assert_eq!(attr_list(&beta.body, "top-denied", "data-key"), [ids[3].clone()]);
 }
+
+/// `keygate-server keys list --sort`: the API's order, pages and all.
+#[tokio::test]
+async fn the_cli_lists_keys_in_the_order_asked_for() {
+    let t = TestServer::start().await;
+    for name in ["mid", "zed", "abe", "kit"] {
+        let mut k = new_key("acme", &["reports:read"]);
+        k.name = name.into();
+        t.admin.create_key(k).await.unwrap();
+    }
+    let cli = |args: &'static [&'static str]| {
+        let url = t.server.url();
+        async move {
+            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate-server"));
+            cmd.args(args).args(["--url", &url, "--json"]).env("KEYGATE_ADMIN_TOKEN", ADMIN).env_remove("KEYGATE_URL");
+            tokio::time::timeout(LIMIT * 6, cmd.output()).await.expect("the CLI ends").unwrap()
+        }
+    };
+    let names = |out: &std::process::Output| -> Vec<String> {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let keys: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        keys.iter().map(|k| k["name"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(
+        names(&cli(&["keys", "list", "--sort", "name:desc", "--all", "--limit", "1"]).await),
+        ["zed", "mid", "kit", "abe"]
+    );
+    let page = cli(&["keys", "list", "--sort", "name", "--limit", "2"]).await;
+    assert_eq!(names(&page), ["abe", "kit"]);
+    assert!(String::from_utf8_lossy(&page.stderr).contains("more keys: --after na."), "a cursor of the name order");
+    let bad = cli(&["keys", "list", "--sort", "size"]).await;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("sort"), "{}", String::from_utf8_lossy(&bad.stderr));
+}
