@@ -1,5 +1,6 @@
 //! The admin console in a real browser: headless Chromium driven through WebDriver
-//! (`chromedriver`), against a real key service. Skipped, with a notice, when
+//! (`chromedriver`), against a real key service: sign-in, a key created and revoked,
+//! its chart, the owner's usage, sorting the keys, sign-out. Skipped, with a notice, when
 //! `chromedriver` is not on `PATH` (Debian: `apt-get install -y chromium chromium-driver`).
 //!
 //! `KEYGATE_UPDATE_SCREENSHOT=1` also writes the key page's screenshot to
@@ -208,6 +209,30 @@ async fn the_console_in_a_real_browser() {
     }
     println!("revoked in the browser: refused after {:?}", at.elapsed());
     assert!(until_source(&c, "The key is revoked.").await, "{}", c.source().await.unwrap());
+
+    // The owner's usage, followed from the key page: the traffic sent above.
+    click(&c, "a[href='/console/usage?owner=acme']").await;
+    assert!(until_path(&c, "/console/usage").await);
+    let totals = c.wait().for_element(Locator::Css("#totals")).await.unwrap();
+    assert_eq!(totals.attr("data-requests").await.unwrap().as_deref(), Some("9"));
+    assert_eq!(totals.attr("data-denied").await.unwrap().as_deref(), Some("2"));
+    let top = c.find_all(Locator::Css("#top-requests tbody tr")).await.unwrap();
+    assert_eq!(top.len(), 1);
+    assert_eq!(top[0].attr("data-key").await.unwrap(), Some(key.key_id.clone()));
+
+    // Sorting by a column header: once ascending, again descending, paging kept.
+    let mut later = server_support::new_key("zeta", &["reports:read"]);
+    later.name = "zzz-last".into();
+    t.admin.create_key(later).await.unwrap();
+    click(&c, "nav a[href='/console/keys']").await;
+    assert!(until_path(&c, "/console/keys").await);
+    click(&c, "th a[data-sort='name']").await;
+    assert!(until_source(&c, r#"aria-sort="ascending""#).await);
+    click(&c, "th a[data-sort='name:desc']").await;
+    assert!(until_source(&c, r#"aria-sort="descending""#).await);
+    let first = c.find(Locator::Css("tbody tr td a")).await.unwrap().text().await.unwrap();
+    assert_eq!(first, "zzz-last", "name, Z to A");
+    assert!(c.current_url().await.unwrap().query().unwrap_or("").contains("sort=name%3Adesc"));
 
     // Sign-out ends the session.
     click(&c, "form[action='/console/sign-out'] button").await;

@@ -74,14 +74,27 @@ impl Browser {
         self.send(self.http.post(format!("{}{path}", self.base)).form(form)).await
     }
 
-    /// Signs in with `token`; keeps the session cookie. Returns the answer.
+    /// Signs in with `token` through the sign-in form (its pre-session cookie and
+    /// token); keeps the session cookie. Returns the answer.
     async fn sign_in(&mut self, token: &str) -> Page {
-        let page = self.post("/console/sign-in", &[("token", token)]).await;
-        if let Some(set) = page.headers.get("set-cookie") {
-            let set = set.to_str().unwrap();
-            self.cookie = Some(set.split(';').next().unwrap().to_owned());
+        let form = self.get("/console/sign-in").await;
+        let pre = set_cookie(&form, "keygate_sign_in").expect("the sign-in form sets its cookie");
+        let csrf = form.csrf();
+        let req = self.http.post(format!("{}/console/sign-in", self.base)).header("cookie", pre);
+        let page = self.send_as_is(req.form(&[("csrf", csrf.as_str()), ("token", token)])).await;
+        if let Some(session) = set_cookie(&page, "keygate_console") {
+            self.cookie = Some(session);
         }
         page
+    }
+
+    /// Sends `req` with no cookie of this browser's.
+    async fn send_as_is(&self, req: reqwest::RequestBuilder) -> Page {
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let body = res.text().await.unwrap();
+        Page { status, headers, body }
     }
 
     /// A POST of a form of the page at `from`, with its CSRF token and `fields`.
@@ -91,6 +104,24 @@ impl Browser {
         form.extend_from_slice(fields);
         self.post(action, &form).await
     }
+}
+
+/// `name=value` of the answer's `Set-Cookie` for `name`, unless it clears it.
+fn set_cookie(page: &Page, name: &str) -> Option<String> {
+    page.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).find_map(|set| {
+        let pair = set.split(';').next().unwrap();
+        let (n, v) = pair.split_once('=')?;
+        (n == name && !v.is_empty()).then(|| pair.to_owned())
+    })
+}
+
+/// The whole `Set-Cookie` header for `name`.
+fn set_cookie_header(page: &Page, name: &str) -> Option<String> {
+    page.headers
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|set| set.starts_with(&format!("{name}=")))
 }
 
 fn assert_security_headers(what: &str, page: &Page) {
@@ -136,13 +167,13 @@ async fn sign_in_with_a_good_token_and_a_wrong_one() {
     let wrong = b.sign_in("adm-wrong-token-0123456789abcdefghijk").await;
     assert_eq!(wrong.status, 401);
     assert!(wrong.body.contains("not an active admin token"), "{}", wrong.body);
-    assert!(wrong.headers.get("set-cookie").is_none());
+    assert!(set_cookie(&wrong, "keygate_console").is_none(), "no session");
     // A service token is a token, but not an admin one.
     assert_eq!(b.sign_in(SERVICE).await.status, 401);
 
     let good = b.sign_in(ADMIN).await;
     assert_eq!((good.status, good.location()), (303, "/console/keys"));
-    let cookie = good.headers["set-cookie"].to_str().unwrap().to_owned();
+    let cookie = set_cookie_header(&good, "keygate_console").expect("a session cookie");
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console"] {
         assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
     }
@@ -156,6 +187,56 @@ async fn sign_in_with_a_good_token_and_a_wrong_one() {
 }
 
 #[tokio::test]
+async fn a_sign_in_without_the_form_token_is_refused_and_opens_no_session() {
+    let t = TestServer::start().await;
+    let b = Browser::new(t.server.url());
+    let form = b.get("/console/sign-in").await;
+    assert_eq!(form.status, 200);
+    assert_security_headers("the sign-in form", &form);
+    let cookie = set_cookie_header(&form, "keygate_sign_in").expect("a pre-session cookie");
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/console/sign-in", "Max-Age=600"] {
+        assert!(cookie.contains(attribute), "{cookie} lacks {attribute}");
+    }
+    let pre = set_cookie(&form, "keygate_sign_in").unwrap();
+    let field = form.csrf();
+    assert!(!pre.contains(&field), "the field is the cookie's signature, not a copy of it");
+    let url = format!("{}/console/sign-in", b.base);
+    let refused = |page: &Page, what: &str| {
+        assert_eq!(page.status, 403, "{what}: {}", page.body);
+        assert!(page.body.contains("did not come from this console"), "{what}: a message: {}", page.body);
+        assert!(set_cookie(page, "keygate_console").is_none(), "{what}: no session");
+        assert_security_headers(what, page);
+    };
+    // A cross-site form: the token, no pre-session cookie, no field.
+    let none = b.send_as_is(b.http.post(&url).form(&[("token", ADMIN)])).await;
+    refused(&none, "neither");
+    let no_cookie = b.send_as_is(b.http.post(&url).form(&[("csrf", field.as_str()), ("token", ADMIN)])).await;
+    refused(&no_cookie, "the field without the cookie");
+    let no_field = b.send_as_is(b.http.post(&url).header("cookie", &pre).form(&[("token", ADMIN)])).await;
+    refused(&no_field, "the cookie without the field");
+    // A planted cookie with a field of the attacker's choosing.
+    let planted = b
+        .send_as_is(
+            b.http.post(&url).header("cookie", "keygate_sign_in=1.abc").form(&[("csrf", "abc"), ("token", ADMIN)]),
+        )
+        .await;
+    refused(&planted, "a forged pair");
+    let other = b.get("/console/sign-in").await;
+    let mixed = b
+        .send_as_is(b.http.post(&url).header("cookie", &pre).form(&[("csrf", other.csrf().as_str()), ("token", ADMIN)]))
+        .await;
+    refused(&mixed, "the field of another form");
+    // The genuine pair still signs in.
+    let ok = b
+        .send_as_is(b.http.post(&url).header("cookie", &pre).form(&[("csrf", field.as_str()), ("token", ADMIN)]))
+        .await;
+    assert_eq!((ok.status, ok.location()), (303, "/console/keys"), "{}", ok.body);
+    assert!(set_cookie(&ok, "keygate_console").is_some());
+    let spent = set_cookie_header(&ok, "keygate_sign_in").expect("the form's cookie is cleared");
+    assert!(spent.contains("Max-Age=0"), "{spent}");
+}
+
+#[tokio::test]
 async fn secure_cookies_and_the_sign_in_limit() {
     let t = TestServer::start_on(TestDb::sqlite(), |b| {
         b.console(ConsoleConfig::default().secure_cookies(true).sign_in_attempts_per_minute(3))
@@ -163,7 +244,9 @@ async fn secure_cookies_and_the_sign_in_limit() {
     .await;
     let mut b = Browser::new(t.server.url());
     let page = b.sign_in(ADMIN).await;
-    assert!(page.headers["set-cookie"].to_str().unwrap().contains("; Secure"));
+    assert!(set_cookie_header(&page, "keygate_console").unwrap().contains("; Secure"));
+    let form = b.get("/console/sign-in").await;
+    assert!(set_cookie_header(&form, "keygate_sign_in").unwrap().contains("; Secure"), "the sign-in form's cookie too");
     let mut statuses = Vec::new();
     for _ in 0..4 {
         statuses.push(b.sign_in("adm-wrong-token-0123456789abcdefghijk").await.status);
@@ -262,7 +345,19 @@ async fn every_console_answer_carries_the_security_headers() {
 
     let b = signed_in(&t, ADMIN).await;
     let key_page = format!("/console/keys/{}", created.key_id);
-    for path in ["/console/keys", "/console/keys?q=acme&state=active", "/console/keys/new", key_page.as_str()] {
+    for path in [
+        "/console/keys",
+        "/console/keys?q=acme&state=active&sort=last_used%3Adesc",
+        "/console/keys/new",
+        key_page.as_str(),
+        "/console/usage",
+        "/console/usage?owner=acme&span=week",
+        "/console/audit?action=key&per_page=1",
+        "/console/audit?before=1",
+        "/console/audit?after=1",
+        "/console/roles",
+        "/console/alerts",
+    ] {
         let page = b.get(path).await;
         assert_eq!(page.status, 200, "{path}");
         assert_security_headers(path, &page);
@@ -754,4 +849,392 @@ async fn expiring_soon_is_a_filter_of_its_own() {
     let page = b.get("/console/keys?state=expiring").await;
     assert_eq!(listed(&page), vec![soon.key_id.clone()]);
     assert!(page.body.contains("expiring soon"));
+}
+
+/// The `data-sort` link of the column header that sorts by `sort`.
+fn sort_link(page: &Page, sort: &str) -> String {
+    let needle = format!(r#"data-sort="{sort}""#);
+    let at = page.body.find(&needle).unwrap_or_else(|| panic!("no header link to {sort}"));
+    let start = page.body[..at].rfind(r#"href=""#).unwrap() + 6;
+    page.body[start..].split('"').next().unwrap().replace("&amp;", "&")
+}
+
+/// Every key id the console lists from `path` on, following the next-page links.
+async fn page_through(b: &Browser, mut path: String) -> Vec<String> {
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        let page = b.get(&path).await;
+        assert_eq!(page.status, 200, "{path}");
+        ids.extend(listed(&page));
+        match next_link(&page) {
+            Some(next) => path = next,
+            None => return ids,
+        }
+    }
+    panic!("more than 100 pages from {path}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sorting_by_each_column_either_way_and_paging_under_each_sort_reaches_every_key_once() {
+    let t = TestServer::start().await;
+    let mut tasks = Vec::new();
+    for i in 0..250u32 {
+        let admin = AdminClient::new(t.server.url(), ADMIN).unwrap();
+        // Repeated names and owners: the key id breaks the ties.
+        let mut k = new_key(&format!("team-{}", (b'a' + (i % 7) as u8) as char), &["reports:read"]);
+        k.name = format!("n{:03}", (i * 37) % 100);
+        tasks.push(tokio::spawn(async move { admin.create_key(k).await.unwrap().key_id }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.push(task.await.unwrap());
+    }
+    // A fifth of the keys used, in a few distinct minutes (ties again).
+    let now = this_minute();
+    let reqs: Vec<Req> = all
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 5 == 0)
+        .map(|(i, id)| Req {
+            minute: now - 60 * (i as i64 % 4),
+            key_id: Some(id.clone()),
+            route: "/reports",
+            method: "GET",
+            outcome: keygate::Outcome::Allowed,
+            status: 200,
+            latency_us: 100,
+        })
+        .collect();
+    assert_eq!(t.post_usage(&aggregate_batch(aggregate(&reqs))).await.0, 202);
+    let keys = t.admin.list_all_keys(&KeyListQuery::default(), 10).await.unwrap();
+    assert_eq!(keys.len(), 250);
+    assert_eq!(keys.iter().filter(|k| k.last_used_at.is_some()).count(), 50, "usage recorded");
+    let by_id: HashMap<String, keygate::client::KeyInfo> = keys.into_iter().map(|k| (k.key_id.clone(), k)).collect();
+
+    let b = signed_in(&t, ADMIN).await;
+    let ms = |t: Option<time::OffsetDateTime>| t.map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+    for column in ["created", "name", "owner", "last_used"] {
+        for descending in [false, true] {
+            let sort = if descending { format!("{column}:desc") } else { column.to_owned() };
+            let mut expected: Vec<&keygate::client::KeyInfo> = by_id.values().collect();
+            expected.sort_by(|a, b| {
+                let order = match column {
+                    "created" => ms(Some(a.created_at)).cmp(&ms(Some(b.created_at))),
+                    "name" => a.name.cmp(&b.name),
+                    "owner" => a.owner.cmp(&b.owner),
+                    _ => ms(a.last_used_at).cmp(&ms(b.last_used_at)),
+                };
+                order.then_with(|| a.key_id.cmp(&b.key_id))
+            });
+            if descending {
+                expected.reverse();
+            }
+            let expected: Vec<String> = expected.into_iter().map(|k| k.key_id.clone()).collect();
+
+            let seen = page_through(&b, format!("/console/keys?per_page=17&sort={}", sort.replace(':', "%3A"))).await;
+            let unique: BTreeSet<&String> = seen.iter().collect();
+            assert_eq!(seen.len(), 250, "{sort}: every key reached");
+            assert_eq!(unique.len(), 250, "{sort}: each exactly once");
+            assert_eq!(seen, expected, "{sort}: in order, ties by key id");
+
+            let mut query = KeyListQuery::default().sort(sort.clone()).limit(33);
+            let mut through_api = Vec::new();
+            for _ in 0..20 {
+                let page = t.admin.list_keys_page(&query).await.unwrap();
+                through_api.extend(page.keys.into_iter().map(|k| k.key_id));
+                match page.next {
+                    Some(next) => query = query.after(next),
+                    None => break,
+                }
+            }
+            assert_eq!(through_api, expected, "{sort}: the API pages the same order");
+        }
+    }
+
+    // The header links sort and keep the filters; a second click reverses.
+    let filtered = b.get("/console/keys?q=team-c&state=active&per_page=5").await;
+    let by_name = sort_link(&filtered, "name");
+    for kept in ["q=team%2Dc", "state=active", "per_page=5", "sort=name"] {
+        assert!(by_name.contains(kept), "{by_name} keeps {kept}");
+    }
+    assert!(!by_name.contains("after="), "a new order starts at its first page");
+    let sorted = b.get(&by_name).await;
+    assert!(sorted.body.contains(r#"aria-sort="ascending""#));
+    assert!(sort_link(&sorted, "name:desc").contains("sort=name%3Adesc"), "the second click reverses");
+    let team_c: Vec<String> = {
+        let mut v: Vec<&keygate::client::KeyInfo> = by_id.values().filter(|k| k.owner == "team-c").collect();
+        v.sort_by(|a, b| b.name.cmp(&a.name).then_with(|| b.key_id.cmp(&a.key_id)));
+        v.into_iter().map(|k| k.key_id.clone()).collect()
+    };
+    let seen = page_through(&b, sort_link(&sorted, "name:desc")).await;
+    assert_eq!(seen, team_c, "filtered, sorted and paged: each of team-c's keys once, in order");
+
+    // A cursor belongs to its order.
+    let created = t.admin.list_keys_page(&KeyListQuery::default().limit(3)).await.unwrap().next.unwrap();
+    let err = t.admin.list_keys_page(&KeyListQuery::default().sort("name").after(created)).await.unwrap_err();
+    assert!(err.to_string().contains("cursor"), "{err}");
+    let err = t.admin.list_keys_page(&KeyListQuery::default().sort("size")).await.unwrap_err();
+    assert!(err.to_string().contains("sort"), "{err}");
+    let junk = b.get("/console/keys?sort=size&after=nonsense").await;
+    assert_eq!(junk.status, 200, "the console falls back to the default order");
+}
+
+fn attr_list(body: &str, table_id: &str, attr: &str) -> Vec<String> {
+    let Some(start) = body.find(&format!(r#"<table id="{table_id}""#)) else { return Vec::new() };
+    let table = &body[start..start + body[start..].find("</table>").unwrap()];
+    let needle = format!(r#"{attr}=""#);
+    table
+        .match_indices(&needle)
+        .map(|(at, _)| table[at + needle.len()..].split('"').next().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_usage_of_an_owner_totals_the_traffic_recorded_and_ranks_its_keys() {
+    let t = TestServer::start().await;
+    let a = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap().key_id;
+    let bk = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap().key_id;
+    let idle = t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap().key_id;
+    let other = t.admin.create_key(new_key("other", &["reports:read"])).await.unwrap().key_id;
+    t.admin.create_key(new_key("quiet", &["reports:read"])).await.unwrap();
+    let req = |key: &str, minute: i64, outcome: keygate::Outcome| Req {
+        minute,
+        key_id: Some(key.to_owned()),
+        route: "/reports",
+        method: "GET",
+        outcome,
+        status: if outcome.is_allowed() { 200 } else { 403 },
+        latency_us: 500,
+    };
+    use keygate::Outcome::{Allowed, InsufficientScope};
+    let now = this_minute();
+    let mut reqs = vec![req(&a, now, Allowed); 7];
+    reqs.extend(vec![req(&a, now - 600, InsufficientScope); 3]);
+    reqs.extend(vec![req(&bk, now, Allowed); 5]);
+    reqs.extend(vec![req(&bk, now - 120, InsufficientScope); 9]);
+    // Older than the hour: in the day's and the week's sums only.
+    reqs.extend(vec![req(&a, now - 7200, Allowed); 11]);
+    // Another owner's traffic counts for that owner only.
+    reqs.extend(vec![req(&other, now, Allowed); 100]);
+    assert_eq!(t.post_usage(&aggregate_batch(aggregate(&reqs))).await.0, 202);
+
+    let b = signed_in(&t, ADMIN).await;
+    let keys = b.get("/console/keys").await;
+    assert!(keys.body.contains(r#"<a href="/console/usage">Usage</a>"#), "in the navigation");
+    assert!(keys.body.contains(r#"href="/console/usage?owner=acme""#), "the owner column links to its usage");
+    let key_page = b.get(&format!("/console/keys/{a}")).await;
+    assert!(key_page.body.contains(r#"href="/console/usage?owner=acme""#), "and the key page");
+
+    let hour = b.get("/console/usage?owner=acme&span=hour").await;
+    assert_eq!(hour.status, 200);
+    assert_security_headers("the usage page", &hour);
+    let totals = &hour.body[hour.body.find(r#"id="totals""#).expect("totals")..];
+    assert_eq!(
+        (
+            data(totals, "data-requests"),
+            data(totals, "data-allowed"),
+            data(totals, "data-denied"),
+            data(totals, "data-keys")
+        ),
+        (24, 12, 12, 2),
+        "the hour's traffic of acme's keys"
+    );
+    assert_eq!(attr_list(&hour.body, "top-requests", "data-key"), [bk.clone(), a.clone()], "14 requests, then 10");
+    assert_eq!(attr_list(&hour.body, "top-requests", "data-requests"), ["14", "10"]);
+    assert_eq!(attr_list(&hour.body, "top-denied", "data-key"), [bk.clone(), a.clone()], "9 denials, then 3");
+    assert_eq!(attr_list(&hour.body, "top-denied", "data-denied"), ["9", "3"]);
+    assert!(!hour.body.contains(&idle), "a key without traffic is in neither list");
+    assert!(!hour.body.contains(&other), "another owner's key is not");
+
+    let day = b.get("/console/usage?owner=acme&span=day").await;
+    let totals = &day.body[day.body.find(r#"id="totals""#).unwrap()..];
+    assert_eq!((data(totals, "data-requests"), data(totals, "data-allowed")), (35, 23), "the older traffic too");
+    assert_eq!(attr_list(&day.body, "top-requests", "data-key"), [a.clone(), bk.clone()], "21 requests, then 14");
+    assert_eq!(attr_list(&day.body, "top-denied", "data-key"), [bk.clone(), a.clone()]);
+    let week = b.get("/console/usage?owner=acme&span=week").await;
+    assert_eq!(data(&week.body[week.body.find(r#"id="totals""#).unwrap()..], "data-requests"), 35);
+    let other_page = b.get("/console/usage?owner=other&span=hour").await;
+    assert_eq!(data(&other_page.body[other_page.body.find(r#"id="totals""#).unwrap()..], "data-requests"), 100);
+
+    let quiet = b.get("/console/usage?owner=quiet").await;
+    assert_eq!(quiet.status, 200);
+    assert!(quiet.body.contains("No usage recorded for <strong>quiet</strong>"), "{}", quiet.body);
+    assert!(!quiet.body.contains(r#"id="top-requests""#));
+    let nobody = b.get("/console/usage?owner=nobody").await;
+    assert!(nobody.body.contains("No keys belong to <strong>nobody</strong>"), "{}", nobody.body);
+    let pick = b.get("/console/usage").await;
+    assert!(pick.body.contains("Pick an owner"));
+    for owner in ["acme", "other", "quiet"] {
+        assert!(pick.body.contains(&format!(r#"<option value="{owner}">"#)), "{owner} offered");
+    }
+}
+
+fn prev_link(page: &Page) -> Option<String> {
+    let at = page.body.find(r#"rel="prev" href=""#)? + 17;
+    Some(page.body[at..].split('"').next().unwrap().replace("&amp;", "&"))
+}
+
+#[tokio::test]
+async fn audit_paging_older_and_newer_reaches_each_record_once_with_the_filters_kept() {
+    let t = TestServer::start().await;
+    let mut created = Vec::new();
+    for i in 0..45 {
+        created.push(t.admin.create_key(new_key("acme", &["reports:read"])).await.unwrap().key_id);
+        if i % 5 == 0 {
+            // Records the filter leaves out, between the ones it keeps.
+            t.admin.put_role(&format!("role{i}"), ["reports:read"]).await.unwrap();
+        }
+    }
+    let newest_first: Vec<String> = created.iter().rev().cloned().collect();
+    let b = signed_in(&t, ADMIN).await;
+    let first = b.get("/console/audit?action=key.create&per_page=10").await;
+    assert_eq!(first.status, 200);
+    assert!(prev_link(&first).is_none(), "nothing newer than the newest");
+    let mut pages = vec![first];
+    for _ in 0..10 {
+        let Some(next) = next_link(pages.last().unwrap()) else { break };
+        for kept in ["action=key%2Ecreate", "per_page=10"] {
+            assert!(next.contains(kept), "{next} keeps {kept}");
+        }
+        pages.push(b.get(&next).await);
+    }
+    assert_eq!(pages.len(), 5, "45 records, 10 a page");
+    let older: Vec<String> = pages.iter().flat_map(listed).collect();
+    assert_eq!(older, newest_first, "older and older: each record once, newest first");
+    assert!(pages.iter().all(|p| !p.body.contains("role.put")), "the filter holds on every page");
+
+    let mut up = vec![pages.pop().unwrap()];
+    for _ in 0..10 {
+        let Some(newer) = prev_link(up.last().unwrap()) else { break };
+        assert!(newer.contains("action=key%2Ecreate") && newer.contains("per_page=10"), "{newer}");
+        up.push(b.get(&newer).await);
+    }
+    let mut newer: Vec<String> = up.iter().rev().flat_map(listed).collect();
+    assert_eq!(newer.len(), 45, "back up to the newest");
+    assert_eq!(newer, newest_first, "newer and newer: each record once");
+    assert!(next_link(up.last().unwrap()).is_some(), "the top page still leads down");
+    newer.dedup();
+    assert_eq!(newer.len(), 45);
+
+    // Filters by actor and key narrow the same paging.
+    let one = &created[3];
+    let by_key = b.get(&format!("/console/audit?key_id={one}")).await;
+    assert_eq!(listed(&by_key), vec![one.clone()]);
+    let nobody = b.get("/console/audit?actor=nobody").await;
+    assert!(nobody.body.contains("No records match."));
+}
+
+/// The sorted listing, the audit pages and an owner's usage on PostgreSQL: text and
+/// number cursors, `COALESCE` of never-used keys, the `LIKE` prefix, the sums' casts.
+#[tokio::test]
+async fn sorting_audit_paging_and_owner_usage_on_postgres() {
+    let Some(db) = TestDb::postgres().await else { return };
+    let t = TestServer::start_on(db, |b| b).await;
+    let mut ids = Vec::new();
+    for i in 0..40u32 {
+        let mut k = new_key(if i % 3 == 0 { "beta" } else { "alpha" }, &["reports:read"]);
+        k.name = format!("n{:02}", (i * 7) % 13);
+        ids.push(t.admin.create_key(k).await.unwrap().key_id);
+    }
+    let now = this_minute();
+    let req = |key: &str, outcome: keygate::Outcome| Req {
+        minute: now,
+        key_id: Some(key.to_owned()),
+        route: "/reports",
+        method: "GET",
+        outcome,
+        status: 200,
+        latency_us: 100,
+    };
+    let mut reqs = vec![req(&ids[0], keygate::Outcome::Allowed); 6];
+    reqs.extend(vec![req(&ids[3], keygate::Outcome::InsufficientScope); 4]);
+    reqs.extend(vec![req(&ids[1], keygate::Outcome::Allowed); 2]);
+    assert_eq!(t.post_usage(&aggregate_batch(aggregate(&reqs))).await.0, 202);
+    let keys = t.admin.list_all_keys(&KeyListQuery::default(), 10).await.unwrap();
+    let ms = |t: Option<time::OffsetDateTime>| t.map_or(0, |t| (t.unix_timestamp_nanos() / 1_000_000) as i64);
+    for sort in ["name", "name:desc", "owner:desc", "last_used", "last_used:desc", "created:desc"] {
+        let mut expected = keys.clone();
+        expected.sort_by(|a, b| {
+            let o = match sort.split(':').next().unwrap() {
+                "name" => a.name.cmp(&b.name),
+                "owner" => a.owner.cmp(&b.owner),
+                "last_used" => ms(a.last_used_at).cmp(&ms(b.last_used_at)),
+                _ => ms(Some(a.created_at)).cmp(&ms(Some(b.created_at))),
+            };
+            o.then_with(|| a.key_id.cmp(&b.key_id))
+        });
+        if sort.ends_with(":desc") {
+            expected.reverse();
+        }
+        let expected: Vec<String> = expected.into_iter().map(|k| k.key_id).collect();
+        let got: Vec<String> = t
+            .admin
+            .list_all_keys(&KeyListQuery::default().sort(sort).limit(7), 20)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| k.key_id)
+            .collect();
+        assert_eq!(got, expected, "{sort}");
+    }
+
+    let b = signed_in(&t, ADMIN).await;
+    let mut audit = Vec::new();
+    let mut path = "/console/audit?action=KEY.cr&per_page=9".to_owned();
+    for _ in 0..10 {
+        let page = b.get(&path).await;
+        audit.extend(listed(&page));
+        match next_link(&page) {
+            Some(next) => path = next,
+            None => break,
+        }
+    }
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    assert_eq!(audit, newest_first, "older pages, the prefix case-insensitive");
+    let last = b.get(&path).await;
+    let newer = b.get(&prev_link(&last).unwrap()).await;
+    assert_eq!(listed(&newer), newest_first[27..36].to_vec(), "the next newer page");
+
+    let alpha = b.get("/console/usage?owner=alpha&span=hour").await;
+    let totals = &alpha.body[alpha.body.find(r#"id="totals""#).unwrap()..];
+    assert_eq!((data(totals, "data-requests"), data(totals, "data-denied"), data(totals, "data-keys")), (2, 0, 1));
+    let beta = b.get("/console/usage?owner=beta&span=week").await;
+    let totals = &beta.body[beta.body.find(r#"id="totals""#).unwrap()..];
+    assert_eq!((data(totals, "data-requests"), data(totals, "data-denied"), data(totals, "data-keys")), (10, 4, 2));
+    assert_eq!(attr_list(&beta.body, "top-requests", "data-key"), [ids[0].clone(), ids[3].clone()]);
+    assert_eq!(attr_list(&beta.body, "top-denied", "data-key"), [ids[3].clone()]);
+}
+
+/// `keygate-server keys list --sort`: the API's order, pages and all.
+#[tokio::test]
+async fn the_cli_lists_keys_in_the_order_asked_for() {
+    let t = TestServer::start().await;
+    for name in ["mid", "zed", "abe", "kit"] {
+        let mut k = new_key("acme", &["reports:read"]);
+        k.name = name.into();
+        t.admin.create_key(k).await.unwrap();
+    }
+    let cli = |args: &'static [&'static str]| {
+        let url = t.server.url();
+        async move {
+            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate-server"));
+            cmd.args(args).args(["--url", &url, "--json"]).env("KEYGATE_ADMIN_TOKEN", ADMIN).env_remove("KEYGATE_URL");
+            tokio::time::timeout(LIMIT * 6, cmd.output()).await.expect("the CLI ends").unwrap()
+        }
+    };
+    let names = |out: &std::process::Output| -> Vec<String> {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let keys: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        keys.iter().map(|k| k["name"].as_str().unwrap().to_owned()).collect()
+    };
+    assert_eq!(
+        names(&cli(&["keys", "list", "--sort", "name:desc", "--all", "--limit", "1"]).await),
+        ["zed", "mid", "kit", "abe"]
+    );
+    let page = cli(&["keys", "list", "--sort", "name", "--limit", "2"]).await;
+    assert_eq!(names(&page), ["abe", "kit"]);
+    assert!(String::from_utf8_lossy(&page.stderr).contains("more keys: --after na."), "a cursor of the name order");
+    let bad = cli(&["keys", "list", "--sort", "size"]).await;
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("sort"), "{}", String::from_utf8_lossy(&bad.stderr));
 }

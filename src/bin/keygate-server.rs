@@ -364,7 +364,8 @@ enum KeysCmd {
         /// The key id.
         key_id: String,
     },
-    /// List keys, oldest first, one page (the next page's cursor goes to stderr) or all.
+    /// List keys, oldest first or in --sort's order, one page (the next page's cursor goes
+    /// to stderr) or all.
     List {
         #[command(flatten)]
         conn: Conn,
@@ -383,9 +384,13 @@ enum KeysCmd {
         /// Keys per page (1 to 1 000; default 1 000).
         #[arg(long)]
         limit: Option<u32>,
-        /// The page after this cursor (printed by the page before).
+        /// The page after this cursor (printed by the page before, with the same --sort).
         #[arg(long, conflicts_with = "all")]
         after: Option<String>,
+        /// The order: created (the default), name, owner or last_used; add :desc for
+        /// largest first (name:desc).
+        #[arg(long)]
+        sort: Option<String>,
         /// Every page, following the cursors.
         #[arg(long)]
         all: bool,
@@ -1150,8 +1155,8 @@ async fn keys(cmd: KeysCmd) -> Result<(), CliError> {
             let k = client(&conn)?.enable(&key_id).await?;
             print(&conn, &k, || format!("enabled {}", k.key_id));
         }
-        KeysCmd::List { conn, owner, search, environment, state: wanted, limit, after, all } => {
-            let query = keygate::client::KeyListQuery { owner, search, environment, state: wanted, limit, after };
+        KeysCmd::List { conn, owner, search, environment, state: wanted, limit, after, sort, all } => {
+            let query = keygate::client::KeyListQuery { owner, search, environment, state: wanted, limit, after, sort };
             let admin = client(&conn)?;
             let keys = if all {
                 // A bound against a server that never ends its cursors: 10 000 pages.

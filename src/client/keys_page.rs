@@ -27,8 +27,12 @@ pub struct KeyListQuery {
     pub state: Option<String>,
     /// Keys per page (1 to 1 000; default 1 000).
     pub limit: Option<u32>,
-    /// The page after this cursor ([`KeyPage::next`] of the page before).
+    /// The page after this cursor ([`KeyPage::next`] of the page before, asked with
+    /// the same `sort`).
     pub after: Option<String>,
+    /// The order: `created` (the default), `name`, `owner` or `last_used`, ascending,
+    /// or descending with `:desc` (`"name:desc"`); ties go by key id.
+    pub sort: Option<String>,
 }
 
 impl KeyListQuery {
@@ -68,6 +72,12 @@ impl KeyListQuery {
         self
     }
 
+    /// Lists in this order (`name`, `owner:desc`, `last_used:desc`, ...).
+    pub fn sort(mut self, sort: impl Into<String>) -> Self {
+        self.sort = Some(sort.into());
+        self
+    }
+
     pub(super) fn pairs(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
         let fields = [
@@ -76,6 +86,7 @@ impl KeyListQuery {
             ("environment", &self.environment),
             ("state", &self.state),
             ("after", &self.after),
+            ("sort", &self.sort),
         ];
         for (name, value) in fields {
             if let Some(v) = value {

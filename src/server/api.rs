@@ -31,7 +31,9 @@ use super::model::{
 use super::openapi::SecuritySchemes;
 use super::report::{Whose, usage_report};
 use super::state::{ServerState, Stats};
-use super::store::{Applied, BatchMark, Found, KeyCursor, KeyFilter, KeyState, NewKeyRecord, NewSecret, now_ms, to_ms};
+use super::store::{
+    Applied, BatchMark, Found, KeyCursor, KeyFilter, KeySort, KeyState, NewKeyRecord, NewSecret, now_ms, to_ms,
+};
 use super::text::{rfc3339, shown};
 use super::usage::{self, AGGREGATE_BODY_LIMIT, BatchForm};
 use super::validate::{
@@ -603,12 +605,16 @@ struct ListQuery {
     /// `expiring`: active keys that expire within the alerts' `expiring_within` (7 days
     /// by default).
     state: Option<String>,
+    /// The order: `created` (the default), `name`, `owner` or `last_used`, ascending, or
+    /// descending with `:desc` (`name:desc`); ties go by key id the same way. Page on
+    /// with the same `sort`: a cursor belongs to its order.
+    sort: Option<String>,
 }
 
 /// The answer of `GET /v1/keys`.
 #[derive(Serialize, ToSchema)]
 struct KeyList {
-    /// Oldest first.
+    /// In the order asked for (`sort`); by default oldest first.
     keys: Vec<KeyInfo>,
     /// More keys follow: ask again with `after` set to this cursor. Absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -622,7 +628,7 @@ struct KeyList {
     summary = "List keys",
     params(ListQuery),
     responses(
-        (status = 200, description = "One page of at most `limit` keys, oldest first, and the cursor of the next page.", body = KeyList),
+        (status = 200, description = "One page of at most `limit` keys in the order `sort` (by default oldest first), and the cursor of the next page.", body = KeyList),
         (status = 400, response = crate::server::openapi::BadRequest),
         (status = 401, response = crate::server::openapi::Unauthorized),
         (status = 500, response = crate::server::openapi::Internal),
@@ -637,9 +643,19 @@ async fn list_keys(
 ) -> Result<Json<KeyList>, ApiError> {
     let q = query(q)?;
     let limit = q.limit.unwrap_or(MAX_RECORDS).clamp(1, MAX_RECORDS);
+    let sort = match q.sort.as_deref() {
+        Some(s) => KeySort::parse(s).ok_or_else(|| {
+            ApiError::invalid(
+                "invalid_request",
+                "`sort` must be created, name, owner or last_used, optionally followed by `:asc` or `:desc`",
+            )
+        })?,
+        None => KeySort::default(),
+    };
     let after = match q.after.as_deref() {
         Some(c) => Some(
             KeyCursor::parse(c)
+                .filter(|c| c.sort() == sort)
                 .ok_or_else(|| ApiError::invalid("invalid_request", "`after` is not a cursor of this listing"))?,
         ),
         None => None,
@@ -660,12 +676,13 @@ async fn list_keys(
         environment: q.environment,
         state: key_state,
         expiring_within: state.inner.alerts.expiring_within,
+        sort,
     };
     // One more than answered: whether another page follows.
     let mut keys = state.inner.store.page_keys(&filter, limit + 1).await?;
     let next = if keys.len() > limit as usize {
         keys.truncate(limit as usize);
-        keys.last().map(|k| KeyCursor::after(k).to_string())
+        keys.last().map(|k| KeyCursor::after_in(k, sort).to_string())
     } else {
         None
     };

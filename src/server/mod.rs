@@ -330,7 +330,7 @@ pub use retention::RetentionConfig;
 pub use state::{ServerState, ServerStats};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
-pub use store::{KeyCursor, KeyFilter, KeyState, RetentionReport, SqliteStore, Store, StoreError};
+pub use store::{KeyCursor, KeyFilter, KeySort, KeySortBy, KeyState, RetentionReport, SqliteStore, Store, StoreError};
 pub use usage::{
     AGGREGATE_BODY_LIMIT, MAX_AGGREGATE_NETWORKS, MAX_AGGREGATE_ROWS, MAX_USAGE_AGE, MAX_USAGE_AHEAD,
     MAX_USAGE_ROUTE_LEN, USAGE_BATCH_ID_RETENTION,

@@ -29,6 +29,7 @@ pub(crate) fn page(status: StatusCode, title: &str, signed: Option<&Signed>, con
                             a href="/console/roles" { "Roles" }
                             a href="/console/audit" { "Audit log" }
                             a href="/console/alerts" { "Alerts" }
+                            a href="/console/usage" { "Usage" }
                         }
                         span.muted { "Signed in as " strong { (s.actor()) } }
                         form method="post" action="/console/sign-out" {

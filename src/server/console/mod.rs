@@ -24,6 +24,7 @@ mod layout;
 mod roles;
 mod session;
 mod sign_in;
+mod usage;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -62,6 +63,8 @@ pub(crate) struct Console {
     api: Router,
     sessions: Sessions,
     sign_in: RateLimiter<IpAddr>,
+    /// Signs the sign-in form's pre-session token.
+    sign_in_key: csrf::SignInKey,
     config: ConsoleConfig,
 }
 
@@ -75,6 +78,7 @@ pub(crate) fn router(server: ServerState, config: &ConsoleConfig) -> Router {
         server,
         sessions: Sessions::new(config.idle_timeout, config.absolute_timeout, config.max_sessions),
         sign_in: RateLimiter::new(SIGN_IN_TRACKED),
+        sign_in_key: csrf::SignInKey::generate(),
         config: config.clone(),
     });
     Router::new()
@@ -96,6 +100,7 @@ pub(crate) fn router(server: ServerState, config: &ConsoleConfig) -> Router {
         .route("/console/roles/{name}/delete", post(roles::delete))
         .route("/console/audit", get(audit::audit))
         .route("/console/alerts", get(alerts::alerts))
+        .route("/console/usage", get(usage::usage))
         .route("/console/alerts/{id}/ack", post(alerts::ack))
         // Any other console path: an HTML 404 with the same headers (the API's fallback
         // would answer JSON).
@@ -138,10 +143,15 @@ fn client_ip(parts: &Parts) -> IpAddr {
 
 /// The session id the request's cookie names.
 fn session_cookie(parts: &Parts) -> Option<String> {
+    cookie(parts, session::COOKIE)
+}
+
+/// The value of the request's cookie `wanted` (of at most 64 bytes: ours are shorter).
+fn cookie(parts: &Parts, wanted: &str) -> Option<String> {
     parts.headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(
         |pair| {
             let (name, value) = pair.trim().split_once('=')?;
-            (name == session::COOKIE && !value.is_empty() && value.len() <= 64).then(|| value.to_owned())
+            (name == wanted && !value.is_empty() && value.len() <= 64).then(|| value.to_owned())
         },
     )
 }

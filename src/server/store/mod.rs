@@ -37,8 +37,8 @@ pub(crate) use rows::bucket_from;
 pub use sqlite::SqliteStore;
 pub use usage::RetentionReport;
 pub(crate) use usage::{
-    Applied, BatchMark, ChangeLogCutoff, ReadKind, ReadRow, RetentionCutoffs, Tally, UsageDelta, UsageKey, UsageOf,
-    UsageRead,
+    Applied, BatchMark, ChangeLogCutoff, KeyUsage, OwnerUsage, ReadKind, ReadRow, RetentionCutoffs, Tally, UsageDelta,
+    UsageKey, UsageOf, UsageRead,
 };
 pub(crate) use webhooks::{Attempt, AttemptNext, Claimed, NewEndpoint, Target, WebhookEvent};
 pub(crate) use webhooks::{WebhookDelivery, WebhookEndpoint};
@@ -436,9 +436,11 @@ impl Store {
             .await
     }
 
-    /// One page of at most `limit` keys, oldest first (creation time, then key id),
-    /// narrowed by `filter`, starting after `filter.after` (the cursor of the last key of
-    /// the page before): pages over any number of keys, each key once.
+    /// One page of at most `limit` keys in `filter.sort` (by default oldest first:
+    /// creation time, then key id), narrowed by `filter`, starting after `filter.after`
+    /// (the cursor of the last key of the page before, in the same order): pages over
+    /// any number of keys, each key once (in an order by last use, a key used meanwhile
+    /// moves).
     pub async fn page_keys(&self, filter: &KeyFilter, limit: u32) -> Result<Vec<KeyInfo>, StoreError> {
         let now = now_ms_i64();
         self.metered("page_keys", async {
@@ -567,6 +569,21 @@ impl Store {
         self.metered("audit", async { each_backend!(self, b, q => q::audit(b.pool(), since, limit).await) }).await
     }
 
+    /// One page of at most `limit` audit records narrowed by `filter`, newest first,
+    /// each with its id (the order records were written): the newest, those older than
+    /// a record, or the oldest of those newer than one.
+    pub(crate) async fn audit_page(
+        &self,
+        filter: &AuditFilter,
+        at: AuditPage,
+        limit: u32,
+    ) -> Result<Vec<(i64, AuditRecord)>, StoreError> {
+        self.metered("audit_page", async {
+            each_backend!(self, b, q => q::audit_page(b.pool(), filter, at, limit).await)
+        })
+        .await
+    }
+
     /// Which of these key ids belong to keys of this store.
     pub(crate) async fn known_keys(&self, ids: &[&str]) -> Result<std::collections::HashSet<String>, StoreError> {
         self.metered("known_keys", async { each_backend!(self, b, q => q::known_keys(b.pool(), ids).await) }).await
@@ -593,6 +610,32 @@ impl Store {
             each_backend!(self, b, q => q::read_usage(b.pool(), read, &mut each).await)
         })
         .await
+    }
+
+    /// `owner`'s usage with `at` in `[from, to)` (Unix seconds): its `limit` busiest
+    /// and most denied keys, and the sums over all of them. Three statements, not one
+    /// snapshot: traffic stored meanwhile may be in one part and not another.
+    pub(crate) async fn owner_usage(
+        &self,
+        owner: &str,
+        from: i64,
+        to: i64,
+        limit: u32,
+    ) -> Result<OwnerUsage, StoreError> {
+        self.metered("owner_usage", async {
+            each_backend!(self, b, q => {
+                let top_requests = q::top_keys(b.pool(), owner, from, to, false, limit).await?;
+                let top_denied = q::top_keys(b.pool(), owner, from, to, true, limit).await?;
+                let (total, keys_used) = q::owner_total(b.pool(), owner, from, to).await?;
+                Ok(OwnerUsage { top_requests, top_denied, total, keys_used })
+            })
+        })
+        .await
+    }
+
+    /// The owners of keys, by name, at most `limit`.
+    pub(crate) async fn key_owners(&self, limit: u32) -> Result<Vec<String>, StoreError> {
+        self.metered("key_owners", async { each_backend!(self, b, q => q::key_owners(b.pool(), limit).await) }).await
     }
 
     /// A key's minutes in `[since, since + limit minutes)`, oldest first: what the
@@ -1235,36 +1278,236 @@ pub struct KeyFilter {
     pub state: Option<KeyState>,
     /// What [`KeyState::Expiring`] means: expiring within this long from now.
     pub expiring_within: std::time::Duration,
+    /// The listing's order; [`after`](Self::after) must be a cursor of the same order.
+    pub sort: KeySort,
 }
 
-/// A place in the listing of keys (oldest first): just after a key. Written as
-/// `{created_at unix ms}.{key_id}`, which clients treat as opaque.
+/// What [`Store::audit_page`] narrows the audit log to. Empty: every record.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct AuditFilter {
+    /// Only records of this key.
+    pub(crate) key_id: Option<String>,
+    /// Only records of this actor.
+    pub(crate) actor: Option<String>,
+    /// Only records whose action starts with this (ASCII case-insensitive).
+    pub(crate) action_prefix: Option<String>,
+    /// Only records from this time on.
+    pub(crate) since: Option<OffsetDateTime>,
+}
+
+/// Which page of the audit log [`Store::audit_page`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AuditPage {
+    /// The newest records.
+    Newest,
+    /// The newest of the records older than the record with this id.
+    Before(i64),
+    /// The oldest of the records newer than the record with this id.
+    After(i64),
+}
+
+/// `text%` for `LIKE ... ESCAPE '\'`, lower-cased, the text's own `%`, `_` and `\` escaped.
+pub(crate) fn prefix_pattern(text: &str) -> String {
+    let mut out = like_pattern(text);
+    out.remove(0);
+    out
+}
+
+/// The column a listing of keys is ordered by; ties are broken by key id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KeySortBy {
+    /// Creation time (the default).
+    #[default]
+    Created,
+    /// The key's name.
+    Name,
+    /// The key's owner.
+    Owner,
+    /// When the key was last used; never-used keys count as used at the epoch.
+    LastUsed,
+}
+
+impl KeySortBy {
+    /// Every column, in the order pages offer them.
+    pub const ALL: [KeySortBy; 4] = [Self::Created, Self::Name, Self::Owner, Self::LastUsed];
+
+    /// `created`, `name`, `owner` or `last_used`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Name => "name",
+            Self::Owner => "owner",
+            Self::LastUsed => "last_used",
+        }
+    }
+
+    fn tag(self) -> char {
+        match self {
+            Self::Created => 'c',
+            Self::Name => 'n',
+            Self::Owner => 'o',
+            Self::LastUsed => 'u',
+        }
+    }
+
+    fn is_text(self) -> bool {
+        matches!(self, Self::Name | Self::Owner)
+    }
+}
+
+/// How a listing of keys is ordered: by a column ascending or descending, the key id
+/// breaking ties the same way. Written `column` or `column:desc` (`column:asc` reads
+/// too). Default: oldest first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeySort {
+    /// The column.
+    pub by: KeySortBy,
+    /// Largest first.
+    pub descending: bool,
+}
+
+impl KeySort {
+    /// The order `s` names (`name`, `last_used:desc`, ...), if any.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (by, dir) = s.split_once(':').unwrap_or((s, "asc"));
+        let by = KeySortBy::ALL.into_iter().find(|b| b.as_str() == by)?;
+        let descending = match dir {
+            "asc" => false,
+            "desc" => true,
+            _ => return None,
+        };
+        Some(Self { by, descending })
+    }
+}
+
+impl std::fmt::Display for KeySort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.by.as_str())?;
+        if self.descending { f.write_str(":desc") } else { Ok(()) }
+    }
+}
+
+/// The sort column's value at a cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SortValue {
+    /// Unix milliseconds.
+    Int(i64),
+    Text(String),
+}
+
+/// A place in a listing of keys in some [`KeySort`]: just after a key. Written as
+/// `{created_at unix ms}.{key_id}` for the default order, otherwise
+/// `{column}{a|d}.{value}.{key_id}` with text values in base64url; clients treat it as
+/// opaque. A cursor belongs to its order: [`KeyCursor::sort`] says which.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyCursor {
-    pub(crate) created_ms: i64,
+    pub(crate) sort: KeySort,
+    pub(crate) value: SortValue,
     pub(crate) key_id: String,
 }
 
+/// Longest cursor [`KeyCursor::parse`] reads.
+const MAX_CURSOR: usize = 1024;
+
+fn cursor_key_id(id: &str) -> Option<String> {
+    let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    ok.then(|| id.to_owned())
+}
+
 impl KeyCursor {
-    /// Just after `key`.
+    /// Just after `key`, oldest first.
     pub fn after(key: &KeyInfo) -> Self {
-        Self { created_ms: to_ms(key.created_at), key_id: key.key_id.clone() }
+        Self::after_in(key, KeySort::default())
+    }
+
+    /// Just after `key` in the order `sort`.
+    pub fn after_in(key: &KeyInfo, sort: KeySort) -> Self {
+        let value = match sort.by {
+            KeySortBy::Created => SortValue::Int(to_ms(key.created_at)),
+            KeySortBy::LastUsed => SortValue::Int(key.last_used_at.map_or(0, to_ms)),
+            KeySortBy::Name => SortValue::Text(key.name.clone()),
+            KeySortBy::Owner => SortValue::Text(key.owner.clone()),
+        };
+        Self { sort, value, key_id: key.key_id.clone() }
+    }
+
+    /// The order this cursor is a place in.
+    pub fn sort(&self) -> KeySort {
+        self.sort
     }
 
     /// The cursor `s` writes, if it is one.
     pub fn parse(s: &str) -> Option<Self> {
-        let (ms, id) = s.split_once('.')?;
-        let ok = !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-        if !ok {
+        use base64::Engine;
+        if s.len() > MAX_CURSOR {
             return None;
         }
-        Some(Self { created_ms: ms.parse().ok()?, key_id: id.to_owned() })
+        let parts: Vec<&str> = s.split('.').collect();
+        if let [ms, id] = parts[..] {
+            let ms = ms.parse().ok().filter(|_| ms.bytes().all(|b| b.is_ascii_digit()))?;
+            return Some(Self { sort: KeySort::default(), value: SortValue::Int(ms), key_id: cursor_key_id(id)? });
+        }
+        let [tag, value, id] = parts[..] else { return None };
+        let mut chars = tag.chars();
+        let (Some(by), Some(dir), None) = (chars.next(), chars.next(), chars.next()) else { return None };
+        let by = KeySortBy::ALL.into_iter().find(|b| b.tag() == by)?;
+        let descending = match dir {
+            'a' => false,
+            'd' => true,
+            _ => return None,
+        };
+        let value = if by.is_text() {
+            let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(value).ok()?;
+            SortValue::Text(String::from_utf8(bytes).ok()?)
+        } else {
+            SortValue::Int(value.parse().ok()?)
+        };
+        Some(Self { sort: KeySort { by, descending }, value, key_id: cursor_key_id(id)? })
     }
 }
 
 impl std::fmt::Display for KeyCursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.created_ms, self.key_id)
+        use base64::Engine;
+        if self.sort == KeySort::default() {
+            if let SortValue::Int(ms) = self.value {
+                // The form cursors had before listings could be sorted: still good.
+                return write!(f, "{ms}.{}", self.key_id);
+            }
+        }
+        let dir = if self.sort.descending { 'd' } else { 'a' };
+        write!(f, "{}{dir}.", self.sort.by.tag())?;
+        match &self.value {
+            SortValue::Int(v) => write!(f, "{v}")?,
+            SortValue::Text(t) => f.write_str(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t))?,
+        }
+        write!(f, ".{}", self.key_id)
+    }
+}
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::*;
+
+    #[test]
+    fn cursors_read_back_as_written_in_every_order() {
+        let old = KeyCursor::parse("1700000000000.key_abc").unwrap();
+        assert_eq!(old.sort(), KeySort::default());
+        assert_eq!(old.to_string(), "1700000000000.key_abc");
+        for by in KeySortBy::ALL {
+            for descending in [false, true] {
+                let sort = KeySort { by, descending };
+                assert_eq!(KeySort::parse(&sort.to_string()), Some(sort));
+                let value = if by.is_text() { SortValue::Text("a.b:c/é".into()) } else { SortValue::Int(42) };
+                let c = KeyCursor { sort, value, key_id: "key_x".into() };
+                assert_eq!(KeyCursor::parse(&c.to_string()), Some(c));
+            }
+        }
+        assert_eq!(KeySort::parse("name:asc"), KeySort::parse("name"));
+        for bad in ["", "nonsense", "na.x.key_a", "nx.eA.key_a", "ua.x.key_a", "na.eA.key a", "-1.key_a", "1.2.3.4"] {
+            assert!(KeyCursor::parse(bad).is_none(), "{bad}");
+        }
+        assert!(KeySort::parse("name:up").is_none() && KeySort::parse("size").is_none());
     }
 }
 

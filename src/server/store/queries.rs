@@ -90,7 +90,7 @@ macro_rules! shared_queries {
                 rows.iter().map(key_from_row).collect()
             }
 
-            /// One page of keys, oldest first, after `filter.after`, narrowed by the
+            /// One page of keys in `filter.sort`, after `filter.after`, narrowed by the
             /// filter (see [`KeyFilter`](crate::server::store::KeyFilter)).
             pub(crate) async fn page_keys<'e>(
                 ex: impl Executor<'e, Database = $db>,
@@ -98,10 +98,31 @@ macro_rules! shared_queries {
                 now_ms: i64,
                 limit: u32,
             ) -> Result<Vec<KeyInfo>, StoreError> {
+                use $crate::server::store::{KeySortBy, SortValue};
+                // The column and direction come from the enum, never from the request.
+                let column = match filter.sort.by {
+                    KeySortBy::Created => "k.created_at",
+                    KeySortBy::Name => "k.name",
+                    KeySortBy::Owner => "k.owner",
+                    KeySortBy::LastUsed => "COALESCE(k.last_used_at, 0)",
+                };
+                let (past, dir) = if filter.sort.descending { ("<", "DESC") } else { (">", "ASC") };
+                // A numeric cursor value binds `$1`, a text one `$10`; the other is NULL.
+                let (int_at, text_at) = match filter.after.as_ref().map(|c| &c.value) {
+                    Some(SortValue::Int(v)) => (Some(*v), None),
+                    Some(SortValue::Text(t)) => (None, Some(t.as_str())),
+                    None => (None, None),
+                };
+                let ((at, ty), (other, other_ty)) = if filter.sort.by.is_text() {
+                    (("$10", "TEXT"), ("$1", "BIGINT"))
+                } else {
+                    (("$1", "BIGINT"), ("$10", "TEXT"))
+                };
                 // `LIKE ... ESCAPE`: the search text's own `%` and `_` match themselves.
                 let rows = sqlx::query(&format!(
-                    "SELECT {KEY_COLUMNS} FROM keys k WHERE (CAST($1 AS BIGINT) IS NULL OR k.created_at > $1 \
-                          OR (k.created_at = $1 AND k.key_id > $7)) \
+                    "SELECT {KEY_COLUMNS} FROM keys k WHERE \
+                     (CAST({other} AS {other_ty}) IS NULL OR 1 = 1) \
+                     AND (CAST({at} AS {ty}) IS NULL OR {column} {past} {at} OR ({column} = {at} AND k.key_id {past} $7)) \
                      AND (CAST($8 AS TEXT) IS NULL OR k.owner = $8) \
                      AND (CAST($2 AS TEXT) IS NULL OR LOWER(k.owner) LIKE $2 ESCAPE '\\' \
                           OR LOWER(k.name) LIKE $2 ESCAPE '\\' OR LOWER(k.key_id) LIKE $2 ESCAPE '\\' \
@@ -115,9 +136,9 @@ macro_rules! shared_queries {
                               AND (k.expires_at IS NULL OR k.expires_at > $5)) \
                           OR ($4 = 'expiring' AND k.revoked_at IS NULL AND NOT k.disabled \
                               AND k.expires_at > $5 AND k.expires_at <= $9)) \
-                     ORDER BY k.created_at, k.key_id LIMIT $6"
+                     ORDER BY {column} {dir}, k.key_id {dir} LIMIT $6"
                 ))
-                .bind(filter.after.as_ref().map(|c| c.created_ms))
+                .bind(int_at)
                 .bind(filter.search.as_deref().map(like_pattern))
                 .bind(filter.environment.as_deref())
                 .bind(filter.state.map(|s| s.as_str()))
@@ -126,6 +147,7 @@ macro_rules! shared_queries {
                 .bind(filter.after.as_ref().map(|c| c.key_id.as_str()))
                 .bind(filter.owner.as_deref())
                 .bind(now_ms.saturating_add(i64::try_from(filter.expiring_within.as_millis()).unwrap_or(i64::MAX)))
+                .bind(text_at)
                 .fetch_all(ex)
                 .await?;
                 rows.iter().map(key_from_row).collect()
@@ -308,6 +330,48 @@ macro_rules! shared_queries {
                 rows.iter().map(audit_from_row).collect()
             }
 
+            pub(crate) async fn audit_page<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                filter: &$crate::server::store::AuditFilter,
+                at: $crate::server::store::AuditPage,
+                limit: u32,
+            ) -> Result<Vec<(i64, AuditRecord)>, StoreError> {
+                use $crate::server::store::AuditPage;
+                let (before, after, order) = match at {
+                    AuditPage::Newest => (None, None, "DESC"),
+                    AuditPage::Before(id) => (Some(id), None, "DESC"),
+                    // The oldest newer ones: read upwards, then turned newest first.
+                    AuditPage::After(id) => (None, Some(id), "ASC"),
+                };
+                let sql = format!(
+                    "SELECT {AUDIT_COLUMNS} FROM audit WHERE (CAST($1 AS TEXT) IS NULL OR key_id = $1) \
+                     AND (CAST($2 AS TEXT) IS NULL OR actor = $2) \
+                     AND (CAST($3 AS TEXT) IS NULL OR LOWER(action) LIKE $3 ESCAPE '\\') \
+                     AND (CAST($4 AS BIGINT) IS NULL OR at >= $4) \
+                     AND (CAST($5 AS BIGINT) IS NULL OR id < $5) \
+                     AND (CAST($6 AS BIGINT) IS NULL OR id > $6) \
+                     ORDER BY id {order} LIMIT $7"
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(filter.key_id.as_deref())
+                    .bind(filter.actor.as_deref())
+                    .bind(filter.action_prefix.as_deref().map($crate::server::store::prefix_pattern))
+                    .bind(filter.since.map(to_ms))
+                    .bind(before)
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(ex)
+                    .await?;
+                let mut records = rows
+                    .iter()
+                    .map(|row| Ok((::sqlx::Row::try_get::<i64, _>(row, "id")?, audit_from_row(row)?)))
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                if matches!(at, AuditPage::After(_)) {
+                    records.reverse();
+                }
+                Ok(records)
+            }
+
             pub(crate) async fn alerts<'e>(
                 ex: impl Executor<'e, Database = $db>,
                 since: Option<OffsetDateTime>,
@@ -396,6 +460,79 @@ macro_rules! shared_queries {
                     each(ReadRow::from_row(&row, read.kind)?)?;
                 }
                 Ok(n)
+            }
+
+            /// `owner`'s keys with the most requests (or, with `by_denied`, the most
+            /// denied ones, only those with a denial) with `at` in `[from, to)`.
+            pub(crate) async fn top_keys<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                owner: &str,
+                from: i64,
+                to: i64,
+                by_denied: bool,
+                limit: u32,
+            ) -> Result<Vec<$crate::server::store::KeyUsage>, StoreError> {
+                use $crate::server::store::usage::OWNER_ROWS;
+                let column = if by_denied { "denied" } else { "requests" };
+                // The casts: PostgreSQL sums BIGINTs as NUMERIC.
+                let sql = format!(
+                    "SELECT u.key_id AS key_id, k.name AS name, CAST(SUM(u.requests) AS BIGINT) AS requests, \
+                     CAST(SUM(u.allowed) AS BIGINT) AS allowed, CAST(SUM(u.denied) AS BIGINT) AS denied \
+                     FROM ({OWNER_ROWS}) AS u JOIN keys k ON k.key_id = u.key_id \
+                     GROUP BY u.key_id, k.name HAVING SUM(u.{column}) > 0 \
+                     ORDER BY SUM(u.{column}) DESC, u.key_id LIMIT $4"
+                );
+                let rows =
+                    sqlx::query(&sql).bind(owner).bind(from).bind(to).bind(i64::from(limit)).fetch_all(ex).await?;
+                rows.iter()
+                    .map(|row| {
+                        let n = |c: &str| ::sqlx::Row::try_get::<i64, _>(row, c).map(|v| v.max(0) as u64);
+                        Ok($crate::server::store::KeyUsage {
+                            key_id: ::sqlx::Row::try_get(row, "key_id")?,
+                            name: ::sqlx::Row::try_get(row, "name")?,
+                            requests: n("requests")?,
+                            allowed: n("allowed")?,
+                            denied: n("denied")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            /// The sums over `owner`'s keys with `at` in `[from, to)`, and how many of
+            /// its keys have a request in it.
+            pub(crate) async fn owner_total<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                owner: &str,
+                from: i64,
+                to: i64,
+            ) -> Result<($crate::server::store::KeyUsage, u64), StoreError> {
+                use $crate::server::store::usage::OWNER_ROWS;
+                let sql = format!(
+                    "SELECT CAST(COALESCE(SUM(u.requests), 0) AS BIGINT) AS requests, \
+                     CAST(COALESCE(SUM(u.allowed), 0) AS BIGINT) AS allowed, \
+                     CAST(COALESCE(SUM(u.denied), 0) AS BIGINT) AS denied, \
+                     CAST(COUNT(DISTINCT CASE WHEN u.requests > 0 THEN u.key_id END) AS BIGINT) AS keys_used \
+                     FROM ({OWNER_ROWS}) AS u"
+                );
+                let row = sqlx::query(&sql).bind(owner).bind(from).bind(to).fetch_one(ex).await?;
+                let n = |c: &str| ::sqlx::Row::try_get::<i64, _>(&row, c).map(|v| v.max(0) as u64);
+                let total = $crate::server::store::KeyUsage {
+                    requests: n("requests")?,
+                    allowed: n("allowed")?,
+                    denied: n("denied")?,
+                    ..Default::default()
+                };
+                Ok((total, n("keys_used")?))
+            }
+
+            pub(crate) async fn key_owners<'e>(
+                ex: impl Executor<'e, Database = $db>,
+                limit: u32,
+            ) -> Result<Vec<String>, StoreError> {
+                Ok(sqlx::query_scalar("SELECT DISTINCT owner FROM keys ORDER BY owner LIMIT $1")
+                    .bind(i64::from(limit))
+                    .fetch_all(ex)
+                    .await?)
             }
 
             /// Deletes up to `limit` minute rows older than `before` and returns them,

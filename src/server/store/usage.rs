@@ -277,6 +277,37 @@ impl UsageRead<'_> {
     }
 }
 
+/// One key's requests over a window ([`OwnerUsage`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct KeyUsage {
+    pub(crate) key_id: String,
+    pub(crate) name: String,
+    pub(crate) requests: u64,
+    pub(crate) allowed: u64,
+    pub(crate) denied: u64,
+}
+
+/// An owner's usage over a window: its busiest keys, its most denied ones, and the sums
+/// over all its keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct OwnerUsage {
+    /// By requests, most first (then by key id); at most the limit asked for.
+    pub(crate) top_requests: Vec<KeyUsage>,
+    /// By denied requests, most first, only keys with a denial; at most the limit.
+    pub(crate) top_denied: Vec<KeyUsage>,
+    /// Over every key of the owner (`key_id` and `name` empty).
+    pub(crate) total: KeyUsage,
+    /// Keys of the owner with a request in the window.
+    pub(crate) keys_used: u64,
+}
+
+/// The rows of `owner`'s keys with `at` in `[$2, $3)`, owner `$1`: the rolled-up hour
+/// rows and the minute rows (a row is in one or the other, never both).
+pub(crate) const OWNER_ROWS: &str = "SELECT key_id, requests, allowed, denied FROM usage_hours \
+     WHERE hour >= $2 AND hour < $3 AND key_id IN (SELECT key_id FROM keys WHERE owner = $1) \
+     UNION ALL SELECT key_id, requests, allowed, denied FROM usage_minutes \
+     WHERE minute >= $2 AND minute < $3 AND key_id IN (SELECT key_id FROM keys WHERE owner = $1)";
+
 /// One row a [`UsageRead`] found.
 #[derive(Debug, Clone)]
 pub(crate) struct ReadRow {

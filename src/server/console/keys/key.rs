@@ -107,7 +107,7 @@ fn fields(k: &KeyInfo) -> Markup {
         dl {
             dt { "Key id" } dd.mono { (k.key_id) }
             dt { "Display prefix" } dd.mono { (k.key_prefix) }
-            dt { "Owner" } dd { (k.owner) }
+            dt { "Owner" } dd { (k.owner) " " a href={ "/console/usage?owner=" (percent_encoding::utf8_percent_encode(&k.owner, percent_encoding::NON_ALPHANUMERIC)) } { "(usage of this owner)" } }
             dt { "Environment" } dd { (k.environment) }
             dt { "Scopes" } dd.mono { (list_or_dash(&k.scopes)) }
             dt { "Roles" } dd.mono { (list_or_dash(&k.roles)) }

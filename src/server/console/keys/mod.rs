@@ -4,7 +4,7 @@
 mod create;
 mod key;
 mod list;
-mod usage;
+pub(super) mod usage;
 
 pub(super) use create::{create, new_form, reveal};
 pub(super) use key::{edit, refused_page, revoke, rotate, set_disabled, show};

@@ -29,12 +29,20 @@ impl Span {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Hour => "hour",
             Self::Day => "day",
             Self::Week => "week",
         }
+    }
+
+    /// The window the chart of this span covers at `now` (Unix seconds): `[from, to)`,
+    /// its buckets aligned and the current one included.
+    pub(crate) fn window(self, now: i64) -> (i64, i64) {
+        let (bucket_s, n, _) = self.buckets();
+        let from = now - now.rem_euclid(bucket_s) - bucket_s * (n as i64 - 1);
+        (from, from + bucket_s * n as i64)
     }
 
     /// (bucket length in seconds, buckets, `group_by`).
@@ -58,8 +66,7 @@ fn label(unix: i64, bucket_s: i64) -> String {
 
 pub(crate) async fn usage(console: &Shared, signed: &Signed, key: &KeyInfo, span: Span) -> Markup {
     let (bucket_s, n, group_by) = span.buckets();
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let first = now - now.rem_euclid(bucket_s) - bucket_s * (n as i64 - 1);
+    let (first, _) = span.window(time::OffsetDateTime::now_utc().unix_timestamp());
     let since = time::OffsetDateTime::from_unix_timestamp(first).ok().and_then(crate::server::text::rfc3339);
     let path = format!(
         "/v1/usage?key_id={}&group_by={group_by}&since={}",
