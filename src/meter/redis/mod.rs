@@ -100,7 +100,7 @@ impl RedisLimitsBuilder {
         self
     }
 
-    /// Most units a lease takes beyond the request's own need (default 100); the M of
+    /// Most units a lease takes beyond the request's own need (default 1 000); the M of
     /// the [bounds](RedisLimits#bounds).
     pub fn max_lease(mut self, max: u64) -> Self {
         self.max_lease = max;
@@ -212,7 +212,7 @@ impl RedisLimitsBuilder {
 /// while a lease lasts, and a lease running low is topped up in the background. A
 /// lease's size follows the rate this instance spends the key's units: what it spends
 /// in [`lease_window`](RedisLimitsBuilder::lease_window) (default 100 ms), at most
-/// [`max_lease`](RedisLimitsBuilder::max_lease) (default 100) beyond the request's own
+/// [`max_lease`](RedisLimitsBuilder::max_lease) (default 1 000) beyond the request's own
 /// need. A key slower than one request per window takes exactly what each request
 /// needs, so its limits are exact. A grant of credits is also at most a
 /// 1/(2 × [`expected_instances`](RedisLimitsBuilder::expected_instances)) of what is
@@ -228,8 +228,9 @@ impl RedisLimitsBuilder {
 ///   instance that dies without it loses what it held (at most M plus the request's
 ///   cost per key).
 /// - **A rate limit** admits, over any interval `T`, at most
-///   `burst + limit × T / period + N × M` units: units taken from the limit earlier and
-///   spent in `T` are the N × M term. Idle leases go back as above.
+///   `burst + limit × T / period + N × min(M, burst)` units: units taken from the limit
+///   earlier and spent in `T` are the last term (a grant never exceeds what the limit
+///   holds, at most `burst`). Idle leases go back as above.
 /// - A call that times out may still have been applied by Redis: its units are then
 ///   counted twice (in Redis and by the fallback), which errs towards refusing.
 /// - **Strict** mode ([`strict_credits`](RedisLimitsBuilder::strict_credits),
@@ -276,7 +277,7 @@ impl RedisLimits {
             url: url.into(),
             prefix: schema::DEFAULT_PREFIX.to_owned(),
             lease_window: Duration::from_millis(100),
-            max_lease: 100,
+            max_lease: 1000,
             expected_instances: 1,
             timeout: Duration::from_millis(250),
             strict_credits: false,
