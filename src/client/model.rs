@@ -43,8 +43,10 @@ pub struct KeyInfo {
     /// Named rate limits (at most 16), enforced by the middleware.
     #[serde(default)]
     pub limits: Vec<Limit>,
-    /// Credits, spent by the middleware. Middlewares count them per process until a
-    /// fleet-wide engine is configured: `remaining` here is what each process starts from.
+    /// Credits, spent by the middleware. Middlewares count them per process, each
+    /// starting from `remaining`, unless they use `RedisLimits` (feature `redis`): then
+    /// one count in Redis, restarted from these credits when they are set again, and
+    /// `remaining` is what the key service last reconciled from it.
     #[serde(default)]
     pub credits: Option<Credits>,
     /// Networks the key may be used from (CIDRs); empty: any.
@@ -173,8 +175,8 @@ pub struct OwnerInfo {
     /// Named rate limits, counted for all of the owner's keys together.
     #[serde(default)]
     pub limits: Vec<Limit>,
-    /// Credits, spent by all of the owner's keys together (per process until a
-    /// fleet-wide engine is configured).
+    /// Credits, spent by all of the owner's keys together (per process, or fleet-wide
+    /// with `RedisLimits`).
     #[serde(default)]
     pub credits: Option<Credits>,
     /// Networks every key of the owner may be used from (CIDRs); empty: any.

@@ -286,7 +286,8 @@ impl<V: Verifier> ApiKeyLayer<V> {
     /// request draws is its route's [`Cost`] (default [`Cost::new`]: 1 from `requests`,
     /// 1 credit). A key with no limits and no credits costs one branch, nothing more.
     ///
-    /// Everything is counted **per process**, until a fleet-wide engine is configured:
+    /// Everything is counted **per process** (for one count shared by every instance,
+    /// see `fleet_limits`, feature `redis`):
     /// - each named limit with GCRA per key (an owner's limits per owner): a key may
     ///   spend `burst` (default `limit`) at once, then one unit every `period / limit`;
     ///   with N replicas of a service a key can make up to N × `limit` per period;

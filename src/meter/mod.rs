@@ -1,6 +1,6 @@
 //! The limit engine: what charges a request's [`Cost`] against a principal's
 //! [`Quota`], all or nothing. [`LocalEngine`] is the embedded default, counting per
-//! process; a fleet-wide engine plugs in behind the same [`LimitEngine`] trait.
+//! process; [`redis`] counts fleet-wide on Redis behind the same [`LimitEngine`] trait.
 //!
 //! What is charged, in order: for each limit the cost names, the key's limit of that
 //! name, then the owner's; then the credits, the key's, then the owner's. The first
