@@ -515,9 +515,10 @@ impl Engine {
             Measure::Credits { origin, .. } => Some(origin),
             Measure::Limit(_) => None,
         };
-        let lease = (!self.strict(step)).then(|| self.lease_or_new(&step.bucket)).flatten();
-        let Some(lease) = lease else {
-            return self.charge_strict(step).await;
+        let lease = self.lease_or_new(&step.bucket);
+        let lease = match lease {
+            Some(lease) if !self.strict(step) => lease,
+            other => return self.charge_strict(step, other.as_ref()).await,
         };
         if let Some(done) = local_result(step, lease.try_spend(step.units, origin)) {
             return done;
@@ -534,14 +535,7 @@ impl Engine {
         match self.take(step, want, lack).await {
             Err(Unreachable) => self.fall_back(step, Some(&lease)),
             Ok(Err(refused)) => {
-                let wait = match &refused {
-                    Refused::Limit(s) => s.reset,
-                    // More credits come from a refill, an operator or a returned lease:
-                    // ask again soon, but not on every request.
-                    Refused::Credits(_) => self.config.lease_window,
-                    Refused::Unavailable(d) => *d,
-                };
-                lease.refused(wait, 0);
+                lease.refused(self.refusal_wait(&refused), 0);
                 Err(refused)
             }
             Ok(Ok((granted, left, origin))) => {
@@ -555,14 +549,36 @@ impl Engine {
         }
     }
 
-    async fn charge_strict(&self, step: &OwnedStep) -> Result<Option<LimitState>, Refused> {
+    /// One atomic Redis call for exactly the step's units. `lease` (when there was room
+    /// for one) holds nothing, only the last refusal: an exhausted key hammering a
+    /// strict limit costs Redis one call per wait, not one per request.
+    async fn charge_strict(&self, step: &OwnedStep, lease: Option<&Arc<Lease>>) -> Result<Option<LimitState>, Refused> {
+        if let Some(done) = lease.and_then(|l| local_result(step, l.try_spend(step.units, None))) {
+            return done;
+        }
         if self.down.load(Ordering::Acquire) {
             return self.fall_back(step, None);
         }
         match self.take(step, step.units, step.units).await {
             Err(Unreachable) => self.fall_back(step, None),
-            Ok(Err(refused)) => Err(refused),
+            Ok(Err(refused)) => {
+                if let Some(lease) = lease {
+                    lease.refused(self.refusal_wait(&refused), 0);
+                }
+                Err(refused)
+            }
             Ok(Ok((_, left, _))) => Ok(spent_state(step, left)),
+        }
+    }
+
+    /// How long a refusal is repeated here without asking Redis again: a limit's until
+    /// its next unit; credits (which come back with a refill, an operator or a returned
+    /// lease) one lease window.
+    fn refusal_wait(&self, refused: &Refused) -> Duration {
+        match refused {
+            Refused::Limit(s) => s.reset,
+            Refused::Credits(_) => self.config.lease_window,
+            Refused::Unavailable(d) => *d,
         }
     }
 
