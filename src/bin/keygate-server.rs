@@ -303,7 +303,7 @@ struct Serve {
     #[command(flatten)]
     webhooks: WebhookFlags,
     /// Reconcile credits from the fleet-wide engine's counts in this Redis
-    /// (redis://[user:password@]host:port[/db]; rediss:// for TLS) into the store. Off
+    /// (`redis://[user:password@]host:port[/db]`; `rediss://` for TLS) into the store. Off
     /// when absent. One replica is enough; several are harmless.
     #[cfg(feature = "redis")]
     #[arg(long, env = "KEYGATE_REDIS_URL", hide_env_values = true)]

@@ -26,6 +26,7 @@ use std::time::Duration;
 pub const DEFAULT_CREDITS_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Most holders a pass reads from the store, and from Redis, at once.
+#[cfg(feature = "redis")]
 pub(crate) const PAGE: u32 = 500;
 
 /// Counters of the reconciler.
