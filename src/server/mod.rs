@@ -8,7 +8,9 @@
 //! route and hour, and prunes it ([`RetentionConfig`]); raises anomaly and
 //! expiring-soon alerts ([`AlertConfig`]), enforces a maximum key age
 //! ([`RotationPolicy`]) and pushes alerts and key lifecycle events to webhooks
-//! ([`WebhookConfig`]).
+//! ([`WebhookConfig`]). With feature `redis` it reconciles the credits a fleet-wide
+//! engine counts in Redis back into the store
+//! ([`reconcile_credits`](KeyServer::reconcile_credits)).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
