@@ -302,6 +302,20 @@ struct Serve {
     // Webhooks, expiring-soon alerts and the rotation policy (issue 14).
     #[command(flatten)]
     webhooks: WebhookFlags,
+    /// Reconcile credits from the fleet-wide engine's counts in this Redis
+    /// (`redis://[user:password@]host:port[/db]`; `rediss://` for TLS) into the store. Off
+    /// when absent. One replica is enough; several are harmless.
+    #[cfg(feature = "redis")]
+    #[arg(long, env = "KEYGATE_REDIS_URL", hide_env_values = true)]
+    redis: Option<String>,
+    /// The prefix of the engine's Redis keys (the middlewares' RedisLimits prefix).
+    #[cfg(feature = "redis")]
+    #[arg(long, env = "KEYGATE_REDIS_PREFIX", default_value = "keygate:", requires = "redis")]
+    redis_prefix: String,
+    /// Time between credit reconciliation passes (30s, 5m, ...).
+    #[cfg(feature = "redis")]
+    #[arg(long, env = "KEYGATE_CREDITS_RECONCILE_INTERVAL", value_parser = parse_duration, default_value = "30s")]
+    credits_reconcile_interval: time::Duration,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -1014,6 +1028,11 @@ async fn serve(s: Serve) -> Result<(), CliError> {
     }
     if let Some(t) = &admin_token {
         builder = builder.admin_token(t.as_str());
+    }
+    #[cfg(feature = "redis")]
+    if let Some(url) = &s.redis {
+        let every = Duration::from_secs(s.credits_reconcile_interval.whole_seconds().max(1) as u64);
+        builder = builder.reconcile_credits(url.as_str(), every).redis_prefix(&s.redis_prefix);
     }
     let builder = webhook_options(builder, &s.webhooks)?;
     let server = builder.start().await?;

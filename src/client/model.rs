@@ -49,6 +49,16 @@ pub struct KeyInfo {
     /// `remaining` is what the key service last reconciled from it.
     #[serde(default)]
     pub credits: Option<Credits>,
+    /// Which setting of the credits `credits` holds: changes whenever an operator sets
+    /// them (create, `PATCH` with `credits`), never when the reconciler writes the
+    /// fleet-wide count back into `remaining`. `null` for a key whose credits were never set.
+    #[serde(default)]
+    pub credits_revision: Option<u64>,
+    /// When the key service last wrote `credits.remaining` from the fleet-wide count in
+    /// Redis (only when it had changed); `null` since an operator's set, or without a
+    /// reconciler.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub credits_reconciled_at: Option<OffsetDateTime>,
     /// Networks the key may be used from (CIDRs); empty: any.
     #[serde(default)]
     pub allowed_networks: Vec<String>,
@@ -179,6 +189,16 @@ pub struct OwnerInfo {
     /// with `RedisLimits`).
     #[serde(default)]
     pub credits: Option<Credits>,
+    /// Which setting of the credits `credits` holds: changes whenever a `PUT` changes
+    /// them, never when the reconciler writes the fleet-wide count back into
+    /// `remaining`. `null` when credits were never set.
+    #[serde(default)]
+    pub credits_revision: Option<u64>,
+    /// When the key service last wrote `credits.remaining` from the fleet-wide count in
+    /// Redis (only when it had changed); `null` since the last `PUT` that changed the
+    /// credits, or without a reconciler.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub credits_reconciled_at: Option<OffsetDateTime>,
     /// Networks every key of the owner may be used from (CIDRs); empty: any.
     #[serde(default)]
     pub allowed_networks: Vec<String>,

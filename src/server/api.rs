@@ -408,6 +408,9 @@ fn answer_for(found: Option<Found>) -> VerifyAnswer {
         return VerifyAnswer::Invalid(Refusal { code, key_id: Some(k.key_id) });
     }
     let scopes: BTreeSet<&String> = k.scopes.iter().chain(found.role_scopes.iter()).collect();
+    // Only beside credits: a revision says which setting of them these are.
+    let credits_revision = k.credits.as_ref().and(k.credits_revision);
+    let owner_credits_revision = found.owner_credits.as_ref().and(found.owner_credits_revision);
     VerifyAnswer::Valid(ValidKey {
         scopes: scopes.into_iter().cloned().collect(),
         key_id: k.key_id,
@@ -422,10 +425,8 @@ fn answer_for(found: Option<Found>) -> VerifyAnswer {
         credits: k.credits,
         owner_limits: found.owner_limits,
         owner_credits: found.owner_credits,
-        // Set by the store once it keeps credit revisions (fleet-wide engines reseed on
-        // a change); until then engines count from each answer's credits.
-        credits_revision: None,
-        owner_credits_revision: None,
+        credits_revision,
+        owner_credits_revision,
         allowed_networks: k.allowed_networks,
         owner_allowed_networks: found.owner_allowed_networks,
     })

@@ -46,6 +46,9 @@ pub(crate) mod name {
     pub(crate) const FEED_RECONNECTS: &str = "keygate_server_change_feed_reconnects_total";
     pub(crate) const EVENTS_FORWARDED: &str = "keygate_server_events_forwarded_total";
     pub(crate) const FANOUT_LAG: &str = "keygate_server_fanout_lag_seconds";
+    pub(crate) const CREDITS_RECONCILED: &str = "keygate_server_credits_reconciled_total";
+    pub(crate) const CREDITS_RECONCILE_ERRORS: &str = "keygate_server_credits_reconcile_errors_total";
+    pub(crate) const CREDITS_RECONCILE_PASSES: &str = "keygate_server_credits_reconcile_passes_total";
 }
 
 /// What each series is, for `# HELP` (and the unit of the histograms).
@@ -89,6 +92,9 @@ const HELP: &[(&str, &str)] = &[
         name::FANOUT_LAG,
         "From another replica's NOTIFY of a change, just before its commit, to this replica hearing it.",
     ),
+    (name::CREDITS_RECONCILE_PASSES, "Credit reconciliation passes run, failed ones included."),
+    (name::CREDITS_RECONCILED, "Keys and owners whose remaining credits were written from Redis, by holder."),
+    (name::CREDITS_RECONCILE_ERRORS, "Credit reconciliation passes stopped, by what failed (redis, store)."),
 ];
 
 /// Histogram buckets, in seconds: 0.5 ms to 10 s.

@@ -101,6 +101,13 @@ impl ServerState {
             counter(name::FEED_RECONNECTS, &[], s.change_feed_reconnects);
             counter(name::EVENTS_FORWARDED, &[], s.events_forwarded);
         }
+        if self.inner.reconciling {
+            counter(name::CREDITS_RECONCILE_PASSES, &[], s.credits_reconcile_passes);
+            counter(name::CREDITS_RECONCILED, &[("holder", "key")], s.credits_reconciled_keys);
+            counter(name::CREDITS_RECONCILED, &[("holder", "owner")], s.credits_reconciled_owners);
+            counter(name::CREDITS_RECONCILE_ERRORS, &[("kind", "redis")], s.credits_reconcile_redis_errors);
+            counter(name::CREDITS_RECONCILE_ERRORS, &[("kind", "store")], s.credits_reconcile_store_errors);
+        }
         meters.render()
     }
 }

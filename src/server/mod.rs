@@ -8,7 +8,9 @@
 //! route and hour, and prunes it ([`RetentionConfig`]); raises anomaly and
 //! expiring-soon alerts ([`AlertConfig`]), enforces a maximum key age
 //! ([`RotationPolicy`]) and pushes alerts and key lifecycle events to webhooks
-//! ([`WebhookConfig`]).
+//! ([`WebhookConfig`]). With feature `redis` it reconciles the credits a fleet-wide
+//! engine counts in Redis back into the store
+//! ([`reconcile_credits`](KeyServer::reconcile_credits)).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -253,6 +255,9 @@
 //! | `keygate_server_change_feed_reconnects_total` | counter | — | PostgreSQL: times that feed reconnected (each followed by `reset`) |
 //! | `keygate_server_events_forwarded_total` | counter | — | PostgreSQL: other replicas' changes forwarded to this replica's streams |
 //! | `keygate_server_fanout_lag_seconds` | histogram | — | PostgreSQL: from another replica's `NOTIFY` of a change (sent in its transaction, just before the commit) to this replica hearing it; measured against the two hosts' clocks, so skew shows in it |
+//! | `keygate_server_credits_reconcile_passes_total` | counter | — | with [`KeyServer::reconcile_credits`] (feature `redis`): credit reconciliation passes, failed ones included |
+//! | `keygate_server_credits_reconciled_total` | counter | `holder`: `key`, `owner` | keys and owners whose remaining credits a pass wrote from Redis (a count that had not changed is not written) |
+//! | `keygate_server_credits_reconcile_errors_total` | counter | `kind`: `redis` (did not answer), `store` | passes stopped by a failure (the next one tries again) |
 //! | `keygate_server_build_info` | gauge | `version` | always 1 |
 //!
 //! Each key service records into a Prometheus recorder of its own, not the `metrics`
@@ -297,6 +302,7 @@ mod model;
 mod openapi;
 mod owners_api;
 mod policy;
+mod reconcile;
 mod report;
 mod retention;
 mod state;
@@ -325,6 +331,7 @@ pub use leaks::{
     SecretScanning,
 };
 pub use policy::{POLICY_ACTOR, RotationPolicy};
+pub use reconcile::DEFAULT_CREDITS_RECONCILE_INTERVAL;
 pub use report::{MAX_USAGE_BUCKETS, MAX_USAGE_ROUTES, MAX_USAGE_ROWS, MAX_USAGE_SPAN};
 pub use retention::RetentionConfig;
 pub use state::{ServerState, ServerStats};
@@ -392,6 +399,11 @@ pub struct KeyServer {
     rotation: RotationPolicy,
     secret_scanning: Option<SecretScanning>,
     console: ConsoleConfig,
+    /// The Redis URL and interval of the credit reconciler, if on.
+    #[cfg(feature = "redis")]
+    reconcile: Option<(String, Duration)>,
+    #[cfg(feature = "redis")]
+    redis_prefix: String,
 }
 
 impl std::fmt::Debug for KeyServer {
@@ -437,7 +449,36 @@ impl KeyServer {
             rotation: RotationPolicy::default(),
             secret_scanning: None,
             console: ConsoleConfig::default(),
+            #[cfg(feature = "redis")]
+            reconcile: None,
+            #[cfg(feature = "redis")]
+            redis_prefix: crate::meter::redis::schema::DEFAULT_PREFIX.to_owned(),
         }
+    }
+
+    /// Reconciles credits from the fleet-wide engine's counts in Redis at `redis_url`
+    /// (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS) into the store
+    /// every `every` ([`DEFAULT_CREDITS_RECONCILE_INTERVAL`], 30 s, is the usual
+    /// choice; default: off). Feature `redis`. Where Redis's count started from the
+    /// credits' current revision, its remaining credits become the stored `remaining`
+    /// (shown by the admin API with `credits_reconciled_at`); a count of an older
+    /// revision is left alone. Not audited; counted in
+    /// `keygate_server_credits_reconciled_total`. One replica reconciling is enough and
+    /// several are harmless: each write holds only while the revision does. Redis
+    /// unreachable is logged when it starts and ends, and the key service serves on.
+    /// The URL is never logged.
+    #[cfg(feature = "redis")]
+    pub fn reconcile_credits(mut self, redis_url: impl Into<String>, every: Duration) -> Self {
+        self.reconcile = Some((redis_url.into(), every));
+        self
+    }
+
+    /// The prefix of the Redis keys the fleet-wide engine writes (default `keygate:`):
+    /// the middlewares' `RedisLimits` prefix. Feature `redis`.
+    #[cfg(feature = "redis")]
+    pub fn redis_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.redis_prefix = prefix.into();
+        self
     }
 
     /// The prefix of the keys of `environment` (`[a-z][a-z0-9]{0,15}`, like
@@ -638,6 +679,25 @@ impl KeyServer {
         self
     }
 
+    /// The credit reconciler's settings, checked (the URL parsed, not connected to).
+    #[cfg(feature = "redis")]
+    fn reconcile_config(&mut self) -> Result<Option<reconcile::ReconcileConfig>, ServerError> {
+        let Some((url, interval)) = self.reconcile.take() else { return Ok(None) };
+        if interval.is_zero() {
+            return Err(ServerError::Config("the credits reconcile interval must be above zero".into()));
+        }
+        let prefix = std::mem::take(&mut self.redis_prefix);
+        if prefix.len() > 128 || prefix.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(ServerError::Config(
+                "the Redis prefix must be at most 128 bytes, without spaces or control characters".into(),
+            ));
+        }
+        // The parser's message, never the URL: it may hold a password.
+        let client = redis::Client::open(url.as_str())
+            .map_err(|e| ServerError::Config(format!("the Redis URL is not one ({})", e.category())))?;
+        Ok(Some(reconcile::ReconcileConfig { client, prefix, interval }))
+    }
+
     /// The configured tokens, checked.
     fn configured_tokens(&mut self) -> Result<(Option<String>, Option<String>), ServerError> {
         let service = self.service_token.take();
@@ -682,6 +742,8 @@ impl KeyServer {
         self.webhooks.validate().map_err(ServerError::Config)?;
         self.rotation.validate().map_err(ServerError::Config)?;
         self.console.validate().map_err(ServerError::Config)?;
+        #[cfg(feature = "redis")]
+        let reconcile = self.reconcile_config()?;
         let (mut service, mut admin) = self.configured_tokens()?;
         let store = match self.store.take() {
             Some(s) => s,
@@ -763,6 +825,14 @@ impl KeyServer {
             self.rotation.clone(),
             Arc::clone(&sweep_counters),
         );
+        let reconcile_counters = Arc::new(reconcile::ReconcileCounters::default());
+        #[cfg(feature = "redis")]
+        let reconcile_task =
+            reconcile.map(|c| reconcile::ReconcileTask::spawn(store.clone(), c, Arc::clone(&reconcile_counters)));
+        #[cfg(feature = "redis")]
+        let reconciling = reconcile_task.is_some();
+        #[cfg(not(feature = "redis"))]
+        let reconciling = false;
         let state = ServerState {
             inner: Arc::new(state::StateInner {
                 store,
@@ -785,6 +855,10 @@ impl KeyServer {
                 _webhook_worker: webhook_worker,
                 sweep_counters,
                 _sweep_task: sweep_task,
+                reconcile_counters,
+                reconciling,
+                #[cfg(feature = "redis")]
+                _reconcile_task: reconcile_task,
             }),
         };
         Ok((state, service, admin))

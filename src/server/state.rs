@@ -94,6 +94,16 @@ pub struct ServerStats {
     pub webhook_failed: u64,
     /// Keys expired by the rotation policy.
     pub keys_expired_by_policy: u64,
+    /// Credit reconciliation passes run, failed ones included (feature `redis`).
+    pub credits_reconcile_passes: u64,
+    /// Keys whose `remaining` a reconciliation pass wrote from Redis.
+    pub credits_reconciled_keys: u64,
+    /// Owners whose `remaining` a reconciliation pass wrote from Redis.
+    pub credits_reconciled_owners: u64,
+    /// Reconciliation passes stopped because Redis did not answer.
+    pub credits_reconcile_redis_errors: u64,
+    /// Reconciliation passes stopped by a store failure.
+    pub credits_reconcile_store_errors: u64,
 }
 
 #[derive(Debug, Default)]
@@ -169,6 +179,12 @@ pub(crate) struct StateInner {
     pub sweep_counters: Arc<SweepCounters>,
     /// Expiring-soon alerts and the rotation policy; stop when the state is dropped.
     pub _sweep_task: SweepTask,
+    pub reconcile_counters: Arc<super::reconcile::ReconcileCounters>,
+    /// Whether the credit reconciler runs (its series are shown only then).
+    pub reconciling: bool,
+    /// The credit reconciler; stops when the state is dropped.
+    #[cfg(feature = "redis")]
+    pub _reconcile_task: Option<super::reconcile::ReconcileTask>,
 }
 
 impl ServerState {
@@ -229,6 +245,11 @@ impl ServerState {
             webhook_attempts_failed: get(&self.inner.webhook_counters.attempts_failed),
             webhook_failed: get(&self.inner.webhook_counters.failed),
             keys_expired_by_policy: get(&self.inner.sweep_counters.expired_by_policy),
+            credits_reconcile_passes: get(&self.inner.reconcile_counters.passes),
+            credits_reconciled_keys: get(&self.inner.reconcile_counters.keys),
+            credits_reconciled_owners: get(&self.inner.reconcile_counters.owners),
+            credits_reconcile_redis_errors: get(&self.inner.reconcile_counters.redis_errors),
+            credits_reconcile_store_errors: get(&self.inner.reconcile_counters.store_errors),
         }
     }
 }

@@ -169,6 +169,8 @@ pub struct Found {
     pub owner_limits: Vec<Limit>,
     /// The owner's credits, shared by all of its keys.
     pub owner_credits: Option<Credits>,
+    /// Which setting of the owner's credits `owner_credits` holds.
+    pub owner_credits_revision: Option<u64>,
     /// The owner's network allowlist.
     pub owner_allowed_networks: Vec<String>,
 }
@@ -359,6 +361,10 @@ pub(crate) use tokens::{ActiveToken, Revoked, token_queries};
 
 // ---- owners and limits (issue 16), in `owners.rs`.
 pub(crate) mod owners;
+
+// ---- the credit reconciler's reads and writes (issue 16), in `credits.rs`.
+#[cfg(feature = "redis")]
+pub(crate) mod credits;
 
 impl Store {
     /// Reports every change this store commits to `sink` from now on.
@@ -1238,6 +1244,13 @@ pub(crate) fn apply_patch(key: &mut KeyInfo, patch: &KeyPatch) -> Value {
     if let Some(credits) = &patch.credits {
         note("credits", json!(key.credits), json!(credits));
         key.credits.clone_from(credits);
+        // Every set is a new revision, the same value included: an operator setting
+        // what the store shows (reconciled a while ago) means to restart the fleet-wide
+        // count from it.
+        let revision = owners::next_credits_revision(key.credits_revision);
+        note("credits_revision", json!(key.credits_revision), json!(revision));
+        key.credits_revision = Some(revision);
+        key.credits_reconciled_at = None;
     }
     if let Some(networks) = &patch.allowed_networks {
         note("allowed_networks", json!(key.allowed_networks), json!(networks));

@@ -33,6 +33,20 @@ pub(crate) fn credits_from(json: Option<&str>) -> Result<Option<Credits>, StoreE
     json.map(|s| serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("credits column: {e}")))).transpose()
 }
 
+/// A `credits_revision` column.
+pub(crate) fn revision_from(column: Option<i64>) -> Option<u64> {
+    column.map(|r| r.max(0) as u64)
+}
+
+/// The credits revision of a set that follows `previous`: Unix microseconds now, or
+/// `previous + 1` when that is larger (a clock behind the previous set's), so that it
+/// only grows, whichever replica sets it, and a set after a restore from backup never
+/// reuses a revision a fleet-wide engine counted from. It fits the BIGINT column.
+pub(crate) fn next_credits_revision(previous: Option<u64>) -> u64 {
+    let now_us = u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000).unwrap_or(0);
+    now_us.max(previous.map_or(1, |p| p.saturating_add(1))).min(i64::MAX as u64)
+}
+
 /// How a `limits` list is stored.
 pub(crate) fn limits_json(limits: &[Limit]) -> String {
     serde_json::to_string(limits).expect("limits serialize")
@@ -60,7 +74,8 @@ macro_rules! owner_queries {
             use $crate::quota::{Credits, Limit};
             use $crate::client::OwnerInfo;
             use $crate::server::store::owners::{
-                LOCK_OWNER, OWNER_PUT, credits_from, credits_json, limits_from, limits_json, owner_info,
+                LOCK_OWNER, OWNER_PUT, credits_from, credits_json, limits_from, limits_json, next_credits_revision,
+                owner_info, revision_from,
             };
             use $crate::server::store::{StoreError, to_ms};
 
@@ -71,7 +86,10 @@ macro_rules! owner_queries {
                 ex: impl ::sqlx::Executor<'e, Database = $db>,
                 owner: &str,
             ) -> Result<OwnerInfo, StoreError> {
-                let row = sqlx::query("SELECT limits, credits, allowed_networks, updated_at FROM owners WHERE owner = $1")
+                let row = sqlx::query(
+                    "SELECT limits, credits, allowed_networks, updated_at, credits_revision, credits_reconciled_at \
+                     FROM owners WHERE owner = $1",
+                )
                     .bind(owner)
                     .fetch_optional(ex)
                     .await?;
@@ -80,16 +98,24 @@ macro_rules! owner_queries {
                         owner: owner.to_owned(),
                         limits: Vec::new(),
                         credits: None,
+                        credits_revision: None,
+                        credits_reconciled_at: None,
                         allowed_networks: Vec::new(),
                         updated_at: None,
                     }),
-                    Some(row) => owner_info(
-                        owner,
-                        limits_from(&row.try_get::<String, _>("limits")?, None)?,
-                        credits_from(row.try_get::<Option<String>, _>("credits")?.as_deref())?,
-                        $crate::server::store::parse_json_list(&row.try_get::<String, _>("allowed_networks")?)?,
-                        row.try_get("updated_at")?,
-                    ),
+                    Some(row) => {
+                        let mut info = owner_info(
+                            owner,
+                            limits_from(&row.try_get::<String, _>("limits")?, None)?,
+                            credits_from(row.try_get::<Option<String>, _>("credits")?.as_deref())?,
+                            $crate::server::store::parse_json_list(&row.try_get::<String, _>("allowed_networks")?)?,
+                            row.try_get("updated_at")?,
+                        )?;
+                        info.credits_revision = revision_from(row.try_get("credits_revision")?);
+                        info.credits_reconciled_at =
+                            $crate::server::store::from_ms_opt(row.try_get("credits_reconciled_at")?)?;
+                        Ok(info)
+                    }
                 }
             }
 
@@ -110,16 +136,27 @@ macro_rules! owner_queries {
                 if before.limits == limits && before.credits.as_ref() == credits && before.allowed_networks == networks {
                     return Ok((before, Vec::new()));
                 }
+                // A PUT carries the credits whatever it changes: only a change of them is
+                // a set (a new revision); the same credits keep the fleet-wide count.
+                let (revision, reconciled_at) = if before.credits.as_ref() == credits {
+                    (before.credits_revision, before.credits_reconciled_at)
+                } else {
+                    (Some(next_credits_revision(before.credits_revision)), None)
+                };
                 sqlx::query(
-                    "INSERT INTO owners (owner, limits, credits, allowed_networks, updated_at) VALUES ($1, $2, $3, $4, $5) \
+                    "INSERT INTO owners (owner, limits, credits, allowed_networks, updated_at, credits_revision, \
+                     credits_reconciled_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
                      ON CONFLICT (owner) DO UPDATE SET limits = EXCLUDED.limits, credits = EXCLUDED.credits, \
-                     allowed_networks = EXCLUDED.allowed_networks, updated_at = EXCLUDED.updated_at",
+                     allowed_networks = EXCLUDED.allowed_networks, updated_at = EXCLUDED.updated_at, \
+                     credits_revision = EXCLUDED.credits_revision, credits_reconciled_at = EXCLUDED.credits_reconciled_at",
                 )
                 .bind(owner)
                 .bind(limits_json(limits))
                 .bind(credits_json(credits))
                 .bind(::serde_json::Value::from(networks.to_vec()).to_string())
                 .bind(to_ms(at))
+                .bind(revision.map(|r| r as i64))
+                .bind(reconciled_at.map(to_ms))
                 .execute(&mut *conn)
                 .await?;
                 let affected: Vec<String> = sqlx::query_scalar(
@@ -132,6 +169,7 @@ macro_rules! owner_queries {
                     "owner": owner,
                     "limits": { "from": before.limits, "to": limits },
                     "credits": { "from": before.credits, "to": credits },
+                    "credits_revision": { "from": before.credits_revision, "to": revision },
                     "allowed_networks": { "from": before.allowed_networks, "to": networks },
                 });
                 super::shared::write_audit(conn, at, actor, OWNER_PUT, None, &changes).await?;
@@ -139,6 +177,8 @@ macro_rules! owner_queries {
                     owner: owner.to_owned(),
                     limits: limits.to_vec(),
                     credits: credits.cloned(),
+                    credits_revision: revision,
+                    credits_reconciled_at: reconciled_at,
                     allowed_networks: networks.to_vec(),
                     updated_at: Some(at),
                 };
@@ -157,7 +197,15 @@ pub(crate) fn owner_info(
     allowed_networks: Vec<String>,
     updated_at: i64,
 ) -> Result<OwnerInfo, StoreError> {
-    Ok(OwnerInfo { owner: owner.to_owned(), limits, credits, allowed_networks, updated_at: Some(from_ms(updated_at)?) })
+    Ok(OwnerInfo {
+        owner: owner.to_owned(),
+        limits,
+        credits,
+        credits_revision: None,
+        credits_reconciled_at: None,
+        allowed_networks,
+        updated_at: Some(from_ms(updated_at)?),
+    })
 }
 
 /// `$body` once per backend, with `$b` the backend and `$q` its owner queries.

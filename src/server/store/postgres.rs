@@ -36,6 +36,10 @@ super::token_queries!(sqlx::Postgres, name_lock = super::xact_lock);
 // Owners' limits and credits (issue 16).
 super::owners::owner_queries!(sqlx::Postgres, name_lock = super::xact_lock);
 
+// The credit reconciler (issue 16).
+#[cfg(feature = "redis")]
+super::credits::credit_queries!(sqlx::Postgres);
+
 super::changelog::change_log_queries!(sqlx::Postgres);
 
 /// Changes of one name in a namespace serialize, whether or not its row exists yet.

@@ -33,7 +33,7 @@ macro_rules! shared_queries {
             };
             use $crate::server::store::usage::{BatchMark, ReadRow, TALLY_COLUMNS, Tally, UsageKey, UsageRead, UsageTable};
             use $crate::server::store::queries::{LOCK_NETWORK, LOCK_ROLE};
-            use $crate::server::store::owners::{credits_json, limits_json, ratelimit_of};
+            use $crate::server::store::owners::{credits_json, limits_json, next_credits_revision, ratelimit_of};
             use $crate::server::store::{
                 Found, KeyChange, NetworkSeen, NewKeyRecord, NewSecret, StoreError, action, create_changes,
                 parse_json_list, to_ms,
@@ -163,8 +163,9 @@ macro_rules! shared_queries {
                 let created = to_ms(key.created_at);
                 sqlx::query(
                     "INSERT INTO keys (key_id, owner, name, scopes, roles, environment, expires_at, disabled, meta, \
-                     ratelimit_limit, ratelimit_period_s, key_prefix, created_at, limits, credits, allowed_networks) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                     ratelimit_limit, ratelimit_period_s, key_prefix, created_at, limits, credits, allowed_networks, \
+                     credits_revision) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
                 )
                 .bind(&key.key_id)
                 .bind(&key.owner)
@@ -182,6 +183,7 @@ macro_rules! shared_queries {
                 .bind(limits_json(&key.limits))
                 .bind(credits_json(key.credits.as_ref()))
                 .bind(Value::from(key.allowed_networks.clone()).to_string())
+                .bind(key.credits.as_ref().map(|_| next_credits_revision(None) as i64))
                 .execute(&mut *conn)
                 .await?;
                 insert_secret(conn, &key.key_id, &key.secret, created).await?;
@@ -278,7 +280,8 @@ macro_rules! shared_queries {
                     "SELECT {KEY_COLUMNS}, s.expires_at AS secret_expires_at, \
                      (SELECT string_agg(r.scopes, '\n') FROM key_roles kr JOIN roles r ON r.name = kr.role \
                       WHERE kr.key_id = k.key_id) AS role_scopes, \
-                     o.limits AS owner_limits, o.credits AS owner_credits, o.allowed_networks AS owner_allowed_networks \
+                     o.limits AS owner_limits, o.credits AS owner_credits, o.allowed_networks AS owner_allowed_networks, \
+                     o.credits_revision AS owner_credits_revision \
                      FROM key_secrets s JOIN keys k ON k.key_id = s.key_id \
                      LEFT JOIN owners o ON o.owner = k.owner WHERE s.digest = $1"
                 ))
@@ -300,7 +303,8 @@ macro_rules! shared_queries {
                     "SELECT {KEY_COLUMNS}, s.digest AS digest, s.expires_at AS secret_expires_at, \
                      (SELECT string_agg(r.scopes, '\n') FROM key_roles kr JOIN roles r ON r.name = kr.role \
                       WHERE kr.key_id = k.key_id) AS role_scopes, \
-                     o.limits AS owner_limits, o.credits AS owner_credits, o.allowed_networks AS owner_allowed_networks \
+                     o.limits AS owner_limits, o.credits AS owner_credits, o.allowed_networks AS owner_allowed_networks, \
+                     o.credits_revision AS owner_credits_revision \
                      FROM key_secrets s JOIN keys k ON k.key_id = s.key_id \
                      LEFT JOIN owners o ON o.owner = k.owner WHERE s.digest IN ({})",
                     placeholders.join(", ")
@@ -665,7 +669,8 @@ macro_rules! shared_queries {
                 sqlx::query(
                     "UPDATE keys SET name = $2, scopes = $3, roles = $4, expires_at = $5, disabled = $6, \
                      revoked_at = $7, meta = $8, ratelimit_limit = $9, ratelimit_period_s = $10, key_prefix = $11, \
-                     updated_at = $12, limits = $13, credits = $14, allowed_networks = $15 WHERE key_id = $1",
+                     updated_at = $12, limits = $13, credits = $14, allowed_networks = $15, credits_revision = $16, \
+                     credits_reconciled_at = $17 WHERE key_id = $1",
                 )
                 .bind(&key.key_id)
                 .bind(&key.name)
@@ -682,6 +687,8 @@ macro_rules! shared_queries {
                 .bind(limits_json(&key.limits))
                 .bind(credits_json(key.credits.as_ref()))
                 .bind(Value::from(key.allowed_networks.clone()).to_string())
+                .bind(key.credits_revision.map(|r| r as i64))
+                .bind(key.credits_reconciled_at.map(to_ms))
                 .execute(&mut *conn)
                 .await?;
                 Ok(())

@@ -4,7 +4,7 @@
 
 use sqlx::Row;
 
-use super::owners::{credits_from, limits_from, ratelimit_of};
+use super::owners::{credits_from, limits_from, ratelimit_of, revision_from};
 use super::usage::Tally;
 use super::{Found, StoreError, from_ms, from_ms_opt, parse_json, parse_json_list, ratelimit_from};
 use crate::server::model::{Alert, AlertKind, AuditRecord, KeyInfo, RoleInfo, UsageBucket};
@@ -12,7 +12,7 @@ use crate::server::model::{Alert, AlertKind, AuditRecord, KeyInfo, RoleInfo, Usa
 /// The columns [`key_from_row`] reads, from `keys k`.
 pub(crate) const KEY_COLUMNS: &str = "k.key_id, k.owner, k.name, k.scopes, k.roles, k.environment, k.expires_at, \
      k.disabled, k.revoked_at, k.meta, k.ratelimit_limit, k.ratelimit_period_s, k.key_prefix, k.created_at, \
-     k.updated_at, k.last_used_at, k.limits, k.credits, k.allowed_networks";
+     k.updated_at, k.last_used_at, k.limits, k.credits, k.allowed_networks, k.credits_revision, k.credits_reconciled_at";
 
 /// The columns [`alert_from_row`] reads, from `alerts`.
 pub(crate) const ALERT_COLUMNS: &str =
@@ -82,6 +82,8 @@ pub(crate) fn key_from_row(row: &impl Get) -> Result<KeyInfo, StoreError> {
         ratelimit: ratelimit_of(&limits),
         limits,
         credits: credits_from(row.opt_text("credits")?.as_deref())?,
+        credits_revision: revision_from(row.opt_int("credits_revision")?),
+        credits_reconciled_at: from_ms_opt(row.opt_int("credits_reconciled_at")?)?,
         allowed_networks: parse_json_list(&row.text("allowed_networks")?)?,
         created_at: from_ms(row.int("created_at")?)?,
         updated_at: from_ms_opt(row.opt_int("updated_at")?)?,
@@ -108,6 +110,7 @@ pub(crate) fn found_from_row(row: &impl Get) -> Result<Found, StoreError> {
             None => Vec::new(),
         },
         owner_credits: credits_from(row.opt_text("owner_credits")?.as_deref())?,
+        owner_credits_revision: revision_from(row.opt_int("owner_credits_revision")?),
         owner_allowed_networks: match row.opt_text("owner_allowed_networks")? {
             Some(json) => parse_json_list(&json)?,
             None => Vec::new(),

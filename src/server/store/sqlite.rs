@@ -28,6 +28,10 @@ super::token_queries!(sqlx::Sqlite, name_lock = super::no_lock);
 // Owners' limits and credits (issue 16).
 super::owners::owner_queries!(sqlx::Sqlite, name_lock = super::no_lock);
 
+// The credit reconciler (issue 16).
+#[cfg(feature = "redis")]
+super::credits::credit_queries!(sqlx::Sqlite);
+
 super::changelog::change_log_queries!(sqlx::Sqlite);
 
 static MIGRATOR: Migrator = sqlx::migrate!("src/server/store/migrations/sqlite");
