@@ -10,7 +10,9 @@
 //! - a refill restores credits once per interval across instances;
 //! - Redis cut mid-run: the fallback answers at once, both switches are counted, and
 //!   enforcement resumes;
-//! - a route of cost 10 exhausts 100 credits in 10 requests.
+//! - a route of cost 10 exhausts 100 credits in 10 requests;
+//! - the key service's reconciler shows what Redis holds, and an operator's new credits
+//!   restart the count.
 
 mod server_support;
 
@@ -398,4 +400,37 @@ async fn a_route_of_cost_ten_exhausts_a_hundred_credits_in_ten_requests() {
         let (status, code) = problem_code(&app, k.key.expose_secret()).await;
         assert_eq!((status, code.as_str()), (StatusCode::TOO_MANY_REQUESTS, "usage_exceeded"), "strict {strict}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_instances_spend_is_reconciled_into_the_store_and_a_top_up_restarts_the_count() {
+    let Some(url) = redis_url() else { return };
+    let prefix = prefix();
+    let (u, p) = (url.clone(), prefix.clone());
+    let t = TestServer::start_in(tempfile::tempdir().unwrap(), move |s| {
+        s.reconcile_credits(u, Duration::from_millis(200)).redis_prefix(p)
+    })
+    .await;
+    let credits = Credits { remaining: 100, refill: None };
+    let k = t.admin.create_key(NewKey { credits: Some(credits), ..new_key("acme", &["a:b"]) }).await.unwrap();
+    let key = k.key.expose_secret();
+    let limits = RedisLimits::builder(&url).prefix(&prefix).strict_credits(true).build().unwrap();
+    let first = app(&t, limits);
+    for _ in 0..30 {
+        assert_eq!(call(&first, "GET", "/items", key).await, StatusCode::OK);
+    }
+    let shown = server_support::eventually(Duration::from_secs(5), || async {
+        t.admin.get_key(&k.key_id).await.unwrap().credits.map(|c| c.remaining) == Some(70)
+    })
+    .await;
+    assert!(shown, "the admin API shows the 70 credits left in Redis: {:?}", t.admin.get_key(&k.key_id).await.unwrap());
+
+    // An operator sets the credits to 5: an instance that reads the new answer (here a
+    // new one, with a cold cache) counts from 5, not from what Redis had.
+    let patch =
+        keygate::client::KeyPatch { credits: Some(Some(Credits { remaining: 5, refill: None })), ..Default::default() };
+    t.admin.update_key(&k.key_id, &patch).await.unwrap();
+    let fresh = app(&t, RedisLimits::builder(&url).prefix(&prefix).strict_credits(true).build().unwrap());
+    let allowed = hammer(std::slice::from_ref(&fresh), key, 4, 20).await;
+    assert_eq!(allowed, 5, "the new credits, counted afresh");
 }
