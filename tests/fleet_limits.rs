@@ -276,11 +276,42 @@ async fn a_refill_restores_credits_once_per_interval_across_instances() {
 }
 
 /// A TCP proxy to Redis that can be cut (every connection dropped, new ones refused)
-/// and restored, as Redis stopping and coming back looks to its clients.
+/// and restored, as Redis stopping and coming back looks to its clients; or hung
+/// (connections accepted, bytes held unread both ways, as a stopped Redis process
+/// leaves them) and released; or made slow to answer (each answer held `delay`).
 struct CuttableRedis {
     addr: std::net::SocketAddr,
     up: Arc<AtomicBool>,
     generation: Arc<AtomicU64>,
+    hung: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
+}
+
+/// Copies `from` to `to`, holding each chunk while the proxy is hung (and, answers
+/// only, for the delay).
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    hung: Arc<AtomicBool>,
+    delay_ms: Option<Arc<AtomicU64>>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Some(d) = delay_ms.as_ref().map(|d| d.load(Ordering::SeqCst)).filter(|&d| d > 0) {
+            tokio::time::sleep(Duration::from_millis(d)).await;
+        }
+        while hung.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
 }
 
 impl CuttableRedis {
@@ -289,7 +320,8 @@ impl CuttableRedis {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (up, generation) = (Arc::new(AtomicBool::new(true)), Arc::new(AtomicU64::new(0)));
-        let (up2, gen2) = (up.clone(), generation.clone());
+        let (hung, delay_ms) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let (up2, gen2, hung2, delay2) = (up.clone(), generation.clone(), hung.clone(), delay_ms.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((mut client, _)) = listener.accept().await else { return };
@@ -297,21 +329,23 @@ impl CuttableRedis {
                     let _ = client.shutdown().await;
                     continue;
                 }
-                let (target, gen2) = (target.clone(), gen2.clone());
+                let (target, gen2, hung2, delay2) = (target.clone(), gen2.clone(), hung2.clone(), delay2.clone());
                 let born = gen2.load(Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let Ok(mut server) = TcpStream::connect(&target).await else { return };
-                    let copy = tokio::io::copy_bidirectional(&mut client, &mut server);
+                    let Ok(server) = TcpStream::connect(&target).await else { return };
+                    let ((cr, cw), (sr, sw)) = (client.into_split(), server.into_split());
+                    let up = pump(cr, sw, hung2.clone(), None);
+                    let down = pump(sr, cw, hung2, Some(delay2));
                     let cut = async {
                         while gen2.load(Ordering::SeqCst) == born {
                             tokio::time::sleep(Duration::from_millis(10)).await;
                         }
                     };
-                    tokio::select! { _ = copy => {}, _ = cut => {} }
+                    tokio::select! { _ = up => {}, _ = down => {}, _ = cut => {} }
                 });
             }
         });
-        Self { addr, up, generation }
+        Self { addr, up, generation, hung, delay_ms }
     }
 
     fn url(&self) -> String {
@@ -325,6 +359,14 @@ impl CuttableRedis {
 
     fn restore(&self) {
         self.up.store(true, Ordering::SeqCst);
+    }
+
+    fn hang(&self, hung: bool) {
+        self.hung.store(hung, Ordering::SeqCst);
+    }
+
+    fn delay(&self, d: Duration) {
+        self.delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
     }
 }
 
@@ -357,7 +399,9 @@ async fn redis_going_away_switches_to_the_fallback_and_back() {
     // Every request is answered (none hangs: `call` gives each 5 s), by the fallback or
     // by a lease still held, and the fail-closed engine refuses with 503.
     let started = Instant::now();
-    for _ in 0..200 {
+    // More than a lease holds (at most `max_lease`, 1 000, ahead): the lease runs low
+    // and its top-ups fail, whatever rate the warm-up showed.
+    for _ in 0..1200 {
         assert_eq!(call(&open_app, "GET", "/items", key).await, StatusCode::OK);
     }
     assert!(started.elapsed() < Duration::from_secs(5), "the fallback answers without waiting on Redis each time");
@@ -433,4 +477,318 @@ async fn what_instances_spend_is_reconciled_into_the_store_and_a_top_up_restarts
     let fresh = app(&t, RedisLimits::builder(&url).prefix(&prefix).strict_credits(true).build().unwrap());
     let allowed = hammer(std::slice::from_ref(&fresh), key, 4, 20).await;
     assert_eq!(allowed, 5, "the new credits, counted afresh");
+}
+
+/// `GET path` with a 5 s bound: its status and `RateLimit` field.
+async fn call_with_fields(app: &Router, path: &str, key: &str) -> (StatusCode, Option<String>) {
+    let req = Request::builder().uri(path).header(header::AUTHORIZATION, format!("Bearer {key}"));
+    let res = tokio::time::timeout(Duration::from_secs(5), app.clone().oneshot(req.body(Body::empty()).unwrap()))
+        .await
+        .expect("no request hangs")
+        .unwrap();
+    let field = res.headers().get("ratelimit").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    (res.status(), field)
+}
+
+/// The `r=` of a `RateLimit` field.
+fn remaining_of(field: &str) -> u64 {
+    let r = field.split(';').find_map(|p| p.strip_prefix("r=")).expect("r= in the RateLimit field");
+    r.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_redis_times_out_switches_to_the_fallback_and_back() {
+    let Some(url) = redis_url() else { return };
+    let t = TestServer::start().await;
+    let proxy = CuttableRedis::start(&url).await;
+    let credits = Credits { remaining: 1_000_000, refill: None };
+    let k = t.admin.create_key(NewKey { credits: Some(credits), ..new_key("acme", &["a:b"]) }).await.unwrap();
+    let limits = RedisLimits::builder(proxy.url()).prefix(prefix()).strict_credits(true).build().unwrap();
+    let app = app(&t, limits.clone());
+    let key = k.key.expose_secret();
+    for _ in 0..5 {
+        assert_eq!(call(&app, "GET", "/items", key).await, StatusCode::OK);
+    }
+    proxy.hang(true);
+    // Connections stay open and nothing answers: each call waits its 250 ms timeout at
+    // most (`call` allows 5 s), the third failure switches, then no call waits at all.
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let (app, key) = (app.clone(), key.to_owned());
+        clients.push(tokio::spawn(async move { call(&app, "GET", "/items", &key).await }));
+    }
+    for c in clients {
+        assert_eq!(c.await.unwrap(), StatusCode::OK, "answered by the fallback");
+    }
+    assert!(limits.stats().on_fallback, "{:?}", limits.stats());
+    assert_eq!(limits.stats().switched_to_fallback, 1);
+    for _ in 0..50 {
+        assert_eq!(call(&app, "GET", "/items", key).await, StatusCode::OK);
+    }
+    proxy.hang(false);
+    let back = server_support::eventually(Duration::from_secs(10), || async { !limits.stats().on_fallback }).await;
+    assert!(back, "switched back once Redis answers again: {:?}", limits.stats());
+    let before = limits.stats().redis_calls;
+    assert_eq!(call(&app, "GET", "/items", key).await, StatusCode::OK);
+    assert!(limits.stats().redis_calls > before, "charged in Redis again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_with_redis_hanging_gives_up_after_the_switch() {
+    let Some(url) = redis_url() else { return };
+    let t = TestServer::start().await;
+    let proxy = CuttableRedis::start(&url).await;
+    let limits = RedisLimits::builder(proxy.url()).prefix(prefix()).build().unwrap();
+    let app = app(&t, limits.clone());
+    let mut keys = Vec::new();
+    for _ in 0..40 {
+        let credits = Credits { remaining: 1000, refill: None };
+        let k = t.admin.create_key(NewKey { credits: Some(credits), ..new_key("acme", &["a:b"]) }).await.unwrap();
+        keys.push(k.key.expose_secret().to_owned());
+    }
+    // Warm every key's verification, then spend quickly: the second fetch of each key
+    // takes a lease ahead of need.
+    for key in &keys {
+        assert_eq!(call(&app, "GET", "/items", key).await, StatusCode::OK);
+    }
+    for key in &keys {
+        for _ in 0..3 {
+            assert_eq!(call(&app, "GET", "/items", key).await, StatusCode::OK);
+        }
+    }
+    let stats = limits.stats();
+    assert!(stats.units_taken > 40 * 4 + 20 * 10, "leases held ahead of need: {stats:?}");
+    proxy.hang(true);
+    // Giving back 40 leases one 250 ms timeout each would take 10 s; after the third
+    // failure Redis is known to be away and the rest cannot be given back anyway.
+    let done = tokio::time::timeout(Duration::from_secs(5), limits.shutdown()).await;
+    proxy.hang(false);
+    assert!(done.is_ok(), "shutdown is bounded when Redis hangs: {:?}", limits.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_charge_gives_back_what_redis_took() {
+    let Some(url) = redis_url() else { return };
+    let t = TestServer::start().await;
+    let proxy = CuttableRedis::start(&url).await;
+    for strict in [true, false] {
+        let credits = Credits { remaining: 100, refill: None };
+        let k = t.admin.create_key(NewKey { credits: Some(credits), ..new_key("acme", &["a:b"]) }).await.unwrap();
+        let prefix = prefix();
+        let limits = RedisLimits::builder(proxy.url())
+            .prefix(&prefix)
+            .strict_credits(strict)
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        let app = app(&t, limits.clone());
+        let key = k.key.expose_secret();
+        // The key service's answer is cached; Redis's connection is up.
+        assert_eq!(call(&app, "GET", "/items", key).await, StatusCode::OK);
+        // Redis applies each charge at once and its answer comes 500 ms later; the
+        // client goes away after 100 ms, while the charge waits on that answer.
+        proxy.delay(Duration::from_millis(500));
+        // One ran already; a request that found a unit in its lease (given back by a
+        // cancelled one) runs at once, and is counted.
+        let mut ran = 1;
+        for _ in 0..5 {
+            let req = Request::builder().uri("/items").header(header::AUTHORIZATION, format!("Bearer {key}"));
+            let fut = app.clone().oneshot(req.body(Body::empty()).unwrap());
+            if let Ok(res) = tokio::time::timeout(Duration::from_millis(100), fut).await {
+                assert!(!strict, "strict: every charge waits on Redis");
+                assert_eq!(res.unwrap().status(), StatusCode::OK);
+                ran += 1;
+            }
+        }
+        proxy.delay(Duration::ZERO);
+        // Let the late answers arrive.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        limits.shutdown().await;
+        let counted = format!("{prefix}credits:k:{}", k.key_id);
+        let exact = server_support::eventually(Duration::from_secs(5), || async {
+            credits_left(&url, &counted).await == 100 - ran
+        })
+        .await;
+        let left = credits_left(&url, &counted).await;
+        assert!(exact, "strict {strict}: {ran} requests ran, the rest went away: {left} of 100 left");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_a_busy_keys_limit_is_not_a_redis_failure() {
+    let Some(url) = redis_url() else { return };
+    let t = TestServer::start().await;
+    let k = t
+        .admin
+        .create_key(NewKey { limits: vec![Limit::new("requests", 1, 1).burst(10)], ..new_key("acme", &["a:b"]) })
+        .await
+        .unwrap();
+    let limits = RedisLimits::builder(&url).prefix(prefix()).strict_limit("requests").build().unwrap();
+    let key = k.key.expose_secret();
+    let before = app(&t, limits.clone());
+    for _ in 0..10 {
+        assert_eq!(call(&before, "GET", "/items", key).await, StatusCode::OK);
+    }
+    assert_eq!(call(&before, "GET", "/items", key).await, StatusCode::TOO_MANY_REQUESTS);
+    // The limit's next unit is 1 s away and its burst 10 s; at 1 000 a second with the
+    // same burst, the count Redis holds is 10 s ahead of a 10 ms burst.
+    let patch = keygate::client::KeyPatch {
+        limits: Some(vec![Limit::new("requests", 1000, 1).burst(10)]),
+        ..Default::default()
+    };
+    t.admin.update_key(&k.key_id, &patch).await.unwrap();
+    let after = app(&t, limits.clone());
+    for _ in 0..3 {
+        assert_eq!(call(&after, "GET", "/items", key).await, StatusCode::TOO_MANY_REQUESTS, "{:?}", limits.stats());
+    }
+    let stats = limits.stats();
+    assert_eq!((stats.redis_errors, stats.on_fallback), (0, false), "Redis answered every call: {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cost_above_the_burst_is_refused_and_does_not_lock_out_small_requests() {
+    let Some(url) = redis_url() else { return };
+    let t = TestServer::start().await;
+    for strict in [true, false] {
+        // One unit every 6 s, burst 10: 20 units at once are never there.
+        let limit = Limit::new("requests", 10, 60).burst(10);
+        let k = t.admin.create_key(NewKey { limits: vec![limit], ..new_key("acme", &["a:b"]) }).await.unwrap();
+        let mut builder = RedisLimits::builder(&url).prefix(prefix());
+        if strict {
+            builder = builder.strict_limit("requests");
+        }
+        let limits = builder.build().unwrap();
+        let verifier = HttpVerifier::builder(t.server.url()).service_token(SERVICE).build().unwrap();
+        let cached = CachedVerifier::builder(verifier).positive_ttl(Duration::from_secs(60)).build();
+        let app = Router::new()
+            .route("/items", get(|| async { "items" }))
+            .route("/big", get(|| async { "big" }).route_layer(Cost::new().limit("requests", 20)))
+            .layer(ApiKeyLayer::new(cached).fleet_limits(limits.clone()));
+        let key = k.key.expose_secret();
+        let (status, field) = call_with_fields(&app, "/items", key).await;
+        assert_eq!(status, StatusCode::OK);
+        let r = remaining_of(&field.expect("a RateLimit field"));
+        assert!(r <= 10, "strict {strict}: remaining {r} is above the burst");
+        for _ in 0..2 {
+            assert_eq!(call(&app, "GET", "/big", key).await, StatusCode::TOO_MANY_REQUESTS, "strict {strict}");
+        }
+        for i in 0..5 {
+            let (status, field) = call_with_fields(&app, "/items", key).await;
+            assert_eq!(status, StatusCode::OK, "strict {strict}: request {i} of one unit, with 8 left");
+            let r = remaining_of(&field.expect("a RateLimit field"));
+            assert!(r <= 10, "strict {strict}: remaining {r} is above the burst");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn credits_spent_while_redis_was_down_from_the_start_are_debited() {
+    let Some(url) = redis_url() else { return };
+    let t = TestServer::start().await;
+    let proxy = CuttableRedis::start(&url).await;
+    proxy.cut();
+    let credits = Credits { remaining: 100, refill: None };
+    let k = t.admin.create_key(NewKey { credits: Some(credits), ..new_key("acme", &["a:b"]) }).await.unwrap();
+    let prefix = prefix();
+    let limits = RedisLimits::builder(proxy.url()).prefix(&prefix).build().unwrap();
+    let app = app(&t, limits.clone());
+    let key = k.key.expose_secret();
+    // A new instance (or a key new to it) while Redis is away: its lease never had a
+    // grant, so it knows the count only from the key's stated credits.
+    for _ in 0..10 {
+        assert_eq!(call(&app, "GET", "/items", key).await, StatusCode::OK);
+    }
+    assert!(limits.stats().on_fallback);
+    proxy.restore();
+    let counted = format!("{prefix}credits:k:{}", k.key_id);
+    let debited =
+        server_support::eventually(Duration::from_secs(10), || async { credits_left(&url, &counted).await == 90 })
+            .await;
+    let left = credits_left(&url, &counted).await;
+    assert!(debited, "the 10 spent while down are debited once Redis is back: {left} left; {:?}", limits.stats());
+    assert_eq!(call(&app, "GET", "/items", key).await, StatusCode::OK);
+    limits.shutdown().await;
+    assert_eq!(credits_left(&url, &counted).await, 89);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_refusal_gives_the_charge_back_whatever_the_routes_cost() {
+    let Some(url) = redis_url() else { return };
+    let t = TestServer::start().await;
+    for strict in [true, false] {
+        let credits = Credits { remaining: 100, refill: None };
+        let k = t.admin.create_key(NewKey { credits: Some(credits), ..new_key("acme", &["a:b"]) }).await.unwrap();
+        let prefix = prefix();
+        let limits = RedisLimits::builder(&url).prefix(&prefix).strict_credits(strict).build().unwrap();
+        let verifier = HttpVerifier::builder(t.server.url()).service_token(SERVICE).build().unwrap();
+        let cached = CachedVerifier::builder(verifier).positive_ttl(Duration::from_secs(60)).build();
+        let denied = |cost: Option<Cost>| {
+            let policy = keygate::RequireScopes::all(["x:y"]);
+            get(|| async { "no" }).route_layer(match cost {
+                Some(c) => policy.cost(c),
+                None => policy,
+            })
+        };
+        let app = Router::new()
+            .route("/items", get(|| async { "items" }))
+            .route("/denied", denied(None))
+            .route("/denied-big", denied(Some(Cost::new().credits(10))))
+            .route("/denied-free", denied(Some(Cost::free())))
+            .route(
+                "/free",
+                get(|| async { "free" }).route_layer(keygate::RequireScopes::all(["a:b"]).cost(Cost::free())),
+            )
+            .route(
+                "/big",
+                get(|| async { "big" }).route_layer(keygate::RequireScopes::all(["a:b"]).cost(Cost::new().credits(10))),
+            )
+            .layer(ApiKeyLayer::new(cached).fleet_limits(limits.clone()));
+        let key = k.key.expose_secret();
+        for path in ["/denied", "/denied-big", "/denied-free"] {
+            for _ in 0..3 {
+                assert_eq!(call(&app, "GET", path, key).await, StatusCode::FORBIDDEN, "strict {strict}: {path}");
+            }
+        }
+        for _ in 0..3 {
+            assert_eq!(call(&app, "GET", "/free", key).await, StatusCode::OK);
+        }
+        assert_eq!(call(&app, "GET", "/items", key).await, StatusCode::OK);
+        assert_eq!(call(&app, "GET", "/big", key).await, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        limits.shutdown().await;
+        let counted = format!("{prefix}credits:k:{}", k.key_id);
+        let exact =
+            server_support::eventually(Duration::from_secs(5), || async { credits_left(&url, &counted).await == 89 })
+                .await;
+        let left = credits_left(&url, &counted).await;
+        assert!(exact, "strict {strict}: 1 + 10 spent, the refused and the free ones cost nothing: {left} left");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_keys_stays_within_max_leases_and_is_charged_exactly_beyond() {
+    let Some(url) = redis_url() else { return };
+    let t = TestServer::start().await;
+    let prefix = prefix();
+    let limits = RedisLimits::builder(&url).prefix(&prefix).max_leases(8).build().unwrap();
+    let app = app(&t, limits.clone());
+    let mut keys = Vec::new();
+    for _ in 0..20 {
+        let credits = Credits { remaining: 5, refill: None };
+        keys.push(t.admin.create_key(NewKey { credits: Some(credits), ..new_key("acme", &["a:b"]) }).await.unwrap());
+    }
+    for k in &keys {
+        let mut allowed = 0;
+        for _ in 0..8 {
+            if call(&app, "GET", "/items", k.key.expose_secret()).await == StatusCode::OK {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 5, "each key its 5 credits, leased or strict");
+        assert!(limits.stats().leases <= 8, "{:?}", limits.stats());
+    }
+    limits.shutdown().await;
+    for k in &keys {
+        assert_eq!(credits_left(&url, &format!("{prefix}credits:k:{}", k.key_id)).await, 0);
+    }
 }

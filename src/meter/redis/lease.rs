@@ -65,6 +65,10 @@ struct State {
     /// What Redis had left after the last grant (for `RateLimit` fields).
     left: u64,
     refused_until: Option<Instant>,
+    /// What Redis was short of when it refused: only a request lacking at least as much
+    /// is refused here. A refusal of a big cost (one above the burst waits long) must
+    /// not refuse small ones that Redis would admit.
+    refused_lack: u64,
     /// Spent since the last fetch, and since when: the observed rate sizes the next lease.
     spent: u64,
     /// Spent ever (refunds aside): unchanged between sweeps means idle.
@@ -81,6 +85,9 @@ struct State {
     idle_sweeps: u32,
     /// Spent while Redis was down (credits only): debited when it is back.
     pub(super) owed: u64,
+    /// The count `owed` was spent against: a lease made while Redis was down holds no
+    /// origin of its own, and its debit would match no count.
+    owed_origin: Origin,
 }
 
 impl Lease {
@@ -91,6 +98,7 @@ impl Lease {
                 origin: Origin::default(),
                 left: 0,
                 refused_until: None,
+                refused_lack: 0,
                 spent: 0,
                 total: 0,
                 low_water: 0,
@@ -100,6 +108,7 @@ impl Lease {
                 swept_total: 0,
                 idle_sweeps: 0,
                 owed: 0,
+                owed_origin: Origin::default(),
             }),
             fetch: tokio::sync::Mutex::new(()),
         }
@@ -128,10 +137,11 @@ impl Lease {
         }
         if let Some(until) = s.refused_until {
             let now = Instant::now();
-            if now < until {
+            if now >= until {
+                s.refused_until = None;
+            } else if units - s.held >= s.refused_lack {
                 return Local::Refused { wait: until - now };
             }
-            s.refused_until = None;
         }
         Local::Fetch
     }
@@ -176,11 +186,13 @@ impl Lease {
         s.refused_until = None;
     }
 
-    /// Redis refused: refuse here too for `wait`.
-    pub(super) fn refused(&self, wait: Duration, left: u64) {
+    /// Redis refused to grant `lack` units: refuse requests lacking as much here too
+    /// for `wait`.
+    pub(super) fn refused(&self, wait: Duration, left: u64, lack: u64) {
         let mut s = self.lock();
         s.left = left;
         s.refused_until = Some(Instant::now() + wait);
+        s.refused_lack = lack;
     }
 
     /// At a sweep: the held units and their origin if the lease was idle since the last
@@ -210,17 +222,25 @@ impl Lease {
         (std::mem::take(&mut s.held), s.origin)
     }
 
-    /// Notes `units` spent while Redis was down.
-    pub(super) fn owe(&self, units: u64) {
+    /// Notes `units` spent while Redis was down from the count `origin` names.
+    pub(super) fn owe(&self, units: u64, origin: Origin) {
         let mut s = self.lock();
         s.owed = s.owed.saturating_add(units);
+        s.owed_origin = origin;
     }
 
     /// What was spent while Redis was down, to debit now, with the origin it counts
     /// against.
     pub(super) fn take_owed(&self) -> (u64, Origin) {
         let mut s = self.lock();
-        (std::mem::take(&mut s.owed), s.origin)
+        (std::mem::take(&mut s.owed), s.owed_origin)
+    }
+
+    /// Whether forgetting it loses nothing: nothing held or owed, unused since the last
+    /// sweep.
+    pub(super) fn is_empty(&self) -> bool {
+        let s = self.lock();
+        s.held == 0 && s.owed == 0 && s.total == s.swept_total
     }
 }
 
@@ -257,10 +277,27 @@ mod tests {
     #[test]
     fn a_refusal_is_remembered_until_its_wait() {
         let l = Lease::new();
-        l.refused(Duration::from_secs(60), 0);
+        l.refused(Duration::from_secs(60), 0, 1);
         assert!(matches!(l.try_spend(1, None), Local::Refused { .. }));
-        l.refused(Duration::ZERO, 0);
+        l.refused(Duration::ZERO, 0, 1);
         assert_eq!(l.try_spend(1, None), Local::Fetch);
+    }
+
+    #[test]
+    fn a_refusal_of_a_big_need_does_not_refuse_small_ones() {
+        let l = Lease::new();
+        // Redis could not grant 19 units (a cost above the burst waits long for them).
+        l.refused(Duration::from_secs(60), 0, 19);
+        assert_eq!(l.try_spend(1, None), Local::Fetch, "one unit may well be there");
+        assert!(matches!(l.try_spend(19, None), Local::Refused { .. }));
+        assert!(matches!(l.try_spend(30, None), Local::Refused { .. }));
+    }
+
+    #[test]
+    fn what_is_owed_counts_against_the_count_it_was_spent_from() {
+        let l = Lease::new();
+        l.owe(3, origin(7));
+        assert_eq!(l.take_owed(), (3, origin(7)), "not the default origin of a lease that never fetched");
     }
 
     #[test]

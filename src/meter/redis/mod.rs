@@ -152,8 +152,8 @@ impl RedisLimitsBuilder {
         self
     }
 
-    /// Most buckets leased at once (default 100 000); past it, idle ones are forgotten
-    /// first, and a new one that finds no room is charged strictly.
+    /// Most buckets leased at once (default 100 000); past it, a new one is charged
+    /// strictly until the sweeper forgets leases idle for a minute.
     pub fn max_leases(mut self, max: usize) -> Self {
         self.max_leases = max;
         self
@@ -308,11 +308,21 @@ impl RedisLimits {
     /// instance stops; what is not given back is lost to credits, and to limits until
     /// their time passes).
     pub async fn shutdown(&self) {
+        // Redis may be back before the probe noticed: what is held would be lost for
+        // nothing (the loop below stops while the engine is down).
+        if self.engine.down.load(Ordering::Acquire) {
+            self.engine.probe().await;
+        }
         let leases: Vec<_> = {
             let map = self.engine.leases.read().unwrap_or_else(|e| e.into_inner());
             map.iter().map(|(b, l)| (b.clone(), l.clone())).collect()
         };
         for (bucket, lease) in leases {
+            // Each call to a Redis that hangs waits the full timeout: once three failed
+            // (the engine switched), the rest would only wait too and be lost anyway.
+            if self.engine.down.load(Ordering::Acquire) {
+                break;
+            }
             let (held, origin) = lease.take_all();
             if held > 0 {
                 self.engine.give(&bucket, held, &origin, lease.emission_us()).await;
@@ -369,6 +379,9 @@ struct Engine {
     stats: Counters,
     full_warned: AtomicBool,
 }
+
+/// How long an untouched credits count lives in Redis.
+const CREDITS_EXPIRY_S: u64 = 40 * 24 * 3600;
 
 /// Failed Redis calls in a row that switch the engine to its fallback.
 const FAILURES_TO_SWITCH: u64 = 3;
@@ -454,7 +467,7 @@ impl Engine {
         match &step.measure {
             Measure::Credits { credits, origin } => {
                 let refill = credits.refill.map_or(-1, |r| r.amount() as i64);
-                let expiry = 40 * 24 * 3600_u64;
+                let expiry = CREDITS_EXPIRY_S;
                 let mut inv = scripts::TAKE_CREDITS.key(&key);
                 inv.arg(want)
                     .arg(lack)
@@ -535,7 +548,7 @@ impl Engine {
         match self.take(step, want, lack).await {
             Err(Unreachable) => self.fall_back(step, Some(&lease)),
             Ok(Err(refused)) => {
-                lease.refused(self.refusal_wait(&refused), 0);
+                lease.refused(self.refusal_wait(&refused), 0, lack);
                 Err(refused)
             }
             Ok(Ok((granted, left, origin))) => {
@@ -563,7 +576,7 @@ impl Engine {
             Err(Unreachable) => self.fall_back(step, None),
             Ok(Err(refused)) => {
                 if let Some(lease) = lease {
-                    lease.refused(self.refusal_wait(&refused), 0);
+                    lease.refused(self.refusal_wait(&refused), 0, step.units);
                 }
                 Err(refused)
             }
@@ -608,7 +621,7 @@ impl Engine {
                 };
                 self.fallback.apply(&p, &s, now)
             }
-            Measure::Credits { credits, .. } => {
+            Measure::Credits { credits, origin } => {
                 let share =
                     Credits { remaining: credits.remaining / n, refill: credits.refill.map(|r| scale_refill(r, n)) };
                 let s = match step.bucket.holder {
@@ -618,7 +631,7 @@ impl Engine {
                 let r = self.fallback.apply(&p, &s, now);
                 if r.is_ok() {
                     if let Some(lease) = lease {
-                        lease.owe(step.units);
+                        lease.owe(step.units, *origin);
                     }
                 }
                 r
@@ -815,7 +828,22 @@ impl LimitEngine for RedisLimits {
             return Charge::Done(done);
         }
         let (engine, steps) = (self.engine.clone(), owned_steps(p, quota, cost));
-        Charge::Wait(Box::pin(async move { engine.charge_all(steps).await }))
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return Charge::Wait(Box::pin(async move { engine.charge_all(steps).await }));
+        };
+        // The charge runs on its own: a request dropped while a Redis call is in flight
+        // (the client went away) would drop the call's answer, and with it the units
+        // Redis took. Finished, a charge nobody waits for any more is given back.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        rt.spawn(async move {
+            let result = engine.clone().charge_all(steps.clone()).await;
+            if let Err(Ok(_)) = tx.send(result) {
+                for step in steps {
+                    engine.refund_step(step);
+                }
+            }
+        });
+        Charge::Wait(Box::pin(async move { rx.await.unwrap_or(Err(Refused::Unavailable(Duration::from_secs(1)))) }))
     }
 
     fn refund(&self, p: &Principal, quota: &Quota, cost: &Cost) {
@@ -953,9 +981,16 @@ async fn sweeper(engine: Weak<Engine>) {
         };
         let mut forget = Vec::new();
         for (bucket, lease) in leases {
+            // As at shutdown: a hanging Redis would hold this sweep (and the probe that
+            // notices Redis coming back) one timeout per lease; what is held stays.
+            if engine.down.load(Ordering::Acquire) {
+                break;
+            }
             let (owed, origin) = lease.take_owed();
-            if owed > 0 && bucket.name.is_none() {
-                engine.debit(&bucket, owed, &origin).await;
+            // A debit that fails is owed still: dropped, what was spent while Redis was
+            // down (or on this sweep's first failed call) would never be counted.
+            if owed > 0 && bucket.name.is_none() && !engine.debit(&bucket, owed, &origin).await {
+                lease.owe(owed, origin);
             }
             let (returned, idle) = lease.sweep(60);
             if let Some((units, origin)) = returned {
@@ -968,7 +1003,12 @@ async fn sweeper(engine: Weak<Engine>) {
         if !forget.is_empty() {
             let mut map = engine.leases.write().unwrap_or_else(|e| e.into_inner());
             for bucket in forget {
-                map.remove(&bucket);
+                // The sweep awaited Redis since it found this lease idle: a request may
+                // have taken it (a clone) or filled it meanwhile, and a lease dropped
+                // then would lose what it holds.
+                if map.get(&bucket).is_some_and(|l| Arc::strong_count(l) == 1 && l.is_empty()) {
+                    map.remove(&bucket);
+                }
             }
             engine.full_warned.store(false, Ordering::Relaxed);
         }
@@ -987,10 +1027,57 @@ impl Engine {
         }
     }
 
-    /// Debits credits spent while Redis was down (never below zero).
-    async fn debit(&self, bucket: &Bucket, units: u64, origin: &Origin) {
+    /// Debits credits spent while Redis was down (never below zero); whether Redis
+    /// answered.
+    async fn debit(&self, bucket: &Bucket, units: u64, origin: &Origin) -> bool {
         let mut inv = scripts::DEBIT_CREDITS.key(self.key(bucket));
-        inv.arg(units).arg(origin.tag());
-        let _ = self.call::<i64>(inv).await;
+        let refill = origin.refill.map_or(-1, |r| r.amount() as i64);
+        inv.arg(units)
+            .arg(origin.tag())
+            .arg(origin.remaining)
+            .arg(refill)
+            .arg(origin.refilled_at)
+            .arg(CREDITS_EXPIRY_S);
+        self.call::<i64>(inv).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use time::macros::datetime;
+
+    use super::*;
+
+    fn at(r: Refill, now: OffsetDateTime) -> OffsetDateTime {
+        let c = Credits { remaining: 1, refill: Some(r) };
+        OffsetDateTime::from_unix_timestamp(refilled_at(&c, now)).unwrap()
+    }
+
+    #[test]
+    fn the_latest_refill_is_at_or_before_now_and_the_next_is_after() {
+        let monthly = Refill::Monthly { day: 31, amount: 1 };
+        // Day 31 falls on a month's last day; exactly at a refill time, that refill.
+        assert_eq!(at(monthly, datetime!(2026-03-31 00:00 UTC)), datetime!(2026-03-31 00:00 UTC));
+        assert_eq!(at(monthly, datetime!(2026-03-30 23:59:59 UTC)), datetime!(2026-02-28 00:00 UTC));
+        assert_eq!(at(monthly, datetime!(2026-04-15 12:00 UTC)), datetime!(2026-03-31 00:00 UTC));
+        assert_eq!(at(monthly, datetime!(2024-03-01 00:00 UTC)), datetime!(2024-02-29 00:00 UTC));
+        assert_eq!(at(monthly, datetime!(2027-01-01 00:00 UTC)), datetime!(2026-12-31 00:00 UTC));
+        let every = Refill::Every { interval_s: 7, amount: 1 };
+        for s in [0_i64, 1, 6, 7, 8, 1_764_633_601] {
+            let now = OffsetDateTime::from_unix_timestamp(s).unwrap();
+            let last = at(every, now);
+            assert!(last <= now && every.next_after(now) > now && every.next_after(last) > now, "at {s}");
+        }
+        let daily = Refill::Daily { amount: 1 };
+        assert_eq!(at(daily, datetime!(2026-12-01 00:00 UTC)), datetime!(2026-12-01 00:00 UTC));
+        assert_eq!(at(daily, datetime!(2026-12-01 23:59:59 UTC)), datetime!(2026-12-01 00:00 UTC));
+    }
+
+    #[test]
+    fn a_huge_limit_keeps_a_whole_microsecond_interval() {
+        let l = Limit::new("requests", 1_000_000_000_000_000, 1);
+        assert_eq!(emission_us(&l), 1, "never 0, which would divide by zero in the script");
+        let l = Limit::new("requests", 1, 31 * 86_400);
+        assert_eq!(emission_us(&l), 31 * 86_400 * 1_000_000);
     }
 }

@@ -59,15 +59,33 @@ return 1
 });
 
 /// Debits `units` spent while Redis was down from a count of `revision`, never below 0.
+/// A count Redis does not hold yet (the key was first used while Redis was away) is
+/// seeded first, and a refill due is applied first, as a take would: else the take
+/// that seeds or refills it later would drop the debit.
 ///
-/// KEYS[1] the credits hash. ARGV: units, revision. Returns what is left.
+/// KEYS[1] the credits hash. ARGV: units, revision, seed remaining, refill amount (-1:
+/// none), refill due at (-1: none), idle expiry in seconds. Returns what is left (-1:
+/// another revision's count, nothing debited).
 pub(super) static DEBIT_CREDITS: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"
-if redis.call('HGET', KEYS[1], '{REVISION}') ~= ARGV[2] then return -1 end
-local rem = tonumber(redis.call('HGET', KEYS[1], '{REMAINING}') or '0')
+local due = tonumber(ARGV[5])
+local rem = redis.call('HGET', KEYS[1], '{REMAINING}')
+if rem == false then
+  rem = tonumber(ARGV[3])
+  redis.call('HSET', KEYS[1], '{REVISION}', ARGV[2], '{REFILLED_AT}', due)
+elseif redis.call('HGET', KEYS[1], '{REVISION}') ~= ARGV[2] then
+  return -1
+else
+  rem = tonumber(rem)
+  if due >= 0 and tonumber(redis.call('HGET', KEYS[1], '{REFILLED_AT}') or '-1') < due then
+    rem = tonumber(ARGV[4])
+    redis.call('HSET', KEYS[1], '{REFILLED_AT}', due)
+  end
+end
 rem = math.max(0, rem - tonumber(ARGV[1]))
 redis.call('HSET', KEYS[1], '{REMAINING}', rem)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
 return rem
 "#
     ))
