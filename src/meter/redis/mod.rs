@@ -545,7 +545,7 @@ impl Engine {
                 Err(refused)
             }
             Ok(Ok((granted, left, origin))) => {
-                lease.add(granted, left, origin.clone(), emission(step));
+                lease.add(granted, left, origin, emission(step));
                 match lease.try_spend(step.units, origin.as_ref()) {
                     Local::Spent { left, .. } => Ok(spent_state(step, left)),
                     // Granted at least the lack, under the origin just set: cannot miss.
