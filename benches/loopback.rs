@@ -4,12 +4,13 @@
 //!
 //! ```sh
 //! cargo bench --bench loopback                  # 5 rounds of 3 s per variant
+//! KEYGATE_BENCH_REDIS_URL=redis://127.0.0.1:6379 cargo bench --bench loopback   # and fleet limits
 //! LOOPBACK_ROUNDS=9 LOOPBACK_SECS=5 cargo bench --bench loopback
 //! cargo bench --bench loopback -- --rounds 9 --secs 5 --slice 0.5 --warmup 1
 //! ```
 //!
 //! Variants, all answering `GET /reports` with the same handler and receiving the same
-//! request (`Authorization: Bearer <a real key>`):
+//! request (`Authorization: Bearer <a real key>`; the key differs only for fleet limits):
 //! - `bare`: the route alone;
 //! - `tower-http bearer`: tower-http's `ValidateRequestHeaderLayer::bearer`, the floor
 //!   of any auth layer;
@@ -18,7 +19,17 @@
 //!   against the reference key service (SQLite in memory, in its own runtime and
 //!   thread, unpinned), the revocation event stream followed, usage exported to the
 //!   key service through `UsageAggregator` + `HttpUsageExporter`;
-//! - `keygate production, usage off`: the same without usage events.
+//! - `keygate production, usage off`: the same without usage events;
+//! - `keygate production, fleet limits`: `keygate production` plus
+//!   `ApiKeyLayer::fleet_limits` on a `RedisLimits` (defaults, a key prefix of its own per
+//!   run), called with a key of its own carrying a `requests` limit and credits of
+//!   10^15 (the most the key service takes, never exhausted by a run): each request
+//!   spends 1 from the limit and 1 credit from leases taken from Redis. Run only when
+//!   `KEYGATE_BENCH_REDIS_URL` names a Redis; otherwise a line says it was skipped. The
+//!   other variants' key has neither, so they do no limit work;
+//! - `keygate production, per-process limits` (with the fleet variant only): the fleet
+//!   key on `keygate production` without `fleet_limits`, its limit and credits counted
+//!   in this process: the fleet variant's difference from it is what Redis adds.
 //!
 //! The app runs on one thread named `app`, a current-thread Tokio runtime pinned to
 //! CPU 0, so everything the middleware causes (the event stream, the usage exporter's
@@ -30,8 +41,8 @@
 //! on a machine shared with other work, every variant of a round sees the same
 //! neighbours. A round's figure for a variant is the app thread's CPU time
 //! (`CLOCK_THREAD_CPUTIME_ID`, read on that thread before and after each slice) divided
-//! by the requests it answered, so neither the load generator's nor the key service's
-//! work is counted. Each ratio is taken against the same round's bare figure; the table
+//! by the requests it answered, so neither the load generator's, the key service's nor
+//! Redis's work is counted (the engine's Redis client, on the app thread, is). Each ratio is taken against the same round's bare figure; the table
 //! shows medians over rounds (default 5). `--slice` equal to `--secs` runs each variant
 //! once per round, in one piece. Every response must be a 200: a variant with any other
 //! answer is flagged.
@@ -64,7 +75,7 @@ mod bench {
     use keygate::client::{AdminClient, NewKey};
     use keygate::server::{KeyServer, RunningKeyServer};
     use keygate::{
-        AggregatorHandle, ApiKey, ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, Principal,
+        AggregatorHandle, ApiKey, ApiKeyLayer, CachedVerifier, HttpUsageExporter, HttpVerifier, Principal, RedisLimits,
         RequireScopes, RevocationListener, ScopeSet, StaticVerifier, UsageAggregator, Verifier,
     };
     use tokio::sync::oneshot;
@@ -77,6 +88,10 @@ mod bench {
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
     const APP_CPU: usize = 0;
     const LOAD_CPU: usize = 1;
+    const REDIS_ENV: &str = "KEYGATE_BENCH_REDIS_URL";
+    /// The fleet key's `requests` limit (per second) and credits: the key service's
+    /// largest amount, beyond what any run spends.
+    const FLEET_AMOUNT: u64 = keygate::quota::MAX_QUOTA_AMOUNT;
 
     #[derive(Clone, Copy)]
     struct Config {
@@ -139,13 +154,15 @@ mod bench {
         verifier: CachedVerifier<HttpVerifier>,
         events: RevocationListener,
         pipeline: Option<AggregatorHandle>,
+        limits: Option<RedisLimits>,
     }
 
     /// keygate as `examples/protected.rs` and the README set it up: remote verification
     /// behind the cache with its defaults, the event stream, usage exported to the key
-    /// service (when `usage`). Must be called on the app's runtime: the listener and the
-    /// aggregator spawn their tasks there.
-    fn production(key_service: &str, usage: bool) -> (Router, Production) {
+    /// service (when `usage`), limits counted in Redis (when `limits`). Must be called on
+    /// the app's runtime: the listener, the aggregator and the limits' engine spawn their
+    /// tasks there.
+    fn production(key_service: &str, usage: bool, limits: Option<RedisLimits>) -> (Router, Production) {
         let urls = vec![key_service.to_owned()];
         let remote = HttpVerifier::builder(urls.clone()).service_token(SERVICE_TOKEN).build().expect("verifier");
         let verifier = CachedVerifier::builder(remote).build();
@@ -159,17 +176,47 @@ mod bench {
             layer = layer.usage(sink);
             pipeline = Some(handle);
         }
-        (protected(layer), Production { verifier, events, pipeline })
+        if let Some(limits) = &limits {
+            layer = layer.fleet_limits(limits.clone());
+        }
+        (protected(layer), Production { verifier, events, pipeline, limits })
     }
 
     /// The app thread's side: where each variant listens, and how to reach its runtime.
     struct App {
         runtime: tokio::runtime::Handle,
-        variants: Vec<(&'static str, SocketAddr)>,
+        /// Name, address and the `Authorization` value its requests carry.
+        variants: Vec<(&'static str, SocketAddr, HeaderValue)>,
         stop: oneshot::Sender<()>,
     }
 
-    fn app_thread(key_service: String, key: String, ready: std::sync::mpsc::Sender<App>) -> Vec<String> {
+    /// The keys the variants call with.
+    #[derive(Clone)]
+    struct Keys {
+        /// No limits nor credits: every variant but the fleet one.
+        plain: String,
+        /// A `requests` limit and credits, for fleet limits.
+        fleet: String,
+    }
+
+    /// Where the fleet variant counts: Redis's URL and the run's key prefix.
+    #[derive(Clone)]
+    struct Fleet {
+        url: String,
+        prefix: String,
+    }
+
+    fn authorization(key: &str) -> HeaderValue {
+        HeaderValue::from_str(&format!("Bearer {key}")).expect("header")
+    }
+
+    fn app_thread(
+        key_service: String,
+        keys: Keys,
+        fleet: Option<Fleet>,
+        ready: std::sync::mpsc::Sender<App>,
+    ) -> Vec<String> {
+        let key = keys.plain.clone();
         let pinned = pin(APP_CPU);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("app runtime");
         rt.block_on(async move {
@@ -183,24 +230,38 @@ mod bench {
                 .scopes(ScopeSet::parse(["reports:read"]).expect("scopes"))
                 .build();
             let stat = StaticVerifier::new().with_key(&ApiKey::new(key.clone()), principal);
-            let (with_usage, prod) = production(&key_service, true);
-            let (without_usage, prod_quiet) = production(&key_service, false);
-            let routers = vec![
-                ("bare", route()),
-                ("tower-http bearer", route().layer(bearer)),
-                ("keygate + StaticVerifier", protected(ApiKeyLayer::new(stat))),
-                ("keygate production", with_usage),
-                ("keygate production, usage off", without_usage),
+            let (with_usage, prod) = production(&key_service, true, None);
+            let (without_usage, prod_quiet) = production(&key_service, false, None);
+            let plain = authorization(&keys.plain);
+            let mut routers = vec![
+                ("bare", route(), plain.clone()),
+                ("tower-http bearer", route().layer(bearer), plain.clone()),
+                ("keygate + StaticVerifier", protected(ApiKeyLayer::new(stat)), plain.clone()),
+                ("keygate production", with_usage, plain.clone()),
+                ("keygate production, usage off", without_usage, plain),
             ];
+            let mut prods = vec![("keygate production", prod), ("keygate production, usage off", prod_quiet)];
+            if let Some(fleet) = &fleet {
+                // The fleet key's limit and credits counted per process: what the limits
+                // cost without Redis (the response's rate-limit fields included).
+                let (router, prod_local) = production(&key_service, true, None);
+                routers.push(("keygate production, per-process limits", router, authorization(&keys.fleet)));
+                prods.push(("keygate production, per-process limits", prod_local));
+                let limits =
+                    RedisLimits::builder(fleet.url.clone()).prefix(fleet.prefix.clone()).build().expect("fleet limits");
+                let (router, prod_fleet) = production(&key_service, true, Some(limits));
+                routers.push(("keygate production, fleet limits", router, authorization(&keys.fleet)));
+                prods.push(("keygate production, fleet limits", prod_fleet));
+            }
             let mut variants = Vec::new();
-            for (name, router) in routers {
+            for (name, router, auth) in routers {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                variants.push((name, listener.local_addr().expect("addr")));
+                variants.push((name, listener.local_addr().expect("addr"), auth));
                 tokio::spawn(async move { axum::serve(listener, router).await.expect("serve") });
             }
             // Measure with the event streams up, as in production.
             let deadline = Instant::now() + Duration::from_secs(10);
-            while !(prod.events.is_connected() && prod_quiet.events.is_connected()) {
+            while !prods.iter().all(|(_, p)| p.events.is_connected()) {
                 assert!(Instant::now() < deadline, "the revocation listeners did not connect within 10 s");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -208,12 +269,19 @@ mod bench {
             ready.send(App { runtime: tokio::runtime::Handle::current(), variants, stop }).expect("main waits");
             let _ = stopped.await;
             let mut report = Vec::new();
-            for (name, p) in [("keygate production", prod), ("keygate production, usage off", prod_quiet)] {
+            for (name, p) in prods {
                 report.push(format!("{name}: cache {:?}; listener {:?}", p.verifier.stats(), p.events.stats()));
                 p.events.shutdown().await;
                 if let Some(pipeline) = p.pipeline {
                     report.push(format!("{name}: usage {:?}", pipeline.shutdown().await));
                 }
+                if let Some(limits) = p.limits {
+                    report.push(format!("{name}: limits {:?}", limits.stats()));
+                    limits.shutdown().await;
+                }
+            }
+            if let Some(fleet) = &fleet {
+                forget_prefix(&fleet.url, &fleet.prefix).await;
             }
             report
         })
@@ -380,11 +448,11 @@ mod bench {
         errors: Vec<BTreeMap<String, u64>>,
     }
 
-    async fn drive(app: &App, cfg: &Config, auth: HeaderValue) -> Results {
+    async fn drive(app: &App, cfg: &Config) -> Results {
         let n = app.variants.len();
-        let mut clients: Vec<Client> = app.variants.iter().map(|(_, addr)| Client::new(*addr)).collect();
-        for ((name, _), client) in app.variants.iter().zip(&mut clients) {
-            let warm = client.run(&auth, Instant::now() + Duration::from_secs_f64(cfg.warmup)).await;
+        let mut clients: Vec<Client> = app.variants.iter().map(|(_, addr, _)| Client::new(*addr)).collect();
+        for ((name, _, auth), client) in app.variants.iter().zip(&mut clients) {
+            let warm = client.run(auth, Instant::now() + Duration::from_secs_f64(cfg.warmup)).await;
             if !warm.errors.is_empty() {
                 eprintln!("warm-up of {name}: {:?}", warm.errors);
             }
@@ -400,7 +468,7 @@ mod bench {
                     let cpu0 = app_cpu(&app.runtime).await;
                     let load0 = thread_cpu();
                     let t0 = Instant::now();
-                    let done = clients[v].run(&auth, t0 + slice).await;
+                    let done = clients[v].run(&app.variants[v].2, t0 + slice).await;
                     let wall = t0.elapsed();
                     let load_cpu = thread_cpu() - load0;
                     let cpu = app_cpu(&app.runtime).await - cpu0;
@@ -416,7 +484,7 @@ mod bench {
             }
             // How busy each side was: far below 100 %, the machine is shared.
             let mut line = format!("round {}:", r + 1);
-            for ((name, _), sample) in app.variants.iter().zip(&round) {
+            for ((name, _, _), sample) in app.variants.iter().zip(&round) {
                 line += &format!(
                     " {name} {:.2} µs (app {:.0} %, load {:.0} %);",
                     sample.cpu_per_request(),
@@ -456,7 +524,7 @@ mod bench {
         format!("{cpus} CPUs (nproc), {model}")
     }
 
-    async fn key_service() -> (RunningKeyServer, String) {
+    async fn key_service() -> (RunningKeyServer, Keys) {
         let server = KeyServer::builder()
             .database("sqlite::memory:")
             .service_token(SERVICE_TOKEN)
@@ -475,7 +543,59 @@ mod bench {
             })
             .await
             .expect("create a key");
-        (server, created.key.expose_secret().to_owned())
+        let fleet = admin
+            .create_key(NewKey {
+                owner: "bench".into(),
+                name: "loopback benchmark, fleet limits".into(),
+                scopes: vec!["reports:read".into()],
+                limits: vec![keygate::quota::Limit::new("requests", FLEET_AMOUNT, 1)],
+                credits: Some(keygate::quota::Credits { remaining: FLEET_AMOUNT, refill: None }),
+                ..Default::default()
+            })
+            .await
+            .expect("create the fleet key");
+        let keys = Keys { plain: created.key.expose_secret().to_owned(), fleet: fleet.key.expose_secret().to_owned() };
+        (server, keys)
+    }
+
+    /// The fleet variant's Redis and a prefix of its own, when `KEYGATE_BENCH_REDIS_URL`
+    /// is set.
+    fn fleet() -> Option<Fleet> {
+        let Some(url) = std::env::var(REDIS_ENV).ok().filter(|u| !u.is_empty()) else {
+            println!("keygate production, fleet limits: skipped (set {REDIS_ENV} to run it)");
+            return None;
+        };
+        // No earlier run's counts, nor a test's, are met.
+        Some(Fleet { url, prefix: format!("kgbench:{:016x}:", fastrand::u64(..)) })
+    }
+
+    /// Deletes the Redis keys under `prefix` (credits counts live 40 days otherwise).
+    async fn forget_prefix(url: &str, prefix: &str) {
+        let client = redis::Client::open(url).expect("redis url");
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            eprintln!("could not reach Redis to delete the keys under {prefix}");
+            return;
+        };
+        let mut cursor = 0u64;
+        // Bounded: the run made a handful of keys; 1 000 pages of 100 is far beyond them.
+        for _ in 0..1000 {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(100)
+                .query_async(&mut conn)
+                .await
+                .expect("SCAN");
+            if !keys.is_empty() {
+                let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.expect("DEL");
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
     }
 
     pub fn main() {
@@ -483,9 +603,10 @@ mod bench {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert!(cpus > LOAD_CPU, "needs at least 2 CPUs (app on CPU {APP_CPU}, load on CPU {LOAD_CPU})");
 
+        let fleet = fleet();
         // Stops by itself whatever happens: warm-ups, rounds with room for the slices'
         // hand-overs, and a minute for set-up.
-        let variants = 5.0;
+        let variants = if fleet.is_some() { 7.0 } else { 5.0 };
         let budget = variants * (cfg.warmup + cfg.rounds as f64 * (1.5 * cfg.secs + 2.0)) + 60.0;
         std::thread::Builder::new()
             .name("watchdog".into())
@@ -502,15 +623,13 @@ mod bench {
             .enable_all()
             .build()
             .expect("key service runtime");
-        let (server, key) = keys_rt.block_on(key_service());
-        let auth = HeaderValue::from_str(&format!("Bearer {key}")).expect("header");
+        let (server, keys) = keys_rt.block_on(key_service());
 
         let (ready, app_ready) = std::sync::mpsc::channel();
         let url = server.url();
-        let app_key = key.clone();
         let app_thread = std::thread::Builder::new()
             .name("app".into())
-            .spawn(move || app_thread(url, app_key, ready))
+            .spawn(move || app_thread(url, keys, fleet, ready))
             .expect("app thread");
         let app = Arc::new(app_ready.recv().expect("app starts"));
 
@@ -522,7 +641,7 @@ mod bench {
                     eprintln!("warning: could not pin the load generator to CPU {LOAD_CPU}");
                 }
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("load runtime");
-                rt.block_on(drive(&driver, &cfg, auth))
+                rt.block_on(drive(&driver, &cfg))
             })
             .expect("load thread")
             .join()
@@ -537,7 +656,7 @@ mod bench {
         println!();
         println!("| variant | CPU µs/request | ratio of bare's capacity | req/s |");
         println!("| --- | ---: | ---: | ---: |");
-        for (v, (name, _)) in app.variants.iter().enumerate() {
+        for (v, (name, _, _)) in app.variants.iter().enumerate() {
             let samples = &results.samples[v];
             let cpu: Vec<f64> = samples.iter().map(Sample::cpu_per_request).collect();
             let ratio: Vec<f64> = cpu.iter().zip(&bare).map(|(c, b)| b / c).collect();
@@ -545,6 +664,21 @@ mod bench {
             let errors: u64 = results.errors[v].values().sum();
             let flag = if errors > 0 { format!(" (**{errors} errors**)") } else { String::new() };
             println!("| {name}{flag} | {:.2} | {:.2} | {:.0} |", median(cpu), median(ratio), median(rate));
+        }
+        // What fleet limits add to the production form, round by round.
+        let index = |name: &str| app.variants.iter().position(|(n, _, _)| *n == name);
+        println!();
+        for against in ["keygate production", "keygate production, per-process limits"] {
+            let (Some(f), Some(p)) = (index("keygate production, fleet limits"), index(against)) else { continue };
+            let extra: Vec<f64> = results.samples[f]
+                .iter()
+                .zip(&results.samples[p])
+                .map(|(f, p)| f.cpu_per_request() - p.cpu_per_request())
+                .collect();
+            println!(
+                "fleet limits over {against}: {:+.2} µs CPU/request (median of the rounds' differences)",
+                median(extra)
+            );
         }
         println!();
         println!(
@@ -554,7 +688,7 @@ mod bench {
             cfg.secs,
             cfg.slice.min(cfg.secs)
         );
-        for (v, (name, _)) in app.variants.iter().enumerate() {
+        for (v, (name, _, _)) in app.variants.iter().enumerate() {
             if !results.errors[v].is_empty() {
                 println!("errors, {name}: {:?}", results.errors[v]);
             }

@@ -24,7 +24,19 @@
 //! - `keygate_static_limited`: `keygate_static` with every key carrying a `requests`
 //!   limit (GCRA per key, per process), one key calling;
 //! - `keygate_static_credits`: the same key with credits too, on a route whose
-//!   `RequireScopes` states a cost of 1 from `requests` and 2 credits.
+//!   `RequireScopes` states a cost of 1 from `requests` and 2 credits;
+//! - `keygate_static_fleet_limited`: `keygate_static_limited` with
+//!   `ApiKeyLayer::fleet_limits` on a `RedisLimits` (defaults, a key prefix of its own
+//!   per run): the limit counted in Redis and spent here from leases;
+//! - `keygate_static_fleet_credits`: `keygate_static_credits` the same way.
+//!
+//! The two fleet variants run only when `KEYGATE_BENCH_REDIS_URL` names a Redis (e.g.
+//! `redis://127.0.0.1:6379`); otherwise a line says they were skipped. Their engine
+//! runs on the benchmark's current-thread runtime, so its lease top-ups (one Redis
+//! script per lease of up to 1 000 units) are paid inside the timed requests; a request
+//! that finds its lease empty waits for Redis there too. Their difference from the
+//! matching per-process variant is what a lease-backed check costs, amortized. The
+//! paired rounds print those differences, and the engine's counters follow the run.
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use std::hint::black_box;
@@ -38,11 +50,13 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderValue, Request};
 use keygate::{AggregateBatch, AggregateExporter, ExportError};
 use keygate::{
-    ApiKey, ApiKeyLayer, CachedVerifier, Principal, RequireScopes, ScopeSet, StaticVerifier, UsageAggregator, Verifier,
+    ApiKey, ApiKeyLayer, CachedVerifier, Principal, RedisLimits, RequireScopes, ScopeSet, StaticVerifier,
+    UsageAggregator, Verifier,
 };
 use tower::ServiceExt;
 
 const KEYS: usize = 10_000;
+const REDIS_ENV: &str = "KEYGATE_BENCH_REDIS_URL";
 
 struct Discard;
 
@@ -154,7 +168,8 @@ fn bench(c: &mut Criterion) {
     let hot = vec![headers[0].clone()];
     let (limited, limited_verifier) = limited_key(false);
     let (credited, credited_verifier) = limited_key(true);
-    let variants = [
+    let (limited_verifier, credited_verifier) = (Arc::new(limited_verifier), Arc::new(credited_verifier));
+    let mut variants = vec![
         Variant::new("no_auth", route(), headers.clone()),
         Variant::new("static_bearer", route().layer(bearer), token),
         Variant::new("keygate_static", keyed_route().layer(static_layer), headers.clone()),
@@ -165,9 +180,32 @@ fn bench(c: &mut Criterion) {
         Variant::new("keygate_one_layer_cached_usage", one_layer_route(layer.clone()), headers.clone()),
         Variant::new("keygate_one_layer_cached_usage_hot_key", one_layer_route(layer), hot.clone()),
         Variant::new("keygate_static_hot_key", keyed_route().layer(ApiKeyLayer::from_arc(verifier.clone())), hot),
-        Variant::new("keygate_static_limited", keyed_route().layer(ApiKeyLayer::new(limited_verifier)), limited),
-        Variant::new("keygate_static_credits", costed_route().layer(ApiKeyLayer::new(credited_verifier)), credited),
+        Variant::new(
+            "keygate_static_limited",
+            keyed_route().layer(ApiKeyLayer::from_arc(limited_verifier.clone())),
+            limited.clone(),
+        ),
+        Variant::new(
+            "keygate_static_credits",
+            costed_route().layer(ApiKeyLayer::from_arc(credited_verifier.clone())),
+            credited.clone(),
+        ),
     ];
+    let fleet = fleet_limits(&rt);
+    if let Some((limits, _, _)) = &fleet {
+        // The same keys and routes as the per-process pair: only the engine differs.
+        let fleet_layer = |v: &Arc<StaticVerifier>| ApiKeyLayer::from_arc(v.clone()).fleet_limits(limits.clone());
+        variants.push(Variant::new(
+            "keygate_static_fleet_limited",
+            keyed_route().layer(fleet_layer(&limited_verifier)),
+            limited.clone(),
+        ));
+        variants.push(Variant::new(
+            "keygate_static_fleet_credits",
+            costed_route().layer(fleet_layer(&credited_verifier)),
+            credited.clone(),
+        ));
+    }
 
     let mut group = c.benchmark_group("request_path");
     group.measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
@@ -181,18 +219,81 @@ fn bench(c: &mut Criterion) {
         });
     }
     group.finish();
-    paired_rounds(&rt, &variants);
+    paired_rounds(
+        &rt,
+        &variants,
+        &[
+            ("keygate_static_fleet_limited", "keygate_static_limited"),
+            ("keygate_static_fleet_limited", "keygate_static_hot_key"),
+            ("keygate_static_fleet_credits", "keygate_static_credits"),
+            ("keygate_static_fleet_credits", "keygate_static_hot_key"),
+        ],
+    );
 
     let stats = cached.stats();
     println!("cache after the run: {stats:?}");
     println!("usage aggregator after the run: {:?}", handle.stats());
     background.block_on(handle.shutdown());
+    if let Some((limits, url, prefix)) = fleet {
+        drop(variants);
+        println!("fleet limits after the run: {:?}", limits.stats());
+        rt.block_on(async {
+            limits.shutdown().await;
+            forget_prefix(&url, &prefix).await;
+        });
+    }
+}
+
+/// The fleet variants' engine, its Redis URL and its key prefix, when
+/// `KEYGATE_BENCH_REDIS_URL` is set.
+fn fleet_limits(rt: &tokio::runtime::Runtime) -> Option<(RedisLimits, String, String)> {
+    let Some(url) = std::env::var(REDIS_ENV).ok().filter(|u| !u.is_empty()) else {
+        println!("keygate_static_fleet_limited, keygate_static_fleet_credits skipped: set {REDIS_ENV} to run them");
+        return None;
+    };
+    // A prefix of its own: no earlier run's counts, nor a test's, are met.
+    let prefix = format!("kgbench:{:016x}:", fastrand::u64(..));
+    // The engine's sweeper runs on the benchmark's runtime, as a server's would on its own.
+    let _in_runtime = rt.enter();
+    let limits = RedisLimits::builder(url.clone()).prefix(prefix.clone()).build().expect("fleet limits");
+    Some((limits, url, prefix))
+}
+
+/// Deletes the Redis keys under `prefix` (credits counts live 40 days otherwise).
+async fn forget_prefix(url: &str, prefix: &str) {
+    let client = redis::Client::open(url).expect("redis url");
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        eprintln!("could not reach Redis to delete the keys under {prefix}");
+        return;
+    };
+    let mut cursor = 0u64;
+    // Bounded: the run made a handful of keys; 1 000 pages of 100 is far beyond them.
+    for _ in 0..1000 {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(100)
+            .query_async(&mut conn)
+            .await
+            .expect("SCAN");
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.expect("DEL");
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
 }
 
 /// Rounds of every variant in turn, each round's overhead taken against that round's
 /// `no_auth`: on a shared machine whose speed drifts between criterion's sequential
 /// runs, paired differences are the figures to trust.
-fn paired_rounds(rt: &tokio::runtime::Runtime, variants: &[Variant]) {
+/// `pairs` name differences to print as well, `(variant, against)`, each paired round
+/// by round (a pair with a variant not run is left out).
+fn paired_rounds(rt: &tokio::runtime::Runtime, variants: &[Variant], pairs: &[(&str, &str)]) {
     const ROUNDS: usize = 15;
     const REQUESTS: usize = 20_000;
     let mut ns = vec![Vec::with_capacity(ROUNDS); variants.len()];
@@ -217,6 +318,13 @@ fn paired_rounds(rt: &tokio::runtime::Runtime, variants: &[Variant]) {
     for (v, times) in variants.iter().zip(&ns) {
         let over: Vec<f64> = times.iter().zip(&ns[0]).map(|(t, base)| t - base).collect();
         println!("| {} | {:.0} | {:+.0} |", v.name, median(times.clone()), median(over));
+    }
+    let index = |name: &str| variants.iter().position(|v| v.name == name);
+    for (a, b) in pairs {
+        let (Some(a_i), Some(b_i)) = (index(a), index(b)) else { continue };
+        let diff: Vec<f64> = ns[a_i].iter().zip(&ns[b_i]).map(|(x, y)| x - y).collect();
+        let (lo, hi) = diff.iter().fold((f64::MAX, f64::MIN), |(lo, hi), d| (lo.min(*d), hi.max(*d)));
+        println!("{a} over {b}: {:+.0} ns / request (median; rounds {lo:+.0} to {hi:+.0})", median(diff.clone()));
     }
 }
 
