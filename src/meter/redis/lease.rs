@@ -56,6 +56,9 @@ pub(super) struct Lease {
     /// One Redis call per bucket at a time in this process: concurrent misses wait for
     /// it and then spend what it brought.
     pub(super) fetch: tokio::sync::Mutex<()>,
+    /// A background top-up is on its way: requests spending a low lease meanwhile start
+    /// no other.
+    topping_up: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -111,7 +114,18 @@ impl Lease {
                 owed_origin: Origin::default(),
             }),
             fetch: tokio::sync::Mutex::new(()),
+            topping_up: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Claims the lease's one background top-up; `false` when one is on its way.
+    pub(super) fn claim_top_up(&self) -> bool {
+        !self.topping_up.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// The claimed top-up is over.
+    pub(super) fn top_up_done(&self) {
+        self.topping_up.store(false, std::sync::atomic::Ordering::Release);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

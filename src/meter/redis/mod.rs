@@ -660,13 +660,23 @@ impl Engine {
     }
 
     /// Tops a lease running low up in the background, so no request waits for it.
+    /// The caller claimed the lease's top-up; it is released when done.
     fn top_up(self: &Arc<Self>, step: &OwnedStep, lease: &Arc<Lease>) {
-        if self.down.load(Ordering::Relaxed) {
+        let rt = tokio::runtime::Handle::try_current();
+        let (Ok(rt), false) = (rt, self.down.load(Ordering::Relaxed)) else {
+            lease.top_up_done();
             return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        };
         let (engine, lease, step) = (self.clone(), lease.clone(), step.clone());
         rt.spawn(async move {
+            // Released however the task ends (a request fetching, Redis failing).
+            struct Done(Arc<Lease>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.top_up_done();
+                }
+            }
+            let _done = Done(lease.clone());
             let Ok(_one) = lease.fetch.try_lock() else { return };
             let (want, _) = lease.want(0, engine.config.lease_window, engine.config.max_lease);
             if want == 0 {
@@ -893,10 +903,12 @@ impl Engine {
                             Some(limit_state(l, state.min(l.effective_burst()), Duration::from_micros(emission_us(l)))),
                         );
                     }
-                    if low {
-                        let owned = owned_steps(p, quota, cost).into_iter().find(|s| s.bucket == bucket);
-                        if let Some(owned) = owned {
-                            self.top_up(&owned, &lease);
+                    // One top-up per lease at a time: a request that finds one on its
+                    // way costs one atomic swap, no allocation and no task.
+                    if low && lease.claim_top_up() {
+                        match owned_steps(p, quota, cost).into_iter().find(|s| s.bucket == bucket) {
+                            Some(owned) => self.top_up(&owned, &lease),
+                            None => lease.top_up_done(),
                         }
                     }
                 }
