@@ -30,7 +30,8 @@ pub(crate) enum Refused {
     /// Credits are spent; the wait until the next refill, if they have one.
     Credits(Option<Duration>),
     /// The engine cannot count now (its store is down and the policy fails closed);
-    /// the suggested wait.
+    /// the suggested wait. Only a fleet-wide engine refuses so.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     Unavailable(Duration),
 }
 
@@ -38,7 +39,9 @@ pub(crate) enum Refused {
 pub(crate) enum Charge {
     /// Decided without waiting (the common case).
     Done(Result<Option<LimitState>, Refused>),
-    /// Decided once this resolves; nothing is charged if it is dropped first.
+    /// Decided once this resolves; nothing is charged if it is dropped first. Only a
+    /// fleet-wide engine waits.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     Wait(Pin<Box<dyn Future<Output = Result<Option<LimitState>, Refused>> + Send>>),
 }
 
